@@ -1,0 +1,335 @@
+//! Which cgroup layout this host has, and the per-task operations on it.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+/// Errors of cgroup discovery and manipulation.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No cgroup filesystem is mounted where /proc/self/mountinfo says.
+    #[error("no usable cgroup hierarchy found (is /sys/fs/cgroup mounted?)")]
+    NotMounted,
+    /// A cgroup file could not be read or written.
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: io::Error },
+    /// A path given to us is not an absolute cgroup path without `..`.
+    #[error("invalid cgroup path {0:?}")]
+    InvalidPath(String),
+    /// Processes remained in the cgroup after the deadline.
+    #[error("cgroup {path} still has processes after {waited:?}")]
+    NotEmpty { path: String, waited: Duration },
+}
+
+pub(super) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// The v1 controllers a task's cgroup is made in (libcgroups creates the task's cgroup in all
+/// of these that are mounted; we prepare the same set).
+const V1_CONTROLLERS: &[&str] = &[
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "memory",
+    "pids",
+    "blkio",
+    "devices",
+    "freezer",
+    "hugetlb",
+    "net_cls",
+    "net_prio",
+    "perf_event",
+];
+
+/// The cgroup layout of this host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Layout {
+    /// Pure cgroup v2: one tree.
+    V2 { root: PathBuf },
+    /// v1 hierarchies: (controller, mount point), one entry per mounted controller we use.
+    V1 { hierarchies: Vec<(String, PathBuf)> },
+}
+
+impl Layout {
+    /// Finds the layout from /proc/self/mountinfo. A v2 tree with no controllers next to v1
+    /// hierarchies (hybrid) counts as v1: the controllers are where the limits work.
+    pub fn detect() -> Result<Layout, CgroupError> {
+        let path = Path::new("/proc/self/mountinfo");
+        let text = fs::read_to_string(path).map_err(io_err("reading", path))?;
+        Ok(Self::from_mountinfo(&text).ok_or(CgroupError::NotMounted)?)
+    }
+
+    fn from_mountinfo(text: &str) -> Option<Layout> {
+        let mut v1 = Vec::new();
+        let mut v2 = None;
+        for line in text.lines() {
+            // fields: id parent major:minor root mountpoint options ... - fstype source superopts
+            let Some((left, right)) = line.split_once(" - ") else { continue };
+            let mount_point = left.split(' ').nth(4)?;
+            let mut right = right.split(' ');
+            let fstype = right.next()?;
+            let super_opts = right.nth(1).unwrap_or("");
+            match fstype {
+                "cgroup2" => v2 = Some(PathBuf::from(mount_point)),
+                "cgroup" => {
+                    for opt in super_opts.split(',') {
+                        if V1_CONTROLLERS.contains(&opt) {
+                            v1.push((opt.to_string(), PathBuf::from(mount_point)));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !v1.is_empty() { Some(Layout::V1 { hierarchies: v1 }) } else { v2.map(|root| Layout::V2 { root }) }
+    }
+
+    /// True on a pure cgroup v2 host.
+    pub fn is_v2(&self) -> bool {
+        matches!(self, Layout::V2 { .. })
+    }
+
+    /// The cgroup path of this process: the memory controller's on v1 (the one the machine's
+    /// supervisor places us in), the unified one on v2.
+    pub fn own_path(&self) -> Result<String, CgroupError> {
+        let path = Path::new("/proc/self/cgroup");
+        let text = fs::read_to_string(path).map_err(io_err("reading", path))?;
+        Ok(self.own_path_from(&text))
+    }
+
+    fn own_path_from(&self, text: &str) -> String {
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+            let (Some(controllers), Some(path)) = (controllers, path) else { continue };
+            let wanted = match self {
+                Layout::V2 { .. } => controllers.is_empty(),
+                Layout::V1 { .. } => controllers.split(',').any(|c| c == "memory"),
+            };
+            if wanted {
+                return path.to_string();
+            }
+        }
+        "/".to_string()
+    }
+
+    /// Every directory that holds the cgroup `path` (one per v1 hierarchy, or one on v2).
+    pub fn dirs(&self, path: &str) -> Result<Vec<PathBuf>, CgroupError> {
+        let rel = relative(path)?;
+        Ok(match self {
+            Layout::V2 { root } => vec![root.join(rel)],
+            Layout::V1 { hierarchies } => {
+                let mut dirs: Vec<PathBuf> = hierarchies.iter().map(|(_, m)| m.join(rel)).collect();
+                dirs.dedup();
+                dirs
+            }
+        })
+    }
+
+    /// The directory of `path` in the hierarchy of `controller` (v1), or the unified one.
+    pub fn dir_for(&self, controller: &str, path: &str) -> Result<Option<PathBuf>, CgroupError> {
+        let rel = relative(path)?;
+        Ok(match self {
+            Layout::V2 { root } => Some(root.join(rel)),
+            Layout::V1 { hierarchies } => hierarchies.iter().find(|(c, _)| c == controller).map(|(_, m)| m.join(rel)),
+        })
+    }
+
+    /// The pids of every process in the cgroup (empty if the cgroup does not exist).
+    pub fn procs(&self, path: &str) -> Result<Vec<Pid>, CgroupError> {
+        let mut pids = Vec::new();
+        for dir in self.dirs(path)? {
+            let file = dir.join("cgroup.procs");
+            match fs::read_to_string(&file) {
+                Ok(text) => pids.extend(text.lines().filter_map(|l| l.trim().parse().ok()).map(Pid::from_raw)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("reading", &file)(e)),
+            }
+        }
+        pids.sort();
+        pids.dedup();
+        Ok(pids)
+    }
+
+    /// Sends `signal` to every process of the cgroup once.
+    pub fn signal_all(&self, path: &str, signal: Signal) -> Result<usize, CgroupError> {
+        let pids = self.procs(path)?;
+        for pid in &pids {
+            // A process may exit between the read and the signal: that is fine.
+            let _ = kill(*pid, signal);
+        }
+        Ok(pids.len())
+    }
+
+    /// Kills every process of the cgroup and waits until it is empty. On v2 `cgroup.kill`
+    /// does it atomically; on v1 we repeat SIGKILL until no process is left (a fork racing
+    /// the signal is caught on the next round).
+    pub fn kill_all(&self, path: &str, deadline: Duration) -> Result<(), CgroupError> {
+        if let Layout::V2 { root } = self {
+            let file = root.join(relative(path)?).join("cgroup.kill");
+            if file.exists() {
+                let _ = fs::write(&file, "1");
+            }
+        }
+        let start = Instant::now();
+        loop {
+            if self.signal_all(path, Signal::SIGKILL)? == 0 {
+                return Ok(());
+            }
+            if start.elapsed() > deadline {
+                return Err(CgroupError::NotEmpty { path: path.to_string(), waited: deadline });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Removes the cgroup's directories (they must be empty of processes). Missing ones are
+    /// fine. Retries briefly: the kernel may hold a just-emptied cgroup busy for a moment.
+    pub fn remove(&self, path: &str) -> Result<(), CgroupError> {
+        for dir in self.dirs(path)? {
+            remove_dir_retrying(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Creates the cgroup's directories (for runtimes that do not create their own, such as
+    /// the plain process runtime). Returns the directories made.
+    pub fn create(&self, path: &str) -> Result<Vec<PathBuf>, CgroupError> {
+        let mut made = Vec::new();
+        for dir in self.dirs(path)? {
+            made.extend(super::parents::create_chain(&dir)?);
+        }
+        Ok(made)
+    }
+
+    /// Moves process `pid` into the cgroup in every hierarchy.
+    pub fn add_process(&self, path: &str, pid: Pid) -> Result<(), CgroupError> {
+        for dir in self.dirs(path)? {
+            let file = dir.join("cgroup.procs");
+            fs::write(&file, pid.to_string()).map_err(io_err("writing", &file))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the task's limits through the files of this layout (used by the process runtime;
+    /// libcontainer applies them itself for containers).
+    pub fn apply_limits(&self, path: &str, limits: &Limits) -> Result<(), CgroupError> {
+        let mut writes: Vec<(&str, &str, String)> = Vec::new();
+        match self {
+            Layout::V2 { .. } => {
+                if let Some(m) = limits.memory_bytes {
+                    writes.push(("memory", "memory.max", m.to_string()));
+                    writes.push(("memory", "memory.swap.max", "0".into()));
+                }
+                if let Some(p) = limits.pids {
+                    writes.push(("pids", "pids.max", p.to_string()));
+                }
+                if let Some(mc) = limits.cpu_millicores {
+                    writes.push(("cpu", "cpu.max", format!("{} 100000", u64::from(mc) * 100)));
+                }
+            }
+            Layout::V1 { .. } => {
+                if let Some(m) = limits.memory_bytes {
+                    writes.push(("memory", "memory.limit_in_bytes", m.to_string()));
+                }
+                if let Some(p) = limits.pids {
+                    writes.push(("pids", "pids.max", p.to_string()));
+                }
+                if let Some(mc) = limits.cpu_millicores {
+                    writes.push(("cpu", "cpu.cfs_period_us", "100000".into()));
+                    writes.push(("cpu", "cpu.cfs_quota_us", (u64::from(mc) * 100).to_string()));
+                }
+            }
+        }
+        for (controller, file, value) in writes {
+            if let Some(dir) = self.dir_for(controller, path)? {
+                let file = dir.join(file);
+                fs::write(&file, value).map_err(io_err("writing", &file))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resource limits of a task, in the units the kernel takes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Limits {
+    /// CPU in thousandths of a core.
+    pub cpu_millicores: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<i64>,
+}
+
+pub(super) fn relative(path: &str) -> Result<&str, CgroupError> {
+    let rel = path.trim_start_matches('/');
+    if !path.starts_with('/') || rel.split('/').any(|c| c == ".." || c == ".") {
+        return Err(CgroupError::InvalidPath(path.to_string()));
+    }
+    Ok(rel)
+}
+
+pub(super) fn remove_dir_retrying(dir: &Path) -> Result<(), CgroupError> {
+    let start = Instant::now();
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < Duration::from_secs(2) => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(io_err("removing", dir)(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn hybrid_host_is_v1_without_named_hierarchies() {
+        let layout = Layout::from_mountinfo(HYBRID).unwrap();
+        assert_eq!(
+            layout,
+            Layout::V1 {
+                hierarchies: vec![
+                    ("cpu".into(), "/sys/fs/cgroup/cpu".into()),
+                    ("memory".into(), "/sys/fs/cgroup/memory".into()),
+                ]
+            }
+        );
+        let own = layout.own_path_from("4:memory:/process_api/x\n1:cpu:/\n0::/\n");
+        assert_eq!(own, "/process_api/x");
+        assert_eq!(
+            layout.dirs("/a/b").unwrap(),
+            vec![PathBuf::from("/sys/fs/cgroup/cpu/a/b"), PathBuf::from("/sys/fs/cgroup/memory/a/b")]
+        );
+    }
+
+    #[test]
+    fn pure_v2_uses_the_unified_path() {
+        let layout = Layout::from_mountinfo("30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n").unwrap();
+        assert!(layout.is_v2());
+        assert_eq!(layout.own_path_from("0::/init.scope\n"), "/init.scope");
+    }
+
+    #[test]
+    fn escaping_paths_are_refused() {
+        let layout = Layout::V2 { root: "/sys/fs/cgroup".into() };
+        assert!(layout.dirs("/a/../b").is_err());
+        assert!(layout.dirs("relative").is_err());
+    }
+}

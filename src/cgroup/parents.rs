@@ -1,0 +1,146 @@
+//! The parent cgroups of a worker's tasks (`<own cgroup>/iris-worker/<worker-id>`).
+//!
+//! On v1, libcontainer takes a task's cgroup path as absolute in *every* hierarchy, so
+//! directories such as `/sys/fs/cgroup/cpu/process_api/<id>/iris-worker` have to be created
+//! in hierarchies where this process is at the root. We create them, and we may remove only
+//! what an iris worker created: every directory we make is recorded in a machine-wide ledger
+//! (several workers on one host share the upper directories), and `release` removes recorded
+//! directories once they are empty.
+
+use std::collections::BTreeSet;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use super::layout::{CgroupError, Layout, io_err, remove_dir_retrying};
+
+/// Where the ledger of created cgroup directories lives. /run: it must not outlive a reboot,
+/// and neither do cgroups.
+const LEDGER: &str = "/run/iris-worker/cgroups-created";
+
+impl Layout {
+    /// Creates the directories of `path` (the worker's parent cgroup) in every hierarchy and
+    /// records the ones that did not exist.
+    pub fn prepare_parent(&self, path: &str) -> Result<(), CgroupError> {
+        let mut made = Vec::new();
+        for dir in self.dirs(path)? {
+            made.extend(create_chain(&dir)?);
+        }
+        if !made.is_empty() {
+            with_ledger(|set| set.extend(made.iter().cloned()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the worker's parent cgroup `path` and its ancestors that an iris worker
+    /// created, deepest first, where they are empty. Directories still in use (another
+    /// worker's tasks) are kept, and stay recorded for a later release.
+    pub fn release_parent(&self, path: &str) -> Result<(), CgroupError> {
+        let ours = self.dirs(path)?;
+        with_ledger(|set| {
+            let mut dirs: Vec<PathBuf> =
+                set.iter().filter(|d| ours.iter().any(|o| o.starts_with(d))).cloned().collect();
+            dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+            for dir in dirs {
+                let empty_of_children = fs::read_dir(&dir)
+                    .map(|rd| !rd.flatten().any(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false)))
+                    .unwrap_or(true);
+                if empty_of_children && remove_dir_retrying(&dir).is_ok() {
+                    set.remove(&dir);
+                }
+            }
+        })
+    }
+}
+
+/// Creates `dir` and any missing parents; returns the directories created, outermost first.
+/// A new v1 cpuset cgroup starts with empty `cpus`/`mems` (no task could join it), so those are
+/// copied from the parent, as runc does.
+pub(super) fn create_chain(dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    while !cur.exists() {
+        missing.push(cur.to_path_buf());
+        match cur.parent() {
+            Some(p) => cur = p,
+            None => break,
+        }
+    }
+    missing.reverse();
+    let mut made = Vec::new();
+    for d in missing {
+        // Another worker's release may remove an empty ancestor between our checks: retry.
+        let mut result = fs::create_dir(&d);
+        for _ in 0..3 {
+            match &result {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if let Some(p) = d.parent() {
+                        let _ = fs::create_dir_all(p);
+                        if let Some(pp) = p.parent() {
+                            let _ = copy_cpuset(pp);
+                        }
+                        let _ = copy_cpuset(p);
+                    }
+                    result = fs::create_dir(&d);
+                }
+                _ => break,
+            }
+        }
+        match result {
+            Ok(()) => made.push(d.clone()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("creating", &d)(e)),
+        }
+        copy_cpuset(&d)?;
+    }
+    Ok(made)
+}
+
+fn copy_cpuset(dir: &Path) -> Result<(), CgroupError> {
+    let Some(parent) = dir.parent() else { return Ok(()) };
+    for name in ["cpuset.cpus", "cpuset.mems"] {
+        let file = dir.join(name);
+        let Ok(current) = fs::read_to_string(&file) else { continue };
+        if current.trim().is_empty() {
+            let value = fs::read_to_string(parent.join(name)).map_err(io_err("reading", &parent.join(name)))?;
+            fs::write(&file, value.trim()).map_err(io_err("writing", &file))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on the ledger under an exclusive lock and writes the result back.
+fn with_ledger(f: impl FnOnce(&mut BTreeSet<PathBuf>)) -> Result<(), CgroupError> {
+    let path = Path::new(LEDGER);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    }
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err("opening", path))?;
+    let lock = nix::fcntl::Flock::lock(
+        file.try_clone().map_err(io_err("opening", path))?,
+        nix::fcntl::FlockArg::LockExclusive,
+    )
+    .map_err(|(_, e)| io_err("locking", path)(e.into()))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io_err("reading", path))?;
+    let mut set: BTreeSet<PathBuf> = text.lines().filter(|l| !l.is_empty()).map(PathBuf::from).collect();
+    f(&mut set);
+    let mut out = String::new();
+    for d in &set {
+        out.push_str(&d.to_string_lossy());
+        out.push('\n');
+    }
+    file.set_len(0).map_err(io_err("writing", path))?;
+    file.rewind().map_err(io_err("writing", path))?;
+    file.write_all(out.as_bytes()).map_err(io_err("writing", path))?;
+    let _ = lock.as_fd();
+    drop(lock);
+    Ok(())
+}

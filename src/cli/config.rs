@@ -1,0 +1,201 @@
+//! `serve` settings: flags > environment (IRIS_WORKER_*) > TOML file > defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::runtime::{Profile, RuntimeKind};
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/iris-worker";
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/iris-worker";
+pub const DEFAULT_PORT_RANGE: &str = "30000-39999";
+pub const DEFAULT_MAX_CONCURRENT: usize = 64;
+
+/// Settings of `serve` (and `demo`). Every flag also reads IRIS_WORKER_<NAME> and the TOML
+/// file's `<name>` key.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys in snake_case).
+    #[arg(long, env = "IRIS_WORKER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address for gRPC, Connect and the dashboard [default: 0.0.0.0:8080].
+    #[arg(long, env = "IRIS_WORKER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// State root: task directories, logs, exit records [default: /var/lib/iris-worker].
+    #[arg(long, env = "IRIS_WORKER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Cache root: root filesystems and (later) bundles, venvs, layers [default: /var/cache/iris-worker].
+    #[arg(long, env = "IRIS_WORKER_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Root filesystem of tasks that name no image [default: <cache-dir>/rootfs/busybox].
+    #[arg(long, env = "IRIS_WORKER_ROOTFS")]
+    pub rootfs: Option<PathBuf>,
+    /// How tasks run [default: container].
+    #[arg(long, env = "IRIS_WORKER_RUNTIME", value_enum)]
+    pub runtime: Option<RuntimeKind>,
+    /// Security profile of containers [default: restricted].
+    #[arg(long, env = "IRIS_WORKER_PROFILE", value_enum)]
+    pub profile: Option<Profile>,
+    /// Tasks running at once; more wait in PENDING [default: 64].
+    #[arg(long, env = "IRIS_WORKER_MAX_CONCURRENT_TASKS")]
+    pub max_concurrent_tasks: Option<usize>,
+    /// Host ports handed to tasks, as FIRST-LAST [default: 30000-39999].
+    #[arg(long, env = "IRIS_WORKER_PORT_RANGE")]
+    pub port_range: Option<String>,
+    /// Controller URL to register with and report to (Connect over HTTP) [default: none].
+    #[arg(long, env = "IRIS_WORKER_CONTROLLER")]
+    pub controller: Option<String>,
+    /// This worker's id [default: the hostname].
+    #[arg(long, env = "IRIS_WORKER_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Address others reach this host and its tasks at [default: the first non-loopback IPv4].
+    #[arg(long, env = "IRIS_WORKER_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// Address tasks' servers should bind, given to them as IRIS_BIND_HOST [default: 127.0.0.1].
+    #[arg(long, env = "IRIS_WORKER_BIND_HOST")]
+    pub bind_host: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "IRIS_WORKER_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+}
+
+/// The TOML file: the same settings, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    rootfs: Option<PathBuf>,
+    runtime: Option<RuntimeKind>,
+    profile: Option<Profile>,
+    max_concurrent_tasks: Option<usize>,
+    port_range: Option<String>,
+    controller: Option<String>,
+    worker_id: Option<String>,
+    advertise_host: Option<String>,
+    bind_host: Option<String>,
+    log_format: Option<String>,
+}
+
+/// Settings after merging.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub rootfs: PathBuf,
+    pub runtime: RuntimeKind,
+    pub profile: Profile,
+    pub max_concurrent_tasks: usize,
+    pub port_range: (u16, u16),
+    pub controller: Option<String>,
+    pub worker_id: String,
+    pub advertise_host: String,
+    pub bind_host: String,
+    pub log_json: bool,
+}
+
+impl ServeArgs {
+    /// Merges flags/env with the TOML file and the defaults.
+    pub fn resolve(self) -> anyhow::Result<ServeConfig> {
+        let file: FileConfig = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let cache_dir = self.cache_dir.or(file.cache_dir).unwrap_or_else(|| DEFAULT_CACHE_DIR.into());
+        let port_range = self.port_range.or(file.port_range).unwrap_or_else(|| DEFAULT_PORT_RANGE.into());
+        let log_format = self.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
+        if log_format != "text" && log_format != "json" {
+            bail!("log_format must be text or json, not {log_format:?}");
+        }
+        let max = self.max_concurrent_tasks.or(file.max_concurrent_tasks).unwrap_or(DEFAULT_MAX_CONCURRENT);
+        if max == 0 {
+            bail!("max_concurrent_tasks must be at least 1");
+        }
+        let listen = match self.listen.or(file.listen) {
+            Some(l) => l,
+            None => DEFAULT_LISTEN.parse().context("the default listen address")?,
+        };
+        Ok(ServeConfig {
+            listen,
+            state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            rootfs: self.rootfs.or(file.rootfs).unwrap_or_else(|| cache_dir.join("rootfs/busybox")),
+            cache_dir,
+            runtime: self.runtime.or(file.runtime).unwrap_or_default(),
+            profile: self.profile.or(file.profile).unwrap_or_default(),
+            max_concurrent_tasks: max,
+            port_range: parse_port_range(&port_range)?,
+            controller: self.controller.or(file.controller).filter(|c| !c.is_empty()),
+            worker_id: match self.worker_id.or(file.worker_id) {
+                Some(id) => id,
+                None => nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_else(|| "iris-worker".into()),
+            },
+            advertise_host: self.advertise_host.or(file.advertise_host).unwrap_or_else(first_ipv4),
+            bind_host: self.bind_host.or(file.bind_host).unwrap_or_else(|| "127.0.0.1".into()),
+            log_json: log_format == "json",
+        })
+    }
+}
+
+/// Parses `FIRST-LAST`.
+pub fn parse_port_range(s: &str) -> anyhow::Result<(u16, u16)> {
+    let (a, b) = s.split_once('-').with_context(|| format!("port range {s:?} is not FIRST-LAST"))?;
+    let a: u16 = a.trim().parse().with_context(|| format!("port range {s:?}: bad first port"))?;
+    let b: u16 = b.trim().parse().with_context(|| format!("port range {s:?}: bad last port"))?;
+    if a == 0 || a > b {
+        bail!("port range {s:?} must satisfy 0 < FIRST <= LAST");
+    }
+    Ok((a, b))
+}
+
+fn first_ipv4() -> String {
+    nix::ifaddrs::getifaddrs()
+        .ok()
+        .and_then(|addrs| {
+            addrs
+                .filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|v4| v4.ip())))
+                .find(|ip| !ip.is_loopback())
+        })
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(|| "127.0.0.1".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nmax_concurrent_tasks = 3\nport_range = \"100-200\"\n")
+            .unwrap();
+        let args = ServeArgs { config: Some(file), max_concurrent_tasks: Some(7), ..Default::default() };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.max_concurrent_tasks, 7);
+        assert_eq!(c.port_range, (100, 200));
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_their_name() {
+        assert!(parse_port_range("5-1").is_err());
+        assert!(parse_port_range("abc").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w.toml");
+        std::fs::write(&file, "listn = \"x\"\n").unwrap();
+        let err = ServeArgs { config: Some(file), ..Default::default() }.resolve().unwrap_err();
+        assert!(format!("{err:#}").contains("listn"), "{err:#}");
+    }
+}

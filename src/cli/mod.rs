@@ -1,0 +1,106 @@
+//! The `iris-worker` command line. `anyhow` lives here, at the binary's edge only.
+
+mod cleanup;
+mod client;
+mod config;
+mod demo;
+mod serve;
+mod task;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use config::ServeConfig;
+
+/// A daemonless OCI worker for the Iris cluster.
+#[derive(Parser, Debug)]
+#[command(name = "iris-worker", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Subcommand, Debug)]
+enum Verb {
+    /// Run the worker: WorkerService (gRPC + Connect) and the dashboard on one port.
+    Serve(config::ServeArgs),
+    /// Start a worker on its defaults, run a sample task in a container, show its logs and
+    /// stats, and keep the worker running until Ctrl-C.
+    Demo(config::ServeArgs),
+    /// Talk to a running worker: run, status, list, logs, kill.
+    #[command(subcommand)]
+    Task(task::TaskVerb),
+    /// Remove leftovers of a stopped worker: task processes, cgroups, container state, and
+    /// (with --all) the task directories and logs.
+    Cleanup(cleanup::CleanupArgs),
+    /// (internal) The per-task supervisor, started by the worker.
+    #[command(hide = true)]
+    Supervise {
+        task_dir: PathBuf,
+        #[arg(long)]
+        ready_fd: Option<i32>,
+    },
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The supervisor must stay single-threaded (libcontainer forks): no tokio runtime here.
+    if let Verb::Supervise { task_dir, ready_fd } = &cli.command {
+        return supervise(task_dir, *ready_fd);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("iris-worker: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Verb::Serve(args) => serve::run(args).await,
+            Verb::Demo(args) => demo::run(args).await,
+            Verb::Task(verb) => task::run(verb).await,
+            Verb::Cleanup(args) => cleanup::run(args),
+            Verb::Supervise { .. } => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iris-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn supervise(task_dir: &std::path::Path, ready_fd: Option<i32>) -> ExitCode {
+    // Log to a file in the task directory: the supervisor's stdio is /dev/null, and
+    // libcontainer's tracing must never reach the task's own output.
+    if let Ok(file) = std::fs::File::create(task_dir.join(crate::supervisor::files::SUPERVISOR_LOG)) {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::sync::Mutex::new(file))
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .try_init();
+    }
+    // SAFETY: the worker passes the ready pipe at this descriptor and nothing else owns it.
+    let ready = ready_fd.map(|fd| unsafe { crate::supervisor::ready_fd(fd) });
+    match crate::supervisor::run(task_dir, ready) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "supervisor failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sets up logging for the long-running verbs.
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IRIS_WORKER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libcontainer=warn,libcgroups=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}

@@ -1,0 +1,136 @@
+//! The worker's side of a controller: RegisterWorker until accepted and then as a heartbeat,
+//! and ReportTaskState for every state change, retried with backoff until it lands (a lost
+//! report would leave the controller wrong about a task). Speaks Connect over HTTP/1.1.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::proto::{Controller, WorkerMetadata, controller};
+use crate::rpc::connect::ConnectClient;
+use crate::task::{TaskEvent, TaskManager, TaskState};
+
+const SERVICE: &str = "iris.cluster.ControllerService";
+/// Iris workers register every 5 s until accepted, then heartbeat every 10 s.
+const REGISTER_EVERY: Duration = Duration::from_secs(5);
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Who this worker is, for the controller.
+#[derive(Debug, Clone)]
+pub struct WorkerIdentity {
+    pub worker_id: String,
+    /// host:port where the controller reaches this worker's WorkerService.
+    pub address: String,
+    pub metadata: WorkerMetadata,
+}
+
+/// Starts the heartbeat and the state reporter; they run until the runtime stops.
+pub fn start(manager: TaskManager, controller: &str, me: WorkerIdentity) {
+    let client = ConnectClient::new(controller);
+    let events = manager.subscribe();
+    tokio::spawn(report_states(client.clone(), me.worker_id.clone(), events));
+    tokio::spawn(heartbeat(client, manager, me));
+}
+
+async fn heartbeat(client: ConnectClient, manager: TaskManager, me: WorkerIdentity) {
+    let mut accepted = false;
+    loop {
+        let req = controller::RegisterWorkerRequest {
+            worker_id: me.worker_id.clone(),
+            address: me.address.clone(),
+            metadata: Some(me.metadata.clone()),
+            running_task_ids: manager.active_task_ids(),
+        };
+        match client.call::<_, controller::RegisterWorkerResponse>(SERVICE, "RegisterWorker", &req, CALL_TIMEOUT).await
+        {
+            Ok(resp) => {
+                if resp.accepted && !accepted {
+                    tracing::info!(controller = client.base(), "registered with the controller");
+                }
+                accepted = resp.accepted;
+                if resp.should_reset {
+                    tracing::warn!("the controller asked for a reset: killing and forgetting every task");
+                    manager.reset().await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                accepted = false;
+            }
+        }
+        tokio::time::sleep(if accepted { HEARTBEAT_EVERY } else { REGISTER_EVERY }).await;
+    }
+}
+
+async fn report_states(
+    client: ConnectClient,
+    worker_id: String,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<TaskEvent>,
+) {
+    let mut queue: VecDeque<TaskEvent> = VecDeque::new();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if queue.is_empty() {
+            match events.recv().await {
+                Some(e) => queue.push_back(e),
+                None => return,
+            }
+        }
+        while let Ok(e) = events.try_recv() {
+            queue.push_back(e);
+        }
+        let Some(event) = queue.front() else { continue };
+        if event.state == TaskState::Pending {
+            queue.pop_front();
+            continue;
+        }
+        let req = Controller::report(&worker_id, event);
+        match client
+            .call::<_, controller::ReportTaskStateResponse>(SERVICE, "ReportTaskState", &req, CALL_TIMEOUT)
+            .await
+        {
+            Ok(_) => {
+                queue.pop_front();
+                backoff = Duration::from_millis(200);
+            }
+            Err(e) => {
+                tracing::warn!(task_id = %event.task_id, error = %e, retry_in = ?backoff, "reporting a task state");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+impl Controller {
+    fn report(worker_id: &str, e: &TaskEvent) -> controller::ReportTaskStateRequest {
+        controller::ReportTaskStateRequest {
+            worker_id: worker_id.to_string(),
+            task_id: e.task_id.clone(),
+            job_id: e.job_id.clone(),
+            task_index: e.task_index,
+            state: crate::rpc::state_to_proto(e.state) as i32,
+            exit_code: e.exit_code,
+            error: e.error.clone(),
+            finished_at_ms: e.finished_at_ms,
+            attempt_id: e.attempt_id,
+        }
+    }
+}
+
+/// This host's metadata (hostname, address, CPUs, memory).
+pub fn host_metadata(ip_address: &str) -> WorkerMetadata {
+    let hostname = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+    let cpu_count = std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1);
+    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<i64>().ok()))
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0);
+    WorkerMetadata { hostname, ip_address: ip_address.to_string(), cpu_count, memory_bytes, ..Default::default() }
+}

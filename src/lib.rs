@@ -1,0 +1,26 @@
+//! iris-worker: a daemonless OCI worker for the Iris cluster.
+//!
+//! The data path, one module per step (see DESIGN.md):
+//! - [`rpc`]: gRPC and Connect on one port; decodes requests into typed specs.
+//! - [`task`]: the TaskManager — states, attempts, concurrency, ports, kill, adoption.
+//! - [`runtime`]: how a task's processes are made (libcontainer container or plain process).
+//! - [`supervisor`]: the per-task process that owns the task's stdio, log and exit record.
+//! - [`logs`]: the append-only, indexed log of each task, and its filters.
+//! - [`cgroup`]: cgroup v2/v1 paths, limits, kills and the stats read from them.
+//! - [`heartbeat`]: the worker's side of a controller (RegisterWorker, ReportTaskState).
+//! - [`web`]: the pages and JSON on the same port.
+//! - [`cli`]: the `iris-worker` command.
+//!
+//! Embedding: build a [`task::TaskManager`] with [`task::ManagerConfig`] and call `run`,
+//! or serve it with [`rpc::serve`]. `examples/run_task.rs` runs a task with no server.
+
+pub mod cgroup;
+pub mod cli;
+pub mod heartbeat;
+pub mod logs;
+pub mod proto;
+pub mod rpc;
+pub mod runtime;
+pub mod supervisor;
+pub mod task;
+pub mod web;

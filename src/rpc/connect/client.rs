@@ -1,0 +1,90 @@
+//! A Connect client (HTTP/1.1, application/proto): how the worker calls a controller, since
+//! Iris controllers serve Connect over HTTP/1.1.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use prost::Message;
+use tonic::Code;
+
+use super::code_from_name;
+
+/// Errors of a Connect call.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("calling {url}: {source}")]
+    Transport { url: String, source: hyper_util::client::legacy::Error },
+    #[error("calling {url}: no answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("reading the answer of {url}: {reason}")]
+    Body { url: String, reason: String },
+    /// The server answered with a Connect error.
+    #[error("{url} answered {code:?}: {message}")]
+    Status { url: String, code: Code, message: String },
+}
+
+/// Calls unary Connect methods on one server.
+#[derive(Clone)]
+pub struct ConnectClient {
+    base: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl ConnectClient {
+    /// A client for the server at `base` (e.g. `http://controller:10000`).
+    pub fn new(base: &str) -> ConnectClient {
+        let base = if base.contains("://") { base.to_string() } else { format!("http://{base}") };
+        ConnectClient {
+            base: base.trim_end_matches('/').to_string(),
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Calls `/<service>/<method>` with `req`, waiting at most `timeout`.
+    pub async fn call<Req: Message, Resp: Message + Default>(
+        &self,
+        service: &str,
+        method: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, ConnectError> {
+        let url = format!("{}/{service}/{method}", self.base);
+        let request = hyper::Request::post(&url)
+            .header("content-type", "application/proto")
+            .header("connect-protocol-version", "1")
+            .header("connect-timeout-ms", timeout.as_millis().to_string())
+            .body(Full::new(Bytes::from(req.encode_to_vec())))
+            .map_err(|e| ConnectError::Url { url: url.clone(), reason: e.to_string() })?;
+        let response = tokio::time::timeout(timeout, self.http.request(request))
+            .await
+            .map_err(|_| ConnectError::Timeout { url: url.clone(), timeout })?
+            .map_err(|source| ConnectError::Transport { url: url.clone(), source })?;
+        let status = response.status();
+        let body = tokio::time::timeout(timeout, response.into_body().collect())
+            .await
+            .map_err(|_| ConnectError::Timeout { url: url.clone(), timeout })?
+            .map_err(|e| ConnectError::Body { url: url.clone(), reason: e.to_string() })?
+            .to_bytes();
+        if !status.is_success() {
+            let (code, message) = match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(v) => (
+                    code_from_name(v["code"].as_str().unwrap_or("unknown")),
+                    v["message"].as_str().unwrap_or("").to_string(),
+                ),
+                Err(_) => (Code::Unknown, format!("HTTP {status}: {}", String::from_utf8_lossy(&body))),
+            };
+            return Err(ConnectError::Status { url, code, message });
+        }
+        Resp::decode(body.as_ref()).map_err(|e| ConnectError::Body { url, reason: e.to_string() })
+    }
+}

@@ -1,0 +1,122 @@
+//! WorkerService over Connect, as axum routes on `/iris.cluster.WorkerService/<Method>`.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use prost::Message;
+use tonic::{Code, Request, Status};
+
+use super::codec::{Codec, gunzip};
+use super::{code_name, http_status};
+use crate::proto::worker_service_server::WorkerService;
+use crate::rpc::WorkerServiceImpl;
+
+/// Largest request body accepted (after inflating): RunTask carries workdir files.
+const MAX_BODY: u64 = 64 << 20;
+
+/// The Connect routes of WorkerService.
+pub fn worker_router(service: WorkerServiceImpl) -> Router {
+    Router::new().route("/iris.cluster.WorkerService/{method}", post(handle)).with_state(service)
+}
+
+/// A Connect error response.
+pub fn error_response(status: &Status) -> Response {
+    let body = serde_json::json!({ "code": code_name(status.code()), "message": status.message() });
+    let http = StatusCode::from_u16(http_status(status.code())).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (http, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn handle(
+    State(svc): State<WorkerServiceImpl>,
+    Path(method): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some(codec) = Codec::from_content_type(content_type) else {
+        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("unsupported content type {content_type:?}"))
+            .into_response();
+    };
+    let body = match headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()) {
+        None | Some("identity") => body.to_vec(),
+        Some("gzip") => match gunzip(&body, MAX_BODY) {
+            Ok(b) => b,
+            Err(e) => return error_response(&Status::invalid_argument(e)),
+        },
+        Some(other) => {
+            return error_response(&Status::unimplemented(format!("unsupported content encoding {other:?}")));
+        }
+    };
+    let timeout = headers
+        .get("connect-timeout-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let call = dispatch(svc, &method, codec, body);
+    let result = match timeout {
+        Some(t) => tokio::time::timeout(t, call)
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("the call's Connect-Timeout-Ms passed"))),
+        None => call.await,
+    };
+    match result {
+        Ok(bytes) => ([(header::CONTENT_TYPE, codec.content_type())], Body::from(bytes)).into_response(),
+        Err(status) => error_response(&status),
+    }
+}
+
+async fn unary<Req, Resp, F, Fut>(
+    codec: Codec,
+    req_name: &str,
+    resp_name: &str,
+    body: &[u8],
+    call: F,
+) -> Result<Vec<u8>, Status>
+where
+    Req: Message + Default,
+    Resp: Message,
+    F: FnOnce(Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+{
+    let req: Req = codec.decode(req_name, body).map_err(Status::invalid_argument)?;
+    let resp = call(Request::new(req)).await?.into_inner();
+    codec.encode(resp_name, &resp).map_err(Status::internal)
+}
+
+async fn dispatch(svc: WorkerServiceImpl, method: &str, codec: Codec, body: Vec<u8>) -> Result<Vec<u8>, Status> {
+    const P: &str = "iris.cluster.";
+    let name = |n: &str| format!("{P}{n}");
+    let s = &svc;
+    match method {
+        "RunTask" => {
+            unary(codec, &name("Worker.RunTaskRequest"), &name("Worker.RunTaskResponse"), &body, |r| s.run_task(r))
+                .await
+        }
+        "GetTaskStatus" => {
+            unary(codec, &name("Worker.GetTaskStatusRequest"), &name("TaskStatus"), &body, |r| s.get_task_status(r))
+                .await
+        }
+        "ListTasks" => {
+            unary(codec, &name("Worker.ListTasksRequest"), &name("Worker.ListTasksResponse"), &body, |r| {
+                s.list_tasks(r)
+            })
+            .await
+        }
+        "FetchTaskLogs" => {
+            unary(codec, &name("Worker.FetchTaskLogsRequest"), &name("Worker.FetchTaskLogsResponse"), &body, |r| {
+                s.fetch_task_logs(r)
+            })
+            .await
+        }
+        "KillTask" => unary(codec, &name("Worker.KillTaskRequest"), &name("Empty"), &body, |r| s.kill_task(r)).await,
+        "HealthCheck" => {
+            unary(codec, &name("Empty"), &name("Worker.HealthResponse"), &body, |r| s.health_check(r)).await
+        }
+        other => Err(Status::new(Code::Unimplemented, format!("no method {other:?} in iris.cluster.WorkerService"))),
+    }
+}

@@ -1,0 +1,14 @@
+//! The wire: WorkerService over gRPC (tonic, with reflection) and over the Connect protocol
+//! (unary, proto and JSON), on one port and the same paths. Only this module (and clients)
+//! see protobuf types; requests become a typed [`crate::task::TaskSpec`] here.
+
+pub mod connect;
+mod convert;
+mod server;
+mod service;
+mod status;
+
+pub use convert::{state_from_proto, state_to_proto, task_status as task_status_proto};
+pub use server::{ServeError, serve};
+pub use service::WorkerServiceImpl;
+pub use status::to_status;

@@ -1,0 +1,57 @@
+//! One port for everything: gRPC (by Content-Type `application/grpc*`), Connect (POST with
+//! `application/proto` or `application/json` on the service paths), and the web pages.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, header};
+use tower::ServiceExt;
+
+use super::WorkerServiceImpl;
+use super::connect::worker_router;
+use crate::proto::worker_service_server::WorkerServiceServer;
+
+/// Errors of serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("building gRPC reflection: {0}")]
+    Reflection(String),
+    #[error("serving on {addr}: {source}")]
+    Io { addr: SocketAddr, source: std::io::Error },
+}
+
+/// The whole router: gRPC with reflection, Connect, and the web pages of [`crate::web`].
+pub fn router(service: WorkerServiceImpl) -> Result<Router, ServeError> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let grpc = tonic::service::Routes::new(WorkerServiceServer::new(service.clone()))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .into_axum_router();
+    let http = worker_router(service.clone()).merge(crate::web::router(service.manager().clone()));
+    Ok(Router::new().fallback_service(tower::service_fn(move |req: Request<Body>| {
+        let is_grpc =
+            req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let target = if is_grpc { grpc.clone() } else { http.clone() };
+        target.oneshot(req)
+    })))
+}
+
+/// Serves `service` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: WorkerServiceImpl,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr().map_err(|source| ServeError::Io { addr: ([0, 0, 0, 0], 0).into(), source })?;
+    let app = router(service)?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|source| ServeError::Io { addr, source })
+}

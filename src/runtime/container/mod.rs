@@ -1,0 +1,110 @@
+//! The `container` runtime: youki's libcontainer, called in the single-threaded supervisor.
+//!
+//! Order of calls (see ENVIRONMENT.md): write config.json → `ContainerBuilder … build()`
+//! (namespaces made, the init waits) → `start()` → the supervisor reaps the init → `delete`.
+//! `build` and `start` chdir the whole process and fork: never call them from a
+//! multi-threaded process.
+
+mod oci;
+mod seccomp;
+
+use std::path::{Path, PathBuf};
+
+use libcontainer::container::Container;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::unistd::Pid;
+
+use super::{LaunchSpec, Runtime, RuntimeError, TaskIo};
+
+pub use seccomp::DENIED_SYSCALLS;
+
+/// Runs tasks in libcontainer containers.
+#[derive(Default)]
+pub struct ContainerRuntime {
+    container: Option<Container>,
+    /// Where libcontainer keeps this container's state (`<task-dir>/runtime/<id>`).
+    state_dir: Option<PathBuf>,
+}
+
+fn lc_err(op: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> RuntimeError {
+    move |e| RuntimeError::Container { op, message: e.to_string() }
+}
+
+/// The directory libcontainer keeps its state in, below the task directory.
+pub fn state_root(task_dir: &Path) -> PathBuf {
+    task_dir.join("runtime")
+}
+
+impl Runtime for ContainerRuntime {
+    fn create(&mut self, spec: &LaunchSpec, task_dir: &Path, io: TaskIo) -> Result<Pid, RuntimeError> {
+        let config = oci::build(spec)?;
+        let config_path = task_dir.join("config.json");
+        config.save(&config_path).map_err(|e| RuntimeError::Spec(format!("writing {}: {e}", config_path.display())))?;
+        let root = state_root(task_dir);
+        self.state_dir = Some(root.join(&spec.id));
+        let container = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
+            .with_root_path(&root)
+            .map_err(lc_err("preparing"))?
+            .with_stdout(io.stdout)
+            .with_stderr(io.stderr)
+            .validate_id()
+            .map_err(lc_err("naming"))?
+            .as_init(task_dir)
+            .with_systemd(false)
+            .with_detach(true)
+            .build();
+        let container = match container {
+            Ok(c) => c,
+            Err(e) => {
+                // A half-made container (cgroup, state dir) must not outlive the failure.
+                self.remove_leftovers();
+                return Err(lc_err("creating")(e));
+            }
+        };
+        let pid = container.pid().ok_or_else(|| RuntimeError::Container {
+            op: "creating",
+            message: "libcontainer returned no init pid".into(),
+        })?;
+        self.container = Some(container);
+        Ok(pid)
+    }
+
+    fn start(&mut self) -> Result<(), RuntimeError> {
+        let Some(container) = self.container.as_mut() else {
+            return Err(RuntimeError::Container { op: "starting", message: "not created".into() });
+        };
+        container.start().map_err(lc_err("starting"))
+    }
+
+    fn remove(&mut self) -> Result<(), RuntimeError> {
+        match self.container.as_mut() {
+            Some(container) => container.delete(true).map_err(lc_err("deleting")),
+            None => {
+                self.remove_leftovers();
+                Ok(())
+            }
+        }
+    }
+}
+
+impl ContainerRuntime {
+    fn remove_leftovers(&mut self) {
+        if let Some(dir) = &self.state_dir {
+            if let Ok(mut c) = Container::load(dir.clone()) {
+                let _ = c.delete(true);
+            }
+        }
+    }
+}
+
+/// Removes a container a dead supervisor left behind (its state under `task_dir`). Safe to
+/// call from the worker: deleting does not fork.
+pub fn remove_leftover(task_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_root(task_dir)) else { return };
+    for entry in entries.flatten() {
+        if let Ok(mut c) = Container::load(entry.path()) {
+            let _ = c.delete(true);
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The OCI runtime configuration of a task: our security defaults made concrete.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use oci_spec::runtime::{
+    Capability, LinuxCapabilities, LinuxCpu, LinuxMemory, LinuxNamespace, LinuxNamespaceType, LinuxPids,
+    LinuxResources, Mount as OciMount, PosixRlimit, PosixRlimitBuilder, PosixRlimitType, Process, Root, Spec,
+};
+
+use super::seccomp;
+use crate::runtime::{LaunchSpec, Profile, RuntimeError};
+
+/// The capabilities a `restricted` task keeps (documented in the README): enough to manage
+/// files and processes it owns, bind low ports, and switch users, nothing that reaches the host.
+pub const DEFAULT_CAPABILITIES: &[Capability] = &[
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fowner,
+    Capability::Fsetid,
+    Capability::Kill,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::NetBindService,
+];
+
+/// Paths of /proc and /sys a restricted task cannot read (runc's list plus the few we add).
+const MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+const READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+
+fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> OciMount {
+    let mut m = OciMount::default();
+    m.set_destination(PathBuf::from(dest));
+    m.set_typ(Some(typ.to_string()));
+    m.set_source(Some(PathBuf::from(source)));
+    m.set_options(Some(options.iter().map(|s| s.to_string()).collect()));
+    m
+}
+
+fn spec_err(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Spec(e.to_string())
+}
+
+/// Builds the OCI configuration for `spec`.
+pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
+    let privileged = spec.profile == Profile::Privileged;
+
+    let mut process = Process::default();
+    process.set_args(Some(spec.argv.clone()));
+    process.set_env(Some(spec.env.clone()));
+    process.set_cwd(PathBuf::from(&spec.cwd_in_task));
+    process.set_no_new_privileges(Some(!privileged));
+    let caps: HashSet<Capability> =
+        if privileged { all_capabilities() } else { DEFAULT_CAPABILITIES.iter().copied().collect() };
+    let mut capabilities = LinuxCapabilities::default();
+    capabilities.set_bounding(Some(caps.clone()));
+    capabilities.set_effective(Some(caps.clone()));
+    capabilities.set_permitted(Some(caps));
+    capabilities.set_inheritable(Some(HashSet::new()));
+    capabilities.set_ambient(Some(HashSet::new()));
+    process.set_capabilities(Some(capabilities));
+    // As many open files as this host lets us give (raising past our own hard limit fails).
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(_, hard)| hard)
+        .unwrap_or(1024);
+    let mut rlimits = vec![rlimit(PosixRlimitType::RlimitNofile, nofile)];
+    if privileged {
+        rlimits.push(rlimit(PosixRlimitType::RlimitMemlock, u64::MAX));
+    }
+    process.set_rlimits(Some(rlimits));
+
+    let mut root = Root::default();
+    root.set_path(spec.rootfs.clone());
+    // The rootfs is shared by every task that uses it: no task may write to it.
+    root.set_readonly(Some(true));
+
+    let shm = format!("size={}", spec.shm_bytes.max(1 << 20));
+    let mut mounts = vec![
+        mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
+        mount("/dev", "tmpfs", "tmpfs", &["nosuid", "strictatime", "mode=755", "size=65536k"]),
+        mount("/dev/pts", "devpts", "devpts", &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]),
+        mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", &shm]),
+        mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"]),
+        mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"]),
+        mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777"]),
+    ];
+    for m in &spec.mounts {
+        let mut opts = vec!["rbind", "nosuid", "nodev"];
+        opts.push(if m.read_only { "ro" } else { "rw" });
+        mounts.push(mount(&m.target, "bind", &m.host.to_string_lossy(), &opts));
+    }
+    if privileged {
+        mounts.push(mount("/dev", "bind", "/dev", &["rbind", "nosuid"]));
+    }
+
+    let mut resources = LinuxResources::default();
+    if let Some(bytes) = spec.limits.memory_bytes {
+        let bytes = i64::try_from(bytes).map_err(spec_err)?;
+        let mut memory = LinuxMemory::default();
+        memory.set_limit(Some(bytes));
+        // No swap beyond the limit: an OOM must be an OOM, not a crawl.
+        memory.set_swap(Some(bytes));
+        resources.set_memory(Some(memory));
+    }
+    if let Some(mc) = spec.limits.cpu_millicores {
+        let mut cpu = LinuxCpu::default();
+        cpu.set_period(Some(100_000));
+        cpu.set_quota(Some(i64::from(mc) * 100));
+        resources.set_cpu(Some(cpu));
+    }
+    if let Some(max) = spec.limits.pids {
+        let mut pids = LinuxPids::default();
+        pids.set_limit(max);
+        resources.set_pids(Some(pids));
+    }
+
+    let namespaces =
+        [LinuxNamespaceType::Pid, LinuxNamespaceType::Mount, LinuxNamespaceType::Ipc, LinuxNamespaceType::Uts]
+            .into_iter()
+            .map(|typ| {
+                let mut ns = LinuxNamespace::default();
+                ns.set_typ(typ);
+                ns
+            })
+            .collect::<Vec<_>>();
+
+    let mut linux = oci_spec::runtime::Linux::default();
+    linux.set_namespaces(Some(namespaces));
+    linux.set_resources(Some(resources));
+    linux.set_cgroups_path(spec.cgroup.as_ref().map(|(_, path)| PathBuf::from(path)));
+    if privileged {
+        linux.set_masked_paths(Some(vec![]));
+        linux.set_readonly_paths(Some(vec![]));
+    } else {
+        linux.set_masked_paths(Some(MASKED_PATHS.iter().map(|s| s.to_string()).collect()));
+        linux.set_readonly_paths(Some(READONLY_PATHS.iter().map(|s| s.to_string()).collect()));
+        linux.set_seccomp(Some(seccomp::default_profile().map_err(spec_err)?));
+    }
+
+    let mut out = Spec::default();
+    out.set_hostname(Some(spec.hostname.clone()));
+    out.set_process(Some(process));
+    out.set_root(Some(root));
+    out.set_mounts(Some(mounts));
+    out.set_linux(Some(linux));
+    Ok(out)
+}
+
+fn rlimit(typ: PosixRlimitType, value: u64) -> PosixRlimit {
+    PosixRlimitBuilder::default().typ(typ).hard(value).soft(value).build().unwrap_or_default()
+}
+
+fn all_capabilities() -> HashSet<Capability> {
+    use Capability::*;
+    [
+        AuditControl,
+        AuditRead,
+        AuditWrite,
+        BlockSuspend,
+        Bpf,
+        CheckpointRestore,
+        Chown,
+        DacOverride,
+        DacReadSearch,
+        Fowner,
+        Fsetid,
+        IpcLock,
+        IpcOwner,
+        Kill,
+        Lease,
+        LinuxImmutable,
+        MacAdmin,
+        MacOverride,
+        Mknod,
+        NetAdmin,
+        NetBindService,
+        NetBroadcast,
+        NetRaw,
+        Perfmon,
+        Setgid,
+        Setfcap,
+        Setpcap,
+        Setuid,
+        SysAdmin,
+        SysBoot,
+        SysChroot,
+        SysModule,
+        SysNice,
+        SysPacct,
+        SysPtrace,
+        SysRawio,
+        SysResource,
+        SysTime,
+        SysTtyConfig,
+        Syslog,
+        WakeAlarm,
+    ]
+    .into_iter()
+    .collect()
+}

@@ -1,0 +1,71 @@
+//! Runtimes: how the supervisor turns a [`LaunchSpec`] into running processes.
+//!
+//! Both runtimes run inside the per-task supervisor process (single-threaded), never inside
+//! the worker. `container` uses youki's libcontainer; `process` runs a plain child for hosts
+//! without container support. Both put the task in its cgroup, so stats and kills work the
+//! same way.
+
+#[cfg(feature = "container")]
+pub mod container;
+pub mod process;
+mod spec;
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use nix::unistd::Pid;
+
+pub use spec::{LaunchSpec, Mount, Profile, RuntimeKind};
+
+/// Errors of creating, starting or removing a task's processes.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The runtime asked for was not compiled into this binary.
+    #[error("runtime {0:?} is not available in this build (enable the `container` feature)")]
+    Unavailable(RuntimeKind),
+    /// Building the OCI configuration failed.
+    #[error("building the container configuration: {0}")]
+    Spec(String),
+    /// libcontainer refused to create, start or delete the container.
+    #[error("{op} container: {message}")]
+    Container { op: &'static str, message: String },
+    /// The plain process could not be spawned.
+    #[error("spawning {argv0:?}: {source}")]
+    Spawn { argv0: String, source: std::io::Error },
+    /// The task's cgroup could not be set up.
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    /// A file of the task directory could not be written.
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: std::path::PathBuf, source: std::io::Error },
+}
+
+/// The task's standard output and error, the write ends of the supervisor's pipes.
+pub struct TaskIo {
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// A way to run a task. Called in this order: `create` (processes exist, the command has not
+/// run yet, or — for runtimes that cannot hold it — has just started), `start`, then, after
+/// the supervisor has reaped the task, `remove`.
+pub trait Runtime {
+    /// Creates the task in its cgroup; returns the pid of its first process, which is a
+    /// direct child of the caller (the caller reaps it).
+    fn create(&mut self, spec: &LaunchSpec, task_dir: &Path, io: TaskIo) -> Result<Pid, RuntimeError>;
+    /// Lets the task's command run.
+    fn start(&mut self) -> Result<(), RuntimeError>;
+    /// Removes what `create` made (container state, cgroup). The task's processes are gone.
+    fn remove(&mut self) -> Result<(), RuntimeError>;
+}
+
+/// The runtime for `kind`.
+pub fn for_kind(kind: RuntimeKind) -> Result<Box<dyn Runtime>, RuntimeError> {
+    match kind {
+        #[cfg(feature = "container")]
+        RuntimeKind::Container => Ok(Box::new(container::ContainerRuntime::default())),
+        #[cfg(not(feature = "container"))]
+        RuntimeKind::Container => Err(RuntimeError::Unavailable(kind)),
+        RuntimeKind::Process => Ok(Box::new(process::ProcessRuntime::default())),
+    }
+}

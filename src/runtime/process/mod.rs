@@ -1,0 +1,97 @@
+//! The `process` runtime: the task's command as a plain child of the supervisor, in the task's
+//! cgroup when the host has usable cgroups. No namespaces, no rootfs: for development hosts
+//! and for hosts where containers cannot run.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+use nix::unistd::{ForkResult, Pid, fork, pipe};
+
+use super::{LaunchSpec, Runtime, RuntimeError, TaskIo};
+use crate::cgroup::Layout;
+
+/// Runs tasks as plain processes.
+#[derive(Default)]
+pub struct ProcessRuntime {
+    /// Written to (then closed) to let the child exec: `create` holds it until `start`.
+    go: Option<OwnedFd>,
+    cgroup: Option<(Layout, String)>,
+}
+
+fn cstrings(items: &[String], what: &str) -> Result<Vec<CString>, RuntimeError> {
+    items
+        .iter()
+        .map(|s| {
+            CString::new(s.as_bytes()).map_err(|_| RuntimeError::Spec(format!("{what} contains a NUL byte: {s:?}")))
+        })
+        .collect()
+}
+
+impl Runtime for ProcessRuntime {
+    fn create(&mut self, spec: &LaunchSpec, _task_dir: &Path, io: TaskIo) -> Result<Pid, RuntimeError> {
+        let argv = cstrings(&spec.argv, "argv")?;
+        let env = cstrings(&spec.env, "env")?;
+        let cwd =
+            CString::new(spec.cwd_in_task.as_bytes()).map_err(|_| RuntimeError::Spec("cwd contains NUL".into()))?;
+        let Some(argv0) = argv.first().cloned() else {
+            return Err(RuntimeError::Spec("empty argv".into()));
+        };
+        if let Some((layout, path)) = &spec.cgroup {
+            layout.create(path)?;
+            layout.apply_limits(path, &spec.limits)?;
+            self.cgroup = Some((layout.clone(), path.clone()));
+        }
+        let spawn_err = |e: nix::Error| RuntimeError::Spawn { argv0: spec.argv[0].clone(), source: e.into() };
+        let (go_r, go_w) = pipe().map_err(spawn_err)?;
+        // SAFETY: the supervisor is single-threaded, and the child only makes async-signal-safe
+        // calls (read, dup2, chdir, execvpe, _exit) on data prepared before the fork.
+        match unsafe { fork() }.map_err(spawn_err)? {
+            ForkResult::Child => {
+                drop(go_w);
+                let mut byte = [0u8; 1];
+                // Wait until the parent has put us in the cgroup and said go (EOF = abort).
+                let n = unsafe { libc::read(go_r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+                if n != 1 {
+                    unsafe { libc::_exit(127) };
+                }
+                unsafe {
+                    libc::dup2(io.stdout.as_raw_fd(), 1);
+                    libc::dup2(io.stderr.as_raw_fd(), 2);
+                    let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+                    if devnull >= 0 {
+                        libc::dup2(devnull, 0);
+                    }
+                    libc::chdir(cwd.as_ptr());
+                }
+                let _ = nix::unistd::execvpe(&argv0, &argv, &env);
+                unsafe { libc::_exit(127) }
+            }
+            ForkResult::Parent { child } => {
+                drop(go_r);
+                drop(io);
+                if let Some((layout, path)) = &self.cgroup {
+                    layout.add_process(path, child)?;
+                }
+                self.go = Some(go_w);
+                Ok(child)
+            }
+        }
+    }
+
+    fn start(&mut self) -> Result<(), RuntimeError> {
+        if let Some(go) = self.go.take() {
+            nix::unistd::write(&go, &[1])
+                .map_err(|e| RuntimeError::Spawn { argv0: "task".into(), source: e.into() })?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self) -> Result<(), RuntimeError> {
+        self.go = None;
+        if let Some((layout, path)) = self.cgroup.take() {
+            layout.remove(&path)?;
+        }
+        Ok(())
+    }
+}

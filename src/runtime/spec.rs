@@ -1,0 +1,61 @@
+//! `spec.json`: everything the supervisor needs to run a task, written by the worker.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::{Layout, Limits};
+
+/// How a task is isolated.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// A libcontainer container (namespaces, seccomp, capabilities dropped).
+    #[default]
+    Container,
+    /// A plain child process in the task's cgroup, for hosts without container support.
+    Process,
+}
+
+/// The security profile of a container (the README has the table).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Namespaces, a small capability set, no-new-privileges, seccomp, masked /proc paths.
+    #[default]
+    Restricted,
+    /// For TPU/GPU hosts: all capabilities, host devices, no seccomp, unlimited memlock.
+    Privileged,
+}
+
+/// A bind mount of a host path into the task.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Mount {
+    pub host: PathBuf,
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// What the supervisor runs. Paths are host paths unless named `*_in_task`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LaunchSpec {
+    pub runtime: RuntimeKind,
+    pub profile: Profile,
+    /// The container id (unique on this host, valid for libcontainer).
+    pub id: String,
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` strings.
+    pub env: Vec<String>,
+    pub cwd_in_task: String,
+    pub hostname: String,
+    /// The root filesystem (read-only for containers: it is shared between tasks).
+    pub rootfs: PathBuf,
+    pub mounts: Vec<Mount>,
+    pub limits: Limits,
+    /// Size of /dev/shm.
+    pub shm_bytes: u64,
+    /// The task's cgroup path, and the host's layout; `None` when cgroups are not usable.
+    pub cgroup: Option<(Layout, String)>,
+    /// Kill the task after this many milliseconds of running.
+    pub timeout_ms: Option<u64>,
+}

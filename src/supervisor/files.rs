@@ -1,0 +1,126 @@
+//! The files of a task directory that the supervisor and the worker exchange.
+//!
+//! The supervisor is the only writer of `supervisor.pid`, `started.json` and `exit.json`; the
+//! worker is the only writer of `spec.json` and `kill.json`. Every file is written to a temp
+//! name and renamed, so a reader never sees half a file, even if the writer is killed.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::CgroupStats;
+
+pub const SPEC: &str = "spec.json";
+pub const PID: &str = "supervisor.pid";
+pub const STARTED: &str = "started.json";
+pub const KILL: &str = "kill.json";
+pub const EXIT: &str = "exit.json";
+pub const LOGS: &str = "logs";
+pub const WORKDIR: &str = "workdir";
+pub const SUPERVISOR_LOG: &str = "supervisor.log";
+
+/// Errors reading or writing the task directory's files.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: io::Error },
+    #[error("parsing {path}: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+}
+
+/// Writes `value` as JSON to `dir/name` atomically (temp file + rename).
+pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), FileError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let bytes = serde_json::to_vec_pretty(value).map_err(|source| FileError::Parse { path: path.clone(), source })?;
+    fs::write(&tmp, bytes).map_err(|source| FileError::Io { op: "writing", path: tmp.clone(), source })?;
+    fs::rename(&tmp, &path).map_err(|source| FileError::Io { op: "renaming", path, source })
+}
+
+/// Reads `dir/name` as JSON; `Ok(None)` when it does not exist.
+pub fn read_json<T: DeserializeOwned>(dir: &Path, name: &str) -> Result<Option<T>, FileError> {
+    let path = dir.join(name);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| FileError::Parse { path, source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(FileError::Io { op: "reading", path, source }),
+    }
+}
+
+/// A process identity that survives pid reuse: the pid and its start time in clock ticks
+/// since boot (field 22 of /proc/<pid>/stat).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    /// The identity of `pid` now, if it exists.
+    pub fn of(pid: i32) -> Option<ProcessId> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let start_time = rest.split(' ').nth(19)?.parse().ok()?;
+        Some(ProcessId { pid, start_time })
+    }
+
+    /// True if this exact process still exists (and is not a zombie).
+    pub fn is_alive(&self) -> bool {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{}/stat", self.pid)) else { return false };
+        let Some(close) = stat.rfind(')') else { return false };
+        let mut fields = stat[close + 2..].split(' ');
+        let state = fields.next().unwrap_or("Z");
+        let start: Option<u64> = fields.nth(18).and_then(|s| s.parse().ok());
+        state != "Z" && state != "X" && start == Some(self.start_time)
+    }
+}
+
+/// Why the supervisor killed the task.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KillReason {
+    /// KillTask, a newer attempt, or a controller reset.
+    Requested,
+    /// The task ran past its `timeout_seconds`.
+    Timeout,
+}
+
+/// `kill.json`: the worker's request to end the task (then it sends SIGUSR1).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KillRequest {
+    /// Time between SIGTERM and SIGKILL.
+    pub grace_ms: u64,
+}
+
+/// `started.json`: the task's command is running.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Started {
+    pub pid: i32,
+    pub started_at_ms: i64,
+}
+
+/// `exit.json`: how the task ended, written once by the supervisor after the task's cgroup
+/// is empty and before the cgroup is removed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitRecord {
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: i64,
+    /// The exit status, when the task exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the task, when one did.
+    pub signal: Option<i32>,
+    /// Why the task never ran (the runtime's error), when it did not.
+    pub error: Option<String>,
+    pub killed: Option<KillReason>,
+    /// The final cgroup figures (peak memory, CPU time, OOM kills).
+    pub stats: CgroupStats,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

@@ -1,0 +1,258 @@
+//! The per-task supervisor: `iris-worker supervise <task-dir>`.
+//!
+//! One single-threaded process per task, in its own session, started by the worker and
+//! outliving it (the model is containerd's shims). It creates the task through a runtime,
+//! owns the task's stdout/stderr pipes, stamps every line with the time it was read and
+//! appends it to the task's log, reaps the task, enforces the timeout and kill requests, and
+//! records how the task ended in `exit.json` before removing the container and its cgroup.
+//! It is the only writer of the task's log and exit record; the worker only reads them.
+
+pub mod files;
+mod pump;
+
+use std::fs::File;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{Pid, pipe2};
+
+use crate::logs::LogWriter;
+use crate::runtime::{self, LaunchSpec, RuntimeError, TaskIo};
+use files::{ExitRecord, FileError, KillReason, KillRequest, ProcessId, Started, now_ms};
+use pump::Pump;
+
+/// Grace between SIGTERM and SIGKILL when a task times out.
+pub const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
+/// How long to wait for the last output after the task's processes are gone (a descendant
+/// that escaped the cgroup may hold the pipes open).
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// Errors that stop a supervisor before it can record an exit.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("task directory {0} has no spec.json")]
+    NoSpec(PathBuf),
+    #[error("{op}: {source}")]
+    Sys { op: &'static str, source: Errno },
+    #[error("opening the task log: {0}")]
+    Log(#[from] crate::logs::LogError),
+}
+
+fn sys(op: &'static str) -> impl FnOnce(Errno) -> SupervisorError {
+    move |source| SupervisorError::Sys { op, source }
+}
+
+/// The signals the supervisor handles through its signalfd. They are blocked in the
+/// supervisor, and unblocked again in the task just before it execs.
+pub fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGCHLD, Signal::SIGUSR1, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGPIPE] {
+        set.add(s);
+    }
+    set
+}
+
+/// Runs the supervisor for `task_dir` to the end. `ready` (the worker's pipe) hears
+/// `started` once the command runs, or `failed` if it never will.
+pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorError> {
+    let spec: LaunchSpec =
+        files::read_json(task_dir, files::SPEC)?.ok_or_else(|| SupervisorError::NoSpec(task_dir.into()))?;
+    // Orphans of the task are re-parented to us, not to the host's init, so we reap them.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if let Some(me) = ProcessId::of(std::process::id() as i32) {
+        files::write_json(task_dir, files::PID, &me)?;
+    }
+    let mask = handled_signals();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).map_err(sys("blocking signals"))?;
+    let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(sys("signalfd"))?;
+
+    let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(sys("pipe"))?;
+    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(sys("pipe"))?;
+    // The task must see blocking pipes.
+    for fd in [&out_w, &err_w] {
+        nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(fd), nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))
+            .map_err(sys("fcntl"))?;
+    }
+    let log = LogWriter::open(&task_dir.join(files::LOGS))?;
+    let mut pump = Pump::new(log, out_r, err_r);
+    let mut ready = ready.map(File::from);
+    let mut runtime = match runtime::for_kind(spec.runtime) {
+        Ok(r) => r,
+        Err(e) => return fail_to_start(task_dir, &spec, e, &mut ready),
+    };
+
+    let pid = match runtime.create(&spec, task_dir, TaskIo { stdout: out_w, stderr: err_w }) {
+        Ok(pid) => pid,
+        Err(e) => {
+            let _ = runtime.remove();
+            return fail_to_start(task_dir, &spec, e, &mut ready);
+        }
+    };
+    let started_at_ms = now_ms();
+    if let Err(e) = runtime.start() {
+        let _ = kill(pid, Signal::SIGKILL);
+        let _ = waitpid(pid, None);
+        kill_cgroup(&spec);
+        let _ = runtime.remove();
+        return fail_to_start(task_dir, &spec, e, &mut ready);
+    }
+    files::write_json(task_dir, files::STARTED, &Started { pid: pid.as_raw(), started_at_ms })?;
+    notify(&mut ready, "started");
+    drop(ready);
+
+    let mut exit = ExitRecord { started_at_ms: Some(started_at_ms), ..Default::default() };
+    let started = Instant::now();
+    let mut timeout_at = spec.timeout_ms.map(|ms| started + Duration::from_millis(ms));
+    let mut sigkill_at: Option<Instant> = None;
+    let mut drain_until: Option<Instant> = None;
+    let mut status: Option<WaitStatus> = None;
+
+    loop {
+        if status.is_some() && (pump.is_done() || drain_until.is_some_and(|d| Instant::now() >= d)) {
+            break;
+        }
+        let now = Instant::now();
+        let next = [timeout_at, sigkill_at, drain_until].into_iter().flatten().min();
+        let wait = match next {
+            Some(t) => PollTimeout::try_from(t.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1)
+                .unwrap_or(PollTimeout::MAX),
+            None => PollTimeout::NONE,
+        };
+        let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
+        let streams = pump.poll_fds(&mut fds);
+        match poll(&mut fds, wait) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(sys("poll")(e)),
+        }
+        let revents: Vec<PollFlags> = fds.iter().map(|f| f.revents().unwrap_or(PollFlags::empty())).collect();
+        drop(fds);
+        let ready: Vec<(usize, PollFlags)> = streams.into_iter().zip(revents[1..].iter().copied()).collect();
+        pump.on_ready(&ready);
+
+        if !revents[0].is_empty() {
+            while let Ok(Some(info)) = sigfd.read_signal() {
+                match Signal::try_from(info.ssi_signo as i32) {
+                    Ok(Signal::SIGUSR1) => {
+                        let grace = files::read_json::<KillRequest>(task_dir, files::KILL)
+                            .ok()
+                            .flatten()
+                            .map(|k| Duration::from_millis(k.grace_ms))
+                            .unwrap_or(TIMEOUT_GRACE);
+                        if exit.killed.is_none() && status.is_none() {
+                            exit.killed = Some(KillReason::Requested);
+                            sigkill_at = Some(terminate(&spec, pid, grace));
+                        }
+                    }
+                    // The supervisor ends only when its task does; other signals are ignored.
+                    _ => {}
+                }
+            }
+        }
+        // Reap every child (the task and any orphan re-parented to us).
+        loop {
+            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(ws) if ws.pid() == Some(pid) => {
+                    status = Some(ws);
+                    // The init is gone; whatever is left of the task dies with it.
+                    kill_cgroup(&spec);
+                    drain_until = Some(Instant::now() + DRAIN_LIMIT);
+                    timeout_at = None;
+                    sigkill_at = None;
+                }
+                Ok(_) => {}
+            }
+        }
+        let now = Instant::now();
+        if timeout_at.is_some_and(|t| now >= t) {
+            timeout_at = None;
+            if exit.killed.is_none() {
+                exit.killed = Some(KillReason::Timeout);
+                sigkill_at = Some(terminate(&spec, pid, TIMEOUT_GRACE));
+            }
+        }
+        if sigkill_at.is_some_and(|t| now >= t) {
+            sigkill_at = None;
+            let _ = kill(pid, Signal::SIGKILL);
+            kill_cgroup(&spec);
+        }
+    }
+    pump.finish();
+
+    match status {
+        Some(WaitStatus::Exited(_, code)) => exit.exit_code = Some(code),
+        Some(WaitStatus::Signaled(_, sig, _)) => exit.signal = Some(sig as i32),
+        _ => {}
+    }
+    if let Some((layout, path)) = &spec.cgroup {
+        exit.stats = layout.stats(path).unwrap_or_default();
+    }
+    exit.finished_at_ms = now_ms();
+    files::write_json(task_dir, files::EXIT, &exit)?;
+    if let Err(e) = runtime.remove() {
+        tracing::warn!(error = %e, "removing the task's container");
+        kill_cgroup(&spec);
+        if let Some((layout, path)) = &spec.cgroup {
+            let _ = layout.remove(path);
+        }
+    }
+    Ok(())
+}
+
+/// Sends SIGTERM to every process of the task and returns when SIGKILL is due.
+fn terminate(spec: &LaunchSpec, pid: Pid, grace: Duration) -> Instant {
+    let _ = kill(pid, Signal::SIGTERM);
+    if let Some((layout, path)) = &spec.cgroup {
+        let _ = layout.signal_all(path, Signal::SIGTERM);
+    }
+    Instant::now() + grace
+}
+
+/// Kills every process left in the task's cgroup and waits until it is empty.
+fn kill_cgroup(spec: &LaunchSpec) {
+    if let Some((layout, path)) = &spec.cgroup {
+        if let Err(e) = layout.kill_all(path, Duration::from_secs(10)) {
+            tracing::warn!(error = %e, "killing the task's remaining processes");
+        }
+    }
+}
+
+fn notify(ready: &mut Option<File>, what: &str) {
+    use std::io::Write;
+    if let Some(f) = ready.as_mut() {
+        let _ = writeln!(f, "{what}");
+    }
+}
+
+fn fail_to_start(
+    task_dir: &Path,
+    spec: &LaunchSpec,
+    e: RuntimeError,
+    ready: &mut Option<File>,
+) -> Result<(), SupervisorError> {
+    tracing::warn!(error = %e, "the task could not be started");
+    kill_cgroup(spec);
+    let record = ExitRecord { error: Some(e.to_string()), finished_at_ms: now_ms(), ..Default::default() };
+    files::write_json(task_dir, files::EXIT, &record)?;
+    notify(ready, "failed");
+    Ok(())
+}
+
+/// Wraps the ready pipe's inherited descriptor.
+///
+/// # Safety
+/// `fd` must be an open descriptor owned by nobody else in this process.
+pub unsafe fn ready_fd(fd: i32) -> OwnedFd {
+    // SAFETY: guaranteed by the caller.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}

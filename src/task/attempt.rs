@@ -1,0 +1,508 @@
+//! One attempt of a task: its record, and the tokio task that drives it to a terminal state.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use super::spec::TaskSpec;
+use super::state::{TaskState, outcome};
+use super::store::{self, TaskMeta};
+use super::supervise::{self, Ready, Supervisor};
+use super::{AttemptView, DEFAULT_GRACE_MS, Inner, KillSwitch, TaskError, TaskEvent, TaskView, Usage, lock};
+use crate::cgroup::CgroupStats;
+use crate::runtime::{LaunchSpec, Mount, RuntimeKind};
+use crate::supervisor::files::{self, ExitRecord, now_ms};
+
+/// Workdir files beyond this many entries are not counted for disk use.
+const DISK_SCAN_LIMIT: usize = 10_000;
+
+/// The changing part of an attempt.
+#[derive(Debug)]
+struct Status {
+    state: TaskState,
+    status_message: String,
+    exit_code: i32,
+    error: String,
+    started_at_ms: i64,
+    finished_at_ms: i64,
+    supervisor: Option<Supervisor>,
+    /// The supervisor said the command runs: kill requests can go to it directly.
+    started: bool,
+    final_stats: Option<CgroupStats>,
+    /// (cpu ns, when) of the previous stats read, for CPU percent between reads.
+    cpu_sample: Option<(u64, Instant)>,
+}
+
+/// One attempt of a task.
+pub(crate) struct Attempt {
+    pub(crate) meta: TaskMeta,
+    pub(crate) dir: PathBuf,
+    status: Mutex<Status>,
+    kill: KillSwitch,
+    done: (watch::Sender<bool>, watch::Receiver<bool>),
+}
+
+impl Attempt {
+    fn new(meta: TaskMeta, dir: PathBuf, state: TaskState) -> Arc<Attempt> {
+        Arc::new(Attempt {
+            meta,
+            dir,
+            status: Mutex::new(Status {
+                state,
+                status_message: String::new(),
+                exit_code: 0,
+                error: String::new(),
+                started_at_ms: 0,
+                finished_at_ms: 0,
+                supervisor: None,
+                started: false,
+                final_stats: None,
+                cpu_sample: None,
+            }),
+            kill: KillSwitch::default(),
+            done: watch::channel(false),
+        })
+    }
+
+    pub(crate) fn state(&self) -> TaskState {
+        lock(&self.status).state
+    }
+
+    /// Ends the attempt: directly through its supervisor once the command runs, otherwise
+    /// by parking the request for the driver (a PENDING or BUILDING attempt just stops).
+    pub(crate) fn request_kill(&self, grace_ms: u64) {
+        let st = lock(&self.status);
+        if st.state.is_terminal() {
+            return;
+        }
+        if let (Some(sup), true) = (st.supervisor, st.started) {
+            if let Err(e) = sup.request_kill(&self.dir, grace_ms) {
+                tracing::warn!(task_id = %self.meta.task_id, error = %e, "asking the supervisor to kill");
+            }
+        }
+        drop(st);
+        *lock(&self.kill.grace_ms) = Some(grace_ms);
+        self.kill.notify.notify_one();
+    }
+
+    fn kill_requested(&self) -> Option<u64> {
+        *lock(&self.kill.grace_ms)
+    }
+
+    pub(crate) async fn wait_done(&self) {
+        let mut rx = self.done.1.clone();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    fn set(&self, inner: &Inner, state: TaskState, message: &str) {
+        let mut st = lock(&self.status);
+        st.state = state;
+        st.status_message = message.to_string();
+        if state == TaskState::Running {
+            st.started_at_ms = now_ms();
+        }
+        drop(st);
+        self.emit(inner);
+    }
+
+    fn emit(&self, inner: &Inner) {
+        let st = lock(&self.status);
+        let event = TaskEvent {
+            task_id: self.meta.task_id.clone(),
+            job_id: self.meta.job_id.clone(),
+            task_index: self.meta.task_index,
+            attempt_id: self.meta.attempt_id,
+            state: st.state,
+            exit_code: st.exit_code,
+            error: st.error.clone(),
+            finished_at_ms: st.finished_at_ms,
+        };
+        drop(st);
+        inner.emit(event);
+    }
+
+    /// Records the end: state, exit, figures; releases the ports; wakes the waiters.
+    fn finish(&self, inner: &Inner, state: TaskState, exit_code: i32, error: String, exit: Option<&ExitRecord>) {
+        let mut st = lock(&self.status);
+        if st.state.is_terminal() {
+            return;
+        }
+        st.state = state;
+        st.exit_code = exit_code;
+        st.error = error;
+        st.status_message.clear();
+        st.finished_at_ms = exit.map(|e| e.finished_at_ms).filter(|t| *t > 0).unwrap_or_else(now_ms);
+        if let Some(e) = exit {
+            if let Some(s) = e.started_at_ms {
+                st.started_at_ms = s;
+            }
+            st.final_stats = Some(e.stats.clone());
+        }
+        drop(st);
+        lock(&inner.ports).release(self.meta.ports.values().copied());
+        tracing::info!(task_id = %self.meta.task_id, attempt = self.meta.attempt_id, state = state.name(), "task ended");
+        self.emit(inner);
+        let _ = self.done.0.send(true);
+    }
+
+    fn finish_from_exit(&self, inner: &Inner) {
+        match files::read_json::<ExitRecord>(&self.dir, files::EXIT) {
+            Ok(Some(exit)) => {
+                let o = outcome(&exit, self.meta.timeout_s);
+                self.finish(inner, o.state, o.exit_code, o.error, Some(&exit));
+            }
+            other => {
+                let why = match other {
+                    Err(e) => format!("the task's exit record is unreadable: {e}"),
+                    _ => "the task's supervisor died without recording how the task ended".to_string(),
+                };
+                remove_leftovers(&self.dir, self.meta.cgroup.as_deref());
+                self.finish(inner, TaskState::WorkerFailed, -1, why, None);
+            }
+        }
+    }
+
+    fn view(&self, inner: &Inner) -> (AttemptView, String, Option<Usage>) {
+        let mut st = lock(&self.status);
+        let usage = match (st.state, &self.meta.cgroup) {
+            (TaskState::Running, Some(cg)) => inner.stats(cg).map(|s| {
+                let now = Instant::now();
+                let cpu_ns = s.cpu_usage_ns.unwrap_or(0);
+                let cpu_percent = match st.cpu_sample {
+                    Some((prev, at)) if now > at && cpu_ns >= prev => {
+                        (cpu_ns - prev) as f64 / now.duration_since(at).as_nanos() as f64 * 100.0
+                    }
+                    _ => {
+                        let life_ms = (now_ms() - st.started_at_ms).max(1) as f64;
+                        cpu_ns as f64 / (life_ms * 1e6) * 100.0
+                    }
+                };
+                st.cpu_sample = Some((cpu_ns, now));
+                Usage {
+                    memory_bytes: s.memory_bytes.unwrap_or(0),
+                    memory_peak_bytes: s.memory_peak_bytes.unwrap_or(0),
+                    cpu_percent,
+                    processes: s.processes.unwrap_or(0),
+                    disk_bytes: 0,
+                    cpu_throttled_periods: s.cpu_throttled_periods.unwrap_or(0),
+                }
+            }),
+            (state, _) if state.is_terminal() => st.final_stats.as_ref().map(|s| {
+                let life_ms = (st.finished_at_ms - st.started_at_ms).max(1) as f64;
+                Usage {
+                    memory_bytes: 0,
+                    memory_peak_bytes: s.memory_peak_bytes.unwrap_or(0),
+                    cpu_percent: s.cpu_usage_ns.unwrap_or(0) as f64 / (life_ms * 1e6) * 100.0,
+                    processes: 0,
+                    disk_bytes: 0,
+                    cpu_throttled_periods: s.cpu_throttled_periods.unwrap_or(0),
+                }
+            }),
+            _ => None,
+        };
+        let view = AttemptView {
+            attempt_id: self.meta.attempt_id,
+            state: st.state,
+            exit_code: st.exit_code,
+            error: st.error.clone(),
+            started_at_ms: st.started_at_ms,
+            finished_at_ms: st.finished_at_ms,
+            is_worker_failure: st.state == TaskState::WorkerFailed,
+        };
+        let message = st.status_message.clone();
+        drop(st);
+        let usage = usage.map(|mut u| {
+            u.disk_bytes = store::disk_usage(&self.dir.join(files::WORKDIR), DISK_SCAN_LIMIT);
+            u
+        });
+        (view, message, usage)
+    }
+}
+
+/// The view of a task from its attempts (the last is current).
+pub(super) fn view(inner: &Inner, attempts: &[Arc<Attempt>]) -> TaskView {
+    let mut views: Vec<AttemptView> = Vec::with_capacity(attempts.len());
+    let mut current = None;
+    for (i, a) in attempts.iter().enumerate() {
+        let (v, message, usage) = a.view(inner);
+        if i + 1 == attempts.len() {
+            current = Some((a, v.clone(), message, usage));
+        }
+        views.push(v);
+    }
+    let Some((a, v, status_message, usage)) = current else {
+        return TaskView {
+            task_id: String::new(),
+            job_id: String::new(),
+            task_index: 0,
+            state: TaskState::Pending,
+            status_message: String::new(),
+            exit_code: 0,
+            error: String::new(),
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            ports: Default::default(),
+            usage: None,
+            current_attempt_id: 0,
+            attempts: views,
+        };
+    };
+    TaskView {
+        task_id: a.meta.task_id.clone(),
+        job_id: a.meta.job_id.clone(),
+        task_index: a.meta.task_index,
+        state: v.state,
+        status_message,
+        exit_code: v.exit_code,
+        error: v.error,
+        started_at_ms: v.started_at_ms,
+        finished_at_ms: v.finished_at_ms,
+        ports: a.meta.ports.clone(),
+        usage,
+        current_attempt_id: a.meta.attempt_id,
+        attempts: views,
+    }
+}
+
+/// Registers a new attempt and starts its driver.
+pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, TaskError> {
+    let mut tasks = lock(&inner.tasks);
+    let previous = tasks.get(&spec.task_id).and_then(|a| a.last().cloned());
+    if let Some(prev) = &previous {
+        let current = prev.meta.attempt_id;
+        if spec.attempt_id == current {
+            return Err(TaskError::AlreadyExists { task_id: spec.task_id, attempt_id: spec.attempt_id });
+        }
+        if spec.attempt_id < current {
+            return Err(TaskError::StaleAttempt { task_id: spec.task_id, attempt_id: spec.attempt_id, current });
+        }
+    }
+    let port_numbers = if spec.ports.is_empty() {
+        Vec::new()
+    } else {
+        let (first, last) = inner.config.port_range;
+        lock(&inner.ports).allocate(spec.ports.len()).ok_or(TaskError::PortsExhausted {
+            wanted: spec.ports.len(),
+            first,
+            last,
+        })?
+    };
+    let ports = spec.ports.iter().cloned().zip(port_numbers).collect();
+    let key = store::task_key(&spec.task_id, spec.attempt_id);
+    let meta = TaskMeta {
+        task_id: spec.task_id.clone(),
+        job_id: spec.job_id.clone(),
+        task_index: spec.task_index,
+        num_tasks: spec.num_tasks,
+        attempt_id: spec.attempt_id,
+        ports,
+        timeout_s: spec.timeout.map(|t| t.as_secs()),
+        created_at_ms: now_ms(),
+        cgroup: inner.cgroups.as_ref().map(|(_, parent)| format!("{parent}/{key}")),
+    };
+    let dir = match store::create(&inner.config.state_dir, &meta, &spec.raw_request) {
+        Ok(d) => d,
+        Err(e) => {
+            lock(&inner.ports).release(meta.ports.values().copied());
+            return Err(e.into());
+        }
+    };
+    let attempt = Attempt::new(meta, dir, TaskState::Pending);
+    tasks.entry(spec.task_id.clone()).or_default().push(attempt.clone());
+    drop(tasks);
+    if let Some(prev) = &previous {
+        // A newer attempt replaces the old one: end it first.
+        prev.request_kill(DEFAULT_GRACE_MS);
+    }
+    attempt.emit(inner);
+    tokio::spawn(drive(inner.clone(), attempt, spec, previous));
+    Ok(TaskState::Pending)
+}
+
+/// Drives an attempt from PENDING to its end.
+async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSpec, previous: Option<Arc<Attempt>>) {
+    if let Some(prev) = previous {
+        prev.wait_done().await;
+    }
+    let permit = tokio::select! {
+        p = inner.slots.clone().acquire_owned() => p.ok(),
+        _ = attempt.kill.notify.notified() => None,
+    };
+    let killed_early = |a: &Attempt| a.kill_requested().is_some();
+    if permit.is_none() || killed_early(&attempt) {
+        attempt.finish(&inner, TaskState::Killed, 0, "killed before it started".into(), None);
+        return;
+    }
+    attempt.set(&inner, TaskState::Building, "preparing the environment");
+    let launch = match prepare(&inner, &attempt, &spec) {
+        Ok(l) => l,
+        Err(error) => {
+            attempt.finish(&inner, TaskState::Failed, -1, error, None);
+            return;
+        }
+    };
+    if let Err(e) = files::write_json(&attempt.dir, files::SPEC, &launch) {
+        attempt.finish(&inner, TaskState::Failed, -1, format!("writing the launch spec: {e}"), None);
+        return;
+    }
+    if killed_early(&attempt) {
+        attempt.finish(&inner, TaskState::Killed, 0, "killed before it started".into(), None);
+        return;
+    }
+    let (sup, ready) = match supervise::spawn(&inner.config.supervisor_exe, &attempt.dir) {
+        Ok(s) => s,
+        Err(e) => {
+            let exe = inner.config.supervisor_exe.display();
+            attempt.finish(&inner, TaskState::Failed, -1, format!("starting the supervisor {exe}: {e}"), None);
+            return;
+        }
+    };
+    lock(&attempt.status).supervisor = Some(sup);
+    attempt.set(&inner, TaskState::Building, "starting the container");
+    if supervise::wait_ready(ready).await == Ready::Started {
+        {
+            let mut st = lock(&attempt.status);
+            st.started = true;
+        }
+        attempt.set(&inner, TaskState::Running, "");
+        // A kill that came while the supervisor was starting the task is delivered now.
+        if let Some(grace) = attempt.kill_requested() {
+            let _ = sup.request_kill(&attempt.dir, grace);
+        }
+    }
+    watch_until_exit(inner, attempt, sup, permit).await;
+}
+
+async fn watch_until_exit(
+    inner: Arc<Inner>,
+    attempt: Arc<Attempt>,
+    sup: Supervisor,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    if let Err(e) = sup.wait_exit().await {
+        tracing::warn!(task_id = %attempt.meta.task_id, error = %e, "waiting for the supervisor");
+    }
+    attempt.finish_from_exit(&inner);
+    drop(permit);
+}
+
+/// Makes the task's launch spec: environment, rootfs, mounts, limits, cgroup.
+fn prepare(inner: &Inner, attempt: &Attempt, spec: &TaskSpec) -> Result<LaunchSpec, String> {
+    let config = &inner.config;
+    let workdir = attempt.dir.join(files::WORKDIR);
+    store::write_workdir_files(&workdir, &spec.workdir_files).map_err(|e| format!("writing workdir_files: {e}"))?;
+    let Some(command) = &spec.command else {
+        return Err("pickled entrypoints need the Python environment, which this worker does not provide yet".into());
+    };
+    if let Some(image) = &spec.image {
+        return Err(format!("image {image:?}: images are not supported by this worker yet"));
+    }
+    let (cwd, mounts, rootfs) = match config.runtime {
+        RuntimeKind::Container => (
+            "/workdir".to_string(),
+            vec![Mount { host: workdir.clone(), target: "/workdir".into(), read_only: false }],
+            config.rootfs.clone(),
+        ),
+        RuntimeKind::Process => (workdir.to_string_lossy().into_owned(), vec![], PathBuf::from("/")),
+    };
+    if config.runtime == RuntimeKind::Container && !rootfs.join("bin").exists() {
+        return Err(format!("the root filesystem {} does not exist (run scripts/fixtures)", rootfs.display()));
+    }
+    let env = super::env::task_env(spec, &config.env, &attempt.meta.ports, &cwd);
+    Ok(LaunchSpec {
+        runtime: config.runtime,
+        profile: config.profile,
+        id: store::task_key(&spec.task_id, spec.attempt_id),
+        argv: command.to_argv(),
+        env,
+        cwd_in_task: cwd,
+        hostname: hostname_for(&spec.task_id),
+        rootfs,
+        mounts,
+        limits: spec.limits.clone(),
+        shm_bytes: spec.limits.memory_bytes.map(|m| m / 2).unwrap_or(config.shm_bytes),
+        cgroup: match (&inner.cgroups, &attempt.meta.cgroup) {
+            (Some((layout, _)), Some(path)) => Some((layout.clone(), path.clone())),
+            _ => None,
+        },
+        timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
+    })
+}
+
+/// A hostname from the task id: letters, digits and '-', at most 63 characters.
+fn hostname_for(task_id: &str) -> String {
+    let h: String = task_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .take(63)
+        .collect();
+    let h = h.trim_matches('-').to_string();
+    if h.is_empty() { "task".into() } else { h }
+}
+
+/// Takes over the attempts a previous run of the worker left in the state directory.
+pub(super) fn adopt_all(inner: &Arc<Inner>) {
+    for (dir, meta) in store::scan(&inner.config.state_dir) {
+        let task_id = meta.task_id.clone();
+        let attempt = Attempt::new(meta, dir, TaskState::Pending);
+        let exit_recorded = attempt.dir.join(files::EXIT).exists();
+        let live = if exit_recorded { None } else { Supervisor::find(&attempt.dir) };
+        lock(&inner.tasks).entry(task_id).or_default().push(attempt.clone());
+        if exit_recorded {
+            // Ended while we were away (or long ago): its real exit.
+            {
+                let mut st = lock(&attempt.status);
+                st.state = TaskState::Building;
+            }
+            attempt.finish_from_exit(inner);
+        } else if let Some(sup) = live {
+            let started: Option<files::Started> = files::read_json(&attempt.dir, files::STARTED).ok().flatten();
+            {
+                let mut st = lock(&attempt.status);
+                st.supervisor = Some(sup);
+                st.started = started.is_some();
+                st.state = if started.is_some() { TaskState::Running } else { TaskState::Building };
+                st.started_at_ms = started.map(|s| s.started_at_ms).unwrap_or(0);
+            }
+            lock(&inner.ports).hold(attempt.meta.ports.values().copied());
+            let permit = inner.slots.clone().try_acquire_owned().ok();
+            tracing::info!(task_id = %attempt.meta.task_id, pid = sup.id.pid, "adopted a running task");
+            tokio::spawn(watch_until_exit(inner.clone(), attempt, sup, permit));
+        } else {
+            {
+                let mut st = lock(&attempt.status);
+                st.state = TaskState::Building;
+            }
+            remove_leftovers(&attempt.dir, attempt.meta.cgroup.as_deref());
+            attempt.finish(
+                inner,
+                TaskState::WorkerFailed,
+                -1,
+                "the worker restarted and the task's supervisor was gone".into(),
+                None,
+            );
+        }
+    }
+    // Keep tasks in attempt order.
+    for attempts in lock(&inner.tasks).values_mut() {
+        attempts.sort_by_key(|a| a.meta.attempt_id);
+    }
+}
+
+/// Removes what a dead supervisor could not: the task's processes, container state, cgroup.
+pub(super) fn remove_leftovers(dir: &Path, cgroup: Option<&str>) {
+    if let Some(path) = cgroup {
+        if let Ok(layout) = crate::cgroup::Layout::detect() {
+            let _ = layout.kill_all(path, std::time::Duration::from_secs(10));
+        }
+    }
+    #[cfg(feature = "container")]
+    crate::runtime::container::remove_leftover(dir);
+    if let Some(path) = cgroup {
+        if let Ok(layout) = crate::cgroup::Layout::detect() {
+            let _ = layout.remove(path);
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! The TaskManager: accepts tasks, moves each attempt through its states, holds the
+//! concurrency limit and the host ports, and finds tasks again after a restart.
+//!
+//! Each attempt is driven by one tokio task ([`attempt`]): wait for a slot (PENDING), prepare
+//! the environment (BUILDING), start a supervisor and wait for it to say the command runs
+//! (RUNNING), then wait for the supervisor to exit and read its `exit.json` (terminal).
+//! The supervisor does the rest; the manager only reads its files.
+
+mod attempt;
+mod env;
+mod ports;
+pub mod spec;
+mod state;
+pub mod store;
+mod supervise;
+mod validate;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::sync::{Notify, Semaphore, mpsc};
+
+use crate::cgroup::{CgroupError, CgroupStats, Layout};
+use crate::logs::{LogError, LogFilter, LogLine};
+use crate::runtime::{Profile, RuntimeKind};
+use crate::supervisor::files::FileError;
+
+pub use env::WorkerEnv;
+pub use spec::{Command, TaskSpec};
+pub use state::TaskState;
+pub use validate::is_env_name;
+
+use attempt::Attempt;
+use ports::PortAllocator;
+
+/// The file in the state root that names the worker's parent cgroup.
+const PARENT_CGROUP_FILE: &str = "cgroup-parent";
+
+/// The grace between SIGTERM and SIGKILL when none is given (Iris's KillTask default).
+pub const DEFAULT_GRACE_MS: u64 = 5000;
+
+/// Errors of the task manager. `rpc/` maps them to status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// A request field is wrong.
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("task {0:?} not found")]
+    NotFound(String),
+    #[error("task {task_id:?} attempt {attempt_id} already exists")]
+    AlreadyExists { task_id: String, attempt_id: i32 },
+    /// A request for an attempt older than the one the worker has.
+    #[error("attempt {attempt_id} of task {task_id:?} is older than its current attempt {current}")]
+    StaleAttempt { task_id: String, attempt_id: i32, current: i32 },
+    #[error("no free host ports: {wanted} asked, none left in {first}-{last}")]
+    PortsExhausted { wanted: usize, first: u16, last: u16 },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Logs(#[from] LogError),
+    #[error("setting up cgroups: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("locking the state directory {path}: {reason}")]
+    Locked { path: PathBuf, reason: String },
+}
+
+/// How a manager runs tasks.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// The state root: `tasks/`, `worker.lock`.
+    pub state_dir: PathBuf,
+    pub runtime: RuntimeKind,
+    pub profile: Profile,
+    /// The root filesystem of tasks that name no image.
+    pub rootfs: PathBuf,
+    pub max_concurrent_tasks: usize,
+    pub port_range: (u16, u16),
+    pub env: WorkerEnv,
+    /// The binary to run as `<exe> supervise <dir>` (this program by default).
+    pub supervisor_exe: PathBuf,
+    /// Size of /dev/shm when the request gives no memory limit.
+    pub shm_bytes: u64,
+}
+
+/// A task's resource figures, read on demand.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub memory_bytes: u64,
+    pub memory_peak_bytes: u64,
+    /// CPU use since the previous read (or over the task's life, at the end), 100 = one core.
+    pub cpu_percent: f64,
+    pub processes: u64,
+    pub disk_bytes: u64,
+    pub cpu_throttled_periods: u64,
+}
+
+/// One attempt as seen from outside.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptView {
+    pub attempt_id: i32,
+    pub state: TaskState,
+    pub exit_code: i32,
+    pub error: String,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    pub is_worker_failure: bool,
+}
+
+/// A task as seen from outside: its current attempt's figures plus every attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskView {
+    pub task_id: String,
+    pub job_id: String,
+    pub task_index: i32,
+    pub state: TaskState,
+    pub status_message: String,
+    pub exit_code: i32,
+    pub error: String,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    pub ports: BTreeMap<String, u16>,
+    pub usage: Option<Usage>,
+    pub current_attempt_id: i32,
+    pub attempts: Vec<AttemptView>,
+}
+
+/// A state change, for the controller reporter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEvent {
+    pub task_id: String,
+    pub job_id: String,
+    pub task_index: i32,
+    pub attempt_id: i32,
+    pub state: TaskState,
+    pub exit_code: i32,
+    pub error: String,
+    pub finished_at_ms: i64,
+}
+
+/// Worker-wide figures for HealthCheck.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub uptime_ms: i64,
+    pub running_tasks: usize,
+}
+
+/// Runs and tracks tasks. Cheap to clone.
+#[derive(Clone)]
+pub struct TaskManager {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    config: ManagerConfig,
+    /// The host's cgroup layout and the worker's parent cgroup path, when cgroups are usable.
+    cgroups: Option<(Layout, String)>,
+    tasks: Mutex<HashMap<String, Vec<Arc<Attempt>>>>,
+    slots: Arc<Semaphore>,
+    ports: Mutex<PortAllocator>,
+    listeners: Mutex<Vec<mpsc::UnboundedSender<TaskEvent>>>,
+    started: Instant,
+    _lock: std::fs::File,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind: keep going.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl TaskManager {
+    /// Opens the state directory (one worker per directory), prepares the worker's parent
+    /// cgroup, and adopts the tasks a previous run left: live supervisors are watched again,
+    /// finished tasks keep their real exit, the rest become WORKER_FAILED and are cleaned up.
+    pub async fn open(config: ManagerConfig) -> Result<TaskManager, TaskError> {
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TaskError::File(FileError::Io { op, path, source })
+        };
+        std::fs::create_dir_all(store::tasks_dir(&config.state_dir)).map_err(io("creating", &config.state_dir))?;
+        let lock_path = config.state_dir.join("worker.lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("opening", &lock_path))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock_file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(TaskError::Locked {
+                path: lock_path,
+                reason: "another worker is using this state directory".into(),
+            });
+        }
+        let cgroups = prepare_cgroups(&config)?;
+        if let Some((_, parent)) = &cgroups {
+            // `cleanup` removes this parent even if no task ever ran.
+            std::fs::write(config.state_dir.join(PARENT_CGROUP_FILE), parent)
+                .map_err(io("writing", &config.state_dir.join(PARENT_CGROUP_FILE)))?;
+        }
+        let (first, last) = config.port_range;
+        let inner = Arc::new(Inner {
+            slots: Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1))),
+            ports: Mutex::new(PortAllocator::new(first, last)),
+            cgroups,
+            config,
+            tasks: Mutex::new(HashMap::new()),
+            listeners: Mutex::new(Vec::new()),
+            started: Instant::now(),
+            _lock: lock_file,
+        });
+        attempt::adopt_all(&inner);
+        Ok(TaskManager { inner })
+    }
+
+    /// Accepts a task. Returns its state (PENDING: it runs as soon as a slot is free).
+    /// A higher attempt of a task that still runs kills the old attempt first.
+    pub fn run(&self, spec: TaskSpec) -> Result<TaskState, TaskError> {
+        validate::validate(&spec)?;
+        attempt::accept(&self.inner, spec)
+    }
+
+    /// The task's current state and figures.
+    pub fn status(&self, task_id: &str) -> Result<TaskView, TaskError> {
+        let attempts = self.attempts(task_id)?;
+        Ok(attempt::view(&self.inner, &attempts))
+    }
+
+    /// Every task the worker knows, in the order they arrived.
+    pub fn list(&self) -> Vec<TaskView> {
+        let tasks: Vec<Vec<Arc<Attempt>>> = lock(&self.inner.tasks).values().cloned().collect();
+        let mut views: Vec<(i64, TaskView)> = tasks
+            .iter()
+            .map(|a| (a.first().map(|x| x.meta.created_at_ms).unwrap_or(0), attempt::view(&self.inner, a)))
+            .collect();
+        views.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.task_id.cmp(&b.1.task_id)));
+        views.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// The current attempt's log lines that pass `filter`.
+    pub async fn logs(&self, task_id: &str, filter: LogFilter) -> Result<Vec<LogLine>, TaskError> {
+        let dir = self.current(task_id)?.dir.join(crate::supervisor::files::LOGS);
+        let lines = tokio::task::spawn_blocking(move || crate::logs::read(&dir, &filter)).await.map_err(|e| {
+            TaskError::Logs(LogError::ReadData {
+                path: PathBuf::from("log reader task"),
+                source: std::io::Error::other(e),
+            })
+        })??;
+        Ok(lines)
+    }
+
+    /// Ends the task: SIGTERM to every process, SIGKILL after `grace_ms` (0 = the default).
+    /// The task becomes KILLED once none of its processes remains.
+    pub fn kill(&self, task_id: &str, grace_ms: u64) -> Result<(), TaskError> {
+        let grace_ms = if grace_ms == 0 { DEFAULT_GRACE_MS } else { grace_ms };
+        self.current(task_id)?.request_kill(grace_ms);
+        Ok(())
+    }
+
+    /// Kills every task and forgets them all (a controller's `should_reset`).
+    pub async fn reset(&self) {
+        let all: Vec<Arc<Attempt>> = lock(&self.inner.tasks).values().flatten().cloned().collect();
+        for a in &all {
+            a.request_kill(DEFAULT_GRACE_MS);
+        }
+        for a in &all {
+            a.wait_done().await;
+        }
+        lock(&self.inner.tasks).clear();
+    }
+
+    /// Waits until the task's current attempt has ended; returns its final view.
+    pub async fn wait(&self, task_id: &str) -> Result<TaskView, TaskError> {
+        self.current(task_id)?.wait_done().await;
+        self.status(task_id)
+    }
+
+    /// Uptime and the number of RUNNING tasks.
+    pub fn health(&self) -> Health {
+        let running = lock(&self.inner.tasks)
+            .values()
+            .filter_map(|a| a.last())
+            .filter(|a| a.state() == TaskState::Running)
+            .count();
+        Health { uptime_ms: self.inner.started.elapsed().as_millis() as i64, running_tasks: running }
+    }
+
+    /// Ids of tasks RUNNING or BUILDING (for the controller heartbeat).
+    pub fn active_task_ids(&self) -> Vec<String> {
+        lock(&self.inner.tasks)
+            .iter()
+            .filter(|(_, a)| a.last().is_some_and(|a| matches!(a.state(), TaskState::Running | TaskState::Building)))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Receives every state change from now on.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<TaskEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.inner.listeners).push(tx);
+        rx
+    }
+
+    /// The worker id tasks see as IRIS_WORKER_ID.
+    pub fn worker_id(&self) -> &str {
+        &self.inner.config.env.worker_id
+    }
+
+    fn attempts(&self, task_id: &str) -> Result<Vec<Arc<Attempt>>, TaskError> {
+        lock(&self.inner.tasks).get(task_id).cloned().ok_or_else(|| TaskError::NotFound(task_id.to_string()))
+    }
+
+    fn current(&self, task_id: &str) -> Result<Arc<Attempt>, TaskError> {
+        self.attempts(task_id)?.last().cloned().ok_or_else(|| TaskError::NotFound(task_id.to_string()))
+    }
+}
+
+/// Finds the host's cgroups and creates the worker's parent cgroup
+/// (`<own>/iris-worker/<worker-id>`). Containers need cgroups; the process runtime runs
+/// without them when the host has none it may use.
+fn prepare_cgroups(config: &ManagerConfig) -> Result<Option<(Layout, String)>, TaskError> {
+    let attempt = || -> Result<(Layout, String), CgroupError> {
+        let layout = Layout::detect()?;
+        let own = layout.own_path()?;
+        let parent = format!(
+            "{}/{}/{}",
+            own.trim_end_matches('/'),
+            crate::cgroup::ROOT_NAME,
+            store::escape(&config.env.worker_id)
+        );
+        layout.prepare_parent(&parent)?;
+        Ok((layout, parent))
+    };
+    match attempt() {
+        Ok(found) => Ok(Some(found)),
+        Err(e) if config.runtime == RuntimeKind::Process => {
+            tracing::warn!(error = %e, "no usable cgroups: tasks run without limits or stats");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Inner {
+    fn emit(&self, event: TaskEvent) {
+        lock(&self.listeners).retain(|tx| tx.send(event.clone()).is_ok());
+    }
+
+    fn stats(&self, cgroup: &str) -> Option<CgroupStats> {
+        let (layout, _) = self.cgroups.as_ref()?;
+        layout.stats(cgroup).ok()
+    }
+}
+
+/// Removes what a worker left on this host: every task directory's leftovers (container
+/// state, cgroups), the worker's parent cgroups, and, with `remove_state`, the task
+/// directories themselves. Refuses while a worker holds the state directory.
+pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError> {
+    let lock_path = state_dir.join("worker.lock");
+    if let Ok(f) = std::fs::File::open(&lock_path) {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(TaskError::Locked {
+                path: lock_path,
+                reason: "a worker is running on it; stop it first".into(),
+            });
+        }
+    }
+    let mut removed = 0;
+    let mut parents = std::collections::BTreeSet::new();
+    if let Ok(parent) = std::fs::read_to_string(state_dir.join(PARENT_CGROUP_FILE)) {
+        parents.insert(parent.trim().to_string());
+    }
+    for (dir, meta) in store::scan(state_dir) {
+        if let Some(sup) = supervise::Supervisor::find(&dir) {
+            // A supervisor of a stopped worker still runs its task: end it, and let it
+            // record the exit and remove its container.
+            sup.request_kill(&dir, 1000)?;
+            let deadline = Instant::now() + std::time::Duration::from_secs(15);
+            while sup.id.is_alive() && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        attempt::remove_leftovers(&dir, meta.cgroup.as_deref());
+        if let Some((parent, _)) = meta.cgroup.as_deref().and_then(|c| c.rsplit_once('/')) {
+            parents.insert(parent.to_string());
+        }
+        removed += 1;
+    }
+    if let Ok(layout) = Layout::detect() {
+        for parent in parents {
+            let _ = layout.release_parent(&parent);
+        }
+    }
+    if remove_state && removed > 0 {
+        let tasks = store::tasks_dir(state_dir);
+        std::fs::remove_dir_all(&tasks).map_err(|source| FileError::Io { op: "removing", path: tasks, source })?;
+    }
+    Ok(removed)
+}
+
+/// A kill request that arrives before the supervisor can take it is parked here.
+#[derive(Debug, Default)]
+pub(crate) struct KillSwitch {
+    pub(crate) grace_ms: Mutex<Option<u64>>,
+    pub(crate) notify: Notify,
+}

@@ -1,0 +1,69 @@
+//! A task as the worker understands it: typed, validated, no protobuf.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::Limits;
+
+/// What to run for a task: the validated form of a RunTask request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskSpec {
+    pub task_id: String,
+    pub job_id: String,
+    pub task_index: i32,
+    pub num_tasks: i32,
+    pub attempt_id: i32,
+    /// Our `command`: argv, run with `setup_commands` first.
+    pub command: Option<Command>,
+    /// A pickled Iris entrypoint (run by the Python environment).
+    pub serialized_entrypoint: Option<Vec<u8>>,
+    pub env_vars: BTreeMap<String, String>,
+    pub image: Option<String>,
+    pub bundle_gcs_path: Option<String>,
+    pub timeout: Option<Duration>,
+    /// Names of host ports to allocate; each becomes IRIS_PORT_<NAME>.
+    pub ports: Vec<String>,
+    pub limits: Limits,
+    /// Files written into the workdir before start: (relative path, content).
+    pub workdir_files: Vec<(String, Vec<u8>)>,
+    /// The request as received, kept in the task directory.
+    pub raw_request: Vec<u8>,
+}
+
+/// An argv with optional shell lines to run before it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub argv: Vec<String>,
+    pub setup_commands: Vec<String>,
+}
+
+impl Command {
+    /// The argv that runs the setup lines, then execs the command with its arguments intact.
+    pub fn to_argv(&self) -> Vec<String> {
+        if self.setup_commands.is_empty() {
+            return self.argv.clone();
+        }
+        let script = format!("set -e\n{}\nexec \"$@\"", self.setup_commands.join("\n"));
+        let mut argv = vec!["/bin/sh".to_string(), "-c".to_string(), script, "iris-setup".to_string()];
+        argv.extend(self.argv.iter().cloned());
+        argv
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_commands_run_before_the_argv_through_sh() {
+        let c = Command { argv: vec!["echo".into(), "a b".into()], setup_commands: vec!["cd /tmp".into()] };
+        let argv = c.to_argv();
+        assert_eq!(argv[0], "/bin/sh");
+        assert!(argv[2].starts_with("set -e\ncd /tmp\n"));
+        assert_eq!(&argv[4..], &["echo".to_string(), "a b".to_string()]);
+        let plain = Command { argv: vec!["true".into()], setup_commands: vec![] };
+        assert_eq!(plain.to_argv(), vec!["true".to_string()]);
+    }
+}

@@ -1,0 +1,152 @@
+//! The worker's on-disk state: `tasks/<task-key>/` per attempt, with `task.json` (the worker's
+//! record of the attempt) next to the supervisor's files.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::supervisor::files::{self, FileError};
+
+pub const TASK: &str = "task.json";
+pub const REQUEST: &str = "request.pb";
+
+/// What the worker records about an attempt when it accepts it (read back after a restart).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskMeta {
+    pub task_id: String,
+    pub job_id: String,
+    pub task_index: i32,
+    pub num_tasks: i32,
+    pub attempt_id: i32,
+    pub ports: BTreeMap<String, u16>,
+    pub timeout_s: Option<u64>,
+    pub created_at_ms: i64,
+    /// The cgroup path of the task (stats are read from it while it runs).
+    pub cgroup: Option<String>,
+}
+
+/// A directory name for a task id: `[A-Za-z0-9-]` kept, every other byte as `_XX`. Valid as a
+/// file name, a cgroup name and a libcontainer id; distinct ids never collide.
+pub fn escape(task_id: &str) -> String {
+    let mut out = String::with_capacity(task_id.len());
+    for b in task_id.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    out
+}
+
+/// The key of an attempt: escaped task id, a dot, the attempt id.
+pub fn task_key(task_id: &str, attempt_id: i32) -> String {
+    format!("{}.{attempt_id}", escape(task_id))
+}
+
+/// The `tasks/` directory of a state root.
+pub fn tasks_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("tasks")
+}
+
+/// Creates an attempt's directory with its `task.json` and `request.pb`.
+pub fn create(state_dir: &Path, meta: &TaskMeta, raw_request: &[u8]) -> Result<PathBuf, FileError> {
+    let dir = tasks_dir(state_dir).join(task_key(&meta.task_id, meta.attempt_id));
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FileError::Io { op, path, source }
+    };
+    fs::create_dir_all(dir.join(files::WORKDIR)).map_err(io("creating", &dir))?;
+    fs::write(dir.join(REQUEST), raw_request).map_err(io("writing", &dir.join(REQUEST)))?;
+    files::write_json(&dir, TASK, meta)?;
+    Ok(dir)
+}
+
+/// Every attempt directory with a readable `task.json`, oldest first.
+pub fn scan(state_dir: &Path) -> Vec<(PathBuf, TaskMeta)> {
+    let Ok(entries) = fs::read_dir(tasks_dir(state_dir)) else { return Vec::new() };
+    let mut out: Vec<(PathBuf, TaskMeta)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let dir = e.path();
+            match files::read_json::<TaskMeta>(&dir, TASK) {
+                Ok(Some(meta)) => Some((dir, meta)),
+                Ok(None) => None,
+                Err(err) => {
+                    tracing::warn!(dir = %dir.display(), error = %err, "skipping an unreadable task directory");
+                    None
+                }
+            }
+        })
+        .collect();
+    out.sort_by_key(|(_, m)| (m.created_at_ms, m.attempt_id));
+    out
+}
+
+/// Writes the workdir files of a request below `workdir`, refusing any path that would leave it.
+pub fn write_workdir_files(workdir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), FileError> {
+    for (rel, content) in files {
+        let path = workdir.join(rel);
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| FileError::Io { op, path, source }
+        };
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io("creating", parent))?;
+        }
+        // Never follow a symlink planted in the workdir: create_new fails on any existing path.
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io("creating", &path))?;
+        std::io::Write::write_all(&mut f, content).map_err(io("writing", &path))?;
+    }
+    Ok(())
+}
+
+/// Bytes used by the files below `dir` (stops counting after `limit` entries: a workdir with
+/// millions of files must not stall a status call).
+pub fn disk_usage(dir: &Path, limit: usize) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    let mut seen = 0;
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            seen += 1;
+            if seen > limit {
+                return total;
+            }
+            let Ok(md) = e.metadata() else { continue };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += std::os::unix::fs::MetadataExt::blocks(&md) * 512;
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_safe_and_distinct() {
+        assert_eq!(task_key("job/task-0", 2), "job_2ftask-0.2");
+        assert_ne!(escape("a/b"), escape("a_2fb"));
+        assert!(escape("../x").chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    }
+
+    #[test]
+    fn workdir_files_do_not_follow_planted_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path().join("x"), dir.path().join("link")).unwrap();
+        let err = write_workdir_files(dir.path(), &[("link".into(), b"x".to_vec())]);
+        assert!(err.is_err());
+        assert!(!outside.path().join("x").exists());
+        write_workdir_files(dir.path(), &[("a/b.txt".into(), b"hi".to_vec())]).unwrap();
+        assert_eq!(fs::read(dir.path().join("a/b.txt")).unwrap(), b"hi");
+    }
+}

@@ -1,0 +1,123 @@
+//! The worker's handle on a supervisor process: spawn it, learn when the task runs, ask it to
+//! kill the task, and wait for it to exit (also for supervisors adopted after a restart).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::supervisor::files::{self, FileError, KillRequest, ProcessId};
+
+/// The descriptor number the supervisor finds its ready pipe on.
+pub const READY_FD: i32 = 3;
+
+/// A running supervisor.
+#[derive(Debug, Clone, Copy)]
+pub struct Supervisor {
+    pub id: ProcessId,
+}
+
+/// What the ready pipe said.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ready {
+    Started,
+    Failed,
+}
+
+/// Starts `exe supervise <task_dir>` in its own session, with stdio on /dev/null (the
+/// supervisor logs to a file, the task's output goes through its own pipes).
+pub fn spawn(exe: &Path, task_dir: &Path) -> io::Result<(Supervisor, tokio::net::unix::pipe::Receiver)> {
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let ready_w_raw = ready_w.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg("supervise").arg(task_dir).arg("--ready-fd").arg(READY_FD.to_string());
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: setsid and dup2 are async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::dup2(ready_w_raw, READY_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(ready_w);
+    let pid = child.id() as i32;
+    // The child is reaped by `wait_exit`; std's handle is not needed (dropping it neither
+    // kills nor waits).
+    drop(child);
+    let id = ProcessId::of(pid).unwrap_or(ProcessId { pid, start_time: 0 });
+    let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_r)?;
+    Ok((Supervisor { id }, receiver))
+}
+
+/// Reads the ready pipe: `Started` once the command runs, `Failed` if the supervisor says so
+/// or closes the pipe without a word (it died, or could not start the task).
+pub async fn wait_ready(pipe: tokio::net::unix::pipe::Receiver) -> Ready {
+    let mut line = String::new();
+    match BufReader::new(pipe).read_line(&mut line).await {
+        Ok(_) if line.trim() == "started" => Ready::Started,
+        _ => Ready::Failed,
+    }
+}
+
+impl Supervisor {
+    /// The supervisor recorded in `task_dir`, if that exact process is still alive.
+    pub fn find(task_dir: &Path) -> Option<Supervisor> {
+        let id: ProcessId = files::read_json(task_dir, files::PID).ok().flatten()?;
+        id.is_alive().then_some(Supervisor { id })
+    }
+
+    /// Asks the supervisor to end the task: SIGTERM now, SIGKILL after `grace_ms`.
+    pub fn request_kill(&self, task_dir: &Path, grace_ms: u64) -> Result<(), FileError> {
+        files::write_json(task_dir, files::KILL, &KillRequest { grace_ms })?;
+        if self.id.is_alive() {
+            let _ = kill(Pid::from_raw(self.id.pid), Signal::SIGUSR1);
+        }
+        Ok(())
+    }
+
+    /// Waits until the supervisor has exited, and reaps it if it is our child.
+    pub async fn wait_exit(&self) -> io::Result<()> {
+        let pid = self.id.pid;
+        // SAFETY: pidfd_open takes a pid and flags, and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd >= 0 {
+            // SAFETY: the descriptor was just returned to us and is owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            // Between the spawn and pidfd_open the pid may have been reaped and reused: the
+            // start time check guards against watching a stranger.
+            if self.id.start_time == 0 || self.id.is_alive() || is_zombie_child(pid) {
+                // SAFETY: the AsyncFd owns the pidfd, which nothing else closes or reuses.
+                let afd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let _guard = afd.readable().await?;
+            }
+        } else {
+            // Without pidfds (old kernels): poll.
+            while self.id.is_alive() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        // Reap it if it is our child; ECHILD if it was adopted.
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        Ok(())
+    }
+}
+
+fn is_zombie_child(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .unwrap_or(false)
+}

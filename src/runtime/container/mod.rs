@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use libcontainer::container::Container;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::unistd::Pid;
 
 use super::{LaunchSpec, Runtime, RuntimeError, TaskIo};
@@ -48,6 +49,7 @@ impl Runtime for ContainerRuntime {
             .map_err(lc_err("preparing"))?
             .with_stdout(io.stdout)
             .with_stderr(io.stderr)
+            .with_executor(UnmaskingExecutor)
             .validate_id()
             .map_err(lc_err("naming"))?
             .as_init(task_dir)
@@ -95,6 +97,33 @@ impl ContainerRuntime {
                 let _ = c.delete(true);
             }
         }
+    }
+}
+
+/// Runs the task's command like libcontainer's default executor, after restoring the signal
+/// mask: the supervisor blocks the signals it reads through its signalfd, and a blocked mask
+/// survives exec — the task would never see SIGTERM.
+#[derive(Clone)]
+struct UnmaskingExecutor;
+
+impl Executor for UnmaskingExecutor {
+    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
+        let _ = nix::sys::signal::sigprocmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&nix::sys::signal::SigSet::empty()),
+            None,
+        );
+        let result = libcontainer::workload::default::get_executor().exec(spec);
+        if let Err(e) = &result {
+            // The task's stderr is the log: say there why the command never ran.
+            let argv0 = spec.process().as_ref().and_then(|p| p.args().as_ref()).and_then(|a| a.first().cloned());
+            eprintln!("iris-worker: cannot run {:?}: {e}", argv0.unwrap_or_default());
+        }
+        result
+    }
+
+    fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
+        libcontainer::workload::default::get_executor().validate(spec)
     }
 }
 

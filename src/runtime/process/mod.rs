@@ -56,6 +56,10 @@ impl Runtime for ProcessRuntime {
                     unsafe { libc::_exit(127) };
                 }
                 unsafe {
+                    // The supervisor's blocked signals must not stay blocked in the task.
+                    let mut empty: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut empty);
+                    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
                     libc::dup2(io.stdout.as_raw_fd(), 1);
                     libc::dup2(io.stderr.as_raw_fd(), 2);
                     let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
@@ -65,7 +69,11 @@ impl Runtime for ProcessRuntime {
                     libc::chdir(cwd.as_ptr());
                 }
                 let _ = nix::unistd::execvpe(&argv0, &argv, &env);
-                unsafe { libc::_exit(127) }
+                let msg = b"iris-worker: cannot run the task's command\n";
+                unsafe {
+                    libc::write(2, msg.as_ptr().cast(), msg.len());
+                    libc::_exit(127)
+                }
             }
             ForkResult::Parent { child } => {
                 drop(go_r);

@@ -1,0 +1,247 @@
+//! Shared by the integration tests: a real `iris-worker serve` process on a temporary state
+//! directory, a gRPC client, and polling helpers. Every worker is stopped and cleaned up
+//! (`iris-worker cleanup --all`) when its handle drops, even when the test fails.
+//!
+//! Root-only tests carry `#[ignore = "root: ..."]`; `scripts/test` runs them with
+//! `--include-ignored`.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use iris_worker::proto::worker_service_client::WorkerServiceClient;
+use iris_worker::proto::{CommandEntrypoint, Empty, ResourceSpecProto, TaskStatus, worker};
+use iris_worker::rpc::state_from_proto;
+use iris_worker::task::TaskState;
+use tonic::transport::Channel;
+
+pub type Client = WorkerServiceClient<Channel>;
+
+/// The worker id prefix of every test worker (the leftover check looks for it).
+pub const TEST_PREFIX: &str = "iwtest-";
+
+pub fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_iris-worker")
+}
+
+/// The busybox root filesystem built by `scripts/fixtures`.
+pub fn rootfs() -> PathBuf {
+    std::env::var_os("IRIS_TEST_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/iris-worker/rootfs/busybox"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A worker process for one test.
+pub struct Worker {
+    pub name: String,
+    pub state: tempfile::TempDir,
+    pub port: u16,
+    pub child: Option<Child>,
+    pub extra: Vec<String>,
+}
+
+impl Worker {
+    /// Starts `iris-worker serve` with the given extra flags and waits until it answers.
+    pub async fn start(name: &str, extra: &[&str]) -> Worker {
+        let state = tempfile::Builder::new().prefix("iris-worker-test-").tempdir().unwrap();
+        let mut w = Worker {
+            name: format!("{TEST_PREFIX}{name}-{}", std::process::id()),
+            state,
+            port: 0,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        w.spawn().await;
+        w
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the process on the same state directory.
+    pub async fn spawn(&mut self) {
+        for _ in 0..5 {
+            self.port = free_port();
+            let log = std::fs::File::create(self.state_dir().join(format!("worker-{}.log", self.port))).unwrap();
+            let child = Command::new(exe())
+                .arg("serve")
+                .arg("--listen")
+                .arg(self.addr())
+                .arg("--state-dir")
+                .arg(self.state_dir())
+                .arg("--rootfs")
+                .arg(rootfs())
+                .arg("--worker-id")
+                .arg(&self.name)
+                .args(&self.extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            self.child = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Some(Some(_)) = self.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
+                    break; // exited (port taken?): try another port
+                }
+                if let Ok(mut c) = self.try_client().await {
+                    if c.health_check(Empty {}).await.is_ok() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.kill9();
+        }
+        panic!("the worker did not start; see {}", self.state_dir().display());
+    }
+
+    pub async fn try_client(&self) -> Result<Client, tonic::transport::Error> {
+        WorkerServiceClient::connect(format!("http://{}", self.addr())).await
+    }
+
+    pub async fn client(&self) -> Client {
+        self.try_client().await.unwrap()
+    }
+
+    /// Kills the worker process with SIGKILL (its supervisors and tasks keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The worker's own log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.state_dir()) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with("worker-") {
+                    out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = Command::new(exe())
+            .arg("cleanup")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--all")
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+/// A RunTask request for `argv` in the busybox rootfs.
+pub fn task(task_id: &str, argv: &[&str]) -> worker::RunTaskRequest {
+    let job_id = task_id.split('/').next().unwrap_or("job").to_string();
+    worker::RunTaskRequest {
+        job_id,
+        task_id: task_id.to_string(),
+        num_tasks: 1,
+        command: Some(CommandEntrypoint { argv: argv.iter().map(|s| s.to_string()).collect(), setup_commands: vec![] }),
+        resources: Some(ResourceSpecProto::default()),
+        ..Default::default()
+    }
+}
+
+/// A shell script task.
+pub fn sh(task_id: &str, script: &str) -> worker::RunTaskRequest {
+    task(task_id, &["/bin/sh", "-c", script])
+}
+
+pub fn state_of(s: &TaskStatus) -> TaskState {
+    state_from_proto(s.state).unwrap_or(TaskState::Pending)
+}
+
+pub async fn status(c: &mut Client, task_id: &str) -> TaskStatus {
+    c.get_task_status(worker::GetTaskStatusRequest { task_id: task_id.into(), include_result: false })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls until `pred` holds for the task's status, or panics after `within`.
+pub async fn wait_for(c: &mut Client, task_id: &str, within: Duration, pred: impl Fn(&TaskStatus) -> bool) -> TaskStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = status(c, task_id).await;
+        if pred(&s) {
+            return s;
+        }
+        if Instant::now() > deadline {
+            panic!("task {task_id} did not reach the expected state within {within:?}; last status: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits for a terminal state.
+pub async fn wait_end(c: &mut Client, task_id: &str, within: Duration) -> TaskStatus {
+    wait_for(c, task_id, within, |s| state_of(s).is_terminal()).await
+}
+
+pub async fn logs(c: &mut Client, task_id: &str, filter: worker::FetchLogsFilter) -> Vec<worker::LogEntry> {
+    c.fetch_task_logs(worker::FetchTaskLogsRequest { task_id: task_id.into(), filter: Some(filter) })
+        .await
+        .unwrap()
+        .into_inner()
+        .logs
+}
+
+pub async fn all_logs(c: &mut Client, task_id: &str) -> Vec<worker::LogEntry> {
+    logs(c, task_id, Default::default()).await
+}
+
+/// Every cgroup directory below any hierarchy whose name contains `needle`.
+pub fn cgroups_named(needle: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::from("/sys/fs/cgroup")];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                let p = e.path();
+                if p.file_name().is_some_and(|n| n.to_string_lossy().contains(needle)) {
+                    out.push(p.clone());
+                }
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Pids of processes whose command line contains `needle`.
+pub fn processes_with(needle: &str) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push((pid, cmd));
+        }
+    }
+    out
+}

@@ -38,7 +38,8 @@ async fn stdout_and_stderr_lines_arrive_in_order_with_the_time_they_were_written
     let last = logs(&mut c, "logs/task-0", worker::FetchLogsFilter { start_line: -1, ..Default::default() }).await;
     assert_eq!(last.len(), 1);
     assert_eq!(last[0].data, "bye");
-    let err = logs(&mut c, "logs/task-0", worker::FetchLogsFilter { source: "stderr".into(), ..Default::default() }).await;
+    let err =
+        logs(&mut c, "logs/task-0", worker::FetchLogsFilter { source: "stderr".into(), ..Default::default() }).await;
     assert_eq!(lines_of(&err, "stderr"), ["oops", "bye"]);
     let re = logs(&mut c, "logs/task-0", worker::FetchLogsFilter { regex: "^th".into(), ..Default::default() }).await;
     assert_eq!(re.iter().map(|l| l.data.as_str()).collect::<Vec<_>>(), ["third"]);
@@ -254,9 +255,9 @@ async fn ports_are_never_held_twice_and_are_released() {
 }
 
 fn no_process_in(cgroup_key: &str) -> bool {
-    cgroups_named(cgroup_key).iter().all(|d| {
-        std::fs::read_to_string(d.join("cgroup.procs")).map(|p| p.trim().is_empty()).unwrap_or(true)
-    })
+    cgroups_named(cgroup_key)
+        .iter()
+        .all(|d| std::fs::read_to_string(d.join("cgroup.procs")).map(|p| p.trim().is_empty()).unwrap_or(true))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,7 +62,7 @@ impl Layout {
     pub fn detect() -> Result<Layout, CgroupError> {
         let path = Path::new("/proc/self/mountinfo");
         let text = fs::read_to_string(path).map_err(io_err("reading", path))?;
-        Ok(Self::from_mountinfo(&text).ok_or(CgroupError::NotMounted)?)
+        Self::from_mountinfo(&text).ok_or(CgroupError::NotMounted)
     }
 
     fn from_mountinfo(text: &str) -> Option<Layout> {

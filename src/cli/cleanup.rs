@@ -23,13 +23,12 @@ pub fn run(args: CleanupArgs) -> anyhow::Result<()> {
     let n = crate::task::cleanup(&args.state_dir, args.all)
         .with_context(|| format!("cleaning up {}", args.state_dir.display()))?;
     println!("cleaned up {n} task director{}", if n == 1 { "y" } else { "ies" });
-    if args.all {
-        if let Some(cache) = args.cache_dir {
-            if cache.exists() {
-                std::fs::remove_dir_all(&cache).with_context(|| format!("removing {}", cache.display()))?;
-                println!("removed {}", cache.display());
-            }
-        }
+    if args.all
+        && let Some(cache) = args.cache_dir
+        && cache.exists()
+    {
+        std::fs::remove_dir_all(&cache).with_context(|| format!("removing {}", cache.display()))?;
+        println!("removed {}", cache.display());
     }
     Ok(())
 }

@@ -145,7 +145,7 @@ pub async fn run(verb: TaskVerb) -> anyhow::Result<()> {
             }
             println!("{:<40} {:<14} {:>6} {:>9} {:>5}  ERROR", "TASK", "STATE", "EXIT", "MEM(MiB)", "CPU%");
             for t in &list.tasks {
-                let u = t.resource_usage.clone().unwrap_or_default();
+                let u = t.resource_usage.unwrap_or_default();
                 println!(
                     "{:<40} {:<14} {:>6} {:>9} {:>5}  {}",
                     t.task_id,
@@ -344,7 +344,7 @@ fn print_json<M: prost::Message>(name: &str, msg: &M) -> anyhow::Result<()> {
 
 /// A task status as text.
 pub fn describe(s: &TaskStatus) -> String {
-    let u = s.resource_usage.clone().unwrap_or_default();
+    let u = s.resource_usage.unwrap_or_default();
     let ports: Vec<String> = s.ports.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let mut out = format!("task       {}\nstate      {}\nexit code  {}\n", s.task_id, state_name(s.state), s.exit_code);
     if !s.error.is_empty() {

@@ -140,21 +140,20 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
         pump.on_ready(&ready);
 
         if !revents[0].is_empty() {
+            // SIGUSR1 is the worker's kill request. The supervisor ends only when its task
+            // does: other signals (SIGTERM, SIGHUP, SIGINT …) are read and ignored.
             while let Ok(Some(info)) = sigfd.read_signal() {
-                match Signal::try_from(info.ssi_signo as i32) {
-                    Ok(Signal::SIGUSR1) => {
-                        let grace = files::read_json::<KillRequest>(task_dir, files::KILL)
-                            .ok()
-                            .flatten()
-                            .map(|k| Duration::from_millis(k.grace_ms))
-                            .unwrap_or(TIMEOUT_GRACE);
-                        if exit.killed.is_none() && status.is_none() {
-                            exit.killed = Some(KillReason::Requested);
-                            sigkill_at = Some(terminate(&spec, pid, grace));
-                        }
-                    }
-                    // The supervisor ends only when its task does; other signals are ignored.
-                    _ => {}
+                if Signal::try_from(info.ssi_signo as i32) == Ok(Signal::SIGUSR1)
+                    && exit.killed.is_none()
+                    && status.is_none()
+                {
+                    let grace = files::read_json::<KillRequest>(task_dir, files::KILL)
+                        .ok()
+                        .flatten()
+                        .map(|k| Duration::from_millis(k.grace_ms))
+                        .unwrap_or(TIMEOUT_GRACE);
+                    exit.killed = Some(KillReason::Requested);
+                    sigkill_at = Some(terminate(&spec, pid, grace));
                 }
             }
         }
@@ -220,10 +219,10 @@ fn terminate(spec: &LaunchSpec, pid: Pid, grace: Duration) -> Instant {
 
 /// Kills every process left in the task's cgroup and waits until it is empty.
 fn kill_cgroup(spec: &LaunchSpec) {
-    if let Some((layout, path)) = &spec.cgroup {
-        if let Err(e) = layout.kill_all(path, Duration::from_secs(10)) {
-            tracing::warn!(error = %e, "killing the task's remaining processes");
-        }
+    if let Some((layout, path)) = &spec.cgroup
+        && let Err(e) = layout.kill_all(path, Duration::from_secs(10))
+    {
+        tracing::warn!(error = %e, "killing the task's remaining processes");
     }
 }
 

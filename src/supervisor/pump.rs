@@ -63,8 +63,7 @@ impl Pump {
         let mut total = 0;
         let mut records: Vec<(i64, Vec<u8>)> = Vec::new();
         let stream = &mut self.streams[i];
-        loop {
-            let Some(fd) = stream.fd.as_ref() else { break };
+        while let Some(fd) = stream.fd.as_ref() {
             match nix::unistd::read(fd.as_raw_fd(), &mut self.buf) {
                 Ok(0) => {
                     stream.fd = None;

@@ -77,10 +77,10 @@ impl Attempt {
         if st.state.is_terminal() {
             return;
         }
-        if let (Some(sup), true) = (st.supervisor, st.started) {
-            if let Err(e) = sup.request_kill(&self.dir, grace_ms) {
-                tracing::warn!(task_id = %self.meta.task_id, error = %e, "asking the supervisor to kill");
-            }
+        if let (Some(sup), true) = (st.supervisor, st.started)
+            && let Err(e) = sup.request_kill(&self.dir, grace_ms)
+        {
+            tracing::warn!(task_id = %self.meta.task_id, error = %e, "asking the supervisor to kill");
         }
         drop(st);
         *lock(&self.kill.grace_ms) = Some(grace_ms);
@@ -493,16 +493,16 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
 
 /// Removes what a dead supervisor could not: the task's processes, container state, cgroup.
 pub(super) fn remove_leftovers(dir: &Path, cgroup: Option<&str>) {
-    if let Some(path) = cgroup {
-        if let Ok(layout) = crate::cgroup::Layout::detect() {
-            let _ = layout.kill_all(path, std::time::Duration::from_secs(10));
-        }
+    if let Some(path) = cgroup
+        && let Ok(layout) = crate::cgroup::Layout::detect()
+    {
+        let _ = layout.kill_all(path, std::time::Duration::from_secs(10));
     }
     #[cfg(feature = "container")]
     crate::runtime::container::remove_leftover(dir);
-    if let Some(path) = cgroup {
-        if let Ok(layout) = crate::cgroup::Layout::detect() {
-            let _ = layout.remove(path);
-        }
+    if let Some(path) = cgroup
+        && let Ok(layout) = crate::cgroup::Layout::detect()
+    {
+        let _ = layout.remove(path);
     }
 }

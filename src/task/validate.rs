@@ -70,20 +70,20 @@ pub fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
             return Err(invalid(format!("environment.env_vars[{k:?}]"), "is not a valid variable"));
         }
     }
-    if let Some(m) = spec.limits.memory_bytes {
-        if m < MIN_MEMORY || m > MAX_MEMORY {
-            return Err(invalid("resources.memory_bytes", format!("{m} is outside {MIN_MEMORY}..={MAX_MEMORY}")));
-        }
+    if let Some(m) = spec.limits.memory_bytes
+        && (!(MIN_MEMORY..=MAX_MEMORY).contains(&m))
+    {
+        return Err(invalid("resources.memory_bytes", format!("{m} is outside {MIN_MEMORY}..={MAX_MEMORY}")));
     }
-    if let Some(c) = spec.limits.cpu_millicores {
-        if c == 0 || c > MAX_MILLICORES {
-            return Err(invalid("resources.cpu", format!("{c} millicores is outside 1..={MAX_MILLICORES}")));
-        }
+    if let Some(c) = spec.limits.cpu_millicores
+        && (c == 0 || c > MAX_MILLICORES)
+    {
+        return Err(invalid("resources.cpu", format!("{c} millicores is outside 1..={MAX_MILLICORES}")));
     }
-    if let Some(p) = spec.limits.pids {
-        if !(1..=MAX_PIDS).contains(&p) {
-            return Err(invalid("resources.pids_limit", format!("{p} is outside 1..={MAX_PIDS}")));
-        }
+    if let Some(p) = spec.limits.pids
+        && !(1..=MAX_PIDS).contains(&p)
+    {
+        return Err(invalid("resources.pids_limit", format!("{p} is outside 1..={MAX_PIDS}")));
     }
     let mut names = BTreeSet::new();
     for (i, name) in spec.ports.iter().enumerate() {

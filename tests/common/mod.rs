@@ -97,10 +97,10 @@ impl Worker {
                 if let Some(Some(_)) = self.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
                     break; // exited (port taken?): try another port
                 }
-                if let Ok(mut c) = self.try_client().await {
-                    if c.health_check(Empty {}).await.is_ok() {
-                        return;
-                    }
+                if let Ok(mut c) = self.try_client().await
+                    && c.health_check(Empty {}).await.is_ok()
+                {
+                    return;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -182,7 +182,12 @@ pub async fn status(c: &mut Client, task_id: &str) -> TaskStatus {
 }
 
 /// Polls until `pred` holds for the task's status, or panics after `within`.
-pub async fn wait_for(c: &mut Client, task_id: &str, within: Duration, pred: impl Fn(&TaskStatus) -> bool) -> TaskStatus {
+pub async fn wait_for(
+    c: &mut Client,
+    task_id: &str,
+    within: Duration,
+    pred: impl Fn(&TaskStatus) -> bool,
+) -> TaskStatus {
     let deadline = Instant::now() + within;
     loop {
         let s = status(c, task_id).await;

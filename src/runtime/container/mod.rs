@@ -92,10 +92,10 @@ impl Runtime for ContainerRuntime {
 
 impl ContainerRuntime {
     fn remove_leftovers(&mut self) {
-        if let Some(dir) = &self.state_dir {
-            if let Ok(mut c) = Container::load(dir.clone()) {
-                let _ = c.delete(true);
-            }
+        if let Some(dir) = &self.state_dir
+            && let Ok(mut c) = Container::load(dir.clone())
+        {
+            let _ = c.delete(true);
         }
     }
 }

@@ -366,3 +366,31 @@ async fn the_process_runtime_runs_plain_children_with_the_same_contract() {
     assert_eq!(out, [format!("in {}", workdir.display()), workdir.display().to_string()]);
     assert!(workdir.join("hello.txt").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_higher_attempt_replaces_a_running_one_and_the_same_attempt_is_refused() {
+    let w = Worker::start("attempts", &[]).await;
+    let mut c = w.client().await;
+    let mut first = sh("att/task-0", "trap 'exit 143' TERM; while true; do sleep 0.05; done");
+    first.attempt_id = 1;
+    c.run_task(first.clone()).await.unwrap();
+    wait_for(&mut c, "att/task-0", LONG, |s| state_of(s) == TaskState::Running).await;
+    let again = c.run_task(first).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::AlreadyExists, "{again:?}");
+
+    let mut second = sh("att/task-0", "echo attempt $IRIS_ATTEMPT_ID");
+    second.attempt_id = 2;
+    c.run_task(second).await.unwrap();
+    let s = wait_for(&mut c, "att/task-0", LONG, |s| s.current_attempt_id == 2 && state_of(s).is_terminal()).await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}");
+    let attempts: Vec<(i32, TaskState)> =
+        s.attempts.iter().map(|a| (a.attempt_id, iris_worker::rpc::state_from_proto(a.state).unwrap())).collect();
+    assert_eq!(attempts, [(1, TaskState::Killed), (2, TaskState::Succeeded)]);
+    assert_eq!(lines_of(&all_logs(&mut c, "att/task-0").await, "stdout"), ["attempt 2"]);
+
+    let mut stale = sh("att/task-0", "true");
+    stale.attempt_id = 0;
+    let err = c.run_task(stale).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+}

@@ -62,10 +62,16 @@ fn library_lifecycle(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, 
     let t = Instant::now();
     let mut rt = runtime::for_kind(RuntimeKind::Container)?;
     let pid = rt.create(&spec, &dir, TaskIo { stdout: devnull()?, stderr: devnull()? })?;
+    let t1 = t.elapsed();
     rt.start()?;
+    let t2 = t.elapsed();
     waitpid(pid, None)?;
+    let t3 = t.elapsed();
     rt.remove()?;
     let took = t.elapsed();
+    if std::env::var_os("IRIS_BENCH_PHASES").is_some() {
+        eprintln!("create {t1:?} start {:?} wait {:?} remove {:?}", t2 - t1, t3 - t2, took - t3);
+    }
     std::fs::remove_dir_all(&dir)?;
     Ok(took)
 }
@@ -174,6 +180,27 @@ async fn server_figures(exe: &Path, rootfs: &Path, work: &Path, n: usize) -> any
     result
 }
 
+type Lifecycles = (Figure, Figure, Figure);
+
+fn measure_lifecycles(
+    rootfs: &Path,
+    work: &Path,
+    layout: &Layout,
+    parent: &str,
+    n: usize,
+) -> anyhow::Result<Lifecycles> {
+    let bundle = runc_bundle(rootfs, work)?;
+    let mut lib = Figure { name: "lifecycle, library (create→start→exit→reaped→removed)", samples: vec![] };
+    let mut runc = Figure { name: "lifecycle, runc run + runc delete", samples: vec![] };
+    let mut floor = Figure { name: "unshare --fork floor", samples: vec![] };
+    for i in 0..n {
+        lib.samples.push(library_lifecycle(rootfs, work, layout, parent, i)?);
+        runc.samples.push(runc_lifecycle(&bundle, i)?);
+        floor.samples.push(unshare_floor()?);
+    }
+    Ok((lib, runc, floor))
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let n: usize = args
@@ -182,26 +209,21 @@ fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
-    let rootfs = PathBuf::from(
+    // runc wants the real path of the rootfs, not a symlink to it.
+    let rootfs = std::fs::canonicalize(
         std::env::var("IRIS_BENCH_ROOTFS").unwrap_or_else(|_| "/var/cache/iris-worker/rootfs/busybox".into()),
-    );
+    )
+    .context("the busybox rootfs (run scripts/fixtures)")?;
     let exe =
         PathBuf::from(std::env::var("IRIS_BENCH_EXE").context("IRIS_BENCH_EXE: the iris-worker binary to serve")?);
     let work = tempfile::Builder::new().prefix("iris-bench-").tempdir()?;
     let layout = Layout::detect()?;
     let parent = format!("{}/iris-worker/iris-bench-{}", layout.own_path()?.trim_end_matches('/'), std::process::id());
     layout.prepare_parent(&parent)?;
-    let bundle = runc_bundle(&rootfs, work.path())?;
-
-    let mut lib = Figure { name: "lifecycle, library (create→start→exit→reaped→removed)", samples: vec![] };
-    let mut runc = Figure { name: "lifecycle, runc run + runc delete", samples: vec![] };
-    let mut floor = Figure { name: "unshare --fork floor", samples: vec![] };
-    for i in 0..n {
-        lib.samples.push(library_lifecycle(&rootfs, work.path(), &layout, &parent, i)?);
-        runc.samples.push(runc_lifecycle(&bundle, i)?);
-        floor.samples.push(unshare_floor()?);
-    }
+    let measured = measure_lifecycles(&rootfs, work.path(), &layout, &parent, n);
+    // The parent cgroups go whatever happened.
     let _ = layout.release_parent(&parent);
+    let (lib, runc, floor) = measured?;
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (running, done) = rt.block_on(server_figures(&exe, &rootfs, work.path(), n.min(30)))?;

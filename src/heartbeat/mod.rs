@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::proto::{Controller, WorkerMetadata, controller};
+use crate::proto::{WorkerMetadata, controller};
 use crate::rpc::connect::ConnectClient;
 use crate::task::{TaskEvent, TaskManager, TaskState};
 
@@ -85,7 +85,7 @@ async fn report_states(
             queue.pop_front();
             continue;
         }
-        let req = Controller::report(&worker_id, event);
+        let req = report(&worker_id, event);
         match client
             .call::<_, controller::ReportTaskStateResponse>(SERVICE, "ReportTaskState", &req, CALL_TIMEOUT)
             .await
@@ -103,19 +103,17 @@ async fn report_states(
     }
 }
 
-impl Controller {
-    fn report(worker_id: &str, e: &TaskEvent) -> controller::ReportTaskStateRequest {
-        controller::ReportTaskStateRequest {
-            worker_id: worker_id.to_string(),
-            task_id: e.task_id.clone(),
-            job_id: e.job_id.clone(),
-            task_index: e.task_index,
-            state: crate::rpc::state_to_proto(e.state) as i32,
-            exit_code: e.exit_code,
-            error: e.error.clone(),
-            finished_at_ms: e.finished_at_ms,
-            attempt_id: e.attempt_id,
-        }
+fn report(worker_id: &str, e: &TaskEvent) -> controller::ReportTaskStateRequest {
+    controller::ReportTaskStateRequest {
+        worker_id: worker_id.to_string(),
+        task_id: e.task_id.clone(),
+        job_id: e.job_id.clone(),
+        task_index: e.task_index,
+        state: crate::rpc::state_to_proto(e.state) as i32,
+        exit_code: e.exit_code,
+        error: e.error.clone(),
+        finished_at_ms: e.finished_at_ms,
+        attempt_id: e.attempt_id,
     }
 }
 

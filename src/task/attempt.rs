@@ -221,8 +221,8 @@ impl Attempt {
     }
 }
 
-/// The view of a task from its attempts (the last is current).
-pub(super) fn view(inner: &Inner, attempts: &[Arc<Attempt>]) -> TaskView {
+/// The view of a task from its attempts (the last is current); `None` for no attempts.
+pub(super) fn view(inner: &Inner, attempts: &[Arc<Attempt>]) -> Option<TaskView> {
     let mut views: Vec<AttemptView> = Vec::with_capacity(attempts.len());
     let mut current = None;
     for (i, a) in attempts.iter().enumerate() {
@@ -232,24 +232,8 @@ pub(super) fn view(inner: &Inner, attempts: &[Arc<Attempt>]) -> TaskView {
         }
         views.push(v);
     }
-    let Some((a, v, status_message, usage)) = current else {
-        return TaskView {
-            task_id: String::new(),
-            job_id: String::new(),
-            task_index: 0,
-            state: TaskState::Pending,
-            status_message: String::new(),
-            exit_code: 0,
-            error: String::new(),
-            started_at_ms: 0,
-            finished_at_ms: 0,
-            ports: Default::default(),
-            usage: None,
-            current_attempt_id: 0,
-            attempts: views,
-        };
-    };
-    TaskView {
+    let (a, v, status_message, usage) = current?;
+    Some(TaskView {
         task_id: a.meta.task_id.clone(),
         job_id: a.meta.job_id.clone(),
         task_index: a.meta.task_index,
@@ -263,7 +247,7 @@ pub(super) fn view(inner: &Inner, attempts: &[Arc<Attempt>]) -> TaskView {
         usage,
         current_attempt_id: a.meta.attempt_id,
         attempts: views,
-    }
+    })
 }
 
 /// Registers a new attempt and starts its driver.
@@ -452,10 +436,6 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
         lock(&inner.tasks).entry(task_id).or_default().push(attempt.clone());
         if exit_recorded {
             // Ended while we were away (or long ago): its real exit.
-            {
-                let mut st = lock(&attempt.status);
-                st.state = TaskState::Building;
-            }
             attempt.finish_from_exit(inner);
         } else if let Some(sup) = live {
             let started: Option<files::Started> = files::read_json(&attempt.dir, files::STARTED).ok().flatten();
@@ -471,10 +451,6 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
             tracing::info!(task_id = %attempt.meta.task_id, pid = sup.id.pid, "adopted a running task");
             tokio::spawn(watch_until_exit(inner.clone(), attempt, sup, permit));
         } else {
-            {
-                let mut st = lock(&attempt.status);
-                st.state = TaskState::Building;
-            }
             remove_leftovers(&attempt.dir, attempt.meta.cgroup.as_deref());
             attempt.finish(
                 inner,

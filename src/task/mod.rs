@@ -224,7 +224,7 @@ impl TaskManager {
     /// The task's current state and figures.
     pub fn status(&self, task_id: &str) -> Result<TaskView, TaskError> {
         let attempts = self.attempts(task_id)?;
-        Ok(attempt::view(&self.inner, &attempts))
+        attempt::view(&self.inner, &attempts).ok_or_else(|| TaskError::NotFound(task_id.to_string()))
     }
 
     /// Every task the worker knows, in the order they arrived.
@@ -232,7 +232,7 @@ impl TaskManager {
         let tasks: Vec<Vec<Arc<Attempt>>> = lock(&self.inner.tasks).values().cloned().collect();
         let mut views: Vec<(i64, TaskView)> = tasks
             .iter()
-            .map(|a| (a.first().map(|x| x.meta.created_at_ms).unwrap_or(0), attempt::view(&self.inner, a)))
+            .filter_map(|a| Some((a.first()?.meta.created_at_ms, attempt::view(&self.inner, a)?)))
             .collect();
         views.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.task_id.cmp(&b.1.task_id)));
         views.into_iter().map(|(_, v)| v).collect()

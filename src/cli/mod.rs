@@ -70,10 +70,22 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("iris-worker: {e:#}");
+            eprintln!("iris-worker: {}", describe_error(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error chain on one line; a worker's status shows as its message and Connect code name
+/// rather than tonic's long description.
+fn describe_error(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|cause| match cause.downcast_ref::<tonic::Status>() {
+            Some(s) => format!("{} ({})", s.message(), crate::rpc::connect::code_name(s.code())),
+            None => cause.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn supervise(task_dir: &std::path::Path, ready_fd: Option<i32>) -> ExitCode {

@@ -191,10 +191,13 @@ impl Attempt {
             }),
             (state, _) if state.is_terminal() => st.final_stats.as_ref().map(|s| {
                 let life_ms = (st.finished_at_ms - st.started_at_ms).max(1) as f64;
+                // The cgroup also counts the container's setup, which a very short task's
+                // life does not: never report more than the machine's CPUs could do.
+                let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
                 Usage {
                     memory_bytes: 0,
                     memory_peak_bytes: s.memory_peak_bytes.unwrap_or(0),
-                    cpu_percent: s.cpu_usage_ns.unwrap_or(0) as f64 / (life_ms * 1e6) * 100.0,
+                    cpu_percent: (s.cpu_usage_ns.unwrap_or(0) as f64 / (life_ms * 1e6) * 100.0).min(cpus * 100.0),
                     processes: 0,
                     disk_bytes: 0,
                     cpu_throttled_periods: s.cpu_throttled_periods.unwrap_or(0),

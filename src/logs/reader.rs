@@ -41,6 +41,10 @@ pub struct LogFilter {
     /// `start_line` the last ones. `0` means [`DEFAULT_MAX_LINES`].
     pub max_lines: u64,
     pub source: Option<Source>,
+    /// `> 0`: only lines numbered below this, as if the log ended there (a negative
+    /// `start_line` then counts back from it). Not on the Iris wire: the dashboard pages
+    /// backwards with it.
+    pub end_line: u64,
 }
 
 /// One line of a query result.
@@ -67,7 +71,7 @@ pub fn read(dir: &Path, filter: &LogFilter) -> Result<Vec<LogLine>, LogError> {
         return Ok(Vec::new());
     };
     let extent = files.valid_extent()?;
-    let n = extent.lines;
+    let n = if filter.end_line > 0 { extent.lines.min(filter.end_line) } else { extent.lines };
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -415,6 +419,25 @@ mod tests {
         assert_eq!(query(dir.path(), f), vec![0, 1, 2]);
         let f = LogFilter { max_lines: 3, start_line: 10, source: Some(Source::Stderr), ..Default::default() };
         assert_eq!(query(dir.path(), f), vec![10, 13, 16]);
+    }
+
+    #[test]
+    fn end_line_pages_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        build_log(dir.path(), 100);
+        let f = |start_line, end_line, max_lines, source| LogFilter {
+            start_line,
+            end_line,
+            max_lines,
+            source,
+            ..Default::default()
+        };
+        // The 3 lines before line 50, then the last 3 stdout lines of 0..50.
+        assert_eq!(query(dir.path(), f(-3, 50, 0, None)), vec![47, 48, 49]);
+        assert_eq!(query(dir.path(), f(-50, 50, 3, Some(Source::Stdout))), vec![42, 45, 48]);
+        assert_eq!(query(dir.path(), f(45, 50, 0, None)), vec![45, 46, 47, 48, 49]);
+        // Past the end of the log: the log's end.
+        assert_eq!(query(dir.path(), f(-2, 1000, 0, None)), vec![98, 99]);
     }
 
     #[test]

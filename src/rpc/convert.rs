@@ -107,7 +107,12 @@ pub fn task_status(v: TaskView) -> proto::TaskStatus {
             cpu_percent: u.cpu_percent.round() as i32,
             process_count: u.processes as i32,
         }),
-        build_metrics: None,
+        build_metrics: (v.build_started_ms > 0).then(|| proto::BuildMetrics {
+            build_started_ms: v.build_started_ms,
+            build_finished_ms: v.build_finished_ms,
+            from_cache: false,
+            image_tag: String::new(),
+        }),
         current_attempt_id: v.current_attempt_id,
         attempts: v
             .attempts
@@ -149,6 +154,7 @@ pub fn log_filter(f: Option<worker::FetchLogsFilter>) -> Result<LogFilter, TaskE
         end_ms: f.end_ms,
         max_lines: f.max_lines as u64,
         source,
+        end_line: 0,
     })
 }
 

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
+use super::history::{History, HistoryView};
 use super::spec::TaskSpec;
 use super::state::{TaskState, outcome};
 use super::store::{self, TaskMeta};
@@ -17,6 +18,8 @@ use crate::supervisor::files::{self, ExitRecord, now_ms};
 
 /// Workdir files beyond this many entries are not counted for disk use.
 const DISK_SCAN_LIMIT: usize = 10_000;
+/// The sampler's interval in ms.
+const SAMPLE_MS: i64 = super::history::SAMPLE_INTERVAL.as_millis() as i64;
 
 /// The changing part of an attempt.
 #[derive(Debug)]
@@ -31,8 +34,9 @@ struct Status {
     /// The supervisor said the command runs: kill requests can go to it directly.
     started: bool,
     final_stats: Option<CgroupStats>,
-    /// (cpu ns, when) of the previous stats read, for CPU percent between reads.
-    cpu_sample: Option<(u64, Instant)>,
+    /// When the attempt first became BUILDING, and when it left it (0: not yet).
+    build_started_ms: i64,
+    build_finished_ms: i64,
 }
 
 /// One attempt of a task.
@@ -42,6 +46,7 @@ pub(crate) struct Attempt {
     status: Mutex<Status>,
     kill: KillSwitch,
     done: (watch::Sender<bool>, watch::Receiver<bool>),
+    history: Mutex<History>,
 }
 
 impl Attempt {
@@ -59,10 +64,12 @@ impl Attempt {
                 supervisor: None,
                 started: false,
                 final_stats: None,
-                cpu_sample: None,
+                build_started_ms: 0,
+                build_finished_ms: 0,
             }),
             kill: KillSwitch::default(),
             done: watch::channel(false),
+            history: Mutex::new(History::default()),
         })
     }
 
@@ -100,8 +107,12 @@ impl Attempt {
         let mut st = lock(&self.status);
         st.state = state;
         st.status_message = message.to_string();
+        if state == TaskState::Building && st.build_started_ms == 0 {
+            st.build_started_ms = now_ms();
+        }
         if state == TaskState::Running {
             st.started_at_ms = now_ms();
+            st.build_finished_ms = st.started_at_ms;
         }
         drop(st);
         self.emit(inner);
@@ -140,7 +151,11 @@ impl Attempt {
             }
             st.final_stats = Some(e.stats.clone());
         }
+        if st.build_started_ms > 0 && st.build_finished_ms == 0 {
+            st.build_finished_ms = st.finished_at_ms;
+        }
         drop(st);
+        lock(&self.history).end();
         lock(&inner.ports).release(self.meta.ports.values().copied());
         tracing::info!(task_id = %self.meta.task_id, attempt = self.meta.attempt_id, state = state.name(), "task ended");
         self.emit(inner);
@@ -164,26 +179,41 @@ impl Attempt {
         }
     }
 
-    fn view(&self, inner: &Inner) -> (AttemptView, String, Option<Usage>) {
-        let mut st = lock(&self.status);
+    /// Takes one sample of a RUNNING attempt's cgroup into its history (the sampler's tick).
+    pub(crate) fn sample(&self, inner: &Inner) {
+        let started_at_ms = {
+            let st = lock(&self.status);
+            if st.state != TaskState::Running {
+                return;
+            }
+            st.started_at_ms
+        };
+        let Some(stats) = self.meta.cgroup.as_deref().and_then(|cg| inner.stats(cg)) else { return };
+        lock(&self.history).observe(&stats, Instant::now(), now_ms(), started_at_ms);
+    }
+
+    pub(crate) fn history(&self) -> HistoryView {
+        lock(&self.history).view()
+    }
+
+    fn view(&self, inner: &Inner) -> (AttemptView, String, Option<Usage>, (i64, i64)) {
+        let st = lock(&self.status);
         let usage = match (st.state, &self.meta.cgroup) {
             (TaskState::Running, Some(cg)) => inner.stats(cg).map(|s| {
-                let now = Instant::now();
                 let cpu_ns = s.cpu_usage_ns.unwrap_or(0);
-                let cpu_percent = match st.cpu_sample {
-                    Some((prev, at)) if now > at && cpu_ns >= prev => {
-                        (cpu_ns - prev) as f64 / now.duration_since(at).as_nanos() as f64 * 100.0
-                    }
-                    _ => {
+                // The sampler's figure over its last interval; the life average until it has one.
+                let cpu_percent = match lock(&self.history).latest(now_ms(), 3 * SAMPLE_MS) {
+                    Some(sample) => sample.cpu_percent,
+                    None => {
                         let life_ms = (now_ms() - st.started_at_ms).max(1) as f64;
                         cpu_ns as f64 / (life_ms * 1e6) * 100.0
                     }
                 };
-                st.cpu_sample = Some((cpu_ns, now));
                 Usage {
                     memory_bytes: s.memory_bytes.unwrap_or(0),
                     memory_peak_bytes: s.memory_peak_bytes.unwrap_or(0),
                     cpu_percent,
+                    cpu_usage_ns: cpu_ns,
                     processes: s.processes.unwrap_or(0),
                     disk_bytes: 0,
                     cpu_throttled_periods: s.cpu_throttled_periods.unwrap_or(0),
@@ -198,6 +228,7 @@ impl Attempt {
                     memory_bytes: 0,
                     memory_peak_bytes: s.memory_peak_bytes.unwrap_or(0),
                     cpu_percent: (s.cpu_usage_ns.unwrap_or(0) as f64 / (life_ms * 1e6) * 100.0).min(cpus * 100.0),
+                    cpu_usage_ns: s.cpu_usage_ns.unwrap_or(0),
                     processes: 0,
                     disk_bytes: 0,
                     cpu_throttled_periods: s.cpu_throttled_periods.unwrap_or(0),
@@ -215,12 +246,13 @@ impl Attempt {
             is_worker_failure: st.state == TaskState::WorkerFailed,
         };
         let message = st.status_message.clone();
+        let build = (st.build_started_ms, st.build_finished_ms);
         drop(st);
         let usage = usage.map(|mut u| {
             u.disk_bytes = store::disk_usage(&self.dir.join(files::WORKDIR), DISK_SCAN_LIMIT);
             u
         });
-        (view, message, usage)
+        (view, message, usage, build)
     }
 }
 
@@ -229,13 +261,13 @@ pub(super) fn view(inner: &Inner, attempts: &[Arc<Attempt>]) -> Option<TaskView>
     let mut views: Vec<AttemptView> = Vec::with_capacity(attempts.len());
     let mut current = None;
     for (i, a) in attempts.iter().enumerate() {
-        let (v, message, usage) = a.view(inner);
+        let (v, message, usage, build) = a.view(inner);
         if i + 1 == attempts.len() {
-            current = Some((a, v.clone(), message, usage));
+            current = Some((a, v.clone(), message, usage, build));
         }
         views.push(v);
     }
-    let (a, v, status_message, usage) = current?;
+    let (a, v, status_message, usage, (build_started_ms, build_finished_ms)) = current?;
     Some(TaskView {
         task_id: a.meta.task_id.clone(),
         job_id: a.meta.job_id.clone(),
@@ -248,6 +280,8 @@ pub(super) fn view(inner: &Inner, attempts: &[Arc<Attempt>]) -> Option<TaskView>
         finished_at_ms: v.finished_at_ms,
         ports: a.meta.ports.clone(),
         usage,
+        build_started_ms,
+        build_finished_ms,
         current_attempt_id: a.meta.attempt_id,
         attempts: views,
     })

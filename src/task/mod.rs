@@ -8,6 +8,7 @@
 
 mod attempt;
 mod env;
+pub mod history;
 mod ports;
 pub mod spec;
 mod state;
@@ -28,6 +29,7 @@ use crate::runtime::{Profile, RuntimeKind};
 use crate::supervisor::files::FileError;
 
 pub use env::WorkerEnv;
+pub use history::{HistoryView, Sample};
 pub use spec::{Command, TaskSpec};
 pub use state::TaskState;
 pub use validate::is_env_name;
@@ -89,8 +91,11 @@ pub struct ManagerConfig {
 pub struct Usage {
     pub memory_bytes: u64,
     pub memory_peak_bytes: u64,
-    /// CPU use since the previous read (or over the task's life, at the end), 100 = one core.
+    /// CPU use over the last sampling interval ([`history::SAMPLE_INTERVAL`]; over the task's
+    /// life before the first sample and at the end), 100 = one core.
     pub cpu_percent: f64,
+    /// CPU time used so far, in nanoseconds.
+    pub cpu_usage_ns: u64,
     pub processes: u64,
     pub disk_bytes: u64,
     pub cpu_throttled_periods: u64,
@@ -122,6 +127,9 @@ pub struct TaskView {
     pub finished_at_ms: i64,
     pub ports: BTreeMap<String, u16>,
     pub usage: Option<Usage>,
+    /// When the current attempt entered BUILDING and left it (Unix ms; 0 = not yet).
+    pub build_started_ms: i64,
+    pub build_finished_ms: i64,
     pub current_attempt_id: i32,
     pub attempts: Vec<AttemptView>,
 }
@@ -211,6 +219,7 @@ impl TaskManager {
             _lock: lock_file,
         });
         attempt::adopt_all(&inner);
+        spawn_sampler(&inner);
         Ok(TaskManager { inner })
     }
 
@@ -248,6 +257,12 @@ impl TaskManager {
             })
         })??;
         Ok(lines)
+    }
+
+    /// The resource history of the task's current attempt (see [`history`]): sampled every
+    /// [`history::SAMPLE_INTERVAL`] while it runs, bounded in memory.
+    pub fn history(&self, task_id: &str) -> Result<HistoryView, TaskError> {
+        Ok(self.current(task_id)?.history())
     }
 
     /// Ends the task: SIGTERM to every process, SIGKILL after `grace_ms` (0 = the default).
@@ -340,6 +355,31 @@ fn prepare_cgroups(config: &ManagerConfig) -> Result<Option<(Layout, String)>, T
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Samples every RUNNING attempt's cgroup into its history each [`history::SAMPLE_INTERVAL`],
+/// until the manager is dropped.
+fn spawn_sampler(inner: &Arc<Inner>) {
+    let weak = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(history::SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(inner) = weak.upgrade() else { return };
+            let running: Vec<Arc<Attempt>> = lock(&inner.tasks)
+                .values()
+                .filter_map(|a| a.last())
+                .filter(|a| a.state() == TaskState::Running)
+                .cloned()
+                .collect();
+            if running.is_empty() {
+                continue;
+            }
+            // Small reads of cgroupfs files, off the async threads.
+            let _ = tokio::task::spawn_blocking(move || running.iter().for_each(|a| a.sample(&inner))).await;
+        }
+    });
 }
 
 impl Inner {

@@ -3,6 +3,7 @@
 //! The data path, one module per step (see DESIGN.md):
 //! - [`rpc`]: gRPC and Connect on one port; decodes requests into typed specs.
 //! - [`task`]: the TaskManager — states, attempts, concurrency, ports, kill, adoption.
+//! - [`bundle`]: code bundles fetched from object stores, verified, safely unzipped, cached.
 //! - [`runtime`]: how a task's processes are made (libcontainer container or plain process).
 //! - [`supervisor`]: the per-task process that owns the task's stdio, log and exit record.
 //! - [`logs`]: the append-only, indexed log of each task, and its filters.
@@ -14,6 +15,7 @@
 //! Embedding: build a [`task::TaskManager`] with [`task::ManagerConfig`] and call `run`,
 //! or serve it with [`rpc::serve`]. `examples/run_task.rs` runs a task with no server.
 
+pub mod bundle;
 pub mod cgroup;
 pub mod cli;
 pub mod heartbeat;

@@ -1,0 +1,357 @@
+//! The cache's directory and its in-memory index.
+//!
+//! On disk, under the cache directory:
+//! ```text
+//! .lock            flock: one BundleCache per directory
+//! .tmp/            downloads and extractions in progress; emptied at start
+//! <key>/           an extracted bundle (key: sha256 of its path)
+//! <key>.json       its record (path, sha256, bytes, entries); written last, removed first
+//! ```
+//! A bundle directory without its record is a crash's leftover and is removed at start, so an
+//! entry is in the cache exactly when its record exists. In memory, [`Index`] keeps every
+//! bundle with its last use, the ones being fetched, and the totals the LRU bounds apply to.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use super::Flight;
+
+/// One extracted bundle.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub key: String,
+    pub source: String,
+    pub dir: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+/// The record beside a bundle's directory.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    path: String,
+    sha256: String,
+    bytes: u64,
+    entries: u64,
+}
+
+/// The cache key of a bundle path: hex sha256 of the path.
+pub(crate) fn key_for(path: &str) -> String {
+    hex::encode(Sha256::digest(path.as_bytes()))
+}
+
+/// The cache directory's layout.
+#[derive(Debug)]
+pub(crate) struct Disk {
+    root: PathBuf,
+    _lock: File,
+}
+
+impl Disk {
+    /// Takes the directory (creating it), empties `.tmp/`, removes leftovers, and returns the
+    /// bundles recorded there, oldest first.
+    pub fn open(root: &Path) -> io::Result<(Self, Vec<Entry>)> {
+        fs::create_dir_all(root)?;
+        let lock = File::options().create(true).truncate(false).write(true).open(root.join(".lock"))?;
+        lock.try_lock().map_err(|e| match e {
+            fs::TryLockError::WouldBlock => {
+                io::Error::new(io::ErrorKind::WouldBlock, "another process uses this bundle cache")
+            }
+            fs::TryLockError::Error(e) => e,
+        })?;
+        let disk = Self { root: root.to_path_buf(), _lock: lock };
+        let tmp = disk.tmp();
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir(&tmp)?;
+        let mut found = Vec::new();
+        let mut dirs = Vec::new();
+        for item in fs::read_dir(root)? {
+            let item = item?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            if let Some(key) = name.strip_suffix(".json") {
+                let record = fs::read(item.path()).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok());
+                let dir = root.join(key);
+                match record {
+                    Some(r) if dir.is_dir() && key_for(&r.path) == key => {
+                        let age = item.metadata().and_then(|m| m.modified()).ok();
+                        found.push((
+                            age,
+                            Entry {
+                                key: key.to_owned(),
+                                source: r.path,
+                                dir,
+                                sha256: r.sha256,
+                                bytes: r.bytes,
+                                entries: r.entries,
+                            },
+                        ));
+                    }
+                    _ => fs::remove_file(item.path())?,
+                }
+            } else {
+                dirs.push((name, item.path()));
+            }
+        }
+        for (name, path) in dirs {
+            if !found.iter().any(|(_, e)| e.key == name) {
+                if path.is_dir() {
+                    fs::remove_dir_all(&path)?;
+                } else {
+                    fs::remove_file(&path)?;
+                }
+            }
+        }
+        found.sort_by_key(|(age, _)| *age);
+        Ok((disk, found.into_iter().map(|(_, e)| e).collect()))
+    }
+
+    /// Where downloads and extractions in progress go.
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join(".tmp")
+    }
+
+    /// Moves a finished extraction into place and writes its record, in that order.
+    pub fn commit(
+        &self,
+        key: &str,
+        extracted: &Path,
+        source: &str,
+        sha256: &str,
+        bytes: u64,
+        entries: u64,
+    ) -> io::Result<Entry> {
+        let record = Record { path: source.to_owned(), sha256: sha256.to_owned(), bytes, entries };
+        let json = serde_json::to_vec(&record).map_err(io::Error::other)?;
+        let pending = self.tmp().join(format!("{key}.json"));
+        fs::write(&pending, json)?;
+        let dir = self.root.join(key);
+        fs::rename(extracted, &dir)?;
+        fs::rename(&pending, self.root.join(format!("{key}.json")))?;
+        Ok(Entry { key: key.to_owned(), source: source.to_owned(), dir, sha256: sha256.to_owned(), bytes, entries })
+    }
+
+    /// Takes an entry out of the cache: its record goes first (so a crash leaves only a
+    /// leftover directory), then its directory moves into `.tmp/`. Returns where it moved,
+    /// for the caller to delete away from any lock.
+    pub fn retire(&self, entry: &Entry) -> io::Result<PathBuf> {
+        let record = self.root.join(format!("{}.json", entry.key));
+        match fs::remove_file(&record) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let trash = tempfile::Builder::new().prefix("evicted-").tempdir_in(self.tmp())?.keep();
+        let moved = trash.join(&entry.key);
+        fs::rename(&entry.dir, &moved)?;
+        Ok(trash)
+    }
+}
+
+/// A bundle in the index: ready, or being fetched by one task that others wait on.
+#[derive(Debug)]
+pub(crate) enum Slot {
+    Ready { entry: Arc<Entry>, used: u64 },
+    Loading(watch::Receiver<Flight>),
+}
+
+/// What the index holds for a key.
+pub(crate) enum Lookup {
+    Ready(Arc<Entry>),
+    Loading(watch::Receiver<Flight>),
+    Missing,
+}
+
+/// The cache's contents in memory: every slot, a use clock, and the totals of ready entries.
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    slots: HashMap<String, Slot>,
+    clock: u64,
+    bytes: u64,
+    ready: usize,
+}
+
+impl Index {
+    /// Finds `key`, counting a use of a ready entry.
+    pub fn lookup(&mut self, key: &str) -> Lookup {
+        self.clock += 1;
+        match self.slots.get_mut(key) {
+            Some(Slot::Ready { entry, used }) => {
+                *used = self.clock;
+                Lookup::Ready(entry.clone())
+            }
+            Some(Slot::Loading(rx)) => Lookup::Loading(rx.clone()),
+            None => Lookup::Missing,
+        }
+    }
+
+    /// Marks `key` as being fetched.
+    pub fn start(&mut self, key: &str, rx: watch::Receiver<Flight>) {
+        self.slots.insert(key.to_owned(), Slot::Loading(rx));
+    }
+
+    /// Ends a fetch: the entry becomes ready (as just used), or the key is forgotten.
+    pub fn finish(&mut self, key: &str, entry: Option<Arc<Entry>>) {
+        if let Some(Slot::Ready { entry, .. }) = self.slots.remove(key) {
+            self.bytes -= entry.bytes;
+            self.ready -= 1;
+        }
+        if let Some(entry) = entry {
+            self.insert(entry);
+        }
+    }
+
+    /// Adds a ready entry as the most recently used.
+    pub fn insert(&mut self, entry: Arc<Entry>) {
+        self.clock += 1;
+        self.bytes += entry.bytes;
+        self.ready += 1;
+        self.slots.insert(entry.key.clone(), Slot::Ready { entry, used: self.clock });
+    }
+
+    /// Removes least recently used entries that nobody holds until the totals fit the bounds,
+    /// and returns them. Entries in use stay, even if the bounds are then still exceeded;
+    /// `releasing` is a holder being dropped, whose own reference doesn't count.
+    pub fn evict(&mut self, max_bytes: u64, max_entries: usize, releasing: Option<&Arc<Entry>>) -> Vec<Arc<Entry>> {
+        if self.bytes <= max_bytes && self.ready <= max_entries {
+            return Vec::new();
+        }
+        let mut idle: Vec<(u64, String)> = self
+            .slots
+            .iter()
+            .filter_map(|(key, slot)| match slot {
+                // The index's own reference is the only one: no Bundle holds it.
+                Slot::Ready { entry, used } => {
+                    let released = releasing.is_some_and(|r| Arc::ptr_eq(r, entry));
+                    let holders = Arc::strong_count(entry) - usize::from(released);
+                    (holders == 1).then(|| (*used, key.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        idle.sort();
+        let mut gone = Vec::new();
+        for (_, key) in idle {
+            if self.bytes <= max_bytes && self.ready <= max_entries {
+                break;
+            }
+            if let Some(Slot::Ready { entry, .. }) = self.slots.remove(&key) {
+                self.bytes -= entry.bytes;
+                self.ready -= 1;
+                gone.push(entry);
+            }
+        }
+        gone
+    }
+
+    /// (ready entries, their bytes)
+    pub fn totals(&self) -> (usize, u64) {
+        (self.ready, self.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, bytes: u64) -> Arc<Entry> {
+        Arc::new(Entry {
+            key: key.to_owned(),
+            source: format!("file:///{key}"),
+            dir: PathBuf::from(key),
+            sha256: String::new(),
+            bytes,
+            entries: 1,
+        })
+    }
+
+    fn keys(gone: &[Arc<Entry>]) -> Vec<&str> {
+        gone.iter().map(|e| e.key.as_str()).collect()
+    }
+
+    #[test]
+    fn evicts_least_recently_used_first_by_bytes_and_count() {
+        let mut index = Index::default();
+        for key in ["a", "b", "c"] {
+            index.insert(entry(key, 10));
+        }
+        assert!(index.evict(30, 3, None).is_empty());
+        let _ = index.lookup("a"); // a is now the most recent: b goes first
+        assert_eq!(keys(&index.evict(20, 3, None)), ["b"]);
+        assert_eq!(index.totals(), (2, 20));
+        index.insert(entry("d", 10));
+        assert_eq!(keys(&index.evict(100, 2, None)), ["c"]);
+        assert_eq!(index.totals(), (2, 20));
+    }
+
+    #[test]
+    fn never_evicts_an_entry_in_use() {
+        let mut index = Index::default();
+        index.insert(entry("a", 10));
+        index.insert(entry("b", 10));
+        let Lookup::Ready(held) = index.lookup("a") else { panic!("a is ready") };
+        let _ = index.lookup("b");
+        // a is the least recently used, but held: b goes, and a stays even over the bound.
+        assert_eq!(keys(&index.evict(0, 0, None)), ["b"]);
+        assert_eq!(index.totals(), (1, 10));
+        drop(held);
+        assert_eq!(keys(&index.evict(0, 0, None)), ["a"]);
+        assert_eq!(index.totals(), (0, 0));
+    }
+
+    #[test]
+    fn loading_slots_are_not_counted_or_evicted() {
+        let mut index = Index::default();
+        let (_tx, rx) = watch::channel(Flight::Running(super::super::Phase::Downloading));
+        index.start("x", rx);
+        assert!(matches!(index.lookup("x"), Lookup::Loading(_)));
+        assert!(index.evict(0, 0, None).is_empty());
+        index.finish("x", None);
+        assert!(matches!(index.lookup("x"), Lookup::Missing));
+        index.start("x", watch::channel(Flight::Running(super::super::Phase::Downloading)).1);
+        index.finish("x", Some(entry("x", 7)));
+        assert_eq!(index.totals(), (1, 7));
+    }
+
+    #[test]
+    fn open_recovers_records_and_removes_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("bundles");
+        {
+            let (disk, found) = Disk::open(&root).unwrap();
+            assert!(found.is_empty());
+            let extracted = disk.tmp().join("x");
+            fs::create_dir(&extracted).unwrap();
+            fs::write(extracted.join("f"), b"1").unwrap();
+            let key = key_for("file:///b.zip");
+            disk.commit(&key, &extracted, "file:///b.zip", "ab", 1, 1).unwrap();
+            // A second opener is refused while the first holds the lock.
+            assert_eq!(Disk::open(&root).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        }
+        fs::create_dir(root.join("orphan")).unwrap();
+        fs::write(root.join(".tmp").join("partial"), b"").unwrap();
+        fs::write(root.join("stray.json"), b"{").unwrap();
+        let (disk, found) = Disk::open(&root).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].source, "file:///b.zip");
+        assert_eq!(fs::read(found[0].dir.join("f")).unwrap(), b"1");
+        assert!(!root.join("orphan").exists());
+        assert!(!root.join("stray.json").exists());
+        assert_eq!(fs::read_dir(disk.tmp()).unwrap().count(), 0);
+        let trash = disk.retire(&found[0]).unwrap();
+        assert!(!found[0].dir.exists());
+        assert!(!root.join(format!("{}.json", found[0].key)).exists());
+        fs::remove_dir_all(trash).unwrap();
+    }
+}

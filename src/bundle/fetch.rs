@@ -1,0 +1,219 @@
+//! Fetching a bundle from an object store into a local file, hashing it on the way.
+//!
+//! `object_store` reads `file://` (or an absolute path), `http(s)://`, `gs://` and `s3://`;
+//! cloud credentials come from the environment as its builders' `from_env` read them
+//! (`AWS_*`, `GOOGLE_*`, and the instance metadata services when those are absent). The bytes
+//! are written to disk as they arrive and never held whole in memory.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Once};
+
+use futures::StreamExt;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::http::HttpBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientConfigKey, ClientOptions, GetResultPayload, ObjectStore, ObjectStoreExt, ObjectStoreScheme};
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use super::BundleError;
+
+/// No byte for this long fails a download; a slow one that keeps moving does not.
+const READ_TIMEOUT: &str = "60s";
+/// Connecting may take this long.
+const CONNECT_TIMEOUT: &str = "10s";
+
+/// Where a bundle lives: its store and its path in the store.
+pub(crate) struct Location {
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+}
+
+/// Parses a bundle path into a store and a path inside it. An absolute local path is taken as
+/// a `file://` URL.
+pub(crate) fn locate(path: &str) -> Result<Location, BundleError> {
+    let bad = |reason: String| BundleError::BadPath { path: path.to_owned(), reason };
+    let url = if path.starts_with('/') {
+        Url::from_file_path(path).map_err(|()| bad("not a usable file path".to_owned()))?
+    } else {
+        Url::parse(path).map_err(|e| bad(e.to_string()))?
+    };
+    let (scheme, location) = ObjectStoreScheme::parse(&url).map_err(|e| bad(e.to_string()))?;
+    let failed = |e: object_store::Error| bad(e.to_string());
+    let store: Arc<dyn ObjectStore> = match scheme {
+        ObjectStoreScheme::Local => Arc::new(LocalFileSystem::new()),
+        ObjectStoreScheme::Http => {
+            install_tls_provider();
+            let base = &url[..url::Position::BeforePath];
+            let options = ClientOptions::new()
+                .with_allow_http(url.scheme() == "http")
+                .with_timeout_disabled()
+                .with_config(ClientConfigKey::ReadTimeout, READ_TIMEOUT)
+                .with_config(ClientConfigKey::ConnectTimeout, CONNECT_TIMEOUT);
+            let store = HttpBuilder::new().with_url(base).with_client_options(options);
+            Arc::new(store.build().map_err(failed)?)
+        }
+        ObjectStoreScheme::AmazonS3 => {
+            install_tls_provider();
+            let client = |key| AmazonS3ConfigKey::Client(key);
+            let store = AmazonS3Builder::from_env()
+                .with_url(url.as_str())
+                .with_config(client(ClientConfigKey::Timeout), "24h")
+                .with_config(client(ClientConfigKey::ReadTimeout), READ_TIMEOUT)
+                .with_config(client(ClientConfigKey::ConnectTimeout), CONNECT_TIMEOUT);
+            Arc::new(store.build().map_err(failed)?)
+        }
+        ObjectStoreScheme::GoogleCloudStorage => {
+            install_tls_provider();
+            let client = |key| GoogleConfigKey::Client(key);
+            let store = GoogleCloudStorageBuilder::from_env()
+                .with_url(url.as_str())
+                .with_config(client(ClientConfigKey::Timeout), "24h")
+                .with_config(client(ClientConfigKey::ReadTimeout), READ_TIMEOUT)
+                .with_config(client(ClientConfigKey::ConnectTimeout), CONNECT_TIMEOUT);
+            Arc::new(store.build().map_err(failed)?)
+        }
+        other => return Err(bad(format!("{other:?} stores are not supported"))),
+    };
+    Ok(Location { store, path: location })
+}
+
+/// rustls is built with ring alone (aws-lc-rs is a long C build); reqwest needs it installed
+/// as the process's provider before its first client is made.
+fn install_tls_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Fails only if some other part of the program installed one first: that one is used.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// What a download produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Downloaded {
+    /// Lowercase hex sha256 of the bytes.
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// Copies the object at `location` into `dest` (an open, empty file), computing its sha256,
+/// and fails once more than `max_bytes` arrive.
+pub(crate) async fn download(
+    source: &str,
+    location: &Location,
+    dest: File,
+    max_bytes: u64,
+) -> Result<Downloaded, BundleError> {
+    let fetch_err = |e: object_store::Error| match e {
+        object_store::Error::NotFound { .. } => BundleError::NotFound { path: source.to_owned(), source: Arc::new(e) },
+        e => BundleError::Fetch { path: source.to_owned(), source: Arc::new(e) },
+    };
+    let write_err =
+        |e: io::Error| BundleError::Io { what: format!("writing the download of {source}"), source: Arc::new(e) };
+    let too_large = || BundleError::TooLarge { path: source.to_owned(), limit: max_bytes };
+    let result = location.store.get(&location.path).await.map_err(fetch_err)?;
+    if result.meta.size > max_bytes {
+        return Err(too_large());
+    }
+    match result.payload {
+        // A local file: one blocking copy with a large buffer beats object_store's 8 KiB
+        // chunked stream by a wide margin.
+        GetResultPayload::File(file, _) => {
+            let source = source.to_owned();
+            let copied =
+                tokio::task::spawn_blocking(move || copy_hashing(file, dest, max_bytes)).await.map_err(|e| {
+                    BundleError::Internal { path: source.clone(), reason: format!("the copy task failed: {e}") }
+                })?;
+            match copied {
+                Ok(Some(done)) => Ok(done),
+                Ok(None) => Err(too_large()),
+                Err(e) => Err(BundleError::Io { what: format!("copying {source}"), source: Arc::new(e) }),
+            }
+        }
+        GetResultPayload::Stream(mut stream) => {
+            let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(dest));
+            let mut hasher = Sha256::new();
+            let mut bytes: u64 = 0;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(fetch_err)?;
+                bytes += chunk.len() as u64;
+                if bytes > max_bytes {
+                    return Err(too_large());
+                }
+                hasher.update(&chunk);
+                tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await.map_err(write_err)?;
+            }
+            tokio::io::AsyncWriteExt::flush(&mut out).await.map_err(write_err)?;
+            Ok(Downloaded { sha256: hex::encode(hasher.finalize()), bytes })
+        }
+    }
+}
+
+/// Copies `from` into `to` and hashes it; `None` when more than `max_bytes` were read.
+fn copy_hashing(mut from: File, mut to: File, max_bytes: u64) -> io::Result<Option<Downloaded>> {
+    let mut buffer = vec![0; 1 << 20];
+    let mut hasher = Sha256::new();
+    let mut bytes: u64 = 0;
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        bytes += n as u64;
+        if bytes > max_bytes {
+            return Ok(None);
+        }
+        hasher.update(&buffer[..n]);
+        to.write_all(&buffer[..n])?;
+    }
+    to.flush()?;
+    Ok(Some(Downloaded { sha256: hex::encode(hasher.finalize()), bytes }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_scheme_maps_to_its_store_without_network() {
+        for ok in [
+            "file:///tmp/b.zip",
+            "/tmp/b.zip",
+            "http://127.0.0.1:1/b.zip",
+            "https://example.com/x/b.zip",
+            "gs://bucket/dir/b.zip",
+            "s3://bucket/dir/b.zip",
+        ] {
+            let location = locate(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(location.path.as_ref().ends_with("b.zip"), "{ok}: {}", location.path);
+        }
+        for bad in ["relative/b.zip", "ftp://host/b.zip", "", "az://container/b.zip"] {
+            let err = locate(bad).err().unwrap_or_else(|| panic!("{bad} was accepted"));
+            assert!(matches!(err, BundleError::BadPath { .. }), "{bad}: {err}");
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_local_file_is_copied_and_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("b.zip");
+        std::fs::write(&src, b"hello").unwrap();
+        let location = locate(src.to_str().unwrap()).unwrap();
+        let dest = dir.path().join("copy");
+        let got = download("b", &location, File::create(&dest).unwrap(), 100).await.unwrap();
+        assert_eq!(got.bytes, 5);
+        assert_eq!(got.sha256, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
+        let err = download("b", &location, File::create(&dest).unwrap(), 4).await.unwrap_err();
+        assert!(matches!(err, BundleError::TooLarge { limit: 4, .. }), "{err}");
+        let missing = locate(dir.path().join("nope.zip").to_str().unwrap()).unwrap();
+        let err = download("nope", &missing, File::create(&dest).unwrap(), 100).await.unwrap_err();
+        assert!(matches!(err, BundleError::NotFound { .. }), "{err}");
+    }
+}

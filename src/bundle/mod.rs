@@ -1,0 +1,474 @@
+//! Code bundles: fetched from an object store, verified, safely unzipped, cached.
+//!
+//! [`BundleCache::get`] turns a bundle path (`file://`, an absolute path, `http(s)://`,
+//! `gs://`, `s3://`) into an extracted directory:
+//! 1. `fetch`: the object is streamed into a file under the cache's `.tmp/` while its sha256 is
+//!    computed (never held whole in memory);
+//! 2. the sha256 is checked against the one asked for, if any;
+//! 3. `extract`: the zip is unpacked into a temporary directory under the same limits and
+//!    checks whatever its headers claim (see [`ExtractLimits`], [`ExtractError`]);
+//! 4. `cache`: the directory is renamed into place and recorded.
+//!
+//! A failure at any step leaves nothing in the cache. Iris treats a bundle path as immutable,
+//! so bundles are cached by path, within an LRU bound on total bytes and entries that never
+//! evicts a bundle a [`Bundle`] still holds. Concurrent `get`s of one path fetch it once: the
+//! first starts the fetch as its own task, and every caller (the first included) follows it,
+//! seeing its phases and its result.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), iris_worker::bundle::BundleError> {
+//! use iris_worker::bundle::{BundleCache, BundleConfig};
+//! let cache = BundleCache::new(BundleConfig::new("/var/cache/iris-worker/bundles"))?;
+//! let bundle = cache
+//!     .get("gs://bucket/bundles/abc.zip", None, |phase| println!("{phase}"))
+//!     .await?;
+//! println!("{} ({} bytes)", bundle.path().display(), bundle.size_bytes());
+//! # Ok(()) }
+//! ```
+
+mod cache;
+mod extract;
+mod fetch;
+
+use std::fmt;
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use futures::FutureExt;
+use tokio::sync::watch;
+
+use cache::{Disk, Entry, Index, Lookup, key_for};
+pub use extract::{ExtractError, ExtractLimits, Extracted, RATIO_FLOOR, extract};
+
+/// Where and how much a [`BundleCache`] keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleConfig {
+    /// The cache directory (one cache per directory; it is locked).
+    pub dir: PathBuf,
+    /// Total extracted bytes the cache keeps before evicting.
+    pub max_bytes: u64,
+    /// Bundles the cache keeps before evicting.
+    pub max_entries: usize,
+    /// Bounds on each bundle's extraction.
+    pub limits: ExtractLimits,
+}
+
+impl BundleConfig {
+    /// `dir` with the defaults: 20 GiB, 256 bundles, [`ExtractLimits::default`].
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), max_bytes: 20 << 30, max_entries: 256, limits: ExtractLimits::default() }
+    }
+}
+
+/// The step a `get` is at, for a task's status message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Downloading,
+    Verifying,
+    Extracting,
+}
+
+impl Phase {
+    /// "downloading bundle", "verifying bundle", "extracting bundle".
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Downloading => "downloading bundle",
+            Self::Verifying => "verifying bundle",
+            Self::Extracting => "extracting bundle",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// Why a bundle could not be had. Cloneable, because one fetch's failure is every waiter's.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BundleError {
+    #[error(
+        "bundle path {path:?} is not a location we can fetch (file://, http(s)://, gs://, s3:// or an absolute path): {reason}"
+    )]
+    BadPath { path: String, reason: String },
+    #[error("bundle {path}: {given:?} is not a sha256 (64 hex digits)")]
+    BadSha256 { path: String, given: String },
+    #[error("bundle {path} was not found: {source}")]
+    NotFound { path: String, source: Arc<object_store::Error> },
+    #[error("downloading bundle {path}: {source}")]
+    Fetch { path: String, source: Arc<object_store::Error> },
+    #[error("bundle {path} is larger than {limit} bytes")]
+    TooLarge { path: String, limit: u64 },
+    #[error("bundle {path} has sha256 {actual}, but {expected} was expected")]
+    HashMismatch { path: String, expected: String, actual: String },
+    #[error("bundle {path} rejected: {source}")]
+    Rejected { path: String, source: ExtractError },
+    #[error("{what}: {source}")]
+    Io { what: String, source: Arc<io::Error> },
+    #[error("bundle cache {}: {source}", dir.display())]
+    Cache { dir: PathBuf, source: Arc<io::Error> },
+    #[error("bundle {path}: {reason}")]
+    Internal { path: String, reason: String },
+}
+
+/// The state of one fetch, as its followers see it.
+#[derive(Debug, Clone)]
+pub(crate) enum Flight {
+    Running(Phase),
+    Done(Result<Arc<Entry>, BundleError>),
+}
+
+/// An extracted bundle, kept in the cache for as long as this (or a clone) lives.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    entry: Arc<Entry>,
+    from_cache: bool,
+    cache: Weak<Inner>,
+}
+
+impl Bundle {
+    /// The extracted directory.
+    pub fn path(&self) -> &Path {
+        &self.entry.dir
+    }
+    /// Bytes of file contents (and symlink targets) in the directory.
+    pub fn size_bytes(&self) -> u64 {
+        self.entry.bytes
+    }
+    /// Files, directories and symlinks the archive held.
+    pub fn entries(&self) -> u64 {
+        self.entry.entries
+    }
+    /// Lowercase hex sha256 of the archive as fetched.
+    pub fn sha256(&self) -> &str {
+        &self.entry.sha256
+    }
+    /// The bundle path it was fetched from.
+    pub fn source(&self) -> &str {
+        &self.entry.source
+    }
+    /// Whether this `get` found it ready or waited on another's fetch (no fetch of its own).
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+}
+
+impl Drop for Bundle {
+    /// The last holder of a bundle lets the cache evict it if the cache is over its bounds.
+    fn drop(&mut self) {
+        if let Some(inner) = self.cache.upgrade() {
+            let trash = inner.evict(&mut inner.index(), Some(&self.entry));
+            dispose(trash);
+        }
+    }
+}
+
+/// Cache totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheTotals {
+    /// Bundles ready in the cache.
+    pub entries: usize,
+    /// Their extracted bytes.
+    pub bytes: u64,
+}
+
+/// The bundle cache. Cheap to clone; clones share one cache.
+#[derive(Debug, Clone)]
+pub struct BundleCache {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: BundleConfig,
+    disk: Disk,
+    index: Mutex<Index>,
+}
+
+impl BundleCache {
+    /// Opens (or creates) the cache directory, locks it, removes what a crash left half done,
+    /// and takes in the bundles already there (evicting down to the bounds).
+    pub fn new(config: BundleConfig) -> Result<Self, BundleError> {
+        let cache_err = |e| BundleError::Cache { dir: config.dir.clone(), source: Arc::new(e) };
+        let (disk, found) = Disk::open(&config.dir).map_err(cache_err)?;
+        let mut index = Index::default();
+        for entry in found {
+            index.insert(Arc::new(entry));
+        }
+        let inner = Arc::new(Inner { config, disk, index: Mutex::new(index) });
+        let trash = inner.evict(&mut inner.index(), None);
+        dispose(trash);
+        Ok(Self { inner })
+    }
+
+    /// The configuration it was opened with.
+    pub fn config(&self) -> &BundleConfig {
+        &self.inner.config
+    }
+
+    /// Bundles ready and their bytes.
+    pub fn totals(&self) -> CacheTotals {
+        let (entries, bytes) = self.inner.index().totals();
+        CacheTotals { entries, bytes }
+    }
+
+    /// The extracted bundle at `path`, fetched and extracted unless cached. `sha256` (hex),
+    /// when given, must match the archive: a mismatch is an error and caches nothing.
+    /// `progress` is told each phase as it starts, including phases of a fetch this call waits
+    /// on. Dropping the returned future does not stop a fetch that others may wait on.
+    pub async fn get(&self, path: &str, sha256: Option<&str>, progress: impl Fn(Phase)) -> Result<Bundle, BundleError> {
+        let expected = match sha256 {
+            Some(given) => Some(parse_sha256(path, given)?),
+            None => None,
+        };
+        let key = key_for(path);
+        // A second round only when the fetch we waited on failed on another caller's sha256:
+        // ours may well match.
+        for _ in 0..2 {
+            let (mut rx, leader) = {
+                let mut index = self.inner.index();
+                match index.lookup(&key) {
+                    Lookup::Ready(entry) => return self.hand_out(path, entry, &expected, true),
+                    Lookup::Loading(rx) => (rx, false),
+                    Lookup::Missing => {
+                        let (tx, rx) = watch::channel(Flight::Running(Phase::Downloading));
+                        index.start(&key, rx.clone());
+                        let inner = self.inner.clone();
+                        let job = Job { key: key.clone(), path: path.to_owned(), expected: expected.clone() };
+                        tokio::spawn(run(inner, job, tx));
+                        (rx, true)
+                    }
+                }
+            };
+            match follow(path, &mut rx, &progress).await {
+                Ok(entry) => return self.hand_out(path, entry, &expected, !leader),
+                Err(BundleError::HashMismatch { expected: theirs, .. })
+                    if !leader && Some(&theirs) != expected.as_ref() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(BundleError::Internal {
+            path: path.to_owned(),
+            reason: "its fetch failed twice on other callers' sha256".to_owned(),
+        })
+    }
+
+    fn hand_out(
+        &self,
+        path: &str,
+        entry: Arc<Entry>,
+        expected: &Option<String>,
+        from_cache: bool,
+    ) -> Result<Bundle, BundleError> {
+        if let Some(expected) = expected
+            && *expected != entry.sha256
+        {
+            return Err(BundleError::HashMismatch {
+                path: path.to_owned(),
+                expected: expected.clone(),
+                actual: entry.sha256.clone(),
+            });
+        }
+        Ok(Bundle { entry, from_cache, cache: Arc::downgrade(&self.inner) })
+    }
+}
+
+/// A sha256 as 64 lowercase hex digits.
+fn parse_sha256(path: &str, given: &str) -> Result<String, BundleError> {
+    let hex = given.trim().to_ascii_lowercase();
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(hex)
+    } else {
+        Err(BundleError::BadSha256 { path: path.to_owned(), given: given.to_owned() })
+    }
+}
+
+/// Follows a fetch to its end, telling `progress` each new phase.
+async fn follow(
+    path: &str,
+    rx: &mut watch::Receiver<Flight>,
+    progress: &impl Fn(Phase),
+) -> Result<Arc<Entry>, BundleError> {
+    let mut told = None;
+    loop {
+        let flight = rx.borrow_and_update().clone();
+        match flight {
+            Flight::Running(phase) => {
+                if told != Some(phase) {
+                    progress(phase);
+                    told = Some(phase);
+                }
+            }
+            Flight::Done(result) => return result,
+        }
+        if rx.changed().await.is_err() {
+            if let Flight::Done(result) = rx.borrow().clone() {
+                return result;
+            }
+            return Err(BundleError::Internal {
+                path: path.to_owned(),
+                reason: "its fetch stopped without a result".to_owned(),
+            });
+        }
+    }
+}
+
+/// One fetch to run.
+struct Job {
+    key: String,
+    path: String,
+    expected: Option<String>,
+}
+
+/// Runs a fetch as its own task, so no caller's cancellation cuts it short: records the result
+/// in the index, evicts, then tells the followers.
+async fn run(inner: Arc<Inner>, job: Job, tx: watch::Sender<Flight>) {
+    let result = AssertUnwindSafe(fetch_and_extract(&inner, &job, &tx)).catch_unwind().await.unwrap_or_else(|_| {
+        Err(BundleError::Internal { path: job.path.clone(), reason: "its fetch panicked".to_owned() })
+    });
+    let trash = {
+        let mut index = inner.index();
+        index.finish(&job.key, result.as_ref().ok().cloned());
+        inner.evict(&mut index, None)
+    };
+    match &result {
+        Ok(entry) => {
+            tracing::info!(bundle = %job.path, dir = %entry.dir.display(), bytes = entry.bytes, "bundle ready")
+        }
+        Err(e) => tracing::warn!(bundle = %job.path, error = %e, "bundle failed"),
+    }
+    tx.send_replace(Flight::Done(result));
+    dispose(trash);
+}
+
+/// Download, verify, extract, commit.
+async fn fetch_and_extract(
+    inner: &Arc<Inner>,
+    job: &Job,
+    tx: &watch::Sender<Flight>,
+) -> Result<Arc<Entry>, BundleError> {
+    let path = job.path.as_str();
+    let io_err =
+        |what: &str, e: io::Error| BundleError::Io { what: format!("{what} for bundle {path}"), source: Arc::new(e) };
+    let location = fetch::locate(path)?;
+    let tmp = inner.disk.tmp();
+    let download = tempfile::Builder::new()
+        .prefix(&format!("{}-", job.key))
+        .suffix(".zip")
+        .tempfile_in(&tmp)
+        .map_err(|e| io_err("creating a download file", e))?;
+    let file = download.reopen().map_err(|e| io_err("opening the download file", e))?;
+    tx.send_replace(Flight::Running(Phase::Downloading));
+    let limits = inner.config.limits;
+    // The archive can't be much bigger than what it expands to: deflate adds a fraction of a
+    // percent to incompressible data, and each entry some headers.
+    let max_download = limits
+        .max_total_bytes
+        .saturating_add(limits.max_total_bytes / 64)
+        .saturating_add(limits.max_entries.saturating_mul(1024));
+    let got = fetch::download(path, &location, file, max_download).await?;
+    tx.send_replace(Flight::Running(Phase::Verifying));
+    if let Some(expected) = &job.expected
+        && *expected != got.sha256
+    {
+        return Err(BundleError::HashMismatch {
+            path: path.to_owned(),
+            expected: expected.clone(),
+            actual: got.sha256,
+        });
+    }
+    tx.send_replace(Flight::Running(Phase::Extracting));
+    let inner = inner.clone();
+    let (key, source) = (job.key.clone(), job.path.clone());
+    tokio::task::spawn_blocking(move || {
+        let path = source.as_str();
+        let io_err = |what: &str, e: io::Error| BundleError::Io {
+            what: format!("{what} for bundle {path}"),
+            source: Arc::new(e),
+        };
+        let dest = tempfile::Builder::new()
+            .prefix(&format!("{key}-"))
+            .tempdir_in(&tmp)
+            .map_err(|e| io_err("creating the extraction directory", e))?;
+        let done = extract(download.path(), dest.path(), &limits)
+            .map_err(|source| BundleError::Rejected { path: path.to_owned(), source })?;
+        drop(download);
+        std::fs::set_permissions(dest.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|e| io_err("opening the extracted directory to all", e))?;
+        let entry = inner
+            .disk
+            .commit(&key, dest.path(), path, &got.sha256, done.bytes, done.entries)
+            .map_err(|e| io_err("moving the extracted directory into the cache", e))?;
+        let _moved = dest.keep();
+        Ok(Arc::new(entry))
+    })
+    .await
+    .map_err(|e| BundleError::Internal { path: job.path.clone(), reason: format!("the extraction task failed: {e}") })?
+}
+
+impl Inner {
+    fn index(&self) -> MutexGuard<'_, Index> {
+        // A panic elsewhere while the lock was held leaves the index consistent enough: every
+        // update is a few field writes.
+        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Evicts down to the bounds (with `releasing`, a Bundle being dropped, counted as idle),
+    /// moving each evicted directory into `.tmp/` while the index is locked so a new fetch of
+    /// the same path can't race its removal. Returns what to delete.
+    fn evict(&self, index: &mut Index, releasing: Option<&Arc<Entry>>) -> Vec<PathBuf> {
+        let gone = index.evict(self.config.max_bytes, self.config.max_entries, releasing);
+        let mut trash = Vec::with_capacity(gone.len());
+        for entry in gone {
+            match self.disk.retire(&entry) {
+                Ok(dir) => trash.push(dir),
+                Err(e) => tracing::warn!(bundle = %entry.source, error = %e, "evicting a bundle"),
+            }
+            tracing::debug!(bundle = %entry.source, bytes = entry.bytes, "bundle evicted");
+        }
+        trash
+    }
+}
+
+/// Deletes evicted directories: on the blocking pool inside a runtime, else right here.
+fn dispose(trash: Vec<PathBuf>) {
+    if trash.is_empty() {
+        return;
+    }
+    let remove = move || {
+        for dir in trash {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "removing an evicted bundle");
+            }
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => drop(handle.spawn_blocking(remove)),
+        Err(_) => remove(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_read_as_status_messages() {
+        assert_eq!(Phase::Downloading.to_string(), "downloading bundle");
+        assert_eq!(Phase::Verifying.to_string(), "verifying bundle");
+        assert_eq!(Phase::Extracting.message(), "extracting bundle");
+    }
+
+    #[test]
+    fn sha256_must_be_64_hex_digits() {
+        let upper = "2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824";
+        assert_eq!(parse_sha256("p", upper).unwrap(), upper.to_ascii_lowercase());
+        for bad in ["", "abc", &"g".repeat(64)] {
+            let err = parse_sha256("p", bad).unwrap_err();
+            assert!(matches!(err, BundleError::BadSha256 { .. }), "{err}");
+        }
+    }
+}

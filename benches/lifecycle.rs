@@ -58,6 +58,8 @@ fn library_lifecycle(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, 
         shm_bytes: 1 << 20,
         cgroup: Some((layout.clone(), format!("{parent}/bench-{i}"))),
         timeout_ms: None,
+        log_dir: None,
+        log_source: None,
     };
     let t = Instant::now();
     let mut rt = runtime::for_kind(RuntimeKind::Container)?;

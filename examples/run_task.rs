@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use iris_worker::logs::LogFilter;
 use iris_worker::runtime::{Profile, RuntimeKind};
-use iris_worker::task::{Command, ManagerConfig, TaskManager, TaskSpec, WorkerEnv};
+use iris_worker::task::{Command, ManagerConfig, PythonConfig, TaskManager, TaskSpec, WorkerEnv};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -44,6 +44,13 @@ async fn main() -> anyhow::Result<()> {
         },
         supervisor_exe: exe,
         shm_bytes: 64 << 20,
+        cache_dir: "/var/cache/iris-worker".into(),
+        python: PythonConfig {
+            rootfs: "/var/cache/iris-worker/rootfs/python".into(),
+            find_links: None,
+            offline: false,
+            build_memory_bytes: 4 << 30,
+        },
     })
     .await?;
     manager.run(TaskSpec {

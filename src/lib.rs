@@ -4,6 +4,7 @@
 //! - [`rpc`]: gRPC and Connect on one port; decodes requests into typed specs.
 //! - [`task`]: the TaskManager — states, attempts, concurrency, ports, kill, adoption.
 //! - [`bundle`]: code bundles fetched from object stores, verified, safely unzipped, cached.
+//! - [`env`]: a task's Python environment: the venv built for its bundle, pickled entrypoints.
 //! - [`runtime`]: how a task's processes are made (libcontainer container or plain process).
 //! - [`supervisor`]: the per-task process that owns the task's stdio, log and exit record.
 //! - [`logs`]: the append-only, indexed log of each task, and its filters.
@@ -18,6 +19,7 @@
 pub mod bundle;
 pub mod cgroup;
 pub mod cli;
+pub mod env;
 pub mod heartbeat;
 pub mod logs;
 pub mod proto;

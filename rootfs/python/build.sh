@@ -41,6 +41,6 @@ with zipfile.ZipFile(wheel) as z:
 os.chmod(dest, 0o755)
 PY
 
-# Where iris-worker mounts a task's bundle and workdir.
-mkdir -p "$out/app" "$out/workdir"
+# Where iris-worker mounts a task's bundle, its venv and its workdir.
+mkdir -p "$out/app/.venv" "$out/workdir"
 "$out/usr/local/bin/uv" --version >&2

@@ -33,6 +33,19 @@ pub struct ServeArgs {
     /// Root filesystem of tasks that name no image [default: <cache-dir>/rootfs/busybox].
     #[arg(long, env = "IRIS_WORKER_ROOTFS")]
     pub rootfs: Option<PathBuf>,
+    /// Root filesystem of Python tasks (a bundle or a pickled entrypoint)
+    /// [default: <cache-dir>/rootfs/python].
+    #[arg(long, env = "IRIS_WORKER_PYTHON_ROOTFS")]
+    pub python_rootfs: Option<PathBuf>,
+    /// A directory of wheels uv may install from (`--find-links`) [default: none].
+    #[arg(long, env = "IRIS_WORKER_UV_FIND_LINKS")]
+    pub uv_find_links: Option<PathBuf>,
+    /// Venv builds never use the network (uv's offline mode) [default: false].
+    #[arg(long, env = "IRIS_WORKER_UV_OFFLINE")]
+    pub uv_offline: Option<bool>,
+    /// Memory limit of a venv build, e.g. 4G [default: 4G].
+    #[arg(long, env = "IRIS_WORKER_BUILD_MEMORY")]
+    pub build_memory: Option<String>,
     /// How tasks run [default: container].
     #[arg(long, env = "IRIS_WORKER_RUNTIME", value_enum)]
     pub runtime: Option<RuntimeKind>,
@@ -70,6 +83,10 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
     rootfs: Option<PathBuf>,
+    python_rootfs: Option<PathBuf>,
+    uv_find_links: Option<PathBuf>,
+    uv_offline: Option<bool>,
+    build_memory: Option<String>,
     runtime: Option<RuntimeKind>,
     profile: Option<Profile>,
     max_concurrent_tasks: Option<usize>,
@@ -88,6 +105,10 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     pub cache_dir: PathBuf,
     pub rootfs: PathBuf,
+    pub python_rootfs: PathBuf,
+    pub uv_find_links: Option<PathBuf>,
+    pub uv_offline: bool,
+    pub build_memory_bytes: u64,
     pub runtime: RuntimeKind,
     pub profile: Profile,
     pub max_concurrent_tasks: usize,
@@ -127,6 +148,11 @@ impl ServeArgs {
             listen,
             state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             rootfs: self.rootfs.or(file.rootfs).unwrap_or_else(|| cache_dir.join("rootfs/busybox")),
+            python_rootfs: self.python_rootfs.or(file.python_rootfs).unwrap_or_else(|| cache_dir.join("rootfs/python")),
+            uv_find_links: self.uv_find_links.or(file.uv_find_links),
+            uv_offline: self.uv_offline.or(file.uv_offline).unwrap_or(false),
+            build_memory_bytes: parse_size(&self.build_memory.or(file.build_memory).unwrap_or_else(|| "4G".into()))
+                .context("build_memory")?,
             cache_dir,
             runtime: self.runtime.or(file.runtime).unwrap_or_default(),
             profile: self.profile.or(file.profile).unwrap_or_default(),
@@ -145,6 +171,19 @@ impl ServeArgs {
             log_json: log_format == "json",
         })
     }
+}
+
+/// Parses `64M`, `1G`, `512K` or plain bytes.
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().with_context(|| format!("{s:?} is not a size like 512M"))?;
+    n.checked_mul(mul).with_context(|| format!("{s:?} is too large"))
 }
 
 /// Parses `FIRST-LAST`.

@@ -7,7 +7,7 @@ use anyhow::Context;
 use super::config::{ServeArgs, ServeConfig};
 use crate::heartbeat::{self, WorkerIdentity};
 use crate::rpc::WorkerServiceImpl;
-use crate::task::{ManagerConfig, TaskManager, WorkerEnv};
+use crate::task::{ManagerConfig, PythonConfig, TaskManager, WorkerEnv};
 
 /// A worker started on a listener: its bound address and the serving task.
 pub struct Started {
@@ -34,6 +34,13 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         },
         supervisor_exe: exe,
         shm_bytes: 64 << 20,
+        cache_dir: config.cache_dir.clone(),
+        python: PythonConfig {
+            rootfs: config.python_rootfs.clone(),
+            find_links: config.uv_find_links.clone(),
+            offline: config.uv_offline,
+            build_memory_bytes: config.build_memory_bytes,
+        },
     })
     .await
     .with_context(|| format!("opening the state directory {}", config.state_dir.display()))?;

@@ -174,17 +174,9 @@ fn state_name(s: i32) -> &'static str {
     state_from_proto(s).map(|s| s.name()).unwrap_or("UNKNOWN")
 }
 
-/// Parses `64M`, `1G`, `512K` or plain bytes.
+/// Parses `64M`, `1G`, `512K` or plain bytes, as the wire's int64.
 pub fn parse_bytes(s: &str) -> anyhow::Result<i64> {
-    let s = s.trim();
-    let (num, mul) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1i64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: i64 = num.parse().with_context(|| format!("{s:?} is not a size like 512M"))?;
-    n.checked_mul(mul).with_context(|| format!("{s:?} is too large"))
+    i64::try_from(super::config::parse_size(s)?).with_context(|| format!("{s:?} is too large"))
 }
 
 async fn run_task(a: RunArgs) -> anyhow::Result<()> {

@@ -31,7 +31,8 @@ const TAIL_CHUNK: u64 = 4096;
 
 /// Which stream a line came from; stored as one byte so the record header
 /// stays fixed-size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[repr(u8)]
 pub enum Source {
     Stdout = 1,

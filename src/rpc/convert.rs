@@ -71,6 +71,9 @@ pub fn task_spec(req: worker::RunTaskRequest, raw: Vec<u8>) -> Result<TaskSpec, 
         command: req.command.map(|c| Command { argv: c.argv, setup_commands: c.setup_commands }),
         serialized_entrypoint: (!req.serialized_entrypoint.is_empty()).then_some(req.serialized_entrypoint),
         env_vars: env.env_vars.into_iter().collect(),
+        extras: env.extras,
+        pip_packages: env.pip_packages,
+        bundle_sha256: (!req.bundle_sha256.is_empty()).then_some(req.bundle_sha256),
         image: (!req.image.is_empty()).then_some(req.image),
         bundle_gcs_path: (!req.bundle_gcs_path.is_empty()).then_some(req.bundle_gcs_path),
         timeout: (req.timeout_seconds > 0).then(|| Duration::from_secs(req.timeout_seconds as u64)),
@@ -107,11 +110,14 @@ pub fn task_status(v: TaskView) -> proto::TaskStatus {
             cpu_percent: u.cpu_percent.round() as i32,
             process_count: u.processes as i32,
         }),
-        build_metrics: (v.build_started_ms > 0).then(|| proto::BuildMetrics {
-            build_started_ms: v.build_started_ms,
-            build_finished_ms: v.build_finished_ms,
-            from_cache: false,
-            image_tag: String::new(),
+        build_metrics: (v.build_started_ms > 0).then(|| {
+            let (from_cache, image_tag) = v.build.clone().unwrap_or_default();
+            proto::BuildMetrics {
+                build_started_ms: v.build_started_ms,
+                build_finished_ms: v.build_finished_ms,
+                from_cache,
+                image_tag,
+            }
         }),
         current_attempt_id: v.current_attempt_id,
         attempts: v

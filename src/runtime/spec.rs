@@ -58,4 +58,11 @@ pub struct LaunchSpec {
     pub cgroup: Option<(Layout, String)>,
     /// Kill the task after this many milliseconds of running.
     pub timeout_ms: Option<u64>,
+    /// Where the output is logged, when not the task directory's `logs/` (an environment
+    /// build logs into the log of the task it builds for).
+    #[serde(default)]
+    pub log_dir: Option<PathBuf>,
+    /// Log both stdout and stderr under this source (`build` for environment builds).
+    #[serde(default)]
+    pub log_source: Option<crate::logs::Source>,
 }

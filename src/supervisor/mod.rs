@@ -8,6 +8,7 @@
 //! It is the only writer of the task's log and exit record; the worker only reads them.
 
 pub mod files;
+pub mod handle;
 mod pump;
 
 use std::fs::File;
@@ -83,8 +84,9 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
         nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(fd), nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))
             .map_err(sys("fcntl"))?;
     }
-    let log = LogWriter::open(&task_dir.join(files::LOGS))?;
-    let mut pump = Pump::new(log, out_r, err_r);
+    let log_dir = spec.log_dir.clone().unwrap_or_else(|| task_dir.join(files::LOGS));
+    let log = LogWriter::open(&log_dir)?;
+    let mut pump = Pump::new(log, out_r, err_r, spec.log_source);
     let mut ready = ready.map(File::from);
     let mut runtime = match runtime::for_kind(spec.runtime) {
         Ok(r) => r,

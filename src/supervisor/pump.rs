@@ -28,8 +28,13 @@ pub(super) struct Pump {
 }
 
 impl Pump {
-    pub(super) fn new(log: LogWriter, stdout: OwnedFd, stderr: OwnedFd) -> Pump {
-        let stream = |fd, source| Stream { fd: Some(fd), source, lines: LineAssembler::new(MAX_LINE) };
+    /// `source` overrides both streams' sources (environment builds log as `build`).
+    pub(super) fn new(log: LogWriter, stdout: OwnedFd, stderr: OwnedFd, source: Option<Source>) -> Pump {
+        let stream = |fd, default| Stream {
+            fd: Some(fd),
+            source: source.unwrap_or(default),
+            lines: LineAssembler::new(MAX_LINE),
+        };
         Pump { streams: [stream(stdout, Source::Stdout), stream(stderr, Source::Stderr)], log, buf: vec![0; 64 * 1024] }
     }
 

@@ -10,11 +10,10 @@ use super::history::{History, HistoryView};
 use super::spec::TaskSpec;
 use super::state::{TaskState, outcome};
 use super::store::{self, TaskMeta};
-use super::supervise::{self, Ready, Supervisor};
 use super::{AttemptView, DEFAULT_GRACE_MS, Inner, KillSwitch, TaskError, TaskEvent, TaskView, Usage, lock};
 use crate::cgroup::CgroupStats;
-use crate::runtime::{LaunchSpec, Mount, RuntimeKind};
 use crate::supervisor::files::{self, ExitRecord, now_ms};
+use crate::supervisor::handle::{self as supervise, Ready, Supervisor};
 
 /// Workdir files beyond this many entries are not counted for disk use.
 const DISK_SCAN_LIMIT: usize = 10_000;
@@ -47,6 +46,8 @@ pub(crate) struct Attempt {
     kill: KillSwitch,
     done: (watch::Sender<bool>, watch::Receiver<bool>),
     history: Mutex<History>,
+    /// The environment's identity and whether it came from the cache (BuildMetrics).
+    build: Mutex<Option<(bool, String)>>,
 }
 
 impl Attempt {
@@ -70,6 +71,7 @@ impl Attempt {
             kill: KillSwitch::default(),
             done: watch::channel(false),
             history: Mutex::new(History::default()),
+            build: Mutex::new(None),
         })
     }
 
@@ -103,7 +105,18 @@ impl Attempt {
         let _ = rx.wait_for(|d| *d).await;
     }
 
-    fn set(&self, inner: &Inner, state: TaskState, message: &str) {
+    /// Records the environment the attempt runs in.
+    pub(super) fn set_build(&self, env: &crate::env::PythonEnv) {
+        let tag = format!("venv:{}", &env.key[..16.min(env.key.len())]);
+        *lock(&self.build) = Some((env.from_cache, tag));
+    }
+
+    /// (from_cache, image_tag) of the attempt's environment, once known.
+    pub(super) fn build_info(&self) -> Option<(bool, String)> {
+        lock(&self.build).clone()
+    }
+
+    pub(super) fn set(&self, inner: &Inner, state: TaskState, message: &str) {
         let mut st = lock(&self.status);
         st.state = state;
         st.status_message = message.to_string();
@@ -165,7 +178,14 @@ impl Attempt {
     fn finish_from_exit(&self, inner: &Inner) {
         match files::read_json::<ExitRecord>(&self.dir, files::EXIT) {
             Ok(Some(exit)) => {
-                let o = outcome(&exit, self.meta.timeout_s);
+                let mut o = outcome(&exit, self.meta.timeout_s);
+                // A pickled entrypoint that raised left its exception's summary behind.
+                let raised = self.dir.join(files::WORKDIR).join(crate::env::entrypoint::ERROR);
+                if o.state == TaskState::Failed
+                    && let Ok(summary) = std::fs::read_to_string(&raised)
+                {
+                    o.error = format!("{}: {}", o.error, summary.trim());
+                }
                 self.finish(inner, o.state, o.exit_code, o.error, Some(&exit));
             }
             other => {
@@ -282,6 +302,7 @@ pub(super) fn view(inner: &Inner, attempts: &[Arc<Attempt>]) -> Option<TaskView>
         usage,
         build_started_ms,
         build_finished_ms,
+        build: a.build_info(),
         current_attempt_id: a.meta.attempt_id,
         attempts: views,
     })
@@ -357,7 +378,7 @@ async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSpec, previou
         return;
     }
     attempt.set(&inner, TaskState::Building, "preparing the environment");
-    let launch = match prepare(&inner, &attempt, &spec) {
+    let launch = match super::prepare::prepare(&inner, &attempt, &spec).await {
         Ok(l) => l,
         Err(error) => {
             attempt.finish(&inner, TaskState::Failed, -1, error, None);
@@ -407,60 +428,6 @@ async fn watch_until_exit(
     }
     attempt.finish_from_exit(&inner);
     drop(permit);
-}
-
-/// Makes the task's launch spec: environment, rootfs, mounts, limits, cgroup.
-fn prepare(inner: &Inner, attempt: &Attempt, spec: &TaskSpec) -> Result<LaunchSpec, String> {
-    let config = &inner.config;
-    let workdir = attempt.dir.join(files::WORKDIR);
-    store::write_workdir_files(&workdir, &spec.workdir_files).map_err(|e| format!("writing workdir_files: {e}"))?;
-    let Some(command) = &spec.command else {
-        return Err("pickled entrypoints need the Python environment, which this worker does not provide yet".into());
-    };
-    if let Some(image) = &spec.image {
-        return Err(format!("image {image:?}: images are not supported by this worker yet"));
-    }
-    let (cwd, mounts, rootfs) = match config.runtime {
-        RuntimeKind::Container => (
-            "/workdir".to_string(),
-            vec![Mount { host: workdir.clone(), target: "/workdir".into(), read_only: false }],
-            config.rootfs.clone(),
-        ),
-        RuntimeKind::Process => (workdir.to_string_lossy().into_owned(), vec![], PathBuf::from("/")),
-    };
-    if config.runtime == RuntimeKind::Container && !rootfs.join("bin").exists() {
-        return Err(format!("the root filesystem {} does not exist (run scripts/fixtures)", rootfs.display()));
-    }
-    let env = super::env::task_env(spec, &config.env, &attempt.meta.ports, &cwd);
-    Ok(LaunchSpec {
-        runtime: config.runtime,
-        profile: config.profile,
-        id: store::task_key(&spec.task_id, spec.attempt_id),
-        argv: command.to_argv(),
-        env,
-        cwd_in_task: cwd,
-        hostname: hostname_for(&spec.task_id),
-        rootfs,
-        mounts,
-        limits: spec.limits.clone(),
-        shm_bytes: spec.limits.memory_bytes.map(|m| m / 2).unwrap_or(config.shm_bytes),
-        cgroup: match (&inner.cgroups, &attempt.meta.cgroup) {
-            (Some((layout, _)), Some(path)) => Some((layout.clone(), path.clone())),
-            _ => None,
-        },
-        timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
-    })
-}
-
-/// A hostname from the task id: letters, digits and '-', at most 63 characters.
-fn hostname_for(task_id: &str) -> String {
-    let h: String = task_id
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
-        .take(63)
-        .collect();
-    let h = h.trim_matches('-').to_string();
-    if h.is_empty() { "task".into() } else { h }
 }
 
 /// Takes over the attempts a previous run of the worker left in the state directory.

@@ -10,10 +10,10 @@ mod attempt;
 mod env;
 pub mod history;
 mod ports;
+mod prepare;
 pub mod spec;
 mod state;
 pub mod store;
-mod supervise;
 mod validate;
 
 use std::collections::{BTreeMap, HashMap};
@@ -84,6 +84,23 @@ pub struct ManagerConfig {
     pub supervisor_exe: PathBuf,
     /// Size of /dev/shm when the request gives no memory limit.
     pub shm_bytes: u64,
+    /// The cache root: bundles, venvs, uv's cache.
+    pub cache_dir: PathBuf,
+    /// How Python tasks (a bundle or a pickled entrypoint) get their environment.
+    pub python: PythonConfig,
+}
+
+/// The Python environment of tasks with a bundle or a pickled entrypoint.
+#[derive(Debug, Clone)]
+pub struct PythonConfig {
+    /// The root filesystem (`scripts/fixtures python`).
+    pub rootfs: PathBuf,
+    /// Wheels for uv's `--find-links` (mounted read-only into builds).
+    pub find_links: Option<PathBuf>,
+    /// Builds never use the network (`UV_OFFLINE`).
+    pub offline: bool,
+    /// Memory limit of a venv build.
+    pub build_memory_bytes: u64,
 }
 
 /// A task's resource figures, read on demand.
@@ -130,6 +147,9 @@ pub struct TaskView {
     /// When the current attempt entered BUILDING and left it (Unix ms; 0 = not yet).
     pub build_started_ms: i64,
     pub build_finished_ms: i64,
+    /// The environment built or reused for the task: (from the cache, identifier such as
+    /// `venv:<hash>`), for tasks that have one.
+    pub build: Option<(bool, String)>,
     pub current_attempt_id: i32,
     pub attempts: Vec<AttemptView>,
 }
@@ -168,6 +188,7 @@ pub(crate) struct Inner {
     slots: Arc<Semaphore>,
     ports: Mutex<PortAllocator>,
     listeners: Mutex<Vec<mpsc::UnboundedSender<TaskEvent>>>,
+    venvs: crate::env::VenvCache,
     started: Instant,
     _lock: std::fs::File,
 }
@@ -208,7 +229,17 @@ impl TaskManager {
                 .map_err(io("writing", &config.state_dir.join(PARENT_CGROUP_FILE)))?;
         }
         let (first, last) = config.port_range;
+        let venvs = crate::env::VenvCache::new(crate::env::VenvConfig {
+            python_rootfs: config.python.rootfs.clone(),
+            cache_dir: config.cache_dir.clone(),
+            find_links: config.python.find_links.clone(),
+            offline: config.python.offline,
+            build_memory_bytes: config.python.build_memory_bytes,
+            supervisor_exe: config.supervisor_exe.clone(),
+            cgroups: cgroups.clone(),
+        });
         let inner = Arc::new(Inner {
+            venvs,
             slots: Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1))),
             ports: Mutex::new(PortAllocator::new(first, last)),
             cgroups,
@@ -383,6 +414,13 @@ fn spawn_sampler(inner: &Arc<Inner>) {
 }
 
 impl Inner {
+    /// The task's bundle, extracted (phases show in its status message).
+    async fn fetch_bundle(&self, attempt: &Attempt, path: &str, sha256: Option<&str>) -> Result<PathBuf, String> {
+        let _ = (sha256, &self.config.cache_dir);
+        attempt.set(self, TaskState::Building, "downloading bundle");
+        Err(format!("bundle {path:?}: bundles are not supported by this worker yet"))
+    }
+
     fn emit(&self, event: TaskEvent) {
         lock(&self.listeners).retain(|tx| tx.send(event.clone()).is_ok());
     }
@@ -413,7 +451,7 @@ pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError>
         parents.insert(parent.trim().to_string());
     }
     for (dir, meta) in store::scan(state_dir) {
-        if let Some(sup) = supervise::Supervisor::find(&dir) {
+        if let Some(sup) = crate::supervisor::handle::Supervisor::find(&dir) {
             // A supervisor of a stopped worker still runs its task: end it, and let it
             // record the exit and remove its container.
             sup.request_kill(&dir, 1000)?;

@@ -20,8 +20,14 @@ pub struct TaskSpec {
     /// A pickled Iris entrypoint (run by the Python environment).
     pub serialized_entrypoint: Option<Vec<u8>>,
     pub env_vars: BTreeMap<String, String>,
+    /// `uv sync --extra` names for the bundle's project.
+    pub extras: Vec<String>,
+    /// Packages installed into the venv after the project's dependencies.
+    pub pip_packages: Vec<String>,
     pub image: Option<String>,
     pub bundle_gcs_path: Option<String>,
+    /// Our `bundle_sha256`: the bundle must hash to this (hex).
+    pub bundle_sha256: Option<String>,
     pub timeout: Option<Duration>,
     /// Names of host ports to allocate; each becomes IRIS_PORT_<NAME>.
     pub ports: Vec<String>,

@@ -1,5 +1,5 @@
-//! The worker's handle on a supervisor process: spawn it, learn when the task runs, ask it to
-//! kill the task, and wait for it to exit (also for supervisors adopted after a restart).
+//! The worker's side of a supervisor: spawn it, learn when the task runs, ask it to kill the
+//! task, and wait for it to exit (also for supervisors adopted after a restart).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::supervisor::files::{self, FileError, KillRequest, ProcessId};
+use super::files::{self, ExitRecord, FileError, KillRequest, ProcessId};
 
 /// The descriptor number the supervisor finds its ready pipe on.
 pub const READY_FD: i32 = 3;
@@ -120,4 +120,18 @@ fn is_zombie_child(pid: i32) -> bool {
         .ok()
         .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
         .unwrap_or(false)
+}
+
+/// Runs the launch spec already written in `dir` to its end under a new supervisor and
+/// returns its exit record (for short steps such as environment builds).
+pub async fn run_to_exit(exe: &Path, dir: &Path) -> Result<ExitRecord, FileError> {
+    let io_err = |source| FileError::Io { op: "starting a supervisor in", path: dir.to_path_buf(), source };
+    let (sup, ready) = spawn(exe, dir).map_err(io_err)?;
+    let _ = wait_ready(ready).await;
+    sup.wait_exit().await.map_err(io_err)?;
+    files::read_json(dir, files::EXIT)?.ok_or_else(|| FileError::Io {
+        op: "reading the exit record in",
+        path: dir.to_path_buf(),
+        source: io::Error::other("the supervisor recorded no exit"),
+    })
 }

@@ -1,0 +1,15 @@
+//! A task's environment beyond the bare rootfs: the Python root filesystem, the venv built
+//! for the task's bundle (cached, single-flight), and the runner of pickled Iris entrypoints.
+//!
+//! This module decides *what* a Python task runs in; builds run in containers of the same
+//! runtime, each under its own supervisor, and log into the log of the task they build for.
+
+pub mod entrypoint;
+pub mod venv;
+
+pub use venv::{PythonEnv, VenvCache, VenvConfig, VenvError, VenvRequest};
+
+/// Where a task's bundle is mounted.
+pub const APP: &str = "/app";
+/// Where the task's venv is mounted (inside the bundle's mount, as Iris lays it out).
+pub const VENV: &str = "/app/.venv";

@@ -174,3 +174,117 @@ async fn concurrent_tasks_with_the_same_new_dependencies_build_once() {
     }
     assert_eq!(built, 1, "one build for five tasks");
 }
+
+/// A zip of a small uv project whose dependency (six) is among the fixture wheels.
+fn project_zip(dir: &std::path::Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("bundle.zip");
+    let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let opts = zip::write::SimpleFileOptions::default();
+    let files = [
+        (
+            "pyproject.toml",
+            "[project]\nname = \"demo\"\nversion = \"0.1.0\"\nrequires-python = \">=3.11\"\ndependencies = [\"six\"]\n",
+        ),
+        ("demo_pkg/__init__.py", "import six\n\ndef work(n):\n    return n * 2, six.__version__\n"),
+    ];
+    for (name, content) in files {
+        z.start_file(name, opts).unwrap();
+        z.write_all(content.as_bytes()).unwrap();
+    }
+    z.finish().unwrap();
+    path
+}
+
+const USES_BUNDLE: &str = r#"
+def fn(n):
+    import os, demo_pkg
+    print("cwd", os.getcwd(), "index", os.environ["IRIS_TASK_INDEX"], "of", os.environ["IRIS_NUM_TASKS"])
+    return demo_pkg.work(n)
+args = (21,)
+kwargs = {}
+"#;
+
+fn sha256_hex(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn an_iris_request_over_connect_runs_a_callable_from_a_file_bundle() {
+    let (w, _cache) = python_worker("bundle").await;
+    let files = tempfile::Builder::new().prefix("iris-worker-test-bundle-").tempdir().unwrap();
+    let zip = project_zip(files.path());
+    // Exactly the fields an Iris controller sends, over Connect with application/proto.
+    let req = worker::RunTaskRequest {
+        job_id: "iris-job".into(),
+        task_id: "iris-job/task-1".into(),
+        task_index: 1,
+        num_tasks: 2,
+        serialized_entrypoint: pickle(USES_BUNDLE),
+        environment: Some(EnvironmentConfig {
+            source: Some(iris_worker::proto::environment_config::Source::Workspace("/ignored".into())),
+            env_vars: [("GREETING".to_string(), "hi".to_string())].into(),
+            ..Default::default()
+        }),
+        bundle_gcs_path: format!("file://{}", zip.display()),
+        resources: Some(iris_worker::proto::ResourceSpecProto { cpu: 1, memory_bytes: 1 << 30, ..Default::default() }),
+        ports: vec!["actor".into()],
+        attempt_id: 0,
+        ..Default::default()
+    };
+    let connect = iris_worker::rpc::connect::ConnectClient::new(&w.addr());
+    let resp: worker::RunTaskResponse =
+        connect.call("iris.cluster.WorkerService", "RunTask", &req, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(resp.task_id, "iris-job/task-1");
+    let mut c = w.client().await;
+    let s = wait_end(&mut c, "iris-job/task-1", BUILD).await;
+    let logs = all_logs(&mut c, "iris-job/task-1").await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}\n{logs:#?}");
+    assert!(logs.iter().any(|l| l.source == "stdout" && l.data == "cwd /app index 1 of 2"), "{logs:#?}");
+    let result = w.state_dir().join("tasks/iris-job_2ftask-1.0/workdir/_result.pkl");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import sys, cloudpickle; print(cloudpickle.load(open(sys.argv[1], 'rb')))")
+        .arg(&result)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "(42, '1.16.0')");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_bundle_over_http_works_and_a_wrong_sha256_fails_without_caching() {
+    use axum::routing::get;
+    let (w, cache) = python_worker("http").await;
+    let files = tempfile::Builder::new().prefix("iris-worker-test-bundle-").tempdir().unwrap();
+    let zip = project_zip(files.path());
+    let bytes = std::fs::read(&zip).unwrap();
+    let app = axum::Router::new().route("/b/bundle.zip", get(move || async move { bytes.clone() }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = format!("http://127.0.0.1:{port}/b/bundle.zip");
+    let mut c = w.client().await;
+
+    let mut bad = entrypoint_task("http/bad", pickle(USES_BUNDLE));
+    bad.bundle_gcs_path = url.clone();
+    bad.bundle_sha256 = "0".repeat(64);
+    c.run_task(bad).await.unwrap();
+    let s = wait_end(&mut c, "http/bad", BUILD).await;
+    assert_eq!(state_of(&s), TaskState::Failed, "{s:?}");
+    assert!(s.error.contains("sha256") && s.error.contains("expected"), "{}", s.error);
+    let cached: Vec<_> = std::fs::read_dir(cache.path().join("bundles"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).filter(|n| !n.to_string_lossy().starts_with('.')).collect())
+        .unwrap_or_default();
+    assert!(cached.is_empty(), "nothing cached: {cached:?}");
+
+    let mut good = entrypoint_task("http/good", pickle(USES_BUNDLE));
+    good.bundle_gcs_path = url;
+    good.bundle_sha256 = sha256_hex(&zip);
+    c.run_task(good).await.unwrap();
+    let s = wait_end(&mut c, "http/good", BUILD).await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}");
+    server.abort();
+}

@@ -48,6 +48,8 @@ pub(crate) struct Attempt {
     history: Mutex<History>,
     /// The environment's identity and whether it came from the cache (BuildMetrics).
     build: Mutex<Option<(bool, String)>>,
+    /// The bundle the attempt runs from, held so the cache keeps it while the task runs.
+    bundle: Mutex<Option<crate::bundle::Bundle>>,
 }
 
 impl Attempt {
@@ -72,6 +74,7 @@ impl Attempt {
             done: watch::channel(false),
             history: Mutex::new(History::default()),
             build: Mutex::new(None),
+            bundle: Mutex::new(None),
         })
     }
 
@@ -109,6 +112,10 @@ impl Attempt {
     pub(super) fn set_build(&self, env: &crate::env::PythonEnv) {
         let tag = format!("venv:{}", &env.key[..16.min(env.key.len())]);
         *lock(&self.build) = Some((env.from_cache, tag));
+    }
+
+    pub(super) fn hold_bundle(&self, bundle: crate::bundle::Bundle) {
+        *lock(&self.bundle) = Some(bundle);
     }
 
     /// (from_cache, image_tag) of the attempt's environment, once known.
@@ -170,6 +177,7 @@ impl Attempt {
         drop(st);
         lock(&self.history).end();
         lock(&inner.ports).release(self.meta.ports.values().copied());
+        lock(&self.bundle).take();
         tracing::info!(task_id = %self.meta.task_id, attempt = self.meta.attempt_id, state = state.name(), "task ended");
         self.emit(inner);
         let _ = self.done.0.send(true);

@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use tokio::sync::{Notify, Semaphore, mpsc};
 
+use crate::bundle::{BundleCache, BundleConfig, Phase};
 use crate::cgroup::{CgroupError, CgroupStats, Layout};
 use crate::logs::{LogError, LogFilter, LogLine};
 use crate::runtime::{Profile, RuntimeKind};
@@ -189,6 +190,7 @@ pub(crate) struct Inner {
     ports: Mutex<PortAllocator>,
     listeners: Mutex<Vec<mpsc::UnboundedSender<TaskEvent>>>,
     venvs: crate::env::VenvCache,
+    bundles: tokio::sync::OnceCell<Result<BundleCache, String>>,
     started: Instant,
     _lock: std::fs::File,
 }
@@ -240,6 +242,7 @@ impl TaskManager {
         });
         let inner = Arc::new(Inner {
             venvs,
+            bundles: tokio::sync::OnceCell::new(),
             slots: Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1))),
             ports: Mutex::new(PortAllocator::new(first, last)),
             cgroups,
@@ -414,11 +417,30 @@ fn spawn_sampler(inner: &Arc<Inner>) {
 }
 
 impl Inner {
-    /// The task's bundle, extracted (phases show in its status message).
+    /// The task's bundle, extracted (phases show in its status message). The attempt holds
+    /// it until it ends, so the cache never evicts a bundle a running task uses.
     async fn fetch_bundle(&self, attempt: &Attempt, path: &str, sha256: Option<&str>) -> Result<PathBuf, String> {
-        let _ = (sha256, &self.config.cache_dir);
-        attempt.set(self, TaskState::Building, "downloading bundle");
-        Err(format!("bundle {path:?}: bundles are not supported by this worker yet"))
+        // Opened on first use: the cache locks its directory, and workers that never fetch a
+        // bundle (tests, command-only hosts) need not share or lock it.
+        let cache = self
+            .bundles
+            .get_or_init(|| async {
+                let dir = self.config.cache_dir.join("bundles");
+                BundleCache::new(BundleConfig::new(dir)).map_err(|e| e.to_string())
+            })
+            .await
+            .as_ref()
+            .map_err(Clone::clone)?;
+        attempt.set(self, TaskState::Building, Phase::Downloading.message());
+        let bundle = cache
+            .get(path, sha256, |phase| attempt.set(self, TaskState::Building, phase.message()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let dir = bundle.path().to_path_buf();
+        // The venv is mounted at /app/.venv over the read-only bundle: it needs a mount point.
+        let _ = std::fs::create_dir_all(dir.join(".venv"));
+        attempt.hold_bundle(bundle);
+        Ok(dir)
     }
 
     fn emit(&self, event: TaskEvent) {

@@ -45,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
         supervisor_exe: exe,
         shm_bytes: 64 << 20,
         cache_dir: "/var/cache/iris-worker".into(),
+        workdir_retention: None,
         python: PythonConfig {
             rootfs: "/var/cache/iris-worker/rootfs/python".into(),
             find_links: None,

@@ -394,3 +394,20 @@ async fn a_higher_attempt_replaces_a_running_one_and_the_same_attempt_is_refused
     let err = c.run_task(stale).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_finished_tasks_workdir_is_removed_after_the_retention_and_its_log_is_kept() {
+    let w = Worker::start("retention", &["--workdir-retention", "1"]).await;
+    let mut c = w.client().await;
+    c.run_task(sh("keep/task-0", "echo kept > /workdir/out.txt; echo done")).await.unwrap();
+    let s = wait_end(&mut c, "keep/task-0", LONG).await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}");
+    let workdir = w.state_dir().join("tasks/keep_2ftask-0.0/workdir");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while workdir.exists() {
+        assert!(Instant::now() < deadline, "the workdir outlived its retention");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(lines_of(&all_logs(&mut c, "keep/task-0").await, "stdout"), ["done"], "the log is kept");
+}

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Memory limit of a venv build, e.g. 4G [default: 4G].
     #[arg(long, env = "IRIS_WORKER_BUILD_MEMORY")]
     pub build_memory: Option<String>,
+    /// Seconds a finished task's workdir is kept (its log stays); 0 keeps it until
+    /// `cleanup` [default: 86400].
+    #[arg(long, env = "IRIS_WORKER_WORKDIR_RETENTION")]
+    pub workdir_retention: Option<u64>,
     /// How tasks run [default: container].
     #[arg(long, env = "IRIS_WORKER_RUNTIME", value_enum)]
     pub runtime: Option<RuntimeKind>,
@@ -87,6 +91,7 @@ struct FileConfig {
     uv_find_links: Option<PathBuf>,
     uv_offline: Option<bool>,
     build_memory: Option<String>,
+    workdir_retention: Option<u64>,
     runtime: Option<RuntimeKind>,
     profile: Option<Profile>,
     max_concurrent_tasks: Option<usize>,
@@ -109,6 +114,7 @@ pub struct ServeConfig {
     pub uv_find_links: Option<PathBuf>,
     pub uv_offline: bool,
     pub build_memory_bytes: u64,
+    pub workdir_retention: Option<std::time::Duration>,
     pub runtime: RuntimeKind,
     pub profile: Profile,
     pub max_concurrent_tasks: usize,
@@ -151,6 +157,10 @@ impl ServeArgs {
             python_rootfs: self.python_rootfs.or(file.python_rootfs).unwrap_or_else(|| cache_dir.join("rootfs/python")),
             uv_find_links: self.uv_find_links.or(file.uv_find_links),
             uv_offline: self.uv_offline.or(file.uv_offline).unwrap_or(false),
+            workdir_retention: match self.workdir_retention.or(file.workdir_retention).unwrap_or(86_400) {
+                0 => None,
+                s => Some(std::time::Duration::from_secs(s)),
+            },
             build_memory_bytes: parse_size(&self.build_memory.or(file.build_memory).unwrap_or_else(|| "4G".into()))
                 .context("build_memory")?,
             cache_dir,

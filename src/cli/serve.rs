@@ -35,6 +35,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         supervisor_exe: exe,
         shm_bytes: 64 << 20,
         cache_dir: config.cache_dir.clone(),
+        workdir_retention: config.workdir_retention,
         python: PythonConfig {
             rootfs: config.python_rootfs.clone(),
             find_links: config.uv_find_links.clone(),

@@ -82,6 +82,12 @@ impl Attempt {
         lock(&self.status).state
     }
 
+    /// When the attempt ended, once it has.
+    pub(crate) fn finished_at_ms(&self) -> Option<i64> {
+        let st = lock(&self.status);
+        st.state.is_terminal().then_some(st.finished_at_ms)
+    }
+
     /// Ends the attempt: directly through its supervisor once the command runs, otherwise
     /// by parking the request for the driver (a PENDING or BUILDING attempt just stops).
     pub(crate) fn request_kill(&self, grace_ms: u64) {

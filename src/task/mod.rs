@@ -11,6 +11,7 @@ mod env;
 pub mod history;
 mod ports;
 mod prepare;
+mod retention;
 pub mod spec;
 mod state;
 pub mod store;
@@ -89,6 +90,9 @@ pub struct ManagerConfig {
     pub cache_dir: PathBuf,
     /// How Python tasks (a bundle or a pickled entrypoint) get their environment.
     pub python: PythonConfig,
+    /// How long a finished task's workdir is kept (its log is kept regardless); `None` keeps
+    /// workdirs until `cleanup`.
+    pub workdir_retention: Option<std::time::Duration>,
 }
 
 /// The Python environment of tasks with a bundle or a pickled entrypoint.
@@ -254,6 +258,7 @@ impl TaskManager {
         });
         attempt::adopt_all(&inner);
         spawn_sampler(&inner);
+        retention::spawn_janitor(&inner);
         Ok(TaskManager { inner })
     }
 

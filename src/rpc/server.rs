@@ -22,7 +22,8 @@ pub enum ServeError {
     Io { addr: SocketAddr, source: std::io::Error },
 }
 
-/// The whole router: gRPC with reflection, Connect, and the web pages of [`crate::web`].
+/// The whole router: gRPC with reflection, Connect, and the web pages of [`crate::web`], with
+/// the web's middleware counting WorkerService calls for `/metrics`.
 pub fn router(service: WorkerServiceImpl) -> Result<Router, ServeError> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -36,13 +37,14 @@ pub fn router(service: WorkerServiceImpl) -> Result<Router, ServeError> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .into_axum_router();
-    let http = worker_router(service.clone()).merge(crate::web::router(service.manager().clone()));
-    Ok(Router::new().fallback_service(tower::service_fn(move |req: Request<Body>| {
+    let web = crate::web::Web::new(service.manager().clone());
+    let http = worker_router(service.clone()).merge(web.router());
+    Ok(web.track_rpcs(Router::new().fallback_service(tower::service_fn(move |req: Request<Body>| {
         let is_grpc =
             req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let target = if is_grpc { grpc.clone() } else { http.clone() };
         target.oneshot(req)
-    })))
+    }))))
 }
 
 /// Serves `service` on `listener` until `shutdown` completes.

@@ -1,45 +1,101 @@
-//! Pages and JSON on the worker's port: `/health`, `/api/tasks`, `/api/task/<id>`, and a
-//! plain task list at `/`. Everything that comes from a task is HTML-escaped.
+//! The dashboard, the JSON API and the Prometheus metrics, on the worker's one port (every
+//! request that is not gRPC or Connect comes here).
+//!
+//! - [`pages`]: `/` (the task list) and `/task/<id>` (one task), with their assets
+//!   (`/assets/…`, embedded in the binary);
+//! - [`api`]: `/api/tasks`, `/api/task/<id>`, `/api/logs/<id>`, `/api/stats/<id>`,
+//!   `/api/worker`, `/health`, `/metrics`;
+//! - [`sse`]: the live updates, `/api/events/tasks` and `/api/events/task/<id>`;
+//! - [`snapshot`]: the list computed once a second for all viewers;
+//! - [`metrics`]: the `/metrics` text and the RPC middleware that counts calls;
+//! - [`host`]: the host's CPU and memory for the list's header.
+//!
+//! Task ids contain `/`, so routes that take one end with it. Everything that comes from a
+//! task is escaped: server-side with [`escape`], in the pages with `textContent`.
+
+mod api;
+mod host;
+mod metrics;
+mod pages;
+mod snapshot;
+mod sse;
+
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use tokio::sync::watch;
 
-use crate::rpc::connect::Codec;
+pub use api::LOG_LINES_HEADER;
+pub use metrics::{CACHES, Metrics, track_rpc};
+
 use crate::task::TaskManager;
 
-/// The web routes over `manager`.
+/// The web side of a worker. Cheap to clone.
+#[derive(Clone)]
+pub struct Web {
+    inner: Arc<WebInner>,
+}
+
+struct WebInner {
+    manager: TaskManager,
+    metrics: Arc<Metrics>,
+    host: host::HostSampler,
+    /// The list's producer while anyone watches (see [`snapshot`]).
+    snapshots: Mutex<Option<watch::Receiver<Arc<snapshot::Snapshot>>>>,
+}
+
+impl Web {
+    /// The web side over `manager`. Inside a tokio runtime it starts following the manager's
+    /// events for the build and finished-task metrics.
+    pub fn new(manager: TaskManager) -> Web {
+        let metrics = Arc::new(Metrics::default());
+        metrics.follow(&manager);
+        Web {
+            inner: Arc::new(WebInner {
+                manager,
+                metrics,
+                host: host::HostSampler::default(),
+                snapshots: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The figures behind `/metrics` (the RPC middleware records into them).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
+    }
+
+    /// The pages, the API and the metrics.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/", get(pages::index))
+            .route("/task/{*task_id}", get(pages::task))
+            .route("/assets/{name}", get(pages::asset))
+            .route("/health", get(|| async { "ok\n" }))
+            .route("/metrics", get(api::metrics))
+            .route("/api/tasks", get(api::tasks))
+            .route("/api/task/{*task_id}", get(api::task))
+            .route("/api/logs/{*task_id}", get(api::logs))
+            .route("/api/stats/{*task_id}", get(api::stats))
+            .route("/api/worker", get(api::worker_figures))
+            .route("/api/events/tasks", get(sse::tasks))
+            .route("/api/events/task/{*task_id}", get(sse::task))
+            .with_state(self.clone())
+    }
+
+    /// `router` with the middleware that counts its WorkerService calls for `/metrics`.
+    pub fn track_rpcs(&self, router: Router) -> Router {
+        router.layer(axum::middleware::from_fn_with_state(self.metrics(), track_rpc))
+    }
+}
+
+/// The web routes over `manager` (without RPC counting).
 pub fn router(manager: TaskManager) -> Router {
-    Router::new()
-        .route("/health", get(|| async { "ok\n" }))
-        .route("/api/tasks", get(api_tasks))
-        .route("/api/task/{*task_id}", get(api_task))
-        .route("/", get(index))
-        .with_state(manager)
+    Web::new(manager).router()
 }
 
-fn json<M: prost::Message>(name: &str, msg: &M) -> Response {
-    match Codec::Json.encode(name, msg) {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
-    }
-}
-
-async fn api_tasks(State(m): State<TaskManager>) -> Response {
-    let tasks = m.list().into_iter().map(crate::rpc::task_status_proto).collect();
-    json("iris.cluster.Worker.ListTasksResponse", &crate::proto::worker::ListTasksResponse { tasks })
-}
-
-async fn api_task(State(m): State<TaskManager>, Path(task_id): Path<String>) -> Response {
-    match m.status(&task_id) {
-        Ok(v) => json("iris.cluster.TaskStatus", &crate::rpc::task_status_proto(v)),
-        Err(e) => (StatusCode::NOT_FOUND, e.to_string()).into_response(),
-    }
-}
-
-/// Escapes text for HTML.
+/// Escapes text for HTML (element content and quoted attribute values).
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -53,33 +109,6 @@ pub fn escape(s: &str) -> String {
         }
     }
     out
-}
-
-async fn index(State(m): State<TaskManager>) -> Html<String> {
-    let h = m.health();
-    let mut rows = String::new();
-    for t in m.list() {
-        let u = t.usage.clone().unwrap_or_default();
-        rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{} MiB</td><td>{} MiB</td><td>{:.0}%</td><td>{}</td><td>{}</td></tr>\n",
-            escape(&t.task_id),
-            t.state.name(),
-            u.memory_bytes >> 20,
-            u.memory_peak_bytes >> 20,
-            u.cpu_percent,
-            u.processes,
-            escape(&t.error),
-        ));
-    }
-    Html(format!(
-        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2><title>iris-worker {id}</title>\
-         <style>body{{font-family:sans-serif}}td,th{{padding:2px 8px;text-align:left}}</style></head><body>\
-         <h1>iris-worker {id}</h1><p>{running} running, up {up} s</p>\
-         <table><tr><th>task</th><th>state</th><th>memory</th><th>peak</th><th>cpu</th><th>procs</th><th>error</th></tr>\n{rows}</table></body></html>",
-        id = escape(m.worker_id()),
-        running = h.running_tasks,
-        up = h.uptime_ms / 1000,
-    ))
 }
 
 #[cfg(test)]

@@ -24,11 +24,18 @@ pub fn worker_router(service: WorkerServiceImpl) -> Router {
     Router::new().route("/iris.cluster.WorkerService/{method}", post(handle)).with_state(service)
 }
 
+/// The outcome of a Connect call, put on its response as an extension (the RPC metrics of
+/// `web/` count calls by code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallCode(pub Code);
+
 /// A Connect error response.
 pub fn error_response(status: &Status) -> Response {
     let body = serde_json::json!({ "code": code_name(status.code()), "message": status.message() });
     let http = StatusCode::from_u16(http_status(status.code())).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (http, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    let mut resp = (http, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+    resp.extensions_mut().insert(CallCode(status.code()));
+    resp
 }
 
 async fn handle(
@@ -65,7 +72,11 @@ async fn handle(
         None => call.await,
     };
     match result {
-        Ok(bytes) => ([(header::CONTENT_TYPE, codec.content_type())], Body::from(bytes)).into_response(),
+        Ok(bytes) => {
+            let mut resp = ([(header::CONTENT_TYPE, codec.content_type())], Body::from(bytes)).into_response();
+            resp.extensions_mut().insert(CallCode(Code::Ok));
+            resp
+        }
         Err(status) => error_response(&status),
     }
 }

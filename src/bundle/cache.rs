@@ -313,13 +313,13 @@ mod tests {
     #[test]
     fn loading_slots_are_not_counted_or_evicted() {
         let mut index = Index::default();
-        let (_tx, rx) = watch::channel(Flight::Running(super::super::Phase::Downloading));
+        let (_tx, rx) = watch::channel(Flight::Running(Vec::new()));
         index.start("x", rx);
         assert!(matches!(index.lookup("x"), Lookup::Loading(_)));
         assert!(index.evict(0, 0, None).is_empty());
         index.finish("x", None);
         assert!(matches!(index.lookup("x"), Lookup::Missing));
-        index.start("x", watch::channel(Flight::Running(super::super::Phase::Downloading)).1);
+        index.start("x", watch::channel(Flight::Running(Vec::new())).1);
         index.finish("x", Some(entry("x", 7)));
         assert_eq!(index.totals(), (1, 7));
     }

@@ -8,12 +8,14 @@
 //! limits so a zip bomb stops at the limit, not at the end; symlinks are created last. The caller
 //! extracts into a temporary directory and removes it if this fails.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use zip::ZipArchive;
@@ -27,8 +29,9 @@ pub struct ExtractLimits {
     pub max_total_bytes: u64,
     /// Entries (files, directories, symlinks) a bundle may hold.
     pub max_entries: u64,
-    /// How many times its compressed size one entry may expand to, once it is past
-    /// [`RATIO_FLOOR`] bytes (small files of repeated text legitimately compress very well).
+    /// How many times the compressed bytes read so far one entry may expand to, once it is
+    /// past [`RATIO_FLOOR`] bytes (small files of repeated text legitimately compress very
+    /// well). Checked as it decompresses, so a bomb stops a few megabytes in.
     pub max_ratio: u64,
 }
 
@@ -83,8 +86,10 @@ pub enum ExtractError {
     Duplicate { entry: String },
     #[error("entry {entry:?} takes the bundle past its limit of {limit} bytes uncompressed")]
     TooManyBytes { entry: String, limit: u64 },
-    #[error("entry {entry:?} expands to more than {limit}× its {compressed} compressed bytes (a zip bomb?)")]
-    RatioExceeded { entry: String, compressed: u64, limit: u64 },
+    #[error(
+        "entry {entry:?} expands more than {limit}× (to {written} bytes from {compressed} compressed bytes read so far): a zip bomb?"
+    )]
+    RatioExceeded { entry: String, written: u64, compressed: u64, limit: u64 },
     #[error("entry {entry:?} cannot be read: {source}")]
     Entry { entry: String, source: Arc<ZipError> },
     #[error("entry {entry:?}: {action}: {source}")]
@@ -118,6 +123,26 @@ struct Planned {
     kind: Kind,
 }
 
+/// A reader that counts the bytes read through it.
+struct Counting<R> {
+    inner: R,
+    count: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for Counting<R> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
 /// Extracts the zip archive at `archive` into `dest`, an empty directory, within `limits`.
 pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<Extracted, ExtractError> {
     let open_err = |source: io::Error| ExtractError::Archive { source: Arc::new(ZipError::Io(source)) };
@@ -130,8 +155,12 @@ pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<Ex
         return Err(ExtractError::TooManyEntries { count, limit: limits.max_entries });
     }
     file.seek(SeekFrom::Start(0)).map_err(open_err)?;
-    let mut zip =
-        ZipArchive::new(BufReader::new(file)).map_err(|source| ExtractError::Archive { source: Arc::new(source) })?;
+    // The ratio limit compares what an entry expands to with the compressed bytes the
+    // decompressor has actually read so far (a header's sizes can lie): `Counting` sits between
+    // the zip reader and the buffered file and counts every byte handed over.
+    let consumed = Rc::new(Cell::new(0));
+    let reader = Counting { inner: BufReader::new(file), count: consumed.clone() };
+    let mut zip = ZipArchive::new(reader).map_err(|source| ExtractError::Archive { source: Arc::new(source) })?;
     let count = zip.len() as u64;
     if count > limits.max_entries {
         return Err(ExtractError::TooManyEntries { count, limit: limits.max_entries });
@@ -143,8 +172,8 @@ pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<Ex
             Kind::Dir => writer.make_dirs(&entry.name, &entry.parts)?,
             Kind::File { executable } => {
                 let mut file = zip.by_index(entry.index).map_err(|e| ExtractError::entry(&entry.name, e))?;
-                let compressed = file.compressed_size();
-                writer.write_file(entry, *executable, compressed, &mut file)?;
+                consumed.set(0);
+                writer.write_file(entry, *executable, &consumed, &mut file)?;
             }
             Kind::Symlink { .. } => {}
         }
@@ -364,7 +393,7 @@ impl<'a> Writer<'a> {
         &mut self,
         entry: &Planned,
         executable: bool,
-        compressed: u64,
+        consumed: &Cell<u64>,
         contents: &mut impl Read,
     ) -> Result<(), ExtractError> {
         let name = entry.name.as_str();
@@ -394,9 +423,11 @@ impl<'a> Writer<'a> {
             if self.total > self.limits.max_total_bytes {
                 return Err(ExtractError::TooManyBytes { entry: name.to_owned(), limit: self.limits.max_total_bytes });
             }
+            let compressed = consumed.get();
             if written > RATIO_FLOOR && written / compressed.max(1) >= self.limits.max_ratio {
                 return Err(ExtractError::RatioExceeded {
                     entry: name.to_owned(),
+                    written,
                     compressed,
                     limit: self.limits.max_ratio,
                 });

@@ -114,11 +114,12 @@ pub enum BundleError {
     Internal { path: String, reason: String },
 }
 
-/// The state of one fetch, as its followers see it.
+/// The state of one fetch, as its followers see it: the phases so far, then its outcome (the
+/// bundle itself is in the index).
 #[derive(Debug, Clone)]
 pub(crate) enum Flight {
-    Running(Phase),
-    Done(Result<Arc<Entry>, BundleError>),
+    Running(Vec<Phase>),
+    Done(Result<(), BundleError>),
 }
 
 /// An extracted bundle, kept in the cache for as long as this (or a clone) lives.
@@ -225,16 +226,16 @@ impl BundleCache {
             None => None,
         };
         let key = key_for(path);
-        // A second round only when the fetch we waited on failed on another caller's sha256:
-        // ours may well match.
-        for _ in 0..2 {
+        // Another round when the fetch we followed failed on another caller's sha256 (ours may
+        // well match), or its bundle was evicted before we took it (a cache over its bounds).
+        for _ in 0..3 {
             let (mut rx, leader) = {
                 let mut index = self.inner.index();
                 match index.lookup(&key) {
                     Lookup::Ready(entry) => return self.hand_out(path, entry, &expected, true),
                     Lookup::Loading(rx) => (rx, false),
                     Lookup::Missing => {
-                        let (tx, rx) = watch::channel(Flight::Running(Phase::Downloading));
+                        let (tx, rx) = watch::channel(Flight::Running(Vec::new()));
                         index.start(&key, rx.clone());
                         let inner = self.inner.clone();
                         let job = Job { key: key.clone(), path: path.to_owned(), expected: expected.clone() };
@@ -244,7 +245,13 @@ impl BundleCache {
                 }
             };
             match follow(path, &mut rx, &progress).await {
-                Ok(entry) => return self.hand_out(path, entry, &expected, !leader),
+                Ok(()) => {
+                    // The fetch's result is taken from the index, so that the channel never
+                    // holds a reference that would keep the bundle from being evicted.
+                    if let Lookup::Ready(entry) = self.inner.index().lookup(&key) {
+                        return self.hand_out(path, entry, &expected, !leader);
+                    }
+                }
                 Err(BundleError::HashMismatch { expected: theirs, .. })
                     if !leader && Some(&theirs) != expected.as_ref() => {}
                 Err(e) => return Err(e),
@@ -252,7 +259,7 @@ impl BundleCache {
         }
         Err(BundleError::Internal {
             path: path.to_owned(),
-            reason: "its fetch failed twice on other callers' sha256".to_owned(),
+            reason: "three fetches in a row failed on other callers' sha256 or were evicted at once".to_owned(),
         })
     }
 
@@ -287,20 +294,16 @@ fn parse_sha256(path: &str, given: &str) -> Result<String, BundleError> {
 }
 
 /// Follows a fetch to its end, telling `progress` each new phase.
-async fn follow(
-    path: &str,
-    rx: &mut watch::Receiver<Flight>,
-    progress: &impl Fn(Phase),
-) -> Result<Arc<Entry>, BundleError> {
-    let mut told = None;
+async fn follow(path: &str, rx: &mut watch::Receiver<Flight>, progress: &impl Fn(Phase)) -> Result<(), BundleError> {
+    let mut told = 0;
     loop {
         let flight = rx.borrow_and_update().clone();
         match flight {
-            Flight::Running(phase) => {
-                if told != Some(phase) {
-                    progress(phase);
-                    told = Some(phase);
+            Flight::Running(phases) => {
+                for phase in phases.iter().skip(told) {
+                    progress(*phase);
                 }
+                told = told.max(phases.len());
             }
             Flight::Done(result) => return result,
         }
@@ -340,8 +343,20 @@ async fn run(inner: Arc<Inner>, job: Job, tx: watch::Sender<Flight>) {
         }
         Err(e) => tracing::warn!(bundle = %job.path, error = %e, "bundle failed"),
     }
-    tx.send_replace(Flight::Done(result));
     dispose(trash);
+    // Let go of the cache and the entry before telling anyone: then a bundle dropped right
+    // after `get` returns is evictable, and a cache dropped then releases its directory lock.
+    drop(inner);
+    tx.send_replace(Flight::Done(result.map(|_| ())));
+}
+
+/// Tells the followers a new phase began.
+fn enter(tx: &watch::Sender<Flight>, phase: Phase) {
+    tx.send_modify(|flight| {
+        if let Flight::Running(phases) = flight {
+            phases.push(phase);
+        }
+    });
 }
 
 /// Download, verify, extract, commit.
@@ -361,7 +376,7 @@ async fn fetch_and_extract(
         .tempfile_in(&tmp)
         .map_err(|e| io_err("creating a download file", e))?;
     let file = download.reopen().map_err(|e| io_err("opening the download file", e))?;
-    tx.send_replace(Flight::Running(Phase::Downloading));
+    enter(tx, Phase::Downloading);
     let limits = inner.config.limits;
     // The archive can't be much bigger than what it expands to: deflate adds a fraction of a
     // percent to incompressible data, and each entry some headers.
@@ -370,7 +385,7 @@ async fn fetch_and_extract(
         .saturating_add(limits.max_total_bytes / 64)
         .saturating_add(limits.max_entries.saturating_mul(1024));
     let got = fetch::download(path, &location, file, max_download).await?;
-    tx.send_replace(Flight::Running(Phase::Verifying));
+    enter(tx, Phase::Verifying);
     if let Some(expected) = &job.expected
         && *expected != got.sha256
     {
@@ -380,7 +395,7 @@ async fn fetch_and_extract(
             actual: got.sha256,
         });
     }
-    tx.send_replace(Flight::Running(Phase::Extracting));
+    enter(tx, Phase::Extracting);
     let inner = inner.clone();
     let (key, source) = (job.key.clone(), job.path.clone());
     tokio::task::spawn_blocking(move || {

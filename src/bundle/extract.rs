@@ -68,6 +68,8 @@ pub enum ExtractError {
     Archive { source: Arc<ZipError> },
     #[error("the archive declares {count} entries, more than the limit of {limit}")]
     TooManyEntries { count: u64, limit: u64 },
+    #[error("the archive's entries share compressed data (an overlapping zip bomb)")]
+    Overlapping,
     #[error("entry {entry:?} is an absolute path")]
     AbsolutePath { entry: String },
     #[error("entry {entry:?} contains '..', which could escape the bundle")]
@@ -164,6 +166,13 @@ pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<Ex
     let count = zip.len() as u64;
     if count > limits.max_entries {
         return Err(ExtractError::TooManyEntries { count, limit: limits.max_entries });
+    }
+    // Entries sharing compressed data multiply an archive's output with no entry's ratio
+    // standing out (the "non-recursive" zip bomb); no tool makes such archives for real files.
+    match zip.has_overlapping_files() {
+        Ok(false) => {}
+        Ok(true) => return Err(ExtractError::Overlapping),
+        Err(source) => return Err(ExtractError::Archive { source: Arc::new(source) }),
     }
     let plan = plan(&mut zip)?;
     let mut writer = Writer::new(dest, limits);
@@ -624,6 +633,19 @@ mod tests {
         let limits = ExtractLimits { max_entries: 2, ..ExtractLimits::default() };
         let (_dir, result) = run(&bytes, &limits);
         assert!(matches!(result, Err(ExtractError::TooManyEntries { count: 3, limit: 2 })));
+    }
+
+    #[test]
+    fn entries_sharing_data_are_rejected() {
+        let mut w = zip::ZipWriter::new(io::Cursor::new(Vec::new()));
+        w.start_file("a", SimpleFileOptions::default()).unwrap();
+        w.write_all(&[0; 4096]).unwrap();
+        for i in 0..3 {
+            w.shallow_copy_file("a", &format!("copy{i}")).unwrap();
+        }
+        let bytes = w.finish().unwrap().into_inner();
+        let (_dir, result) = run(&bytes, &ExtractLimits::default());
+        assert!(matches!(result, Err(ExtractError::Overlapping)), "{result:?}");
     }
 
     #[test]

@@ -378,6 +378,35 @@ async fn a_restarted_cache_finds_its_bundles() {
     assert_eq!(served.gets("/b.zip"), 1);
 }
 
+/// A fetch whose runtime shuts down mid-download (a worker stopping) leaves no stuck entry:
+/// the next get on another runtime fetches again.
+#[test]
+fn a_fetch_cut_off_by_its_runtime_is_retried() {
+    let server = tokio::runtime::Runtime::new().unwrap();
+    let (served, addr) = server.block_on(serve());
+    served.put("/b.zip", sample_bundle());
+    *served.delay.lock().unwrap() = Duration::from_millis(500);
+    let work = tempfile::tempdir().unwrap();
+    let cache = BundleCache::new(config(&work.path().join("cache"))).unwrap();
+    let path = format!("http://{addr}/b.zip");
+
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let (c, p) = (cache.clone(), path.clone());
+    first.spawn(async move { c.get(&p, None, |_| {}).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while served.gets("/b.zip") == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(first); // cancels the fetch while the server is still answering
+
+    *served.delay.lock().unwrap() = Duration::ZERO;
+    let second = tokio::runtime::Runtime::new().unwrap();
+    let bundle = second.block_on(cache.get(&path, None, |_| {})).unwrap();
+    assert!(!bundle.from_cache());
+    assert_eq!(served.gets("/b.zip"), 2);
+    assert_eq!(cache.totals().entries, 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // Hostile bundles.
 

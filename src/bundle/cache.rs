@@ -201,6 +201,15 @@ impl Index {
         self.slots.insert(key.to_owned(), Slot::Loading(rx));
     }
 
+    /// Forgets a fetch whose task ended without finishing it, if `key` still names that fetch.
+    pub fn forget_abandoned(&mut self, key: &str, rx: &watch::Receiver<Flight>) {
+        if let Some(Slot::Loading(current)) = self.slots.get(key)
+            && current.same_channel(rx)
+        {
+            self.slots.remove(key);
+        }
+    }
+
     /// Ends a fetch: the entry becomes ready (as just used), or the key is forgotten.
     pub fn finish(&mut self, key: &str, entry: Option<Arc<Entry>>) {
         if let Some(Slot::Ready { entry, .. }) = self.slots.remove(key) {
@@ -318,6 +327,14 @@ mod tests {
         assert!(matches!(index.lookup("x"), Lookup::Loading(_)));
         assert!(index.evict(0, 0, None).is_empty());
         index.finish("x", None);
+        assert!(matches!(index.lookup("x"), Lookup::Missing));
+        // An abandoned fetch is forgotten only while it is still the key's fetch.
+        let (tx, stale) = watch::channel(Flight::Running(Vec::new()));
+        index.start("x", stale.clone());
+        drop(tx);
+        index.forget_abandoned("x", &watch::channel(Flight::Running(Vec::new())).1);
+        assert!(matches!(index.lookup("x"), Lookup::Loading(_)));
+        index.forget_abandoned("x", &stale);
         assert!(matches!(index.lookup("x"), Lookup::Missing));
         index.start("x", watch::channel(Flight::Running(Vec::new())).1);
         index.finish("x", Some(entry("x", 7)));

@@ -219,15 +219,22 @@ impl BundleCache {
     /// The extracted bundle at `path`, fetched and extracted unless cached. `sha256` (hex),
     /// when given, must match the archive: a mismatch is an error and caches nothing.
     /// `progress` is told each phase as it starts, including phases of a fetch this call waits
-    /// on. Dropping the returned future does not stop a fetch that others may wait on.
-    pub async fn get(&self, path: &str, sha256: Option<&str>, progress: impl Fn(Phase)) -> Result<Bundle, BundleError> {
+    /// on. The future is `Send` when `progress` is. Dropping it does not stop a fetch that
+    /// others may wait on.
+    pub async fn get(
+        &self,
+        path: &str,
+        sha256: Option<&str>,
+        mut progress: impl Fn(Phase),
+    ) -> Result<Bundle, BundleError> {
         let expected = match sha256 {
             Some(given) => Some(parse_sha256(path, given)?),
             None => None,
         };
         let key = key_for(path);
         // Another round when the fetch we followed failed on another caller's sha256 (ours may
-        // well match), or its bundle was evicted before we took it (a cache over its bounds).
+        // well match), its bundle was evicted before we took it (a cache over its bounds), or
+        // its task vanished.
         for _ in 0..3 {
             let (mut rx, leader) = {
                 let mut index = self.inner.index();
@@ -244,22 +251,25 @@ impl BundleCache {
                     }
                 }
             };
-            match follow(path, &mut rx, &progress).await {
-                Ok(()) => {
+            match follow(&mut rx, &mut progress).await {
+                // Forget the abandoned fetch, and start another.
+                None => self.inner.index().forget_abandoned(&key, &rx),
+                Some(Ok(())) => {
                     // The fetch's result is taken from the index, so that the channel never
                     // holds a reference that would keep the bundle from being evicted.
                     if let Lookup::Ready(entry) = self.inner.index().lookup(&key) {
                         return self.hand_out(path, entry, &expected, !leader);
                     }
                 }
-                Err(BundleError::HashMismatch { expected: theirs, .. })
+                Some(Err(BundleError::HashMismatch { expected: theirs, .. }))
                     if !leader && Some(&theirs) != expected.as_ref() => {}
-                Err(e) => return Err(e),
+                Some(Err(e)) => return Err(e),
             }
         }
         Err(BundleError::Internal {
             path: path.to_owned(),
-            reason: "three fetches in a row failed on other callers' sha256 or were evicted at once".to_owned(),
+            reason: "three fetches in a row failed on other callers' sha256, were evicted at once or vanished"
+                .to_owned(),
         })
     }
 
@@ -293,8 +303,10 @@ fn parse_sha256(path: &str, given: &str) -> Result<String, BundleError> {
     }
 }
 
-/// Follows a fetch to its end, telling `progress` each new phase.
-async fn follow(path: &str, rx: &mut watch::Receiver<Flight>, progress: &impl Fn(Phase)) -> Result<(), BundleError> {
+/// Follows a fetch to its end, telling `progress` each new phase; `None` if the fetch's task
+/// vanished without a result (its runtime shut down). (`&mut`, not `&`: the future then needs
+/// `progress` to be Send, not Sync.)
+async fn follow(rx: &mut watch::Receiver<Flight>, progress: &mut impl Fn(Phase)) -> Option<Result<(), BundleError>> {
     let mut told = 0;
     loop {
         let flight = rx.borrow_and_update().clone();
@@ -305,16 +317,13 @@ async fn follow(path: &str, rx: &mut watch::Receiver<Flight>, progress: &impl Fn
                 }
                 told = told.max(phases.len());
             }
-            Flight::Done(result) => return result,
+            Flight::Done(result) => return Some(result),
         }
         if rx.changed().await.is_err() {
-            if let Flight::Done(result) = rx.borrow().clone() {
-                return result;
-            }
-            return Err(BundleError::Internal {
-                path: path.to_owned(),
-                reason: "its fetch stopped without a result".to_owned(),
-            });
+            return match rx.borrow().clone() {
+                Flight::Done(result) => Some(result),
+                Flight::Running(_) => None,
+            };
         }
     }
 }
@@ -469,6 +478,16 @@ fn dispose(trash: Vec<PathBuf>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn get_can_be_spawned_with_a_progress_that_is_send_but_not_sync() {
+        fn assert_send<T: Send>(_: &T) {}
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BundleCache::new(BundleConfig::new(dir.path())).unwrap();
+        let counter = std::cell::Cell::new(0);
+        let future = cache.get("/nonexistent.zip", None, move |_| counter.set(counter.get() + 1));
+        assert_send(&future);
+    }
 
     #[test]
     fn phases_read_as_status_messages() {

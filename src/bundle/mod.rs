@@ -219,8 +219,8 @@ impl BundleCache {
     /// The extracted bundle at `path`, fetched and extracted unless cached. `sha256` (hex),
     /// when given, must match the archive: a mismatch is an error and caches nothing.
     /// `progress` is told each phase as it starts, including phases of a fetch this call waits
-    /// on. The future is `Send` when `progress` is. Dropping it does not stop a fetch that
-    /// others may wait on.
+    /// on. Runs on a tokio runtime (the fetch is a task of its own, so dropping this future
+    /// does not stop a fetch that others may wait on); the future is `Send` when `progress` is.
     pub async fn get(
         &self,
         path: &str,

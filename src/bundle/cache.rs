@@ -8,7 +8,8 @@
 //! <key>.json       its record (path, sha256, bytes, entries); written last, removed first
 //! ```
 //! A bundle directory without its record is a crash's leftover and is removed at start, so an
-//! entry is in the cache exactly when its record exists. In memory, [`Index`] keeps every
+//! entry is in the cache exactly when its record exists. A record's modification time is its
+//! bundle's last use, so a restarted cache keeps the LRU order. In memory, [`Index`] keeps every
 //! bundle with its last use, the ones being fetched, and the totals the LRU bounds apply to.
 
 use std::collections::HashMap;
@@ -143,6 +144,15 @@ impl Disk {
         Ok(Entry { key: key.to_owned(), source: source.to_owned(), dir, sha256: sha256.to_owned(), bytes, entries })
     }
 
+    /// Marks a bundle as just used, so that a restarted cache evicts in the same order (the
+    /// records' modification times order the bundles found at start). Best effort.
+    pub fn touch(&self, key: &str) {
+        let record = self.root.join(format!("{key}.json"));
+        if let Ok(file) = File::options().write(true).open(record) {
+            let _ = file.set_modified(std::time::SystemTime::now());
+        }
+    }
+
     /// Takes an entry out of the cache: its record goes first (so a crash leaves only a
     /// leftover directory), then its directory moves into `.tmp/`. Returns where it moved,
     /// for the caller to delete away from any lock.
@@ -273,6 +283,7 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, SystemTime};
 
     fn entry(key: &str, bytes: u64) -> Arc<Entry> {
         Arc::new(Entry {
@@ -366,6 +377,21 @@ mod tests {
         assert!(!root.join("orphan").exists());
         assert!(!root.join("stray.json").exists());
         assert_eq!(fs::read_dir(disk.tmp()).unwrap().count(), 0);
+        // Using a bundle moves it to the end of the order found at start.
+        let extracted = disk.tmp().join("y");
+        fs::create_dir(&extracted).unwrap();
+        let newer = disk.commit(&key_for("file:///c.zip"), &extracted, "file:///c.zip", "cd", 1, 1).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(60);
+        File::options().write(true).open(root.join(format!("{}.json", newer.key))).unwrap().set_modified(old).unwrap();
+        drop(disk);
+        let (disk, found) = Disk::open(&root).unwrap();
+        let order: Vec<&str> = found.iter().map(|e| e.source.as_str()).collect();
+        assert_eq!(order, ["file:///c.zip", "file:///b.zip"]);
+        disk.touch(&found[0].key);
+        drop(disk);
+        let (disk, found) = Disk::open(&root).unwrap();
+        let order: Vec<&str> = found.iter().map(|e| e.source.as_str()).collect();
+        assert_eq!(order, ["file:///b.zip", "file:///c.zip"]);
         let trash = disk.retire(&found[0]).unwrap();
         assert!(!found[0].dir.exists());
         assert!(!root.join(format!("{}.json", found[0].key)).exists());

@@ -239,7 +239,10 @@ impl BundleCache {
             let (mut rx, leader) = {
                 let mut index = self.inner.index();
                 match index.lookup(&key) {
-                    Lookup::Ready(entry) => return self.hand_out(path, entry, &expected, true),
+                    Lookup::Ready(entry) => {
+                        self.inner.disk.touch(&key);
+                        return self.hand_out(path, entry, &expected, true);
+                    }
                     Lookup::Loading(rx) => (rx, false),
                     Lookup::Missing => {
                         let (tx, rx) = watch::channel(Flight::Running(Vec::new()));

@@ -103,6 +103,26 @@ impl Layout {
         Ok(self.own_path_from(&text))
     }
 
+    /// The cgroup below which this process makes its tasks' cgroups. v1: its own (the memory
+    /// controller's). v2: the parent of its own, because a v2 cgroup that holds processes cannot
+    /// give controllers to children (the "no internal processes" rule) and ours holds this
+    /// process; in the root cgroup, which is exempt, the root. So on v2, run the worker in a
+    /// leaf of a cgroup delegated to it (systemd: `Delegate=yes` with `DelegateSubgroup=`).
+    pub fn task_root(&self) -> Result<String, CgroupError> {
+        let own = self.own_path()?;
+        Ok(self.task_root_from(&own))
+    }
+
+    fn task_root_from(&self, own: &str) -> String {
+        match self {
+            Layout::V1 { .. } => own.to_string(),
+            Layout::V2 { .. } => match own.trim_end_matches('/').rsplit_once('/') {
+                Some((parent, _)) if !parent.is_empty() => parent.to_string(),
+                _ => "/".to_string(),
+            },
+        }
+    }
+
     fn own_path_from(&self, text: &str) -> String {
         for line in text.lines() {
             let mut parts = line.splitn(3, ':');
@@ -203,7 +223,7 @@ impl Layout {
     pub fn create(&self, path: &str) -> Result<Vec<PathBuf>, CgroupError> {
         let mut made = Vec::new();
         for dir in self.dirs(path)? {
-            made.extend(super::parents::create_chain(&dir)?);
+            made.extend(super::parents::create_chain(&dir, !self.is_v2())?);
         }
         Ok(made)
     }
@@ -324,6 +344,12 @@ mod tests {
         let layout = Layout::from_mountinfo("30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n").unwrap();
         assert!(layout.is_v2());
         assert_eq!(layout.own_path_from("0::/init.scope\n"), "/init.scope");
+        // Our own v2 cgroup holds us, so it cannot have controlled children: tasks go beside it.
+        assert_eq!(layout.task_root_from("/init.scope"), "/");
+        assert_eq!(layout.task_root_from("/system.slice/iris.service/worker"), "/system.slice/iris.service");
+        assert_eq!(layout.task_root_from("/"), "/");
+        let hybrid = Layout::from_mountinfo(HYBRID).unwrap();
+        assert_eq!(hybrid.task_root_from("/process_api/x"), "/process_api/x");
     }
 
     #[test]

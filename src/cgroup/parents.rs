@@ -5,7 +5,7 @@
 //! in hierarchies where this process is at the root. We create them, and we may remove only
 //! what an iris worker created: every directory we make is recorded in a machine-wide ledger
 //! (several workers on one host share the upper directories), and `release` removes recorded
-//! directories once they are empty.
+//! directories once they are empty. On v2 it also enables the controllers on the way down.
 
 use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
@@ -13,7 +13,7 @@ use std::io::{self, Read, Seek, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use super::layout::{CgroupError, Layout, io_err, remove_dir_retrying};
+use super::layout::{CgroupError, Layout, io_err, relative, remove_dir_retrying};
 
 /// Where the ledger of created cgroup directories lives. /run: it must not outlive a reboot,
 /// and neither do cgroups.
@@ -25,10 +25,13 @@ impl Layout {
     pub fn prepare_parent(&self, path: &str) -> Result<(), CgroupError> {
         let mut made = Vec::new();
         for dir in self.dirs(path)? {
-            made.extend(create_chain(&dir)?);
+            made.extend(create_chain(&dir, !self.is_v2())?);
         }
         if !made.is_empty() {
             with_ledger(|set| set.extend(made.iter().cloned()))?;
+        }
+        if let Layout::V2 { root } = self {
+            enable_controllers(root, path)?;
         }
         Ok(())
     }
@@ -54,10 +57,37 @@ impl Layout {
     }
 }
 
+/// The v2 controllers a task's cgroup gets (those of them the host has).
+const V2_CONTROLLERS: &[&str] = &["cpu", "cpuset", "io", "memory", "pids"];
+
+/// v2 gives a cgroup a controller only if its parent has it in `cgroup.subtree_control`, and
+/// so on up to the root: enables ours, where available and not yet on, in every directory from
+/// the root down to `path` (the parent of the tasks' cgroups, which hold their processes).
+/// Fails with EBUSY where a directory holds processes itself (see [`Layout::task_root`]).
+fn enable_controllers(root: &Path, path: &str) -> Result<(), CgroupError> {
+    let mut dir = root.to_path_buf();
+    let mut components = relative(path)?.split('/').filter(|c| !c.is_empty());
+    loop {
+        let available = fs::read_to_string(dir.join("cgroup.controllers"))
+            .map_err(io_err("reading", &dir.join("cgroup.controllers")))?;
+        let control = dir.join("cgroup.subtree_control");
+        let enabled = fs::read_to_string(&control).map_err(io_err("reading", &control))?;
+        let has = |text: &str, c: &str| text.split_whitespace().any(|x| x == c);
+        for c in V2_CONTROLLERS.iter().filter(|c| has(&available, c) && !has(&enabled, c)) {
+            fs::write(&control, format!("+{c}")).map_err(io_err("enabling controllers in", &control))?;
+        }
+        match components.next() {
+            Some(c) => dir.push(c),
+            None => return Ok(()),
+        }
+    }
+}
+
 /// Creates `dir` and any missing parents; returns the directories created, outermost first.
-/// A new v1 cpuset cgroup starts with empty `cpus`/`mems` (no task could join it), so those are
-/// copied from the parent, as runc does.
-pub(super) fn create_chain(dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
+/// A new v1 cpuset cgroup starts with empty `cpus`/`mems` (no task could join it), so on `v1`
+/// those are copied from the parent, as runc does (an empty v2 cpuset uses its parent's).
+pub(super) fn create_chain(dir: &Path, v1: bool) -> Result<Vec<PathBuf>, CgroupError> {
+    let copy_cpuset = |d: &Path| if v1 { copy_cpuset(d) } else { Ok(()) };
     let mut missing = Vec::new();
     let mut cur = dir;
     while !cur.exists() {

@@ -371,15 +371,16 @@ impl TaskManager {
 }
 
 /// Finds the host's cgroups and creates the worker's parent cgroup
-/// (`<own>/iris-worker/<worker-id>`). Containers need cgroups; the process runtime runs
+/// (`<task root>/iris-worker/<worker-id>`, the task root being our own cgroup on v1 and its
+/// parent on v2: see [`Layout::task_root`]). Containers need cgroups; the process runtime runs
 /// without them when the host has none it may use.
 fn prepare_cgroups(config: &ManagerConfig) -> Result<Option<(Layout, String)>, TaskError> {
     let attempt = || -> Result<(Layout, String), CgroupError> {
         let layout = Layout::detect()?;
-        let own = layout.own_path()?;
+        let base = layout.task_root()?;
         let parent = format!(
             "{}/{}/{}",
-            own.trim_end_matches('/'),
+            base.trim_end_matches('/'),
             crate::cgroup::ROOT_NAME,
             store::escape(&config.env.worker_id)
         );

@@ -14,9 +14,11 @@
 //!   from the request to the end of the response body
 //! - `build_duration_seconds`: histogram of the time attempts spent BUILDING
 //! - `cache_hits_total{cache}`, `cache_misses_total{cache}` for `bundles`, `venvs`, `images`:
-//!   always 0 until those caches exist
+//!   venvs are counted from the tasks' build information (each attempt once, when a scrape
+//!   first sees it); bundles and images are always 0 for now (the bundle cache keeps no
+//!   counters yet, and the worker has no image store)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -98,6 +100,9 @@ struct Figures {
     finished: BTreeMap<&'static str, u64>,
     /// Attempts now BUILDING: (task_id, attempt_id) → when they started.
     building: BTreeMap<(String, i32), Instant>,
+    /// Venv (hits, misses), and the attempts already counted among the tasks listed.
+    venvs: (u64, u64),
+    venvs_counted: HashSet<(String, i32)>,
 }
 
 /// The figures behind `/metrics` that the task manager does not keep.
@@ -176,7 +181,8 @@ impl Metrics {
             let n = tasks.iter().filter(|t| t.state == s).count();
             let _ = writeln!(out, "iris_worker_tasks{{state=\"{}\"}} {n}", s.name());
         }
-        let f = lock(&self.figures);
+        let mut f = lock(&self.figures);
+        count_venvs(&mut f, tasks);
         family(
             &mut out,
             "iris_worker_tasks_finished_total",
@@ -247,14 +253,36 @@ impl Metrics {
             "iris_worker_build_duration_seconds",
             "",
         );
+        let venvs = f.venvs;
         drop(f);
         for (name, what) in [("iris_worker_cache_hits_total", "hits"), ("iris_worker_cache_misses_total", "misses")] {
-            family(&mut out, name, "counter", &format!("Cache {what} (0 until the worker has these caches)."));
+            family(&mut out, name, "counter", &format!("Environment cache {what} (bundles, images: not counted yet)."));
             for cache in CACHES {
-                let _ = writeln!(out, "{name}{{cache=\"{cache}\"}} 0");
+                let n = match (cache, what) {
+                    ("venvs", "hits") => venvs.0,
+                    ("venvs", _) => venvs.1,
+                    _ => 0,
+                };
+                let _ = writeln!(out, "{name}{{cache=\"{cache}\"}} {n}");
             }
         }
         out
+    }
+}
+
+/// Counts the venvs of attempts not counted yet; forgets attempts no longer listed.
+fn count_venvs(f: &mut Figures, tasks: &[TaskView]) {
+    let listed: HashSet<(String, i32)> = tasks.iter().map(|t| (t.task_id.clone(), t.current_attempt_id)).collect();
+    f.venvs_counted.retain(|k| listed.contains(k));
+    for t in tasks {
+        let Some((from_cache, tag)) = &t.build else { continue };
+        if tag.starts_with("venv:") && f.venvs_counted.insert((t.task_id.clone(), t.current_attempt_id)) {
+            if *from_cache {
+                f.venvs.0 += 1;
+            } else {
+                f.venvs.1 += 1;
+            }
+        }
     }
 }
 
@@ -377,6 +405,38 @@ mod tests {
             "x_bucket{a=\"b\",le=\"1\"} 1\nx_bucket{a=\"b\",le=\"2\"} 2\nx_bucket{a=\"b\",le=\"+Inf\"} 3\n\
              x_sum{a=\"b\"} 11\nx_count{a=\"b\"} 3\n"
         );
+    }
+
+    #[test]
+    fn venv_hits_and_misses_count_each_attempt_once() {
+        let view = |id: &str, attempt, build: Option<(bool, &str)>| TaskView {
+            task_id: id.into(),
+            job_id: "j".into(),
+            task_index: 0,
+            state: TaskState::Running,
+            status_message: String::new(),
+            exit_code: 0,
+            error: String::new(),
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            ports: Default::default(),
+            usage: None,
+            build_started_ms: 0,
+            build_finished_ms: 0,
+            build: build.map(|(c, t)| (c, t.to_string())),
+            current_attempt_id: attempt,
+            attempts: vec![],
+        };
+        let m = Metrics::default();
+        let tasks = [view("a", 0, Some((false, "venv:1"))), view("b", 0, Some((true, "venv:1"))), view("c", 0, None)];
+        m.render("w", 1, &tasks);
+        let text = m.render("w", 1, &tasks);
+        assert!(text.contains("iris_worker_cache_hits_total{cache=\"venvs\"} 1\n"), "{text}");
+        assert!(text.contains("iris_worker_cache_misses_total{cache=\"venvs\"} 1\n"), "{text}");
+        // A new attempt of a is a new build; a's old attempt is no longer listed.
+        let text = m.render("w", 1, &[view("a", 1, Some((true, "venv:1")))]);
+        assert!(text.contains("iris_worker_cache_hits_total{cache=\"venvs\"} 2\n"), "{text}");
+        assert!(text.contains("iris_worker_cache_hits_total{cache=\"bundles\"} 0\n"), "{text}");
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct StatusJson {
     finished_ms: i64,
     build_started_ms: i64,
     build_finished_ms: i64,
+    /// The environment built or reused (e.g. `venv:<hash>`), for tasks that have one.
+    environment: Option<String>,
+    from_cache: Option<bool>,
     ports: std::collections::BTreeMap<String, u16>,
     attempt: i32,
     attempts: Vec<AttemptJson>,
@@ -111,6 +114,8 @@ fn status_json(v: &TaskView, history: Option<&HistoryJson>, log_lines: u64) -> S
         finished_ms: v.finished_at_ms,
         build_started_ms: v.build_started_ms,
         build_finished_ms: v.build_finished_ms,
+        environment: v.build.as_ref().map(|b| b.1.clone()),
+        from_cache: v.build.as_ref().map(|b| b.0),
         ports: v.ports.clone(),
         attempt: v.current_attempt_id,
         attempts: v

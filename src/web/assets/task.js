@@ -48,6 +48,8 @@
     iris.setText("r-throttled", u ? String(u.cpuThrottledPeriods) : "–");
     iris.setText("b-started", iris.time(s.buildStartedMs));
     iris.setText("b-finished", iris.time(s.buildFinishedMs));
+    iris.setText("b-env", s.environment || "the worker's root filesystem");
+    iris.setText("b-cache", s.fromCache === null || s.fromCache === undefined ? "–" : s.fromCache ? "yes" : "no (built for this task)");
     tickDurations();
     const tbody = $("attempts");
     tbody.replaceChildren(

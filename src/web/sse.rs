@@ -25,7 +25,7 @@ use super::Web;
 use super::api::{self, HistoryJson, LogsQuery, UsageJson};
 use super::snapshot::{self, Viewer};
 use crate::logs::LogFilter;
-use crate::task::{TaskError, TaskState, TaskView};
+use crate::task::{TaskError, TaskView};
 
 /// How often a task's stream looks for new log lines.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
@@ -146,7 +146,6 @@ struct Follow {
     after: u64,
     tick: u64,
     last_status: String,
-    last_state: Option<TaskState>,
     done: bool,
 }
 
@@ -187,25 +186,30 @@ impl Follow {
         Ok((Some(Event::default().event("logs").data(data)), !full))
     }
 
-    /// The events of one tick (none when nothing changed).
+    /// The events of one tick (none when nothing changed): new log lines every tick, the
+    /// task's figures every other tick (reading them walks its cgroup and workdir). The figures
+    /// are read before the lines, so lines read after a terminal state are the whole log.
     async fn step(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
-        let m = self.web.inner.manager.clone();
-        let view = match m.status(&self.task_id) {
-            Ok(v) => v,
-            Err(_) => {
-                self.done = true;
-                return vec![Event::default().event("gone").data("{}")];
-            }
-        };
-        if view.current_attempt_id != self.attempt {
-            self.done = true;
-            return vec![Event::default().event("reset").data(view.current_attempt_id.to_string())];
-        }
         if self.tick == 1 {
             events.push(Event::default().retry(RETRY).comment("follow"));
         }
-        let terminal = view.state.is_terminal();
+        let m = self.web.inner.manager.clone();
+        let view = if self.tick % 2 == 1 {
+            match m.status(&self.task_id) {
+                Ok(v) if v.current_attempt_id != self.attempt => {
+                    self.done = true;
+                    return vec![Event::default().event("reset").data(v.current_attempt_id.to_string())];
+                }
+                Ok(v) => Some(v),
+                Err(_) => {
+                    self.done = true;
+                    return vec![Event::default().event("gone").data("{}")];
+                }
+            }
+        } else {
+            None
+        };
         let caught_up = match self.logs().await {
             Ok((event, caught_up)) => {
                 events.extend(event);
@@ -216,21 +220,19 @@ impl Follow {
                 true
             }
         };
-        if self.tick % 2 == 1 || self.last_state != Some(view.state) || terminal {
-            let history = m.history(&self.task_id).ok().map(HistoryJson::from);
-            let lines = api::line_count(&self.web, &self.task_id).await.unwrap_or(0);
-            let mut status = status_json(&view, history.as_ref(), lines);
-            // `nowMs` changes every time: compare without it.
-            let now_ms = std::mem::take(&mut status.now_ms);
-            let key = serde_json::to_string(&status).unwrap_or_default();
-            if key != self.last_status {
-                self.last_status = key;
-                status.now_ms = now_ms;
-                events.push(Event::default().event("status").data(serde_json::to_string(&status).unwrap_or_default()));
-            }
-            self.last_state = Some(view.state);
+        let Some(view) = view else { return events };
+        let history = m.history(&self.task_id).ok().map(HistoryJson::from);
+        let lines = api::line_count(&self.web, &self.task_id).await.unwrap_or(0);
+        let mut status = status_json(&view, history.as_ref(), lines);
+        // `nowMs` changes every time: compare without it.
+        let now_ms = std::mem::take(&mut status.now_ms);
+        let key = serde_json::to_string(&status).unwrap_or_default();
+        if key != self.last_status {
+            self.last_status = key;
+            status.now_ms = now_ms;
+            events.push(Event::default().event("status").data(serde_json::to_string(&status).unwrap_or_default()));
         }
-        if terminal && caught_up {
+        if view.state.is_terminal() && caught_up {
             self.done = true;
             events.push(Event::default().event("end").data(view.state.name()));
         }
@@ -255,7 +257,6 @@ pub async fn task(State(web): State<Web>, Path(task_id): Path<String>, Query(q):
         after: q.after.unwrap_or(0),
         tick: 0,
         last_status: String::new(),
-        last_state: None,
         done: false,
     };
     let events = stream::unfold(follow, |mut f| async move {

@@ -46,7 +46,9 @@
     const live = d.state === "RUNNING";
     iris.setText(c.mem, live ? iris.bytes(d.mem) : "–");
     iris.setText(c.peak, d.peak ? iris.bytes(d.peak) : "–");
-    iris.setText(c.cpu, live || d.cpu ? iris.percent(d.cpu) : "–");
+    // A finished task's CPU is its life's average: meaningless for a life under a second.
+    const cpuKnown = live || (d.cpu && d.started && d.finished - d.started >= 1000);
+    iris.setText(c.cpu, cpuKnown ? iris.percent(d.cpu) : "–");
     iris.setText(c.procs, live ? String(d.procs) : "–");
     iris.setText(c.disk, d.disk ? iris.bytes(d.disk) : "–");
     iris.setText(c.started, iris.time(d.started));

@@ -41,7 +41,8 @@
     const live = s.state === "RUNNING";
     iris.setText("r-mem", u && live ? iris.bytes(u.memoryBytes) : "–");
     iris.setText("r-peak", u ? iris.bytes(u.memoryPeakBytes) : "–");
-    iris.setText("r-cpu", u ? iris.percent(u.cpuPercent) + (live ? "" : " (average)") : "–");
+    const shortLife = !live && !(s.startedMs && s.finishedMs - s.startedMs >= 1000);
+    iris.setText("r-cpu", u && !shortLife ? iris.percent(u.cpuPercent) + (live ? "" : " (average)") : "–");
     iris.setText("r-cputime", u ? iris.duration(u.cpuSeconds * 1000) : "–");
     iris.setText("r-procs", u && live ? String(u.processes) : "–");
     iris.setText("r-disk", u ? iris.bytes(u.diskBytes) : "–");

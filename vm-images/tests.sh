@@ -90,9 +90,11 @@ t_memory_peak() {
     fi
 }
 
-# The bomb's shell execs sleep after lighting the fuse, so the task stays up at the limit.
+# The bomb's shell execs sleep after lighting the fuse, so the task stays up at the limit. The
+# memory limit keeps the VM alive (and this test quick to fail) should pids.max not hold.
 t_pids_max() {
-    iw task run --json --id vm/bomb --pids 32 -- sh -c 'f() { f | f & }; f; exec sleep 120' >/dev/null 2>&1
+    iw task run --json --id vm/bomb --pids 32 --memory 128M -- \
+        sh -c 'f() { f | f & }; f; exec sleep 120' >/dev/null 2>&1
     if ! wait_state vm/bomb RUNNING 60; then
         fail pids_max "the task never ran: $(state vm/bomb)"
         return

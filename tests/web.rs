@@ -441,3 +441,38 @@ async fn metrics_parse_and_show_a_known_task_and_the_calls_made() {
     assert_eq!(done.value("iris_worker_tasks", &[("state", "KILLED")]), Some(1.0));
     assert_eq!(done.value("iris_worker_task_memory_bytes", &t), None);
 }
+
+#[tokio::test]
+#[ignore = "root: runs containers"]
+async fn open_event_streams_do_not_hold_a_graceful_shutdown() {
+    let mut w = Worker::start("web-shutdown", &[]).await;
+    let mut c = w.client().await;
+    c.run_task(sh("sse/task-0", "while true; do echo tick; sleep 0.2; done")).await.unwrap();
+    wait_for(&mut c, "sse/task-0", TASK_TIMEOUT, |s| state_of(s) == TaskState::Running).await;
+    // Two dashboards watching: the list and the task.
+    let mut streams = Vec::new();
+    for path in ["/api/events/tasks", "/api/events/task/sse/task-0"] {
+        let mut s = TcpStream::connect(w.addr()).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut first = [0u8; 64];
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let n = s.read(&mut first).unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+        streams.push(s);
+    }
+    let child = w.child.as_mut().unwrap();
+    // SAFETY: SIGTERM to the worker process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the worker did not stop within 10 s of SIGTERM with event streams open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The streams were ended by the server, not cut.
+    for mut s in streams {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(find(&rest, b"0\r\n\r\n").is_some(), "{}", String::from_utf8_lossy(&rest));
+    }
+    // Its task runs on under its supervisor; the worker's cleanup (on drop) ends it.
+}

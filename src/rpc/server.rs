@@ -24,7 +24,7 @@ pub enum ServeError {
 
 /// The whole router: gRPC with reflection, Connect, and the web pages of [`crate::web`], with
 /// the web's middleware counting WorkerService calls for `/metrics`.
-pub fn router(service: WorkerServiceImpl) -> Result<Router, ServeError> {
+pub fn router(service: WorkerServiceImpl, web: &crate::web::Web) -> Result<Router, ServeError> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -37,7 +37,6 @@ pub fn router(service: WorkerServiceImpl) -> Result<Router, ServeError> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .into_axum_router();
-    let web = crate::web::Web::new(service.manager().clone());
     let http = worker_router(service.clone()).merge(web.router());
     Ok(web.track_rpcs(Router::new().fallback_service(tower::service_fn(move |req: Request<Body>| {
         let is_grpc =
@@ -47,13 +46,19 @@ pub fn router(service: WorkerServiceImpl) -> Result<Router, ServeError> {
     }))))
 }
 
-/// Serves `service` on `listener` until `shutdown` completes.
+/// Serves `service` on `listener` until `shutdown` completes (then the web's event streams end,
+/// so open dashboards do not hold the shutdown).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: WorkerServiceImpl,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().map_err(|source| ServeError::Io { addr: ([0, 0, 0, 0], 0).into(), source })?;
-    let app = router(service)?;
+    let web = crate::web::Web::new(service.manager().clone());
+    let app = router(service, &web)?;
+    let shutdown = async move {
+        shutdown.await;
+        web.close();
+    };
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|source| ServeError::Io { addr, source })
 }

@@ -43,6 +43,8 @@ struct WebInner {
     host: host::HostSampler,
     /// The list's producer while anyone watches (see [`snapshot`]).
     snapshots: Mutex<Option<watch::Receiver<Arc<snapshot::Snapshot>>>>,
+    /// Set when the server shuts down: event streams end.
+    closing: watch::Sender<bool>,
 }
 
 impl Web {
@@ -57,7 +59,22 @@ impl Web {
                 metrics,
                 host: host::HostSampler::default(),
                 snapshots: Mutex::new(None),
+                closing: watch::channel(false).0,
             }),
+        }
+    }
+
+    /// Ends every event stream, now and from now on (the server is shutting down: a graceful
+    /// shutdown waits for open responses, and an event stream never ends by itself).
+    pub fn close(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Completes once [`Web::close`] was called.
+    fn closed(&self) -> impl std::future::Future<Output = ()> + Send + use<> {
+        let mut rx = self.inner.closing.subscribe();
+        async move {
+            let _ = rx.wait_for(|closing| *closing).await;
         }
     }
 

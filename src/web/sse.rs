@@ -37,6 +37,7 @@ const FOLLOW_MAX_BEHIND: u64 = 5000;
 const RETRY: Duration = Duration::from_millis(1000);
 
 pub async fn tasks(State(web): State<Web>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let closed = web.closed();
     let rx = snapshot::subscribe(&web).await;
     let events = stream::unfold((rx, Viewer::default(), true), |(mut rx, mut viewer, first)| async move {
         if !first && rx.changed().await.is_err() {
@@ -48,7 +49,8 @@ pub async fn tasks(State(web): State<Web>) -> Sse<impl Stream<Item = Result<Even
             event = event.retry(RETRY);
         }
         Some((Ok(event), (rx, viewer, false)))
-    });
+    })
+    .take_until(closed);
     Sse::new(events).keep_alive(KeepAlive::default())
 }
 
@@ -249,6 +251,7 @@ pub async fn task(State(web): State<Web>, Path(task_id): Path<String>, Query(q):
         Ok(v) => v,
         Err(e) => return api::error(e),
     };
+    let closed = web.closed();
     let follow = Follow {
         web,
         task_id,
@@ -274,6 +277,7 @@ pub async fn task(State(web): State<Web>, Path(task_id): Path<String>, Query(q):
             }
         }
     })
-    .flatten();
+    .flatten()
+    .take_until(closed);
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }

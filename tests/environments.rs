@@ -50,6 +50,18 @@ fn pickle(source: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// The repr of the object a task pickled, loaded with the host's cloudpickle.
+fn unpickle(path: &std::path::Path) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import sys, cloudpickle; print(cloudpickle.load(open(sys.argv[1], 'rb')))")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "unpickling {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 fn entrypoint_task(task_id: &str, pickle: Vec<u8>) -> worker::RunTaskRequest {
     let mut req = task(task_id, &[]);
     req.command = None;
@@ -95,14 +107,7 @@ async fn a_pickled_callable_runs_returns_its_result_and_the_second_task_reuses_t
     let metrics = s.build_metrics.clone().unwrap();
     assert!(metrics.build_finished_ms >= metrics.build_started_ms && metrics.image_tag.starts_with("venv:"));
 
-    let result = w.state_dir().join("tasks/py_2ftask-3.0/workdir/_result.pkl");
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg("import sys, cloudpickle; print(cloudpickle.load(open(sys.argv[1], 'rb')))")
-        .arg(&result)
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "{'sum': 42}", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(unpickle(&w.state_dir().join("tasks/py_2ftask-3.0/workdir/_result.pkl")), "{'sum': 42}");
 
     // Same dependencies: no build, no build output.
     c.run_task(entrypoint_task("py/again", pickle(RETURNS))).await.map(|_| ()).unwrap_or_else(|e| panic!("{e}"));
@@ -243,14 +248,7 @@ async fn an_iris_request_over_connect_runs_a_callable_from_a_file_bundle() {
     let logs = all_logs(&mut c, "iris-job/task-1").await;
     assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}\n{logs:#?}");
     assert!(logs.iter().any(|l| l.source == "stdout" && l.data == "cwd /app index 1 of 2"), "{logs:#?}");
-    let result = w.state_dir().join("tasks/iris-job_2ftask-1.0/workdir/_result.pkl");
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg("import sys, cloudpickle; print(cloudpickle.load(open(sys.argv[1], 'rb')))")
-        .arg(&result)
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "(42, '1.16.0')");
+    assert_eq!(unpickle(&w.state_dir().join("tasks/iris-job_2ftask-1.0/workdir/_result.pkl")), "(42, '1.16.0')");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -135,3 +135,22 @@ pub async fn run_to_exit(exe: &Path, dir: &Path) -> Result<ExitRecord, FileError
         source: io::Error::other("the supervisor recorded no exit"),
     })
 }
+
+/// Supervisors running for task directories below `tasks_dir`, found by their command line
+/// (`<exe> supervise <task-dir> …`): also those that have not written `supervisor.pid` yet.
+pub fn running_under(tasks_dir: &Path) -> Vec<(i32, std::path::PathBuf)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.len() >= 3 && args[1] == b"supervise" {
+            let dir = std::path::PathBuf::from(String::from_utf8_lossy(args[2]).into_owned());
+            if dir.starts_with(tasks_dir) {
+                out.push((pid, dir));
+            }
+        }
+    }
+    out
+}

@@ -70,11 +70,13 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
     // Orphans of the task are re-parented to us, not to the host's init, so we reap them.
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    // Signals are blocked before the pid file exists: whoever finds the file may send SIGUSR1,
+    // whose default action would end the supervisor.
+    let mask = handled_signals();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).map_err(sys("blocking signals"))?;
     if let Some(me) = ProcessId::of(std::process::id() as i32) {
         files::write_json(task_dir, files::PID, &me)?;
     }
-    let mask = handled_signals();
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).map_err(sys("blocking signals"))?;
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(sys("signalfd"))?;
 
     let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(sys("pipe"))?;

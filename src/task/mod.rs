@@ -478,6 +478,17 @@ pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError>
     if let Ok(parent) = std::fs::read_to_string(state_dir.join(PARENT_CGROUP_FILE)) {
         parents.insert(parent.trim().to_string());
     }
+    // A supervisor the worker started just before it stopped may not have recorded itself
+    // yet: give it a moment, or its container would appear after we looked.
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    for (pid, dir) in crate::supervisor::handle::running_under(&store::tasks_dir(state_dir)) {
+        while !dir.join(crate::supervisor::files::PID).exists()
+            && std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
     for (dir, meta) in store::scan(state_dir) {
         if let Some(sup) = crate::supervisor::handle::Supervisor::find(&dir) {
             // A supervisor of a stopped worker still runs its task: end it, and let it

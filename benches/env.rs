@@ -1,0 +1,342 @@
+//! `scripts/bench env` (issue 4): Python environments through a real `iris-worker serve`, each
+//! beside a peer measured in the same run (interleaved):
+//!
+//! 1. a cold venv build (the task's build phase, from its build metrics) vs bare `uv venv` +
+//!    `uv pip install -r pyproject.toml` on the same project with a warm uv cache of its own;
+//! 2. RunTask → RUNNING of a Python task whose venv is cached vs a command task with no bundle;
+//! 3. bundle fetch + extract (`BundleCache::get`, file://, fresh cache) of a ~200 MB zip vs
+//!    `unzip -q`.
+//!
+//! Prints a table and one JSON line per figure.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use iris_worker::bundle::{BundleCache, BundleConfig};
+use iris_worker::proto::worker_service_client::WorkerServiceClient;
+use iris_worker::proto::{CommandEntrypoint, TaskStatus, worker};
+use iris_worker::task::TaskState;
+use tonic::transport::Channel;
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+struct Figure {
+    name: &'static str,
+    samples: Vec<Duration>,
+}
+
+impl Figure {
+    fn new(name: &'static str) -> Self {
+        Self { name, samples: vec![] }
+    }
+
+    fn pct(&self, p: f64) -> f64 {
+        let mut v: Vec<f64> = self.samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
+}
+
+fn cache() -> PathBuf {
+    PathBuf::from(std::env::var("IRIS_CACHE_DIR").unwrap_or_else(|_| "/var/cache/iris-worker".into()))
+}
+
+/// `cloudpickle.dumps((fn, args, kwargs))` of a function that does nothing, by the host's cloudpickle.
+fn noop_pickle() -> anyhow::Result<Vec<u8>> {
+    let program =
+        "import sys, cloudpickle\ndef fn():\n    pass\nsys.stdout.buffer.write(cloudpickle.dumps((fn, (), {})))\n";
+    let out = Command::new("python3").arg("-c").arg(program).output().context("running python3")?;
+    if !out.status.success() {
+        bail!("making the pickle: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out.stdout)
+}
+
+/// A uv project named `name` whose dependencies are among the fixture wheels (cloudpickle too,
+/// so neither side installs anything after the project).
+fn pyproject(name: &str) -> String {
+    format!(
+        "[project]\nname = \"{name}\"\nversion = \"0.1.0\"\nrequires-python = \">=3.11\"\ndependencies = [\"six\", \"cloudpickle\"]\n"
+    )
+}
+
+fn project_zip(path: &Path, name: &str) -> anyhow::Result<()> {
+    let mut z = zip::ZipWriter::new(std::fs::File::create(path)?);
+    z.start_file("pyproject.toml", zip::write::SimpleFileOptions::default())?;
+    z.write_all(pyproject(name).as_bytes())?;
+    z.finish()?;
+    Ok(())
+}
+
+/// Bare uv doing the worker's build on the host: a venv, then the project's dependencies.
+fn bare_uv(uv: &Path, uv_cache: &Path, dir: &Path) -> anyhow::Result<Duration> {
+    let venv = dir.join(".venv");
+    let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<()> {
+        let out = Command::new(uv)
+            .args(args)
+            .current_dir(dir)
+            .env("UV_CACHE_DIR", uv_cache)
+            .env("UV_OFFLINE", "1")
+            .env("UV_FIND_LINKS", cache().join("wheels"))
+            .env("UV_PYTHON_DOWNLOADS", "never")
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("uv {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let py = venv.join("bin/python");
+    let t = Instant::now();
+    run(&["venv".as_ref(), "--python".as_ref(), "/usr/bin/python3".as_ref(), venv.as_os_str()])?;
+    run(&[
+        "pip".as_ref(),
+        "install".as_ref(),
+        "--python".as_ref(),
+        py.as_os_str(),
+        "-r".as_ref(),
+        "pyproject.toml".as_ref(),
+    ])?;
+    Ok(t.elapsed())
+}
+
+struct Run {
+    running: Duration,
+    status: TaskStatus,
+}
+
+/// Sends `req` and polls until it ends: the time to RUNNING (or later) and the final status.
+async fn run(client: &mut WorkerServiceClient<Channel>, req: worker::RunTaskRequest) -> anyhow::Result<Run> {
+    let task_id = req.task_id.clone();
+    let t = Instant::now();
+    client.run_task(req).await?;
+    let mut running = None;
+    loop {
+        let s = client
+            .get_task_status(worker::GetTaskStatusRequest { task_id: task_id.clone(), include_result: false })
+            .await?
+            .into_inner();
+        let state = iris_worker::rpc::state_from_proto(s.state);
+        if running.is_none() && matches!(state, Some(TaskState::Running) | Some(TaskState::Succeeded)) {
+            running = Some(t.elapsed());
+        }
+        if state.is_some_and(|s| s.is_terminal()) {
+            if state != Some(TaskState::Succeeded) {
+                bail!("{task_id} ended {state:?}: {}", s.error);
+            }
+            return Ok(Run { running: running.unwrap_or_default(), status: s });
+        }
+        if t.elapsed() > DEADLINE {
+            bail!("{task_id} did not end within {DEADLINE:?}");
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+struct ServerFigures {
+    worker_build: Figure,
+    uv_build: Figure,
+    no_bundle: Figure,
+    cache_hit: Figure,
+}
+
+async fn server_figures(exe: &Path, work: &Path, n: usize) -> anyhow::Result<ServerFigures> {
+    let python = cache().join("rootfs/python");
+    let uv = python.join("usr/local/bin/uv");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let state = work.join("server-state");
+    let worker_cache = work.join("server-cache");
+    let mut child = Command::new(exe)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--worker-id", "iris-bench-env"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--cache-dir")
+        .arg(&worker_cache)
+        .arg("--rootfs")
+        .arg(cache().join("rootfs/busybox"))
+        .arg("--python-rootfs")
+        .arg(&python)
+        .arg("--uv-find-links")
+        .arg(cache().join("wheels"))
+        .args(["--uv-offline", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iris-worker serve")?;
+    let result = async {
+        let pickle = noop_pickle()?;
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut client = loop {
+            if let Ok(c) = WorkerServiceClient::connect(url.clone()).await {
+                break c;
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let peer_cache = work.join("peer-uv-cache");
+        let mut f = ServerFigures {
+            worker_build: Figure::new("cold venv build, worker (build phase)"),
+            uv_build: Figure::new("cold venv build, bare uv venv + pip install"),
+            no_bundle: Figure::new("RunTask → RUNNING, command task, no bundle"),
+            cache_hit: Figure::new("RunTask → RUNNING, Python task, venv cached"),
+        };
+        // Round 0 warms both uv caches and is not counted.
+        for i in 0..=n {
+            let name = format!("p{i}");
+            let zip = work.join(format!("{name}.zip"));
+            project_zip(&zip, &name)?;
+            let python_task = |id: String| worker::RunTaskRequest {
+                job_id: "bench".into(),
+                task_id: id,
+                num_tasks: 1,
+                serialized_entrypoint: pickle.clone(),
+                bundle_gcs_path: format!("file://{}", zip.display()),
+                ..Default::default()
+            };
+            let cold = run(&mut client, python_task(format!("bench/cold-{i}"))).await?;
+            let m = cold.status.build_metrics.clone().context("no build metrics")?;
+            if m.from_cache {
+                bail!("round {i}: the venv came from the cache");
+            }
+            let hit = run(&mut client, python_task(format!("bench/hit-{i}"))).await?;
+            if !hit.status.build_metrics.as_ref().is_some_and(|m| m.from_cache) {
+                bail!("round {i}: the second task built its venv again");
+            }
+            let plain = run(
+                &mut client,
+                worker::RunTaskRequest {
+                    job_id: "bench".into(),
+                    task_id: format!("bench/plain-{i}"),
+                    num_tasks: 1,
+                    command: Some(CommandEntrypoint { argv: vec!["/bin/true".into()], setup_commands: vec![] }),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let dir = work.join(format!("peer-{i}"));
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("pyproject.toml"), pyproject(&name))?;
+            let peer = bare_uv(&uv, &peer_cache, &dir)?;
+            std::fs::remove_dir_all(&dir)?;
+            if i > 0 {
+                f.worker_build.samples.push(Duration::from_millis((m.build_finished_ms - m.build_started_ms) as u64));
+                f.uv_build.samples.push(peer);
+                f.cache_hit.samples.push(hit.running);
+                f.no_bundle.samples.push(plain.running);
+            }
+        }
+        Ok(f)
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = Command::new(exe).arg("cleanup").arg("--state-dir").arg(&state).arg("--all").stdout(Stdio::null()).status();
+    result
+}
+
+/// A zip of ~`mb` MiB in 1 MiB files of hex text from a xorshift generator (it deflates to
+/// about half, like source and data rather than nothing).
+fn big_zip(path: &Path, mb: usize) -> anyhow::Result<u64> {
+    let mut z = zip::ZipWriter::new(std::io::BufWriter::new(std::fs::File::create(path)?));
+    let opts = zip::write::SimpleFileOptions::default().compression_level(Some(1));
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; 1 << 20];
+    let hex = b"0123456789abcdef";
+    for i in 0..mb {
+        for b in buf.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = hex[(x & 15) as usize];
+        }
+        z.start_file(format!("data/{:02}/file-{i}.txt", i % 16), opts)?;
+        z.write_all(&buf)?;
+    }
+    z.finish()?.flush()?;
+    Ok((mb as u64) << 20)
+}
+
+async fn bundle_figures(work: &Path, n: usize) -> anyhow::Result<(Figure, Figure, u64)> {
+    let zip = work.join("big.zip");
+    let bytes = big_zip(&zip, 200)?;
+    let url = format!("file://{}", zip.display());
+    let mut ours = Figure::new("200 MB bundle, BundleCache::get (file://, fresh cache)");
+    let mut unzip = Figure::new("200 MB bundle, unzip -q");
+    for i in 0..n {
+        let dir = work.join(format!("bundles-{i}"));
+        let cache = BundleCache::new(BundleConfig::new(&dir))?;
+        let t = Instant::now();
+        let b = cache.get(&url, None, |_| {}).await?;
+        ours.samples.push(t.elapsed());
+        drop(b);
+        drop(cache);
+        std::fs::remove_dir_all(&dir)?;
+
+        let dir = work.join(format!("unzip-{i}"));
+        let t = Instant::now();
+        let st = Command::new("unzip").arg("-q").arg(&zip).arg("-d").arg(&dir).stdin(Stdio::null()).status()?;
+        if !st.success() {
+            bail!("unzip failed: {st}");
+        }
+        unzip.samples.push(t.elapsed());
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::remove_file(&zip)?;
+    Ok((ours, unzip, bytes))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let n: usize =
+        args.iter().position(|a| a == "--runs").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(5);
+    let exe =
+        PathBuf::from(std::env::var("IRIS_BENCH_EXE").context("IRIS_BENCH_EXE: the iris-worker binary to serve")?);
+    let work = tempfile::Builder::new().prefix("iris-bench-env-").tempdir()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let s = rt.block_on(server_figures(&exe, work.path(), n))?;
+    let (ours, unzip, bytes) = rt.block_on(bundle_figures(work.path(), n))?;
+
+    let mb_s = |f: &Figure| bytes as f64 / (1 << 20) as f64 / (f.pct(0.5) / 1e3);
+    let rows: [(&Figure, String, serde_json::Value); 6] = [
+        (&s.worker_build, String::new(), serde_json::json!({})),
+        (
+            &s.uv_build,
+            format!("worker/uv {:.2}x", s.worker_build.pct(0.5) / s.uv_build.pct(0.5)),
+            serde_json::json!({"worker_over_uv": s.worker_build.pct(0.5) / s.uv_build.pct(0.5)}),
+        ),
+        (&s.no_bundle, String::new(), serde_json::json!({})),
+        (
+            &s.cache_hit,
+            format!("+{:.2} ms", s.cache_hit.pct(0.5) - s.no_bundle.pct(0.5)),
+            serde_json::json!({"added_over_no_bundle_ms": s.cache_hit.pct(0.5) - s.no_bundle.pct(0.5)}),
+        ),
+        (&ours, format!("{:.0} MB/s", mb_s(&ours)), serde_json::json!({"mb_per_s": mb_s(&ours)})),
+        (
+            &unzip,
+            format!("{:.0} MB/s, unzip/this {:.2}x", mb_s(&unzip), unzip.pct(0.5) / ours.pct(0.5)),
+            serde_json::json!({"mb_per_s": mb_s(&unzip), "unzip_over_this": unzip.pct(0.5) / ours.pct(0.5)}),
+        ),
+    ];
+    println!("{:<60} {:>9} {:>9}  note", "figure (n runs)", "p50 ms", "p90 ms");
+    for (f, note, _) in &rows {
+        println!("{:<60} {:>9.2} {:>9.2}  {note}", format!("{} ({})", f.name, f.samples.len()), f.pct(0.5), f.pct(0.9));
+    }
+    for (f, _, extra) in &rows {
+        let mut v = serde_json::json!({"bench": "env", "figure": f.name, "runs": f.samples.len(),
+            "p50_ms": f.pct(0.5), "p90_ms": f.pct(0.9)});
+        if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+            v.extend(extra.clone());
+        }
+        println!("{v}");
+    }
+    Ok(())
+}

@@ -282,7 +282,11 @@ if [ $# -gt 0 ]; then
     echo "+ uv pip install $*"
     uv pip install --python "$py" "$@"
 fi
-if ! "$py" -c 'import cloudpickle' 2>/dev/null; then
+# A glob instead of `python -c 'import cloudpickle'`: the interpreter's start-up would be a
+# good part of a small build.
+found=
+for d in /app/.venv/lib/python3*/site-packages/cloudpickle; do [ -d "$d" ] && found=1; done
+if [ -z "$found" ]; then
     echo "+ uv pip install cloudpickle"
     uv pip install --python "$py" cloudpickle
 fi

@@ -286,3 +286,26 @@ async fn a_bundle_over_http_works_and_a_wrong_sha256_fails_without_caching() {
     assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}");
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_command_runs_in_its_bundles_environment_and_survives_a_worker_restart() {
+    let (mut w, _cache) = python_worker("bundlecmd").await;
+    let files = tempfile::Builder::new().prefix("iris-worker-test-bundle-").tempdir().unwrap();
+    let zip = project_zip(files.path());
+    let mut req =
+        task("cmd/task-0", &["python", "-c", "import time, demo_pkg; time.sleep(1.5); print(demo_pkg.work(1))"]);
+    req.bundle_gcs_path = format!("file://{}", zip.display());
+    let mut c = w.client().await;
+    c.run_task(req).await.unwrap();
+    wait_for(&mut c, "cmd/task-0", BUILD, |s| state_of(s) == TaskState::Running).await;
+    w.kill9();
+    w.spawn().await;
+    let mut c = w.client().await;
+    let s = wait_end(&mut c, "cmd/task-0", BUILD).await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}");
+    let stdout: Vec<String> =
+        all_logs(&mut c, "cmd/task-0").await.into_iter().filter(|l| l.source == "stdout").map(|l| l.data).collect();
+    assert_eq!(stdout, ["(2, '1.16.0')"]);
+    assert!(!w.logs().contains("holding an adopted task's bundle"), "the adopted task's bundle is held again");
+}

@@ -357,6 +357,7 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
         timeout_s: spec.timeout.map(|t| t.as_secs()),
         created_at_ms: now_ms(),
         cgroup: inner.cgroups.as_ref().map(|(_, parent)| format!("{parent}/{key}")),
+        bundle: spec.bundle_gcs_path.clone(),
     };
     let dir = match store::create(&inner.config.state_dir, &meta, &spec.raw_request) {
         Ok(d) => d,
@@ -467,6 +468,19 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
             lock(&inner.ports).hold(attempt.meta.ports.values().copied());
             let permit = inner.slots.clone().try_acquire_owned().ok();
             tracing::info!(task_id = %attempt.meta.task_id, pid = sup.id.pid, "adopted a running task");
+            if let Some(path) = attempt.meta.bundle.clone() {
+                // The running task's bundle must not be evicted: hold it again.
+                let (inner, attempt) = (inner.clone(), attempt.clone());
+                tokio::spawn(async move {
+                    match inner.bundle_cache().await {
+                        Ok(cache) => match cache.get(&path, None, |_| {}).await {
+                            Ok(bundle) => attempt.hold_bundle(bundle),
+                            Err(e) => tracing::warn!(%path, error = %e, "holding an adopted task's bundle"),
+                        },
+                        Err(e) => tracing::warn!(error = %e, "opening the bundle cache"),
+                    }
+                });
+            }
             tokio::spawn(watch_until_exit(inner.clone(), attempt, sup, permit));
         } else {
             remove_leftovers(&attempt.dir, attempt.meta.cgroup.as_deref());

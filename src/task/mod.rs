@@ -423,20 +423,23 @@ fn spawn_sampler(inner: &Arc<Inner>) {
 }
 
 impl Inner {
-    /// The task's bundle, extracted (phases show in its status message). The attempt holds
-    /// it until it ends, so the cache never evicts a bundle a running task uses.
-    async fn fetch_bundle(&self, attempt: &Attempt, path: &str, sha256: Option<&str>) -> Result<PathBuf, String> {
-        // Opened on first use: the cache locks its directory, and workers that never fetch a
-        // bundle (tests, command-only hosts) need not share or lock it.
-        let cache = self
-            .bundles
+    /// The bundle cache, opened on first use: it locks its directory, and workers that never
+    /// fetch a bundle (tests, command-only hosts) need not share or lock it.
+    async fn bundle_cache(&self) -> Result<&BundleCache, String> {
+        self.bundles
             .get_or_init(|| async {
                 let dir = self.config.cache_dir.join("bundles");
                 BundleCache::new(BundleConfig::new(dir)).map_err(|e| e.to_string())
             })
             .await
             .as_ref()
-            .map_err(Clone::clone)?;
+            .map_err(Clone::clone)
+    }
+
+    /// The task's bundle, extracted (phases show in its status message). The attempt holds
+    /// it until it ends, so the cache never evicts a bundle a running task uses.
+    async fn fetch_bundle(&self, attempt: &Attempt, path: &str, sha256: Option<&str>) -> Result<PathBuf, String> {
+        let cache = self.bundle_cache().await?;
         attempt.set(self, TaskState::Building, Phase::Downloading.message());
         let bundle = cache
             .get(path, sha256, |phase| attempt.set(self, TaskState::Building, phase.message()))

@@ -25,6 +25,9 @@ pub struct TaskMeta {
     pub created_at_ms: i64,
     /// The cgroup path of the task (stats are read from it while it runs).
     pub cgroup: Option<String>,
+    /// The bundle the task runs from (a worker that adopts the task holds it in the cache).
+    #[serde(default)]
+    pub bundle: Option<String>,
 }
 
 /// A directory name for a task id: `[A-Za-z0-9-]` kept, every other byte as `_XX`. Valid as a

@@ -9,12 +9,15 @@
 //!
 //! Prints a table and one JSON line per figure.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use common::Figure;
 use iris_worker::bundle::{BundleCache, BundleConfig};
 use iris_worker::proto::worker_service_client::WorkerServiceClient;
 use iris_worker::proto::{CommandEntrypoint, TaskStatus, worker};
@@ -22,26 +25,6 @@ use iris_worker::task::TaskState;
 use tonic::transport::Channel;
 
 const DEADLINE: Duration = Duration::from_secs(180);
-
-struct Figure {
-    name: &'static str,
-    samples: Vec<Duration>,
-}
-
-impl Figure {
-    fn new(name: &'static str) -> Self {
-        Self { name, samples: vec![] }
-    }
-
-    fn pct(&self, p: f64) -> f64 {
-        let mut v: Vec<f64> = self.samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v[((v.len() - 1) as f64 * p).round() as usize]
-    }
-}
 
 fn cache() -> PathBuf {
     PathBuf::from(std::env::var("IRIS_CACHE_DIR").unwrap_or_else(|_| "/var/cache/iris-worker".into()))
@@ -172,16 +155,7 @@ async fn server_figures(exe: &Path, work: &Path, n: usize) -> anyhow::Result<Ser
     let result = async {
         let pickle = noop_pickle()?;
         let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut client = loop {
-            if let Ok(c) = WorkerServiceClient::connect(url.clone()).await {
-                break c;
-            }
-            if Instant::now() > deadline {
-                bail!("the server did not start");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let mut client = common::connect(&url, Duration::from_secs(20)).await?;
         let peer_cache = work.join("peer-uv-cache");
         let mut f = ServerFigures {
             worker_build: Figure::new("cold venv build, worker (build phase)"),

@@ -7,34 +7,20 @@
 //! The library lifecycle runs first, while this process is single-threaded (libcontainer
 //! forks); the server phase then uses a current-thread tokio runtime.
 
+mod common;
+
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use common::Figure;
 use iris_worker::cgroup::Layout;
-use iris_worker::proto::worker_service_client::WorkerServiceClient;
 use iris_worker::proto::{CommandEntrypoint, worker};
 use iris_worker::runtime::{self, LaunchSpec, Profile, RuntimeKind, TaskIo};
 use iris_worker::task::TaskState;
 use nix::sys::wait::waitpid;
-
-struct Figure {
-    name: &'static str,
-    samples: Vec<Duration>,
-}
-
-impl Figure {
-    fn pct(&self, p: f64) -> f64 {
-        let mut v: Vec<f64> = self.samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v[((v.len() - 1) as f64 * p).round() as usize]
-    }
-}
 
 fn devnull() -> anyhow::Result<OwnedFd> {
     Ok(std::fs::OpenOptions::new().write(true).open("/dev/null")?.into())
@@ -133,18 +119,9 @@ async fn server_figures(exe: &Path, rootfs: &Path, work: &Path, n: usize) -> any
         .context("starting iris-worker serve")?;
     let result = async {
         let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut client = loop {
-            if let Ok(c) = WorkerServiceClient::connect(url.clone()).await {
-                break c;
-            }
-            if Instant::now() > deadline {
-                bail!("the server did not start");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let mut running = Figure { name: "RunTask → RUNNING (server)", samples: vec![] };
-        let mut done = Figure { name: "RunTask → SUCCEEDED (server)", samples: vec![] };
+        let mut client = common::connect(&url, Duration::from_secs(20)).await?;
+        let mut running = Figure::new("RunTask → RUNNING (server)");
+        let mut done = Figure::new("RunTask → SUCCEEDED (server)");
         for i in 0..n {
             let task_id = format!("bench/task-{i}");
             let req = worker::RunTaskRequest {
@@ -192,9 +169,9 @@ fn measure_lifecycles(
     n: usize,
 ) -> anyhow::Result<Lifecycles> {
     let bundle = runc_bundle(rootfs, work)?;
-    let mut lib = Figure { name: "lifecycle, library (create→start→exit→reaped→removed)", samples: vec![] };
-    let mut runc = Figure { name: "lifecycle, runc run + runc delete", samples: vec![] };
-    let mut floor = Figure { name: "unshare --fork floor", samples: vec![] };
+    let mut lib = Figure::new("lifecycle, library (create→start→exit→reaped→removed)");
+    let mut runc = Figure::new("lifecycle, runc run + runc delete");
+    let mut floor = Figure::new("unshare --fork floor");
     for i in 0..n {
         lib.samples.push(library_lifecycle(rootfs, work, layout, parent, i)?);
         runc.samples.push(runc_lifecycle(&bundle, i)?);

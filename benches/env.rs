@@ -17,14 +17,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use common::Figure;
+use common::{Figure, run};
 use iris_worker::bundle::{BundleCache, BundleConfig};
-use iris_worker::proto::worker_service_client::WorkerServiceClient;
-use iris_worker::proto::{CommandEntrypoint, TaskStatus, worker};
-use iris_worker::task::TaskState;
-use tonic::transport::Channel;
-
-const DEADLINE: Duration = Duration::from_secs(180);
+use iris_worker::proto::{CommandEntrypoint, worker};
 
 fn cache() -> PathBuf {
     PathBuf::from(std::env::var("IRIS_CACHE_DIR").unwrap_or_else(|_| "/var/cache/iris-worker".into()))
@@ -87,39 +82,6 @@ fn bare_uv(uv: &Path, uv_cache: &Path, dir: &Path) -> anyhow::Result<Duration> {
         "pyproject.toml".as_ref(),
     ])?;
     Ok(t.elapsed())
-}
-
-struct Run {
-    running: Duration,
-    status: TaskStatus,
-}
-
-/// Sends `req` and polls until it ends: the time to RUNNING (or later) and the final status.
-async fn run(client: &mut WorkerServiceClient<Channel>, req: worker::RunTaskRequest) -> anyhow::Result<Run> {
-    let task_id = req.task_id.clone();
-    let t = Instant::now();
-    client.run_task(req).await?;
-    let mut running = None;
-    loop {
-        let s = client
-            .get_task_status(worker::GetTaskStatusRequest { task_id: task_id.clone(), include_result: false })
-            .await?
-            .into_inner();
-        let state = iris_worker::rpc::state_from_proto(s.state);
-        if running.is_none() && matches!(state, Some(TaskState::Running) | Some(TaskState::Succeeded)) {
-            running = Some(t.elapsed());
-        }
-        if state.is_some_and(|s| s.is_terminal()) {
-            if state != Some(TaskState::Succeeded) {
-                bail!("{task_id} ended {state:?}: {}", s.error);
-            }
-            return Ok(Run { running: running.unwrap_or_default(), status: s });
-        }
-        if t.elapsed() > DEADLINE {
-            bail!("{task_id} did not end within {DEADLINE:?}");
-        }
-        tokio::task::yield_now().await;
-    }
 }
 
 struct ServerFigures {

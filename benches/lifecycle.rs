@@ -15,11 +15,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use common::Figure;
+use common::{Figure, run};
 use iris_worker::cgroup::Layout;
 use iris_worker::proto::{CommandEntrypoint, worker};
 use iris_worker::runtime::{self, LaunchSpec, Profile, RuntimeKind, TaskIo};
-use iris_worker::task::TaskState;
 use nix::sys::wait::waitpid;
 
 fn devnull() -> anyhow::Result<OwnedFd> {
@@ -130,25 +129,9 @@ async fn server_figures(exe: &Path, rootfs: &Path, work: &Path, n: usize) -> any
                 command: Some(CommandEntrypoint { argv: vec!["/bin/true".into()], setup_commands: vec![] }),
                 ..Default::default()
             };
-            let t = Instant::now();
-            client.run_task(req).await?;
-            let mut seen_running = false;
-            loop {
-                let s = client
-                    .get_task_status(worker::GetTaskStatusRequest { task_id: task_id.clone(), include_result: false })
-                    .await?
-                    .into_inner();
-                let state = iris_worker::rpc::state_from_proto(s.state);
-                if !seen_running && matches!(state, Some(TaskState::Running) | Some(TaskState::Succeeded)) {
-                    running.samples.push(t.elapsed());
-                    seen_running = true;
-                }
-                if state.is_some_and(|s| s.is_terminal()) {
-                    done.samples.push(t.elapsed());
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
+            let r = run(&mut client, req).await?;
+            running.samples.push(r.running);
+            done.samples.push(r.ended);
         }
         Ok((running, done))
     }

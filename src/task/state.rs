@@ -17,6 +17,17 @@ pub enum TaskState {
 }
 
 impl TaskState {
+    /// Every state, in life order.
+    pub const ALL: [TaskState; 7] = [
+        TaskState::Pending,
+        TaskState::Building,
+        TaskState::Running,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Killed,
+        TaskState::WorkerFailed,
+    ];
+
     pub fn is_terminal(self) -> bool {
         matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Killed | TaskState::WorkerFailed)
     }

@@ -44,16 +44,6 @@ const RPC_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.
 const BUILD_BUCKETS: [f64; 12] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0 * 5.0];
 /// The caches whose hits and misses are reported.
 pub const CACHES: [&str; 3] = ["bundles", "venvs", "images"];
-const ALL_STATES: [TaskState; 7] = [
-    TaskState::Pending,
-    TaskState::Building,
-    TaskState::Running,
-    TaskState::Succeeded,
-    TaskState::Failed,
-    TaskState::Killed,
-    TaskState::WorkerFailed,
-];
-
 /// A cumulative histogram with fixed buckets.
 #[derive(Debug, Clone)]
 struct Histogram {
@@ -177,7 +167,7 @@ impl Metrics {
             "gauge",
             "Tasks the worker knows, by the state of their current attempt.",
         );
-        for s in ALL_STATES {
+        for s in TaskState::ALL {
             let n = tasks.iter().filter(|t| t.state == s).count();
             let _ = writeln!(out, "iris_worker_tasks{{state=\"{}\"}} {n}", s.name());
         }
@@ -189,7 +179,7 @@ impl Metrics {
             "counter",
             "Attempts that ended since the worker started.",
         );
-        for s in ALL_STATES.iter().filter(|s| s.is_terminal()) {
+        for s in TaskState::ALL.iter().filter(|s| s.is_terminal()) {
             let n = f.finished.get(s.name()).copied().unwrap_or(0);
             let _ = writeln!(out, "iris_worker_tasks_finished_total{{state=\"{}\"}} {n}", s.name());
         }

@@ -61,16 +61,6 @@ pub struct Snapshot {
     pub rows: Vec<(String, String)>,
 }
 
-pub const STATES: [TaskState; 7] = [
-    TaskState::Pending,
-    TaskState::Building,
-    TaskState::Running,
-    TaskState::Succeeded,
-    TaskState::Failed,
-    TaskState::Killed,
-    TaskState::WorkerFailed,
-];
-
 /// The worker's figures for `tasks`.
 pub fn worker_figures(web: &Web, tasks: &[TaskView]) -> WorkerFigures {
     let m = &web.inner.manager;
@@ -79,7 +69,7 @@ pub fn worker_figures(web: &Web, tasks: &[TaskView]) -> WorkerFigures {
         version: env!("CARGO_PKG_VERSION"),
         now_ms: crate::supervisor::files::now_ms(),
         uptime_ms: m.health().uptime_ms,
-        tasks: STATES.iter().map(|s| (s.name(), tasks.iter().filter(|t| t.state == *s).count())).collect(),
+        tasks: TaskState::ALL.iter().map(|s| (s.name(), tasks.iter().filter(|t| t.state == *s).count())).collect(),
         host: web.inner.host.read(),
     }
 }

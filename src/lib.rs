@@ -3,6 +3,7 @@
 //! The data path, one module per step (see DESIGN.md):
 //! - [`rpc`]: gRPC and Connect on one port; decodes requests into typed specs.
 //! - [`task`]: the TaskManager — states, attempts, concurrency, ports, kill, adoption.
+//! - [`buildkit`]: a BuildKit gRPC client that builds Dockerfiles into root filesystems.
 //! - [`bundle`]: code bundles fetched from object stores, verified, safely unzipped, cached.
 //! - [`env`]: a task's Python environment: the venv built for its bundle, pickled entrypoints.
 //! - [`runtime`]: how a task's processes are made (libcontainer container or plain process).
@@ -16,6 +17,8 @@
 //! Embedding: build a [`task::TaskManager`] with [`task::ManagerConfig`] and call `run`,
 //! or serve it with [`rpc::serve`]. `examples/run_task.rs` runs a task with no server.
 
+#[cfg(feature = "buildkit")]
+pub mod buildkit;
 pub mod bundle;
 pub mod cgroup;
 pub mod cli;

@@ -12,6 +12,8 @@
 //! - [`cgroup`]: cgroup v2/v1 paths, limits, kills and the stats read from them.
 //! - [`heartbeat`]: the worker's side of a controller (RegisterWorker, ReportTaskState).
 //! - [`web`]: the pages and JSON on the same port.
+//! - [`controller`]: the controller (jobs → tasks on workers, retries, endpoints, SQLite state)
+//!   and [`controller::Cluster`], its client.
 //! - [`cli`]: the `iris-worker` command.
 //!
 //! Embedding: build a [`task::TaskManager`] with [`task::ManagerConfig`] and call `run`,
@@ -22,6 +24,7 @@ pub mod buildkit;
 pub mod bundle;
 pub mod cgroup;
 pub mod cli;
+pub mod controller;
 pub mod env;
 pub mod heartbeat;
 pub mod logs;

@@ -77,6 +77,13 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "IRIS_WORKER_LOG_FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
+    /// Seconds between heartbeats to the controller [default: 10].
+    #[arg(long, env = "IRIS_WORKER_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<f64>,
+    /// A worker attribute for job constraints, KEY=VALUE (repeatable; whole numbers become
+    /// int attributes, other numbers float) [default: none].
+    #[arg(long = "attribute", env = "IRIS_WORKER_ATTRIBUTES", value_delimiter = ',')]
+    pub attributes: Vec<String>,
 }
 
 /// The TOML file: the same settings, all optional.
@@ -101,6 +108,8 @@ struct FileConfig {
     advertise_host: Option<String>,
     bind_host: Option<String>,
     log_format: Option<String>,
+    heartbeat_interval: Option<f64>,
+    attributes: Option<Vec<String>>,
 }
 
 /// Settings after merging.
@@ -124,6 +133,9 @@ pub struct ServeConfig {
     pub advertise_host: String,
     pub bind_host: String,
     pub log_json: bool,
+    pub heartbeat_interval: std::time::Duration,
+    /// Attributes as KEY=VALUE pairs.
+    pub attributes: Vec<(String, String)>,
 }
 
 impl ServeArgs {
@@ -179,6 +191,25 @@ impl ServeArgs {
             advertise_host: self.advertise_host.or(file.advertise_host).unwrap_or_else(first_ipv4),
             bind_host: self.bind_host.or(file.bind_host).unwrap_or_else(|| "127.0.0.1".into()),
             log_json: log_format == "json",
+            heartbeat_interval: {
+                let secs = self.heartbeat_interval.or(file.heartbeat_interval).unwrap_or(10.0);
+                if !(secs > 0.0 && secs < 86_400.0) {
+                    bail!("heartbeat_interval must be between 0 and 86400 seconds, not {secs}");
+                }
+                std::time::Duration::from_secs_f64(secs)
+            },
+            attributes: {
+                let list =
+                    if self.attributes.is_empty() { file.attributes.unwrap_or_default() } else { self.attributes };
+                list.iter()
+                    .map(|a| {
+                        a.split_once('=')
+                            .filter(|(k, _)| !k.is_empty())
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .with_context(|| format!("attribute {a:?} is not KEY=VALUE"))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            },
         })
     }
 }

@@ -2,8 +2,11 @@
 
 mod cleanup;
 mod client;
+mod cluster;
 mod config;
+mod controller;
 mod demo;
+mod jobs;
 mod serve;
 mod task;
 
@@ -35,6 +38,21 @@ enum Verb {
     /// Remove leftovers of a stopped worker: task processes, cgroups, container state, and
     /// (with --all) the task directories and logs.
     Cleanup(cleanup::CleanupArgs),
+    /// The controller: `controller serve`.
+    #[command(subcommand)]
+    Controller(controller::ControllerVerb),
+    /// Talk to a controller about jobs: launch, status, wait, logs, kill, list.
+    #[command(subcommand)]
+    Job(jobs::JobVerb),
+    /// The controller's endpoint registry: list, lookup.
+    #[command(subcommand)]
+    Endpoint(jobs::EndpointVerb),
+    /// The workers registered with a controller: list.
+    #[command(subcommand)]
+    Worker(jobs::WorkerVerb),
+    /// A local cluster for development: `cluster up --workers N`.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterVerb),
     /// (internal) The per-task supervisor, started by the worker.
     #[command(hide = true)]
     Supervise {
@@ -64,6 +82,11 @@ pub fn main() -> ExitCode {
             Verb::Demo(args) => demo::run(args).await,
             Verb::Task(verb) => task::run(verb).await,
             Verb::Cleanup(args) => cleanup::run(args),
+            Verb::Controller(verb) => controller::run(verb).await,
+            Verb::Job(verb) => jobs::run_job(verb).await,
+            Verb::Endpoint(verb) => jobs::run_endpoint(verb).await,
+            Verb::Worker(verb) => jobs::run_worker(verb).await,
+            Verb::Cluster(verb) => cluster::run(verb).await,
             Verb::Supervise { .. } => Ok(()),
         }
     });

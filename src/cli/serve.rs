@@ -50,12 +50,16 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     if let Some(url) = &controller_url {
+        let mut metadata = heartbeat::host_metadata(&config.advertise_host);
+        for (k, v) in &config.attributes {
+            metadata.attributes.insert(k.clone(), heartbeat::attribute_value(v));
+        }
         let me = WorkerIdentity {
             worker_id: config.worker_id.clone(),
             address: format!("{}:{}", config.advertise_host, addr.port()),
-            metadata: heartbeat::host_metadata(&config.advertise_host),
+            metadata,
         };
-        heartbeat::start(manager.clone(), url, me);
+        heartbeat::start_every(manager.clone(), url, me, config.heartbeat_interval);
     }
     let service = WorkerServiceImpl::new(manager.clone());
     let server = tokio::spawn(async move {

@@ -27,13 +27,19 @@ pub struct WorkerIdentity {
 
 /// Starts the heartbeat and the state reporter; they run until the runtime stops.
 pub fn start(manager: TaskManager, controller: &str, me: WorkerIdentity) {
+    start_every(manager, controller, me, HEARTBEAT_EVERY);
+}
+
+/// [`start`] with another heartbeat interval (a controller with a short dead-worker timeout
+/// needs heartbeats more often than Iris's 10 s).
+pub fn start_every(manager: TaskManager, controller: &str, me: WorkerIdentity, every: Duration) {
     let client = ConnectClient::new(controller);
     let events = manager.subscribe();
     tokio::spawn(report_states(client.clone(), me.worker_id.clone(), events));
-    tokio::spawn(heartbeat(client, manager, me));
+    tokio::spawn(heartbeat(client, manager, me, every));
 }
 
-async fn heartbeat(client: ConnectClient, manager: TaskManager, me: WorkerIdentity) {
+async fn heartbeat(client: ConnectClient, manager: TaskManager, me: WorkerIdentity, every: Duration) {
     let mut accepted = false;
     loop {
         let req = controller::RegisterWorkerRequest {
@@ -59,7 +65,7 @@ async fn heartbeat(client: ConnectClient, manager: TaskManager, me: WorkerIdenti
                 accepted = false;
             }
         }
-        tokio::time::sleep(if accepted { HEARTBEAT_EVERY } else { REGISTER_EVERY }).await;
+        tokio::time::sleep(if accepted { every } else { REGISTER_EVERY.min(every) }).await;
     }
 }
 
@@ -131,4 +137,18 @@ pub fn host_metadata(ip_address: &str) -> WorkerMetadata {
         .map(|kb| kb * 1024)
         .unwrap_or(0);
     WorkerMetadata { hostname, ip_address: ip_address.to_string(), cpu_count, memory_bytes, ..Default::default() }
+}
+
+/// An attribute value from its text: whole numbers become ints, other numbers floats, the
+/// rest strings (so ordering constraints compare numbers).
+pub fn attribute_value(v: &str) -> crate::proto::AttributeValue {
+    use crate::proto::attribute_value::Value;
+    let value = if let Ok(i) = v.parse::<i64>() {
+        Value::IntValue(i)
+    } else if let Ok(f) = v.parse::<f64>() {
+        Value::FloatValue(f)
+    } else {
+        Value::StringValue(v.to_string())
+    };
+    crate::proto::AttributeValue { value: Some(value) }
 }

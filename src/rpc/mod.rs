@@ -11,6 +11,6 @@ mod status;
 pub use convert::{
     log_entry as log_entry_proto, log_filter, state_from_proto, state_to_proto, task_status as task_status_proto,
 };
-pub use server::{ServeError, serve};
+pub use server::{ServeError, grpc_with_reflection, one_port, serve};
 pub use service::WorkerServiceImpl;
 pub use status::to_status;

@@ -22,9 +22,8 @@ pub enum ServeError {
     Io { addr: SocketAddr, source: std::io::Error },
 }
 
-/// The whole router: gRPC with reflection, Connect, and the web pages of [`crate::web`], with
-/// the web's middleware counting WorkerService calls for `/metrics`.
-pub fn router(service: WorkerServiceImpl, web: &crate::web::Web) -> Result<Router, ServeError> {
+/// gRPC routes with reflection (v1 and v1alpha) over cluster.proto added.
+pub fn grpc_with_reflection(routes: tonic::service::Routes) -> Result<Router, ServeError> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -33,17 +32,26 @@ pub fn router(service: WorkerServiceImpl, web: &crate::web::Web) -> Result<Route
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    let grpc = tonic::service::Routes::new(WorkerServiceServer::new(service.clone()))
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .into_axum_router();
-    let http = worker_router(service.clone()).merge(web.router());
-    Ok(web.track_rpcs(Router::new().fallback_service(tower::service_fn(move |req: Request<Body>| {
+    Ok(routes.add_service(reflection_v1).add_service(reflection_v1alpha).into_axum_router())
+}
+
+/// One router for one port: requests whose Content-Type is `application/grpc*` go to `grpc`,
+/// everything else (Connect calls and pages) to `http`.
+pub fn one_port(grpc: Router, http: Router) -> Router {
+    Router::new().fallback_service(tower::service_fn(move |req: Request<Body>| {
         let is_grpc =
             req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let target = if is_grpc { grpc.clone() } else { http.clone() };
         target.oneshot(req)
-    }))))
+    }))
+}
+
+/// The whole router: gRPC with reflection, Connect, and the web pages of [`crate::web`], with
+/// the web's middleware counting WorkerService calls for `/metrics`.
+pub fn router(service: WorkerServiceImpl, web: &crate::web::Web) -> Result<Router, ServeError> {
+    let grpc = grpc_with_reflection(tonic::service::Routes::new(WorkerServiceServer::new(service.clone())))?;
+    let http = worker_router(service.clone()).merge(web.router());
+    Ok(web.track_rpcs(one_port(grpc, http)))
 }
 
 /// Serves `service` on `listener` until `shutdown` completes (then the web's event streams end,

@@ -1,4 +1,5 @@
-//! WorkerService over Connect, as axum routes on `/iris.cluster.WorkerService/<Method>`.
+//! Connect services as axum routes on `/<package.Service>/<Method>`: WorkerService here, and
+//! any other service (the controller's) that implements [`ConnectService`].
 
 use std::time::Duration;
 
@@ -19,9 +20,22 @@ use crate::rpc::WorkerServiceImpl;
 /// Largest request body accepted (after inflating): RunTask carries workdir files.
 const MAX_BODY: u64 = 64 << 20;
 
+/// A service served over Connect: its full name and one call per method.
+pub trait ConnectService: Clone + Send + Sync + 'static {
+    /// The fully qualified service name, e.g. `iris.cluster.WorkerService`.
+    const NAME: &'static str;
+    /// Calls `method` with a request body in `codec`; returns the encoded response.
+    fn call(&self, method: &str, codec: Codec, body: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, Status>> + Send;
+}
+
+/// The Connect routes of a service.
+pub fn connect_router<S: ConnectService>(service: S) -> Router {
+    Router::new().route(&format!("/{}/{{method}}", S::NAME), post(handle::<S>)).with_state(service)
+}
+
 /// The Connect routes of WorkerService.
 pub fn worker_router(service: WorkerServiceImpl) -> Router {
-    Router::new().route("/iris.cluster.WorkerService/{method}", post(handle)).with_state(service)
+    connect_router(service)
 }
 
 /// The outcome of a Connect call, put on its response as an extension (the RPC metrics of
@@ -38,8 +52,8 @@ pub fn error_response(status: &Status) -> Response {
     resp
 }
 
-async fn handle(
-    State(svc): State<WorkerServiceImpl>,
+async fn handle<S: ConnectService>(
+    State(svc): State<S>,
     Path(method): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -64,7 +78,7 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis);
-    let call = dispatch(svc, &method, codec, body);
+    let call = svc.call(&method, codec, body);
     let result = match timeout {
         Some(t) => tokio::time::timeout(t, call)
             .await
@@ -81,7 +95,9 @@ async fn handle(
     }
 }
 
-async fn unary<Req, Resp, F, Fut>(
+/// Decodes a request of `req_name`, runs `call` (a tonic service method) and encodes its
+/// response as `resp_name`.
+pub async fn unary<Req, Resp, F, Fut>(
     codec: Codec,
     req_name: &str,
     resp_name: &str,
@@ -97,6 +113,14 @@ where
     let req: Req = codec.decode(req_name, body).map_err(Status::invalid_argument)?;
     let resp = call(Request::new(req)).await?.into_inner();
     codec.encode(resp_name, &resp).map_err(Status::internal)
+}
+
+impl ConnectService for WorkerServiceImpl {
+    const NAME: &'static str = "iris.cluster.WorkerService";
+
+    async fn call(&self, method: &str, codec: Codec, body: Vec<u8>) -> Result<Vec<u8>, Status> {
+        dispatch(self.clone(), method, codec, body).await
+    }
 }
 
 async fn dispatch(svc: WorkerServiceImpl, method: &str, codec: Codec, body: Vec<u8>) -> Result<Vec<u8>, Status> {

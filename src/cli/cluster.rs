@@ -1,0 +1,132 @@
+//! `iris-worker cluster up --workers N`: a controller (in this process) and N workers (child
+//! `iris-worker serve` processes, each with its own state directory and port) on this
+//! machine, for development. Ctrl-C (or SIGTERM) stops the workers, removes their tasks,
+//! cgroups and state with `cleanup --all`, and removes the temporary state.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::controller::ControllerArgs;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ClusterVerb {
+    /// Start a controller and N workers; Ctrl-C stops them all and leaves nothing behind.
+    Up(UpArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Number of workers.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// The controller's address [default: 127.0.0.1:10000].
+    #[arg(long, default_value = "127.0.0.1:10000")]
+    pub listen: SocketAddr,
+    /// Seconds without a heartbeat after which a worker is dead.
+    #[arg(long, default_value_t = 60.0)]
+    pub worker_timeout: f64,
+    /// Seconds between the workers' heartbeats.
+    #[arg(long, default_value_t = 10.0)]
+    pub heartbeat_interval: f64,
+    /// An extra flag for every worker's `serve` (e.g. `--worker-arg=--runtime=process`); repeatable.
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    pub worker_args: Vec<String>,
+}
+
+struct Child {
+    state: PathBuf,
+    process: tokio::process::Child,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?.local_addr()?.port())
+}
+
+pub async fn run(verb: ClusterVerb) -> anyhow::Result<()> {
+    let ClusterVerb::Up(a) = verb;
+    super::init_logging(false);
+    let root =
+        tempfile::Builder::new().prefix("iris-cluster-").tempdir().context("making the cluster's state directory")?;
+    let settings = ControllerArgs {
+        listen: Some(a.listen),
+        state_dir: Some(root.path().join("controller")),
+        worker_timeout: Some(a.worker_timeout),
+        ..Default::default()
+    }
+    .resolve()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut stop = stop_rx.clone();
+    let started = super::controller::start(&settings, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    })
+    .await?;
+    let controller = format!("http://127.0.0.1:{}", started.addr.port());
+    let exe = std::env::current_exe().context("finding this program's path")?;
+    let mut children: Vec<Child> = Vec::new();
+    let result = async {
+        for i in 0..a.workers {
+            let state = root.path().join(format!("worker-{i}"));
+            std::fs::create_dir_all(&state).with_context(|| format!("making {}", state.display()))?;
+            let port = free_port()?;
+            let log = std::fs::File::create(root.path().join(format!("worker-{i}.log"))).context("the worker's log")?;
+            let process = tokio::process::Command::new(&exe)
+                .arg("serve")
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .arg("--state-dir")
+                .arg(&state)
+                .args(["--controller", &controller])
+                .args(["--worker-id", &format!("cluster-worker-{i}")])
+                .args(["--advertise-host", "127.0.0.1"])
+                .args(["--heartbeat-interval", &a.heartbeat_interval.to_string()])
+                .args(["--port-range", &format!("{}-{}", 40000 + i * 1000, 40999 + i * 1000)])
+                .args(&a.worker_args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting a worker")?;
+            children.push(Child { state, process });
+            println!("worker cluster-worker-{i}: http://127.0.0.1:{port}/");
+        }
+        println!("controller: {controller}/  (state in {}; Ctrl-C stops everything)", root.path().display());
+        let mut watch = stop_rx.clone();
+        tokio::select! {
+            _ = super::serve::shutdown_signal() => {}
+            _ = watch.wait_for(|s| *s) => {}
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    println!("stopping the cluster");
+    for c in &mut children {
+        if let Some(pid) = c.process.id() {
+            // SIGTERM first: the worker shuts its server down; cleanup below ends the tasks.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+    for c in &mut children {
+        if tokio::time::timeout(Duration::from_secs(10), c.process.wait()).await.is_err() {
+            let _ = c.process.kill().await;
+        }
+        let status = tokio::process::Command::new(&exe)
+            .arg("cleanup")
+            .arg("--state-dir")
+            .arg(&c.state)
+            .arg("--all")
+            .stdout(Stdio::null())
+            .status()
+            .await;
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!("cleanup of {} did not succeed", c.state.display());
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = started.server.await;
+    drop(root);
+    result
+}

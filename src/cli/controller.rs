@@ -1,0 +1,149 @@
+//! `iris-worker controller serve`: settings (flags > IRIS_CONTROLLER_* > TOML > defaults) and
+//! the serving loop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::controller::{Controller, ControllerConfig};
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:10000";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/iris-controller";
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ControllerVerb {
+    /// Run the controller: ControllerService (gRPC + Connect) and its pages on one port.
+    Serve(ControllerArgs),
+}
+
+/// Settings of `controller serve`. Every flag also reads IRIS_CONTROLLER_<NAME> and the TOML
+/// file's `<name>` key.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ControllerArgs {
+    /// TOML file with any of the settings below (keys in snake_case).
+    #[arg(long, env = "IRIS_CONTROLLER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address for gRPC, Connect and the pages [default: 0.0.0.0:10000].
+    #[arg(long, env = "IRIS_CONTROLLER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Where the state database (controller.db) lives [default: /var/lib/iris-controller].
+    #[arg(long, env = "IRIS_CONTROLLER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Seconds without a heartbeat after which a worker is dead and its tasks are retried
+    /// elsewhere [default: 60].
+    #[arg(long, env = "IRIS_CONTROLLER_WORKER_TIMEOUT")]
+    pub worker_timeout: Option<f64>,
+    /// RunTask calls in flight at once [default: 64].
+    #[arg(long, env = "IRIS_CONTROLLER_MAX_PARALLEL_DISPATCH")]
+    pub max_parallel_dispatch: Option<usize>,
+    /// Log format [default: text].
+    #[arg(long, env = "IRIS_CONTROLLER_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+    worker_timeout: Option<f64>,
+    max_parallel_dispatch: Option<usize>,
+    log_format: Option<String>,
+}
+
+/// Settings after merging.
+#[derive(Debug, Clone)]
+pub struct ControllerSettings {
+    pub listen: SocketAddr,
+    pub controller: ControllerConfig,
+    pub log_json: bool,
+}
+
+impl ControllerArgs {
+    pub fn resolve(self) -> anyhow::Result<ControllerSettings> {
+        let file: FileConfig = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let listen = match self.listen.or(file.listen) {
+            Some(l) => l,
+            None => DEFAULT_LISTEN.parse().context("the default listen address")?,
+        };
+        let timeout = self.worker_timeout.or(file.worker_timeout).unwrap_or(60.0);
+        if !(timeout > 0.0 && timeout < 86_400.0) {
+            bail!("worker_timeout must be between 0 and 86400 seconds, not {timeout}");
+        }
+        let parallel = self.max_parallel_dispatch.or(file.max_parallel_dispatch).unwrap_or(64);
+        if parallel == 0 {
+            bail!("max_parallel_dispatch must be at least 1");
+        }
+        let log_format = self.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
+        if log_format != "text" && log_format != "json" {
+            bail!("log_format must be text or json, not {log_format:?}");
+        }
+        let mut controller =
+            ControllerConfig::new(self.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()));
+        controller.worker_timeout = Duration::from_secs_f64(timeout);
+        controller.max_parallel_dispatch = parallel;
+        Ok(ControllerSettings { listen, controller, log_json: log_format == "json" })
+    }
+}
+
+/// A controller serving on a bound port.
+pub struct Started {
+    pub addr: SocketAddr,
+    pub server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Opens the state and serves until `shutdown` completes.
+pub async fn start(
+    settings: &ControllerSettings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Started> {
+    let dir = &settings.controller.state_dir;
+    let c = Controller::open(settings.controller.clone())
+        .with_context(|| format!("opening the controller state in {}", dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let server =
+        tokio::spawn(async move { crate::controller::serve(listener, c, shutdown).await.map_err(anyhow::Error::from) });
+    tracing::info!(%addr, state_dir = %dir.display(), "controller serving");
+    Ok(Started { addr, server })
+}
+
+pub async fn run(verb: ControllerVerb) -> anyhow::Result<()> {
+    let ControllerVerb::Serve(args) = verb;
+    let settings = args.resolve()?;
+    super::init_logging(settings.log_json);
+    let started = start(&settings, super::serve::shutdown_signal()).await?;
+    started.server.await.context("the server task")??;
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "worker_timeout = 5.0\nlisten = \"127.0.0.1:9\"\n").unwrap();
+        let s =
+            ControllerArgs { config: Some(file), worker_timeout: Some(2.0), ..Default::default() }.resolve().unwrap();
+        assert_eq!(s.controller.worker_timeout, Duration::from_secs(2));
+        assert_eq!(s.listen.to_string(), "127.0.0.1:9");
+        assert_eq!(s.controller.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        let bad = ControllerArgs { worker_timeout: Some(0.0), ..Default::default() }.resolve().unwrap_err();
+        assert!(bad.to_string().contains("worker_timeout"), "{bad}");
+    }
+}

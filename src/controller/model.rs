@@ -1,0 +1,158 @@
+//! The controller's records: jobs, tasks (with their attempts), workers and endpoints, as kept
+//! in memory and persisted by [`super::store`]. States are the wire's numbers
+//! ([`crate::proto::TaskState`], [`crate::proto::JobState`]) so nothing is translated twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::proto::controller::LaunchJobRequest;
+use crate::proto::{JobState, TaskState, WorkerMetadata};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Whether a task state is final.
+pub fn task_terminal(s: i32) -> bool {
+    matches!(
+        TaskState::try_from(s),
+        Ok(TaskState::Succeeded
+            | TaskState::Failed
+            | TaskState::Killed
+            | TaskState::WorkerFailed
+            | TaskState::Unschedulable)
+    )
+}
+
+/// Whether a job state is final.
+pub fn job_terminal(s: i32) -> bool {
+    matches!(
+        JobState::try_from(s),
+        Ok(JobState::Succeeded
+            | JobState::Failed
+            | JobState::Killed
+            | JobState::WorkerFailed
+            | JobState::Unschedulable)
+    )
+}
+
+/// A job: the request it was launched with and its aggregate state.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub request: LaunchJobRequest,
+    pub rec: JobRecord,
+}
+
+/// The part of a job that changes (persisted as JSON; the request is stored once, as protobuf).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job_id: String,
+    pub state: i32,
+    pub exit_code: i32,
+    pub error: String,
+    pub submitted_ms: i64,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    pub parent_job_id: String,
+    pub num_tasks: i32,
+    pub failure_count: i32,
+    pub preemption_count: i32,
+    /// Why the scheduler could not place the job's tasks last time (shown while pending).
+    pub status_message: String,
+}
+
+/// One attempt of a task on one worker.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Attempt {
+    pub attempt_id: i32,
+    pub worker_id: String,
+    pub state: i32,
+    pub exit_code: i32,
+    pub error: String,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    pub is_worker_failure: bool,
+}
+
+/// A task of a job: `{job_id}/task-{index}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Task {
+    pub task_id: String,
+    pub job_id: String,
+    pub index: i32,
+    pub state: i32,
+    /// The worker of the current attempt (empty while unassigned).
+    pub worker_id: String,
+    pub worker_address: String,
+    /// The current attempt's id; -1 before the first.
+    pub attempt_id: i32,
+    /// True once the worker accepted the current attempt's RunTask.
+    pub dispatched: bool,
+    pub dispatched_ms: i64,
+    pub attempts: Vec<Attempt>,
+    /// Failed attempts (the task's own failures) and worker failures so far.
+    pub failures: i32,
+    pub preemptions: i32,
+    pub exit_code: i32,
+    pub error: String,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    /// Since when the task has waited for a worker (for the scheduling timeout).
+    pub pending_since_ms: i64,
+    pub ports: BTreeMap<String, i32>,
+}
+
+impl Task {
+    /// Holds a worker: assigned and not ended.
+    pub fn active(&self) -> bool {
+        !self.worker_id.is_empty() && !task_terminal(self.state)
+    }
+
+    pub fn current_attempt(&mut self) -> Option<&mut Attempt> {
+        let id = self.attempt_id;
+        self.attempts.iter_mut().rev().find(|a| a.attempt_id == id)
+    }
+}
+
+/// A registered worker.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerRec {
+    pub rec: WorkerRecord,
+    pub metadata: WorkerMetadata,
+    /// Not persisted: recomputed from the tasks on load.
+    pub used: Usage,
+    pub tasks: BTreeSet<String>,
+    /// A failed dispatch keeps the worker out of placement until then (ms).
+    pub suspect_until_ms: i64,
+}
+
+/// The persisted part of a worker.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub worker_id: String,
+    pub address: String,
+    pub registered_ms: i64,
+    pub last_heartbeat_ms: i64,
+    pub healthy: bool,
+    pub consecutive_failures: i32,
+}
+
+/// Resources held on a worker by its active tasks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub cpu_millicores: i64,
+    pub memory_bytes: i64,
+    pub gpus: i64,
+}
+
+/// A registered endpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EndpointRec {
+    pub endpoint_id: String,
+    pub name: String,
+    pub address: String,
+    pub job_id: String,
+    pub metadata: BTreeMap<String, String>,
+}

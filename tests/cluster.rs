@@ -1,0 +1,419 @@
+//! The controller and the cluster: real `controller serve` and `serve` processes, jobs
+//! scheduled onto the workers, retries, dead workers across network namespaces, constraints
+//! and coscheduling, endpoints, a controller restart, and a Python Connect client.
+
+#[path = "common/cluster.rs"]
+mod cluster_common;
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cluster_common::*;
+use common::*;
+use iris_worker::controller::ClusterError;
+use iris_worker::proto::controller::{Constraint, ConstraintOp, CoschedulingConfig};
+use iris_worker::proto::{AttributeValue, JobState, ResourceSpecProto, TaskState, attribute_value, worker};
+use iris_worker::rpc::connect::ConnectError;
+use tonic::Code;
+
+const JOB: Duration = Duration::from_secs(60);
+
+fn code_of(e: &ClusterError) -> Option<Code> {
+    match e {
+        ClusterError::Call(ConnectError::Status { code, .. }) => Some(*code),
+        _ => None,
+    }
+}
+
+fn zone(v: &str) -> Constraint {
+    Constraint {
+        key: "zone".into(),
+        op: ConstraintOp::Eq as i32,
+        value: Some(AttributeValue { value: Some(attribute_value::Value::StringValue(v.into())) }),
+    }
+}
+
+async fn stdout_of(c: &iris_worker::controller::Cluster, job_id: &str, index: i32) -> Vec<String> {
+    c.logs(job_id, index, worker::FetchLogsFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.source == "stdout")
+        .map(|l| l.data)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn four_replicas_on_two_workers_each_see_their_index_and_the_job_succeeds() {
+    let ctl = ControllerProc::start(60.0).await;
+    let a = ctl.worker("cl-rep-a", &[]).await;
+    let b = ctl.worker("cl-rep-b", &[]).await;
+    let c = ctl.cluster();
+    let req = sh_job("rep", 4, "sleep 0.5; echo index=$IRIS_TASK_INDEX num=$IRIS_NUM_TASKS");
+    let job_id = c.launch(&req).await.unwrap();
+    // `job wait` returns when the job ends, with success.
+    let out = Command::new(exe()).args(["job", "wait", "--controller", &ctl.url(), &job_id]).output().unwrap();
+    assert!(out.status.success(), "job wait: {}", String::from_utf8_lossy(&out.stderr));
+    let s = c.status(&job_id).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}");
+    assert_eq!((s.num_tasks, s.tasks_succeeded, s.tasks.len()), (4, 4, 4));
+    for (i, t) in s.tasks.iter().enumerate() {
+        assert_eq!(t.task_id, format!("{job_id}/task-{i}"));
+        assert_eq!(stdout_of(&c, &job_id, i as i32).await, [format!("index={i} num=4")]);
+    }
+    let on = |w: &Worker| s.tasks.iter().filter(|t| t.worker_id == w.name).count();
+    assert_eq!((on(&a), on(&b)), (2, 2), "spread over both workers: {s:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn a_task_failing_once_is_retried_and_without_retries_the_job_fails_with_its_error() {
+    let ctl = ControllerProc::start(60.0).await;
+    let _w = ctl.worker("cl-retry", &["--runtime", "process"]).await;
+    let c = ctl.cluster();
+    let shared = tempfile::tempdir().unwrap();
+    // Fails on its first attempt, succeeds on the second; the file counts attempts.
+    let script = format!(
+        "f={}/attempts-$IRIS_JOB_ID; n=$(( $(cat $f 2>/dev/null || echo 0) + 1 )); echo $n > $f; \
+         echo attempt $n; [ $n -ge 2 ] || exit 3",
+        shared.path().display()
+    );
+    let mut req = sh_job("retry", 1, &script);
+    req.max_retries_failure = 1;
+    let job_id = c.launch(&req).await.unwrap();
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}");
+    assert_eq!(s.failure_count, 1);
+    let t = &s.tasks[0];
+    assert_eq!(t.attempts.len(), 2, "{t:#?}");
+    assert_eq!((t.attempts[0].state, t.attempts[0].exit_code), (TaskState::Failed as i32, 3));
+    assert_eq!(t.attempts[1].state, TaskState::Succeeded as i32);
+    assert_eq!(t.current_attempt_id, 1);
+    let count = std::fs::read_to_string(shared.path().join(format!("attempts-{job_id}"))).unwrap();
+    assert_eq!(count.trim(), "2");
+
+    let mut req = sh_job("noretry", 1, &script);
+    req.max_retries_failure = 0;
+    let job_id = c.launch(&req).await.unwrap();
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Failed, "{s:#?}");
+    let t = &s.tasks[0];
+    assert_eq!((t.state, t.exit_code, t.attempts.len()), (TaskState::Failed as i32, 3, 1));
+    assert_eq!(s.exit_code, 3);
+    assert!(
+        s.error.contains(&t.error) && t.error.contains("exit code 3"),
+        "job error {:?}, task error {:?}",
+        s.error,
+        t.error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: network namespaces and containers"]
+async fn a_job_spans_two_hosts_and_survives_one_being_killed() {
+    let ns_a = Netns::create("a", 231);
+    let ns_b = Netns::create("b", 232);
+    let ctl = ControllerProc::start_on("0.0.0.0", 2.0).await;
+    let mut a = NsWorker::start(&ns_a, "cl-host-a", &format!("http://{}:{}", ns_a.host_ip, ctl.port), &[]).await;
+    let b = NsWorker::start(&ns_b, "cl-host-b", &format!("http://{}:{}", ns_b.host_ip, ctl.port), &[]).await;
+    ctl.wait_workers(&[&a.name, &b.name]).await;
+    let c = ctl.cluster();
+    let ws = c.workers().await.unwrap();
+    assert_eq!(ws.len(), 2, "{ws:?}");
+    // Each task reports the address its worker advertises: the two hosts differ.
+    let mut req = sh_job("hosts", 2, "echo on $IRIS_ADVERTISE_HOST; sleep 4; echo done");
+    req.max_retries_preemption = 2;
+    let job_id = c.launch(&req).await.unwrap();
+    let running = wait_job(&c, &job_id, JOB, |s| s.tasks_running == 2).await;
+    let on_a = running.tasks.iter().find(|t| t.worker_id == a.name).expect("a task on host a").task_index;
+    assert!(running.tasks.iter().any(|t| t.worker_id == b.name), "a task on host b: {running:#?}");
+    a.kill9();
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}\n{}", ctl.logs());
+    let t = &s.tasks[on_a as usize];
+    assert_eq!(t.attempts.len(), 2, "{t:#?}");
+    assert_eq!(t.attempts[0].worker_id, a.name);
+    assert_eq!(t.attempts[0].state, TaskState::WorkerFailed as i32);
+    assert!(t.attempts[0].is_worker_failure);
+    assert_eq!((t.attempts[1].worker_id.as_str(), t.attempts[1].state), (b.name.as_str(), TaskState::Succeeded as i32));
+    assert_eq!(s.preemption_count, 1);
+    assert_eq!(stdout_of(&c, &job_id, on_a).await, [format!("on {}", ns_b.ns_ip), "done".to_string()]);
+    let dead = c.workers().await.unwrap().into_iter().find(|w| w.worker_id == a.name).unwrap();
+    assert!(!dead.healthy);
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn constraints_pick_the_zone_and_coscheduled_tasks_share_one_or_wait() {
+    let ctl = ControllerProc::start(60.0).await;
+    let a1 = ctl.worker("cl-zone-a1", &["--runtime", "process", "--attribute", "zone=a"]).await;
+    let b1 = ctl.worker("cl-zone-b1", &["--runtime", "process", "--attribute", "zone=b"]).await;
+    let c = ctl.cluster();
+    let cores = c.workers().await.unwrap().len(); // every worker reports this host's CPUs
+    assert!(cores > 0);
+    let host_cpus = std::thread::available_parallelism().unwrap().get() as i32;
+
+    let mut req = sh_job("zoneb", 3, "true");
+    req.constraints = vec![zone("b")];
+    let job_id = c.launch(&req).await.unwrap();
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}");
+    assert!(s.tasks.iter().all(|t| t.worker_id == b1.name), "all on zone b: {s:#?}");
+
+    // Two tasks that each take all of a host's CPUs: one zone has room for both only once a
+    // second zone-a worker joins.
+    let mut req = sh_job("cosched", 2, "sleep 0.5");
+    req.resources = Some(ResourceSpecProto { replicas: 2, cpu_millicores: host_cpus * 1000, ..Default::default() });
+    req.coscheduling = Some(CoschedulingConfig { group_by: "zone".into() });
+    let job_id = c.launch(&req).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let s = c.status(&job_id).await.unwrap();
+        assert_eq!(s.tasks_pending, 2, "neither task placed while no zone has room for both: {s:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = c.status(&job_id).await.unwrap();
+    assert!(s.status_message.contains("zone"), "the wait says why: {s:#?}");
+    let a2 = ctl.worker("cl-zone-a2", &["--runtime", "process", "--attribute", "zone=a"]).await;
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}");
+    let mut on: Vec<&str> = s.tasks.iter().map(|t| t.worker_id.as_str()).collect();
+    on.sort();
+    let mut want = vec![a1.name.as_str(), a2.name.as_str()];
+    want.sort();
+    assert_eq!(on, want, "both in zone a, one per worker");
+
+    // What no worker could ever satisfy is UNSCHEDULABLE at once, naming why.
+    let mut req = sh_job("zonec", 1, "true");
+    req.constraints = vec![zone("c")];
+    let job_id = c.launch(&req).await.unwrap();
+    let s = c.status(&job_id).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Unschedulable, "{s:#?}");
+    assert!(s.error.contains("constraint") && s.error.contains("zone"), "{}", s.error);
+    let mut req = sh_job("huge", 1, "true");
+    req.resources = Some(ResourceSpecProto { replicas: 1, memory_bytes: 1 << 50, ..Default::default() });
+    let job_id = c.launch(&req).await.unwrap();
+    let s = c.status(&job_id).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Unschedulable, "{s:#?}");
+    assert!(s.error.contains("resources.memory_bytes"), "{}", s.error);
+    // A job that waits for room longer than its scheduling timeout becomes UNSCHEDULABLE.
+    let mut req = sh_job("timeout", 1, "true");
+    req.resources = Some(ResourceSpecProto { replicas: 1, cpu_millicores: host_cpus * 1000, ..Default::default() });
+    req.constraints = vec![zone("b")];
+    req.scheduling_timeout_seconds = 1;
+    let blocker = {
+        let mut r = sh_job("blocker", 1, "sleep 30");
+        r.resources = req.resources.clone();
+        r.constraints = vec![zone("b")];
+        c.launch(&r).await.unwrap()
+    };
+    wait_job(&c, &blocker, JOB, |s| s.tasks_running == 1).await;
+    let job_id = c.launch(&req).await.unwrap();
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Unschedulable, "{s:#?}");
+    assert!(s.error.contains("scheduling_timeout_seconds"), "{}", s.error);
+    c.terminate(&blocker).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn endpoints_live_as_long_as_their_job() {
+    let ctl = ControllerProc::start(60.0).await;
+    let w = ctl.worker("cl-endpoints", &["--runtime", "process"]).await;
+    let c = ctl.cluster();
+    let job_id = c.launch(&sh_job("ep-long", 1, "sleep 60")).await.unwrap();
+    wait_job(&c, &job_id, JOB, |s| s.tasks_running == 1).await;
+    let e1 = c.register_endpoint("svc/api", "10.0.0.1:80", &job_id, HashMap::new()).await.unwrap();
+    let _e2 = c.register_endpoint("svc/api", "10.0.0.2:80", &job_id, HashMap::new()).await.unwrap();
+    let meta = HashMap::from([("role".to_string(), "metrics".to_string())]);
+    let e3 = c.register_endpoint("svc/metrics", "10.0.0.1:9090", &job_id, meta).await.unwrap();
+    assert_eq!(c.lookup_endpoint("svc/metrics").await.unwrap().endpoint_id, e3);
+    assert_eq!(c.lookup_endpoint("svc/metrics").await.unwrap().metadata["role"], "metrics");
+    assert!(c.lookup_endpoint("svc/api").await.unwrap().address.starts_with("10.0.0."));
+    assert_eq!(c.list_endpoints("svc/").await.unwrap().len(), 3);
+    assert_eq!(c.list_endpoints("svc/api").await.unwrap().len(), 2);
+    assert_eq!(c.list_endpoints("other").await.unwrap().len(), 0);
+    c.unregister_endpoint(&e1).await.unwrap();
+    assert_eq!(c.list_endpoints("svc/api").await.unwrap().len(), 1);
+    let e = c.unregister_endpoint(&e1).await.unwrap_err();
+    assert_eq!(code_of(&e), Some(Code::NotFound), "{e}");
+
+    c.terminate(&job_id).await.unwrap();
+    let s = c.status(&job_id).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Killed);
+    assert_eq!(s.tasks[0].state, TaskState::Killed as i32);
+    assert!(c.list_endpoints("").await.unwrap().is_empty());
+    assert_eq!(code_of(&c.lookup_endpoint("svc/metrics").await.unwrap_err()), Some(Code::NotFound));
+    // The task itself is killed on its worker.
+    let mut wc = w.client().await;
+    let task = wait_end(&mut wc, &format!("{job_id}/task-0"), JOB).await;
+    assert_eq!(state_of(&task), iris_worker::task::TaskState::Killed);
+
+    let job_id = c.launch(&sh_job("ep-short", 1, "sleep 1")).await.unwrap();
+    c.register_endpoint("short/one", "10.0.0.3:1", &job_id, HashMap::new()).await.unwrap();
+    assert_eq!(c.list_endpoints("short/").await.unwrap().len(), 1);
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Succeeded);
+    assert!(c.list_endpoints("short/").await.unwrap().is_empty());
+    let e = c.register_endpoint("late", "10.0.0.4:1", &job_id, HashMap::new()).await.unwrap_err();
+    assert_eq!(code_of(&e), Some(Code::FailedPrecondition), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn a_restarted_controller_resumes_and_the_job_ends_right() {
+    let mut ctl = ControllerProc::start(60.0).await;
+    let _w = ctl.worker("cl-restart", &["--runtime", "process"]).await;
+    let c = ctl.cluster();
+    let job_id = c.launch(&sh_job("restart", 2, "sleep 3; echo finished $IRIS_TASK_INDEX")).await.unwrap();
+    wait_job(&c, &job_id, JOB, |s| s.tasks_running == 2).await;
+    ctl.kill9();
+    // While the controller is down the tasks end; the worker retries its reports.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ctl.spawn().await;
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}\n{}", ctl.logs());
+    assert_eq!(s.tasks_succeeded, 2);
+    for t in &s.tasks {
+        assert_eq!(t.attempts.len(), 1, "no spurious retry: {t:#?}");
+        assert_eq!(stdout_of(&c, &job_id, t.task_index).await, [format!("finished {}", t.task_index)]);
+    }
+    // A job launched after the restart runs too.
+    let again = c.launch(&sh_job("after", 1, "true")).await.unwrap();
+    assert_eq!(job_state(&c.wait(&again, JOB).await.unwrap()), JobState::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_naming_the_field() {
+    let ctl = ControllerProc::start(60.0).await;
+    let c = ctl.cluster();
+    let mut req = sh_job("bad", 1, "true");
+    req.command = None;
+    let e = c.launch(&req).await.unwrap_err();
+    assert_eq!(code_of(&e), Some(Code::InvalidArgument));
+    assert!(e.to_string().contains("serialized_entrypoint"), "{e}");
+    for replicas in [0, -1] {
+        let mut req = sh_job("bad", 1, "true");
+        req.resources = Some(ResourceSpecProto { replicas, ..Default::default() });
+        let e = c.launch(&req).await.unwrap_err();
+        assert_eq!(code_of(&e), Some(Code::InvalidArgument));
+        assert!(e.to_string().contains("resources.replicas"), "{e}");
+    }
+    let mut req = sh_job("bad", 1, "true");
+    req.constraints = vec![Constraint { key: "rank".into(), op: ConstraintOp::Gt as i32, value: None }];
+    let e = c.launch(&req).await.unwrap_err();
+    assert!(e.to_string().contains("constraints[0].value"), "{e}");
+    let mut req = sh_job("bad", 1, "true");
+    req.parent_job_id = "no-such-parent".into();
+    assert_eq!(code_of(&c.launch(&req).await.unwrap_err()), Some(Code::NotFound));
+    let e = c.status("no-such-job").await.unwrap_err();
+    assert_eq!(code_of(&e), Some(Code::NotFound));
+    assert!(e.to_string().contains("job_id"), "{e}");
+    assert_eq!(code_of(&c.terminate("no-such-job").await.unwrap_err()), Some(Code::NotFound));
+    let e = c.register_endpoint("x", "1.2.3.4:5", "no-such-job", HashMap::new()).await.unwrap_err();
+    assert_eq!(code_of(&e), Some(Code::NotFound));
+    assert!(e.to_string().contains("job_id"), "{e}");
+    assert_eq!(code_of(&c.lookup_endpoint("nothing").await.unwrap_err()), Some(Code::NotFound));
+    // A live job's name cannot be launched twice; the controller keeps its state on disk.
+    let id = c.launch(&sh_job("dup", 1, "true")).await.unwrap();
+    assert_eq!(code_of(&c.launch(&sh_job("dup", 1, "true")).await.unwrap_err()), Some(Code::AlreadyExists));
+    assert!(ctl.state.path().join("controller.db").exists());
+    // The pages answer on the same port.
+    let page = Command::new("curl").args(["-sf", &format!("{}/", ctl.url())]).output().unwrap();
+    assert!(String::from_utf8_lossy(&page.stdout).contains(&id));
+}
+
+/// The Python stubs of cluster.proto (protoc through grpcio-tools) in a temp dir.
+fn python_stubs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let proto = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
+    let out = Command::new("python3")
+        .args(["-m", "grpc_tools.protoc"])
+        .arg(format!("-I{}", proto.display()))
+        .arg(format!("--python_out={}", dir.path().display()))
+        .arg(proto.join("iris/cluster.proto"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "protoc: {}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+const PY_CLIENT: &str = r#"
+import sys, time, cloudpickle
+from connectrpc.client import ConnectClientSync
+from connectrpc.method import MethodInfo, IdempotencyLevel
+from iris import cluster_pb2 as pb
+
+def method(name, req, resp):
+    return MethodInfo(name=name, service_name="iris.cluster.ControllerService", input=req, output=resp,
+                      idempotency_level=IdempotencyLevel.UNKNOWN)
+
+def greet(who, punct="!"):
+    print(f"hello {who}{punct}", flush=True)
+    return 42
+
+client = ConnectClientSync(sys.argv[1], timeout_ms=10000)
+launch = method("LaunchJob", pb.Controller.LaunchJobRequest, pb.Controller.LaunchJobResponse)
+status = method("GetJobStatus", pb.Controller.GetJobStatusRequest, pb.Controller.GetJobStatusResponse)
+req = pb.Controller.LaunchJobRequest(
+    name=sys.argv[2],
+    serialized_entrypoint=cloudpickle.dumps((greet, ("iris",), {"punct": "?"})),
+    resources=pb.ResourceSpecProto(replicas=1),
+    max_retries_preemption=10,
+)
+job_id = client.execute_unary(request=req, method=launch).job_id
+deadline = time.time() + 240
+while True:
+    job = client.execute_unary(request=pb.Controller.GetJobStatusRequest(job_id=job_id), method=status).job
+    if job.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_KILLED,
+                     pb.JOB_STATE_WORKER_FAILED, pb.JOB_STATE_UNSCHEDULABLE):
+        break
+    if time.time() > deadline:
+        sys.exit("timed out in " + pb.JobState.Name(job.state))
+    time.sleep(0.2)
+print(job_id, pb.JobState.Name(job.state), job.error)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers (python rootfs and venv fixtures)"]
+async fn a_python_connect_client_launches_a_pickled_callable_and_waits_for_it() {
+    let ctl = ControllerProc::start(60.0).await;
+    let cache =
+        std::path::PathBuf::from(std::env::var("IRIS_CACHE_DIR").unwrap_or_else(|_| "/var/cache/iris-worker".into()));
+    let own_cache = tempfile::Builder::new().prefix("iris-worker-test-cache-").tempdir().unwrap();
+    let _w = ctl
+        .worker(
+            "cl-python",
+            &[
+                "--cache-dir",
+                own_cache.path().to_str().unwrap(),
+                "--python-rootfs",
+                cache.join("rootfs/python").to_str().unwrap(),
+                "--uv-find-links",
+                cache.join("wheels").to_str().unwrap(),
+                "--uv-offline",
+                "true",
+            ],
+        )
+        .await;
+    let stubs = python_stubs();
+    let name = format!("{TEST_PREFIX}py-{}", std::process::id());
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(PY_CLIENT)
+        .arg(ctl.url())
+        .arg(&name)
+        .env("PYTHONPATH", stubs.path())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "python client: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), format!("{name} JOB_STATE_SUCCEEDED"));
+    let c = ctl.cluster();
+    assert_eq!(stdout_of(&c, &name, 0).await, ["hello iris?"]);
+}

@@ -417,3 +417,116 @@ async fn a_python_connect_client_launches_a_pickled_callable_and_waits_for_it() 
     let c = ctl.cluster();
     assert_eq!(stdout_of(&c, &name, 0).await, ["hello iris?"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn stray_tasks_are_killed_and_a_forgotten_worker_is_reset() {
+    let mut ctl = ControllerProc::start(60.0).await;
+    let w = ctl.worker("cl-stray", &["--runtime", "process"]).await;
+    let mut wc = w.client().await;
+    // A task the controller never launched: the next heartbeat lists it, the controller
+    // answers with KillTask.
+    wc.run_task(sh("stray/task-0", "sleep 60")).await.unwrap();
+    let s = wait_end(&mut wc, "stray/task-0", JOB).await;
+    assert_eq!(state_of(&s), iris_worker::task::TaskState::Killed, "{s:?}");
+
+    // A controller that lost its state does not know the worker: it answers should_reset,
+    // and the worker kills every task and forgets them.
+    ctl.kill9();
+    wc.run_task(sh("stray2/task-0", "sleep 60")).await.unwrap();
+    wait_for(&mut wc, "stray2/task-0", JOB, |s| state_of(s) == iris_worker::task::TaskState::Running).await;
+    for f in ["controller.db", "controller.db-wal", "controller.db-shm"] {
+        let _ = std::fs::remove_file(ctl.state.path().join(f));
+    }
+    ctl.spawn().await;
+    let deadline = Instant::now() + JOB;
+    loop {
+        let r = wc
+            .get_task_status(worker::GetTaskStatusRequest { task_id: "stray2/task-0".into(), include_result: false })
+            .await;
+        if matches!(&r, Err(s) if s.code() == Code::NotFound) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker did not forget its tasks: {r:?}\n{}", w.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn terminating_a_job_terminates_its_children() {
+    let ctl = ControllerProc::start(60.0).await;
+    let _w = ctl.worker("cl-children", &["--runtime", "process"]).await;
+    let c = ctl.cluster();
+    let parent = c.launch(&sh_job("parent", 1, "sleep 60")).await.unwrap();
+    let mut child = sh_job("child", 2, "sleep 60");
+    child.parent_job_id = parent.clone();
+    let child = c.launch(&child).await.unwrap();
+    wait_job(&c, &child, JOB, |s| s.tasks_running == 2).await;
+    c.terminate(&parent).await.unwrap();
+    let s = c.status(&child).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Killed, "{s:#?}");
+    assert!(s.error.contains(&parent), "{}", s.error);
+    assert!(s.tasks.iter().all(|t| t.state == TaskState::Killed as i32));
+    let list = Command::new(exe()).args(["job", "list", "--controller", &ctl.url()]).output().unwrap();
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains(&format!("{parent}  KILLED")) && text.contains(&format!("{child}  KILLED")), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn cluster_up_runs_jobs_and_ctrl_c_leaves_nothing_behind() {
+    let port = free_port();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut up = std::process::Command::new(exe())
+        .args(["cluster", "up", "--workers", "2", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--heartbeat-interval", "0.3", "--worker-arg=--runtime=process"])
+        .arg(format!("--worker-arg=--rootfs={}", rootfs().display()))
+        .stdout(log.reopen().unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Guard(Option<std::process::Child>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.0.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let pid = up.id() as i32;
+    let mut guard = Guard(None);
+    let c = iris_worker::controller::Cluster::new(&format!("127.0.0.1:{port}"));
+    let deadline = Instant::now() + JOB;
+    while c.workers().await.map(|w| w.iter().filter(|w| w.healthy).count()).unwrap_or(0) < 2 {
+        if Instant::now() > deadline {
+            let _ = up.kill();
+            panic!("cluster up did not start: {}", std::fs::read_to_string(log.path()).unwrap_or_default());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    let state = text.split("state in ").nth(1).and_then(|s| s.split(';').next()).unwrap().to_string();
+    let mut req = sh_job("up", 2, "echo up-$IRIS_TASK_INDEX; sleep 60");
+    req.name = format!("{TEST_PREFIX}cluster-up-{}", std::process::id());
+    let job_id = c.launch(&req).await.unwrap();
+    let s = wait_job(&c, &job_id, JOB, |s| s.tasks_running == 2).await;
+    assert_eq!(s.tasks.iter().map(|t| t.worker_id.as_str()).collect::<std::collections::BTreeSet<_>>().len(), 2);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT).unwrap();
+    let deadline = Instant::now() + JOB;
+    loop {
+        if up.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            guard.0 = Some(up);
+            panic!("cluster up did not stop");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!std::path::Path::new(&state).exists(), "{state} is removed");
+    assert!(processes_with(&state).is_empty(), "no process of the cluster is left: {:?}", processes_with(&state));
+    assert!(processes_with("echo up-").is_empty(), "the tasks are gone: {:?}", processes_with("echo up-"));
+    assert!(cgroups_named("cluster-worker-").is_empty(), "{:?}", cgroups_named("cluster-worker-"));
+}

@@ -46,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
         shm_bytes: 64 << 20,
         cache_dir: "/var/cache/iris-worker".into(),
         workdir_retention: None,
+        buildkit: None,
         python: PythonConfig {
             rootfs: "/var/cache/iris-worker/rootfs/python".into(),
             find_links: None,

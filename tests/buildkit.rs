@@ -2,6 +2,8 @@
 //! docker.io daemon, started by the test itself (tests/common/dockerd.rs) on its own
 //! containerd and temp dirs, and stopped by pid afterwards.
 
+#![cfg(feature = "buildkit")]
+
 mod common;
 #[path = "common/dockerd.rs"]
 mod dockerd;
@@ -67,4 +69,126 @@ async fn the_client_builds_a_dockerfile_with_nested_context_through_dockers_buil
     assert!(lines.iter().all(|l| l.ts_ms > 1_600_000_000_000), "{lines:?}");
     assert_eq!(out.config.working_dir, "/app");
     assert!(out.config.env.contains(&"GREETING=hi".to_string()), "{:?}", out.config);
+}
+
+/// A zip of the context (the bundle the tasks name).
+fn bundle_zip(ctx: &Path, out: &Path) {
+    use std::io::Write;
+    let mut z = zip::ZipWriter::new(std::fs::File::create(out).unwrap());
+    let opts = zip::write::SimpleFileOptions::default();
+    fn add(z: &mut zip::ZipWriter<std::fs::File>, root: &Path, dir: &Path, opts: zip::write::SimpleFileOptions) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        for p in entries {
+            let name = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if p.is_dir() {
+                z.add_directory(format!("{name}/"), opts).unwrap();
+                add(z, root, &p, opts);
+            } else {
+                z.start_file(name, opts).unwrap();
+                z.write_all(&std::fs::read(&p).unwrap()).unwrap();
+            }
+        }
+    }
+    add(&mut z, ctx, ctx, opts);
+    z.finish().unwrap();
+}
+
+fn texts(entries: &[iris_worker::proto::worker::LogEntry]) -> Vec<String> {
+    entries.iter().map(|e| e.data.clone()).collect()
+}
+
+async fn source_log(c: &mut common::Client, task_id: &str, source: &str) -> Vec<iris_worker::proto::worker::LogEntry> {
+    common::logs(
+        c,
+        task_id,
+        iris_worker::proto::worker::FetchLogsFilter { source: source.into(), ..Default::default() },
+    )
+    .await
+}
+
+const WITHIN: std::time::Duration = std::time::Duration::from_secs(180);
+
+#[tokio::test]
+#[ignore = "root: starts containerd and dockerd (BuildKit peer), runs containers"]
+async fn a_task_runs_in_the_image_built_from_its_bundles_dockerfile_and_the_second_is_a_cache_hit() {
+    if let Err(e) = dockerd::available() {
+        panic!("the BuildKit peer cannot run: {e}");
+    }
+    let d = dockerd::Dockerd::start();
+    d.import(&common::rootfs(), BASE);
+    let files = tempfile::Builder::new().prefix("iris-worker-test-dockerfile-").tempdir().unwrap();
+    let ctx = files.path().join("ctx");
+    write_context(&ctx, "task");
+    let zip = files.path().join("bundle.zip");
+    bundle_zip(&ctx, &zip);
+    let cache = tempfile::Builder::new().prefix("iris-worker-test-cache-").tempdir().unwrap();
+    let addr = d.buildkit_addr();
+    let w = common::Worker::start("dockerfile", &["--cache-dir", cache.path().to_str().unwrap(), "--buildkit", &addr])
+        .await;
+    let mut c = w.client().await;
+
+    let script = "cat /app/hello.txt /app/nested/a/b/deep.txt /ran.txt; echo cwd=$(pwd) greeting=$GREETING";
+    let request = |id: &str| {
+        let mut r = common::sh(id, script);
+        r.image = "dockerfile".into();
+        r.bundle_gcs_path = format!("file://{}", zip.display());
+        r
+    };
+    c.run_task(request("dockerfile/first")).await.unwrap();
+    let s = common::wait_end(&mut c, "dockerfile/first", WITHIN).await;
+    assert_eq!(common::state_of(&s), iris_worker::task::TaskState::Succeeded, "{s:?}\n{}\n{}", w.logs(), d.logs());
+    let out = texts(&source_log(&mut c, "dockerfile/first", "stdout").await);
+    assert_eq!(out, ["hello from the bundle task", "deep", "ran-in-build", "cwd=/app greeting=hi"], "{out:?}");
+    let build = source_log(&mut c, "dockerfile/first", "build").await;
+    let build_text = texts(&build);
+    assert!(build_text.iter().any(|l| l.ends_with(" build-output-line")), "{build_text:#?}");
+    assert!(build_text.iter().any(|l| l.contains("COPY nested /app/nested")), "{build_text:#?}");
+    assert!(build.iter().all(|e| e.timestamp_ms > 1_600_000_000_000), "{build:?}");
+    let metrics = s.build_metrics.clone().unwrap();
+    assert!(!metrics.from_cache, "{metrics:?}");
+    assert!(metrics.image_tag.starts_with("dockerfile:"), "{metrics:?}");
+
+    // The same Dockerfile and context: no build, no build log, the same image.
+    c.run_task(request("dockerfile/second")).await.unwrap();
+    let s2 = common::wait_end(&mut c, "dockerfile/second", WITHIN).await;
+    assert_eq!(common::state_of(&s2), iris_worker::task::TaskState::Succeeded, "{s2:?}");
+    let metrics2 = s2.build_metrics.clone().unwrap();
+    assert!(metrics2.from_cache, "{metrics2:?}");
+    assert_eq!(metrics2.image_tag, metrics.image_tag);
+    assert!(source_log(&mut c, "dockerfile/second", "build").await.is_empty());
+    assert_eq!(texts(&source_log(&mut c, "dockerfile/second", "stdout").await), out);
+    let images: Vec<_> = std::fs::read_dir(cache.path().join("images/dockerfile"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(images.len(), 1, "one built image, no temp dirs left: {images:?}");
+}
+
+#[tokio::test]
+#[ignore = "root: runs a worker with containers"]
+async fn an_unreachable_buildkit_fails_the_task_naming_the_address() {
+    let files = tempfile::Builder::new().prefix("iris-worker-test-dockerfile-").tempdir().unwrap();
+    let ctx = files.path().join("ctx");
+    write_context(&ctx, "unreachable");
+    let zip = files.path().join("bundle.zip");
+    bundle_zip(&ctx, &zip);
+    let cache = tempfile::Builder::new().prefix("iris-worker-test-cache-").tempdir().unwrap();
+    let addr = format!("docker-unix://{}/no-daemon.sock", files.path().display());
+    let w = common::Worker::start(
+        "dockerfile-unreachable",
+        &["--cache-dir", cache.path().to_str().unwrap(), "--buildkit", &addr],
+    )
+    .await;
+    let mut c = w.client().await;
+    let mut r = common::sh("dockerfile/unreachable", "true");
+    r.image = "dockerfile".into();
+    r.bundle_gcs_path = format!("file://{}", zip.display());
+    c.run_task(r).await.unwrap();
+    let s = common::wait_end(&mut c, "dockerfile/unreachable", WITHIN).await;
+    assert_eq!(common::state_of(&s), iris_worker::task::TaskState::Failed, "{s:?}");
+    assert!(s.error.contains(&addr) && s.error.contains("unreachable"), "{}", s.error);
+    // The attempt is in the task's build log too.
+    let build = texts(&source_log(&mut c, "dockerfile/unreachable", "build").await);
+    assert!(build.iter().any(|l| l.contains(&addr)), "{build:?}");
 }

@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// int attributes, other numbers float) [default: none].
     #[arg(long = "attribute", env = "IRIS_WORKER_ATTRIBUTES", value_delimiter = ',')]
     pub attributes: Vec<String>,
+    /// BuildKit that builds `image = "dockerfile"` tasks: unix://PATH, tcp://HOST:PORT or
+    /// docker-unix://PATH (a Docker daemon's embedded BuildKit) [default: none].
+    #[arg(long, env = "IRIS_WORKER_BUILDKIT")]
+    pub buildkit: Option<String>,
 }
 
 /// The TOML file: the same settings, all optional.
@@ -110,6 +114,7 @@ struct FileConfig {
     log_format: Option<String>,
     heartbeat_interval: Option<f64>,
     attributes: Option<Vec<String>>,
+    buildkit: Option<String>,
 }
 
 /// Settings after merging.
@@ -136,6 +141,7 @@ pub struct ServeConfig {
     pub heartbeat_interval: std::time::Duration,
     /// Attributes as KEY=VALUE pairs.
     pub attributes: Vec<(String, String)>,
+    pub buildkit: Option<String>,
 }
 
 impl ServeArgs {
@@ -162,6 +168,11 @@ impl ServeArgs {
             Some(l) => l,
             None => DEFAULT_LISTEN.parse().context("the default listen address")?,
         };
+        let buildkit = self.buildkit.or(file.buildkit).filter(|b| !b.is_empty());
+        #[cfg(feature = "buildkit")]
+        if let Some(addr) = &buildkit {
+            crate::buildkit::connect::Address::parse(addr).context("buildkit")?;
+        }
         Ok(ServeConfig {
             listen,
             state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
@@ -210,6 +221,7 @@ impl ServeArgs {
                     })
                     .collect::<anyhow::Result<_>>()?
             },
+            buildkit,
         })
     }
 }

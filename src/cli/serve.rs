@@ -36,6 +36,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         shm_bytes: 64 << 20,
         cache_dir: config.cache_dir.clone(),
         workdir_retention: config.workdir_retention,
+        buildkit: config.buildkit.clone(),
         python: PythonConfig {
             rootfs: config.python_rootfs.clone(),
             find_links: config.uv_find_links.clone(),

@@ -1,9 +1,12 @@
 //! A task's environment beyond the bare rootfs: the Python root filesystem, the venv built
-//! for the task's bundle (cached, single-flight), and the runner of pickled Iris entrypoints.
+//! for the task's bundle (cached, single-flight), the runner of pickled Iris entrypoints, and
+//! images built from the bundle's Dockerfile through BuildKit (cached, single-flight).
 //!
 //! This module decides *what* a Python task runs in; builds run in containers of the same
 //! runtime, each under its own supervisor, and log into the log of the task they build for.
 
+#[cfg(feature = "buildkit")]
+pub mod dockerfile;
 pub mod entrypoint;
 pub mod venv;
 

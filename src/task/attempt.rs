@@ -120,6 +120,12 @@ impl Attempt {
         *lock(&self.build) = Some((env.from_cache, tag));
     }
 
+    /// The attempt's environment is an image built from a Dockerfile (`tag` names it).
+    #[cfg(feature = "buildkit")]
+    pub(super) fn set_image_build(&self, from_cache: bool, tag: String) {
+        *lock(&self.build) = Some((from_cache, tag));
+    }
+
     pub(super) fn hold_bundle(&self, bundle: crate::bundle::Bundle) {
         *lock(&self.bundle) = Some(bundle);
     }

@@ -7,6 +7,7 @@
 //! The supervisor does the rest; the manager only reads its files.
 
 mod attempt;
+mod dockerfile;
 mod env;
 pub mod history;
 mod ports;
@@ -93,6 +94,9 @@ pub struct ManagerConfig {
     /// How long a finished task's workdir is kept (its log is kept regardless); `None` keeps
     /// workdirs until `cleanup`.
     pub workdir_retention: Option<std::time::Duration>,
+    /// The BuildKit that builds `image = "dockerfile[:PATH]"` tasks (`unix://`, `tcp://` or
+    /// `docker-unix://`); `None` fails such tasks.
+    pub buildkit: Option<String>,
 }
 
 /// The Python environment of tasks with a bundle or a pickled entrypoint.
@@ -194,6 +198,8 @@ pub(crate) struct Inner {
     ports: Mutex<PortAllocator>,
     listeners: Mutex<Vec<mpsc::UnboundedSender<TaskEvent>>>,
     venvs: crate::env::VenvCache,
+    #[cfg(feature = "buildkit")]
+    dockerfile_images: crate::env::dockerfile::DockerfileImages,
     bundles: tokio::sync::OnceCell<Result<BundleCache, String>>,
     started: Instant,
     _lock: std::fs::File,
@@ -246,6 +252,11 @@ impl TaskManager {
         });
         let inner = Arc::new(Inner {
             venvs,
+            #[cfg(feature = "buildkit")]
+            dockerfile_images: crate::env::dockerfile::DockerfileImages::new(
+                &config.cache_dir,
+                config.buildkit.clone(),
+            ),
             bundles: tokio::sync::OnceCell::new(),
             slots: Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1))),
             ports: Mutex::new(PortAllocator::new(first, last)),

@@ -17,6 +17,11 @@ use crate::supervisor::files;
 pub(super) async fn prepare(inner: &Inner, attempt: &Attempt, spec: &TaskSpec) -> Result<LaunchSpec, String> {
     let workdir = attempt.dir.join(files::WORKDIR);
     store::write_workdir_files(&workdir, &spec.workdir_files).map_err(|e| format!("writing workdir_files: {e}"))?;
+    if let Some(image) = &spec.image
+        && let Some(dockerfile) = super::dockerfile::dockerfile_of(image)
+    {
+        return super::dockerfile::prepare(inner, attempt, spec, workdir, dockerfile).await;
+    }
     if let Some(image) = &spec.image {
         return Err(format!("image {image:?}: images are not supported by this worker yet"));
     }
@@ -109,7 +114,7 @@ async fn prepare_python(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch_spec(
+pub(super) fn launch_spec(
     inner: &Inner,
     attempt: &Attempt,
     spec: &TaskSpec,

@@ -69,6 +69,18 @@ async fn the_client_builds_a_dockerfile_with_nested_context_through_dockers_buil
     assert!(lines.iter().all(|l| l.ts_ms > 1_600_000_000_000), "{lines:?}");
     assert_eq!(out.config.working_dir, "/app");
     assert!(out.config.env.contains(&"GREETING=hi".to_string()), "{:?}", out.config);
+
+    // A failing step: BuildKit's message, and nothing left at the destination.
+    std::fs::write(ctx.join("Dockerfile"), format!("FROM {BASE}\nRUN echo about-to-fail && exit 3\n")).unwrap();
+    let failed_dest = work.path().join("failed");
+    let mut lines = Vec::new();
+    let e = client.build(&req, &failed_dest, |l| lines.push(l)).await.unwrap_err();
+    assert!(matches!(e, iris_worker::buildkit::BuildkitError::BuildFailed(_)), "{e}");
+    assert!(e.to_string().contains("exit code: 3"), "{e}");
+    assert!(lines.iter().any(|l| l.text.ends_with(" about-to-fail")), "{lines:?}");
+    assert!(!failed_dest.exists());
+    let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "only ctx and rootfs remain (no tarball): {left:?}");
 }
 
 /// A zip of the context (the bundle the tasks name).
@@ -135,8 +147,14 @@ async fn a_task_runs_in_the_image_built_from_its_bundles_dockerfile_and_the_seco
         r.bundle_gcs_path = format!("file://{}", zip.display());
         r
     };
+    // Two tasks at once: one build (single flight).
     c.run_task(request("dockerfile/first")).await.unwrap();
+    c.run_task(request("dockerfile/concurrent")).await.unwrap();
     let s = common::wait_end(&mut c, "dockerfile/first", WITHIN).await;
+    let concurrent = common::wait_end(&mut c, "dockerfile/concurrent", WITHIN).await;
+    assert_eq!(common::state_of(&concurrent), iris_worker::task::TaskState::Succeeded, "{concurrent:?}");
+    assert!(concurrent.build_metrics.clone().unwrap().from_cache, "the concurrent task waited for the first's build");
+    assert!(source_log(&mut c, "dockerfile/concurrent", "build").await.is_empty());
     assert_eq!(common::state_of(&s), iris_worker::task::TaskState::Succeeded, "{s:?}\n{}\n{}", w.logs(), d.logs());
     let out = texts(&source_log(&mut c, "dockerfile/first", "stdout").await);
     assert_eq!(out, ["hello from the bundle task", "deep", "ran-in-build", "cwd=/app greeting=hi"], "{out:?}");

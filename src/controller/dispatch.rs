@@ -71,12 +71,9 @@ pub fn run(c: Controller, effect: Effect) {
                         None
                     }
                 };
-                let _ = c.with_state(|s| {
-                    match v {
-                        Some(v) => s.verified(&task_id, attempt_id, &worker_id, v),
-                        None => s.verified(&task_id, -1, &worker_id, Verified::NotFound),
-                    }
-                    Ok(())
+                c.update(|s| match v {
+                    Some(v) => s.verified(&task_id, attempt_id, &worker_id, v),
+                    None => s.verified(&task_id, -1, &worker_id, Verified::NotFound),
                 });
                 c.wake();
             }
@@ -108,20 +105,14 @@ async fn dispatch(
         tracing::warn!(%task_id, %worker_id, error = %e, "dispatch failed; the worker is suspect");
     }
     let accepted = !retry;
-    let _ = c.with_state(|s| {
-        s.dispatched(&task_id, attempt_id, &worker_id, outcome);
-        Ok(())
-    });
+    c.update(|s| s.dispatched(&task_id, attempt_id, &worker_id, outcome));
     if retry {
         c.wake();
     }
     if accepted && wants_ports {
         let req = worker::GetTaskStatusRequest { task_id: task_id.clone(), include_result: false };
         if let Ok(s) = client.call::<_, TaskStatus>(SERVICE, "GetTaskStatus", &req, CALL_TIMEOUT).await {
-            let _ = c.with_state(|st| {
-                st.set_ports(&task_id, attempt_id, s.ports.into_iter().collect());
-                Ok(())
-            });
+            c.update(|st| st.set_ports(&task_id, attempt_id, s.ports.into_iter().collect()));
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod store;
 mod web;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -76,6 +77,9 @@ pub struct Controller {
 
 struct Inner {
     state: Mutex<State>,
+    /// Group commit: one writer at a time; `committed` is the last change on disk.
+    commit: tokio::sync::Mutex<()>,
+    committed: AtomicU64,
     wake: tokio::sync::Notify,
     config: ControllerConfig,
     calls: dispatch::Calls,
@@ -92,6 +96,8 @@ impl Controller {
         let c = Controller {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
+                commit: tokio::sync::Mutex::new(()),
+                committed: AtomicU64::new(0),
                 wake: tokio::sync::Notify::new(),
                 calls: dispatch::Calls::new(config.max_parallel_dispatch),
                 config,
@@ -118,19 +124,50 @@ impl Controller {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on the state, writes what it changed, then makes the calls it asked for.
-    pub(crate) fn with_state<R>(
+    /// Runs `f` on the state and returns once what it changed is on disk (concurrent callers
+    /// share one transaction: group commit); then makes the calls it asked for.
+    pub(crate) async fn with_state<R>(
         &self,
         f: impl FnOnce(&mut State) -> Result<R, ControllerError>,
     ) -> Result<R, ControllerError> {
-        let (result, effects) = {
+        let (result, effects, change) = {
             let mut s = self.lock();
             let r = f(&mut s);
-            let flushed = s.flush();
-            (r.and_then(|r| flushed.map(|()| r).map_err(ControllerError::from)), s.take_effects())
+            s.changes += 1;
+            (r, s.take_effects(), s.changes)
+        };
+        let committed = self.commit(change).await;
+        self.run_effects(effects);
+        let r = result?;
+        committed?;
+        Ok(r)
+    }
+
+    /// Runs `f` on the state without waiting for the disk: for outcomes nobody is waiting
+    /// an answer for (a dispatch's result); the next commit writes them.
+    pub(crate) fn update(&self, f: impl FnOnce(&mut State)) {
+        let effects = {
+            let mut s = self.lock();
+            f(&mut s);
+            s.changes += 1;
+            s.take_effects()
         };
         self.run_effects(effects);
-        result
+    }
+
+    async fn commit(&self, change: u64) -> Result<(), ControllerError> {
+        if self.inner.committed.load(Ordering::Acquire) >= change {
+            return Ok(());
+        }
+        let _writer = self.inner.commit.lock().await;
+        if self.inner.committed.load(Ordering::Acquire) >= change {
+            return Ok(());
+        }
+        let mut s = self.lock();
+        let upto = s.changes;
+        s.flush()?;
+        self.inner.committed.store(upto, Ordering::Release);
+        Ok(())
     }
 
     /// Reads the state.
@@ -158,21 +195,24 @@ impl Controller {
                 _ = self.inner.wake.notified() => {}
                 _ = tokio::time::sleep(tick) => {}
             }
-            if let Err(e) = self.with_state(|s| {
-                s.tick();
-                s.schedule();
-                Ok(())
-            }) {
+            if let Err(e) = self
+                .with_state(|s| {
+                    s.tick();
+                    s.schedule();
+                    Ok(())
+                })
+                .await
+            {
                 tracing::error!(error = %e, "scheduling pass");
             }
         }
     }
 
-    /// Placement latencies (µs) recorded so far, and the rows/transactions written (for the
+    /// Placement decision times (ns per task) recorded so far, and the rows/transactions written (for the
     /// benchmark).
     pub fn figures(&self) -> (Vec<u64>, u64, u64) {
         let s = self.lock();
         let (rows, txs) = s.store_counts();
-        (s.placement_latencies_us.clone(), rows, txs)
+        (s.placement_latencies_ns.clone(), rows, txs)
     }
 }

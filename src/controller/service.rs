@@ -56,7 +56,7 @@ fn not_found(what: &'static str, id: impl Into<String>) -> Status {
 #[tonic::async_trait]
 impl ControllerService for ControllerServiceImpl {
     async fn launch_job(&self, r: Request<pc::LaunchJobRequest>) -> Result<Response<pc::LaunchJobResponse>, Status> {
-        let job_id = self.c.with_state(|s| s.launch(r.into_inner())).map_err(to_status)?;
+        let job_id = self.c.with_state(|s| s.launch(r.into_inner())).await.map_err(to_status)?;
         tracing::info!(%job_id, "job launched");
         self.c.wake();
         Ok(Response::new(pc::LaunchJobResponse { job_id }))
@@ -74,7 +74,7 @@ impl ControllerService for ControllerServiceImpl {
 
     async fn terminate_job(&self, r: Request<pc::TerminateJobRequest>) -> Result<Response<Empty>, Status> {
         let id = r.into_inner().job_id;
-        self.c.with_state(|s| s.terminate(&id)).map_err(to_status)?;
+        self.c.with_state(|s| s.terminate(&id)).await.map_err(to_status)?;
         tracing::info!(job_id = %id, "job terminated");
         self.c.wake();
         Ok(Response::new(Empty {}))
@@ -115,7 +115,7 @@ impl ControllerService for ControllerServiceImpl {
         &self,
         r: Request<pc::RegisterWorkerRequest>,
     ) -> Result<Response<pc::RegisterWorkerResponse>, Status> {
-        let resp = self.c.with_state(|s| s.register_worker(r.into_inner())).map_err(to_status)?;
+        let resp = self.c.with_state(|s| s.register_worker(r.into_inner())).await.map_err(to_status)?;
         self.c.wake();
         Ok(Response::new(resp))
     }
@@ -154,6 +154,7 @@ impl ControllerService for ControllerServiceImpl {
                 s.report(&r);
                 Ok(())
             })
+            .await
             .map_err(to_status)?;
         if ended {
             self.c.wake();
@@ -165,13 +166,13 @@ impl ControllerService for ControllerServiceImpl {
         &self,
         r: Request<pc::RegisterEndpointRequest>,
     ) -> Result<Response<pc::RegisterEndpointResponse>, Status> {
-        let endpoint_id = self.c.with_state(|s| s.register_endpoint(r.into_inner())).map_err(to_status)?;
+        let endpoint_id = self.c.with_state(|s| s.register_endpoint(r.into_inner())).await.map_err(to_status)?;
         Ok(Response::new(pc::RegisterEndpointResponse { endpoint_id }))
     }
 
     async fn unregister_endpoint(&self, r: Request<pc::UnregisterEndpointRequest>) -> Result<Response<Empty>, Status> {
         let id = r.into_inner().endpoint_id;
-        self.c.with_state(|s| s.unregister_endpoint(&id)).map_err(to_status)?;
+        self.c.with_state(|s| s.unregister_endpoint(&id)).await.map_err(to_status)?;
         Ok(Response::new(Empty {}))
     }
 

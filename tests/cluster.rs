@@ -66,6 +66,13 @@ async fn four_replicas_on_two_workers_each_see_their_index_and_the_job_succeeds(
     }
     let on = |w: &Worker| s.tasks.iter().filter(|t| t.worker_id == w.name).count();
     assert_eq!((on(&a), on(&b)), (2, 2), "spread over both workers: {s:#?}");
+    // The controller's job page links each task to its page on its worker.
+    let page = Command::new("curl").args(["-sf", &format!("{}/job/{job_id}", ctl.url())]).output().unwrap();
+    let page = String::from_utf8_lossy(&page.stdout);
+    for t in &s.tasks {
+        let link = format!("href=\"http://{}/task/{}\"", t.worker_address, t.task_id);
+        assert!(page.contains(&link), "{link} in {page}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@
 #[cfg(feature = "buildkit")]
 pub mod dockerfile;
 pub mod entrypoint;
+pub mod image;
 pub mod venv;
 
 pub use venv::{PythonEnv, VenvCache, VenvConfig, VenvError, VenvRequest};

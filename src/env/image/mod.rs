@@ -1,0 +1,505 @@
+//! The ImageStore: an image reference → its manifest (linux/amd64 from an index) → layers,
+//! each verified against its digest and unpacked once into a content-addressed directory →
+//! a task's rootfs, an overlay of those directories with a per-task upper directory.
+//!
+//! On disk, under the store's directory:
+//! ```text
+//! layers/<sha256 hex>/        one layer's tree, in overlayfs's lower-layer form (read-only)
+//! layers/<sha256 hex>.json    its size; the file's mtime is when a task last mounted it
+//! images/<sha256 of name>.json  a reference → manifest digest, config, layer digests
+//! tmp/                        layers being unpacked; renamed into layers/ when complete
+//! ```
+//! A layer directory exists only complete, so a crash mid-unpack leaves nothing a task could
+//! use. Pulls of one image, and unpacks of one layer, happen once however many tasks ask.
+//! Layers beyond the byte bound are removed oldest-used first, never while an overlay mount
+//! (of any task, any worker) uses them or a pull is about to mount them.
+
+pub mod manifest;
+pub mod overlay;
+pub mod source;
+pub mod unpack;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+pub use manifest::{Digest, ImageConfig};
+use source::Sources;
+pub use source::{ContainerdConfig, ImageRef};
+
+/// Where a task's rootfs is mounted, inside its task directory.
+pub const ROOTFS: &str = "rootfs";
+/// The task's upper and work directories, inside its task directory.
+pub const OVERLAY: &str = "overlay";
+
+/// Errors of getting an image. Each names the image, layer or source that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image {reference:?}: {reason}")]
+    BadReference { reference: String, reason: String },
+    #[error("registry {registry} ({reference}): {reason}")]
+    Registry { registry: String, reference: String, reason: String },
+    #[error("OCI layout {path}: {reason}")]
+    Layout { path: PathBuf, reason: String },
+    #[error("containerd at {socket}: {reason}")]
+    Containerd { socket: PathBuf, reason: String },
+    #[error("containerd images need a containerd socket (serve --containerd-socket)")]
+    NoContainerd,
+    #[error("registry credentials {path}: {reason}")]
+    Auth { path: PathBuf, reason: String },
+    #[error("{what}: {reason}")]
+    Source { what: String, reason: String },
+    #[error("digest mismatch for {what}: expected {expected}, got {got}")]
+    DigestMismatch { what: String, expected: String, got: String },
+    #[error("{0:?} is not a sha256 digest")]
+    BadDigest(String),
+    #[error("{what} is malformed: {reason}")]
+    Malformed { what: String, reason: String },
+    #[error("{what}: unsupported media type {media_type:?}")]
+    UnsupportedMediaType { what: String, media_type: String },
+    #[error("{what} has no linux/amd64 image (it has: {})", platforms.join(", "))]
+    NoPlatform { what: String, platforms: Vec<String> },
+    #[error("unpacking layer {layer}: {source}")]
+    Unpack { layer: String, source: unpack::UnpackError },
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("mounting the rootfs at {target}: {reason}")]
+    Mount { target: PathBuf, reason: String },
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
+    move |source| ImageError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// How the store finds and keeps images.
+#[derive(Debug, Clone)]
+pub struct ImageStoreConfig {
+    /// The store's directory (`<cache>/images` by default).
+    pub dir: PathBuf,
+    /// Registries (`HOST:PORT`, exactly) spoken to over plain http; all others use https.
+    pub insecure_registries: Vec<String>,
+    /// A Docker-style `config.json` with registry credentials.
+    pub auth_file: Option<PathBuf>,
+    pub containerd: Option<ContainerdConfig>,
+    /// Unpacked layers beyond this many bytes are removed, least recently used first.
+    pub max_bytes: u64,
+    /// Create the device nodes layers carry (privileged hosts); otherwise they are skipped.
+    pub devices: bool,
+}
+
+/// An image ready to be mounted.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The reference it was asked by.
+    pub reference: String,
+    /// The manifest's digest (for a built image, the build's cache key).
+    pub digest: String,
+    pub config: ImageConfig,
+    /// Layer directories, bottom first.
+    pub layers: Vec<PathBuf>,
+    /// Keeps the layers from eviction until the image is mounted (or dropped).
+    _pin: Arc<Pin>,
+}
+
+/// What the store has done since it opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImageCounters {
+    /// Images resolved from their source (a reference used again from the store is a hit).
+    pub pulls: u64,
+    pub image_hits: u64,
+    pub layer_unpacks: u64,
+    pub layer_hits: u64,
+    pub layers_evicted: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ImageRecord {
+    reference: String,
+    digest: String,
+    config: ImageConfig,
+    layers: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LayerMeta {
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    pulls: AtomicU64,
+    image_hits: AtomicU64,
+    layer_unpacks: AtomicU64,
+    layer_hits: AtomicU64,
+    layers_evicted: AtomicU64,
+}
+
+/// The store. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct ImageStore {
+    inner: Arc<Store>,
+}
+
+struct Store {
+    config: ImageStoreConfig,
+    sources: Sources,
+    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pins: Arc<Mutex<HashMap<String, usize>>>,
+    counters: Counters,
+}
+
+/// Layers a pulled image needs until its rootfs is mounted.
+#[derive(Debug)]
+struct Pin {
+    layers: Vec<String>,
+    pins: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut pins = lock(&self.pins);
+        for l in &self.layers {
+            if let Some(n) = pins.get_mut(l) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(l);
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ImageStore {
+    /// Opens (and creates) the store's directory.
+    pub fn open(config: ImageStoreConfig) -> Result<ImageStore, ImageError> {
+        for sub in ["layers", "images", "tmp"] {
+            let d = config.dir.join(sub);
+            std::fs::create_dir_all(&d).map_err(io("creating", &d))?;
+        }
+        // Unpacks a crashed run left behind (an hour old: another worker may share the store).
+        if let Ok(rd) = std::fs::read_dir(config.dir.join("tmp")) {
+            for e in rd.flatten() {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(3600));
+                if old {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let sources =
+            Sources::new(&config.insecure_registries, config.auth_file.as_deref(), config.containerd.clone())?;
+        Ok(ImageStore {
+            inner: Arc::new(Store {
+                config,
+                sources,
+                flights: Mutex::default(),
+                pins: Arc::default(),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &ImageStoreConfig {
+        &self.inner.config
+    }
+
+    pub fn counters(&self) -> ImageCounters {
+        let c = &self.inner.counters;
+        ImageCounters {
+            pulls: c.pulls.load(Ordering::Relaxed),
+            image_hits: c.image_hits.load(Ordering::Relaxed),
+            layer_unpacks: c.layer_unpacks.load(Ordering::Relaxed),
+            layer_hits: c.layer_hits.load(Ordering::Relaxed),
+            layers_evicted: c.layers_evicted.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The image `reference` names, pulled and unpacked if the store does not have it.
+    /// A registry tag already in the store is used as it is (like `IfNotPresent`).
+    pub async fn pull(&self, reference: &str) -> Result<Image, ImageError> {
+        let r = ImageRef::parse(reference)?;
+        let flight = self.flight(&format!("image {reference}"));
+        let _one = flight.lock().await;
+        if r.cacheable()
+            && let Some(image) = self.find(reference)
+        {
+            self.inner.counters.image_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(image);
+        }
+        let what = source::display(&r);
+        let (bytes, media_type, mut digest) = self.inner.sources.top(&r).await?;
+        let mut doc = manifest::ManifestDoc::parse(&bytes, &what)?;
+        if doc.is_index(&media_type) {
+            let desc = doc.pick_platform(&what)?;
+            let bytes = self.inner.sources.blob(&r, &desc).await?;
+            doc = manifest::ManifestDoc::parse(&bytes, &format!("the linux/amd64 manifest of {what}"))?;
+            digest = desc.digest;
+        }
+        let (config_desc, layers) = doc.image_parts(&what)?;
+        let config = ImageConfig::parse(&self.inner.sources.blob(&r, &config_desc).await?, &what)?;
+        let hexes: Vec<String> = layers.iter().map(|l| l.digest.hex().to_string()).collect();
+        let pin = self.pin(&hexes);
+        let unpacks = layers.iter().map(|l| self.layer(&r, l));
+        let dirs = futures::future::try_join_all(unpacks).await?;
+        let record =
+            ImageRecord { reference: reference.to_string(), digest: digest.to_string(), config, layers: hexes };
+        self.write_record(&record)?;
+        self.inner.counters.pulls.fetch_add(1, Ordering::Relaxed);
+        let image = Image {
+            reference: record.reference,
+            digest: record.digest,
+            config: record.config,
+            layers: dirs,
+            _pin: pin,
+        };
+        self.evict();
+        Ok(image)
+    }
+
+    /// An image already in the store under `reference` (pulled or imported), all its layers
+    /// present.
+    pub fn find(&self, reference: &str) -> Option<Image> {
+        let path = self.record_path(reference);
+        let record: ImageRecord = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        let dirs: Vec<PathBuf> = record.layers.iter().map(|h| self.layer_dir(h)).collect();
+        if !dirs.iter().all(|d| d.is_dir()) {
+            return None;
+        }
+        let pin = self.pin(&record.layers);
+        Some(Image {
+            reference: record.reference,
+            digest: record.digest,
+            config: record.config,
+            layers: dirs,
+            _pin: pin,
+        })
+    }
+
+    /// A directory on the store's filesystem to fill with a root filesystem for
+    /// [`ImageStore::import`] (a build's result). Removed if dropped unimported.
+    pub fn staging_dir(&self) -> Result<tempfile::TempDir, ImageError> {
+        let tmp = self.inner.config.dir.join("tmp");
+        tempfile::Builder::new().prefix("import-").tempdir_in(&tmp).map_err(io("creating a directory in", &tmp))
+    }
+
+    /// Makes `rootfs` (filled in a [`staging_dir`](Self::staging_dir)) a one-layer image
+    /// named `reference`, keyed by `key` (e.g. a build's cache key).
+    pub fn import(
+        &self,
+        reference: &str,
+        key: &str,
+        rootfs: tempfile::TempDir,
+        config: ImageConfig,
+    ) -> Result<Image, ImageError> {
+        let hex = hex::encode(Sha256::digest(format!("import\0{key}").as_bytes()));
+        let dir = self.layer_dir(&hex);
+        if !dir.is_dir() {
+            let staged = rootfs.keep();
+            let bytes = dir_bytes(&staged);
+            std::fs::rename(&staged, &dir).map_err(io("moving the imported rootfs to", &dir))?;
+            self.write_layer_meta(&hex, bytes)?;
+        }
+        let record = ImageRecord {
+            reference: reference.to_string(),
+            digest: format!("sha256:{hex}"),
+            config,
+            layers: vec![hex.clone()],
+        };
+        self.write_record(&record)?;
+        let pin = self.pin(&record.layers);
+        Ok(Image {
+            reference: record.reference,
+            digest: record.digest,
+            config: record.config,
+            layers: vec![dir],
+            _pin: pin,
+        })
+    }
+
+    /// Mounts `image` as the rootfs of the task whose directory is `task_dir`, and returns the
+    /// mount point. [`unmount`] undoes it.
+    pub fn mount(&self, image: &Image, task_dir: &Path) -> Result<PathBuf, ImageError> {
+        let target = task_dir.join(ROOTFS);
+        let overlay_dir = task_dir.join(OVERLAY);
+        overlay::mount(&image.layers, &overlay_dir.join("upper"), &overlay_dir.join("work"), &target)?;
+        let now = SystemTime::now();
+        for layer in &image.layers {
+            // The meta file's mtime is the layer's last use, for eviction.
+            if let Ok(f) = std::fs::File::options().append(true).open(layer.with_extension("json")) {
+                let _ = f.set_modified(now);
+            }
+        }
+        Ok(target)
+    }
+
+    /// Removes unpacked layers, least recently used first, until the store is within its byte
+    /// bound. Layers in use (mounted by any overlay, or pinned by a pull) stay.
+    pub fn evict(&self) {
+        let layers_dir = self.inner.config.dir.join("layers");
+        let Ok(rd) = std::fs::read_dir(&layers_dir) else { return };
+        let mut layers: Vec<(String, u64, SystemTime)> = Vec::new();
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(hex) = name.strip_suffix(".json") else { continue };
+            let Ok(meta) = std::fs::read(e.path()) else { continue };
+            let Ok(meta) = serde_json::from_slice::<LayerMeta>(&meta) else { continue };
+            let used = e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+            layers.push((hex.to_string(), meta.bytes, used));
+        }
+        let mut total: u64 = layers.iter().map(|l| l.1).sum();
+        if total <= self.inner.config.max_bytes {
+            return;
+        }
+        let mounted = overlay::lower_dirs_in_use();
+        let pinned = lock(&self.inner.pins).clone();
+        layers.sort_by_key(|l| l.2);
+        for (hex, bytes, _) in layers {
+            if total <= self.inner.config.max_bytes {
+                break;
+            }
+            let dir = self.layer_dir(&hex);
+            if mounted.contains(&dir) || pinned.contains_key(&hex) {
+                continue;
+            }
+            // Out of layers/ first, so no task ever sees a half-removed layer.
+            let doomed = self.inner.config.dir.join("tmp").join(format!("evicted-{hex}"));
+            if std::fs::rename(&dir, &doomed).is_ok() {
+                let _ = std::fs::remove_file(dir.with_extension("json"));
+                let _ = std::fs::remove_dir_all(&doomed);
+                total = total.saturating_sub(bytes);
+                self.inner.counters.layers_evicted.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(layer = %hex, bytes, "evicted an unused layer");
+            }
+        }
+    }
+
+    fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut flights = lock(&self.inner.flights);
+        flights.retain(|_, m| Arc::strong_count(m) > 1);
+        flights.entry(key.to_string()).or_default().clone()
+    }
+
+    fn pin(&self, layers: &[String]) -> Arc<Pin> {
+        let mut pins = lock(&self.inner.pins);
+        for l in layers {
+            *pins.entry(l.clone()).or_default() += 1;
+        }
+        Arc::new(Pin { layers: layers.to_vec(), pins: self.inner.pins.clone() })
+    }
+
+    fn layer_dir(&self, hex: &str) -> PathBuf {
+        self.inner.config.dir.join("layers").join(hex)
+    }
+
+    fn record_path(&self, reference: &str) -> PathBuf {
+        let name = hex::encode(Sha256::digest(reference.as_bytes()));
+        self.inner.config.dir.join("images").join(format!("{name}.json"))
+    }
+
+    fn write_record(&self, record: &ImageRecord) -> Result<(), ImageError> {
+        let path = self.record_path(&record.reference);
+        let json = serde_json::to_vec_pretty(record)
+            .map_err(|e| ImageError::Malformed { what: "the image record".into(), reason: e.to_string() })?;
+        write_atomic(&path, &json)
+    }
+
+    fn write_layer_meta(&self, hex: &str, bytes: u64) -> Result<(), ImageError> {
+        let path = self.layer_dir(hex).with_extension("json");
+        let json = serde_json::to_vec(&LayerMeta { bytes })
+            .map_err(|e| ImageError::Malformed { what: "the layer record".into(), reason: e.to_string() })?;
+        write_atomic(&path, &json)
+    }
+
+    /// The layer's directory, unpacked (once) if the store does not have it.
+    async fn layer(&self, r: &ImageRef, desc: &manifest::Descriptor) -> Result<PathBuf, ImageError> {
+        let hex = desc.digest.hex().to_string();
+        let dir = self.layer_dir(&hex);
+        if dir.is_dir() {
+            self.inner.counters.layer_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(dir);
+        }
+        let flight = self.flight(&format!("layer {hex}"));
+        let _one = flight.lock().await;
+        if dir.is_dir() {
+            self.inner.counters.layer_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(dir);
+        }
+        let reader = self.inner.sources.reader(r, desc).await?;
+        let tmp_root = self.inner.config.dir.join("tmp");
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("{}-", &hex[..12]))
+            .tempdir_in(&tmp_root)
+            .map_err(io("creating a directory in", &tmp_root))?;
+        let devices = self.inner.config.devices;
+        let into = tmp.path().to_path_buf();
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let sync = tokio_util::io::SyncIoBridge::new(reader);
+            unpack::unpack(sync, &into, devices)
+        })
+        .await
+        .map_err(|e| ImageError::Source { what: format!("layer {}", desc.digest), reason: e.to_string() })?
+        .map_err(|source| ImageError::Unpack { layer: desc.digest.to_string(), source })?;
+        if unpacked.blob_sha256 != hex {
+            return Err(ImageError::DigestMismatch {
+                what: format!("layer {} of {}", desc.digest, source::display(r)),
+                expected: desc.digest.to_string(),
+                got: format!("sha256:{}", unpacked.blob_sha256),
+            });
+        }
+        if desc.size != 0 && unpacked.blob_bytes != desc.size {
+            return Err(ImageError::Malformed {
+                what: format!("layer {}", desc.digest),
+                reason: format!("{} bytes, the manifest says {}", unpacked.blob_bytes, desc.size),
+            });
+        }
+        let staged = tmp.keep();
+        // The layer's root is as readable as an image's root is: 0755.
+        std::fs::rename(&staged, &dir).map_err(io("moving the unpacked layer to", &dir))?;
+        self.write_layer_meta(&hex, unpacked.bytes)?;
+        self.inner.counters.layer_unpacks.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(layer = %desc.digest, bytes = unpacked.bytes, entries = unpacked.entries, "unpacked a layer");
+        Ok(dir)
+    }
+}
+
+/// Unmounts a task's rootfs, if it has one mounted (idempotent).
+pub fn unmount(task_dir: &Path) -> Result<(), ImageError> {
+    overlay::unmount(&task_dir.join(ROOTFS))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io("writing", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("renaming", &tmp))
+}
+
+/// Bytes of the regular files under `dir` (for the store's bound; hard links counted once
+/// per name, which over-counts a little and errs toward evicting).
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}

@@ -47,6 +47,14 @@ async fn main() -> anyhow::Result<()> {
         cache_dir: "/var/cache/iris-worker".into(),
         workdir_retention: None,
         buildkit: None,
+        images: iris_worker::env::image::ImageStoreConfig {
+            dir: state.path().join("images"),
+            insecure_registries: vec![],
+            auth_file: None,
+            containerd: None,
+            max_bytes: 1 << 30,
+            devices: false,
+        },
         python: PythonConfig {
             rootfs: "/var/cache/iris-worker/rootfs/python".into(),
             find_links: None,

@@ -88,6 +88,27 @@ pub struct ServeArgs {
     /// docker-unix://PATH (a Docker daemon's embedded BuildKit) [default: none].
     #[arg(long, env = "IRIS_WORKER_BUILDKIT")]
     pub buildkit: Option<String>,
+    /// The image store: unpacked layers and image records [default: <cache-dir>/images].
+    #[arg(long, env = "IRIS_WORKER_IMAGE_DIR")]
+    pub image_dir: Option<PathBuf>,
+    /// Unpacked layers kept at most, e.g. 20G; unused ones go first [default: 20G].
+    #[arg(long, env = "IRIS_WORKER_IMAGE_CACHE_SIZE")]
+    pub image_cache_size: Option<String>,
+    /// A registry (HOST:PORT, exactly as in image names) spoken to over plain http instead
+    /// of https; repeat the flag for several (env: comma-separated) [default: none].
+    #[arg(long = "insecure-registry", env = "IRIS_WORKER_INSECURE_REGISTRIES", value_delimiter = ',')]
+    pub insecure_registries: Vec<String>,
+    /// Registry credentials: a Docker-style config.json (`auths.<host>.auth` = base64
+    /// user:password, or `registrytoken`) [default: none, anonymous].
+    #[arg(long, env = "IRIS_WORKER_REGISTRY_AUTH")]
+    pub registry_auth: Option<PathBuf>,
+    /// containerd's socket, for `containerd:<name>` images (read from its content store only)
+    /// [default: none].
+    #[arg(long, env = "IRIS_WORKER_CONTAINERD_SOCKET")]
+    pub containerd_socket: Option<PathBuf>,
+    /// containerd namespace of `containerd:<name>` images [default: default].
+    #[arg(long, env = "IRIS_WORKER_CONTAINERD_NAMESPACE")]
+    pub containerd_namespace: Option<String>,
 }
 
 /// The TOML file: the same settings, all optional.
@@ -115,6 +136,12 @@ struct FileConfig {
     heartbeat_interval: Option<f64>,
     attributes: Option<Vec<String>>,
     buildkit: Option<String>,
+    image_dir: Option<PathBuf>,
+    image_cache_size: Option<String>,
+    insecure_registries: Option<Vec<String>>,
+    registry_auth: Option<PathBuf>,
+    containerd_socket: Option<PathBuf>,
+    containerd_namespace: Option<String>,
 }
 
 /// Settings after merging.
@@ -142,6 +169,7 @@ pub struct ServeConfig {
     /// Attributes as KEY=VALUE pairs.
     pub attributes: Vec<(String, String)>,
     pub buildkit: Option<String>,
+    pub images: crate::env::image::ImageStoreConfig,
 }
 
 impl ServeArgs {
@@ -186,7 +214,7 @@ impl ServeArgs {
             },
             build_memory_bytes: parse_size(&self.build_memory.or(file.build_memory).unwrap_or_else(|| "4G".into()))
                 .context("build_memory")?,
-            cache_dir,
+            cache_dir: cache_dir.clone(),
             runtime: self.runtime.or(file.runtime).unwrap_or_default(),
             profile: self.profile.or(file.profile).unwrap_or_default(),
             max_concurrent_tasks: max,
@@ -222,6 +250,27 @@ impl ServeArgs {
                     .collect::<anyhow::Result<_>>()?
             },
             buildkit,
+            images: crate::env::image::ImageStoreConfig {
+                dir: self.image_dir.or(file.image_dir).unwrap_or_else(|| cache_dir.join("images")),
+                insecure_registries: if self.insecure_registries.is_empty() {
+                    file.insecure_registries.unwrap_or_default()
+                } else {
+                    self.insecure_registries
+                },
+                auth_file: self.registry_auth.or(file.registry_auth),
+                containerd: self.containerd_socket.or(file.containerd_socket).map(|socket| {
+                    crate::env::image::ContainerdConfig {
+                        socket,
+                        namespace: self
+                            .containerd_namespace
+                            .or(file.containerd_namespace)
+                            .unwrap_or_else(|| "default".into()),
+                    }
+                }),
+                max_bytes: parse_size(&self.image_cache_size.or(file.image_cache_size).unwrap_or_else(|| "20G".into()))
+                    .context("image_cache_size")?,
+                devices: self.profile.or(file.profile).unwrap_or_default() == Profile::Privileged,
+            },
         })
     }
 }

@@ -37,6 +37,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         cache_dir: config.cache_dir.clone(),
         workdir_retention: config.workdir_retention,
         buildkit: config.buildkit.clone(),
+        images: config.images.clone(),
         python: PythonConfig {
             rootfs: config.python_rootfs.clone(),
             find_links: config.uv_find_links.clone(),

@@ -83,8 +83,12 @@ pub struct RunArgs {
     /// Wait for the task to end, printing its log; exit with its exit code.
     #[arg(long, short)]
     pub wait: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
+    /// Run in this OCI image: `registry/repo:tag`, `oci:/path/to/layout:tag` or
+    /// `containerd:NAME`. Without a command, the image's Entrypoint and Cmd run.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// The command and its arguments (optional with --image).
+    #[arg(last = true, required_unless_present = "image")]
     pub argv: Vec<String>,
 }
 
@@ -209,6 +213,7 @@ async fn run_task(a: RunArgs) -> anyhow::Result<()> {
         timeout_seconds: a.timeout.unwrap_or(0),
         ports: a.ports.clone(),
         command: Some(CommandEntrypoint { argv: a.argv.clone(), setup_commands: vec![] }),
+        image: a.image.clone().unwrap_or_default(),
         workdir_files,
         ..Default::default()
     };

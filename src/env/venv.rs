@@ -252,6 +252,8 @@ impl VenvCache {
             timeout_ms: Some(BUILD_TIMEOUT_MS),
             log_dir: Some(req.task_dir.join(files::LOGS)),
             log_source: Some(Source::Build),
+            rootfs_overlay: false,
+            user: None,
         })
     }
 }

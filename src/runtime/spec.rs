@@ -65,4 +65,19 @@ pub struct LaunchSpec {
     /// Log both stdout and stderr under this source (`build` for environment builds).
     #[serde(default)]
     pub log_source: Option<crate::logs::Source>,
+    /// The rootfs is this task's own overlay mount (an image): writable, and unmounted by
+    /// the supervisor once the task is gone.
+    #[serde(default)]
+    pub rootfs_overlay: bool,
+    /// Who the command runs as (an image's `User`); root when `None`.
+    #[serde(default)]
+    pub user: Option<TaskUser>,
+}
+
+/// A numeric user, group and supplementary groups.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
 }

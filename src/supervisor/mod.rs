@@ -201,6 +201,9 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
         exit.stats = layout.stats(path).unwrap_or_default();
     }
     exit.finished_at_ms = now_ms();
+    // Nothing runs in the rootfs any more (the cgroup is empty); unmounted before the exit is
+    // recorded, so whoever reads exit.json finds no mount left.
+    release_rootfs(task_dir, &spec);
     files::write_json(task_dir, files::EXIT, &exit)?;
     if let Err(e) = runtime.remove() {
         tracing::warn!(error = %e, "removing the task's container");
@@ -210,6 +213,15 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
         }
     }
     Ok(())
+}
+
+/// Unmounts the task's own overlay rootfs (an image's): nothing runs in it any more.
+fn release_rootfs(task_dir: &Path, spec: &LaunchSpec) {
+    if spec.rootfs_overlay
+        && let Err(e) = crate::env::image::unmount(task_dir)
+    {
+        tracing::warn!(error = %e, "unmounting the task's rootfs");
+    }
 }
 
 /// Sends SIGTERM to every process of the task and returns when SIGKILL is due.
@@ -245,6 +257,7 @@ fn fail_to_start(
 ) -> Result<(), SupervisorError> {
     tracing::warn!(error = %e, "the task could not be started");
     kill_cgroup(spec);
+    release_rootfs(task_dir, spec);
     let record = ExitRecord { error: Some(e.to_string()), finished_at_ms: now_ms(), ..Default::default() };
     files::write_json(task_dir, files::EXIT, &record)?;
     notify(ready, "failed");

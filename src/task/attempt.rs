@@ -407,16 +407,19 @@ async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSpec, previou
         }
     };
     if let Err(e) = files::write_json(&attempt.dir, files::SPEC, &launch) {
+        release_rootfs(&attempt.dir);
         attempt.finish(&inner, TaskState::Failed, -1, format!("writing the launch spec: {e}"), None);
         return;
     }
     if killed_early(&attempt) {
+        release_rootfs(&attempt.dir);
         attempt.finish(&inner, TaskState::Killed, 0, "killed before it started".into(), None);
         return;
     }
     let (sup, ready) = match supervise::spawn(&inner.config.supervisor_exe, &attempt.dir) {
         Ok(s) => s,
         Err(e) => {
+            release_rootfs(&attempt.dir);
             let exe = inner.config.supervisor_exe.display();
             attempt.finish(&inner, TaskState::Failed, -1, format!("starting the supervisor {exe}: {e}"), None);
             return;
@@ -505,7 +508,15 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
     }
 }
 
-/// Removes what a dead supervisor could not: the task's processes, container state, cgroup.
+/// Unmounts the task's image rootfs, if it has one (before a supervisor exists to do it).
+fn release_rootfs(dir: &Path) {
+    if let Err(e) = crate::env::image::unmount(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "unmounting a task's rootfs");
+    }
+}
+
+/// Removes what a dead supervisor could not: the task's processes, container state, cgroup,
+/// and the overlay mount of its image.
 pub(super) fn remove_leftovers(dir: &Path, cgroup: Option<&str>) {
     if let Some(path) = cgroup
         && let Ok(layout) = crate::cgroup::Layout::detect()
@@ -514,6 +525,7 @@ pub(super) fn remove_leftovers(dir: &Path, cgroup: Option<&str>) {
     }
     #[cfg(feature = "container")]
     crate::runtime::container::remove_leftover(dir);
+    release_rootfs(dir);
     if let Some(path) = cgroup
         && let Ok(layout) = crate::cgroup::Layout::detect()
     {

@@ -97,6 +97,8 @@ pub struct ManagerConfig {
     /// The BuildKit that builds `image = "dockerfile[:PATH]"` tasks (`unix://`, `tcp://` or
     /// `docker-unix://`); `None` fails such tasks.
     pub buildkit: Option<String>,
+    /// Where images come from and where their layers are kept (tasks with an `image`).
+    pub images: crate::env::image::ImageStoreConfig,
 }
 
 /// The Python environment of tasks with a bundle or a pickled entrypoint.
@@ -201,6 +203,7 @@ pub(crate) struct Inner {
     #[cfg(feature = "buildkit")]
     dockerfile_images: crate::env::dockerfile::DockerfileImages,
     bundles: tokio::sync::OnceCell<Result<BundleCache, String>>,
+    images: tokio::sync::OnceCell<Result<crate::env::image::ImageStore, String>>,
     started: Instant,
     _lock: std::fs::File,
 }
@@ -258,6 +261,7 @@ impl TaskManager {
                 config.buildkit.clone(),
             ),
             bundles: tokio::sync::OnceCell::new(),
+            images: tokio::sync::OnceCell::new(),
             slots: Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1))),
             ports: Mutex::new(PortAllocator::new(first, last)),
             cgroups,
@@ -271,6 +275,15 @@ impl TaskManager {
         spawn_sampler(&inner);
         retention::spawn_janitor(&inner);
         Ok(TaskManager { inner })
+    }
+
+    /// What the image store has pulled, unpacked and reused since the worker started (zeros
+    /// before the first task with an image).
+    pub fn image_counters(&self) -> crate::env::image::ImageCounters {
+        match self.inner.images.get() {
+            Some(Ok(store)) => store.counters(),
+            _ => Default::default(),
+        }
     }
 
     /// Accepts a task. Returns its state (PENDING: it runs as soon as a slot is free).
@@ -436,6 +449,17 @@ fn spawn_sampler(inner: &Arc<Inner>) {
 impl Inner {
     /// The bundle cache, opened on first use: it locks its directory, and workers that never
     /// fetch a bundle (tests, command-only hosts) need not share or lock it.
+    /// The image store, opened on first use (a worker that never runs an image needs none).
+    async fn image_store(&self) -> Result<&crate::env::image::ImageStore, String> {
+        self.images
+            .get_or_init(|| async {
+                crate::env::image::ImageStore::open(self.config.images.clone()).map_err(|e| e.to_string())
+            })
+            .await
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
     async fn bundle_cache(&self) -> Result<&BundleCache, String> {
         self.bundles
             .get_or_init(|| async {

@@ -23,7 +23,7 @@ pub(super) async fn prepare(inner: &Inner, attempt: &Attempt, spec: &TaskSpec) -
         return super::dockerfile::prepare(inner, attempt, spec, workdir, dockerfile).await;
     }
     if let Some(image) = &spec.image {
-        return Err(format!("image {image:?}: images are not supported by this worker yet"));
+        return prepare_image(inner, attempt, spec, workdir, image).await;
     }
     if spec.bundle_gcs_path.is_some() || spec.serialized_entrypoint.is_some() {
         return prepare_python(inner, attempt, spec, workdir).await;
@@ -113,6 +113,78 @@ async fn prepare_python(
     Ok(launch_spec(inner, attempt, spec, argv, env, cwd, python_rootfs, mounts))
 }
 
+/// A task in an OCI image: the image's layers under the task's own overlay, its config's
+/// Env, WorkingDir, Entrypoint/Cmd and User applied where the request says nothing.
+async fn prepare_image(
+    inner: &Inner,
+    attempt: &Attempt,
+    spec: &TaskSpec,
+    workdir: PathBuf,
+    reference: &str,
+) -> Result<LaunchSpec, String> {
+    if inner.config.runtime != RuntimeKind::Container {
+        return Err(format!("image {reference:?}: images need the container runtime"));
+    }
+    let store = inner.image_store().await.map_err(|e| format!("opening the image store: {e}"))?;
+    attempt.set(inner, TaskState::Building, &format!("pulling image {reference}"));
+    let image = store.pull(reference).await.map_err(|e| format!("image {reference:?}: {e}"))?;
+    let bundle_dir: Option<PathBuf> = match &spec.bundle_gcs_path {
+        Some(path) => Some(inner.fetch_bundle(attempt, path, spec.bundle_sha256.as_deref()).await?),
+        None => None,
+    };
+    let rootfs = store.mount(&image, &attempt.dir).map_err(|e| format!("image {reference:?}: {e}"))?;
+    let config = &image.config;
+    let user = match config.user.as_str() {
+        "" | "root" | "0" | "0:0" => None,
+        u => match crate::env::image::user::resolve(u, &rootfs) {
+            Ok(user) => Some(user),
+            Err(e) => {
+                let _ = crate::env::image::unmount(&attempt.dir);
+                return Err(format!("image {reference:?}: {e}"));
+            }
+        },
+    };
+    let cwd = if config.working_dir.is_empty() { "/workdir".to_string() } else { config.working_dir.clone() };
+    // Docker's rule: the request's argv replaces Cmd; Entrypoint stays in front.
+    let (argv, setup) = match (&spec.command, &spec.serialized_entrypoint) {
+        (Some(c), _) if !c.argv.is_empty() => (c.argv.clone(), c.setup_commands.clone()),
+        (Some(c), _) => (config.cmd.clone(), c.setup_commands.clone()),
+        (None, Some(pickle)) => {
+            let path = workdir.join(entrypoint::PICKLE);
+            std::fs::write(&path, pickle).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            (entrypoint::argv("python3"), vec![])
+        }
+        (None, None) => (config.cmd.clone(), vec![]),
+    };
+    let is_entrypoint = spec.command.is_none() && spec.serialized_entrypoint.is_some();
+    let argv: Vec<String> = if is_entrypoint { argv } else { config.entrypoint.iter().cloned().chain(argv).collect() };
+    let argv = crate::task::Command { argv, setup_commands: setup }.to_argv();
+    if argv.is_empty() {
+        let _ = crate::env::image::unmount(&attempt.dir);
+        return Err(format!("image {reference:?} has no Entrypoint or Cmd and the task gives no command"));
+    }
+    // The image's variables first, then the request's, then IRIS_* (task_env's order).
+    let mut env: Vec<String> = config.env.clone();
+    let task_env = super::env::task_env(spec, &inner.config.env, &attempt.meta.ports, "/workdir");
+    let image_path = config.env.iter().any(|e| e.starts_with("PATH="));
+    for var in task_env {
+        let key = var.split('=').next().unwrap_or_default();
+        if key == "PATH" && image_path && !spec.env_vars.contains_key("PATH") {
+            continue; // the image knows where its programs are
+        }
+        env.retain(|e| e.split('=').next() != Some(key));
+        env.push(var);
+    }
+    let mut mounts = vec![Mount { host: workdir, target: "/workdir".into(), read_only: false }];
+    if let Some(bundle) = bundle_dir {
+        mounts.push(Mount { host: bundle, target: env::APP.into(), read_only: true });
+    }
+    let mut launch = launch_spec(inner, attempt, spec, argv, env, cwd, rootfs, mounts);
+    launch.rootfs_overlay = true;
+    launch.user = user;
+    Ok(launch)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn launch_spec(
     inner: &Inner,
@@ -144,6 +216,8 @@ pub(super) fn launch_spec(
         timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
         log_dir: None,
         log_source: None,
+        rootfs_overlay: false,
+        user: None,
     }
 }
 

@@ -51,12 +51,20 @@ pub fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
     if spec.num_tasks < 0 {
         return Err(invalid("num_tasks", "must not be negative"));
     }
+    if let Some(image) = &spec.image
+        && !image.starts_with("dockerfile")
+    {
+        crate::env::image::ImageRef::parse(image).map_err(|e| invalid("image", e.to_string()))?;
+    }
+    // A task in an image may leave the command to the image's Entrypoint and Cmd.
+    let image = spec.image.is_some();
     match (&spec.command, &spec.serialized_entrypoint) {
-        (None, None) => {
+        (None, None) if !image => {
             return Err(invalid("command", "a task needs command.argv or a serialized_entrypoint"));
         }
+        (None, None) => {}
         (Some(c), _) => {
-            if c.argv.is_empty() || c.argv[0].is_empty() {
+            if (c.argv.is_empty() && !image) || c.argv.first().is_some_and(|a| a.is_empty()) {
                 return Err(invalid("command.argv", "must name a program"));
             }
             if c.argv.iter().chain(&c.setup_commands).any(|a| a.contains('\0')) {

@@ -15,8 +15,8 @@
 //! - `build_duration_seconds`: histogram of the time attempts spent BUILDING
 //! - `cache_hits_total{cache}`, `cache_misses_total{cache}` for `bundles`, `venvs`, `images`:
 //!   venvs are counted from the tasks' build information (each attempt once, when a scrape
-//!   first sees it); bundles and images are always 0 for now (the bundle cache keeps no
-//!   counters yet, and the worker has no image store)
+//!   first sees it); images count layers (a hit is a layer already unpacked, a miss one
+//!   pulled and unpacked); bundles are always 0 for now (the bundle cache keeps no counters)
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -149,7 +149,13 @@ impl Metrics {
     }
 
     /// The whole `/metrics` page for `tasks` (the manager's list) and the worker's figures.
-    pub fn render(&self, worker_id: &str, uptime_ms: i64, tasks: &[TaskView]) -> String {
+    pub fn render(
+        &self,
+        worker_id: &str,
+        uptime_ms: i64,
+        tasks: &[TaskView],
+        images: crate::env::image::ImageCounters,
+    ) -> String {
         let mut out = String::with_capacity(4096 + tasks.len() * 600);
         family(&mut out, "iris_worker_info", "gauge", "The worker's id and version.");
         let _ = writeln!(
@@ -246,11 +252,18 @@ impl Metrics {
         let venvs = f.venvs;
         drop(f);
         for (name, what) in [("iris_worker_cache_hits_total", "hits"), ("iris_worker_cache_misses_total", "misses")] {
-            family(&mut out, name, "counter", &format!("Environment cache {what} (bundles, images: not counted yet)."));
+            family(
+                &mut out,
+                name,
+                "counter",
+                &format!("Environment cache {what} (images: layers; bundles: not counted yet)."),
+            );
             for cache in CACHES {
                 let n = match (cache, what) {
                     ("venvs", "hits") => venvs.0,
                     ("venvs", _) => venvs.1,
+                    ("images", "hits") => images.layer_hits,
+                    ("images", _) => images.layer_unpacks,
                     _ => 0,
                 };
                 let _ = writeln!(out, "{name}{{cache=\"{cache}\"}} {n}");
@@ -419,12 +432,12 @@ mod tests {
         };
         let m = Metrics::default();
         let tasks = [view("a", 0, Some((false, "venv:1"))), view("b", 0, Some((true, "venv:1"))), view("c", 0, None)];
-        m.render("w", 1, &tasks);
-        let text = m.render("w", 1, &tasks);
+        m.render("w", 1, &tasks, Default::default());
+        let text = m.render("w", 1, &tasks, Default::default());
         assert!(text.contains("iris_worker_cache_hits_total{cache=\"venvs\"} 1\n"), "{text}");
         assert!(text.contains("iris_worker_cache_misses_total{cache=\"venvs\"} 1\n"), "{text}");
         // A new attempt of a is a new build; a's old attempt is no longer listed.
-        let text = m.render("w", 1, &[view("a", 1, Some((true, "venv:1")))]);
+        let text = m.render("w", 1, &[view("a", 1, Some((true, "venv:1")))], Default::default());
         assert!(text.contains("iris_worker_cache_hits_total{cache=\"venvs\"} 2\n"), "{text}");
         assert!(text.contains("iris_worker_cache_hits_total{cache=\"bundles\"} 0\n"), "{text}");
     }
@@ -454,7 +467,7 @@ mod tests {
         m.observe_event(&event(TaskState::Building), t0 + std::time::Duration::from_millis(10));
         m.observe_event(&event(TaskState::Running), t0 + std::time::Duration::from_millis(40));
         m.observe_event(&event(TaskState::Killed), t0 + std::time::Duration::from_secs(1));
-        let text = m.render("w", 1500, &[]);
+        let text = m.render("w", 1500, &[], Default::default());
         assert!(text.contains("iris_worker_build_duration_seconds_count 1\n"), "{text}");
         assert!(text.contains("iris_worker_build_duration_seconds_bucket{le=\"0.05\"} 1\n"), "{text}");
         assert!(text.contains("iris_worker_build_duration_seconds_bucket{le=\"0.025\"} 0\n"), "{text}");

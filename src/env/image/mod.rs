@@ -18,6 +18,7 @@ pub mod manifest;
 pub mod overlay;
 pub mod source;
 pub mod unpack;
+pub mod user;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

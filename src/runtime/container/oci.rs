@@ -63,6 +63,13 @@ pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
     process.set_env(Some(spec.env.clone()));
     process.set_cwd(PathBuf::from(&spec.cwd_in_task));
     process.set_no_new_privileges(Some(!privileged));
+    if let Some(user) = &spec.user {
+        let mut u = oci_spec::runtime::User::default();
+        u.set_uid(user.uid);
+        u.set_gid(user.gid);
+        u.set_additional_gids(Some(user.additional_gids.clone()));
+        process.set_user(u);
+    }
     let caps: HashSet<Capability> =
         if privileged { all_capabilities() } else { DEFAULT_CAPABILITIES.iter().copied().collect() };
     let mut capabilities = LinuxCapabilities::default();
@@ -84,8 +91,8 @@ pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
 
     let mut root = Root::default();
     root.set_path(spec.rootfs.clone());
-    // The rootfs is shared by every task that uses it: no task may write to it.
-    root.set_readonly(Some(true));
+    // A shared rootfs is read-only; an image's overlay has the task's own upper layer.
+    root.set_readonly(Some(!spec.rootfs_overlay));
 
     let shm = format!("size={}", spec.shm_bytes.max(1 << 20));
     let mut mounts = vec![

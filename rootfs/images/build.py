@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Writes the test images as one OCI image layout: scripts/fixtures images runs this.
+
+usage: build.py OUT BUSYBOX_ROOTFS PYTHON_ROOTFS
+
+OUT/layout is an OCI image layout with three tags (see README.md). Layers are made with GNU tar
+(sorted, mtime 0, numeric root owner) so the same inputs give the same digests; gzip layers
+carry no name or time, and one layer is zstd to exercise that decoder.
+"""
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Layout:
+    def __init__(self, root):
+        self.root = root
+        self.blobs = os.path.join(root, "blobs", "sha256")
+        os.makedirs(self.blobs, exist_ok=True)
+        with open(os.path.join(root, "oci-layout"), "w") as f:
+            json.dump({"imageLayoutVersion": "1.0.0"}, f)
+        self.manifests = []
+
+    def add_file(self, path):
+        digest = sha256_file(path)
+        dest = os.path.join(self.blobs, digest)
+        if not os.path.exists(dest):
+            shutil.move(path, dest)
+        return "sha256:" + digest, os.path.getsize(dest)
+
+    def add_bytes(self, data):
+        digest = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(self.blobs, digest), "wb") as f:
+            f.write(data)
+        return "sha256:" + digest, len(data)
+
+    def layer(self, tree, compression, work):
+        """tar of `tree` -> (descriptor, diff_id)."""
+        tar = os.path.join(work, "layer.tar")
+        subprocess.run(
+            ["tar", "--sort=name", "--mtime=@0", "--owner=0", "--group=0", "--numeric-owner",
+             "--xattrs", "-C", tree, "-cf", tar, "."],
+            check=True,
+        )
+        diff_id = "sha256:" + sha256_file(tar)
+        if compression == "gzip":
+            out = tar + ".gz"
+            with open(tar, "rb") as src, open(out, "wb") as raw:
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
+                    shutil.copyfileobj(src, gz, 1 << 20)
+            media = LAYER_GZIP
+        else:
+            out = tar + ".zst"
+            subprocess.run(["zstd", "-q", "-3", "-f", tar, "-o", out], check=True)
+            media = LAYER_ZSTD
+        os.remove(tar)
+        digest, size = self.add_file(out)
+        return {"mediaType": media, "digest": digest, "size": size}, diff_id
+
+    def image(self, tag, layers, config):
+        descs = [d for d, _ in layers]
+        cfg = {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": config,
+            "rootfs": {"type": "layers", "diff_ids": [i for _, i in layers]},
+        }
+        cdigest, csize = self.add_bytes(json.dumps(cfg, sort_keys=True).encode())
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": cdigest, "size": csize},
+            "layers": descs,
+        }
+        mdigest, msize = self.add_bytes(json.dumps(manifest, sort_keys=True).encode())
+        self.manifests.append({
+            "mediaType": OCI_MANIFEST, "digest": mdigest, "size": msize,
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        })
+
+    def finish(self):
+        with open(os.path.join(self.root, "index.json"), "w") as f:
+            json.dump({"schemaVersion": 2, "manifests": self.manifests}, f, sort_keys=True)
+
+
+def write(path, text, mode=0o644):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+
+
+def main():
+    out, busybox, python = sys.argv[1:4]
+    layout = Layout(os.path.join(out, "layout"))
+    with tempfile.TemporaryDirectory(dir=out) as work:
+        # The shared base: busybox plus the files the upper layers hide.
+        base = os.path.join(work, "base")
+        shutil.copytree(busybox, base, symlinks=True)
+        write(os.path.join(base, "fixture/gone"), "hidden by a whiteout\n")
+        write(os.path.join(base, "fixture/kept"), "kept\n")
+        write(os.path.join(base, "fixture/opq/a"), "a\n")
+        write(os.path.join(base, "fixture/opq/b"), "b\n")
+        base_layer = layout.layer(base, "gzip", work)
+
+        top = os.path.join(work, "top")
+        write(os.path.join(top, "fixture/.wh.gone"), "")
+        write(os.path.join(top, "fixture/opq/.wh..wh..opq"), "")
+        write(os.path.join(top, "fixture/opq/c"), "c\n")
+        write(os.path.join(top, "etc/image-marker"), "busybox\n")
+        write(os.path.join(top, "usr/local/bin/hello"), "#!/bin/sh\necho hello from the image\n", 0o755)
+        os.symlink("hello", os.path.join(top, "usr/local/bin/hello-link"))
+        os.link(os.path.join(top, "etc/image-marker"), os.path.join(top, "etc/image-marker-link"))
+        top_layer = layout.layer(top, "zstd", work)
+        layout.image("busybox", [base_layer, top_layer], {
+            "Env": [PATH, "IMAGE_VAR=from-image"],
+            "Cmd": ["/bin/sh", "-c", "echo default command of the image"],
+            "WorkingDir": "/fixture",
+        })
+
+        extra = os.path.join(work, "extra")
+        write(os.path.join(extra, "etc/image-marker"), "busybox-extra\n")
+        layout.image("busybox-extra", [base_layer, layout.layer(extra, "gzip", work)], {
+            "Env": [PATH],
+            "Cmd": ["/bin/sh"],
+        })
+
+        python_top = os.path.join(work, "python-top")
+        write(os.path.join(python_top, "etc/image-marker"), "python\n")
+        layout.image("python", [layout.layer(python, "gzip", work), layout.layer(python_top, "gzip", work)], {
+            "Env": [PATH, "LANG=C.UTF-8"],
+            "Cmd": ["python3"],
+        })
+    layout.finish()
+
+
+if __name__ == "__main__":
+    main()

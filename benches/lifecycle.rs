@@ -45,6 +45,8 @@ fn library_lifecycle(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, 
         timeout_ms: None,
         log_dir: None,
         log_source: None,
+        rootfs_overlay: false,
+        user: None,
     };
     let t = Instant::now();
     let mut rt = runtime::for_kind(RuntimeKind::Container)?;

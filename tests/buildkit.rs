@@ -15,7 +15,9 @@ use iris_worker::buildkit::{BuildRequest, Client};
 
 const BASE: &str = "iwtest-busybox:latest";
 
-/// A build context with a nested tree, a file to COPY and a RUN with a cache mount.
+/// A build context with a nested tree, a file to COPY and a RUN with a cache mount. The RUN
+/// takes over 2 s: BuildKit v0.8 health-checks the session every second and drops it (and with
+/// it the export) when a check fails, so the session's Health service is exercised too.
 fn write_context(dir: &Path, marker: &str) {
     std::fs::create_dir_all(dir.join("nested/a/b")).unwrap();
     std::fs::write(dir.join("hello.txt"), format!("hello from the bundle {marker}\n")).unwrap();
@@ -27,7 +29,7 @@ fn write_context(dir: &Path, marker: &str) {
             "FROM {BASE}\n\
              COPY hello.txt /app/hello.txt\n\
              COPY nested /app/nested\n\
-             RUN --mount=type=cache,target=/cache echo ran-in-build >> /cache/runs && cp /cache/runs /ran.txt && echo build-output-line\n\
+             RUN --mount=type=cache,target=/cache echo ran-in-build >> /cache/runs && cp /cache/runs /ran.txt && sleep 2.5 && echo build-output-line\n\
              ENV GREETING=hi\n\
              WORKDIR /app\n"
         ),

@@ -116,8 +116,9 @@ impl Client {
             .collect())
     }
 
-    /// Builds `req` and unpacks the result into `dest` (which must not exist yet; its parent
-    /// must). Every log line of the build goes to `on_log` as it arrives.
+    /// Builds `req` and unpacks the result into `dest` (missing or empty; its parent must
+    /// exist and holds the exporter's tarball meanwhile). Every log line of the build goes to
+    /// `on_log` as it arrives.
     pub async fn build(
         &self,
         req: &BuildRequest,

@@ -9,9 +9,19 @@ use std::path::Path;
 use super::BuildkitError;
 use super::error::io;
 
-/// Unpacks `tarball` into `dest` (created; must not exist). Blocking: run it off async threads.
+/// Unpacks `tarball` into `dest` (created if missing; an existing one must be empty).
+/// Blocking: run it off async threads.
 pub fn unpack(tarball: &Path, dest: &Path) -> Result<u64, BuildkitError> {
-    std::fs::create_dir(dest).map_err(io("creating", dest))?;
+    match std::fs::create_dir(dest) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let mut entries = std::fs::read_dir(dest).map_err(io("reading", dest))?;
+            if entries.next().is_some() {
+                return Err(BuildkitError::BadRequest(format!("the destination {} is not empty", dest.display())));
+            }
+        }
+        Err(e) => return Err(io("creating", dest)(e)),
+    }
     let file = std::fs::File::open(tarball).map_err(io("opening", tarball))?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
     archive.set_preserve_permissions(true);

@@ -22,6 +22,9 @@ use crate::supervisor::files;
 const COMPLETE: &str = ".iris-complete";
 const CONFIG: &str = "config.json";
 
+/// The longest a build may take.
+const BUILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
 /// The image name that asks for a build of the bundle's `Dockerfile`; `dockerfile:<path>`
 /// names another file of the bundle.
 pub const IMAGE_PREFIX: &str = "dockerfile";
@@ -35,6 +38,8 @@ pub enum DockerfileError {
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("building the image from {dockerfile}: {source}")]
     Build { dockerfile: String, source: buildkit::BuildkitError },
+    #[error("building the image from {dockerfile}: no result within {minutes} minutes")]
+    TimedOut { dockerfile: String, minutes: u64 },
     /// Another task's build of the same image failed.
     #[error("{0}")]
     Shared(String),
@@ -170,8 +175,14 @@ impl DockerfileImages {
                 target: None,
             };
             client.build(&req, &tmp.join("rootfs"), |line| write(line.ts_ms, &line.text)).await.map_err(build_err)
-        }
-        .await;
+        };
+        let result = match tokio::time::timeout(BUILD_TIMEOUT, result).await {
+            Ok(r) => r,
+            Err(_) => Err(DockerfileError::TimedOut {
+                dockerfile: dockerfile.to_string(),
+                minutes: BUILD_TIMEOUT.as_secs() / 60,
+            }),
+        };
         let out = match result {
             Ok(out) => out,
             Err(e) => {

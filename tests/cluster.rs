@@ -123,7 +123,7 @@ async fn a_task_failing_once_is_retried_and_without_retries_the_job_fails_with_i
 async fn a_job_spans_two_hosts_and_survives_one_being_killed() {
     let ns_a = Netns::create("a", 231);
     let ns_b = Netns::create("b", 232);
-    let ctl = ControllerProc::start_on("0.0.0.0", 2.0).await;
+    let ctl = ControllerProc::start_on("0.0.0.0", 3.0).await;
     let mut a = NsWorker::start(&ns_a, "cl-host-a", &format!("http://{}:{}", ns_a.host_ip, ctl.port), &[]).await;
     let b = NsWorker::start(&ns_b, "cl-host-b", &format!("http://{}:{}", ns_b.host_ip, ctl.port), &[]).await;
     ctl.wait_workers(&[&a.name, &b.name]).await;
@@ -329,6 +329,26 @@ async fn bad_requests_are_refused_naming_the_field() {
     let id = c.launch(&sh_job("dup", 1, "true")).await.unwrap();
     assert_eq!(code_of(&c.launch(&sh_job("dup", 1, "true")).await.unwrap_err()), Some(Code::AlreadyExists));
     assert!(ctl.state.path().join("controller.db").exists());
+    // The same service over gRPC (tonic's generated client) and Connect JSON, on the same port.
+    let mut grpc =
+        iris_worker::proto::controller_service_client::ControllerServiceClient::connect(ctl.url()).await.unwrap();
+    let jobs = grpc.list_jobs(iris_worker::proto::controller::ListJobsRequest {}).await.unwrap().into_inner().jobs;
+    assert!(jobs.iter().any(|j| j.job_id == id), "{jobs:?}");
+    let e = grpc
+        .get_job_status(iris_worker::proto::controller::GetJobStatusRequest {
+            job_id: "nope".into(),
+            include_result: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let json = Command::new("curl")
+        .args(["-s", "-H", "content-type: application/json", "-d", &format!("{{\"jobId\":\"{id}\"}}")])
+        .arg(format!("{}/iris.cluster.ControllerService/GetJobStatus", ctl.url()))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["job"]["jobId"], id.as_str(), "{v}");
     // The pages answer on the same port.
     let page = Command::new("curl").args(["-sf", &format!("{}/", ctl.url())]).output().unwrap();
     assert!(String::from_utf8_lossy(&page.stdout).contains(&id));

@@ -424,8 +424,9 @@ impl State {
                 }
             }
         }
-        let _ = succeeded;
-        if failed.len() as i32 > job.request.max_task_failures {
+        // More failures than tolerated fail the job; so does ending with no task succeeded.
+        let nothing_succeeded = ended == job.rec.num_tasks && succeeded == 0 && !failed.is_empty();
+        if failed.len() as i32 > job.request.max_task_failures || nothing_succeeded {
             failed.sort_by_key(|t| (t.finished_ms, t.index));
             let first = failed[0];
             let state = match TaskState::try_from(first.state) {
@@ -1240,6 +1241,33 @@ mod tests {
         // A late report of the first attempt changes nothing.
         report(&mut s, &runs[0], TaskState::Failed, 1);
         assert_eq!(s.tasks["j/task-0"].state, TaskState::Succeeded as i32);
+    }
+
+    #[test]
+    fn tolerated_failures_let_the_job_succeed_but_not_when_nothing_succeeded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        register(&mut s, "w");
+        let mut req = job("tolerant", 2);
+        req.max_retries_failure = 0;
+        req.max_task_failures = 1;
+        s.launch(req.clone()).unwrap();
+        s.schedule();
+        let runs = accept_all(&mut s);
+        report(&mut s, &runs[0], TaskState::Failed, 2);
+        assert_eq!(s.jobs["tolerant"].rec.state, JobState::Running as i32);
+        report(&mut s, &runs[1], TaskState::Succeeded, 0);
+        assert_eq!(s.jobs["tolerant"].rec.state, JobState::Succeeded as i32);
+
+        req.name = "hopeless".into();
+        req.resources = Some(ResourceSpecProto { replicas: 1, ..Default::default() });
+        s.launch(req).unwrap();
+        s.schedule();
+        let runs = accept_all(&mut s);
+        report(&mut s, &runs[0], TaskState::Failed, 2);
+        let j = &s.jobs["hopeless"].rec;
+        assert_eq!((j.state, j.exit_code), (JobState::Failed as i32, 2));
+        assert!(j.error.contains("hopeless/task-0"), "{}", j.error);
     }
 
     #[test]

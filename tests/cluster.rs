@@ -557,3 +557,28 @@ async fn cluster_up_runs_jobs_and_ctrl_c_leaves_nothing_behind() {
     assert!(processes_with("echo up-").is_empty(), "the tasks are gone: {:?}", processes_with("echo up-"));
     assert!(cgroups_named("cluster-worker-").is_empty(), "{:?}", cgroups_named("cluster-worker-"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn a_failed_dispatch_makes_the_worker_suspect_and_the_task_goes_elsewhere_at_once() {
+    let ctl = ControllerProc::start(60.0).await;
+    let mut a = ctl.worker("cl-suspect-a", &["--runtime", "process"]).await;
+    let b = ctl.worker("cl-suspect-b", &["--runtime", "process"]).await;
+    // The controller still counts `a` healthy for a minute; its RunTask fails at once.
+    a.kill9();
+    let c = ctl.cluster();
+    let mut req = sh_job("suspect", 2, "true");
+    req.max_retries_preemption = 0; // a dispatch that never reached a worker is no preemption
+    let job_id = c.launch(&req).await.unwrap();
+    let s = c.wait(&job_id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}");
+    assert!(s.tasks.iter().all(|t| t.worker_id == b.name), "{s:#?}");
+    let failed: Vec<_> = s.tasks.iter().flat_map(|t| &t.attempts).filter(|a| a.is_worker_failure).collect();
+    assert!(
+        !failed.is_empty() && failed.iter().all(|x| x.worker_id == a.name && x.error.contains("dispatch")),
+        "{s:#?}"
+    );
+    let ws = c.workers().await.unwrap();
+    let suspect = ws.iter().find(|w| w.worker_id == a.name).unwrap();
+    assert!(suspect.consecutive_failures >= 1, "{ws:?}");
+}

@@ -178,11 +178,16 @@ async fn a_task_runs_in_the_image_built_from_its_bundles_dockerfile_and_the_seco
     assert_eq!(metrics2.image_tag, metrics.image_tag);
     assert!(source_log(&mut c, "dockerfile/second", "build").await.is_empty());
     assert_eq!(texts(&source_log(&mut c, "dockerfile/second", "stdout").await), out);
-    let images: Vec<_> = std::fs::read_dir(cache.path().join("images/dockerfile"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(images.len(), 1, "one built image, no temp dirs left: {images:?}");
+    // One image in the store (one record, one layer), nothing left in its staging area.
+    let names = |sub: &str| -> Vec<String> {
+        std::fs::read_dir(cache.path().join("images").join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(names("images").len(), 1, "{:?}", names("images"));
+    assert_eq!(names("layers").iter().filter(|n| !n.ends_with(".json")).count(), 1, "{:?}", names("layers"));
+    assert!(names("tmp").is_empty(), "{:?}", names("tmp"));
 }
 
 #[tokio::test]

@@ -1,10 +1,9 @@
 //! Task images built from the bundle's Dockerfile through BuildKit (`image = "dockerfile"` or
-//! `"dockerfile:<path in the bundle>"`), cached by a hash of the Dockerfile and the build
-//! context, built once however many tasks ask at the same time.
-//!
-//! The built root filesystem lives in `<cache>/images/dockerfile/<key>/rootfs` with the image
-//! config beside it (`config.json`); a task runs on it directly as its read-only rootfs. The
-//! build's log lines go into the asking task's log as source `build`.
+//! `"dockerfile:<path in the bundle>"`), kept in the [`ImageStore`] as one-layer images named
+//! `dockerfile@sha256:<key>`, where the key hashes the Dockerfile and the build context; built
+//! once however many tasks ask at the same time. The build's log lines go into the asking
+//! task's log as source `build`. The store's LRU may evict a built image's layer like any other
+//! (never while a task uses it); the next request builds it again.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,13 +13,10 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
-use crate::buildkit::{self, BuildRequest, ImageConfig};
+use super::image::{self, Image, ImageStore};
+use crate::buildkit::{self, BuildRequest};
 use crate::logs::{LogRecord, LogWriter, Source};
 use crate::supervisor::files;
-
-/// Marks a cache entry as complete (written last).
-const COMPLETE: &str = ".iris-complete";
-const CONFIG: &str = "config.json";
 
 /// The longest a build may take.
 const BUILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
@@ -40,6 +36,8 @@ pub enum DockerfileError {
     Build { dockerfile: String, source: buildkit::BuildkitError },
     #[error("building the image from {dockerfile}: no result within {minutes} minutes")]
     TimedOut { dockerfile: String, minutes: u64 },
+    #[error("storing the image built from {dockerfile}: {source}")]
+    Store { dockerfile: String, source: image::ImageError },
     /// Another task's build of the same image failed.
     #[error("{0}")]
     Shared(String),
@@ -58,11 +56,15 @@ pub fn dockerfile_of(image: &str) -> Option<&str> {
     }
 }
 
+/// The store's name of the image built for `key`.
+pub fn reference(key: &str) -> String {
+    format!("{IMAGE_PREFIX}@sha256:{key}")
+}
+
 /// A ready image.
 #[derive(Debug, Clone)]
 pub struct DockerfileImage {
-    pub rootfs: PathBuf,
-    pub config: ImageConfig,
+    pub image: Image,
     /// The cache key: sha256 of the Dockerfile's path and text and of the context's entries.
     pub key: String,
     /// True when this request built nothing.
@@ -71,23 +73,17 @@ pub struct DockerfileImage {
 
 type Flight = Arc<OnceCell<Result<(), String>>>;
 
-/// The cache of images built from Dockerfiles.
+/// Builds Dockerfiles into the image store, once per key at a time.
 pub struct DockerfileImages {
-    dir: PathBuf,
     buildkit: Option<String>,
     flights: Mutex<HashMap<String, Flight>>,
     builds: AtomicU64,
 }
 
 impl DockerfileImages {
-    /// Images under `<cache_dir>/images/dockerfile`, built by the BuildKit at `buildkit`.
-    pub fn new(cache_dir: &Path, buildkit: Option<String>) -> DockerfileImages {
-        DockerfileImages {
-            dir: cache_dir.join("images").join("dockerfile"),
-            buildkit,
-            flights: Mutex::new(HashMap::new()),
-            builds: AtomicU64::new(0),
-        }
+    /// Builds go to the BuildKit at `buildkit` (none: Dockerfile images fail).
+    pub fn new(buildkit: Option<String>) -> DockerfileImages {
+        DockerfileImages { buildkit, flights: Mutex::new(HashMap::new()), builds: AtomicU64::new(0) }
     }
 
     /// How many builds ran (for tests and metrics).
@@ -95,10 +91,11 @@ impl DockerfileImages {
         self.builds.load(Ordering::Relaxed)
     }
 
-    /// The image of `dockerfile` (a path in `context`): from the cache, from a build another
+    /// The image of `dockerfile` (a path in `context`): from the store, from a build another
     /// task is running, or built now with its log in `task_dir`'s log.
     pub async fn get(
         &self,
+        store: &ImageStore,
         context: &Path,
         dockerfile: &str,
         task_dir: &Path,
@@ -112,9 +109,9 @@ impl DockerfileImages {
                 .await
                 .map_err(|e| DockerfileError::Shared(format!("hashing the build context: {e}")))??
         };
-        let entry = self.dir.join(&key);
-        if entry.join(COMPLETE).exists() {
-            return load(&entry, key, true);
+        let name = reference(&key);
+        if let Some(image) = store.find(&name) {
+            return Ok(DockerfileImage { image, key, from_cache: true });
         }
         let flight: Flight = {
             let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
@@ -124,38 +121,38 @@ impl DockerfileImages {
         let result = flight
             .get_or_init(|| {
                 built_here = true;
-                async {
-                    self.build(&addr, context, dockerfile, &key, &entry, task_dir).await.map_err(|e| e.to_string())
-                }
+                async { self.build(store, &addr, context, dockerfile, &key, task_dir).await.map_err(|e| e.to_string()) }
             })
             .await
             .clone();
-        if result.is_err() {
-            // A failed build is not remembered: the next request tries again.
+        // The flight only joins concurrent requests; later ones look in the store (a failed
+        // build is not remembered: the next request tries again).
+        {
             let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
             if flights.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
                 flights.remove(&key);
             }
         }
         result.map_err(DockerfileError::Shared)?;
-        load(&entry, key, !built_here)
+        let image = store.find(&name).ok_or_else(|| {
+            DockerfileError::Shared(format!("the image built from {dockerfile} left the store before it was used"))
+        })?;
+        Ok(DockerfileImage { image, key, from_cache: !built_here })
     }
 
     async fn build(
         &self,
+        store: &ImageStore,
         addr: &str,
         context: &Path,
         dockerfile: &str,
         key: &str,
-        entry: &Path,
         task_dir: &Path,
     ) -> Result<(), DockerfileError> {
         self.builds.fetch_add(1, Ordering::Relaxed);
         let build_err = |source| DockerfileError::Build { dockerfile: dockerfile.to_string(), source };
-        std::fs::create_dir_all(&self.dir).map_err(io("creating", &self.dir))?;
-        let tmp = self.dir.join(format!(".tmp-{key}-{}", std::process::id()));
-        let _ = remove_tree(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io("creating", &tmp))?;
+        let store_err = |source| DockerfileError::Store { dockerfile: dockerfile.to_string(), source };
+        let staging = store.staging_dir().map_err(store_err)?;
         let log_dir = task_dir.join(files::LOGS);
         let mut log = LogWriter::open(&log_dir).ok();
         let mut write = |ts_ms: i64, text: &str| {
@@ -174,7 +171,7 @@ impl DockerfileImages {
                 build_args: HashMap::new(),
                 target: None,
             };
-            client.build(&req, &tmp.join("rootfs"), |line| write(line.ts_ms, &line.text)).await.map_err(build_err)
+            client.build(&req, staging.path(), |line| write(line.ts_ms, &line.text)).await.map_err(build_err)
         };
         let result = match tokio::time::timeout(BUILD_TIMEOUT, result).await {
             Ok(r) => r,
@@ -187,47 +184,19 @@ impl DockerfileImages {
             Ok(out) => out,
             Err(e) => {
                 write(files::now_ms(), &e.to_string());
-                let _ = remove_tree(&tmp);
                 return Err(e);
             }
         };
-        let config = serde_json::json!({
-            "Env": out.config.env,
-            "WorkingDir": out.config.working_dir,
-            "Entrypoint": out.config.entrypoint,
-            "Cmd": out.config.cmd,
-            "User": out.config.user,
-        });
-        std::fs::write(tmp.join(CONFIG), config.to_string()).map_err(io("writing", &tmp.join(CONFIG)))?;
-        match std::fs::rename(&tmp, entry) {
-            Ok(()) => {}
-            // Another worker on this cache finished first: theirs is as good.
-            Err(_) if entry.join(COMPLETE).exists() => {
-                let _ = remove_tree(&tmp);
-            }
-            Err(e) => return Err(io("renaming the image into", entry)(e)),
-        }
-        std::fs::write(entry.join(COMPLETE), key).map_err(io("marking complete", entry))?;
+        let c = out.config;
+        let config = image::ImageConfig {
+            env: c.env,
+            entrypoint: c.entrypoint.unwrap_or_default(),
+            cmd: c.cmd.unwrap_or_default(),
+            working_dir: c.working_dir,
+            user: c.user,
+        };
+        store.import(&reference(key), key, staging, config).map_err(store_err)?;
         Ok(())
-    }
-}
-
-fn load(entry: &Path, key: String, from_cache: bool) -> Result<DockerfileImage, DockerfileError> {
-    let path = entry.join(CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(io("reading", &path))?;
-    let config: ImageConfig = serde_json::from_str(&text).map_err(|e| DockerfileError::Io {
-        op: "parsing",
-        path: path.clone(),
-        source: std::io::Error::other(e),
-    })?;
-    Ok(DockerfileImage { rootfs: entry.join("rootfs"), config, key, from_cache })
-}
-
-/// `remove_dir_all`, with a directory that is not there as success.
-fn remove_tree(dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        r => r,
     }
 }
 
@@ -297,8 +266,16 @@ mod tests {
     #[tokio::test]
     async fn no_buildkit_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let images = DockerfileImages::new(dir.path(), None);
-        let e = images.get(dir.path(), "Dockerfile", dir.path()).await.unwrap_err();
+        let store = ImageStore::open(image::ImageStoreConfig {
+            dir: dir.path().join("images"),
+            insecure_registries: vec![],
+            auth_file: None,
+            containerd: None,
+            max_bytes: 1 << 30,
+            devices: false,
+        })
+        .unwrap();
+        let e = DockerfileImages::new(None).get(&store, dir.path(), "Dockerfile", dir.path()).await.unwrap_err();
         assert!(e.to_string().contains("--buildkit"), "{e}");
     }
 }

@@ -256,10 +256,7 @@ impl TaskManager {
         let inner = Arc::new(Inner {
             venvs,
             #[cfg(feature = "buildkit")]
-            dockerfile_images: crate::env::dockerfile::DockerfileImages::new(
-                &config.cache_dir,
-                config.buildkit.clone(),
-            ),
+            dockerfile_images: crate::env::dockerfile::DockerfileImages::new(config.buildkit.clone()),
             bundles: tokio::sync::OnceCell::new(),
             images: tokio::sync::OnceCell::new(),
             slots: Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1))),

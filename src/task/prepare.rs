@@ -132,7 +132,24 @@ async fn prepare_image(
         Some(path) => Some(inner.fetch_bundle(attempt, path, spec.bundle_sha256.as_deref()).await?),
         None => None,
     };
-    let rootfs = store.mount(&image, &attempt.dir).map_err(|e| format!("image {reference:?}: {e}"))?;
+    launch_in_image(inner, attempt, spec, workdir, store, &image, reference, bundle_dir)
+}
+
+/// The launch spec of a task in `image` (pulled, or built from a Dockerfile): its own overlay
+/// rootfs, the config's Env, WorkingDir, Entrypoint/Cmd and User where the request says
+/// nothing, and the bundle at /app when given.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn launch_in_image(
+    inner: &Inner,
+    attempt: &Attempt,
+    spec: &TaskSpec,
+    workdir: PathBuf,
+    store: &crate::env::image::ImageStore,
+    image: &crate::env::image::Image,
+    reference: &str,
+    bundle_dir: Option<PathBuf>,
+) -> Result<LaunchSpec, String> {
+    let rootfs = store.mount(image, &attempt.dir).map_err(|e| format!("image {reference:?}: {e}"))?;
     let config = &image.config;
     let user = match config.user.as_str() {
         "" | "root" | "0" | "0:0" => None,

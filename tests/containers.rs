@@ -58,6 +58,24 @@ async fn stdout_and_stderr_lines_arrive_in_order_with_the_time_they_were_written
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: runs containers"]
+async fn a_task_gets_sigpipe_back_so_a_pipeline_into_head_ends() {
+    let w = Worker::start("sigpipe", &[]).await;
+    let mut c = w.client().await;
+    // The supervisor is a Rust program, which ignores SIGPIPE; an ignored signal survives exec.
+    c.run_task(sh("pipe/task-0", "grep SigIgn /proc/self/status; yes | head -c 10 >/dev/null; echo ended"))
+        .await
+        .unwrap();
+    let s = wait_end(&mut c, "pipe/task-0", LONG).await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}");
+    let out = lines_of(&all_logs(&mut c, "pipe/task-0").await, "stdout");
+    let ignored = out.iter().find_map(|l| l.strip_prefix("SigIgn:")).map(|v| u64::from_str_radix(v.trim(), 16));
+    let Some(Ok(ignored)) = ignored else { panic!("no SigIgn line: {out:?}") };
+    assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "SIGPIPE is ignored in the task: {out:?}");
+    assert_eq!(out.last().map(String::as_str), Some("ended"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
 async fn exit_codes_and_signals_become_states() {
     let w = Worker::start("exits", &[]).await;
     let mut c = w.client().await;

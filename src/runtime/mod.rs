@@ -69,3 +69,12 @@ pub fn for_kind(kind: RuntimeKind) -> Result<Box<dyn Runtime>, RuntimeError> {
         RuntimeKind::Process => Ok(Box::new(process::ProcessRuntime::default())),
     }
 }
+
+/// Gives SIGPIPE its default action back, in the task's process just before it execs. Rust's
+/// runtime ignores SIGPIPE in the supervisor, and an ignored signal stays ignored across exec:
+/// without this, `yes | head` in a task never ends (yes gets EPIPE forever instead of dying).
+/// Async-signal-safe: one `signal` call.
+pub(crate) fn restore_sigpipe() {
+    // SAFETY: setting a disposition to SIG_DFL installs no handler.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}

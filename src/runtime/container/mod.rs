@@ -101,8 +101,9 @@ impl ContainerRuntime {
 }
 
 /// Runs the task's command like libcontainer's default executor, after restoring the signal
-/// mask: the supervisor blocks the signals it reads through its signalfd, and a blocked mask
-/// survives exec — the task would never see SIGTERM.
+/// mask and SIGPIPE: the supervisor blocks the signals it reads through its signalfd, and a
+/// blocked mask survives exec — the task would never see SIGTERM; and Rust's runtime ignores
+/// SIGPIPE, which survives exec too — `yes | head` in the task would never end.
 #[derive(Clone)]
 struct UnmaskingExecutor;
 
@@ -113,6 +114,7 @@ impl Executor for UnmaskingExecutor {
             Some(&nix::sys::signal::SigSet::empty()),
             None,
         );
+        crate::runtime::restore_sigpipe();
         let result = libcontainer::workload::default::get_executor().exec(spec);
         if let Err(e) = &result {
             // The task's stderr is the log: say there why the command never ran.

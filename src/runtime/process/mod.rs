@@ -60,6 +60,7 @@ impl Runtime for ProcessRuntime {
                     let mut empty: libc::sigset_t = std::mem::zeroed();
                     libc::sigemptyset(&mut empty);
                     libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                    crate::runtime::restore_sigpipe();
                     libc::dup2(io.stdout.as_raw_fd(), 1);
                     libc::dup2(io.stderr.as_raw_fd(), 2);
                     let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use common::{Figure, run};
+use common::{Figure, Row, run};
 use iris_worker::bundle::{BundleCache, BundleConfig};
 use iris_worker::proto::{CommandEntrypoint, worker};
 
@@ -231,9 +231,7 @@ async fn bundle_figures(work: &Path, n: usize) -> anyhow::Result<(Figure, Figure
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let n: usize =
-        args.iter().position(|a| a == "--runs").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(5);
+    let n = common::runs(5);
     let exe =
         PathBuf::from(std::env::var("IRIS_BENCH_EXE").context("IRIS_BENCH_EXE: the iris-worker binary to serve")?);
     let work = tempfile::Builder::new().prefix("iris-bench-env-").tempdir()?;
@@ -242,37 +240,26 @@ fn main() -> anyhow::Result<()> {
     let (ours, unzip, bytes) = rt.block_on(bundle_figures(work.path(), n))?;
 
     let mb_s = |f: &Figure| bytes as f64 / (1 << 20) as f64 / (f.pct(0.5) / 1e3);
-    let rows: [(&Figure, String, serde_json::Value); 6] = [
-        (&s.worker_build, String::new(), serde_json::json!({})),
-        (
-            &s.uv_build,
-            format!("worker/uv {:.2}x", s.worker_build.pct(0.5) / s.uv_build.pct(0.5)),
-            serde_json::json!({"worker_over_uv": s.worker_build.pct(0.5) / s.uv_build.pct(0.5)}),
-        ),
-        (&s.no_bundle, String::new(), serde_json::json!({})),
-        (
-            &s.cache_hit,
-            format!("+{:.2} ms", s.cache_hit.pct(0.5) - s.no_bundle.pct(0.5)),
-            serde_json::json!({"added_over_no_bundle_ms": s.cache_hit.pct(0.5) - s.no_bundle.pct(0.5)}),
-        ),
-        (&ours, format!("{:.0} MB/s", mb_s(&ours)), serde_json::json!({"mb_per_s": mb_s(&ours)})),
-        (
-            &unzip,
-            format!("{:.0} MB/s, unzip/this {:.2}x", mb_s(&unzip), unzip.pct(0.5) / ours.pct(0.5)),
-            serde_json::json!({"mb_per_s": mb_s(&unzip), "unzip_over_this": unzip.pct(0.5) / ours.pct(0.5)}),
-        ),
+    let build_ratio = s.worker_build.pct(0.5) / s.uv_build.pct(0.5);
+    let added = s.cache_hit.pct(0.5) - s.no_bundle.pct(0.5);
+    let unzip_ratio = unzip.pct(0.5) / ours.pct(0.5);
+    let rows = vec![
+        Row::timed(&s.worker_build, "ms")
+            .vs(format!("worker/uv {build_ratio:.2}x"))
+            .with("worker_over_uv", build_ratio)
+            .goal_text("≤ 1.1x bare uv", build_ratio <= 1.1),
+        Row::timed(&s.uv_build, "ms"),
+        Row::timed(&s.no_bundle, "ms"),
+        Row::timed(&s.cache_hit, "ms")
+            .vs(format!("{added:+.2} ms over no bundle"))
+            .with("added_over_no_bundle_ms", added)
+            .goal_text("≤ 5 ms over no bundle", added <= 5.0),
+        Row::timed(&ours, "ms")
+            .vs(format!("{:.0} MB/s; unzip/this {unzip_ratio:.2}x", mb_s(&ours)))
+            .with("mb_per_s", mb_s(&ours))
+            .with("unzip_over_this", unzip_ratio),
+        Row::timed(&unzip, "ms").vs(format!("{:.0} MB/s", mb_s(&unzip))).with("mb_per_s", mb_s(&unzip)),
     ];
-    println!("{:<60} {:>9} {:>9}  note", "figure (n runs)", "p50 ms", "p90 ms");
-    for (f, note, _) in &rows {
-        println!("{:<60} {:>9.2} {:>9.2}  {note}", format!("{} ({})", f.name, f.samples.len()), f.pct(0.5), f.pct(0.9));
-    }
-    for (f, _, extra) in &rows {
-        let mut v = serde_json::json!({"bench": "env", "figure": f.name, "runs": f.samples.len(),
-            "p50_ms": f.pct(0.5), "p90_ms": f.pct(0.9)});
-        if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
-            v.extend(extra.clone());
-        }
-        println!("{v}");
-    }
+    common::report("env", &rows);
     Ok(())
 }

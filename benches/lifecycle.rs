@@ -1,11 +1,12 @@
 //! `scripts/bench lifecycle`: the lifecycle of a `/bin/true` busybox container through the
 //! project's runtime as a library call, and RunTask → RUNNING / SUCCEEDED through a real
-//! server, each beside `runc run` + `runc delete` and the `unshare --fork` floor measured in
-//! the same run (interleaved, so load hits every peer alike). Prints a table and one JSON
-//! line per figure.
+//! server, each beside `runc run` + `runc delete`, `youki run` (the youki 0.7 CLI, the same
+//! libcontainer version) and the `unshare --fork` floor measured in the same run (interleaved,
+//! so load hits every peer alike). Prints a table and one JSON line per figure.
 //!
 //! The library lifecycle runs first, while this process is single-threaded (libcontainer
-//! forks); the server phase then uses a current-thread tokio runtime.
+//! forks); the server phase then uses a current-thread tokio runtime. The benchmark's cgroups
+//! go where the worker's would (`Layout::task_root`), so it runs on v1 and pure v2 hosts alike.
 
 mod common;
 
@@ -17,7 +18,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use common::{Figure, run};
 use iris_worker::cgroup::Layout;
-use iris_worker::proto::{CommandEntrypoint, worker};
 use iris_worker::runtime::{self, LaunchSpec, Profile, RuntimeKind, TaskIo};
 use nix::sys::wait::waitpid;
 
@@ -65,32 +65,26 @@ fn library_lifecycle(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, 
     Ok(took)
 }
 
-fn runc_bundle(rootfs: &Path, work: &Path) -> anyhow::Result<PathBuf> {
-    let bundle = work.join("runc-bundle");
-    std::fs::create_dir_all(&bundle)?;
-    let st = Command::new("runc").arg("spec").current_dir(&bundle).status().context("running runc spec")?;
-    if !st.success() {
-        bail!("runc spec failed");
-    }
-    let path = bundle.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-    config["process"]["terminal"] = false.into();
-    config["process"]["args"] = serde_json::json!(["/bin/true"]);
-    config["root"]["path"] = rootfs.to_string_lossy().into_owned().into();
-    config["root"]["readonly"] = true.into();
-    // The same namespaces as ours: no network namespace.
-    config["linux"]["namespaces"] = serde_json::json!([{"type":"pid"},{"type":"ipc"},{"type":"uts"},{"type":"mount"}]);
-    std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
-    Ok(bundle)
-}
-
+/// Runs `cmd` to its successful end and returns how long it took; a peer that hangs is killed
+/// after 30 s and fails the benchmark instead of stalling it.
 fn timed(cmd: &mut Command) -> anyhow::Result<Duration> {
     let t = Instant::now();
-    let st = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
-    if !st.success() {
-        bail!("{cmd:?} failed: {st}");
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            if !st.success() {
+                bail!("{cmd:?} failed: {st}");
+            }
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} did not end within 30 s");
+        }
+        // Short: this spin is part of every peer's time alike.
+        std::thread::sleep(Duration::from_micros(100));
     }
-    Ok(t.elapsed())
 }
 
 fn runc_lifecycle(bundle: &Path, i: usize) -> anyhow::Result<Duration> {
@@ -101,50 +95,51 @@ fn runc_lifecycle(bundle: &Path, i: usize) -> anyhow::Result<Duration> {
     Ok(t.elapsed())
 }
 
+/// `youki create` + `youki start`, wait for the container's init, `youki delete`: the same
+/// steps as the library lifecycle. (Not `youki run`: in the foreground it can miss the SIGCHLD
+/// of an init that exits before it starts waiting, and then waits forever — seen with
+/// `/bin/true` here.) The init is reparented to this process, a child subreaper, which reaps it.
+fn youki_lifecycle(youki: &Path, state: &Path, bundle: &Path, i: usize) -> anyhow::Result<Duration> {
+    let id = format!("iris-bench-youki-{}-{i}", std::process::id());
+    let pid_file = state.join(format!("{id}.pid"));
+    let youki = || {
+        let mut c = Command::new(youki);
+        c.arg("--root").arg(state);
+        c
+    };
+    let t = Instant::now();
+    timed(youki().arg("create").arg("--pid-file").arg(&pid_file).arg("-b").arg(bundle).arg(&id))?;
+    let pid: i32 = std::fs::read_to_string(&pid_file)?.trim().parse().context("youki's pid file")?;
+    timed(youki().arg("start").arg(&id))?;
+    waitpid(nix::unistd::Pid::from_raw(pid), None).context("waiting for youki's container")?;
+    timed(youki().arg("delete").arg(&id))?;
+    Ok(t.elapsed())
+}
+
 fn unshare_floor() -> anyhow::Result<Duration> {
-    timed(Command::new("unshare").args(["--mount", "--pid", "--uts", "--ipc", "--fork", "/bin/true"]))
+    // Short options: busybox (in the VM) knows no --fork.
+    timed(Command::new("unshare").args(["-m", "-p", "-u", "-i", "-f", "/bin/true"]))
 }
 
-async fn server_figures(exe: &Path, rootfs: &Path, work: &Path, n: usize) -> anyhow::Result<(Figure, Figure)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let state = work.join("server-state");
-    let mut child = Command::new(exe)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--worker-id", "iris-bench"])
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--rootfs")
-        .arg(rootfs)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting iris-worker serve")?;
-    let result = async {
-        let url = format!("http://127.0.0.1:{port}");
-        let mut client = common::connect(&url, Duration::from_secs(20)).await?;
-        let mut running = Figure::new("RunTask → RUNNING (server)");
-        let mut done = Figure::new("RunTask → SUCCEEDED (server)");
-        for i in 0..n {
-            let task_id = format!("bench/task-{i}");
-            let req = worker::RunTaskRequest {
-                job_id: "bench".into(),
-                task_id: task_id.clone(),
-                command: Some(CommandEntrypoint { argv: vec!["/bin/true".into()], setup_commands: vec![] }),
-                ..Default::default()
-            };
-            let r = run(&mut client, req).await?;
-            running.samples.push(r.running);
-            done.samples.push(r.ended);
-        }
-        Ok((running, done))
+async fn server_figures(work: &Path, n: usize) -> anyhow::Result<(Figure, Figure)> {
+    let server = common::Server::start(work, "iris-bench", &[])?;
+    let mut client = server.client().await?;
+    let mut running = Figure::new("RunTask → RUNNING (server)");
+    let mut done = Figure::new("RunTask → SUCCEEDED (server)");
+    for i in 0..n {
+        let r = run(&mut client, common::command_task(&format!("bench/task-{i}"), &["/bin/true"])).await?;
+        running.samples.push(r.running);
+        done.samples.push(r.ended);
     }
-    .await;
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = Command::new(exe).arg("cleanup").arg("--state-dir").arg(&state).arg("--all").stdout(Stdio::null()).status();
-    result
+    Ok((running, done))
 }
 
-type Lifecycles = (Figure, Figure, Figure);
+struct Lifecycles {
+    lib: Figure,
+    runc: Figure,
+    youki: Option<Figure>,
+    floor: Figure,
+}
 
 fn measure_lifecycles(
     rootfs: &Path,
@@ -153,65 +148,83 @@ fn measure_lifecycles(
     parent: &str,
     n: usize,
 ) -> anyhow::Result<Lifecycles> {
-    let bundle = runc_bundle(rootfs, work)?;
-    let mut lib = Figure::new("lifecycle, library (create→start→exit→reaped→removed)");
-    let mut runc = Figure::new("lifecycle, runc run + runc delete");
-    let mut floor = Figure::new("unshare --fork floor");
+    let bundle = common::runc_bundle(rootfs, &work.join("runc-bundle"), &["/bin/true"], None)?;
+    let youki = match std::env::var_os("IRIS_BENCH_YOUKI").map(PathBuf::from) {
+        Some(exe) if exe.exists() => {
+            let state = work.join("youki-state");
+            std::fs::create_dir_all(&state)?;
+            let cgroup = format!("{parent}/youki");
+            Some((exe, state, common::runc_bundle(rootfs, &work.join("youki-bundle"), &["/bin/true"], Some(&cgroup))?))
+        }
+        _ => {
+            eprintln!("lifecycle: no youki (IRIS_BENCH_YOUKI; scripts/bench builds it): measured without it");
+            None
+        }
+    };
+    let mut f = Lifecycles {
+        lib: Figure::new("lifecycle, library (create→start→exit→reaped→removed)"),
+        runc: Figure::new("lifecycle, runc run + runc delete"),
+        youki: youki.as_ref().map(|_| Figure::new("lifecycle, youki create + start + delete")),
+        floor: Figure::new("unshare --fork floor"),
+    };
     for i in 0..n {
-        lib.samples.push(library_lifecycle(rootfs, work, layout, parent, i)?);
-        runc.samples.push(runc_lifecycle(&bundle, i)?);
-        floor.samples.push(unshare_floor()?);
+        f.lib.samples.push(library_lifecycle(rootfs, work, layout, parent, i)?);
+        f.runc.samples.push(runc_lifecycle(&bundle, i)?);
+        if let (Some((exe, state, bundle)), Some(fig)) = (&youki, &mut f.youki) {
+            fig.samples.push(youki_lifecycle(exe, state, bundle, i)?);
+        }
+        f.floor.samples.push(unshare_floor()?);
     }
-    Ok((lib, runc, floor))
+    Ok(f)
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let n: usize = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let n = common::runs(50);
     // runc wants the real path of the rootfs, not a symlink to it.
-    let rootfs = std::fs::canonicalize(
-        std::env::var("IRIS_BENCH_ROOTFS").unwrap_or_else(|_| "/var/cache/iris-worker/rootfs/busybox".into()),
-    )
-    .context("the busybox rootfs (run scripts/fixtures)")?;
-    let exe =
-        PathBuf::from(std::env::var("IRIS_BENCH_EXE").context("IRIS_BENCH_EXE: the iris-worker binary to serve")?);
+    let rootfs = std::fs::canonicalize(common::rootfs()).context("the busybox rootfs (run scripts/fixtures)")?;
     let work = tempfile::Builder::new().prefix("iris-bench-").tempdir()?;
+    // youki's detached containers are reparented to us, and reaped by us.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let layout = Layout::detect()?;
-    let parent = format!("{}/iris-worker/iris-bench-{}", layout.own_path()?.trim_end_matches('/'), std::process::id());
+    // Where the worker would put its tasks: our own cgroup on v1, its parent on v2.
+    let parent = format!("{}/iris-worker/iris-bench-{}", layout.task_root()?.trim_end_matches('/'), std::process::id());
     layout.prepare_parent(&parent)?;
     let measured = measure_lifecycles(&rootfs, work.path(), &layout, &parent, n);
     // The parent cgroups go whatever happened.
     let _ = layout.release_parent(&parent);
-    let (lib, runc, floor) = measured?;
+    let f = measured?;
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (running, done) = rt.block_on(server_figures(&exe, &rootfs, work.path(), n.min(30)))?;
+    let (running, done) = rt.block_on(server_figures(work.path(), n.min(30)))?;
 
-    let runc_p50 = runc.pct(0.5);
-    let floor_p50 = floor.pct(0.5);
-    println!("{:<58} {:>9} {:>9} {:>12} {:>12}", "figure (n runs)", "p50 ms", "p90 ms", "runc/this", "this/floor");
-    for f in [&lib, &runc, &floor, &running, &done] {
-        let p50 = f.pct(0.5);
-        println!(
-            "{:<58} {:>9.2} {:>9.2} {:>11.2}x {:>11.2}x",
-            format!("{} ({})", f.name, f.samples.len()),
-            p50,
-            f.pct(0.9),
-            runc_p50 / p50,
-            p50 / floor_p50
-        );
+    let runc = f.runc.pct(0.5);
+    let youki = f.youki.as_ref().map(|y| y.pct(0.5));
+    let floor = f.floor.pct(0.5);
+    let row = |fig: &Figure| {
+        let p50 = fig.pct(0.5);
+        let mut vs = format!("runc/this {:.2}x", runc / p50);
+        let mut r =
+            common::Row::timed(fig, "ms").with("runc_over_this", runc / p50).with("this_over_floor", p50 / floor);
+        if let Some(y) = youki {
+            vs += &format!(", youki/this {:.2}x", y / p50);
+            r = r.with("youki_over_this", y / p50);
+        }
+        vs += &format!(", this/floor {:.2}x", p50 / floor);
+        r.vs(vs)
+    };
+    let lib = f.lib.pct(0.5);
+    let mut rows = vec![row(&f.lib).goal_text(
+        &format!("≤ 2x the floor and ≥ 3x faster than runc (now {:.2}x, {:.2}x)", lib / floor, runc / lib),
+        lib <= 2.0 * floor && runc >= 3.0 * lib,
+    )];
+    rows.push(row(&f.runc));
+    if let Some(y) = &f.youki {
+        rows.push(row(y));
     }
-    for f in [&lib, &runc, &floor, &running, &done] {
-        println!(
-            "{}",
-            serde_json::json!({"bench": "lifecycle", "figure": f.name, "runs": f.samples.len(), "p50_ms": f.pct(0.5),
-                "p90_ms": f.pct(0.9), "runc_p50_over_this": runc_p50 / f.pct(0.5), "this_over_floor": f.pct(0.5) / floor_p50})
-        );
-    }
+    rows.push(row(&f.floor));
+    rows.push(row(&running).goal(false, 10.0));
+    rows.push(row(&done));
+    common::report("lifecycle", &rows);
     Ok(())
 }

@@ -23,12 +23,16 @@ fn write_context(dir: &Path, marker: &str) {
     std::fs::write(dir.join("hello.txt"), format!("hello from the bundle {marker}\n")).unwrap();
     std::fs::write(dir.join("nested/a/b/deep.txt"), "deep\n").unwrap();
     std::fs::write(dir.join("nested/a/top.txt"), "top\n").unwrap();
+    // .dockerignore: BuildKit sends its patterns with the context request; the sender honours them.
+    std::fs::write(dir.join("nested/a/b/secret.key"), "not for the image\n").unwrap();
+    std::fs::write(dir.join(".dockerignore"), "**/*.key\n").unwrap();
     std::fs::write(
         dir.join("Dockerfile"),
         format!(
             "FROM {BASE}\n\
              COPY hello.txt /app/hello.txt\n\
              COPY nested /app/nested\n\
+             COPY . /all\n\
              RUN --mount=type=cache,target=/cache echo ran-in-build >> /cache/runs && cp /cache/runs /ran.txt && sleep 2.5 && echo build-output-line\n\
              ENV GREETING=hi\n\
              WORKDIR /app\n"
@@ -65,6 +69,9 @@ async fn the_client_builds_a_dockerfile_with_nested_context_through_dockers_buil
     assert_eq!(std::fs::read_to_string(dest.join("app/hello.txt")).unwrap(), "hello from the bundle lib\n");
     assert_eq!(std::fs::read_to_string(dest.join("app/nested/a/b/deep.txt")).unwrap(), "deep\n");
     assert_eq!(std::fs::read_to_string(dest.join("app/nested/a/top.txt")).unwrap(), "top\n");
+    assert_eq!(std::fs::read_to_string(dest.join("all/nested/a/b/deep.txt")).unwrap(), "deep\n");
+    assert!(!dest.join("all/nested/a/b/secret.key").exists(), "the .dockerignore'd file reached the image");
+    assert!(!dest.join("app/nested/a/b/secret.key").exists());
     assert_eq!(std::fs::read_to_string(dest.join("ran.txt")).unwrap(), "ran-in-build\n");
     assert!(dest.join("bin/busybox").exists());
     assert!(text.iter().any(|l| l.ends_with(" build-output-line")), "{text:#?}");

@@ -123,9 +123,11 @@ async fn a_task_failing_once_is_retried_and_without_retries_the_job_fails_with_i
 async fn a_job_spans_two_hosts_and_survives_one_being_killed() {
     let ns_a = Netns::create("a", 231);
     let ns_b = Netns::create("b", 232);
-    let ctl = ControllerProc::start_on("0.0.0.0", 3.0).await;
-    let mut a = NsWorker::start(&ns_a, "cl-host-a", &format!("http://{}:{}", ns_a.host_ip, ctl.port), &[]).await;
-    let b = NsWorker::start(&ns_b, "cl-host-b", &format!("http://{}:{}", ns_b.host_ip, ctl.port), &[]).await;
+    // The controller listens on host a's veth address; host b reaches it through the root
+    // namespace (its default route).
+    let ctl = ControllerProc::start_on(&ns_a.host_ip, 3.0).await;
+    let mut a = NsWorker::start(&ns_a, "cl-host-a", &ctl.url(), &[]).await;
+    let b = NsWorker::start(&ns_b, "cl-host-b", &ctl.url(), &[]).await;
     ctl.wait_workers(&[&a.name, &b.name]).await;
     let c = ctl.cluster();
     let ws = c.workers().await.unwrap();
@@ -503,16 +505,6 @@ async fn terminating_a_job_terminates_its_children() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: uses cgroups"]
 async fn cluster_up_runs_jobs_and_ctrl_c_leaves_nothing_behind() {
-    let port = free_port();
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut up = std::process::Command::new(exe())
-        .args(["cluster", "up", "--workers", "2", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--heartbeat-interval", "0.3", "--worker-arg=--runtime=process"])
-        .arg(format!("--worker-arg=--rootfs={}", rootfs().display()))
-        .stdout(log.reopen().unwrap())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
     struct Guard(Option<std::process::Child>);
     impl Drop for Guard {
         fn drop(&mut self) {
@@ -522,15 +514,38 @@ async fn cluster_up_runs_jobs_and_ctrl_c_leaves_nothing_behind() {
             }
         }
     }
-    let pid = up.id() as i32;
+    let log = tempfile::NamedTempFile::new().unwrap();
     let mut guard = Guard(None);
+    // Port 0: the controller takes a free port and prints it.
+    let up = std::process::Command::new(exe())
+        .args(["cluster", "up", "--workers", "2", "--listen", "127.0.0.1:0"])
+        .args(["--heartbeat-interval", "0.3", "--worker-arg=--runtime=process"])
+        .arg(format!("--worker-arg=--rootfs={}", rootfs().display()))
+        .stdout(std::fs::OpenOptions::new().append(true).open(log.path()).unwrap())
+        .stderr(std::fs::OpenOptions::new().append(true).open(log.path()).unwrap())
+        .spawn()
+        .unwrap();
+    guard.0 = Some(up);
+    let deadline = Instant::now() + JOB;
+    let port: u16 = loop {
+        let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+        if text.contains("Ctrl-C stops everything") {
+            let port = text.split("controller: http://127.0.0.1:").nth(1).and_then(|r| r.split('/').next());
+            break port.and_then(|p| p.parse().ok()).expect("the controller's port");
+        }
+        let exited = guard.0.as_mut().is_some_and(|up| up.try_wait().unwrap().is_some());
+        assert!(!exited && Instant::now() < deadline, "cluster up did not start: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let pid = guard.0.as_ref().map(|up| up.id() as i32).unwrap();
     let c = iris_worker::controller::Cluster::new(&format!("127.0.0.1:{port}"));
     let deadline = Instant::now() + JOB;
-    while c.workers().await.map(|w| w.iter().filter(|w| w.healthy).count()).unwrap_or(0) < 2 {
-        if Instant::now() > deadline {
-            let _ = up.kill();
-            panic!("cluster up did not start: {}", std::fs::read_to_string(log.path()).unwrap_or_default());
+    loop {
+        let workers = c.workers().await.unwrap();
+        if workers.iter().filter(|w| w.healthy).count() == 2 {
+            break;
         }
+        assert!(Instant::now() < deadline, "{workers:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let text = std::fs::read_to_string(log.path()).unwrap();
@@ -542,16 +557,11 @@ async fn cluster_up_runs_jobs_and_ctrl_c_leaves_nothing_behind() {
     assert_eq!(s.tasks.iter().map(|t| t.worker_id.as_str()).collect::<std::collections::BTreeSet<_>>().len(), 2);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT).unwrap();
     let deadline = Instant::now() + JOB;
-    loop {
-        if up.try_wait().unwrap().is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            guard.0 = Some(up);
-            panic!("cluster up did not stop");
-        }
+    while guard.0.as_mut().is_some_and(|up| up.try_wait().unwrap().is_none()) {
+        assert!(Instant::now() < deadline, "cluster up did not stop");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    guard.0 = None;
     assert!(!std::path::Path::new(&state).exists(), "{state} is removed");
     assert!(processes_with(&state).is_empty(), "no process of the cluster is left: {:?}", processes_with(&state));
     assert!(processes_with("echo up-").is_empty(), "the tasks are gone: {:?}", processes_with("echo up-"));

@@ -42,10 +42,6 @@ struct Child {
     process: tokio::process::Child,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?.local_addr()?.port())
-}
-
 pub async fn run(verb: ClusterVerb) -> anyhow::Result<()> {
     let ClusterVerb::Up(a) = verb;
     super::init_logging(false);
@@ -71,11 +67,11 @@ pub async fn run(verb: ClusterVerb) -> anyhow::Result<()> {
         for i in 0..a.workers {
             let state = root.path().join(format!("worker-{i}"));
             std::fs::create_dir_all(&state).with_context(|| format!("making {}", state.display()))?;
-            let port = free_port()?;
             let log = std::fs::File::create(root.path().join(format!("worker-{i}.log"))).context("the worker's log")?;
             let process = tokio::process::Command::new(&exe)
                 .arg("serve")
-                .args(["--listen", &format!("127.0.0.1:{port}")])
+                // Port 0: each worker binds a free port and registers with it.
+                .args(["--listen", "127.0.0.1:0"])
                 .arg("--state-dir")
                 .arg(&state)
                 .args(["--controller", &controller])
@@ -91,7 +87,31 @@ pub async fn run(verb: ClusterVerb) -> anyhow::Result<()> {
                 .spawn()
                 .context("starting a worker")?;
             children.push(Child { state, process });
-            println!("worker cluster-worker-{i}: http://127.0.0.1:{port}/");
+        }
+        // Wait for every worker to register, so the addresses printed are the real ones.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let addresses: Vec<(String, String)> = started
+                .controller
+                .read(|s| s.workers.values().map(|w| (w.rec.worker_id.clone(), w.rec.address.clone())).collect());
+            if addresses.len() >= a.workers {
+                for (id, address) in addresses {
+                    println!("worker {id}: http://{address}/");
+                }
+                break;
+            }
+            for (i, c) in children.iter_mut().enumerate() {
+                if let Ok(Some(status)) = c.process.try_wait() {
+                    anyhow::bail!(
+                        "worker {i} exited ({status}); see {}",
+                        root.path().join(format!("worker-{i}.log")).display()
+                    );
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("only {} of {} workers registered within 30 s", addresses.len(), a.workers);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         println!("controller: {controller}/  (state in {}; Ctrl-C stops everything)", root.path().display());
         let mut watch = stop_rx.clone();

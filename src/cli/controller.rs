@@ -98,6 +98,7 @@ impl ControllerArgs {
 /// A controller serving on a bound port.
 pub struct Started {
     pub addr: SocketAddr,
+    pub controller: Controller,
     pub server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -113,10 +114,11 @@ pub async fn start(
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
+    let controller = c.clone();
     let server =
         tokio::spawn(async move { crate::controller::serve(listener, c, shutdown).await.map_err(anyhow::Error::from) });
     tracing::info!(%addr, state_dir = %dir.display(), "controller serving");
-    Ok(Started { addr, server })
+    Ok(Started { addr, controller, server })
 }
 
 pub async fn run(verb: ControllerVerb) -> anyhow::Result<()> {

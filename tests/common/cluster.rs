@@ -12,7 +12,7 @@ use iris_worker::controller::Cluster;
 use iris_worker::proto::controller::{JobStatus, LaunchJobRequest};
 use iris_worker::proto::{CommandEntrypoint, JobState, ResourceSpecProto};
 
-use crate::common::{TEST_PREFIX, Worker, exe, free_port, rootfs};
+use crate::common::{TEST_PREFIX, Worker, exe, free_port, listening_ports, rootfs};
 
 /// A controller process on a temporary state directory.
 pub struct ControllerProc {
@@ -24,21 +24,28 @@ pub struct ControllerProc {
 }
 
 impl ControllerProc {
-    /// Starts a controller on 127.0.0.1 declaring workers dead after `worker_timeout` s.
+    /// Starts a controller on a loopback address of its own (127.x.y.z) declaring workers dead
+    /// after `worker_timeout` s. Its own address, not 127.0.0.1: a killed controller's port may
+    /// be handed to another test's controller before the restart, and that one must not get
+    /// this test's heartbeats (it would answer should_reset and the worker would kill its tasks).
     pub async fn start(worker_timeout: f64) -> ControllerProc {
-        Self::start_on("127.0.0.1", worker_timeout).await
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let host = format!("127.{}.{}.{}", 100 + std::process::id() % 100, n / 250, n % 250 + 1);
+        Self::start_on(&host, worker_timeout).await
     }
 
     /// Starts a controller listening on `host` (e.g. 0.0.0.0 for workers in namespaces).
     pub async fn start_on(host: &str, worker_timeout: f64) -> ControllerProc {
         let state = tempfile::Builder::new().prefix("iris-controller-test-").tempdir().unwrap();
         let mut c = ControllerProc { state, port: 0, listen_host: host.to_string(), worker_timeout, child: None };
-        c.port = free_port();
         c.spawn().await;
         c
     }
 
-    /// (Re)starts the process on the same state directory and port.
+    /// Starts the process on a port of its choosing (port 0) the first time, then again on the
+    /// same state directory and port. Ready once this very process listens and answers (a port
+    /// freed by a killed controller may be taken by another test meanwhile).
     pub async fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -55,10 +62,15 @@ impl ControllerProc {
             .stderr(log)
             .spawn()
             .unwrap();
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if self.cluster().list_jobs().await.is_ok() {
+            let ports = listening_ports(pid);
+            if self.port == 0 && ports.len() == 1 {
+                self.port = ports[0];
+            }
+            if self.port != 0 && ports.contains(&self.port) && self.cluster().list_jobs().await.is_ok() {
                 return;
             }
             if let Some(Some(status)) = self.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
@@ -71,7 +83,7 @@ impl ControllerProc {
 
     /// The URL workers and clients use from the root network namespace.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.listen_host, self.port)
     }
 
     pub fn cluster(&self) -> Cluster {
@@ -183,6 +195,8 @@ impl Netns {
         ip(&["-n", &n.name, "addr", "add", &format!("{}/24", n.ns_ip), "dev", &peer]);
         ip(&["-n", &n.name, "link", "set", &peer, "up"]);
         ip(&["-n", &n.name, "link", "set", "lo", "up"]);
+        // The host's other addresses (another namespace's veth end) are reached through it.
+        ip(&["-n", &n.name, "route", "add", "default", "via", &n.host_ip]);
         n
     }
 }

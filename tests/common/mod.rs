@@ -34,6 +34,36 @@ pub fn rootfs() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/iris-worker/rootfs/busybox"))
 }
 
+/// The TCP ports process `pid` listens on (its sockets' inodes matched in /proc/net/tcp{,6}).
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().to_string();
+                    l.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')).map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT, st 0A is LISTEN, the inode is the 10th field.
+            if f.len() > 9
+                && f[3] == "0A"
+                && inodes.iter().any(|i| i == f[9])
+                && let Some(port) = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok())
+            {
+                ports.push(port);
+            }
+        }
+    }
+    ports
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -97,8 +127,11 @@ impl Worker {
                 if let Some(Some(_)) = self.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
                     break; // exited (port taken?): try another port
                 }
+                // Healthy, and on a port this process listens on: another test's worker may
+                // hold the port we picked, and then it is the one answering.
                 if let Ok(mut c) = self.try_client().await
                     && c.health_check(Empty {}).await.is_ok()
+                    && self.child.as_ref().is_some_and(|c| listening_ports(c.id()).contains(&self.port))
                 {
                     return;
                 }

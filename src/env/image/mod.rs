@@ -238,6 +238,8 @@ impl ImageStore {
             && let Some(image) = self.find(reference)
         {
             self.inner.counters.image_hits.fetch_add(1, Ordering::Relaxed);
+            // Each of its layers is reused as it is.
+            self.inner.counters.layer_hits.fetch_add(image.layers.len() as u64, Ordering::Relaxed);
             return Ok(image);
         }
         let what = source::display(&r);
@@ -445,20 +447,33 @@ impl ImageStore {
             .tempdir_in(&tmp_root)
             .map_err(io("creating a directory in", &tmp_root))?;
         let devices = self.inner.config.devices;
-        let into = tmp.path().to_path_buf();
-        let unpacked = tokio::task::spawn_blocking(move || {
+        // The unpacker owns its temp dir: if this pull is abandoned (another layer failed),
+        // the dir is removed when the unpacker stops writing into it, not while it writes.
+        let (unpacked, tmp) = tokio::task::spawn_blocking(move || {
             let sync = tokio_util::io::SyncIoBridge::new(reader);
-            unpack::unpack(sync, &into, devices)
+            (unpack::unpack(sync, tmp.path(), devices), tmp)
         })
         .await
-        .map_err(|e| ImageError::Source { what: format!("layer {}", desc.digest), reason: e.to_string() })?
-        .map_err(|source| ImageError::Unpack { layer: desc.digest.to_string(), source })?;
+        .map_err(|e| ImageError::Source { what: format!("layer {}", desc.digest), reason: e.to_string() })?;
+        let mismatch = |got: String| ImageError::DigestMismatch {
+            what: format!("layer {} of {}", desc.digest, source::display(r)),
+            expected: desc.digest.to_string(),
+            got,
+        };
+        let unpacked = match unpacked {
+            Ok(u) => u,
+            Err(unpack::UnpackError::Broken { blob_sha256, cause }) if blob_sha256 != hex => {
+                tracing::warn!(layer = %desc.digest, error = %cause, "a layer that does not match its digest");
+                let got = if blob_sha256.starts_with('(') { blob_sha256 } else { format!("sha256:{blob_sha256}") };
+                return Err(mismatch(got));
+            }
+            Err(unpack::UnpackError::Broken { cause, .. }) => {
+                return Err(ImageError::Unpack { layer: desc.digest.to_string(), source: *cause });
+            }
+            Err(source) => return Err(ImageError::Unpack { layer: desc.digest.to_string(), source }),
+        };
         if unpacked.blob_sha256 != hex {
-            return Err(ImageError::DigestMismatch {
-                what: format!("layer {} of {}", desc.digest, source::display(r)),
-                expected: desc.digest.to_string(),
-                got: format!("sha256:{}", unpacked.blob_sha256),
-            });
+            return Err(mismatch(format!("sha256:{}", unpacked.blob_sha256)));
         }
         if desc.size != 0 && unpacked.blob_bytes != desc.size {
             return Err(ImageError::Malformed {

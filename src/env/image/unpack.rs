@@ -27,6 +27,9 @@ pub enum UnpackError {
     Read(io::Error),
     #[error("{op} {path}: {source}")]
     Write { op: &'static str, path: PathBuf, source: io::Error },
+    /// The content did not unpack; the whole blob hashes to `blob_sha256`.
+    #[error("{cause}")]
+    Broken { blob_sha256: String, cause: Box<UnpackError> },
 }
 
 fn write_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> UnpackError + 'a {
@@ -81,20 +84,40 @@ pub fn unpack(blob: impl Read, dest: &Path, devices: bool) -> Result<Unpacked, U
         _ => Compression::None,
     };
     let mut out = Unpacked::default();
-    match compression {
+    let content = match compression {
         Compression::Gzip => {
             let mut gz = flate2::bufread::MultiGzDecoder::new(&mut hashing);
-            unpack_tar(&mut gz, dest, devices, &mut out)?;
-            io::copy(&mut gz, &mut io::sink()).map_err(UnpackError::Read)?;
+            unpack_tar(&mut gz, dest, devices, &mut out)
+                .and_then(|()| io::copy(&mut gz, &mut io::sink()).map(|_| ()).map_err(UnpackError::Read))
         }
         Compression::Zstd => {
-            let mut zst = zstd::stream::read::Decoder::with_buffer(&mut hashing).map_err(UnpackError::Read)?;
-            unpack_tar(&mut zst, dest, devices, &mut out)?;
-            io::copy(&mut zst, &mut io::sink()).map_err(UnpackError::Read)?;
+            zstd::stream::read::Decoder::with_buffer(&mut hashing).map_err(UnpackError::Read).and_then(|mut zst| {
+                unpack_tar(&mut zst, dest, devices, &mut out)
+                    .and_then(|()| io::copy(&mut zst, &mut io::sink()).map(|_| ()).map_err(UnpackError::Read))
+            })
         }
-        Compression::None => unpack_tar(&mut hashing, dest, devices, &mut out)?,
+        Compression::None => unpack_tar(&mut hashing, dest, devices, &mut out),
+    };
+    match content {
+        Ok(()) => {}
+        // Refused for what it says, whatever its digest.
+        Err(e @ UnpackError::Hostile { .. }) => return Err(e),
+        // A blob that does not decode may simply not be the blob the manifest names: read it
+        // to its end, so the caller can tell a wrong digest from a broken layer.
+        Err(cause) => {
+            let blob_sha256 = match io::copy(&mut hashing, &mut io::sink()) {
+                Ok(_) => hex::encode(hashing.into_inner().hash.finalize()),
+                Err(e) => format!("(unreadable: {e})"),
+            };
+            return Err(UnpackError::Broken { blob_sha256, cause: Box::new(cause) });
+        }
     }
-    io::copy(&mut hashing, &mut io::sink()).map_err(UnpackError::Read)?;
+    if let Err(e) = io::copy(&mut hashing, &mut io::sink()) {
+        return Err(UnpackError::Broken {
+            blob_sha256: format!("(unreadable: {e})"),
+            cause: Box::new(UnpackError::Read(e)),
+        });
+    }
     let hashing = hashing.into_inner();
     out.blob_sha256 = hex::encode(hashing.hash.finalize());
     out.blob_bytes = hashing.bytes;

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
-use futures::TryStreamExt;
 use oci_client::Reference;
 use oci_client::secrets::RegistryAuth;
 use tokio::io::AsyncRead;
@@ -261,6 +260,7 @@ impl Sources {
     async fn containerd_reader(&self, desc: &Descriptor) -> Result<BlobReader, ImageError> {
         use containerd_client::services::v1::ReadContentRequest;
         use containerd_client::services::v1::content_client::ContentClient;
+        use futures::TryStreamExt;
         let (channel, cfg) = self.containerd_channel().await?;
         let socket = cfg.socket.clone();
         let stream = ContentClient::new(channel)

@@ -389,3 +389,50 @@ async fn a_hostile_layer_fails_and_nothing_is_written_outside_the_store() {
     assert_eq!(state_of(&s), TaskState::Failed);
     assert!(s.error.contains("unsupported media type") && s.error.contains("wasm"), "{}", s.error);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs a registry and containers"]
+async fn the_layer_bound_evicts_unused_layers_but_never_a_running_tasks() {
+    require_peers();
+    let reg = Registry::start();
+    let busybox = reg.push("busybox", "busybox");
+    let extra = reg.push("busybox-extra", "busybox-extra");
+    let insecure = reg.host();
+    // A bound of 1 KiB: every pull is over it, so each one evicts all it may.
+    let (store, w) = worker("img-evict", &["--insecure-registry", &insecure, "--image-cache-size", "1K"]).await;
+    let images = store.0.clone();
+    let mut c = w.client().await;
+
+    c.run_task(image_task("ev/running", &busybox, "sleep 60")).await.unwrap();
+    wait_for(&mut c, "ev/running", WITHIN, |s| state_of(s) == TaskState::Running).await;
+    let running_layers = layer_dirs(&images);
+    assert_eq!(running_layers.len(), 2);
+
+    // Pulling another image evicts, but not the layers the running task's rootfs is made of.
+    let (s, out) = run(&mut c, image_task("ev/extra", &extra, "cat /etc/image-marker")).await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{out}");
+    let now = layer_dirs(&images);
+    for l in &running_layers {
+        assert!(now.contains(l), "layer {l} of a running task was evicted: {now:?}");
+    }
+    let (s, out) = run(&mut c, image_task("ev/check", &busybox, "cat /etc/image-marker")).await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{out}");
+
+    // Once nothing runs in busybox, the next pull evicts its top layer (busybox-extra's own
+    // top is pinned by that pull; the base is shared with it).
+    c.kill_task(iris_worker::proto::worker::KillTaskRequest { task_id: "ev/running".into(), term_timeout_ms: 100 })
+        .await
+        .unwrap();
+    wait_end(&mut c, "ev/running", WITHIN).await;
+    // The same image under a new name: a pull (its layers are all there), then eviction.
+    let extra2 = reg.push("busybox-extra", "busybox-extra2");
+    let (s, out) = run(&mut c, image_task("ev/extra3", &extra2, "true")).await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{out}");
+    let after = layer_dirs(&images);
+    let busybox_top: Vec<&String> = running_layers.iter().filter(|l| !after.contains(l)).collect();
+    assert_eq!(
+        busybox_top.len(),
+        1,
+        "exactly busybox's own top layer goes: before {running_layers:?}, after {after:?}"
+    );
+}

@@ -12,17 +12,24 @@ fn the_suite_left_no_cgroup_mount_process_or_task_directory() {
     let cgroups = cgroups_named(TEST_PREFIX);
     assert!(cgroups.is_empty(), "cgroups left behind: {cgroups:#?}");
 
+    // Task rootfs overlays live in the workers' state dirs, the test peers' (registry,
+    // containerd, dockerd) and image stores in `iwtest-*` temp dirs.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let ours: Vec<&str> = mounts.lines().filter(|l| l.contains("iris-worker-test-")).collect();
+    let ours: Vec<&str> =
+        mounts.lines().filter(|l| l.contains("iris-worker-test-") || l.contains("/iwtest-")).collect();
     assert!(ours.is_empty(), "mounts left behind: {ours:#?}");
 
-    let procs = processes_with("iris-worker-test-");
+    let mut procs = processes_with("iris-worker-test-");
+    procs.extend(processes_with("/iwtest-"));
     assert!(procs.is_empty(), "processes left behind: {procs:#?}");
 
     let dirs: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("iris-worker-test-"))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("iris-worker-test-") || name.starts_with("iwtest-")
+        })
         .map(|e| e.path())
         .collect();
     assert!(dirs.is_empty(), "state directories left behind: {dirs:#?}");

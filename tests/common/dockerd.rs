@@ -174,17 +174,7 @@ impl Drop for Dockerd {
         stop(&mut self.dockerd, Duration::from_secs(15));
         stop(&mut self.containerd, Duration::from_secs(10));
         // Mounts the daemons left below the temp dir (overlays, shm, netns), deepest first.
-        let root = self.dir.path().to_string_lossy().into_owned();
-        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
-            .filter(|m| m.starts_with(&root))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
+        super::common::unmount_below(self.dir.path());
         if !self.had_docker0 && docker0_exists() {
             let _ = Command::new("ip").args(["link", "delete", "docker0"]).stderr(Stdio::null()).status();
         }

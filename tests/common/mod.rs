@@ -283,3 +283,19 @@ pub fn processes_with(needle: &str) -> Vec<(i32, String)> {
     }
     out
 }
+
+/// Unmounts everything mounted at or below `root`, deepest first (what a test peer such as
+/// containerd or dockerd left in its temp dir).
+pub fn unmount_below(root: &Path) {
+    let root = root.to_string_lossy().into_owned();
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(&root))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}

@@ -75,53 +75,130 @@ impl<R: Read> Read for Hashing<R> {
 
 /// Unpacks the layer blob read from `blob` into `dest` (an empty directory). Reads the blob to
 /// its end, so the digest covers every byte even when the tar ends early.
-pub fn unpack(blob: impl Read, dest: &Path, devices: bool) -> Result<Unpacked, UnpackError> {
+///
+/// Two threads, like `tar -xz`: one reads, hashes and decompresses, the other writes files;
+/// on this kind of host writing costs as much as decompressing, and they overlap.
+pub fn unpack(blob: impl Read + Send, dest: &Path, devices: bool) -> Result<Unpacked, UnpackError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+    std::thread::scope(|scope| {
+        let decoder = scope.spawn(move || decode(blob, tx));
+        let mut out = Unpacked::default();
+        let mut tar = ChannelReader { rx, chunk: Vec::new(), pos: 0 };
+        let content = unpack_tar(&mut tar, dest, devices, &mut out)
+            .and_then(|()| io::copy(&mut tar, &mut io::sink()).map(|_| ()).map_err(UnpackError::Read));
+        // Hanging up tells the decoder to stop decompressing and only hash the rest.
+        drop(tar);
+        let decoded = decoder
+            .join()
+            .map_err(|_| UnpackError::Read(io::Error::other("the layer's decompressing thread panicked")))?;
+        match (content, decoded) {
+            // Refused for what it says, whatever its digest.
+            (Err(e @ UnpackError::Hostile { .. }), _) => Err(e),
+            // A blob that does not decode may simply not be the blob the manifest names: the
+            // caller tells a wrong digest from a broken layer by the digest of all of it.
+            (_, Decoded { blob_sha256, decode_error: Some(e), .. }) => {
+                Err(UnpackError::Broken { blob_sha256, cause: Box::new(UnpackError::Read(e)) })
+            }
+            (Err(cause), Decoded { blob_sha256, .. }) => {
+                Err(UnpackError::Broken { blob_sha256, cause: Box::new(cause) })
+            }
+            (Ok(()), Decoded { blob_sha256, blob_bytes, decode_error: None }) => {
+                out.blob_sha256 = blob_sha256;
+                out.blob_bytes = blob_bytes;
+                Ok(out)
+            }
+        }
+    })
+}
+
+/// What the decompressing thread saw of the blob.
+struct Decoded {
+    /// sha256 (hex) of the whole blob, or why it could not be read to its end (in parentheses,
+    /// so it never equals a digest).
+    blob_sha256: String,
+    blob_bytes: u64,
+    /// The blob did not decompress (or could not be read).
+    decode_error: Option<io::Error>,
+}
+
+/// Reads, hashes and decompresses `blob`, sending the tar stream in chunks until the receiver
+/// hangs up or the stream ends; then hashes whatever of the blob is left.
+fn decode(blob: impl Read, tx: std::sync::mpsc::SyncSender<Vec<u8>>) -> Decoded {
     let mut hashing = BufReader::with_capacity(256 << 10, Hashing { inner: blob, hash: Sha256::new(), bytes: 0 });
-    let head = hashing.fill_buf().map_err(UnpackError::Read)?;
-    let compression = match head {
-        [0x1f, 0x8b, ..] => Compression::Gzip,
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
-        _ => Compression::None,
-    };
-    let mut out = Unpacked::default();
-    let content = match compression {
-        Compression::Gzip => {
-            let mut gz = flate2::bufread::MultiGzDecoder::new(&mut hashing);
-            unpack_tar(&mut gz, dest, devices, &mut out)
-                .and_then(|()| io::copy(&mut gz, &mut io::sink()).map(|_| ()).map_err(UnpackError::Read))
+    let mut decode_error = None;
+    let compression = match hashing.fill_buf() {
+        Ok([0x1f, 0x8b, ..]) => Some(Compression::Gzip),
+        Ok([0x28, 0xb5, 0x2f, 0xfd, ..]) => Some(Compression::Zstd),
+        Ok(_) => Some(Compression::None),
+        Err(e) => {
+            decode_error = Some(e);
+            None
         }
-        Compression::Zstd => {
-            zstd::stream::read::Decoder::with_buffer(&mut hashing).map_err(UnpackError::Read).and_then(|mut zst| {
-                unpack_tar(&mut zst, dest, devices, &mut out)
-                    .and_then(|()| io::copy(&mut zst, &mut io::sink()).map(|_| ()).map_err(UnpackError::Read))
-            })
-        }
-        Compression::None => unpack_tar(&mut hashing, dest, devices, &mut out),
     };
-    match content {
-        Ok(()) => {}
-        // Refused for what it says, whatever its digest.
-        Err(e @ UnpackError::Hostile { .. }) => return Err(e),
-        // A blob that does not decode may simply not be the blob the manifest names: read it
-        // to its end, so the caller can tell a wrong digest from a broken layer.
-        Err(cause) => {
-            let blob_sha256 = match io::copy(&mut hashing, &mut io::sink()) {
-                Ok(_) => hex::encode(hashing.into_inner().hash.finalize()),
-                Err(e) => format!("(unreadable: {e})"),
-            };
-            return Err(UnpackError::Broken { blob_sha256, cause: Box::new(cause) });
+    if let Some(compression) = compression {
+        let decoder: io::Result<Box<dyn Read + '_>> = match compression {
+            Compression::Gzip => Ok(Box::new(flate2::bufread::MultiGzDecoder::new(&mut hashing))),
+            Compression::Zstd => {
+                zstd::stream::read::Decoder::with_buffer(&mut hashing).map(|d| Box::new(d) as Box<dyn Read>)
+            }
+            Compression::None => Ok(Box::new(&mut hashing)),
+        };
+        match decoder {
+            Ok(mut decoder) => loop {
+                let mut chunk = vec![0u8; 256 << 10];
+                match decoder.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        chunk.truncate(n);
+                        if tx.send(chunk).is_err() {
+                            break; // the tar side is done (or refused the layer)
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        decode_error = Some(e);
+                        break;
+                    }
+                }
+            },
+            Err(e) => decode_error = Some(e),
         }
     }
-    if let Err(e) = io::copy(&mut hashing, &mut io::sink()) {
-        return Err(UnpackError::Broken {
-            blob_sha256: format!("(unreadable: {e})"),
-            cause: Box::new(UnpackError::Read(e)),
-        });
+    drop(tx);
+    match io::copy(&mut hashing, &mut io::sink()) {
+        Ok(_) => {
+            let h = hashing.into_inner();
+            Decoded { blob_sha256: hex::encode(h.hash.finalize()), blob_bytes: h.bytes, decode_error }
+        }
+        Err(e) => {
+            Decoded { blob_sha256: format!("(unreadable: {e})"), blob_bytes: 0, decode_error: decode_error.or(Some(e)) }
+        }
     }
-    let hashing = hashing.into_inner();
-    out.blob_sha256 = hex::encode(hashing.hash.finalize());
-    out.blob_bytes = hashing.bytes;
-    Ok(out)
+}
+
+/// The tar stream, as the decompressing thread sends it.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0), // the sender is done
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 fn unpack_tar(tar: &mut dyn Read, dest: &Path, devices: bool, out: &mut Unpacked) -> Result<(), UnpackError> {

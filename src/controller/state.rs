@@ -7,6 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
+/// The most tasks one job may have.
+pub const MAX_REPLICAS: i32 = 100_000;
+
 use super::ControllerError;
 use super::model::{
     Attempt, EndpointRec, Job, JobRecord, Task, WorkerRec, WorkerRecord, job_terminal, now_ms, task_terminal,
@@ -227,6 +230,11 @@ impl State {
             None => 1,
             Some(r) if r.replicas <= 0 => {
                 return Err(invalid("resources.replicas", format!("must be at least 1, not {}", r.replicas)));
+            }
+            // Each replica is a task row and a scheduling decision: a bound keeps one request
+            // from exhausting the controller's memory.
+            Some(r) if r.replicas > MAX_REPLICAS => {
+                return Err(invalid("resources.replicas", format!("at most {MAX_REPLICAS}, not {}", r.replicas)));
             }
             Some(r) => r.replicas,
         };

@@ -200,6 +200,9 @@ impl DockerfileImages {
     }
 }
 
+/// The largest Dockerfile read.
+const MAX_DOCKERFILE: u64 = 1 << 20;
+
 /// sha256 over the Dockerfile's path and text and each context entry's path, mode, owner,
 /// link target and content: what the build's result depends on that the worker can see.
 fn cache_key(context: &Path, dockerfile: &str) -> Result<String, DockerfileError> {
@@ -208,7 +211,26 @@ fn cache_key(context: &Path, dockerfile: &str) -> Result<String, DockerfileError
     h.update(dockerfile.as_bytes());
     h.update(b"\0");
     let df = context.join(dockerfile);
-    let text = std::fs::read(&df).map_err(io("reading the Dockerfile", &df))?;
+    // Not through a symlink (it could name any host file), only a regular file, and bounded.
+    let text = {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&df)
+            .map_err(io("opening the Dockerfile (not a symlink)", &df))?;
+        let meta = f.metadata().map_err(io("reading the Dockerfile", &df))?;
+        if !meta.is_file() {
+            return Err(io("reading the Dockerfile", &df)(std::io::Error::other("not a regular file")));
+        }
+        let mut text = Vec::new();
+        f.take(MAX_DOCKERFILE + 1).read_to_end(&mut text).map_err(io("reading the Dockerfile", &df))?;
+        if text.len() as u64 > MAX_DOCKERFILE {
+            return Err(io("reading the Dockerfile", &df)(std::io::Error::other("larger than 1 MiB")));
+        }
+        text
+    };
     h.update(&text);
     let entries =
         buildkit::fsutil::walk(context, &Default::default()).map_err(io("listing the build context", context))?;

@@ -217,10 +217,13 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
 
 /// Unmounts the task's own overlay rootfs (an image's): nothing runs in it any more.
 fn release_rootfs(task_dir: &Path, spec: &LaunchSpec) {
-    if spec.rootfs_overlay
-        && let Err(e) = crate::env::image::unmount(task_dir)
-    {
-        tracing::warn!(error = %e, "unmounting the task's rootfs");
+    if !spec.rootfs_overlay {
+        return;
+    }
+    match crate::env::image::unmount(task_dir) {
+        // What the task wrote into its rootfs goes with it (its workdir is elsewhere).
+        Ok(()) => crate::env::image::remove_overlay_dirs(task_dir),
+        Err(e) => tracing::warn!(error = %e, "unmounting the task's rootfs"),
     }
 }
 

@@ -402,6 +402,8 @@ async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSpec, previou
     let launch = match super::prepare::prepare(&inner, &attempt, &spec).await {
         Ok(l) => l,
         Err(error) => {
+            // An image rootfs may already be mounted when a later step failed.
+            release_rootfs(&attempt.dir);
             attempt.finish(&inner, TaskState::Failed, -1, error, None);
             return;
         }
@@ -510,8 +512,9 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
 
 /// Unmounts the task's image rootfs, if it has one (before a supervisor exists to do it).
 fn release_rootfs(dir: &Path) {
-    if let Err(e) = crate::env::image::unmount(dir) {
-        tracing::warn!(dir = %dir.display(), error = %e, "unmounting a task's rootfs");
+    match crate::env::image::unmount(dir) {
+        Ok(()) => crate::env::image::remove_overlay_dirs(dir),
+        Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "unmounting a task's rootfs"),
     }
 }
 

@@ -444,8 +444,6 @@ fn spawn_sampler(inner: &Arc<Inner>) {
 }
 
 impl Inner {
-    /// The bundle cache, opened on first use: it locks its directory, and workers that never
-    /// fetch a bundle (tests, command-only hosts) need not share or lock it.
     /// The image store, opened on first use (a worker that never runs an image needs none).
     async fn image_store(&self) -> Result<&crate::env::image::ImageStore, String> {
         self.images
@@ -457,6 +455,8 @@ impl Inner {
             .map_err(Clone::clone)
     }
 
+    /// The bundle cache, opened on first use: it locks its directory, and workers that never
+    /// fetch a bundle (tests, command-only hosts) need not share or lock it.
     async fn bundle_cache(&self) -> Result<&BundleCache, String> {
         self.bundles
             .get_or_init(|| async {

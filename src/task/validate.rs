@@ -51,10 +51,22 @@ pub fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
     if spec.num_tasks < 0 {
         return Err(invalid("num_tasks", "must not be negative"));
     }
-    if let Some(image) = &spec.image
-        && !image.starts_with("dockerfile")
-    {
-        crate::env::image::ImageRef::parse(image).map_err(|e| invalid("image", e.to_string()))?;
+    if let Some(image) = &spec.image {
+        match super::dockerfile::dockerfile_of(image) {
+            // The Dockerfile is read from the bundle: a path inside it, nothing else.
+            Some(path) => {
+                let p = Path::new(path);
+                if path.contains('\0') || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+                    return Err(invalid(
+                        "image",
+                        format!("the Dockerfile path {path:?} must be relative, inside the bundle"),
+                    ));
+                }
+            }
+            None => {
+                crate::env::image::ImageRef::parse(image).map_err(|e| invalid("image", e.to_string()))?;
+            }
+        }
     }
     // A task in an image may leave the command to the image's Entrypoint and Cmd.
     let image = spec.image.is_some();
@@ -142,6 +154,9 @@ mod tests {
         assert_eq!(field_of(&TaskSpec { task_id: String::new(), ..good() }), "task_id");
         assert_eq!(field_of(&TaskSpec { job_id: String::new(), ..good() }), "job_id");
         assert_eq!(field_of(&TaskSpec { command: None, ..good() }), "command");
+        for image in ["dockerfile:/dev/zero", "dockerfile:../x", "not a ref!"] {
+            assert_eq!(field_of(&TaskSpec { image: Some(image.into()), ..good() }), "image", "{image}");
+        }
         let mut s = good();
         s.limits.memory_bytes = Some(1);
         assert_eq!(field_of(&s), "resources.memory_bytes");

@@ -268,7 +268,10 @@ impl ImageStore {
             layers: dirs,
             _pin: pin,
         };
-        self.evict();
+        // Eviction reads mountinfo and removes trees: off the async threads (while this
+        // image's pin keeps its own layers).
+        let store = self.clone();
+        let _ = tokio::task::spawn_blocking(move || store.evict()).await;
         Ok(image)
     }
 
@@ -277,11 +280,12 @@ impl ImageStore {
     pub fn find(&self, reference: &str) -> Option<Image> {
         let path = self.record_path(reference);
         let record: ImageRecord = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        // Pinned before looking, so eviction cannot take a layer between the look and the use.
+        let pin = self.pin(&record.layers);
         let dirs: Vec<PathBuf> = record.layers.iter().map(|h| self.layer_dir(h)).collect();
         if !dirs.iter().all(|d| d.is_dir()) {
             return None;
         }
-        let pin = self.pin(&record.layers);
         Some(Image {
             reference: record.reference,
             digest: record.digest,
@@ -308,12 +312,17 @@ impl ImageStore {
         config: ImageConfig,
     ) -> Result<Image, ImageError> {
         let hex = hex::encode(Sha256::digest(format!("import\0{key}").as_bytes()));
+        let pin = self.pin(std::slice::from_ref(&hex));
         let dir = self.layer_dir(&hex);
         if !dir.is_dir() {
-            let staged = rootfs.keep();
-            let bytes = dir_bytes(&staged);
-            std::fs::rename(&staged, &dir).map_err(io("moving the imported rootfs to", &dir))?;
-            self.write_layer_meta(&hex, bytes)?;
+            self.write_layer_meta(&hex, dir_bytes(rootfs.path()))?;
+            match std::fs::rename(rootfs.path(), &dir) {
+                Ok(()) => {
+                    let _ = rootfs.keep();
+                }
+                Err(_) if dir.is_dir() => {} // the same build, imported by someone else first
+                Err(e) => return Err(io("moving the imported rootfs to", &dir)(e)),
+            }
         }
         let record = ImageRecord {
             reference: reference.to_string(),
@@ -322,7 +331,6 @@ impl ImageStore {
             layers: vec![hex.clone()],
         };
         self.write_record(&record)?;
-        let pin = self.pin(&record.layers);
         Ok(Image {
             reference: record.reference,
             digest: record.digest,
@@ -366,26 +374,35 @@ impl ImageStore {
         if total <= self.inner.config.max_bytes {
             return;
         }
-        let mounted = overlay::lower_dirs_in_use();
-        let pinned = lock(&self.inner.pins).clone();
         layers.sort_by_key(|l| l.2);
-        for (hex, bytes, _) in layers {
-            if total <= self.inner.config.max_bytes {
-                break;
+        let mut doomed = Vec::new();
+        {
+            // Held until every chosen layer is out of layers/: a pull pins its layers before
+            // it looks for them, so it either pins first (and the layer stays) or finds the
+            // layer gone (and unpacks it again). Mounts are read under the same lock.
+            let pins = lock(&self.inner.pins);
+            let mounted = overlay::lower_dirs_in_use();
+            for (hex, bytes, _) in layers {
+                if total <= self.inner.config.max_bytes {
+                    break;
+                }
+                let dir = self.layer_dir(&hex);
+                if mounted.contains(&dir) || pins.contains_key(&hex) {
+                    continue;
+                }
+                // Out of layers/ first, so no task ever sees a half-removed layer.
+                let to = self.inner.config.dir.join("tmp").join(format!("evicted-{hex}-{}", std::process::id()));
+                if std::fs::rename(&dir, &to).is_ok() {
+                    let _ = std::fs::remove_file(dir.with_extension("json"));
+                    doomed.push(to);
+                    total = total.saturating_sub(bytes);
+                    self.inner.counters.layers_evicted.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(layer = %hex, bytes, "evicted an unused layer");
+                }
             }
-            let dir = self.layer_dir(&hex);
-            if mounted.contains(&dir) || pinned.contains_key(&hex) {
-                continue;
-            }
-            // Out of layers/ first, so no task ever sees a half-removed layer.
-            let doomed = self.inner.config.dir.join("tmp").join(format!("evicted-{hex}"));
-            if std::fs::rename(&dir, &doomed).is_ok() {
-                let _ = std::fs::remove_file(dir.with_extension("json"));
-                let _ = std::fs::remove_dir_all(&doomed);
-                total = total.saturating_sub(bytes);
-                self.inner.counters.layers_evicted.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(layer = %hex, bytes, "evicted an unused layer");
-            }
+        }
+        for d in doomed {
+            let _ = std::fs::remove_dir_all(&d);
         }
     }
 
@@ -440,7 +457,15 @@ impl ImageStore {
             self.inner.counters.layer_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(dir);
         }
-        let reader = self.inner.sources.reader(r, desc).await?;
+        if desc.size == 0 {
+            return Err(ImageError::Malformed {
+                what: format!("layer {} of {}", desc.digest, source::display(r)),
+                reason: "the manifest gives it no size".into(),
+            });
+        }
+        // One byte more than the manifest says is enough to tell it lied.
+        let reader: source::BlobReader =
+            Box::pin(tokio::io::AsyncReadExt::take(self.inner.sources.reader(r, desc).await?, desc.size + 1));
         let tmp_root = self.inner.config.dir.join("tmp");
         let tmp = tempfile::Builder::new()
             .prefix(&format!("{}-", &hex[..12]))
@@ -475,16 +500,28 @@ impl ImageStore {
         if unpacked.blob_sha256 != hex {
             return Err(mismatch(format!("sha256:{}", unpacked.blob_sha256)));
         }
-        if desc.size != 0 && unpacked.blob_bytes != desc.size {
+        if unpacked.blob_bytes != desc.size {
             return Err(ImageError::Malformed {
                 what: format!("layer {}", desc.digest),
                 reason: format!("{} bytes, the manifest says {}", unpacked.blob_bytes, desc.size),
             });
         }
-        let staged = tmp.keep();
-        // The layer's root is as readable as an image's root is: 0755.
-        std::fs::rename(&staged, &dir).map_err(io("moving the unpacked layer to", &dir))?;
+        // The layer's root gets a root filesystem's mode (a temp dir is 0700).
+        std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(io("chmod", tmp.path()))?;
+        // The record first: a layer directory without one would never be counted or evicted.
         self.write_layer_meta(&hex, unpacked.bytes)?;
+        match std::fs::rename(tmp.path(), &dir) {
+            Ok(()) => {
+                let _ = tmp.keep();
+            }
+            // Another worker sharing the store put the same layer in place first.
+            Err(_) if dir.is_dir() => {
+                self.inner.counters.layer_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(dir);
+            }
+            Err(e) => return Err(io("moving the unpacked layer to", &dir)(e)),
+        }
         self.inner.counters.layer_unpacks.fetch_add(1, Ordering::Relaxed);
         tracing::info!(layer = %desc.digest, bytes = unpacked.bytes, entries = unpacked.entries, "unpacked a layer");
         Ok(dir)
@@ -496,8 +533,23 @@ pub fn unmount(task_dir: &Path) -> Result<(), ImageError> {
     overlay::unmount(&task_dir.join(ROOTFS))
 }
 
+/// Removes a task's overlay upper and work dirs (after [`unmount`]): what the task wrote
+/// into its rootfs.
+pub fn remove_overlay_dirs(task_dir: &Path) {
+    let dir = task_dir.join(OVERLAY);
+    if let Err(e) = std::fs::remove_dir_all(&dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "removing a task's overlay dirs");
+    }
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
-    let tmp = path.with_extension("tmp");
+    // A name of this process's and thread's own: another writer of the same record (another
+    // worker on the store, another task's pull) has its own.
+    let tmp = path.with_extension(
+        format!("tmp.{}.{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""),
+    );
     std::fs::write(&tmp, bytes).map_err(io("writing", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io("renaming", &tmp))
 }

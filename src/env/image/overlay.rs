@@ -70,24 +70,26 @@ pub fn lower_dirs_in_use() -> HashSet<PathBuf> {
     used
 }
 
-/// mountinfo writes space, tab, newline and backslash as octal escapes.
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
+/// mountinfo writes space, tab, newline and backslash as octal escapes; the rest are the
+/// path's own bytes (not necessarily UTF-8).
+fn unescape(s: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
     let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\'
             && i + 3 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 4]).ok().and_then(|o| u8::from_str_radix(o, 8).ok())
         {
-            out.push(v as char);
+            out.push(v);
             i += 4;
             continue;
         }
-        out.push(b[i] as char);
+        out.push(b[i]);
         i += 1;
     }
-    out
+    std::ffi::OsString::from_vec(out)
 }
 
 #[cfg(test)]
@@ -98,5 +100,6 @@ mod tests {
     fn unescapes_mountinfo_paths() {
         assert_eq!(unescape(r"/a\040b"), "/a b");
         assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/caf\u{e9}"), "/caf\u{e9}", "UTF-8 paths stay UTF-8");
     }
 }

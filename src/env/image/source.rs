@@ -12,6 +12,9 @@ use tokio::io::AsyncRead;
 use super::ImageError;
 use super::manifest::{ACCEPTED, Descriptor, Digest, ManifestDoc};
 
+/// The largest manifest, index or config read.
+pub const MAX_SMALL_BLOB: u64 = 4 << 20;
+
 /// A stream of a blob's bytes.
 pub type BlobReader = Pin<Box<dyn AsyncRead + Send>>;
 
@@ -147,9 +150,16 @@ impl Sources {
         }
     }
 
-    /// A small blob (a manifest or a config), read whole and verified.
+    /// A small blob (a manifest or a config), read whole (at most [`MAX_SMALL_BLOB`]) and
+    /// verified.
     pub async fn blob(&self, r: &ImageRef, desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
         let what = format!("{} of {}", desc.digest, display(r));
+        if desc.size > MAX_SMALL_BLOB {
+            return Err(ImageError::Malformed {
+                what,
+                reason: format!("{} bytes, more than {MAX_SMALL_BLOB}", desc.size),
+            });
+        }
         let bytes = match r {
             ImageRef::Registry(reference) => {
                 let pinned = reference.clone_with_digest(desc.digest.to_string());
@@ -161,25 +171,28 @@ impl Sources {
                         .map_err(|e| registry_err(reference, e))?;
                     bytes.to_vec()
                 } else {
-                    let mut out = Vec::new();
-                    self.registry
-                        .pull_blob(&pinned, desc.digest.as_str(), &mut out)
-                        .await
-                        .map_err(|e| registry_err(reference, e))?;
-                    out
+                    self.read_small(r, desc, &what).await?
                 }
             }
-            _ => {
-                let mut reader = self.reader(r, desc).await?;
-                let mut out = Vec::new();
-                tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut out)
-                    .await
-                    .map_err(|e| ImageError::Source { what: what.clone(), reason: e.to_string() })?;
-                out
-            }
+            _ => self.read_small(r, desc, &what).await?,
         };
         desc.digest.verify(&what, &bytes)?;
         Ok(bytes)
+    }
+
+    async fn read_small(&self, r: &ImageRef, desc: &Descriptor, what: &str) -> Result<Vec<u8>, ImageError> {
+        let reader = self.reader(r, desc).await?;
+        let mut out = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::AsyncReadExt::take(reader, MAX_SMALL_BLOB + 1), &mut out)
+            .await
+            .map_err(|e| ImageError::Source { what: what.to_string(), reason: e.to_string() })?;
+        if out.len() as u64 > MAX_SMALL_BLOB {
+            return Err(ImageError::Malformed {
+                what: what.to_string(),
+                reason: format!("more than {MAX_SMALL_BLOB} bytes"),
+            });
+        }
+        Ok(out)
     }
 
     /// A blob's bytes as they arrive (not verified here: the unpacker hashes them).

@@ -226,6 +226,9 @@ fn unpack_tar(tar: &mut dyn Read, dest: &Path, devices: bool, out: &mut Unpacked
             continue;
         }
         if let Some(hidden) = name.strip_prefix(".wh.") {
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                return Err(hostile(&raw, "whiteout of '.', '..' or nothing"));
+            }
             let target = parent.join(hidden);
             remove_existing(&target)?;
             mknod(&target, SFlag::S_IFCHR, Mode::empty(), 0).map_err(|e| UnpackError::Write {
@@ -486,6 +489,22 @@ mod tests {
         unpack(&tar[..], &dest2, false).unwrap();
         assert!(!outside.join("y").exists());
         assert_eq!(fs::read(dest2.join("f")).unwrap(), b"data");
+    }
+
+    #[test]
+    fn whiteouts_of_dot_dot_are_refused_before_anything_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sibling = dir.path().join("sibling");
+        fs::create_dir(&sibling).unwrap();
+        fs::write(sibling.join("keep"), "x").unwrap();
+        for name in [".wh...", ".wh..", ".wh.", "sub/.wh.."] {
+            let dest = dir.path().join("layer");
+            fs::create_dir_all(&dest).unwrap();
+            let err = unpack(&layer(&[(name, EntryType::Regular, b"", None)])[..], &dest, false).unwrap_err();
+            assert!(matches!(err, UnpackError::Hostile { .. }), "{name}: {err}");
+            assert!(dest.exists() && sibling.join("keep").exists(), "{name} removed something");
+            fs::remove_dir_all(&dest).unwrap();
+        }
     }
 
     #[test]

@@ -114,24 +114,41 @@ fn covers(pattern: &str, path: &str) -> bool {
 }
 
 fn match_parts(pat: &[&str], parts: &[&str]) -> bool {
-    match pat.split_first() {
-        None => parts.is_empty(),
-        Some((&"**", rest)) => (0..=parts.len()).any(|skip| match_parts(rest, &parts[skip..])),
-        Some((p, rest)) => parts
-            .split_first()
-            .is_some_and(|(first, tail)| glob(p.as_bytes(), first.as_bytes()) && match_parts(rest, tail)),
-    }
+    // `**` is to components what `*` is to bytes: the same linear matcher as `glob`.
+    wildcard(pat.len(), parts.len(), |i| pat[i] == "**", |i, j| glob(pat[i].as_bytes(), parts[j].as_bytes()))
 }
 
 /// `*` and `?` within one path component.
 fn glob(p: &[u8], s: &[u8]) -> bool {
-    match (p.first(), s.first()) {
-        (None, None) => true,
-        (Some(b'*'), _) => glob(&p[1..], s) || (!s.is_empty() && glob(p, &s[1..])),
-        (Some(b'?'), Some(_)) => glob(&p[1..], &s[1..]),
-        (Some(a), Some(b)) if a == b => glob(&p[1..], &s[1..]),
-        _ => false,
+    wildcard(p.len(), s.len(), |i| p[i] == b'*', |i, j| p[i] == b'?' || p[i] == s[j])
+}
+
+/// Whether a pattern of `np` elements matches `ns` items, where a star element matches any run
+/// of items and any other element one item it `matches`. Backtracks only to the last star,
+/// which is enough and keeps it O(np·ns): the bundle's own .dockerignore chooses the pattern.
+fn wildcard(np: usize, ns: usize, is_star: impl Fn(usize) -> bool, matches: impl Fn(usize, usize) -> bool) -> bool {
+    let (mut pi, mut si) = (0, 0);
+    let mut resume: Option<(usize, usize)> = None;
+    while si < ns {
+        if pi < np && is_star(pi) {
+            resume = Some((pi + 1, si));
+            pi += 1;
+        } else if pi < np && matches(pi, si) {
+            pi += 1;
+            si += 1;
+        } else if let Some((after_star, from)) = resume {
+            // Let the last star take one more item and try again from there.
+            pi = after_star;
+            si = from + 1;
+            resume = Some((after_star, from + 1));
+        } else {
+            return false;
+        }
     }
+    while pi < np && is_star(pi) {
+        pi += 1;
+    }
+    pi == np
 }
 
 /// One entry to send: its stat and, for a regular file, where its data is.
@@ -402,5 +419,17 @@ mod tests {
             paths(Filter { include: vec![], exclude: vec!["target".into(), "**/*.tmp".into(), "!keep.tmp".into()] }),
             ["Dockerfile", "Dockerfile.dockerignore", "keep.tmp", "src", "src/a.rs", "src/sub", "src/sub/b.rs"]
         );
+    }
+
+    #[test]
+    fn patterns_match_in_linear_time() {
+        // Exponential for a naive backtracking matcher.
+        let name = "a".repeat(200);
+        assert!(!glob(b"*a*a*a*a*a*a*a*a*a*a*a*a*b", name.as_bytes()));
+        assert!(glob(b"*a*a*a*a*a*a*a*a*a*a*a*a*", name.as_bytes()));
+        let deep: Vec<&str> = std::iter::repeat_n("a", 60).collect();
+        assert!(!match_parts(&["**", "a", "**", "a", "**", "a", "**", "a", "**", "b"], &deep));
+        assert!(match_parts(&["**", "a", "**", "a"], &deep));
+        assert!(glob(b"f?o*.txt", b"foo-bar.txt") && !glob(b"f?o*.txt", b"fo.txt"));
     }
 }

@@ -121,13 +121,33 @@ async fn a_task_over_its_memory_limit_fails_with_the_oom_error() {
 async fn a_fork_bomb_is_contained_by_the_pids_limit_and_stays_killable() {
     let w = Worker::start("bomb", &[]).await;
     let mut c = w.client().await;
-    let mut req = sh("bomb/task-0", "b() { b | b & }; b; sleep 1000");
+    // The bomb runs in a subshell: the task's own shell forks once, long before the limit, and
+    // then becomes `sleep`, so only the bomb meets the limit (a shell whose own fork fails
+    // exits, which would end the task).
+    let mut req = sh("bomb/task-0", "b() { b | b & }; (b); exec sleep 1000");
     req.resources = Some(ResourceSpecProto { pids_limit: 32, ..Default::default() });
     c.run_task(req).await.unwrap();
-    let s = wait_for(&mut c, "bomb/task-0", LONG, |s| {
-        state_of(s) == TaskState::Running && s.resource_usage.as_ref().is_some_and(|u| u.process_count >= 30)
-    })
-    .await;
+    wait_for(&mut c, "bomb/task-0", LONG, |s| state_of(s) == TaskState::Running).await;
+    // The limit is met when forks start failing: busybox's shell says "can't fork". (Bomb
+    // processes also die of SIGPIPE and are replaced, so how many are alive at a given moment
+    // is no sign of the limit.)
+    let deadline = Instant::now() + LONG;
+    loop {
+        let refused = logs(
+            &mut c,
+            "bomb/task-0",
+            worker::FetchLogsFilter { regex: "can't fork".into(), max_lines: 1, ..Default::default() },
+        )
+        .await;
+        if !refused.is_empty() {
+            break;
+        }
+        let s = status(&mut c, "bomb/task-0").await;
+        assert_eq!(state_of(&s), TaskState::Running, "{s:?}");
+        assert!(Instant::now() < deadline, "the bomb never met its limit: {s:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let s = status(&mut c, "bomb/task-0").await;
     assert!(s.resource_usage.unwrap().process_count <= 32);
     // The worker stays responsive while the bomb pushes against its limit.
     for _ in 0..10 {

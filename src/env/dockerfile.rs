@@ -8,10 +8,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
-use tokio::sync::OnceCell;
 
 use super::image::{self, Image, ImageStore};
 use crate::buildkit::{self, BuildRequest};
@@ -71,19 +69,17 @@ pub struct DockerfileImage {
     pub from_cache: bool,
 }
 
-type Flight = Arc<OnceCell<Result<(), String>>>;
-
 /// Builds Dockerfiles into the image store, once per key at a time.
 pub struct DockerfileImages {
     buildkit: Option<String>,
-    flights: Mutex<HashMap<String, Flight>>,
+    flights: super::flight::SingleFlight<()>,
     builds: AtomicU64,
 }
 
 impl DockerfileImages {
     /// Builds go to the BuildKit at `buildkit` (none: Dockerfile images fail).
     pub fn new(buildkit: Option<String>) -> DockerfileImages {
-        DockerfileImages { buildkit, flights: Mutex::new(HashMap::new()), builds: AtomicU64::new(0) }
+        DockerfileImages { buildkit, flights: Default::default(), builds: AtomicU64::new(0) }
     }
 
     /// How many builds ran (for tests and metrics).
@@ -113,26 +109,13 @@ impl DockerfileImages {
         if let Some(image) = store.find(&name) {
             return Ok(DockerfileImage { image, key, from_cache: true });
         }
-        let flight: Flight = {
-            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-            flights.entry(key.clone()).or_default().clone()
-        };
-        let mut built_here = false;
-        let result = flight
-            .get_or_init(|| {
-                built_here = true;
-                async { self.build(store, &addr, context, dockerfile, &key, task_dir).await.map_err(|e| e.to_string()) }
+        // The flight only joins concurrent requests; later ones look in the store.
+        let (result, built_here) = self
+            .flights
+            .run(&key, || async {
+                self.build(store, &addr, context, dockerfile, &key, task_dir).await.map_err(|e| e.to_string())
             })
-            .await
-            .clone();
-        // The flight only joins concurrent requests; later ones look in the store (a failed
-        // build is not remembered: the next request tries again).
-        {
-            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-            if flights.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-                flights.remove(&key);
-            }
-        }
+            .await;
         result.map_err(DockerfileError::Shared)?;
         let image = store.find(&name).ok_or_else(|| {
             DockerfileError::Shared(format!("the image built from {dockerfile} left the store before it was used"))

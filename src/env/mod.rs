@@ -8,6 +8,7 @@
 #[cfg(feature = "buildkit")]
 pub mod dockerfile;
 pub mod entrypoint;
+mod flight;
 pub mod image;
 pub mod venv;
 

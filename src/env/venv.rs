@@ -1,12 +1,9 @@
 //! Venvs for bundles: `uv` run in a build container of the python rootfs, cached by a hash of
 //! what determines the result, built once however many tasks ask at the same time.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
-use tokio::sync::OnceCell;
 
 use super::{APP, VENV};
 use crate::cgroup::{Layout, Limits};
@@ -82,18 +79,16 @@ pub struct PythonEnv {
     pub finished_ms: i64,
 }
 
-type Flight = Arc<OnceCell<Result<PathBuf, String>>>;
-
 /// The venv cache.
 pub struct VenvCache {
     config: VenvConfig,
-    flights: Mutex<HashMap<String, Flight>>,
+    flights: super::flight::SingleFlight<PathBuf>,
     builds: std::sync::atomic::AtomicU64,
 }
 
 impl VenvCache {
     pub fn new(config: VenvConfig) -> VenvCache {
-        VenvCache { config, flights: Mutex::new(HashMap::new()), builds: Default::default() }
+        VenvCache { config, flights: Default::default(), builds: Default::default() }
     }
 
     pub fn config(&self) -> &VenvConfig {
@@ -137,25 +132,10 @@ impl VenvCache {
         if dir.join(COMPLETE).exists() {
             return Ok(PythonEnv { dir, key, from_cache: true, started_ms, finished_ms: now_ms() });
         }
-        let flight: Flight = {
-            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-            flights.entry(key.clone()).or_default().clone()
-        };
-        let mut built_here = false;
-        let result = flight
-            .get_or_init(|| {
-                built_here = true;
-                async { self.build(req, &key, &dir).await.map(|()| dir.clone()).map_err(|e| e.to_string()) }
-            })
-            .await
-            .clone();
-        if result.is_err() {
-            // A failed build is not cached: the next request tries again.
-            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-            if flights.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-                flights.remove(&key);
-            }
-        }
+        let (result, built_here) = self
+            .flights
+            .run(&key, || async { self.build(req, &key, &dir).await.map(|()| dir.clone()).map_err(|e| e.to_string()) })
+            .await;
         match result {
             Ok(dir) => Ok(PythonEnv { dir, key, from_cache: !built_here, started_ms, finished_ms: now_ms() }),
             Err(e) => Err(VenvError::Shared(e)),

@@ -1,6 +1,6 @@
 //! iris-worker: a daemonless OCI worker for the Iris cluster.
 //!
-//! The data path, one module per step (see DESIGN.md):
+//! The data path, one module per step (see docs/ARCHITECTURE.md):
 //! - [`rpc`]: gRPC and Connect on one port; decodes requests into typed specs.
 //! - [`task`]: the TaskManager — states, attempts, concurrency, ports, kill, adoption.
 //! - [`buildkit`]: a BuildKit gRPC client that builds Dockerfiles into root filesystems.

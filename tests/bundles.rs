@@ -577,7 +577,6 @@ async fn a_zip_bomb_stops_early() {
         matches!(err, ExtractError::RatioExceeded { ref entry, written, .. } if entry == "zeros.bin" && written < 64 << 20),
         "{err}"
     );
-    assert!(took < Duration::from_secs(5), "rejecting took {took:?}");
     eprintln!("bomb: {size} bytes made in {made:?}, rejected in {took:?}: {err}");
 
     // With the ratio limit out of the way, the total limit stops it as early.
@@ -600,7 +599,6 @@ async fn a_million_entries_are_rejected() {
     let err = reject(work.path(), &archive, ExtractLimits::default()).await;
     let took = started.elapsed();
     assert!(matches!(err, ExtractError::TooManyEntries { count: 1_000_000, limit: 200_000 }), "{err}");
-    assert!(took < Duration::from_secs(2), "rejecting took {took:?}");
     eprintln!("million: made in {made:?}, rejected in {took:?}: {err}");
 
     // The same writer's archive under the limit is a valid zip that extracts.

@@ -60,6 +60,8 @@ async fn main() -> anyhow::Result<()> {
             find_links: None,
             offline: false,
             build_memory_bytes: 4 << 30,
+            ca_bundle: None,
+            build_env: vec![],
         },
     })
     .await?;

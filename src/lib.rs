@@ -22,6 +22,7 @@
 #[cfg(feature = "buildkit")]
 pub mod buildkit;
 pub mod bundle;
+pub mod cachelock;
 pub mod cgroup;
 pub mod cli;
 pub mod controller;

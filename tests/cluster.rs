@@ -196,19 +196,26 @@ async fn constraints_pick_the_zone_and_coscheduled_tasks_share_one_or_wait() {
     want.sort();
     assert_eq!(on, want, "both in zone a, one per worker");
 
-    // What no worker could ever satisfy is UNSCHEDULABLE at once, naming why.
+    // What no registered worker could ever satisfy waits, as in Iris (an autoscaler may bring
+    // a worker that fits), saying why; with a scheduling timeout it ends UNSCHEDULABLE.
     let mut req = sh_job("zonec", 1, "true");
     req.constraints = vec![zone("c")];
     let job_id = c.launch(&req).await.unwrap();
     let s = c.status(&job_id).await.unwrap();
-    assert_eq!(job_state(&s), JobState::Unschedulable, "{s:#?}");
-    assert!(s.error.contains("constraint") && s.error.contains("zone"), "{}", s.error);
+    assert_eq!(job_state(&s), JobState::Pending, "{s:#?}");
+    assert!(s.status_message.contains("constraint") && s.status_message.contains("zone"), "{s:#?}");
+    // Still waiting after several scheduling passes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(job_state(&c.status(&job_id).await.unwrap()), JobState::Pending);
+    c.terminate(&job_id).await.unwrap();
     let mut req = sh_job("huge", 1, "true");
     req.resources = Some(ResourceSpecProto { replicas: 1, memory_bytes: 1 << 50, ..Default::default() });
+    req.scheduling_timeout_seconds = 1;
     let job_id = c.launch(&req).await.unwrap();
-    let s = c.status(&job_id).await.unwrap();
+    assert_eq!(job_state(&c.status(&job_id).await.unwrap()), JobState::Pending);
+    let s = c.wait(&job_id, JOB).await.unwrap();
     assert_eq!(job_state(&s), JobState::Unschedulable, "{s:#?}");
-    assert!(s.error.contains("resources.memory_bytes"), "{}", s.error);
+    assert!(s.error.contains("resources.memory_bytes") && s.error.contains("scheduling_timeout"), "{}", s.error);
     // A job that waits for room longer than its scheduling timeout becomes UNSCHEDULABLE.
     let mut req = sh_job("timeout", 1, "true");
     req.resources = Some(ResourceSpecProto { replicas: 1, cpu_millicores: host_cpus * 1000, ..Default::default() });
@@ -226,6 +233,35 @@ async fn constraints_pick_the_zone_and_coscheduled_tasks_share_one_or_wait() {
     assert_eq!(job_state(&s), JobState::Unschedulable, "{s:#?}");
     assert!(s.error.contains("scheduling_timeout_seconds"), "{}", s.error);
     c.terminate(&blocker).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn a_task_whose_dispatch_fails_says_why() {
+    let ctl = ControllerProc::start(60.0).await;
+    // A healthy worker (its heartbeats arrive) that registers an address where nothing listens
+    // (it listens on 127.0.0.1 only): every RunTask to it fails.
+    let url = ctl.url();
+    let args = ["--controller", &url, "--heartbeat-interval", "0.3", "--advertise-host", "127.0.0.9"];
+    let w = Worker::start("cl-unreachable", &[&args[..], &["--runtime", "process"]].concat()).await;
+    ctl.wait_workers(&[&w.name]).await;
+    let c = ctl.cluster();
+    let mut req = sh_job("unreachable", 1, "true");
+    req.scheduling_timeout_seconds = 3;
+    let job_id = c.launch(&req).await.unwrap();
+    let why = format!("dispatch to worker {} failed", w.name);
+    let s = wait_job(&c, &job_id, JOB, |s| s.status_message.contains(&why) || job_terminal(s)).await;
+    assert_eq!(job_state(&s), JobState::Pending, "{s:#?}");
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Unschedulable, "{s:#?}");
+    assert!(s.error.contains(&why), "the error says why: {}", s.error);
+    assert!(!s.error.contains("no healthy worker"), "{}", s.error);
+    let attempt = &s.tasks[0].attempts[0];
+    assert!(attempt.error.contains(&why), "{attempt:#?}");
+}
+
+fn job_terminal(s: &iris_worker::proto::controller::JobStatus) -> bool {
+    !matches!(job_state(s), JobState::Pending | JobState::Building | JobState::Running)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,13 +341,17 @@ async fn bad_requests_are_refused_naming_the_field() {
     let e = c.launch(&req).await.unwrap_err();
     assert_eq!(code_of(&e), Some(Code::InvalidArgument));
     assert!(e.to_string().contains("serialized_entrypoint"), "{e}");
-    for replicas in [0, -1] {
-        let mut req = sh_job("bad", 1, "true");
-        req.resources = Some(ResourceSpecProto { replicas, ..Default::default() });
-        let e = c.launch(&req).await.unwrap_err();
-        assert_eq!(code_of(&e), Some(Code::InvalidArgument));
-        assert!(e.to_string().contains("resources.replicas"), "{e}");
-    }
+    let mut req = sh_job("bad", 1, "true");
+    req.resources = Some(ResourceSpecProto { replicas: -1, ..Default::default() });
+    let e = c.launch(&req).await.unwrap_err();
+    assert_eq!(code_of(&e), Some(Code::InvalidArgument));
+    assert!(e.to_string().contains("resources.replicas"), "{e}");
+    // replicas 0 is what Iris's client sends by default (its ResourceSpec's default): one task.
+    let mut req = sh_job("zero", 1, "true");
+    req.resources = Some(ResourceSpecProto { replicas: 0, ..Default::default() });
+    let zero = c.launch(&req).await.unwrap();
+    let s = c.status(&zero).await.unwrap();
+    assert_eq!((s.num_tasks, s.tasks.len()), (1, 1), "{s:#?}");
     let mut req = sh_job("bad", 1, "true");
     req.constraints = vec![Constraint { key: "rank".into(), op: ConstraintOp::Gt as i32, value: None }];
     let e = c.launch(&req).await.unwrap_err();
@@ -327,9 +367,17 @@ async fn bad_requests_are_refused_naming_the_field() {
     assert_eq!(code_of(&e), Some(Code::NotFound));
     assert!(e.to_string().contains("job_id"), "{e}");
     assert_eq!(code_of(&c.lookup_endpoint("nothing").await.unwrap_err()), Some(Code::NotFound));
-    // A live job's name cannot be launched twice; the controller keeps its state on disk.
+    // A job's name cannot be launched twice, running or finished (as in Iris); the controller
+    // keeps its state on disk.
     let id = c.launch(&sh_job("dup", 1, "true")).await.unwrap();
     assert_eq!(code_of(&c.launch(&sh_job("dup", 1, "true")).await.unwrap_err()), Some(Code::AlreadyExists));
+    c.terminate(&zero).await.unwrap();
+    assert_eq!(job_state(&c.status(&zero).await.unwrap()), JobState::Killed);
+    let mut req = sh_job("zero", 1, "true");
+    req.resources = None;
+    let e = c.launch(&req).await.unwrap_err();
+    assert_eq!(code_of(&e), Some(Code::AlreadyExists));
+    assert!(e.to_string().contains(&format!("job {zero} already exists")), "{e}");
     assert!(ctl.state.path().join("controller.db").exists());
     // The same service over gRPC (tonic's generated client) and Connect JSON, on the same port.
     let mut grpc =

@@ -133,6 +133,76 @@ async fn a_callable_that_raises_fails_with_its_exception() {
     assert!(stderr.iter().any(|l| l.contains("ValueError: boom from the task")), "{stderr:#?}");
 }
 
+/// Pickles `expr` (Python, after `source` ran) with the host's cloudpickle; `pythonpath` lets
+/// the host import modules the task's venv does not have.
+fn pickle_expr(source: &str, expr: &str, pythonpath: Option<&std::path::Path>) -> Vec<u8> {
+    let program = format!("import sys, cloudpickle\n{source}\nsys.stdout.buffer.write(cloudpickle.dumps({expr}))\n");
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c").arg(program);
+    if let Some(p) = pythonpath {
+        cmd.env("PYTHONPATH", p);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "making the pickle: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// What Iris's client sends: an object with `callable`, `args` and `kwargs` attributes (here
+/// a dataclass pickled by value, so the venv needs no `iris` package; the interop tier sends
+/// the real `iris.cluster.types.Entrypoint`).
+const ENTRYPOINT_OBJECT: &str = r#"
+import dataclasses
+@dataclasses.dataclass
+class Entrypoint:
+    callable: object
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+def fn(x, y=1):
+    print("object form", x + y)
+    return x * y
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn an_entrypoint_object_runs_like_the_tuple_and_loading_failures_name_their_exception() {
+    let (w, _cache) = python_worker("entryobj").await;
+    let mut c = w.client().await;
+    let object = pickle_expr(ENTRYPOINT_OBJECT, "Entrypoint(fn, (6,), {'y': 7})", None);
+    c.run_task(entrypoint_task("obj/task-0", object)).await.unwrap();
+    let s = wait_end(&mut c, "obj/task-0", BUILD).await;
+    let logs = all_logs(&mut c, "obj/task-0").await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}\n{logs:#?}");
+    assert!(logs.iter().any(|l| l.source == "stdout" && l.data == "object form 13"), "{logs:#?}");
+    assert_eq!(unpickle(&w.state_dir().join("tasks/obj_2ftask-0.0/workdir/_result.pkl")), "42");
+
+    // A pickle that references a module only the client has: the task's error names it.
+    let host_only = tempfile::Builder::new().prefix("iris-worker-test-mod-").tempdir().unwrap();
+    std::fs::write(host_only.path().join("iwtest_client_only.py"), "def work():\n    return 1\n").unwrap();
+    let missing = pickle_expr("import iwtest_client_only", "(iwtest_client_only.work, (), {})", Some(host_only.path()));
+    // Half a pickle, as a truncated upload would leave it.
+    let whole = pickle(RETURNS);
+    let truncated = whole[..whole.len() / 2].to_vec();
+    // Neither form: a plain list.
+    let wrong = pickle_expr("", "[1, 2]", None);
+    let cases = [
+        ("load/missing", missing, "ModuleNotFoundError: No module named 'iwtest_client_only'"),
+        ("load/truncated", truncated, "loading the entrypoint: "),
+        ("load/wrong", wrong, "TypeError: the entrypoint is neither"),
+    ];
+    for (id, bytes, _) in &cases {
+        c.run_task(entrypoint_task(id, bytes.clone())).await.unwrap();
+    }
+    for (id, _, expected) in cases {
+        let s = wait_end(&mut c, id, BUILD).await;
+        assert_eq!((state_of(&s), s.exit_code), (TaskState::Failed, 1), "{id}: {s:?}");
+        assert!(s.error.contains("loading the entrypoint: "), "{id}: {}", s.error);
+        assert!(s.error.contains(expected), "{id}: {}", s.error);
+        let stderr: Vec<String> =
+            all_logs(&mut c, id).await.into_iter().filter(|l| l.source == "stderr").map(|l| l.data).collect();
+        assert!(stderr.iter().any(|l| l.starts_with("Traceback")), "{id}: {stderr:#?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: runs containers"]
 async fn a_failing_build_fails_the_task_with_uvs_error_and_the_worker_stays_healthy() {
@@ -308,4 +378,152 @@ async fn a_command_runs_in_its_bundles_environment_and_survives_a_worker_restart
         all_logs(&mut c, "cmd/task-0").await.into_iter().filter(|l| l.source == "stdout").map(|l| l.data).collect();
     assert_eq!(stdout, ["(2, '1.16.0')"]);
     assert!(!w.logs().contains("holding an adopted task's bundle"), "the adopted task's bundle is held again");
+}
+
+/// A child process killed (by its pid) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn openssl(args: &[&str], dir: &std::path::Path) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+const HTTPS_INDEX: &str = r#"
+import functools, http.server, ssl, sys
+root, cert, key, log = sys.argv[1:5]
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, fmt, *args):
+        with open(log, "a") as f:
+            f.write(self.path + "\n")
+httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=root))
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+print(httpd.server_address[1], flush=True)
+httpd.serve_forever()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn builds_trust_the_ca_bundle_and_use_the_index_the_operator_gives() {
+    use std::io::BufRead;
+    // A private package index over https whose certificate comes from a CA of this test's own
+    // (as behind a TLS-inspecting proxy): uv in the build container verifies it only when the
+    // worker is given that CA (--ca-bundle), and finds it only through --build-env.
+    let dir = tempfile::Builder::new().prefix("iris-worker-test-index-").tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=iwtest CA",
+            "-days",
+            "2",
+        ],
+        d,
+    );
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=index"],
+        d,
+    );
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+        d,
+    );
+    // The index: PEP 503 pages for the fixture wheels (six, cloudpickle).
+    let files = d.join("root/files");
+    std::fs::create_dir_all(&files).unwrap();
+    for wheel in std::fs::read_dir(cache().join("wheels")).unwrap().flatten() {
+        let name = wheel.file_name().to_string_lossy().into_owned();
+        std::fs::copy(wheel.path(), files.join(&name)).unwrap();
+        let project = name.split('-').next().unwrap().to_ascii_lowercase().replace('_', "-");
+        let page = d.join("root/simple").join(&project);
+        std::fs::create_dir_all(&page).unwrap();
+        std::fs::write(
+            page.join("index.html"),
+            format!("<html><body><a href=\"../../files/{name}\">{name}</a></body></html>\n"),
+        )
+        .unwrap();
+    }
+    let log = d.join("requests.log");
+    let mut server = KillOnDrop(
+        Command::new("python3")
+            .arg("-c")
+            .arg(HTTPS_INDEX)
+            .arg(d.join("root"))
+            .arg(d.join("srv.pem"))
+            .arg(d.join("srv.key"))
+            .arg(&log)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut port = String::new();
+    std::io::BufReader::new(server.0.stdout.take().unwrap()).read_line(&mut port).unwrap();
+    let index = format!("UV_INDEX_URL=https://127.0.0.1:{}/simple", port.trim());
+
+    let own_cache = tempfile::Builder::new().prefix("iris-worker-test-cache-").tempdir().unwrap();
+    let python = cache().join("rootfs/python");
+    let ca = d.join("ca.pem");
+    let w = Worker::start(
+        "ca",
+        &[
+            "--cache-dir",
+            own_cache.path().to_str().unwrap(),
+            "--python-rootfs",
+            python.to_str().unwrap(),
+            "--ca-bundle",
+            ca.to_str().unwrap(),
+            "--build-env",
+            &index,
+            "--build-env",
+            "UV_HTTP_TIMEOUT=60",
+        ],
+    )
+    .await;
+    let mut c = w.client().await;
+    let mut req = entrypoint_task(
+        "ca/task-0",
+        pickle("def fn():\n    import six\n    print('six', six.__version__)\nargs = ()\nkwargs = {}\n"),
+    );
+    req.environment = Some(EnvironmentConfig { pip_packages: vec!["six".into()], ..Default::default() });
+    c.run_task(req).await.unwrap();
+    let s = wait_end(&mut c, "ca/task-0", BUILD).await;
+    let logs = all_logs(&mut c, "ca/task-0").await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}\n{logs:#?}\n{}", w.logs());
+    assert!(logs.iter().any(|l| l.data == "six 1.16.0"), "{logs:#?}");
+    let asked = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(asked.contains("/simple/six/") && asked.contains("/files/six-"), "the build used our index: {asked}");
 }

@@ -116,11 +116,45 @@ async fn api_routes_take_task_ids_with_slashes_and_pages_escape_them() {
     assert_eq!(j["state"], "TASK_STATE_RUNNING");
     assert!(j["buildMetrics"]["buildStartedMs"].as_str().is_some(), "{j}");
 
+    // Iris's worker routes, in Iris's shapes: /api/tasks is a plain list.
     let all = get(&w.addr(), "/api/tasks").json();
-    assert_eq!(all["tasks"].as_array().unwrap().len(), 2);
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
     let running = get(&w.addr(), "/api/tasks?state=RUNNING").json();
-    assert_eq!(running["tasks"].as_array().unwrap().len(), 1);
-    assert_eq!(running["tasks"][0]["taskId"], id);
+    assert_eq!(running.as_array().unwrap().len(), 1, "{running}");
+    let row = &running[0];
+    assert_eq!((row["task_id"].as_str(), row["status"].as_str()), (Some(id), Some("TASK_STATE_RUNNING")), "{row}");
+    for key in [
+        "job_id",
+        "task_index",
+        "attempt_id",
+        "started_at",
+        "finished_at",
+        "exit_code",
+        "error",
+        "memory_mb",
+        "memory_peak_mb",
+        "cpu_percent",
+        "process_count",
+        "disk_mb",
+        "build_from_cache",
+        "image_tag",
+    ] {
+        assert!(row.get(key).is_some(), "{key} in {row}");
+    }
+    let stats = get(&w.addr(), "/api/stats").json();
+    assert_eq!(stats, serde_json::json!({"running": 1, "pending": 0, "building": 0, "completed": 1}));
+    let one = get(&w.addr(), &format!("/api/tasks/{p}")).json();
+    assert_eq!((one["task_id"].as_str(), one["attempt_id"].as_i64()), (Some(id), Some(0)), "{one}");
+    assert!(one["resources"]["memory_mb"].is_i64() && one["build"]["duration_ms"].is_i64(), "{one}");
+    assert!(one["ports"].is_object(), "{one}");
+    let done = get(&w.addr(), "/api/tasks/web/done/logs").json();
+    assert_eq!(done[0]["data"], "done", "{done}");
+    assert_eq!((done[0]["source"].as_str(), done[0]["timestamp"].is_i64()), (Some("stdout"), true), "{done}");
+    assert_eq!(get(&w.addr(), "/api/tasks/web/done/logs?source=stderr").json(), serde_json::json!([]));
+    // Unknown: 404 {"error": "Not found"} for the task, no lines for its logs (as Iris answers).
+    let r = get(&w.addr(), "/api/tasks/no/such/task");
+    assert_eq!((r.status, r.json()), (404, serde_json::json!({"error": "Not found"})));
+    assert_eq!(get(&w.addr(), "/api/tasks/no/such/task/logs").json(), serde_json::json!([]));
 
     // The log as the proto's JSON, with the stdout filter; the line count in a header.
     let deadline = Instant::now() + TASK_TIMEOUT;

@@ -329,11 +329,23 @@ async fn connect_errors_are_json_with_http_status() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    let e = c
+    // Logs of a task this worker does not know: an empty list, as Iris's worker answers (its
+    // controller asks a restarted worker for tasks it forgot).
+    let logs = c
         .fetch_task_logs(worker::FetchTaskLogsRequest { task_id: "wire-errors-nope/task-0".into(), filter: None })
         .await
+        .unwrap()
+        .into_inner()
+        .logs;
+    assert!(logs.is_empty(), "{logs:?}");
+    // KillTask of a task that already ended: FAILED_PRECONDITION with Iris's words.
+    wait_end(&mut c, "wire-errors/task-0", TASK_TIMEOUT).await;
+    let e = c
+        .kill_task(worker::KillTaskRequest { task_id: "wire-errors/task-0".into(), term_timeout_ms: 0 })
+        .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.message(), "task wire-errors/task-0 already completed with state TASK_STATE_SUCCEEDED");
 
     // None of the refused requests left a task behind, and the worker is fine.
     let list = c.list_tasks(worker::ListTasksRequest {}).await.unwrap().into_inner();
@@ -465,14 +477,16 @@ async fn worker_registers_and_reports_states_to_a_controller() {
         ctl.registers.lock().unwrap().iter().find(|r| r.worker_id == w.name).cloned()
     })
     .await;
-    assert!(reg.address.ends_with(&format!(":{}", w.port)), "address {:?}, port {}", reg.address, w.port);
+    // Listening on 127.0.0.1 (no --advertise-host), it registers the address it listens on:
+    // the only one a controller on this host can reach it at.
+    assert_eq!(reg.address, format!("127.0.0.1:{}", w.port), "{reg:?}");
     assert!(reg.metadata.is_some(), "{reg:?}");
 
     // Two tasks: one succeeds after a second, one fails with exit code 3.
     let mut c = w.client().await;
     let ok_id = "wire-ctl-ok/task-0";
     let fail_id = "wire-ctl-fail/task-0";
-    let mut ok = sh(ok_id, "sleep 1; exit 0");
+    let mut ok = sh(ok_id, "echo advertise=$IRIS_ADVERTISE_HOST; sleep 1; exit 0");
     ok.attempt_id = 1;
     let mut fail = sh(fail_id, "exit 3");
     fail.attempt_id = 2;
@@ -503,6 +517,9 @@ async fn worker_registers_and_reports_states_to_a_controller() {
         }
         // Nothing is reported after the terminal state.
         assert!(reports[end + 1..].iter().all(|r| r.task_id != id), "{id}: a report after the end\n{}", dump());
+        // One report per state change, though BUILDING has two phases (two status messages).
+        let states: Vec<i32> = reports.iter().filter(|r| r.task_id == id).map(|r| r.state).collect();
+        assert_eq!(states, [ProtoState::Building as i32, ProtoState::Running as i32, state as i32], "{id}\n{}", dump());
     }
 
     // Retry: the two refused calls happened, and each refused report was delivered later.
@@ -519,4 +536,7 @@ async fn worker_registers_and_reports_states_to_a_controller() {
     // The worker's own view agrees.
     let s = wait_end(&mut c, fail_id, TASK_TIMEOUT).await;
     assert_eq!((state_of(&s), s.exit_code), (TaskState::Failed, 3));
+    // Tasks are told the same address the worker advertises.
+    let out: Vec<String> = all_logs(&mut c, ok_id).await.into_iter().map(|l| l.data).collect();
+    assert_eq!(out, ["advertise=127.0.0.1"]);
 }

@@ -1,14 +1,17 @@
 //! The cache's directory and its in-memory index.
 //!
-//! On disk, under the cache directory:
+//! On disk, under the cache directory (which several worker processes may share):
 //! ```text
-//! .lock            flock: one BundleCache per directory
-//! .tmp/            downloads and extractions in progress; emptied at start
+//! .locks/          per-entry locks (see crate::cachelock): shared while a task uses a bundle,
+//!                  exclusive while it is fetched and published, or evicted; and one per
+//!                  process's temp dir
+//! .tmp/<id>/       one process's downloads and extractions in progress; a dead process's is
+//!                  removed by the next process to open the cache
 //! <key>/           an extracted bundle (key: sha256 of its path)
 //! <key>.json       its record (path, sha256, bytes, entries); written last, removed first
 //! ```
-//! A bundle directory without its record is a crash's leftover and is removed at start, so an
-//! entry is in the cache exactly when its record exists. A record's modification time is its
+//! A bundle directory without its record, found while nobody holds its lock, is a crash's
+//! leftover and is removed at start, so an entry is in the cache exactly when its record exists. A record's modification time is its
 //! bundle's last use, so a restarted cache keeps the LRU order. In memory, [`Index`] keeps every
 //! bundle with its last use, the ones being fetched, and the totals the LRU bounds apply to.
 
@@ -23,6 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::Flight;
+use crate::cachelock::{EntryLock, EntryLocks};
 
 /// One extracted bundle.
 #[derive(Debug)]
@@ -53,27 +57,39 @@ pub(crate) fn key_for(path: &str) -> String {
 #[derive(Debug)]
 pub(crate) struct Disk {
     root: PathBuf,
-    _lock: File,
+    /// This process's temp dir under `.tmp/`, and the lock that says it is alive.
+    tmp: PathBuf,
+    _tmp_lock: EntryLock,
+    pub locks: EntryLocks,
 }
 
 impl Disk {
-    /// Takes the directory (creating it), empties `.tmp/`, removes leftovers, and returns the
-    /// bundles recorded there, oldest first.
+    /// Opens the directory (creating it) beside any other process using it: makes this
+    /// process's temp dir, removes dead processes' temp dirs and leftovers nobody is writing,
+    /// and returns the bundles recorded there, oldest first.
     pub fn open(root: &Path) -> io::Result<(Self, Vec<Entry>)> {
         fs::create_dir_all(root)?;
-        let lock = File::options().create(true).truncate(false).write(true).open(root.join(".lock"))?;
-        lock.try_lock().map_err(|e| match e {
-            fs::TryLockError::WouldBlock => {
-                io::Error::new(io::ErrorKind::WouldBlock, "another process uses this bundle cache")
+        let locks = EntryLocks::new(root);
+        let tmp_root = root.join(".tmp");
+        fs::create_dir_all(&tmp_root)?;
+        for item in fs::read_dir(&tmp_root)? {
+            let item = item?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            // A live process holds its temp dir's lock; what nobody holds is a dead one's.
+            if let Some(dead) = locks.try_exclusive(&format!("tmp-{name}"))? {
+                let path = item.path();
+                if path.is_dir() {
+                    fs::remove_dir_all(&path)?
+                } else {
+                    fs::remove_file(&path)?
+                }
+                dead.remove();
             }
-            fs::TryLockError::Error(e) => e,
-        })?;
-        let disk = Self { root: root.to_path_buf(), _lock: lock };
-        let tmp = disk.tmp();
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
         }
-        fs::create_dir(&tmp)?;
+        let tmp = tempfile::Builder::new().prefix(&format!("{}-", std::process::id())).tempdir_in(&tmp_root)?.keep();
+        let name = tmp.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp_lock = locks.exclusive(&format!("tmp-{name}"))?;
+        let disk = Self { root: root.to_path_buf(), tmp, _tmp_lock: tmp_lock, locks };
         let mut found = Vec::new();
         let mut dirs = Vec::new();
         for item in fs::read_dir(root)? {
@@ -100,14 +116,22 @@ impl Disk {
                             },
                         ));
                     }
-                    _ => fs::remove_file(item.path())?,
+                    _ => {
+                        // Unless another process is publishing it right now.
+                        if let Some(_quiet) = disk.locks.try_exclusive(key)? {
+                            let _ = fs::remove_file(item.path());
+                        }
+                    }
                 }
             } else {
                 dirs.push((name, item.path()));
             }
         }
         for (name, path) in dirs {
-            if !found.iter().any(|(_, e)| e.key == name) {
+            if !found.iter().any(|(_, e)| e.key == name)
+                && let Some(_quiet) = disk.locks.try_exclusive(&name)?
+                && !root.join(format!("{name}.json")).exists()
+            {
                 if path.is_dir() {
                     fs::remove_dir_all(&path)?;
                 } else {
@@ -119,12 +143,28 @@ impl Disk {
         Ok((disk, found.into_iter().map(|(_, e)| e).collect()))
     }
 
-    /// Where downloads and extractions in progress go.
+    /// Where this process's downloads and extractions in progress go.
     pub fn tmp(&self) -> PathBuf {
-        self.root.join(".tmp")
+        self.tmp.clone()
     }
 
-    /// Moves a finished extraction into place and writes its record, in that order.
+    /// The entry recorded on disk for `key`, if any (another process may have published it).
+    pub fn load(&self, key: &str) -> Option<Entry> {
+        let record = fs::read(self.root.join(format!("{key}.json"))).ok()?;
+        let r: Record = serde_json::from_slice(&record).ok()?;
+        let dir = self.root.join(key);
+        (dir.is_dir() && key_for(&r.path) == key).then(|| Entry {
+            key: key.to_owned(),
+            source: r.path,
+            dir,
+            sha256: r.sha256,
+            bytes: r.bytes,
+            entries: r.entries,
+        })
+    }
+
+    /// Moves a finished extraction into place and writes its record, in that order. The
+    /// caller holds the entry's exclusive lock.
     pub fn commit(
         &self,
         key: &str,
@@ -155,7 +195,8 @@ impl Disk {
 
     /// Takes an entry out of the cache: its record goes first (so a crash leaves only a
     /// leftover directory), then its directory moves into `.tmp/`. Returns where it moved,
-    /// for the caller to delete away from any lock.
+    /// for the caller to delete away from any lock. The caller holds the entry's exclusive
+    /// lock (so no process uses it).
     pub fn retire(&self, entry: &Entry) -> io::Result<PathBuf> {
         let record = self.root.join(format!("{}.json", entry.key));
         match fs::remove_file(&record) {
@@ -364,8 +405,19 @@ mod tests {
             fs::write(extracted.join("f"), b"1").unwrap();
             let key = key_for("file:///b.zip");
             disk.commit(&key, &extracted, "file:///b.zip", "ab", 1, 1).unwrap();
-            // A second opener is refused while the first holds the lock.
-            assert_eq!(Disk::open(&root).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+            // A second process opens it too, and sees the bundle; its temp dir is its own and
+            // the first's stays while the first lives.
+            let (other, seen) = Disk::open(&root).unwrap();
+            assert_eq!(seen.len(), 1);
+            assert!(disk.tmp().exists() && other.tmp().exists() && disk.tmp() != other.tmp());
+            assert_eq!(other.load(&key).map(|e| e.sha256), Some("ab".to_string()));
+            // A leftover another process is publishing (its lock held) stays.
+            let busy = disk.locks.exclusive("busy").unwrap();
+            fs::create_dir(root.join("busy")).unwrap();
+            drop(other);
+            let (_third, _) = Disk::open(&root).unwrap();
+            assert!(root.join("busy").exists());
+            drop(busy);
         }
         fs::create_dir(root.join("orphan")).unwrap();
         fs::write(root.join(".tmp").join("partial"), b"").unwrap();
@@ -374,9 +426,11 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].source, "file:///b.zip");
         assert_eq!(fs::read(found[0].dir.join("f")).unwrap(), b"1");
-        assert!(!root.join("orphan").exists());
+        assert!(!root.join("orphan").exists() && !root.join("busy").exists());
         assert!(!root.join("stray.json").exists());
         assert_eq!(fs::read_dir(disk.tmp()).unwrap().count(), 0);
+        let tmps: Vec<_> = fs::read_dir(root.join(".tmp")).unwrap().flatten().map(|e| e.path()).collect();
+        assert_eq!(tmps, [disk.tmp()], "dead processes' temp dirs and stray files are gone");
         // Using a bundle moves it to the end of the order found at start.
         let extracted = disk.tmp().join("y");
         fs::create_dir(&extracted).unwrap();

@@ -45,7 +45,7 @@ pub use extract::{ExtractError, ExtractLimits, Extracted, RATIO_FLOOR, extract};
 /// Where and how much a [`BundleCache`] keeps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BundleConfig {
-    /// The cache directory (one cache per directory; it is locked).
+    /// The cache directory (worker processes may share it: see [`crate::cachelock`]).
     pub dir: PathBuf,
     /// Total extracted bytes the cache keeps before evicting.
     pub max_bytes: u64,
@@ -122,12 +122,15 @@ pub(crate) enum Flight {
     Done(Result<(), BundleError>),
 }
 
-/// An extracted bundle, kept in the cache for as long as this (or a clone) lives.
+/// An extracted bundle, kept in the cache for as long as this (or a clone) lives: in this
+/// process's index, and, through the entry's shared lock, from every process's eviction.
 #[derive(Debug, Clone)]
 pub struct Bundle {
     entry: Arc<Entry>,
     from_cache: bool,
     cache: Weak<Inner>,
+    /// Taken out on drop, before evicting: our own lock must not keep the entry.
+    lease: Option<Arc<crate::cachelock::EntryLock>>,
 }
 
 impl Bundle {
@@ -160,6 +163,7 @@ impl Bundle {
 impl Drop for Bundle {
     /// The last holder of a bundle lets the cache evict it if the cache is over its bounds.
     fn drop(&mut self) {
+        drop(self.lease.take());
         if let Some(inner) = self.cache.upgrade() {
             let trash = inner.evict(&mut inner.index(), Some(&self.entry));
             dispose(trash);
@@ -239,6 +243,15 @@ impl BundleCache {
             let (mut rx, leader) = {
                 let mut index = self.inner.index();
                 match index.lookup(&key) {
+                    Lookup::Ready(entry) if self.in_use_elsewhere_or_gone(&mut index, &entry) => {
+                        // Another process evicts or replaces it: fetch (or find) it anew.
+                        drop(entry);
+                        let (tx, rx) = watch::channel(Flight::Running(Vec::new()));
+                        index.start(&key, rx.clone());
+                        let job = Job { key: key.clone(), path: path.to_owned(), expected: expected.clone() };
+                        tokio::spawn(run(self.inner.clone(), job, tx));
+                        (rx, true)
+                    }
                     Lookup::Ready(entry) => {
                         self.inner.disk.touch(&key);
                         return self.hand_out(path, entry, &expected, true);
@@ -260,7 +273,8 @@ impl BundleCache {
                 Some(Ok(())) => {
                     // The fetch's result is taken from the index, so that the channel never
                     // holds a reference that would keep the bundle from being evicted.
-                    if let Lookup::Ready(entry) = self.inner.index().lookup(&key) {
+                    let found = self.inner.index().lookup(&key);
+                    if let Lookup::Ready(entry) = found {
                         return self.hand_out(path, entry, &expected, !leader);
                     }
                 }
@@ -274,6 +288,20 @@ impl BundleCache {
             reason: "three fetches in a row failed on other callers' sha256, were evicted at once or vanished"
                 .to_owned(),
         })
+    }
+
+    /// Whether a ready entry of this process's index cannot be used as it is: another process
+    /// holds its lock exclusively (evicting it), or evicted it already (its record is gone).
+    /// Then the entry leaves the index.
+    fn in_use_elsewhere_or_gone(&self, index: &mut Index, entry: &Arc<Entry>) -> bool {
+        let usable = match self.inner.disk.locks.try_shared(&entry.key) {
+            Ok(Some(_probe)) => self.inner.disk.load(&entry.key).is_some_and(|e| e.sha256 == entry.sha256),
+            _ => false,
+        };
+        if !usable {
+            index.finish(&entry.key, None);
+        }
+        !usable
     }
 
     fn hand_out(
@@ -292,7 +320,10 @@ impl BundleCache {
                 actual: entry.sha256.clone(),
             });
         }
-        Ok(Bundle { entry, from_cache, cache: Arc::downgrade(&self.inner) })
+        let lease = self.inner.disk.locks.try_shared(&entry.key).ok().flatten().ok_or_else(|| {
+            BundleError::Internal { path: path.to_owned(), reason: "another worker process is evicting it".to_owned() }
+        })?;
+        Ok(Bundle { entry, from_cache, cache: Arc::downgrade(&self.inner), lease: Some(Arc::new(lease)) })
     }
 }
 
@@ -381,6 +412,14 @@ async fn fetch_and_extract(
     let io_err =
         |what: &str, e: io::Error| BundleError::Io { what: format!("{what} for bundle {path}"), source: Arc::new(e) };
     let location = fetch::locate(path)?;
+    // One fetch per bundle across the worker processes sharing this cache: the others wait
+    // here, then find it published.
+    let publishing =
+        inner.disk.locks.exclusive_async(&job.key).await.map_err(|e| io_err("locking the cache entry", e))?;
+    if let Some(entry) = inner.disk.load(&job.key) {
+        drop(publishing);
+        return Ok(Arc::new(entry));
+    }
     let tmp = inner.disk.tmp();
     let download = tempfile::Builder::new()
         .prefix(&format!("{}-", job.key))
@@ -430,6 +469,7 @@ async fn fetch_and_extract(
             .commit(&key, dest.path(), path, &got.sha256, done.bytes, done.entries)
             .map_err(|e| io_err("moving the extracted directory into the cache", e))?;
         let _moved = dest.keep();
+        drop(publishing);
         Ok(Arc::new(entry))
     })
     .await
@@ -450,10 +490,17 @@ impl Inner {
         let gone = index.evict(self.config.max_bytes, self.config.max_entries, releasing);
         let mut trash = Vec::with_capacity(gone.len());
         for entry in gone {
+            // Only what no process uses: a task of another worker on this cache holds the
+            // entry's shared lock, and then it stays (back in the index, as just used).
+            let Ok(Some(evicting)) = self.disk.locks.try_exclusive(&entry.key) else {
+                index.insert(entry);
+                continue;
+            };
             match self.disk.retire(&entry) {
                 Ok(dir) => trash.push(dir),
                 Err(e) => tracing::warn!(bundle = %entry.source, error = %e, "evicting a bundle"),
             }
+            evicting.remove();
             tracing::debug!(bundle = %entry.source, bytes = entry.bytes, "bundle evicted");
         }
         trash

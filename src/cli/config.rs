@@ -43,6 +43,17 @@ pub struct ServeArgs {
     /// Venv builds never use the network (uv's offline mode) [default: false].
     #[arg(long, env = "IRIS_WORKER_UV_OFFLINE")]
     pub uv_offline: Option<bool>,
+    /// CA bundle (PEM) venv builds trust, mounted read-only into build containers with
+    /// SSL_CERT_FILE and UV_NATIVE_TLS set; `none` for the rootfs's own
+    /// [default: /etc/ssl/certs/ca-certificates.crt when the host has it].
+    #[arg(long, env = "IRIS_WORKER_CA_BUNDLE")]
+    pub ca_bundle: Option<String>,
+    /// A variable for venv builds, NAME=VALUE or NAME (the worker's own value, left out when
+    /// unset): the operator's index and proxy settings, e.g. UV_INDEX_URL, UV_EXTRA_INDEX_URL,
+    /// UV_FIND_LINKS, PIP_INDEX_URL, HTTP_PROXY, HTTPS_PROXY, NO_PROXY. Repeatable (env:
+    /// comma-separated) [default: none].
+    #[arg(long = "build-env", env = "IRIS_WORKER_BUILD_ENV", value_delimiter = ',')]
+    pub build_env: Vec<String>,
     /// Memory limit of a venv build, e.g. 4G [default: 4G].
     #[arg(long, env = "IRIS_WORKER_BUILD_MEMORY")]
     pub build_memory: Option<String>,
@@ -68,7 +79,10 @@ pub struct ServeArgs {
     /// This worker's id [default: the hostname].
     #[arg(long, env = "IRIS_WORKER_WORKER_ID")]
     pub worker_id: Option<String>,
-    /// Address others reach this host and its tasks at [default: the first non-loopback IPv4].
+    /// Address the controller and others reach this worker and its tasks at (registered with
+    /// the controller, given to tasks as IRIS_ADVERTISE_HOST) [default: the --listen IP when it
+    /// is a specific address; on 0.0.0.0 the local address of the route toward --controller,
+    /// else the first non-loopback IPv4].
     #[arg(long, env = "IRIS_WORKER_ADVERTISE_HOST")]
     pub advertise_host: Option<String>,
     /// Address tasks' servers should bind, given to them as IRIS_BIND_HOST [default: 127.0.0.1].
@@ -122,6 +136,8 @@ struct FileConfig {
     python_rootfs: Option<PathBuf>,
     uv_find_links: Option<PathBuf>,
     uv_offline: Option<bool>,
+    ca_bundle: Option<String>,
+    build_env: Option<Vec<String>>,
     build_memory: Option<String>,
     workdir_retention: Option<u64>,
     runtime: Option<RuntimeKind>,
@@ -154,6 +170,9 @@ pub struct ServeConfig {
     pub python_rootfs: PathBuf,
     pub uv_find_links: Option<PathBuf>,
     pub uv_offline: bool,
+    pub ca_bundle: Option<PathBuf>,
+    /// Build variables as NAME=VALUE.
+    pub build_env: Vec<String>,
     pub build_memory_bytes: u64,
     pub workdir_retention: Option<std::time::Duration>,
     pub runtime: RuntimeKind,
@@ -197,6 +216,11 @@ impl ServeArgs {
             None => DEFAULT_LISTEN.parse().context("the default listen address")?,
         };
         let buildkit = self.buildkit.or(file.buildkit).filter(|b| !b.is_empty());
+        let controller = self.controller.or(file.controller).filter(|c| !c.is_empty());
+        let advertise_host = match self.advertise_host.or(file.advertise_host) {
+            Some(host) => host,
+            None => default_advertise_host(listen, controller.as_deref()),
+        };
         #[cfg(feature = "buildkit")]
         if let Some(addr) = &buildkit {
             crate::buildkit::connect::Address::parse(addr).context("buildkit")?;
@@ -208,6 +232,22 @@ impl ServeArgs {
             python_rootfs: self.python_rootfs.or(file.python_rootfs).unwrap_or_else(|| cache_dir.join("rootfs/python")),
             uv_find_links: self.uv_find_links.or(file.uv_find_links),
             uv_offline: self.uv_offline.or(file.uv_offline).unwrap_or(false),
+            ca_bundle: match self.ca_bundle.or(file.ca_bundle) {
+                Some(v) if v == "none" || v.is_empty() => None,
+                Some(v) => {
+                    let path = PathBuf::from(v);
+                    if !path.is_file() {
+                        bail!("ca_bundle {} is not a file", path.display());
+                    }
+                    Some(path)
+                }
+                None => Some(PathBuf::from(HOST_CA_BUNDLE)).filter(|p| p.is_file()),
+            },
+            build_env: build_env(if self.build_env.is_empty() {
+                file.build_env.unwrap_or_default()
+            } else {
+                self.build_env
+            })?,
             workdir_retention: match self.workdir_retention.or(file.workdir_retention).unwrap_or(86_400) {
                 0 => None,
                 s => Some(std::time::Duration::from_secs(s)),
@@ -219,7 +259,7 @@ impl ServeArgs {
             profile: self.profile.or(file.profile).unwrap_or_default(),
             max_concurrent_tasks: max,
             port_range: parse_port_range(&port_range)?,
-            controller: self.controller.or(file.controller).filter(|c| !c.is_empty()),
+            controller,
             worker_id: match self.worker_id.or(file.worker_id) {
                 Some(id) => id,
                 None => nix::unistd::gethostname()
@@ -227,7 +267,7 @@ impl ServeArgs {
                     .and_then(|h| h.into_string().ok())
                     .unwrap_or_else(|| "iris-worker".into()),
             },
-            advertise_host: self.advertise_host.or(file.advertise_host).unwrap_or_else(first_ipv4),
+            advertise_host,
             bind_host: self.bind_host.or(file.bind_host).unwrap_or_else(|| "127.0.0.1".into()),
             log_json: log_format == "json",
             heartbeat_interval: {
@@ -275,6 +315,45 @@ impl ServeArgs {
     }
 }
 
+/// The host's CA bundle on Debian and its derivatives.
+const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Variables a build needs as the worker sets them (its paths, its cache, its Python).
+const RESERVED_BUILD_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "UV_CACHE_DIR",
+    "UV_PROJECT_ENVIRONMENT",
+    "UV_PYTHON",
+    "UV_PYTHON_DOWNLOADS",
+    "UV_LINK_MODE",
+    "SSL_CERT_FILE",
+];
+
+/// `--build-env` entries as NAME=VALUE: NAME alone takes the worker's own value (left out
+/// when the worker has none).
+fn build_env(list: Vec<String>) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for item in list {
+        let (name, value) = match item.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (item.clone(), None),
+        };
+        let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            bail!("build_env {item:?}: {name:?} is not a variable name");
+        }
+        if RESERVED_BUILD_ENV.contains(&name.as_str()) || name.starts_with("IRIS_") {
+            bail!("build_env {name}: the worker sets it for builds itself");
+        }
+        if let Some(v) = value.or_else(|| std::env::var(&name).ok()) {
+            out.push(format!("{name}={v}"));
+        }
+    }
+    Ok(out)
+}
+
 /// Parses `64M`, `1G`, `512K` or plain bytes.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     let s = s.trim();
@@ -299,7 +378,42 @@ pub fn parse_port_range(s: &str) -> anyhow::Result<(u16, u16)> {
     Ok((a, b))
 }
 
-fn first_ipv4() -> String {
+/// The address a worker that gives none advertises: the IP it listens on when that is a
+/// specific one (a worker on 127.0.0.1 is reachable only there); on an unspecified address the
+/// local address of the route toward the controller (what the controller can reach); else the
+/// first non-loopback IPv4.
+fn default_advertise_host(listen: SocketAddr, controller: Option<&str>) -> String {
+    let ip = listen.ip();
+    if !ip.is_unspecified() {
+        return host_of(ip);
+    }
+    controller.and_then(route_source_toward).map(host_of).unwrap_or_else(first_ipv4)
+}
+
+/// An IP as the host part of `host:port` (IPv6 in brackets).
+fn host_of(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// The local address the kernel would send from toward the controller at `url`: a UDP socket
+/// "connected" to it (no packet is sent) has that address.
+fn route_source_toward(url: &str) -> Option<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let with_scheme = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+    let parsed = url::Url::parse(&with_scheme).ok()?;
+    let host = parsed.host_str()?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    let target = (host.as_str(), port).to_socket_addrs().ok()?.next()?;
+    let bind: SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(target).ok()?;
+    socket.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_unspecified())
+}
+
+pub(crate) fn first_ipv4() -> String {
     nix::ifaddrs::getifaddrs()
         .ok()
         .and_then(|addrs| {
@@ -327,6 +441,43 @@ mod tests {
         assert_eq!(c.max_concurrent_tasks, 7);
         assert_eq!(c.port_range, (100, 200));
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn build_env_takes_values_or_the_workers_own_and_refuses_what_the_worker_sets() {
+        // SAFETY: a test-only variable no other test reads.
+        unsafe { std::env::set_var("IWTEST_BUILD_ENV_PROXY", "http://proxy:3128") };
+        let got = build_env(vec![
+            "UV_INDEX_URL=https://idx/simple".into(),
+            "IWTEST_BUILD_ENV_PROXY".into(),
+            "IWTEST_BUILD_ENV_UNSET".into(),
+        ])
+        .unwrap();
+        assert_eq!(got, ["UV_INDEX_URL=https://idx/simple", "IWTEST_BUILD_ENV_PROXY=http://proxy:3128"]);
+        for bad in ["UV_CACHE_DIR=/x", "IRIS_X=1", "1BAD=x", "=x"] {
+            assert!(build_env(vec![bad.into()]).is_err(), "{bad}");
+        }
+        let none = ServeArgs { ca_bundle: Some("none".into()), ..Default::default() }.resolve().unwrap();
+        assert_eq!(none.ca_bundle, None);
+        let missing = ServeArgs { ca_bundle: Some("/nonexistent/ca.pem".into()), ..Default::default() }.resolve();
+        assert!(missing.unwrap_err().to_string().contains("ca_bundle"));
+    }
+
+    #[test]
+    fn the_advertised_host_is_one_the_controller_can_reach() {
+        let on = |listen: &str, controller: Option<&str>| default_advertise_host(listen.parse().unwrap(), controller);
+        assert_eq!(on("127.0.0.1:8080", None), "127.0.0.1");
+        assert_eq!(on("127.0.0.1:8080", Some("http://10.1.2.3:10000")), "127.0.0.1");
+        assert_eq!(on("[::1]:8080", None), "[::1]");
+        // On 0.0.0.0: the source of the route toward the controller (here the loopback).
+        assert_eq!(on("0.0.0.0:8080", Some("http://127.0.0.1:10000")), "127.0.0.1");
+        assert_eq!(on("0.0.0.0:8080", Some("127.0.0.1:10000")), "127.0.0.1");
+        let flag = ServeArgs {
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            advertise_host: Some("w1.example".into()),
+            ..Default::default()
+        };
+        assert_eq!(flag.resolve().unwrap().advertise_host, "w1.example");
     }
 
     #[test]

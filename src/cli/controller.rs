@@ -42,6 +42,11 @@ pub struct ControllerArgs {
     /// Log format [default: text].
     #[arg(long, env = "IRIS_CONTROLLER_LOG_FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
+    /// The URL workers reach this controller at; inline bundles (Iris's `bundle_blob`) are
+    /// served to them from `<URL>/bundles/<sha256>.zip` [default: http://<the --listen address>,
+    /// with the first non-loopback IPv4 when listening on 0.0.0.0].
+    #[arg(long, env = "IRIS_CONTROLLER_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +57,7 @@ struct FileConfig {
     worker_timeout: Option<f64>,
     max_parallel_dispatch: Option<usize>,
     log_format: Option<String>,
+    advertise_url: Option<String>,
 }
 
 /// Settings after merging.
@@ -91,6 +97,13 @@ impl ControllerArgs {
             ControllerConfig::new(self.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()));
         controller.worker_timeout = Duration::from_secs_f64(timeout);
         controller.max_parallel_dispatch = parallel;
+        controller.advertise_url = self.advertise_url.or(file.advertise_url).unwrap_or_default();
+        if !controller.advertise_url.is_empty() {
+            let u = url::Url::parse(&controller.advertise_url).context("advertise_url")?;
+            if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                bail!("advertise_url must be an http(s)://host[:port] URL, not {:?}", controller.advertise_url);
+            }
+        }
         Ok(ControllerSettings { listen, controller, log_json: log_format == "json" })
     }
 }
@@ -108,12 +121,24 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Started> {
     let dir = &settings.controller.state_dir;
-    let c = Controller::open(settings.controller.clone())
-        .with_context(|| format!("opening the controller state in {}", dir.display()))?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
+    let mut config = settings.controller.clone();
+    if config.advertise_url.is_empty() {
+        // The bound port (the listen address may say 0).
+        let host = if addr.ip().is_unspecified() {
+            super::config::first_ipv4()
+        } else {
+            match addr.ip() {
+                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                ip => ip.to_string(),
+            }
+        };
+        config.advertise_url = format!("http://{host}:{}", addr.port());
+    }
+    let c = Controller::open(config).with_context(|| format!("opening the controller state in {}", dir.display()))?;
     let controller = c.clone();
     let server =
         tokio::spawn(async move { crate::controller::serve(listener, c, shutdown).await.map_err(anyhow::Error::from) });

@@ -43,6 +43,8 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
             find_links: config.uv_find_links.clone(),
             offline: config.uv_offline,
             build_memory_bytes: config.build_memory_bytes,
+            ca_bundle: config.ca_bundle.clone(),
+            build_env: config.build_env.clone(),
         },
     })
     .await

@@ -50,7 +50,8 @@ pub fn run(c: Controller, effect: Effect) {
                 let req = worker::KillTaskRequest { task_id: task_id.clone(), term_timeout_ms: KILL_GRACE_MS };
                 match client.call::<_, Empty>(SERVICE, "KillTask", &req, CALL_TIMEOUT).await {
                     Ok(_) => tracing::info!(%task_id, %worker_id, "killed"),
-                    Err(ConnectError::Status { code: Code::NotFound, .. }) => {}
+                    // Unknown there, or it ended already: nothing left to kill.
+                    Err(ConnectError::Status { code: Code::NotFound | Code::FailedPrecondition, .. }) => {}
                     Err(e) => tracing::warn!(%task_id, %worker_id, error = %e, "KillTask"),
                 }
             }

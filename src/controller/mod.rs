@@ -12,6 +12,7 @@
 //! `Controller::open(config)` resumes from the state directory; [`serve`] runs it on a
 //! listener until a shutdown future completes.
 
+pub mod bundles;
 pub mod client;
 mod dispatch;
 pub mod model;
@@ -32,6 +33,9 @@ pub use service::{ServeError, serve};
 use state::{Knobs, State};
 use store::{Store, StoreError};
 
+/// How often unneeded inline bundles are looked for (and how old one must be to go).
+const BLOB_SWEEP_EVERY: Duration = Duration::from_secs(10);
+
 /// Errors of the controller's operations (mapped to gRPC/Connect codes in [`service`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -40,7 +44,7 @@ pub enum ControllerError {
     Invalid { field: String, reason: String },
     #[error("{what} {id:?} not found")]
     NotFound { what: &'static str, id: String },
-    #[error("job {0:?} already exists and has not ended")]
+    #[error("job {0} already exists")]
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
@@ -57,6 +61,10 @@ pub struct ControllerConfig {
     pub worker_timeout: Duration,
     /// RunTask calls in flight at once.
     pub max_parallel_dispatch: usize,
+    /// The URL workers reach this controller at (`http://host:port`): inline bundles
+    /// (`bundle_blob`) are dispatched as `<advertise_url>/bundles/<sha256>.zip`. Empty: such
+    /// jobs are refused.
+    pub advertise_url: String,
 }
 
 impl ControllerConfig {
@@ -65,6 +73,7 @@ impl ControllerConfig {
             state_dir: state_dir.into(),
             worker_timeout: Duration::from_secs(60),
             max_parallel_dispatch: 64,
+            advertise_url: String::new(),
         }
     }
 }
@@ -84,6 +93,7 @@ struct Inner {
     config: ControllerConfig,
     calls: dispatch::Calls,
     started: std::time::Instant,
+    blobs: bundles::BlobStore,
 }
 
 impl Controller {
@@ -93,6 +103,8 @@ impl Controller {
         let store = Store::open(&config.state_dir)?;
         let knobs = Knobs { worker_timeout: config.worker_timeout, suspect_for: Duration::from_secs(5) };
         let state = State::open(store, knobs)?;
+        let blobs = bundles::BlobStore::open(&config.state_dir)
+            .map_err(|e| ControllerError::FailedPrecondition(format!("opening the bundle directory: {e}")))?;
         let c = Controller {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
@@ -102,6 +114,7 @@ impl Controller {
                 calls: dispatch::Calls::new(config.max_parallel_dispatch),
                 config,
                 started: std::time::Instant::now(),
+                blobs,
             }),
         };
         let effects = c.lock().take_effects();
@@ -190,7 +203,12 @@ impl Controller {
     /// workers, scheduling timeouts) a few times per worker timeout.
     async fn scheduler_loop(self) {
         let tick = (self.inner.config.worker_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let mut last_sweep = std::time::Instant::now() - BLOB_SWEEP_EVERY;
         loop {
+            if last_sweep.elapsed() >= BLOB_SWEEP_EVERY {
+                last_sweep = std::time::Instant::now();
+                self.sweep_blobs().await;
+            }
             tokio::select! {
                 _ = self.inner.wake.notified() => {}
                 _ = tokio::time::sleep(tick) => {}
@@ -205,6 +223,56 @@ impl Controller {
             {
                 tracing::error!(error = %e, "scheduling pass");
             }
+        }
+    }
+
+    /// The inline bundles (`bundle_blob`) this controller keeps and serves.
+    pub fn blobs(&self) -> &bundles::BlobStore {
+        &self.inner.blobs
+    }
+
+    /// Stores an inline bundle and points the request at it: `bundle_gcs_path` becomes its URL
+    /// on this controller, `bundle_sha256` its digest (workers verify it), the blob goes.
+    pub(crate) async fn take_blob(
+        &self,
+        req: &mut crate::proto::controller::LaunchJobRequest,
+    ) -> Result<(), ControllerError> {
+        let base = self.inner.config.advertise_url.trim_end_matches('/').to_string();
+        if base.is_empty() {
+            return Err(ControllerError::FailedPrecondition(
+                "bundle_blob: this controller has no advertised URL to serve bundles from".into(),
+            ));
+        }
+        let blob = std::mem::take(&mut req.bundle_blob);
+        let expected = (!req.bundle_sha256.is_empty()).then(|| req.bundle_sha256.clone());
+        let store = self.inner.blobs.clone();
+        let sha = tokio::task::spawn_blocking(move || store.put(&blob, expected.as_deref()))
+            .await
+            .map_err(|e| ControllerError::FailedPrecondition(format!("storing the bundle: {e}")))?
+            .map_err(|e| match e {
+                bundles::BlobError::Io(_) => ControllerError::FailedPrecondition(e.to_string()),
+                other => ControllerError::Invalid { field: "bundle_blob".into(), reason: other.to_string() },
+            })?;
+        req.bundle_gcs_path = format!("{base}/bundles/{sha}.zip");
+        req.bundle_sha256 = sha;
+        Ok(())
+    }
+
+    /// Removes the inline bundles no job that has not ended names, once they are older than
+    /// [`BLOB_SWEEP_EVERY`] (a blob stored for a launch still being recorded is young).
+    async fn sweep_blobs(&self) {
+        let base = self.inner.config.advertise_url.trim_end_matches('/').to_string();
+        let keep: std::collections::HashSet<String> = self.read(|s| {
+            s.jobs
+                .values()
+                .filter(|j| !model::job_terminal(j.rec.state))
+                .filter_map(|j| bundles::blob_of(&j.request.bundle_gcs_path, &base).map(str::to_string))
+                .collect()
+        });
+        let store = self.inner.blobs.clone();
+        let removed = tokio::task::spawn_blocking(move || store.sweep(&keep, BLOB_SWEEP_EVERY)).await.unwrap_or(0);
+        if removed > 0 {
+            tracing::info!(removed, "removed inline bundles no live job needs");
         }
     }
 

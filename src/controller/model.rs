@@ -126,6 +126,8 @@ pub struct WorkerRec {
     pub tasks: BTreeSet<String>,
     /// A failed dispatch keeps the worker out of placement until then (ms).
     pub suspect_until_ms: i64,
+    /// Why the last dispatch to it failed (the reason a waiting job shows while it is suspect).
+    pub last_dispatch_error: String,
 }
 
 /// The persisted part of a worker.

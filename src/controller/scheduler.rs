@@ -171,6 +171,9 @@ pub fn place<'a>(
     let mut reason = String::from("no healthy worker is registered");
     for w in workers {
         if !schedulable(w, now_ms) {
+            if w.rec.healthy && !w.last_dispatch_error.is_empty() {
+                reason = format!("dispatch to worker {} failed: {}", w.rec.worker_id, w.last_dispatch_error);
+            }
             continue;
         }
         if let Some(c) = constraints.iter().find(|c| !satisfies(c, &w.metadata.attributes)) {

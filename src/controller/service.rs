@@ -56,7 +56,12 @@ fn not_found(what: &'static str, id: impl Into<String>) -> Status {
 #[tonic::async_trait]
 impl ControllerService for ControllerServiceImpl {
     async fn launch_job(&self, r: Request<pc::LaunchJobRequest>) -> Result<Response<pc::LaunchJobResponse>, Status> {
-        let job_id = self.c.with_state(|s| s.launch(r.into_inner())).await.map_err(to_status)?;
+        let mut req = r.into_inner();
+        if !req.bundle_blob.is_empty() {
+            // Iris's client ships the workspace inline: kept here, fetched by workers by URL.
+            self.c.take_blob(&mut req).await.map_err(to_status)?;
+        }
+        let job_id = self.c.with_state(|s| s.launch(req)).await.map_err(to_status)?;
         tracing::info!(%job_id, "job launched");
         self.c.wake();
         Ok(Response::new(pc::LaunchJobResponse { job_id }))
@@ -275,9 +280,13 @@ impl ConnectService for ControllerServiceImpl {
 /// The controller's router: gRPC with reflection, Connect, and its pages.
 pub fn router(c: Controller) -> Result<Router, ServeError> {
     let svc = ControllerServiceImpl { c: c.clone() };
-    let grpc =
-        crate::rpc::grpc_with_reflection(tonic::service::Routes::new(ControllerServiceServer::new(svc.clone())))?;
-    let http = connect_router(svc).merge(super::web::router(c));
+    // LaunchJob may carry an inline bundle: both protocols take requests a little above it.
+    let max_request = super::bundles::MAX_BLOB_BYTES + (4 << 20);
+    let grpc = crate::rpc::grpc_with_reflection(tonic::service::Routes::new(
+        ControllerServiceServer::new(svc.clone()).max_decoding_message_size(max_request),
+    ))?;
+    let http =
+        connect_router(svc).layer(axum::extract::DefaultBodyLimit::max(max_request)).merge(super::web::router(c));
     Ok(crate::rpc::one_port(grpc, http))
 }
 

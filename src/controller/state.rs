@@ -228,7 +228,10 @@ impl State {
         }
         let replicas = match &req.resources {
             None => 1,
-            Some(r) if r.replicas <= 0 => {
+            // Iris's ResourceSpec.replicas defaults to 0 and its client always sends resources:
+            // 0 means one task, as Iris's controller reads it.
+            Some(r) if r.replicas == 0 => 1,
+            Some(r) if r.replicas < 0 => {
                 return Err(invalid("resources.replicas", format!("must be at least 1, not {}", r.replicas)));
             }
             // Each replica is a task row and a scheduling decision: a bound keeps one request
@@ -262,10 +265,8 @@ impl State {
             }
         }
         if !req.bundle_blob.is_empty() {
-            return Err(invalid(
-                "bundle_blob",
-                "inline bundles are not supported: upload the bundle and pass bundle_gcs_path",
-            ));
+            // The service stores a blob and clears it before the request gets here.
+            return Err(invalid("bundle_blob", "an inline bundle must be stored before the job is recorded"));
         }
         for (i, c) in req.constraints.iter().enumerate() {
             scheduler::validate_constraint(i, c).map_err(|(f, r)| invalid(&f, r))?;
@@ -287,18 +288,12 @@ impl State {
             }
             req.name.clone()
         };
-        if let Some(old) = self.jobs.get(&job_id) {
-            if !job_terminal(old.rec.state) {
-                return Err(ControllerError::AlreadyExists(job_id));
-            }
-            // A finished job's name may be launched again: the old record goes.
-            let n = old.rec.num_tasks;
-            for i in 0..n {
-                self.tasks.remove(&task_id(&job_id, i));
-            }
-            self.jobs.remove(&job_id);
-            self.dirty.deleted_jobs.push(job_id.clone());
+        // A job's name is its id for good, as in Iris: running or finished, it is taken.
+        if self.jobs.contains_key(&job_id) {
+            return Err(ControllerError::AlreadyExists(job_id));
         }
+        // A job no registered worker could hold waits (an autoscaler may bring a bigger
+        // worker) until its scheduling timeout, if it has one; it shows why meanwhile.
         let need = Need::of(req.resources.as_ref());
         let impossible = scheduler::never_fits(&need, &req.constraints, self.workers.values());
         let job = Job {
@@ -308,6 +303,7 @@ impl State {
                 submitted_ms: now,
                 parent_job_id: req.parent_job_id.clone(),
                 num_tasks: replicas,
+                status_message: impossible.unwrap_or_default(),
                 ..Default::default()
             },
             request: req,
@@ -329,15 +325,7 @@ impl State {
                 },
             );
             self.dirty.tasks.insert(id.clone());
-            if impossible.is_none() {
-                self.queue(&id);
-            }
-        }
-        if let Some(reason) = impossible {
-            for i in 0..replicas {
-                self.finish_task(&task_id(&job_id, i), TaskState::Unschedulable, 0, reason.clone(), now);
-            }
-            self.end_job(&job_id, JobState::Unschedulable, 0, reason, now);
+            self.queue(&id);
         }
         Ok(job_id)
     }
@@ -681,6 +669,7 @@ impl State {
                 if let Some(w) = self.workers.get_mut(worker_id) {
                     w.rec.consecutive_failures += 1;
                     w.suspect_until_ms = now + self.knobs.suspect_for.as_millis() as i64;
+                    w.last_dispatch_error = error.clone();
                     self.dirty.workers.insert(worker_id.to_string());
                 }
                 // Not the task's fault and it never ran: back in the queue, keeping its

@@ -25,9 +25,30 @@ pub fn router(c: Controller) -> Router {
         .route("/", get(index))
         .route("/job/{*id}", get(job))
         .route("/api/controller", get(api))
+        .route("/bundles/{name}", get(bundle))
         .route("/assets/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE) }))
         .route("/health", get(|| async { "ok" }))
         .with_state(c)
+}
+
+/// `GET /bundles/<sha256>.zip`: an inline bundle a job was launched with (see
+/// [`super::bundles`]), streamed from disk.
+async fn bundle(State(c): State<Controller>, Path(name): Path<String>) -> Response {
+    let Some(sha) = super::bundles::BlobStore::sha_of_name(&name) else {
+        return (StatusCode::NOT_FOUND, "no such bundle").into_response();
+    };
+    match tokio::fs::File::open(c.blobs().path(sha)).await {
+        Ok(file) => {
+            let len = file.metadata().await.map(|m| m.len()).ok();
+            let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+            let mut resp = ([(header::CONTENT_TYPE, "application/zip")], body).into_response();
+            if let Some(len) = len {
+                resp.headers_mut().insert(header::CONTENT_LENGTH, len.into());
+            }
+            resp
+        }
+        Err(_) => (StatusCode::NOT_FOUND, "no such bundle").into_response(),
+    }
 }
 
 fn page(status: StatusCode, title: &str, body: &str) -> Response {

@@ -3,7 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
+
+use crate::cachelock::{EntryLock, EntryLocks};
 
 use super::{APP, VENV};
 use crate::cgroup::{Layout, Limits};
@@ -47,6 +51,13 @@ pub struct VenvConfig {
     pub find_links: Option<PathBuf>,
     /// Never touch the network (`UV_OFFLINE`): for hosts and tests without an index.
     pub offline: bool,
+    /// The CA bundle builds trust (mounted read-only over the rootfs's
+    /// `/etc/ssl/certs/ca-certificates.crt`, with `SSL_CERT_FILE` and `UV_NATIVE_TLS` set), so
+    /// that an index behind a TLS-inspecting proxy or with a private CA verifies.
+    pub ca_bundle: Option<PathBuf>,
+    /// `NAME=VALUE` variables the operator gives builds: index and proxy settings
+    /// (`UV_INDEX_URL`, `UV_EXTRA_INDEX_URL`, `HTTPS_PROXY`, …).
+    pub build_env: Vec<String>,
     pub build_memory_bytes: u64,
     /// The binary started as the build's supervisor.
     pub supervisor_exe: PathBuf,
@@ -67,8 +78,11 @@ pub struct VenvRequest<'a> {
 }
 
 /// A ready venv.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PythonEnv {
+    /// The venv's shared lock: held while a task uses it, so that no worker process sharing
+    /// the cache evicts it meanwhile (see [`crate::cachelock`]).
+    pub lease: Arc<EntryLock>,
     /// The venv on the host (mounted read-only at /app/.venv).
     pub dir: PathBuf,
     /// The cache key: a hash of pyproject.toml, uv.lock, extras, pip_packages, the rootfs.
@@ -82,13 +96,17 @@ pub struct PythonEnv {
 /// The venv cache.
 pub struct VenvCache {
     config: VenvConfig,
-    flights: super::flight::SingleFlight<PathBuf>,
+    /// Builds under way in this process (tasks that need the same venv share one).
+    flights: super::flight::SingleFlight<bool>,
+    /// Across worker processes sharing the cache: one builds, the others wait and use it.
+    locks: EntryLocks,
     builds: std::sync::atomic::AtomicU64,
 }
 
 impl VenvCache {
     pub fn new(config: VenvConfig) -> VenvCache {
-        VenvCache { config, flights: Default::default(), builds: Default::default() }
+        let locks = EntryLocks::new(&config.cache_dir.join("venvs"));
+        VenvCache { config, flights: Default::default(), locks, builds: Default::default() }
     }
 
     pub fn config(&self) -> &VenvConfig {
@@ -100,17 +118,17 @@ impl VenvCache {
         self.builds.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The cache key of `req`.
+    /// The cache key of `req`: every `pyproject.toml` and `uv.lock` of the bundle (a
+    /// workspace's members too, as Iris hashes them) by path and content, the extras, the
+    /// extra packages and the rootfs.
     pub fn key(&self, req: &VenvRequest<'_>) -> Result<String, VenvError> {
         let mut h = Sha256::new();
-        for name in ["pyproject.toml", "uv.lock"] {
-            h.update(name.as_bytes());
-            if let Some(dir) = req.bundle_dir {
-                match std::fs::read(dir.join(name)) {
-                    Ok(bytes) => h.update(&bytes),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => h.update(b"\0absent"),
-                    Err(e) => return Err(io("reading", &dir.join(name))(e)),
-                }
+        h.update(b"layout=2\n");
+        if let Some(dir) = req.bundle_dir {
+            for (rel, path) in project_files(dir)? {
+                let bytes = std::fs::read(&path).map_err(io("reading", &path))?;
+                h.update(format!("{rel}\0{}\0", bytes.len()).as_bytes());
+                h.update(&bytes);
             }
         }
         let mut extras = req.extras.to_vec();
@@ -124,22 +142,39 @@ impl VenvCache {
         Ok(hex::encode(h.finalize()))
     }
 
-    /// A venv for `req`: from the cache, from a build another task is running, or built now.
+    /// A venv for `req`: from the cache, from a build another task (or another worker process
+    /// on the same cache) is running, or built now. It comes with its shared lock.
     pub async fn get(&self, req: &VenvRequest<'_>) -> Result<PythonEnv, VenvError> {
         let started_ms = now_ms();
         let key = self.key(req)?;
         let dir = self.config.cache_dir.join("venvs").join(&key);
-        if dir.join(COMPLETE).exists() {
-            return Ok(PythonEnv { dir, key, from_cache: true, started_ms, finished_ms: now_ms() });
+        let lock_err = |e: std::io::Error| VenvError::Io { op: "locking the venv", path: dir.clone(), source: e };
+        if dir.join(COMPLETE).exists()
+            && let Some(lease) = self.locks.try_shared(&key).map_err(lock_err)?
+            && dir.join(COMPLETE).exists()
+        {
+            let lease = Arc::new(lease);
+            return Ok(PythonEnv { lease, dir, key, from_cache: true, started_ms, finished_ms: now_ms() });
         }
         let (result, built_here) = self
             .flights
-            .run(&key, || async { self.build(req, &key, &dir).await.map(|()| dir.clone()).map_err(|e| e.to_string()) })
+            .run(&key, || async {
+                let making = self.locks.exclusive_async(&key).await.map_err(|e| format!("locking the venv: {e}"))?;
+                // Another worker process may have built it while we waited.
+                if dir.join(COMPLETE).exists() {
+                    return Ok(false);
+                }
+                let built = self.build(req, &key, &dir).await.map(|()| true).map_err(|e| e.to_string());
+                drop(making);
+                built
+            })
             .await;
-        match result {
-            Ok(dir) => Ok(PythonEnv { dir, key, from_cache: !built_here, started_ms, finished_ms: now_ms() }),
-            Err(e) => Err(VenvError::Shared(e)),
+        let built = result.map_err(VenvError::Shared)?;
+        let lease = Arc::new(self.locks.shared_async(&key).await.map_err(lock_err)?);
+        if !dir.join(COMPLETE).exists() {
+            return Err(VenvError::Shared("the venv was removed as it was built".into()));
         }
+        Ok(PythonEnv { lease, dir, key, from_cache: !(built && built_here), started_ms, finished_ms: now_ms() })
     }
 
     async fn build(&self, req: &VenvRequest<'_>, key: &str, dest: &Path) -> Result<(), VenvError> {
@@ -156,9 +191,13 @@ impl VenvCache {
         let _ = std::fs::remove_dir_all(&step);
         std::fs::create_dir_all(&step).map_err(io("creating", &step))?;
 
-        let spec = self.build_spec(req, &tmp)?;
+        let scratch = step.join("app");
+        std::fs::create_dir_all(&scratch).map_err(io("creating", &scratch))?;
+        let spec = self.build_spec(req, &tmp, &scratch)?;
         files::write_json(&step, files::SPEC, &spec)?;
         let exit = handle::run_to_exit(&self.config.supervisor_exe, &step).await;
+        // The copy of the project was only for uv to write into.
+        let _ = std::fs::remove_dir_all(&scratch);
         let ok = matches!(&exit, Ok(e) if e.exit_code == Some(0));
         if !ok {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -173,23 +212,34 @@ impl VenvCache {
             };
             return Err(VenvError::BuildFailed { status, detail: build_log_tail(&req.task_dir.join(files::LOGS)) });
         }
+        // Published whole: the marker is inside before the rename makes it visible. The
+        // caller holds the venv's exclusive lock, so what is at `dest` without a marker is an
+        // unfinished leftover (of a crash, or an older layout).
+        std::fs::write(tmp.join(COMPLETE), key).map_err(io("marking complete", &tmp))?;
+        if dest.exists() && !dest.join(COMPLETE).exists() {
+            std::fs::remove_dir_all(dest).map_err(io("removing an unfinished venv at", dest))?;
+        }
         match std::fs::rename(&tmp, dest) {
             Ok(()) => {}
-            // Another worker process on this cache finished first: theirs is as good.
             Err(_) if dest.join(COMPLETE).exists() => {
                 let _ = std::fs::remove_dir_all(&tmp);
             }
             Err(e) => return Err(io("renaming the venv into", dest)(e)),
         }
-        std::fs::write(dest.join(COMPLETE), key).map_err(io("marking complete", dest))?;
         Ok(())
     }
 
-    fn build_spec(&self, req: &VenvRequest<'_>, venv: &Path) -> Result<LaunchSpec, VenvError> {
+    fn build_spec(&self, req: &VenvRequest<'_>, venv: &Path, scratch: &Path) -> Result<LaunchSpec, VenvError> {
         let c = &self.config;
         let mut mounts = Vec::new();
+        let mut copy = None;
         if let Some(bundle) = req.bundle_dir {
-            mounts.push(Mount { host: bundle.to_path_buf(), target: APP.into(), read_only: true });
+            // `uv sync` writes into the project (a lock when there is none, a build backend's
+            // files): the build copies the read-only bundle to a scratch /app, at the path the
+            // task sees it at, so an editable install points at the task's /app.
+            mounts.push(Mount { host: bundle.to_path_buf(), target: BUNDLE_IN_BUILD.into(), read_only: true });
+            mounts.push(Mount { host: scratch.to_path_buf(), target: APP.into(), read_only: false });
+            copy = Some(format!("IRIS_BUNDLE_COPY={BUNDLE_IN_BUILD}"));
         }
         mounts.push(Mount { host: venv.to_path_buf(), target: VENV.into(), read_only: false });
         mounts.push(Mount { host: c.cache_dir.join("uv"), target: "/uv-cache".into(), read_only: false });
@@ -210,9 +260,16 @@ impl VenvCache {
             mounts.push(Mount { host: links.clone(), target: "/wheels".into(), read_only: true });
             env.push("UV_FIND_LINKS=/wheels".into());
         }
+        env.extend(copy);
         if c.offline {
             env.push("UV_OFFLINE=1".into());
         }
+        if let Some(ca) = &c.ca_bundle {
+            mounts.push(Mount { host: ca.clone(), target: CA_IN_BUILD.into(), read_only: true });
+            env.push(format!("SSL_CERT_FILE={CA_IN_BUILD}"));
+            env.push("UV_NATIVE_TLS=1".into());
+        }
+        env.extend(c.build_env.iter().cloned());
         Ok(LaunchSpec {
             runtime: RuntimeKind::Container,
             profile: Profile::Restricted,
@@ -238,9 +295,40 @@ impl VenvCache {
     }
 }
 
-/// The build, as a shell script: a venv, the project's dependencies (locked when there is a
-/// uv.lock; the bundle is read-only, so uv never writes a lock), the extra packages, and
-/// cloudpickle if the project lacks it (every Iris task needs it to load its entrypoint).
+/// Where a build sees the bundle (read-only); it works on a copy at /app. A directory every
+/// Debian rootfs has: a new mount point would be made in the shared rootfs.
+const BUNDLE_IN_BUILD: &str = "/mnt";
+/// Where a build finds the CA bundle it trusts: the Debian path, so every tool finds it.
+const CA_IN_BUILD: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The bundle's `pyproject.toml` and `uv.lock` files (relative path, path), sorted; `.venv`,
+/// `.git` and `node_modules` are not looked into, nor symlinked directories.
+fn project_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, VenvError> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(io("reading", &d))? {
+            let e = e.map_err(io("reading", &d))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let kind = e.file_type().map_err(io("reading", &e.path()))?;
+            if kind.is_dir() && !matches!(name.as_str(), ".venv" | ".git" | "node_modules" | "__pycache__") {
+                stack.push(e.path());
+            } else if kind.is_file() && (name == "pyproject.toml" || name == "uv.lock") {
+                let rel = e.path().strip_prefix(dir).map(|p| p.to_string_lossy().into_owned()).unwrap_or(name);
+                found.push((rel, e.path()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The build, as a shell script, as Iris's worker builds (`uv sync [--extra X]` into
+/// /app/.venv): a venv; for a project, `uv sync` on a writable copy of the bundle — the project
+/// itself installed (editable, pointing at /app) with its dependencies and default dependency
+/// groups (`dev`), the lock used when there is one and made when there is none; then the
+/// extra packages, and cloudpickle if the project lacks it (every Iris task needs it to load
+/// its entrypoint).
 const BUILD_SCRIPT: &str = r#"set -e
 py=/app/.venv/bin/python
 set --
@@ -249,12 +337,12 @@ $IRIS_EXTRAS
 LIST
 echo "+ uv venv /app/.venv"
 uv venv --allow-existing /app/.venv
-if [ -f /app/uv.lock ]; then
-    echo "+ uv sync --frozen --no-install-project $*"
-    uv sync --frozen --no-install-project "$@"
-elif [ -f /app/pyproject.toml ]; then
-    echo "+ uv pip install -r pyproject.toml $*"
-    uv pip install --python "$py" -r /app/pyproject.toml "$@"
+if [ -n "$IRIS_BUNDLE_COPY" ]; then
+    cp -a "$IRIS_BUNDLE_COPY/." /app/
+fi
+if [ -f /app/pyproject.toml ]; then
+    echo "+ uv sync $*"
+    uv sync "$@"
 fi
 set --
 while IFS= read -r x; do [ -n "$x" ] && set -- "$@" "$x"; done <<LIST

@@ -76,6 +76,9 @@ async fn report_states(
 ) {
     let mut queue: VecDeque<TaskEvent> = VecDeque::new();
     let mut backoff = Duration::from_millis(200);
+    // One report per state change, as Iris's worker sends them: the manager also emits an
+    // event when only a task's status message changes (each BUILDING phase).
+    let mut last_sent = LastSent::default();
     loop {
         if queue.is_empty() {
             match events.recv().await {
@@ -87,7 +90,7 @@ async fn report_states(
             queue.push_back(e);
         }
         let Some(event) = queue.front() else { continue };
-        if event.state == TaskState::Pending {
+        if event.state == TaskState::Pending || last_sent.is_repeat(event) {
             queue.pop_front();
             continue;
         }
@@ -97,7 +100,9 @@ async fn report_states(
             .await
         {
             Ok(_) => {
-                queue.pop_front();
+                if let Some(sent) = queue.pop_front() {
+                    last_sent.record(&sent);
+                }
                 backoff = Duration::from_millis(200);
             }
             Err(e) => {
@@ -105,6 +110,25 @@ async fn report_states(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+        }
+    }
+}
+
+/// The state last reported for each attempt still going (a final state ends the entry).
+#[derive(Default)]
+struct LastSent(std::collections::HashMap<(String, i32), TaskState>);
+
+impl LastSent {
+    fn is_repeat(&self, e: &TaskEvent) -> bool {
+        self.0.get(&(e.task_id.clone(), e.attempt_id)) == Some(&e.state)
+    }
+
+    fn record(&mut self, e: &TaskEvent) {
+        let key = (e.task_id.clone(), e.attempt_id);
+        if e.state.is_terminal() {
+            self.0.remove(&key);
+        } else {
+            self.0.insert(key, e.state);
         }
     }
 }

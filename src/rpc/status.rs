@@ -11,7 +11,7 @@ pub fn to_status(err: TaskError) -> Status {
         TaskError::Invalid { .. } => Code::InvalidArgument,
         TaskError::NotFound(_) => Code::NotFound,
         TaskError::AlreadyExists { .. } => Code::AlreadyExists,
-        TaskError::StaleAttempt { .. } => Code::FailedPrecondition,
+        TaskError::StaleAttempt { .. } | TaskError::AlreadyCompleted { .. } => Code::FailedPrecondition,
         TaskError::PortsExhausted { .. } => Code::ResourceExhausted,
         _ => Code::Internal,
     };

@@ -50,6 +50,8 @@ pub(crate) struct Attempt {
     build: Mutex<Option<(bool, String)>>,
     /// The bundle the attempt runs from, held so the cache keeps it while the task runs.
     bundle: Mutex<Option<crate::bundle::Bundle>>,
+    /// Shared locks on cache entries the attempt uses (its venv), released when it ends.
+    leases: Mutex<Vec<std::sync::Arc<crate::cachelock::EntryLock>>>,
 }
 
 impl Attempt {
@@ -75,6 +77,7 @@ impl Attempt {
             history: Mutex::new(History::default()),
             build: Mutex::new(None),
             bundle: Mutex::new(None),
+            leases: Mutex::new(Vec::new()),
         })
     }
 
@@ -90,10 +93,11 @@ impl Attempt {
 
     /// Ends the attempt: directly through its supervisor once the command runs, otherwise
     /// by parking the request for the driver (a PENDING or BUILDING attempt just stops).
-    pub(crate) fn request_kill(&self, grace_ms: u64) {
+    /// Asks for the attempt's end; `Err` with its state when it has ended already.
+    pub(crate) fn request_kill(&self, grace_ms: u64) -> Result<(), TaskState> {
         let st = lock(&self.status);
         if st.state.is_terminal() {
-            return;
+            return Err(st.state);
         }
         if let (Some(sup), true) = (st.supervisor, st.started)
             && let Err(e) = sup.request_kill(&self.dir, grace_ms)
@@ -103,6 +107,7 @@ impl Attempt {
         drop(st);
         *lock(&self.kill.grace_ms) = Some(grace_ms);
         self.kill.notify.notify_one();
+        Ok(())
     }
 
     fn kill_requested(&self) -> Option<u64> {
@@ -116,6 +121,7 @@ impl Attempt {
 
     /// Records the environment the attempt runs in.
     pub(super) fn set_build(&self, env: &crate::env::PythonEnv) {
+        lock(&self.leases).push(env.lease.clone());
         let tag = format!("venv:{}", &env.key[..16.min(env.key.len())]);
         *lock(&self.build) = Some((env.from_cache, tag));
     }
@@ -190,6 +196,7 @@ impl Attempt {
         lock(&self.history).end();
         lock(&inner.ports).release(self.meta.ports.values().copied());
         lock(&self.bundle).take();
+        lock(&self.leases).clear();
         tracing::info!(task_id = %self.meta.task_id, attempt = self.meta.attempt_id, state = state.name(), "task ended");
         self.emit(inner);
         let _ = self.done.0.send(true);
@@ -377,7 +384,7 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
     drop(tasks);
     if let Some(prev) = &previous {
         // A newer attempt replaces the old one: end it first.
-        prev.request_kill(DEFAULT_GRACE_MS);
+        let _ended = prev.request_kill(DEFAULT_GRACE_MS);
     }
     attempt.emit(inner);
     tokio::spawn(drive(inner.clone(), attempt, spec, previous));

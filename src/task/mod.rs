@@ -59,6 +59,10 @@ pub enum TaskError {
     /// A request for an attempt older than the one the worker has.
     #[error("attempt {attempt_id} of task {task_id:?} is older than its current attempt {current}")]
     StaleAttempt { task_id: String, attempt_id: i32, current: i32 },
+    /// KillTask of a task whose current attempt already ended (Iris's worker answers
+    /// FAILED_PRECONDITION with these words).
+    #[error("task {task_id} already completed with state TASK_STATE_{}", state.name())]
+    AlreadyCompleted { task_id: String, state: TaskState },
     #[error("no free host ports: {wanted} asked, none left in {first}-{last}")]
     PortsExhausted { wanted: usize, first: u16, last: u16 },
     #[error(transparent)]
@@ -112,6 +116,10 @@ pub struct PythonConfig {
     pub offline: bool,
     /// Memory limit of a venv build.
     pub build_memory_bytes: u64,
+    /// The CA bundle venv builds trust (see [`crate::env::VenvConfig::ca_bundle`]).
+    pub ca_bundle: Option<PathBuf>,
+    /// `NAME=VALUE` variables for venv builds (index and proxy settings).
+    pub build_env: Vec<String>,
 }
 
 /// A task's resource figures, read on demand.
@@ -249,6 +257,8 @@ impl TaskManager {
             cache_dir: config.cache_dir.clone(),
             find_links: config.python.find_links.clone(),
             offline: config.python.offline,
+            ca_bundle: config.python.ca_bundle.clone(),
+            build_env: config.python.build_env.clone(),
             build_memory_bytes: config.python.build_memory_bytes,
             supervisor_exe: config.supervisor_exe.clone(),
             cgroups: cgroups.clone(),
@@ -326,18 +336,20 @@ impl TaskManager {
     }
 
     /// Ends the task: SIGTERM to every process, SIGKILL after `grace_ms` (0 = the default).
-    /// The task becomes KILLED once none of its processes remains.
+    /// The task becomes KILLED once none of its processes remains. A task that already ended
+    /// is [`TaskError::AlreadyCompleted`], as Iris's worker answers.
     pub fn kill(&self, task_id: &str, grace_ms: u64) -> Result<(), TaskError> {
         let grace_ms = if grace_ms == 0 { DEFAULT_GRACE_MS } else { grace_ms };
-        self.current(task_id)?.request_kill(grace_ms);
-        Ok(())
+        self.current(task_id)?
+            .request_kill(grace_ms)
+            .map_err(|state| TaskError::AlreadyCompleted { task_id: task_id.to_string(), state })
     }
 
     /// Kills every task and forgets them all (a controller's `should_reset`).
     pub async fn reset(&self) {
         let all: Vec<Arc<Attempt>> = lock(&self.inner.tasks).values().flatten().cloned().collect();
         for a in &all {
-            a.request_kill(DEFAULT_GRACE_MS);
+            let _ended = a.request_kill(DEFAULT_GRACE_MS);
         }
         for a in &all {
             a.wait_done().await;

@@ -2,7 +2,6 @@
 //! that takes one ends with it (`/api/task/{*task_id}`). Errors are Connect's error JSON
 //! (`{"code","message"}`) with the HTTP status of the code.
 //!
-//! - `GET /api/tasks[?state=RUNNING,FAILED]` → `ListTasksResponse` (proto3 JSON)
 //! - `GET /api/task/<id>` → `TaskStatus`
 //! - `GET /api/logs/<id>?regex=&start_line=&start_ms=&end_ms=&max_lines=&source=&end_line=`
 //!   → `FetchTaskLogsResponse`; the parameters are `FetchLogsFilter`'s (`max_lines` 0 = at most
@@ -41,25 +40,6 @@ fn serde_json_response<T: Serialize>(v: &T) -> Response {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
-}
-
-#[derive(Debug, Deserialize)]
-pub struct TasksQuery {
-    /// Comma-separated state names (`RUNNING,FAILED`); all when absent.
-    state: Option<String>,
-}
-
-pub async fn tasks(State(web): State<Web>, Query(q): Query<TasksQuery>) -> Response {
-    let m = web.inner.manager.clone();
-    let list = tokio::task::spawn_blocking(move || m.list()).await.unwrap_or_default();
-    let wanted: Option<Vec<String>> =
-        q.state.map(|s| s.split(',').map(|x| x.trim().to_ascii_uppercase()).filter(|x| !x.is_empty()).collect());
-    let tasks = list
-        .into_iter()
-        .filter(|t| wanted.as_ref().is_none_or(|w| w.iter().any(|s| s == t.state.name())))
-        .map(crate::rpc::task_status_proto)
-        .collect();
-    json("iris.cluster.Worker.ListTasksResponse", &worker::ListTasksResponse { tasks })
 }
 
 pub async fn task(State(web): State<Web>, Path(task_id): Path<String>) -> Response {

@@ -3,8 +3,10 @@
 //!
 //! - [`pages`]: `/` (the task list) and `/task/<id>` (one task), with their assets
 //!   (`/assets/…`, embedded in the binary);
-//! - [`api`]: `/api/tasks`, `/api/task/<id>`, `/api/logs/<id>`, `/api/stats/<id>`,
-//!   `/api/worker`, `/health`, `/metrics`;
+//! - [`api`]: `/api/task/<id>`, `/api/logs/<id>`, `/api/stats/<id>`, `/api/worker`,
+//!   `/health`, `/metrics`;
+//! - [`iris`]: Iris's worker routes with Iris's shapes: `/api/stats`, `/api/tasks`,
+//!   `/api/tasks/<id>`, `/api/tasks/<id>/logs`;
 //! - [`sse`]: the live updates, `/api/events/tasks` and `/api/events/task/<id>`;
 //! - [`snapshot`]: the list computed once a second for all viewers;
 //! - [`metrics`]: the `/metrics` text and the RPC middleware that counts calls;
@@ -15,6 +17,7 @@
 
 mod api;
 mod host;
+mod iris;
 mod metrics;
 mod pages;
 mod snapshot;
@@ -91,7 +94,9 @@ impl Web {
             .route("/assets/{name}", get(pages::asset))
             .route("/health", get(|| async { "ok\n" }))
             .route("/metrics", get(api::metrics))
-            .route("/api/tasks", get(api::tasks))
+            .route("/api/stats", get(iris::stats))
+            .route("/api/tasks", get(iris::tasks))
+            .route("/api/tasks/{*rest}", get(iris::task_or_logs))
             .route("/api/task/{*task_id}", get(api::task))
             .route("/api/logs/{*task_id}", get(api::logs))
             .route("/api/stats/{*task_id}", get(api::stats))

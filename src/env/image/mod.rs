@@ -154,11 +154,13 @@ struct Store {
     counters: Counters,
 }
 
-/// Layers a pulled image needs until its rootfs is mounted.
+/// Layers a pulled image needs until its rootfs is mounted: pinned in this process, and
+/// share-locked for the other worker processes on this store (see [`crate::cachelock`]).
 #[derive(Debug)]
 struct Pin {
     layers: Vec<String>,
     pins: Arc<Mutex<HashMap<String, usize>>>,
+    _leases: Vec<crate::cachelock::EntryLock>,
 }
 
 impl Drop for Pin {
@@ -390,9 +392,14 @@ impl ImageStore {
                 if mounted.contains(&dir) || pins.contains_key(&hex) {
                     continue;
                 }
+                // Nor one another worker process on this store has pinned.
+                let locks = crate::cachelock::EntryLocks::new(&self.inner.config.dir);
+                let Ok(Some(evicting)) = locks.try_exclusive(&hex) else { continue };
                 // Out of layers/ first, so no task ever sees a half-removed layer.
                 let to = self.inner.config.dir.join("tmp").join(format!("evicted-{hex}-{}", std::process::id()));
-                if std::fs::rename(&dir, &to).is_ok() {
+                let moved = std::fs::rename(&dir, &to).is_ok();
+                evicting.remove();
+                if moved {
                     let _ = std::fs::remove_file(dir.with_extension("json"));
                     doomed.push(to);
                     total = total.saturating_sub(bytes);
@@ -413,11 +420,15 @@ impl ImageStore {
     }
 
     fn pin(&self, layers: &[String]) -> Arc<Pin> {
+        // Another process's eviction holds a layer's lock only while it moves it away: then
+        // this waits a moment and finds the layer gone (and unpacks it again).
+        let locks = crate::cachelock::EntryLocks::new(&self.inner.config.dir);
+        let leases = layers.iter().filter_map(|l| locks.shared(l).ok()).collect();
         let mut pins = lock(&self.inner.pins);
         for l in layers {
             *pins.entry(l.clone()).or_default() += 1;
         }
-        Arc::new(Pin { layers: layers.to_vec(), pins: self.inner.pins.clone() })
+        Arc::new(Pin { layers: layers.to_vec(), pins: self.inner.pins.clone(), _leases: leases })
     }
 
     fn layer_dir(&self, hex: &str) -> PathBuf {

@@ -1,0 +1,177 @@
+//! Per-entry locks for caches that several worker processes share (operators point many
+//! workers on one host at one cache directory to share downloads and builds).
+//!
+//! Each cache entry has a lock file `<cache>/.locks/<key>.lock`, locked with `flock(2)`:
+//! - **shared** while the entry is in use (a task runs on a bundle, a venv, an image's layers);
+//! - **exclusive** while it is made (fetched, built, unpacked: the others wait, then find it
+//!   published) and while it is evicted. Eviction takes the lock with
+//!   [`EntryLocks::try_exclusive`] only, so an entry another process uses is never removed.
+//!
+//! Entries are published atomically by their caches: made in a temp directory and renamed
+//! into place (with their record or completion marker inside or after), so a reader never sees
+//! half an entry. A lock file may be removed by the holder of its exclusive lock
+//! ([`EntryLock::remove`]); acquiring checks that the file it locked is still the one at the
+//! path (same inode) and retries otherwise, so a removal never splits one entry's lock in two.
+//! Locks are released when their [`EntryLock`] drops, or when its process dies (the kernel
+//! drops flocks with the last descriptor): a crashed worker leaves no lock held.
+
+use std::fs::{self, File, TryLockError};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The lock files of one cache directory.
+#[derive(Debug, Clone)]
+pub struct EntryLocks {
+    dir: PathBuf,
+}
+
+/// A held lock; released on drop.
+#[derive(Debug)]
+pub struct EntryLock {
+    file: File,
+    path: PathBuf,
+    exclusive: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Shared,
+    Exclusive,
+}
+
+impl EntryLocks {
+    /// The locks of the cache at `cache_dir` (in `<cache_dir>/.locks`, created on first use).
+    pub fn new(cache_dir: &Path) -> EntryLocks {
+        EntryLocks { dir: cache_dir.join(".locks") }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        // Keys are hex digests or names the caches choose; anything else is made safe.
+        let safe: String =
+            key.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+        self.dir.join(format!("{safe}.lock"))
+    }
+
+    /// Waits for the shared lock of `key` (blocking: call off the async threads).
+    pub fn shared(&self, key: &str) -> io::Result<EntryLock> {
+        self.acquire(key, Mode::Shared, true)?.ok_or_else(|| io::Error::other("a blocking lock returned none"))
+    }
+
+    /// Waits for the exclusive lock of `key` (blocking: call off the async threads).
+    pub fn exclusive(&self, key: &str) -> io::Result<EntryLock> {
+        self.acquire(key, Mode::Exclusive, true)?.ok_or_else(|| io::Error::other("a blocking lock returned none"))
+    }
+
+    /// The shared lock of `key` if nobody holds it exclusively now.
+    pub fn try_shared(&self, key: &str) -> io::Result<Option<EntryLock>> {
+        self.acquire(key, Mode::Shared, false)
+    }
+
+    /// The exclusive lock of `key` if nobody holds it at all now (what eviction uses).
+    pub fn try_exclusive(&self, key: &str) -> io::Result<Option<EntryLock>> {
+        self.acquire(key, Mode::Exclusive, false)
+    }
+
+    /// [`EntryLocks::exclusive`] for async code: waits on the blocking pool.
+    pub async fn exclusive_async(&self, key: &str) -> io::Result<EntryLock> {
+        let (locks, key) = (self.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || locks.exclusive(&key)).await.map_err(io::Error::other)?
+    }
+
+    /// [`EntryLocks::shared`] for async code: waits on the blocking pool.
+    pub async fn shared_async(&self, key: &str) -> io::Result<EntryLock> {
+        let (locks, key) = (self.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || locks.shared(&key)).await.map_err(io::Error::other)?
+    }
+
+    fn acquire(&self, key: &str, mode: Mode, wait: bool) -> io::Result<Option<EntryLock>> {
+        fs::create_dir_all(&self.dir)?;
+        let path = self.path(key);
+        loop {
+            let file = File::options().create(true).truncate(false).write(true).open(&path)?;
+            let got = match (mode, wait) {
+                (Mode::Shared, true) => file.lock_shared().map(|()| true),
+                (Mode::Exclusive, true) => file.lock().map(|()| true),
+                (Mode::Shared, false) => flag(file.try_lock_shared()),
+                (Mode::Exclusive, false) => flag(file.try_lock()),
+            }?;
+            if !got {
+                return Ok(None);
+            }
+            // The file may have been removed (and another made) between our open and lock.
+            let ours = file.metadata()?;
+            match fs::metadata(&path) {
+                Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => {
+                    return Ok(Some(EntryLock { file, path, exclusive: mode == Mode::Exclusive }));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn flag(r: Result<(), TryLockError>) -> io::Result<bool> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(TryLockError::WouldBlock) => Ok(false),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
+impl EntryLock {
+    /// Removes the lock file (the entry is gone for good), then releases the lock. Only the
+    /// exclusive holder may; a shared lock is just released.
+    pub fn remove(self) {
+        if self.exclusive {
+            let _ = fs::remove_file(&self.path);
+        }
+        drop(self.file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_locks_coexist_and_keep_eviction_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = EntryLocks::new(dir.path());
+        let b = EntryLocks::new(dir.path());
+        let one = a.shared("k").unwrap();
+        let two = b.try_shared("k").unwrap().expect("shared locks coexist");
+        assert!(b.try_exclusive("k").unwrap().is_none(), "in use: no eviction");
+        drop(one);
+        assert!(a.try_exclusive("k").unwrap().is_none(), "still in use by the other");
+        drop(two);
+        let evicting = a.try_exclusive("k").unwrap().expect("nobody uses it");
+        assert!(b.try_shared("k").unwrap().is_none(), "no use while it is evicted");
+        evicting.remove();
+        assert!(!dir.path().join(".locks/k.lock").exists());
+        assert!(b.try_shared("k").unwrap().is_some(), "a new lock file");
+    }
+
+    #[test]
+    fn a_waiter_gets_the_lock_when_the_maker_releases_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = EntryLocks::new(dir.path());
+        let making = locks.exclusive("v/../x").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let other = locks.clone();
+        let waiter = std::thread::spawn(move || {
+            let l = other.shared("v/../x").unwrap();
+            tx.send(()).unwrap();
+            drop(l);
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "waits while the entry is made");
+        drop(making);
+        rx.recv_timeout(Duration::from_secs(10)).expect("gets it after");
+        waiter.join().unwrap();
+        assert!(dir.path().join(".locks/v_.._x.lock").exists(), "keys are made safe file names");
+    }
+}

@@ -1,0 +1,1 @@
+"""Iris-compatible client pieces for iris-worker's interop tier (not Iris's code)."""

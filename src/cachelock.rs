@@ -86,6 +86,27 @@ impl EntryLocks {
         tokio::task::spawn_blocking(move || locks.shared(&key)).await.map_err(io::Error::other)?
     }
 
+    /// For a maker: waits until either `published()` holds (`None`: use what another process
+    /// made) or the exclusive lock of `key` is free (`Some`: make it, checking `published()`
+    /// again first). Polls: a published entry stays share-locked by its users for as long as
+    /// they run, so waiting for the exclusive lock alone could wait for ever.
+    pub async fn exclusive_unless(&self, key: &str, published: impl Fn() -> bool) -> io::Result<Option<EntryLock>> {
+        let mut pause = Duration::from_millis(20);
+        loop {
+            if published() {
+                return Ok(None);
+            }
+            let (locks, k) = (self.clone(), key.to_string());
+            let got =
+                tokio::task::spawn_blocking(move || locks.try_exclusive(&k)).await.map_err(io::Error::other)??;
+            if got.is_some() {
+                return Ok(got);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
     fn acquire(&self, key: &str, mode: Mode, wait: bool) -> io::Result<Option<EntryLock>> {
         fs::create_dir_all(&self.dir)?;
         let path = self.path(key);

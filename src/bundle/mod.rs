@@ -414,8 +414,19 @@ async fn fetch_and_extract(
     let location = fetch::locate(path)?;
     // One fetch per bundle across the worker processes sharing this cache: the others wait
     // here, then find it published.
-    let publishing =
-        inner.disk.locks.exclusive_async(&job.key).await.map_err(|e| io_err("locking the cache entry", e))?;
+    let published = || inner.disk.load(&job.key).is_some();
+    let Some(publishing) = inner
+        .disk
+        .locks
+        .exclusive_unless(&job.key, published)
+        .await
+        .map_err(|e| io_err("locking the cache entry", e))?
+    else {
+        return inner.disk.load(&job.key).map(Arc::new).ok_or_else(|| BundleError::Internal {
+            path: path.to_owned(),
+            reason: "another worker process evicted it as it was found".to_owned(),
+        });
+    };
     if let Some(entry) = inner.disk.load(&job.key) {
         drop(publishing);
         return Ok(Arc::new(entry));

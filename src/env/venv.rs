@@ -159,11 +159,11 @@ impl VenvCache {
         let (result, built_here) = self
             .flights
             .run(&key, || async {
-                let making = self.locks.exclusive_async(&key).await.map_err(|e| format!("locking the venv: {e}"))?;
-                // Another worker process may have built it while we waited.
-                if dir.join(COMPLETE).exists() {
-                    return Ok(false);
-                }
+                let published = || dir.join(COMPLETE).exists();
+                let making =
+                    self.locks.exclusive_unless(&key, published).await.map_err(|e| format!("locking the venv: {e}"))?;
+                // Another worker process built it meanwhile.
+                let Some(making) = making.filter(|_| !published()) else { return Ok(false) };
                 let built = self.build(req, &key, &dir).await.map(|()| true).map_err(|e| e.to_string());
                 drop(making);
                 built

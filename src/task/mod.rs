@@ -270,7 +270,7 @@ impl TaskManager {
             bundles: tokio::sync::OnceCell::new(),
             images: tokio::sync::OnceCell::new(),
             slots: Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1))),
-            ports: Mutex::new(PortAllocator::new(first, last)),
+            ports: Mutex::new(PortAllocator::new(first, last).with_host_locks(Path::new(ports::HOST_PORT_LOCKS))),
             cgroups,
             config,
             tasks: Mutex::new(HashMap::new()),

@@ -231,7 +231,13 @@ def cluster(url, prefix):
     calc_name = f"{prefix}-calc"
     calc_job = launch(ctl, f"{prefix}-actor", Entrypoint.from_callable(serve_calc, calc_name), blob, ports=["actor"])
     resolver = actor.ClusterResolver(url)
-    addresses = wait_for("calc endpoint", lambda: resolver.resolve(calc_name))
+
+    def calc_ready():
+        job = ctl.GetJobStatus(C.GetJobStatusRequest(job_id=calc_job)).job
+        assert job.state not in TERMINAL, f"the actor's job ended: {job}"
+        return resolver.resolve(calc_name)
+
+    addresses = wait_for("calc endpoint", calc_ready)
     pool = actor.ActorPool(addresses)
     assert pool.call("add", 2, 3) == 5
     assert pool.broadcast("where") == [f"{calc_job}/task-0"]
@@ -245,7 +251,15 @@ def cluster(url, prefix):
     pool_prefix = f"{prefix}-pool/"
     jobs = [launch(ctl, f"{prefix}-pool-{i}", Entrypoint.from_callable(actor.serve_pool_worker, f"{pool_prefix}w{i}"),
                    blob, ports=["actor"]) for i in range(n)]
-    found = wait_for("pool workers", lambda: (lambda m: m if len(m) == n else None)(resolver.resolve_prefix(pool_prefix)))
+
+    def pool_ready():
+        for j in jobs:
+            job = ctl.GetJobStatus(C.GetJobStatusRequest(job_id=j)).job
+            assert job.state not in TERMINAL, f"pool job {j} ended: {job}"
+        found = resolver.resolve_prefix(pool_prefix)
+        return found if len(found) == n else None
+
+    found = wait_for("pool workers", pool_ready)
     clients = [actor.ActorClient(a) for _, a in sorted(found.items())]
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as ex:
         futures = [ex.submit(clients[i % n].call, "execute", square, (i,), {}) for i in range(8)]

@@ -375,6 +375,13 @@ async fn run(inner: Arc<Inner>, job: Job, tx: watch::Sender<Flight>) {
     let result = AssertUnwindSafe(fetch_and_extract(&inner, &job, &tx)).catch_unwind().await.unwrap_or_else(|_| {
         Err(BundleError::Internal { path: job.path.clone(), reason: "its fetch panicked".to_owned() })
     });
+    if result.is_err()
+        && let Ok(Some(unused)) = inner.disk.locks.try_exclusive(&job.key)
+        && inner.disk.load(&job.key).is_none()
+    {
+        // Nothing was published: no lock file stays behind for it.
+        unused.remove();
+    }
     let trash = {
         let mut index = inner.index();
         index.finish(&job.key, result.as_ref().ok().cloned());

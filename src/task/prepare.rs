@@ -106,8 +106,8 @@ async fn prepare_python(
         }
     }
     env.push(format!("VIRTUAL_ENV={}", env::VENV));
-    // The project itself is not installed into the venv (the bundle is read-only): it is
-    // importable from /app (and /app/src for src layouts).
+    // `uv sync` installed a packaged project editable, pointing at /app; a project that is
+    // not a package (no [build-system]) is importable from /app (and /app/src) all the same.
     env.push(format!("PYTHONPATH={}:{}/src", env::APP, env::APP));
     let cwd = if bundle_dir.is_some() { env::APP.to_string() } else { "/workdir".to_string() };
     Ok(launch_spec(inner, attempt, spec, argv, env, cwd, python_rootfs, mounts))

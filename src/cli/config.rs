@@ -243,11 +243,10 @@ impl ServeArgs {
                 }
                 None => Some(PathBuf::from(HOST_CA_BUNDLE)).filter(|p| p.is_file()),
             },
-            build_env: build_env(if self.build_env.is_empty() {
-                file.build_env.unwrap_or_default()
-            } else {
-                self.build_env
-            })?,
+            build_env: build_env(
+                if self.build_env.is_empty() { file.build_env.unwrap_or_default() } else { self.build_env },
+                |name| std::env::var(name).ok(),
+            )?,
             workdir_retention: match self.workdir_retention.or(file.workdir_retention).unwrap_or(86_400) {
                 0 => None,
                 s => Some(std::time::Duration::from_secs(s)),
@@ -332,7 +331,7 @@ const RESERVED_BUILD_ENV: &[&str] = &[
 
 /// `--build-env` entries as NAME=VALUE: NAME alone takes the worker's own value (left out
 /// when the worker has none).
-fn build_env(list: Vec<String>) -> anyhow::Result<Vec<String>> {
+fn build_env(list: Vec<String>, worker_env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     for item in list {
         let (name, value) = match item.split_once('=') {
@@ -347,7 +346,7 @@ fn build_env(list: Vec<String>) -> anyhow::Result<Vec<String>> {
         if RESERVED_BUILD_ENV.contains(&name.as_str()) || name.starts_with("IRIS_") {
             bail!("build_env {name}: the worker sets it for builds itself");
         }
-        if let Some(v) = value.or_else(|| std::env::var(&name).ok()) {
+        if let Some(v) = value.or_else(|| worker_env(&name)) {
             out.push(format!("{name}={v}"));
         }
     }
@@ -445,17 +444,15 @@ mod tests {
 
     #[test]
     fn build_env_takes_values_or_the_workers_own_and_refuses_what_the_worker_sets() {
-        // SAFETY: a test-only variable no other test reads.
-        unsafe { std::env::set_var("IWTEST_BUILD_ENV_PROXY", "http://proxy:3128") };
-        let got = build_env(vec![
-            "UV_INDEX_URL=https://idx/simple".into(),
-            "IWTEST_BUILD_ENV_PROXY".into(),
-            "IWTEST_BUILD_ENV_UNSET".into(),
-        ])
+        let worker_env = |name: &str| (name == "HTTPS_PROXY").then(|| "http://proxy:3128".to_string());
+        let got = build_env(
+            vec!["UV_INDEX_URL=https://idx/simple".into(), "HTTPS_PROXY".into(), "NO_PROXY".into()],
+            worker_env,
+        )
         .unwrap();
-        assert_eq!(got, ["UV_INDEX_URL=https://idx/simple", "IWTEST_BUILD_ENV_PROXY=http://proxy:3128"]);
+        assert_eq!(got, ["UV_INDEX_URL=https://idx/simple", "HTTPS_PROXY=http://proxy:3128"]);
         for bad in ["UV_CACHE_DIR=/x", "IRIS_X=1", "1BAD=x", "=x"] {
-            assert!(build_env(vec![bad.into()]).is_err(), "{bad}");
+            assert!(build_env(vec![bad.into()], worker_env).is_err(), "{bad}");
         }
         let none = ServeArgs { ca_bundle: Some("none".into()), ..Default::default() }.resolve().unwrap();
         assert_eq!(none.ca_bundle, None);

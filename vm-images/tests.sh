@@ -226,6 +226,38 @@ t_restart() {
     fi
 }
 
+# Tasks cannot drive the worker: a task's connect() to the worker's port on any local address
+# gets EPERM from the cgroup connect hook, while its own port works and the host (this shell)
+# still reaches the worker.
+t_isolation() {
+    # shellcheck disable=SC2016  # for the task's shell
+    script='mkdir -p /tmp/www && echo task-port-ok >/tmp/www/index.html
+httpd -f -p "$IRIS_PORT_WEB" -h /tmp/www & web=$!
+sleep 0.5
+for a in 127.0.0.1 127.0.0.2 0.0.0.0; do
+    echo "worker $a: $(timeout 5 wget -q -O - "http://$a:8080/health" 2>&1 | tr "\n" " ")"
+done
+echo "own port: $(timeout 5 wget -q -O - "http://127.0.0.1:$IRIS_PORT_WEB/" 2>&1)"
+kill $web'
+    out=$(iw task run --wait --id vm/isolation --port web -- sh -c "$script" 2>&1)
+    worker=$(printf '%s\n' "$out" | grep '^worker ')
+    health=$(timeout 10 wget -q -O - http://127.0.0.1:8080/health 2>&1)
+    figures=$(timeout 10 wget -q -O - http://127.0.0.1:8080/api/worker 2>&1)
+    if [ "$(printf '%s\n' "$worker" | grep -c 'Operation not permitted')" -ne 3 ]; then
+        fail isolation "the task reached the worker (want EPERM on 127.0.0.1, 127.0.0.2, 0.0.0.0)"
+    elif ! printf '%s\n' "$out" | grep -q '^own port: task-port-ok$'; then
+        fail isolation "the task's own port did not answer"
+    elif [ "$health" != "ok" ]; then
+        fail isolation "the host cannot reach the worker: '$health'"
+    elif ! printf '%s' "$figures" | grep -q '"taskIsolation":"on: '; then
+        fail isolation "the worker does not report task isolation on"
+    else
+        pass isolation "EPERM on 3 local addresses, own port and host access fine"
+        return
+    fi
+    printf '%s\n' "$out" "$figures" | detail
+}
+
 t_no_leftovers() {
     kill -TERM "$WPID"
     wait "$WPID" 2>/dev/null
@@ -247,7 +279,7 @@ t_no_leftovers() {
 }
 
 if start_worker; then
-    for t in memory_max memory_peak pids_max cpu_max kill seccomp restart; do
+    for t in memory_max memory_peak pids_max cpu_max kill seccomp isolation restart; do
         want $t && "t_$t"
     done
     want no_leftovers && t_no_leftovers

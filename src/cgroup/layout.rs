@@ -52,8 +52,14 @@ const V1_CONTROLLERS: &[&str] = &[
 pub enum Layout {
     /// Pure cgroup v2: one tree.
     V2 { root: PathBuf },
-    /// v1 hierarchies: (controller, mount point), one entry per mounted controller we use.
-    V1 { hierarchies: Vec<(String, PathBuf)> },
+    /// v1 hierarchies: (controller, mount point), one entry per mounted controller we use;
+    /// `unified`: the cgroup2 tree a hybrid host mounts beside them (no controllers, but
+    /// cgroup BPF programs attach there: tasks join it too, see [`crate::isolation`]).
+    V1 {
+        hierarchies: Vec<(String, PathBuf)>,
+        #[serde(default)]
+        unified: Option<PathBuf>,
+    },
 }
 
 impl Layout {
@@ -87,7 +93,11 @@ impl Layout {
                 _ => {}
             }
         }
-        if !v1.is_empty() { Some(Layout::V1 { hierarchies: v1 }) } else { v2.map(|root| Layout::V2 { root }) }
+        if !v1.is_empty() {
+            Some(Layout::V1 { hierarchies: v1, unified: v2 })
+        } else {
+            v2.map(|root| Layout::V2 { root })
+        }
     }
 
     /// True on a pure cgroup v2 host.
@@ -139,17 +149,40 @@ impl Layout {
         "/".to_string()
     }
 
-    /// Every directory that holds the cgroup `path` (one per v1 hierarchy, or one on v2).
+    /// Every directory that holds the cgroup `path` (one per v1 hierarchy and the hybrid
+    /// host's unified tree, or one on v2).
     pub fn dirs(&self, path: &str) -> Result<Vec<PathBuf>, CgroupError> {
         let rel = relative(path)?;
         Ok(match self {
             Layout::V2 { root } => vec![root.join(rel)],
-            Layout::V1 { hierarchies } => {
+            Layout::V1 { hierarchies, unified } => {
                 let mut dirs: Vec<PathBuf> = hierarchies.iter().map(|(_, m)| m.join(rel)).collect();
+                dirs.extend(unified.iter().map(|u| u.join(rel)));
                 dirs.dedup();
                 dirs
             }
         })
+    }
+
+    /// The directory of `path` in the cgroup2 tree: the only tree on v2, the unified one
+    /// beside the v1 hierarchies on a hybrid host (`None` on a host with v1 alone).
+    pub fn unified_dir(&self, path: &str) -> Result<Option<PathBuf>, CgroupError> {
+        let rel = relative(path)?;
+        Ok(match self {
+            Layout::V2 { root } => Some(root.join(rel)),
+            Layout::V1 { unified, .. } => unified.as_ref().map(|u| u.join(rel)),
+        })
+    }
+
+    /// Moves `pid` into `path` in the hybrid host's unified tree, creating the directory (the
+    /// container runtime's v1 manager joins only the v1 hierarchies). Nothing to do on v2,
+    /// where the runtime places the task itself, or without a unified tree.
+    pub fn join_unified(&self, path: &str, pid: Pid) -> Result<(), CgroupError> {
+        let Layout::V1 { unified: Some(unified), .. } = self else { return Ok(()) };
+        let dir = unified.join(relative(path)?);
+        super::parents::create_chain(&dir, false)?;
+        let file = dir.join("cgroup.procs");
+        fs::write(&file, pid.to_string()).map_err(io_err("writing", &file))
     }
 
     /// The directory of `path` in the hierarchy of `controller` (v1), or the unified one.
@@ -157,7 +190,9 @@ impl Layout {
         let rel = relative(path)?;
         Ok(match self {
             Layout::V2 { root } => Some(root.join(rel)),
-            Layout::V1 { hierarchies } => hierarchies.iter().find(|(c, _)| c == controller).map(|(_, m)| m.join(rel)),
+            Layout::V1 { hierarchies, .. } => {
+                hierarchies.iter().find(|(c, _)| c == controller).map(|(_, m)| m.join(rel))
+            }
         })
     }
 
@@ -328,15 +363,21 @@ mod tests {
                 hierarchies: vec![
                     ("cpu".into(), "/sys/fs/cgroup/cpu".into()),
                     ("memory".into(), "/sys/fs/cgroup/memory".into()),
-                ]
+                ],
+                unified: Some("/sys/fs/cgroup/unified".into()),
             }
         );
         let own = layout.own_path_from("4:memory:/process_api/x\n1:cpu:/\n0::/\n");
         assert_eq!(own, "/process_api/x");
         assert_eq!(
             layout.dirs("/a/b").unwrap(),
-            vec![PathBuf::from("/sys/fs/cgroup/cpu/a/b"), PathBuf::from("/sys/fs/cgroup/memory/a/b")]
+            vec![
+                PathBuf::from("/sys/fs/cgroup/cpu/a/b"),
+                PathBuf::from("/sys/fs/cgroup/memory/a/b"),
+                PathBuf::from("/sys/fs/cgroup/unified/a/b")
+            ]
         );
+        assert_eq!(layout.unified_dir("/a/b").unwrap(), Some(PathBuf::from("/sys/fs/cgroup/unified/a/b")));
     }
 
     #[test]

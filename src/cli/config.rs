@@ -123,6 +123,14 @@ pub struct ServeArgs {
     /// containerd namespace of `containerd:<name>` images [default: default].
     #[arg(long, env = "IRIS_WORKER_CONTAINERD_NAMESPACE")]
     pub containerd_namespace: Option<String>,
+    /// Tasks cannot connect to this worker's port on any address of this host: a cgroup
+    /// connect hook [default: true].
+    #[arg(long, env = "IRIS_WORKER_TASK_ISOLATION")]
+    pub task_isolation: Option<bool>,
+    /// With task isolation, tasks cannot reach the --controller's port either when it is on
+    /// this host (Iris tasks use it for endpoints, actors and child jobs) [default: false].
+    #[arg(long, env = "IRIS_WORKER_ISOLATE_CONTROLLER")]
+    pub isolate_controller: Option<bool>,
 }
 
 /// The TOML file: the same settings, all optional.
@@ -158,6 +166,8 @@ struct FileConfig {
     registry_auth: Option<PathBuf>,
     containerd_socket: Option<PathBuf>,
     containerd_namespace: Option<String>,
+    task_isolation: Option<bool>,
+    isolate_controller: Option<bool>,
 }
 
 /// Settings after merging.
@@ -189,6 +199,10 @@ pub struct ServeConfig {
     pub attributes: Vec<(String, String)>,
     pub buildkit: Option<String>,
     pub images: crate::env::image::ImageStoreConfig,
+    /// Whether tasks are kept off the worker's port (see [`crate::isolation`]).
+    pub task_isolation: bool,
+    /// ... and off the controller's, when it is on this host.
+    pub isolate_controller: bool,
 }
 
 impl ServeArgs {
@@ -310,6 +324,8 @@ impl ServeArgs {
                     .context("image_cache_size")?,
                 devices: self.profile.or(file.profile).unwrap_or_default() == Profile::Privileged,
             },
+            task_isolation: self.task_isolation.or(file.task_isolation).unwrap_or(true),
+            isolate_controller: self.isolate_controller.or(file.isolate_controller).unwrap_or(false),
         })
     }
 }

@@ -6,6 +6,7 @@ use anyhow::Context;
 
 use super::config::{ServeArgs, ServeConfig};
 use crate::heartbeat::{self, WorkerIdentity};
+use crate::isolation::{Isolation, IsolationError, IsolationStatus};
 use crate::rpc::WorkerServiceImpl;
 use crate::task::{ManagerConfig, PythonConfig, TaskManager, WorkerEnv};
 
@@ -65,12 +66,57 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         };
         heartbeat::start_every(manager.clone(), url, me, config.heartbeat_interval);
     }
+    let mut ports = vec![addr.port()];
+    if config.isolate_controller {
+        ports.extend(local_controller_port(controller_url.as_deref()).await);
+    }
+    manager.set_isolation(isolate_tasks(config, &manager, &ports));
     let service = WorkerServiceImpl::new(manager.clone());
     let server = tokio::spawn(async move {
         crate::rpc::serve(listener, service, shutdown_signal()).await.map_err(anyhow::Error::from)
     });
     tracing::info!(%addr, worker_id = %config.worker_id, runtime = ?config.runtime, "worker serving");
     Ok(Started { addr, server })
+}
+
+/// Attaches the connect hook that keeps tasks off `ports` (see [`crate::isolation`]), and says
+/// in one line what tasks can reach.
+fn isolate_tasks(config: &ServeConfig, manager: &TaskManager, ports: &[u16]) -> IsolationStatus {
+    if !config.task_isolation {
+        let status = IsolationStatus::Off;
+        tracing::warn!("task isolation {status}");
+        return status;
+    }
+    let install = || -> Result<Isolation, IsolationError> {
+        let (layout, parent) = manager.tasks_cgroup().ok_or(IsolationError::NoCgroup)?;
+        Isolation::install(&crate::isolation::cgroup_dir(&layout, &parent)?, ports)
+    };
+    match install() {
+        Ok(isolation) => {
+            let status = isolation.status();
+            std::sync::Arc::new(isolation).watch();
+            tracing::info!("task isolation {status}");
+            status
+        }
+        Err(e) => {
+            let status = IsolationStatus::Unavailable(e.to_string());
+            tracing::warn!("task isolation {status}");
+            status
+        }
+    }
+}
+
+/// The controller's port when `--controller` names an address of this host: tasks may not
+/// reach it either.
+async fn local_controller_port(controller: Option<&str>) -> Option<u16> {
+    let controller = controller?;
+    let url = url::Url::parse(controller).or_else(|_| url::Url::parse(&format!("http://{controller}"))).ok()?;
+    let port = url.port_or_known_default()?;
+    let host = url.host_str()?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let local = crate::isolation::local_prefixes();
+    let resolved = tokio::net::lookup_host((host.as_str(), port)).await.ok()?;
+    let mut resolved = resolved.map(|a| a.ip());
+    resolved.any(|ip| crate::isolation::is_local(ip, &local)).then_some(port)
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {

@@ -89,6 +89,7 @@ impl WorkerService for WorkerServiceImpl {
             healthy: true,
             uptime_ms: h.uptime_ms,
             running_tasks: h.running_tasks as i32,
+            task_isolation: h.task_isolation,
         }))
     }
 }

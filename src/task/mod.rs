@@ -191,6 +191,9 @@ pub struct TaskEvent {
 pub struct Health {
     pub uptime_ms: i64,
     pub running_tasks: usize,
+    /// Whether tasks can reach the worker's port (see [`crate::isolation`]); empty until the
+    /// server set it up.
+    pub task_isolation: String,
 }
 
 /// Runs and tracks tasks. Cheap to clone.
@@ -213,6 +216,8 @@ pub(crate) struct Inner {
     bundles: tokio::sync::OnceCell<Result<BundleCache, String>>,
     images: tokio::sync::OnceCell<Result<crate::env::image::ImageStore, String>>,
     started: Instant,
+    /// What keeps tasks off the worker's port, as the server set it up.
+    isolation: Mutex<Option<crate::isolation::IsolationStatus>>,
     _lock: std::fs::File,
 }
 
@@ -276,6 +281,7 @@ impl TaskManager {
             tasks: Mutex::new(HashMap::new()),
             listeners: Mutex::new(Vec::new()),
             started: Instant::now(),
+            isolation: Mutex::new(None),
             _lock: lock_file,
         });
         attempt::adopt_all(&inner);
@@ -370,7 +376,22 @@ impl TaskManager {
             .filter_map(|a| a.last())
             .filter(|a| a.state() == TaskState::Running)
             .count();
-        Health { uptime_ms: self.inner.started.elapsed().as_millis() as i64, running_tasks: running }
+        Health {
+            uptime_ms: self.inner.started.elapsed().as_millis() as i64,
+            running_tasks: running,
+            task_isolation: lock(&self.inner.isolation).as_ref().map(|s| s.to_string()).unwrap_or_default(),
+        }
+    }
+
+    /// The host's cgroup layout and the parent cgroup of this worker's tasks, when tasks get
+    /// cgroups.
+    pub fn tasks_cgroup(&self) -> Option<(Layout, String)> {
+        self.inner.cgroups.clone()
+    }
+
+    /// Records what keeps tasks off the worker's port (HealthCheck and the dashboard show it).
+    pub fn set_isolation(&self, status: crate::isolation::IsolationStatus) {
+        *lock(&self.inner.isolation) = Some(status);
     }
 
     /// Ids of tasks RUNNING or BUILDING (for the controller heartbeat).
@@ -554,6 +575,12 @@ pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError>
     }
     if let Ok(layout) = Layout::detect() {
         for parent in parents {
+            // The tasks are gone: so goes the hook that kept them off the worker's port.
+            if let Ok(Some(dir)) = layout.unified_dir(&parent)
+                && let Err(e) = crate::isolation::remove(&dir)
+            {
+                tracing::warn!(error = %e, "removing the task connect hook");
+            }
             let _ = layout.release_parent(&parent);
         }
     }

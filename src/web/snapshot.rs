@@ -30,6 +30,8 @@ pub struct WorkerFigures {
     /// Tasks by the state of their current attempt, every state present.
     pub tasks: BTreeMap<&'static str, usize>,
     pub host: HostFigures,
+    /// Whether tasks can reach the worker's port (HealthCheck's `task_isolation`).
+    pub task_isolation: String,
 }
 
 /// One row of the task list (the `upsert` objects of `/api/events/tasks`).
@@ -69,6 +71,7 @@ pub fn worker_figures(web: &Web, tasks: &[TaskView]) -> WorkerFigures {
         version: env!("CARGO_PKG_VERSION"),
         now_ms: crate::supervisor::files::now_ms(),
         uptime_ms: m.health().uptime_ms,
+        task_isolation: m.health().task_isolation,
         tasks: TaskState::ALL.iter().map(|s| (s.name(), tasks.iter().filter(|t| t.state == *s).count())).collect(),
         host: web.inner.host.read(),
     }

@@ -75,11 +75,18 @@ pub struct Worker {
     pub port: u16,
     pub child: Option<Child>,
     pub extra: Vec<String>,
+    /// The address it listens on (its port is `port`); clients use 127.0.0.1.
+    pub listen_ip: &'static str,
 }
 
 impl Worker {
     /// Starts `iris-worker serve` with the given extra flags and waits until it answers.
     pub async fn start(name: &str, extra: &[&str]) -> Worker {
+        Worker::start_on(name, "127.0.0.1", extra).await
+    }
+
+    /// [`Worker::start`] listening on `listen_ip` (e.g. `0.0.0.0`: every address of the host).
+    pub async fn start_on(name: &str, listen_ip: &'static str, extra: &[&str]) -> Worker {
         let state = tempfile::Builder::new().prefix("iris-worker-test-").tempdir().unwrap();
         let mut w = Worker {
             name: format!("{TEST_PREFIX}{name}-{}", std::process::id()),
@@ -87,6 +94,7 @@ impl Worker {
             port: 0,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            listen_ip,
         };
         w.spawn().await;
         w
@@ -108,7 +116,7 @@ impl Worker {
             let child = Command::new(exe())
                 .arg("serve")
                 .arg("--listen")
-                .arg(self.addr())
+                .arg(format!("{}:{}", self.listen_ip, self.port))
                 .arg("--state-dir")
                 .arg(self.state_dir())
                 .arg("--rootfs")

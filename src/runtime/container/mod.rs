@@ -26,6 +26,8 @@ pub struct ContainerRuntime {
     container: Option<Container>,
     /// Where libcontainer keeps this container's state (`<task-dir>/runtime/<id>`).
     state_dir: Option<PathBuf>,
+    /// The task's cgroup, whose directory in a hybrid host's unified tree is ours to remove.
+    cgroup: Option<(crate::cgroup::Layout, String)>,
 }
 
 fn lc_err(op: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> RuntimeError {
@@ -69,6 +71,13 @@ impl Runtime for ContainerRuntime {
             message: "libcontainer returned no init pid".into(),
         })?;
         self.container = Some(container);
+        if let Some((layout, path)) = &spec.cgroup {
+            // On a hybrid host libcontainer joins the v1 hierarchies only; the init joins the
+            // unified tree before it runs anything, so the task's sockets belong to the cgroup
+            // the worker's connect hook is attached above (see crate::isolation).
+            self.cgroup = Some((layout.clone(), path.clone()));
+            layout.join_unified(path, pid)?;
+        }
         Ok(pid)
     }
 
@@ -81,12 +90,14 @@ impl Runtime for ContainerRuntime {
 
     fn remove(&mut self) -> Result<(), RuntimeError> {
         match self.container.as_mut() {
-            Some(container) => container.delete(true).map_err(lc_err("deleting")),
-            None => {
-                self.remove_leftovers();
-                Ok(())
-            }
+            Some(container) => container.delete(true).map_err(lc_err("deleting"))?,
+            None => self.remove_leftovers(),
         }
+        // libcontainer removed the v1 directories; what remains is the unified one, if any.
+        if let Some((layout, path)) = self.cgroup.take() {
+            layout.remove(&path)?;
+        }
+        Ok(())
     }
 }
 

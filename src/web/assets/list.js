@@ -122,6 +122,11 @@
     const used = (h.memoryTotalBytes || 0) - (h.memoryAvailableBytes || 0);
     iris.setText("f-mem", iris.bytes(used));
     iris.setText("f-mem-total", "of " + iris.bytes(h.memoryTotalBytes || 0));
+    // Shown only when tasks can reach this worker's API (the connect hook is off or failed).
+    const iso = document.getElementById("isolation");
+    const exposed = w.taskIsolation && !w.taskIsolation.startsWith("on");
+    iso.hidden = !exposed;
+    if (exposed) iris.setText(iso, "Task isolation " + w.taskIsolation);
   }
 
   function apply(ev) {

@@ -487,7 +487,7 @@ async fn open_event_streams_do_not_hold_a_graceful_shutdown() {
     let mut streams = Vec::new();
     for path in ["/api/events/tasks", "/api/events/task/sse/task-0"] {
         let mut s = TcpStream::connect(w.addr()).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", w.addr()).unwrap();
         let mut first = [0u8; 64];
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let n = s.read(&mut first).unwrap();

@@ -131,6 +131,34 @@ pub struct ServeArgs {
     /// this host (Iris tasks use it for endpoints, actors and child jobs) [default: false].
     #[arg(long, env = "IRIS_WORKER_ISOLATE_CONTROLLER")]
     pub isolate_controller: Option<bool>,
+    /// A file holding the token every request must carry (`Authorization: Bearer`), also sent
+    /// on the worker's calls to its controller [default: none].
+    #[arg(long, env = "IRIS_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// PEM certificate chain: the port speaks TLS (gRPC, Connect and pages) [default: none].
+    #[arg(long, env = "IRIS_WORKER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert [default: none].
+    #[arg(long, env = "IRIS_WORKER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// With TLS, clients must present a certificate this CA signed (mTLS) [default: none].
+    #[arg(long, env = "IRIS_WORKER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The CA of the controller's certificate: calls to --controller speak TLS and present
+    /// --tls-cert [default: the system's roots, for an https:// controller].
+    #[arg(long, env = "IRIS_WORKER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Another name requests without a token may carry in their Host header (repeatable; `*`
+    /// for any) [default: IP addresses, localhost, the hostname, the advertised host].
+    #[arg(long = "allowed-host", env = "IRIS_WORKER_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Connections open at once; at the bound the longest idle one is closed [default: 1024].
+    #[arg(long, env = "IRIS_WORKER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client has for its TLS handshake, a request's headers and its body; a
+    /// connection idle this long is closed [default: 30].
+    #[arg(long, env = "IRIS_WORKER_READ_TIMEOUT")]
+    pub read_timeout: Option<f64>,
 }
 
 /// The TOML file: the same settings, all optional.
@@ -168,6 +196,14 @@ struct FileConfig {
     containerd_namespace: Option<String>,
     task_isolation: Option<bool>,
     isolate_controller: Option<bool>,
+    auth_token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    allowed_hosts: Option<Vec<String>>,
+    max_connections: Option<usize>,
+    read_timeout: Option<f64>,
 }
 
 /// Settings after merging.
@@ -203,6 +239,8 @@ pub struct ServeConfig {
     pub task_isolation: bool,
     /// ... and off the controller's, when it is on this host.
     pub isolate_controller: bool,
+    /// What callers must present, and what the worker presents to its controller.
+    pub security: super::security::ServerSecurity,
 }
 
 impl ServeArgs {
@@ -235,6 +273,21 @@ impl ServeArgs {
             Some(host) => host,
             None => default_advertise_host(listen, controller.as_deref()),
         };
+        let security = super::security::ServerSecuritySettings {
+            auth_token_file: self.auth_token_file.or(file.auth_token_file),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
+            tls_ca: self.tls_ca.or(file.tls_ca),
+            allowed_hosts: if self.allowed_hosts.is_empty() {
+                file.allowed_hosts.unwrap_or_default()
+            } else {
+                self.allowed_hosts
+            },
+            max_connections: self.max_connections.or(file.max_connections),
+            read_timeout: self.read_timeout.or(file.read_timeout),
+        }
+        .resolve(listen, &[&advertise_host])?;
         #[cfg(feature = "buildkit")]
         if let Some(addr) = &buildkit {
             crate::buildkit::connect::Address::parse(addr).context("buildkit")?;
@@ -326,6 +379,7 @@ impl ServeArgs {
             },
             task_isolation: self.task_isolation.or(file.task_isolation).unwrap_or(true),
             isolate_controller: self.isolate_controller.or(file.isolate_controller).unwrap_or(false),
+            security,
         })
     }
 }

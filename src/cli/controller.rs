@@ -47,6 +47,34 @@ pub struct ControllerArgs {
     /// with the first non-loopback IPv4 when listening on 0.0.0.0].
     #[arg(long, env = "IRIS_CONTROLLER_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// A file holding the token every request must carry (`Authorization: Bearer`), also sent
+    /// on the controller's calls to workers [default: none].
+    #[arg(long, env = "IRIS_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// PEM certificate chain: the port speaks TLS [default: none].
+    #[arg(long, env = "IRIS_CONTROLLER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert [default: none].
+    #[arg(long, env = "IRIS_CONTROLLER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// With TLS, clients must present a certificate this CA signed (mTLS) [default: none].
+    #[arg(long, env = "IRIS_CONTROLLER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The CA of the workers' certificates: calls to workers speak TLS and present --tls-cert
+    /// [default: none, plain HTTP].
+    #[arg(long, env = "IRIS_CONTROLLER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Another name requests without a token may carry in their Host header (repeatable; `*`
+    /// for any) [default: IP addresses, localhost, the hostname].
+    #[arg(long = "allowed-host", env = "IRIS_CONTROLLER_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Connections open at once; at the bound the longest idle one is closed [default: 1024].
+    #[arg(long, env = "IRIS_CONTROLLER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client has for its TLS handshake, a request's headers and its body; a
+    /// connection idle this long is closed [default: 30].
+    #[arg(long, env = "IRIS_CONTROLLER_READ_TIMEOUT")]
+    pub read_timeout: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +86,14 @@ struct FileConfig {
     max_parallel_dispatch: Option<usize>,
     log_format: Option<String>,
     advertise_url: Option<String>,
+    auth_token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    allowed_hosts: Option<Vec<String>>,
+    max_connections: Option<usize>,
+    read_timeout: Option<f64>,
 }
 
 /// Settings after merging.
@@ -66,6 +102,8 @@ pub struct ControllerSettings {
     pub listen: SocketAddr,
     pub controller: ControllerConfig,
     pub log_json: bool,
+    /// What callers must present.
+    pub security: super::security::ServerSecurity,
 }
 
 impl ControllerArgs {
@@ -98,13 +136,31 @@ impl ControllerArgs {
         controller.worker_timeout = Duration::from_secs_f64(timeout);
         controller.max_parallel_dispatch = parallel;
         controller.advertise_url = self.advertise_url.or(file.advertise_url).unwrap_or_default();
+        let mut advertised = String::new();
         if !controller.advertise_url.is_empty() {
             let u = url::Url::parse(&controller.advertise_url).context("advertise_url")?;
             if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
                 bail!("advertise_url must be an http(s)://host[:port] URL, not {:?}", controller.advertise_url);
             }
+            advertised = u.host_str().unwrap_or_default().to_string();
         }
-        Ok(ControllerSettings { listen, controller, log_json: log_format == "json" })
+        let security = super::security::ServerSecuritySettings {
+            auth_token_file: self.auth_token_file.or(file.auth_token_file),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
+            tls_ca: self.tls_ca.or(file.tls_ca),
+            allowed_hosts: if self.allowed_hosts.is_empty() {
+                file.allowed_hosts.unwrap_or_default()
+            } else {
+                self.allowed_hosts
+            },
+            max_connections: self.max_connections.or(file.max_connections),
+            read_timeout: self.read_timeout.or(file.read_timeout),
+        }
+        .resolve(listen, &[&advertised])?;
+        controller.workers = security.client.clone();
+        Ok(ControllerSettings { listen, controller, log_json: log_format == "json", security })
     }
 }
 
@@ -140,8 +196,13 @@ pub async fn start(
     }
     let c = Controller::open(config).with_context(|| format!("opening the controller state in {}", dir.display()))?;
     let controller = c.clone();
-    let server =
-        tokio::spawn(async move { crate::controller::serve(listener, c, shutdown).await.map_err(anyhow::Error::from) });
+    if let Some(warning) = &settings.security.exposed_warning {
+        tracing::warn!("{warning}");
+    }
+    let options = settings.security.serve.clone();
+    let server = tokio::spawn(async move {
+        crate::controller::serve_with(listener, c, options, shutdown).await.map_err(anyhow::Error::from)
+    });
     tracing::info!(%addr, state_dir = %dir.display(), "controller serving");
     Ok(Started { addr, controller, server })
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::client::connect;
+use super::client::connect_with;
 use super::config::ServeArgs;
 use super::serve;
 use crate::proto::{CommandEntrypoint, ResourceSpecProto, worker};
@@ -30,7 +30,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let started = serve::start(&config).await?;
     let addr = format!("127.0.0.1:{}", started.addr.port());
-    let mut client = connect(&addr).await?;
+    let mut client = connect_with(&addr, &config.security.client).await?;
     let task_id = format!("demo-{}/task-0", crate::supervisor::files::now_ms());
     let req = worker::RunTaskRequest {
         job_id: task_id.split('/').next().unwrap_or("demo").to_string(),
@@ -73,8 +73,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for line in super::task::describe(&status).lines() {
         println!("  {line}");
     }
+    // The token is shown here, on the operator's terminal, so the dashboard can be opened;
+    // it is never logged.
+    let security = &config.security.serve;
+    let scheme = if security.listen.tls.is_some() { "https" } else { "http" };
+    let token = security
+        .gate
+        .token
+        .as_ref()
+        .map(|t| format!("?token={}", url::form_urlencoded::byte_serialize(t.value().as_bytes()).collect::<String>()))
+        .unwrap_or_default();
     println!(
-        "\n== the worker keeps running on {} (dashboard: http://127.0.0.1:{}/). Try:\n  \
+        "\n== the worker keeps running on {} (dashboard: {scheme}://127.0.0.1:{}/{token}). Try:\n  \
          iris-worker task run --addr {addr} --wait -- /bin/sh -c 'echo hi'\n  \
          iris-worker task list --addr {addr}\nCtrl-C stops the worker.",
         started.addr,

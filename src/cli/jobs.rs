@@ -17,6 +17,14 @@ pub struct ControllerAddr {
     /// The controller (host:port or URL).
     #[arg(long, env = "IRIS_CONTROLLER", default_value = DEFAULT_CONTROLLER)]
     pub controller: String,
+    #[command(flatten)]
+    pub client: super::security::ClientArgs,
+}
+
+impl ControllerAddr {
+    fn cluster(&self) -> anyhow::Result<Cluster> {
+        Ok(Cluster::with_security(&self.controller, &self.client.security()?))
+    }
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -281,7 +289,7 @@ async fn wait(c: &Cluster, job_id: &str, within: Duration) -> anyhow::Result<()>
 pub async fn run_job(verb: JobVerb) -> anyhow::Result<()> {
     match verb {
         JobVerb::Launch(a) => {
-            let c = Cluster::new(&a.addr.controller);
+            let c = a.addr.cluster()?;
             let job_id = c.launch(&launch_request(&a)?).await.context("LaunchJob")?;
             println!("{job_id}");
             if a.wait {
@@ -289,27 +297,27 @@ pub async fn run_job(verb: JobVerb) -> anyhow::Result<()> {
             }
         }
         JobVerb::Status(a) => {
-            let j = Cluster::new(&a.addr.controller).status(&a.job_id).await?;
+            let j = a.addr.cluster()?.status(&a.job_id).await?;
             if a.json {
                 print_json("iris.cluster.Controller.JobStatus", &j)?;
             } else {
                 print_job(&j);
             }
         }
-        JobVerb::Wait(a) => wait(&Cluster::new(&a.addr.controller), &a.job_id, Duration::from_secs(a.timeout)).await?,
+        JobVerb::Wait(a) => wait(&a.addr.cluster()?, &a.job_id, Duration::from_secs(a.timeout)).await?,
         JobVerb::Logs(a) => {
             let filter =
                 worker::FetchLogsFilter { start_line: a.tail.map(|n| -n.abs()).unwrap_or(0), ..Default::default() };
-            for l in Cluster::new(&a.addr.controller).logs(&a.job_id, a.task, filter).await? {
+            for l in a.addr.cluster()?.logs(&a.job_id, a.task, filter).await? {
                 println!("{}", l.data);
             }
         }
         JobVerb::Kill(a) => {
-            Cluster::new(&a.addr.controller).terminate(&a.job_id).await?;
+            a.addr.cluster()?.terminate(&a.job_id).await?;
             println!("{} terminated", a.job_id);
         }
         JobVerb::List(a) => {
-            for j in Cluster::new(&a.controller).list_jobs().await? {
+            for j in a.cluster()?.list_jobs().await? {
                 print_job(&j);
             }
         }
@@ -320,10 +328,8 @@ pub async fn run_job(verb: JobVerb) -> anyhow::Result<()> {
 pub async fn run_endpoint(verb: EndpointVerb) -> anyhow::Result<()> {
     let print = |e: &pc::Endpoint| println!("{}  {}  {}  job {}", e.name, e.address, e.endpoint_id, e.job_id);
     match verb {
-        EndpointVerb::List(a) => {
-            Cluster::new(&a.addr.controller).list_endpoints(&a.prefix).await?.iter().for_each(print)
-        }
-        EndpointVerb::Lookup(a) => print(&Cluster::new(&a.addr.controller).lookup_endpoint(&a.name).await?),
+        EndpointVerb::List(a) => a.addr.cluster()?.list_endpoints(&a.prefix).await?.iter().for_each(print),
+        EndpointVerb::Lookup(a) => print(&a.addr.cluster()?.lookup_endpoint(&a.name).await?),
     }
     Ok(())
 }
@@ -331,7 +337,7 @@ pub async fn run_endpoint(verb: EndpointVerb) -> anyhow::Result<()> {
 pub async fn run_worker(verb: WorkerVerb) -> anyhow::Result<()> {
     let WorkerVerb::List(a) = verb;
     let now = crate::controller::model::now_ms();
-    for w in Cluster::new(&a.controller).workers().await? {
+    for w in a.cluster()?.workers().await? {
         println!(
             "{}  {}  last heartbeat {:.1} s ago  jobs [{}]",
             w.worker_id,

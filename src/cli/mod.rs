@@ -7,6 +7,7 @@ mod config;
 mod controller;
 mod demo;
 mod jobs;
+mod security;
 mod serve;
 mod task;
 

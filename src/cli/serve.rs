@@ -64,16 +64,21 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
             address: format!("{}:{}", config.advertise_host, addr.port()),
             metadata,
         };
-        heartbeat::start_every(manager.clone(), url, me, config.heartbeat_interval);
+        let client = crate::rpc::connect::ConnectClient::with_security(url, &config.security.client);
+        heartbeat::start_with_client(manager.clone(), client, me, config.heartbeat_interval);
     }
     let mut ports = vec![addr.port()];
     if config.isolate_controller {
         ports.extend(local_controller_port(controller_url.as_deref()).await);
     }
     manager.set_isolation(isolate_tasks(config, &manager, &ports));
+    if let Some(warning) = &config.security.exposed_warning {
+        tracing::warn!("{warning}");
+    }
     let service = WorkerServiceImpl::new(manager.clone());
+    let options = config.security.serve.clone();
     let server = tokio::spawn(async move {
-        crate::rpc::serve(listener, service, shutdown_signal()).await.map_err(anyhow::Error::from)
+        crate::rpc::serve_with(listener, service, options, shutdown_signal()).await.map_err(anyhow::Error::from)
     });
     tracing::info!(%addr, worker_id = %config.worker_id, runtime = ?config.runtime, "worker serving");
     Ok(Started { addr, server })

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::client::connect;
+use super::client::{WorkerClient, connect_with};
 use crate::proto::{CommandEntrypoint, EnvironmentConfig, ResourceSpecProto, TaskStatus, worker};
 use crate::rpc::connect::Codec;
 use crate::rpc::state_from_proto;
@@ -35,6 +35,14 @@ pub struct AddrArgs {
     /// Print the proto3 JSON form instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub client: super::security::ClientArgs,
+}
+
+impl AddrArgs {
+    async fn connect(&self) -> anyhow::Result<WorkerClient> {
+        connect_with(&self.addr, &self.client.security()?).await
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -128,7 +136,7 @@ pub async fn run(verb: TaskVerb) -> anyhow::Result<()> {
     match verb {
         TaskVerb::Run(a) => run_task(a).await,
         TaskVerb::Status(a) => {
-            let mut c = connect(&a.addr.addr).await?;
+            let mut c = a.addr.connect().await?;
             let s = c
                 .get_task_status(worker::GetTaskStatusRequest { task_id: a.task_id.clone(), include_result: false })
                 .await
@@ -142,7 +150,7 @@ pub async fn run(verb: TaskVerb) -> anyhow::Result<()> {
             }
         }
         TaskVerb::List(a) => {
-            let mut c = connect(&a.addr).await?;
+            let mut c = a.connect().await?;
             let list = c.list_tasks(worker::ListTasksRequest {}).await.context("listing tasks")?.into_inner();
             if a.json {
                 return print_json("iris.cluster.Worker.ListTasksResponse", &list);
@@ -164,7 +172,7 @@ pub async fn run(verb: TaskVerb) -> anyhow::Result<()> {
         }
         TaskVerb::Logs(a) => print_logs(a).await,
         TaskVerb::Kill(a) => {
-            let mut c = connect(&a.addr.addr).await?;
+            let mut c = a.addr.connect().await?;
             c.kill_task(worker::KillTaskRequest { task_id: a.task_id.clone(), term_timeout_ms: a.grace_ms })
                 .await
                 .with_context(|| format!("killing {}", a.task_id))?;
@@ -217,7 +225,7 @@ async fn run_task(a: RunArgs) -> anyhow::Result<()> {
         workdir_files,
         ..Default::default()
     };
-    let mut c = connect(&a.addr.addr).await?;
+    let mut c = a.addr.connect().await?;
     let resp = c.run_task(req).await.context("RunTask")?.into_inner();
     if a.addr.json && !a.wait {
         return print_json("iris.cluster.Worker.RunTaskResponse", &resp);
@@ -226,7 +234,7 @@ async fn run_task(a: RunArgs) -> anyhow::Result<()> {
     if !a.wait {
         return Ok(());
     }
-    follow_logs(&a.addr.addr, &task_id, None, false).await?;
+    follow_logs(&a.addr, &task_id, None, false).await?;
     let s = c
         .get_task_status(worker::GetTaskStatusRequest { task_id: task_id.clone(), include_result: false })
         .await?
@@ -244,12 +252,12 @@ async fn run_task(a: RunArgs) -> anyhow::Result<()> {
 
 /// Prints log lines from `start` on until the task has ended and no line is left.
 async fn follow_logs(
-    addr: &str,
+    addr: &AddrArgs,
     task_id: &str,
     filter: Option<worker::FetchLogsFilter>,
     timestamps: bool,
 ) -> anyhow::Result<()> {
-    let mut c = connect(addr).await?;
+    let mut c = addr.connect().await?;
     let mut filter = filter.unwrap_or_default();
     loop {
         let ended = {
@@ -305,7 +313,7 @@ async fn print_logs(a: LogsArgs) -> anyhow::Result<()> {
         // Start from the tail's first line, then follow by line number.
         let mut first = filter.clone();
         if a.tail.is_some() {
-            let mut c = connect(&a.addr.addr).await?;
+            let mut c = a.addr.connect().await?;
             let logs = c
                 .fetch_task_logs(worker::FetchTaskLogsRequest {
                     task_id: a.task_id.clone(),
@@ -316,9 +324,9 @@ async fn print_logs(a: LogsArgs) -> anyhow::Result<()> {
                 .logs;
             first.start_line = logs.first().map(|l| l.line_number).unwrap_or(0);
         }
-        return follow_logs(&a.addr.addr, &a.task_id, Some(first), a.timestamps).await;
+        return follow_logs(&a.addr, &a.task_id, Some(first), a.timestamps).await;
     }
-    let mut c = connect(&a.addr.addr).await?;
+    let mut c = a.addr.connect().await?;
     let resp = c
         .fetch_task_logs(worker::FetchTaskLogsRequest { task_id: a.task_id.clone(), filter: Some(filter) })
         .await

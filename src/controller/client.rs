@@ -30,6 +30,8 @@ pub enum ClusterError {
 pub struct Cluster {
     client: ConnectClient,
     timeout: Duration,
+    /// What calls present (to the controller and to the workers logs are read from).
+    security: crate::rpc::ClientSecurity,
 }
 
 /// The name of a job state without its prefix (`SUCCEEDED`).
@@ -40,7 +42,17 @@ pub fn job_state_name(state: i32) -> &'static str {
 impl Cluster {
     /// A client of the controller at `address` (`host:port` or `http://host:port`).
     pub fn new(address: &str) -> Cluster {
-        Cluster { client: ConnectClient::new(address), timeout: Duration::from_secs(10) }
+        Cluster::with_security(address, &crate::rpc::ClientSecurity::default())
+    }
+
+    /// A client that presents `security`'s token and TLS settings to the controller and to
+    /// workers.
+    pub fn with_security(address: &str, security: &crate::rpc::ClientSecurity) -> Cluster {
+        Cluster {
+            client: ConnectClient::with_security(address, security),
+            timeout: Duration::from_secs(10),
+            security: security.clone(),
+        }
     }
 
     pub fn address(&self) -> &str {
@@ -115,7 +127,7 @@ impl Cluster {
         if task.worker_address.is_empty() {
             return Err(ClusterError::NoWorker(task.task_id));
         }
-        let w = ConnectClient::new(&task.worker_address);
+        let w = ConnectClient::with_security(&task.worker_address, &self.security);
         let req = worker::FetchTaskLogsRequest { task_id: task.task_id, filter: Some(filter) };
         let r: worker::FetchTaskLogsResponse =
             w.call("iris.cluster.WorkerService", "FetchTaskLogs", &req, self.timeout).await?;

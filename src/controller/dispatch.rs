@@ -25,16 +25,20 @@ const KILL_GRACE_MS: i32 = 5000;
 pub struct Calls {
     clients: Mutex<HashMap<String, ConnectClient>>,
     slots: Arc<Semaphore>,
+    security: crate::rpc::ClientSecurity,
 }
 
 impl Calls {
-    pub fn new(parallel: usize) -> Calls {
-        Calls { clients: Mutex::new(HashMap::new()), slots: Arc::new(Semaphore::new(parallel.max(1))) }
+    pub fn new(parallel: usize, security: crate::rpc::ClientSecurity) -> Calls {
+        Calls { clients: Mutex::new(HashMap::new()), slots: Arc::new(Semaphore::new(parallel.max(1))), security }
     }
 
     fn client(&self, address: &str) -> ConnectClient {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients.entry(address.to_string()).or_insert_with(|| ConnectClient::new(address)).clone()
+        clients
+            .entry(address.to_string())
+            .or_insert_with(|| ConnectClient::with_security(address, &self.security))
+            .clone()
     }
 }
 

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub use client::{Cluster, ClusterError};
-pub use service::{ServeError, serve};
+pub use service::{ServeError, serve, serve_with};
 
 use state::{Knobs, State};
 use store::{Store, StoreError};
@@ -65,6 +65,8 @@ pub struct ControllerConfig {
     /// (`bundle_blob`) are dispatched as `<advertise_url>/bundles/<sha256>.zip`. Empty: such
     /// jobs are refused.
     pub advertise_url: String,
+    /// What calls to workers present (token, TLS).
+    pub workers: crate::rpc::ClientSecurity,
 }
 
 impl ControllerConfig {
@@ -74,6 +76,7 @@ impl ControllerConfig {
             worker_timeout: Duration::from_secs(60),
             max_parallel_dispatch: 64,
             advertise_url: String::new(),
+            workers: crate::rpc::ClientSecurity::default(),
         }
     }
 }
@@ -111,7 +114,7 @@ impl Controller {
                 commit: tokio::sync::Mutex::new(()),
                 committed: AtomicU64::new(0),
                 wake: tokio::sync::Notify::new(),
-                calls: dispatch::Calls::new(config.max_parallel_dispatch),
+                calls: dispatch::Calls::new(config.max_parallel_dispatch, config.workers.clone()),
                 config,
                 started: std::time::Instant::now(),
                 blobs,

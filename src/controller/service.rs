@@ -296,6 +296,16 @@ pub async fn serve(
     c: Controller,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let app = router(c)?;
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(ServeError::Io)
+    serve_with(listener, c, crate::rpc::ServeOptions::default(), shutdown).await
+}
+
+/// [`serve`] behind `options`' gate (token, Host check), TLS and connection bounds.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    c: Controller,
+    options: crate::rpc::ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let app = options.gate.protect(router(c)?);
+    crate::rpc::listen::serve(listener, app, options.listen, shutdown).await.map_err(ServeError::Io)
 }

@@ -33,7 +33,11 @@ pub fn start(manager: TaskManager, controller: &str, me: WorkerIdentity) {
 /// [`start`] with another heartbeat interval (a controller with a short dead-worker timeout
 /// needs heartbeats more often than Iris's 10 s).
 pub fn start_every(manager: TaskManager, controller: &str, me: WorkerIdentity, every: Duration) {
-    let client = ConnectClient::new(controller);
+    start_with_client(manager, ConnectClient::new(controller), me, every);
+}
+
+/// [`start_every`] through `client` (a controller that wants a token or TLS).
+pub fn start_with_client(manager: TaskManager, client: ConnectClient, me: WorkerIdentity, every: Duration) {
     let events = manager.subscribe();
     tokio::spawn(report_states(client.clone(), me.worker_id.clone(), events));
     tokio::spawn(heartbeat(client, manager, me, every));

@@ -1,10 +1,13 @@
 //! A Connect client (HTTP/1.1, application/proto): how the worker calls a controller, since
-//! Iris controllers serve Connect over HTTP/1.1.
+//! Iris controllers serve Connect over HTTP/1.1, and how our controller calls workers. It
+//! speaks TLS for `https://` URLs (and bare addresses once TLS is configured) and sends the
+//! configured token (see [`crate::rpc::ClientSecurity`]).
 
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -12,6 +15,7 @@ use prost::Message;
 use tonic::Code;
 
 use super::code_from_name;
+use crate::rpc::ClientSecurity;
 
 /// Errors of a Connect call.
 #[derive(Debug, thiserror::Error)]
@@ -33,16 +37,25 @@ pub enum ConnectError {
 #[derive(Clone)]
 pub struct ConnectClient {
     base: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `Bearer <token>`, sent with every call.
+    authorization: Option<String>,
 }
 
 impl ConnectClient {
-    /// A client for the server at `base` (e.g. `http://controller:10000`).
+    /// A client for the server at `base` (e.g. `http://controller:10000`), plain HTTP, or
+    /// TLS with the system's roots for `https://`, without a token.
     pub fn new(base: &str) -> ConnectClient {
-        let base = if base.contains("://") { base.to_string() } else { format!("http://{base}") };
+        ConnectClient::with_security(base, &ClientSecurity::default())
+    }
+
+    /// A client for the server at `base` that presents `security`'s token and TLS settings.
+    pub fn with_security(base: &str, security: &ClientSecurity) -> ConnectClient {
+        let connector = HttpsConnector::from((http_connector(), security.tls_for(b"http/1.1")));
         ConnectClient {
-            base: base.trim_end_matches('/').to_string(),
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            base: security.url(base),
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            authorization: security.token.as_ref().map(|t| t.bearer()),
         }
     }
 
@@ -59,7 +72,11 @@ impl ConnectClient {
         timeout: Duration,
     ) -> Result<Resp, ConnectError> {
         let url = format!("{}/{service}/{method}", self.base);
-        let request = hyper::Request::post(&url)
+        let mut request = hyper::Request::post(&url);
+        if let Some(auth) = &self.authorization {
+            request = request.header("authorization", auth);
+        }
+        let request = request
             .header("content-type", "application/proto")
             .header("connect-protocol-version", "1")
             .header("connect-timeout-ms", timeout.as_millis().to_string())
@@ -87,4 +104,12 @@ impl ConnectClient {
         }
         Resp::decode(body.as_ref()).map_err(|e| ConnectError::Body { url, reason: e.to_string() })
     }
+}
+
+fn http_connector() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    // https:// URLs go through the same connector (hyper-rustls wraps it).
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http
 }

@@ -12,7 +12,9 @@ mod server;
 
 pub use client::{ConnectClient, ConnectError};
 pub use codec::Codec;
-pub use server::{CallCode, ConnectService, connect_router, error_response, unary, worker_router};
+pub use server::{
+    CallCode, ConnectService, MAX_BODY, ReadTimeout, connect_router, error_response, unary, worker_router,
+};
 
 use tonic::Code;
 

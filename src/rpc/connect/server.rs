@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{Request as HttpRequest, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use prost::Message;
@@ -17,8 +17,9 @@ use super::{code_name, http_status};
 use crate::proto::worker_service_server::WorkerService;
 use crate::rpc::WorkerServiceImpl;
 
-/// Largest request body accepted (after inflating): RunTask carries workdir files.
-const MAX_BODY: u64 = 64 << 20;
+/// Largest request body accepted (as sent, and after inflating): RunTask carries workdir
+/// files. gRPC calls have the same bound.
+pub const MAX_BODY: u64 = 64 << 20;
 
 /// A service served over Connect: its full name and one call per method.
 pub trait ConnectService: Clone + Send + Sync + 'static {
@@ -55,13 +56,19 @@ pub fn error_response(status: &Status) -> Response {
 async fn handle<S: ConnectService>(
     State(svc): State<S>,
     Path(method): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    req: HttpRequest<Body>,
 ) -> Response {
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let Some(codec) = Codec::from_content_type(content_type) else {
         return (StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("unsupported content type {content_type:?}"))
             .into_response();
+    };
+    let read_timeout = parts.extensions.get::<ReadTimeout>().map(|t| t.0).unwrap_or(DEFAULT_BODY_TIMEOUT);
+    let body = match read_body(body, read_timeout).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
     };
     let body = match headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()) {
         None | Some("identity") => body.to_vec(),
@@ -92,6 +99,38 @@ async fn handle<S: ConnectService>(
             resp
         }
         Err(status) => error_response(&status),
+    }
+}
+
+/// How long a request's body may take to arrive: put on each request by the server's accept
+/// loop ([`crate::rpc::listen`]), from its read timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadTimeout(pub Duration);
+
+/// The body's bound in time when the server set none.
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads a request body of at most [`MAX_BODY`] bytes within `timeout`. Too large is
+/// RESOURCE_EXHAUSTED in Connect's error form (HTTP 413), too slow DEADLINE_EXCEEDED.
+async fn read_body(body: Body, timeout: Duration) -> Result<Bytes, Response> {
+    let too_large = || {
+        let status = Status::resource_exhausted(format!("the request body is larger than {MAX_BODY} bytes"));
+        let mut resp = error_response(&status);
+        *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        resp
+    };
+    // A Content-Length over the bound is answered before a byte of the body is read.
+    if body.size_hint().lower() > MAX_BODY {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(body, MAX_BODY as usize);
+    match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(limited)).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(error_response(&Status::invalid_argument("the request body could not be read"))),
+        Err(_) => Err(error_response(&Status::deadline_exceeded(format!(
+            "the request body did not arrive within {timeout:?}"
+        )))),
     }
 }
 

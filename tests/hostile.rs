@@ -1,6 +1,8 @@
 //! Hostile and malformed requests (issue 14, section 4): idle and slow clients cannot take the
 //! port (descriptors stay bounded, HealthCheck still answers at once, the idle ones are closed
-//! after the timeout); an over-size body gets Connect's error form.
+//! after the timeout); an over-size body gets Connect's error form; long ids are refused
+//! naming the field, with no host path and cut short; a RunTask failing half-way leaves
+//! nothing; unknown JSON fields are ignored.
 
 mod common;
 #[path = "common/server.rs"]
@@ -10,7 +12,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::Worker;
+use common::{Worker, task};
+use iris_worker::proto::{Empty, worker};
 use server::Server;
 
 /// A raw HTTP/1.1 exchange: (status, body).
@@ -120,4 +123,90 @@ async fn an_oversize_body_gets_connects_error_form() {
     assert_eq!(status, 413, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
     assert_eq!(v["code"], "resource_exhausted", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: a worker"]
+async fn long_ids_are_refused_naming_the_field_without_paths_and_echoed_short() {
+    let w = Worker::start("long-ids", &[]).await;
+    let mut c = w.client().await;
+    // Under the id length limit, but 300 bytes once escaped for the directory name.
+    let id = format!("long{}task-0", "/".repeat(100));
+    let err = c.run_task(task(&id, &["/bin/true"])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("invalid task_id:"), "{}", err.message());
+    assert!(!err.message().contains(w.state_dir().to_str().unwrap()), "{}", err.message());
+    let huge = "x".repeat(100_000);
+    let err = c.run_task(task(&huge, &["/bin/true"])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("task_id") && err.message().len() < 300, "{}", err.message());
+    let err = c
+        .get_task_status(worker::GetTaskStatusRequest { task_id: huge.clone(), include_result: false })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().len() < 300, "the id is echoed cut short: {} bytes", err.message().len());
+    // Nothing was made for them.
+    assert_eq!(std::fs::read_dir(w.state_dir().join("tasks")).unwrap().count(), 0);
+}
+
+/// A small tmpfs mounted over a directory, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: a worker on a tiny tmpfs"]
+async fn a_run_task_failing_half_way_leaves_no_directory_record_or_port() {
+    let mut w = Worker::start("atomic", &["--port-range", "34800-34800"]).await;
+    // Restart the worker on a 256 KiB state filesystem: room for its files, not for a request
+    // carrying 1 MiB of workdir files.
+    w.kill9();
+    let tasks = w.state_dir().join("tasks");
+    nix::mount::mount(Some("tmpfs"), &tasks, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=256k")).unwrap();
+    let _tmpfs = Tmpfs(tasks.clone());
+    w.spawn().await;
+    let mut c = w.client().await;
+    let mut big = task("atomic/task-0", &["/bin/true"]);
+    big.ports = vec!["http".into()];
+    big.workdir_files.insert("blob".into(), vec![7u8; 1 << 20]);
+    let err = c.run_task(big).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(!err.message().contains(w.state_dir().to_str().unwrap()), "no host path: {}", err.message());
+    assert_eq!(std::fs::read_dir(&tasks).unwrap().count(), 0, "no task directory left");
+    let e = c
+        .get_task_status(worker::GetTaskStatusRequest { task_id: "atomic/task-0".into(), include_result: false })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "no record left");
+    // The only port of the range is free again.
+    let mut small = task("atomic/task-1", &["/bin/true"]);
+    small.ports = vec!["http".into()];
+    c.run_task(small).await.unwrap();
+    let s = common::wait_end(&mut c, "atomic/task-1", Duration::from_secs(60)).await;
+    assert_eq!(s.ports.get("http"), Some(&34800), "{s:?}");
+    // The tmpfs goes first, then the worker and its state (drop order).
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: a worker"]
+async fn unknown_json_fields_are_ignored() {
+    let w = Worker::start("unknown-fields", &[]).await;
+    let (status, body) = connect_json(w.port, "HealthCheck", r#"{"fromTheFuture": {"x": 1}}"#);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = connect_json(
+        w.port,
+        "RunTask",
+        r#"{"jobId":"u","taskId":"u/task-0","numTasks":1,"newField":"x",
+            "command":{"argv":["/bin/true"],"alsoNew":[1,2]},"resources":{"someDay":true}}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let mut c = w.client().await;
+    let s = common::wait_end(&mut c, "u/task-0", Duration::from_secs(60)).await;
+    assert_eq!(s.exit_code, 0, "{s:?}");
+    let _ = c.health_check(Empty {}).await.unwrap();
 }

@@ -33,7 +33,11 @@ pub fn to_status(e: ControllerError) -> Status {
         ControllerError::FailedPrecondition(_) => Code::FailedPrecondition,
         ControllerError::Store(_) => Code::Internal,
     };
-    let mut message = e.to_string();
+    let mut message = match &e {
+        // Ids are echoed cut short.
+        ControllerError::NotFound { what, id } => format!("{what} {:?} not found", crate::task::short(id)),
+        _ => e.to_string(),
+    };
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
         message.push_str(": ");

@@ -35,7 +35,7 @@ pub use env::WorkerEnv;
 pub use history::{HistoryView, Sample};
 pub use spec::{Command, TaskSpec};
 pub use state::TaskState;
-pub use validate::is_env_name;
+pub use validate::{is_env_name, short};
 
 use attempt::Attempt;
 use ports::PortAllocator;

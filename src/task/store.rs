@@ -54,16 +54,25 @@ pub fn tasks_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("tasks")
 }
 
-/// Creates an attempt's directory with its `task.json` and `request.pb`.
+/// Creates an attempt's directory with its `task.json` and `request.pb`, or nothing: a failure
+/// half-way (a full disk) removes what it made.
 pub fn create(state_dir: &Path, meta: &TaskMeta, raw_request: &[u8]) -> Result<PathBuf, FileError> {
     let dir = tasks_dir(state_dir).join(task_key(&meta.task_id, meta.attempt_id));
     let io = |op, path: &Path| {
         let path = path.to_path_buf();
         move |source| FileError::Io { op, path, source }
     };
-    fs::create_dir_all(dir.join(files::WORKDIR)).map_err(io("creating", &dir))?;
-    fs::write(dir.join(REQUEST), raw_request).map_err(io("writing", &dir.join(REQUEST)))?;
-    files::write_json(&dir, TASK, meta)?;
+    let existed = dir.exists();
+    let made = fs::create_dir_all(dir.join(files::WORKDIR))
+        .map_err(io("creating", &dir))
+        .and_then(|()| fs::write(dir.join(REQUEST), raw_request).map_err(io("writing", &dir.join(REQUEST))))
+        .and_then(|()| files::write_json(&dir, TASK, meta));
+    if let Err(e) = made {
+        if !existed {
+            let _ = fs::remove_dir_all(&dir);
+        }
+        return Err(e);
+    }
     Ok(dir)
 }
 

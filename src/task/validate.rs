@@ -13,6 +13,20 @@ const MIN_MEMORY: u64 = 4 << 20;
 const MAX_MILLICORES: u32 = 1_000_000;
 const MAX_PIDS: i64 = 1 << 22;
 const MAX_ID_LEN: usize = 512;
+/// The longest file name Linux filesystems take: a task's directory (and cgroup) is named by
+/// its escaped id and attempt.
+const MAX_NAME_LEN: usize = 255;
+/// How much of a value an error message echoes.
+const ECHO_LEN: usize = 64;
+
+/// `s`, cut to [`ECHO_LEN`] characters with a mark when longer: errors echo what the request
+/// said without carrying megabytes of it back.
+pub fn short(s: &str) -> String {
+    match s.char_indices().nth(ECHO_LEN) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> TaskError {
     TaskError::Invalid { field: field.into(), reason: reason.into() }
@@ -42,6 +56,13 @@ pub fn is_env_name(name: &str) -> bool {
 pub fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
     check_id("task_id", &spec.task_id)?;
     check_id("job_id", &spec.job_id)?;
+    let name = super::store::task_key(&spec.task_id, spec.attempt_id);
+    if name.len() > MAX_NAME_LEN {
+        return Err(invalid(
+            "task_id",
+            format!("its escaped directory name would be {} bytes, more than {MAX_NAME_LEN}", name.len()),
+        ));
+    }
     if spec.attempt_id < 0 {
         return Err(invalid("attempt_id", "must not be negative"));
     }
@@ -59,7 +80,7 @@ pub fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
                 if path.contains('\0') || !p.components().all(|c| matches!(c, Component::Normal(_))) {
                     return Err(invalid(
                         "image",
-                        format!("the Dockerfile path {path:?} must be relative, inside the bundle"),
+                        format!("the Dockerfile path {:?} must be relative, inside the bundle", short(path)),
                     ));
                 }
             }
@@ -87,7 +108,7 @@ pub fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
     }
     for (k, v) in &spec.env_vars {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(invalid(format!("environment.env_vars[{k:?}]"), "is not a valid variable"));
+            return Err(invalid(format!("environment.env_vars[{:?}]", short(k)), "is not a valid variable"));
         }
     }
     if let Some(m) = spec.limits.memory_bytes
@@ -108,10 +129,13 @@ pub fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
     let mut names = BTreeSet::new();
     for (i, name) in spec.ports.iter().enumerate() {
         if !is_env_name(name) {
-            return Err(invalid(format!("ports[{i}]"), format!("{name:?} cannot be an environment variable name")));
+            return Err(invalid(
+                format!("ports[{i}]"),
+                format!("{:?} cannot be an environment variable name", short(name)),
+            ));
         }
         if !names.insert(name.to_ascii_uppercase()) {
-            return Err(invalid(format!("ports[{i}]"), format!("{name:?} is asked twice")));
+            return Err(invalid(format!("ports[{i}]"), format!("{:?} is asked twice", short(name))));
         }
     }
     for (path, _) in &spec.workdir_files {
@@ -119,7 +143,7 @@ pub fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
         let ok = !path.is_empty() && !path.contains('\0') && p.components().all(|c| matches!(c, Component::Normal(_)));
         if !ok {
             return Err(invalid(
-                format!("workdir_files[{path:?}]"),
+                format!("workdir_files[{:?}]", short(path)),
                 "must be a relative path inside the workdir (no '..', no leading '/')",
             ));
         }
@@ -169,5 +193,17 @@ mod tests {
             let s = TaskSpec { workdir_files: vec![(bad.into(), vec![])], ..good() };
             assert!(field_of(&s).starts_with("workdir_files"), "{bad}");
         }
+    }
+
+    #[test]
+    fn ids_whose_directory_name_is_too_long_are_refused() {
+        // 100 bytes that each escape to 3 ("_2f"): 300 bytes of directory name, under 512 of id.
+        let id = "/".repeat(100);
+        assert_eq!(field_of(&TaskSpec { task_id: id, ..good() }), "task_id");
+        assert_eq!(field_of(&TaskSpec { task_id: "x".repeat(600), ..good() }), "task_id");
+        assert!(validate(&TaskSpec { task_id: "x".repeat(240), ..good() }).is_ok());
+        let long_port = "p".repeat(10_000) + "-";
+        let err = validate(&TaskSpec { ports: vec![long_port], ..good() }).unwrap_err().to_string();
+        assert!(err.len() < 200, "the echo is cut: {err}");
     }
 }

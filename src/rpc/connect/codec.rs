@@ -41,7 +41,10 @@ impl Codec {
             Codec::Json => {
                 let desc = descriptor(full_name)?;
                 let mut de = serde_json::Deserializer::from_slice(body);
-                let dynamic = DynamicMessage::deserialize_with_options(desc, &mut de, &DeserializeOptions::new())
+                // Fields this proto does not know are skipped, as Iris's clients expect of a
+                // peer (protobuf's `ignore_unknown_fields`): a newer sender must not fail here.
+                let options = DeserializeOptions::new().deny_unknown_fields(false);
+                let dynamic = DynamicMessage::deserialize_with_options(desc, &mut de, &options)
                     .map_err(|e| format!("decoding {full_name} from JSON: {e}"))?;
                 M::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| format!("decoding {full_name}: {e}"))
             }

@@ -55,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
             max_bytes: 1 << 30,
             devices: false,
         },
+        bundle_sources: Default::default(),
         python: PythonConfig {
             rootfs: "/var/cache/iris-worker/rootfs/python".into(),
             find_links: None,

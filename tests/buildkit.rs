@@ -145,8 +145,12 @@ async fn a_task_runs_in_the_image_built_from_its_bundles_dockerfile_and_the_seco
     bundle_zip(&ctx, &zip);
     let cache = tempfile::Builder::new().prefix("iris-worker-test-cache-").tempdir().unwrap();
     let addr = d.buildkit_addr();
-    let w = common::Worker::start("dockerfile", &["--cache-dir", cache.path().to_str().unwrap(), "--buildkit", &addr])
-        .await;
+    let bundles = files.path().to_str().unwrap();
+    let w = common::Worker::start(
+        "dockerfile",
+        &["--cache-dir", cache.path().to_str().unwrap(), "--buildkit", &addr, "--allow-bundle-path", bundles],
+    )
+    .await;
     let mut c = w.client().await;
 
     let script = "cat /app/hello.txt /app/nested/a/b/deep.txt /ran.txt; echo cwd=$(pwd) greeting=$GREETING";
@@ -218,7 +222,14 @@ async fn an_unreachable_buildkit_fails_the_task_naming_the_address() {
     let addr = format!("docker-unix://{}/no-daemon.sock", files.path().display());
     let w = common::Worker::start(
         "dockerfile-unreachable",
-        &["--cache-dir", cache.path().to_str().unwrap(), "--buildkit", &addr],
+        &[
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--buildkit",
+            &addr,
+            "--allow-bundle-path",
+            files.path().to_str().unwrap(),
+        ],
     )
     .await;
     let mut c = w.client().await;

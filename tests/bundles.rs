@@ -4,6 +4,11 @@
 //! use; a restarted cache finds its bundles; and hostile archives (zip-slip, absolute path,
 //! symlink escape, a 10 GB bomb, a million entries, a device) are each rejected with their own
 //! error naming the entry, leaving nothing in the cache and nothing written outside it.
+//! Bundles come only from where the operator allows (`file://` below its directories, http(s)
+//! from public addresses), and a worker fails tasks that ask for anything else (that one test
+//! needs root).
+
+mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -156,7 +161,13 @@ fn cache_contents(dir: &Path) -> Vec<String> {
 }
 
 fn config(dir: &Path) -> BundleConfig {
-    BundleConfig::new(dir)
+    // These tests fetch from their temp dirs and loopback servers (sources are tested apart).
+    let sources = iris_worker::bundle::SourcePolicy {
+        allowed_dirs: vec![std::env::temp_dir()],
+        allow_private_hosts: true,
+        controller: None,
+    };
+    BundleConfig { sources, ..BundleConfig::new(dir) }
 }
 
 fn phases() -> (Arc<Mutex<Vec<Phase>>>, impl Fn(Phase) + Send + Sync + 'static) {
@@ -670,4 +681,84 @@ fn write_many_entries(path: &Path, count: u64) {
     out.write_all(&[0, 0]).unwrap();
     let mut file = out.into_inner().unwrap();
     assert_eq!(file.stream_position().unwrap(), eocd64_offset + 56 + 20 + 22);
+}
+
+// ---------------------------------------------------------------------------------------
+// Where bundles may come from: the operator's directories and public hosts only.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_come_only_from_the_operators_directories_and_public_hosts() {
+    use iris_worker::bundle::SourcePolicy;
+    let work = tempfile::tempdir().unwrap();
+    let allowed = work.path().join("allowed");
+    fs::create_dir(&allowed).unwrap();
+    let bytes = sample_bundle();
+    fs::write(allowed.join("b.zip"), &bytes).unwrap();
+    fs::write(work.path().join("secret.zip"), &bytes).unwrap();
+    std::os::unix::fs::symlink(work.path().join("secret.zip"), allowed.join("link.zip")).unwrap();
+    let (served, addr) = serve().await;
+    served.put("/b.zip", bytes.clone());
+
+    let strict = SourcePolicy { allowed_dirs: vec![allowed.clone()], ..Default::default() };
+    let dir = work.path().join("cache");
+    let cache = BundleCache::new(BundleConfig { sources: strict.clone(), ..BundleConfig::new(&dir) }).unwrap();
+    cache.get(&format!("file://{}", allowed.join("b.zip").display()), None, |_| {}).await.unwrap();
+
+    let refused = |e: BundleError, flag: &str| match &e {
+        BundleError::Refused { .. } => assert!(e.to_string().contains(flag), "{e}"),
+        other => panic!("expected a refusal naming {flag}, got {other}"),
+    };
+    for outside in [
+        work.path().join("secret.zip"),
+        work.path().join("missing.zip"), // no existence oracle: refused, not "not found"
+        allowed.join("../secret.zip"),
+        allowed.join("link.zip"),
+        PathBuf::from("/etc/hostname"),
+    ] {
+        let e = cache.get(&format!("file://{}", outside.display()), None, |_| {}).await.unwrap_err();
+        refused(e, "--allow-bundle-path");
+    }
+    for url in [
+        format!("http://{addr}/b.zip"),
+        format!("http://localhost:{}/b.zip", addr.port()),
+        "http://169.254.169.254/latest/meta-data/b.zip".to_string(),
+        format!("http://[::ffff:127.0.0.1]:{}/b.zip", addr.port()),
+    ] {
+        let e = cache.get(&url, None, |_| {}).await.unwrap_err();
+        refused(e, "--allow-private-bundle-hosts");
+    }
+    assert_eq!(served.gets("/b.zip"), 0, "a refused host is never contacted");
+    drop(cache);
+
+    // The operator allows private hosts: the same URL works.
+    let open = SourcePolicy { allow_private_hosts: true, ..strict.clone() };
+    let cache = BundleCache::new(BundleConfig { sources: open, ..BundleConfig::new(&dir) }).unwrap();
+    cache.get(&format!("http://localhost:{}/b.zip", addr.port()), None, |_| {}).await.unwrap();
+    assert_eq!(served.gets("/b.zip"), 1);
+    drop(cache);
+    // Cached under the wider policy, refused under the narrower one.
+    let cache = BundleCache::new(BundleConfig { sources: strict, ..BundleConfig::new(&dir) }).unwrap();
+    let e = cache.get(&format!("http://localhost:{}/b.zip", addr.port()), None, |_| {}).await.unwrap_err();
+    refused(e, "--allow-private-bundle-hosts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: a worker running tasks"]
+async fn a_worker_fails_tasks_whose_bundle_the_operator_does_not_allow() {
+    let w = common::Worker::start("bundle-sources", &[]).await;
+    let mut c = w.client().await;
+    let (served, addr) = serve().await;
+    served.put("/b.zip", sample_bundle());
+    for (id, path, flag) in [
+        ("sources/file", "file:///etc/hostname".to_string(), "--allow-bundle-path"),
+        ("sources/http", format!("http://{addr}/b.zip"), "--allow-private-bundle-hosts"),
+    ] {
+        let mut req = common::task(id, &["/bin/true"]);
+        req.bundle_gcs_path = path;
+        c.run_task(req).await.unwrap();
+        let s = common::wait_end(&mut c, id, Duration::from_secs(60)).await;
+        assert_eq!(common::state_of(&s), iris_worker::task::TaskState::Failed, "{s:?}");
+        assert!(s.error.contains(flag), "{id}: {}", s.error);
+    }
+    assert_eq!(served.gets("/b.zip"), 0);
 }

@@ -34,6 +34,11 @@ async fn python_worker(name: &str) -> (Worker, tempfile::TempDir) {
             wheels.to_str().unwrap(),
             "--uv-offline",
             "true",
+            // The tests' bundles are zips in temp dirs and on loopback http servers.
+            "--allow-bundle-path",
+            std::env::temp_dir().to_str().unwrap(),
+            "--allow-private-bundle-hosts",
+            "true",
         ],
     )
     .await;

@@ -56,6 +56,9 @@ fn python_flags(cache_dir: &Path) -> Vec<String> {
         wheels.to_str().unwrap(),
         "--uv-offline",
         "true",
+        // The direct test's bundles are zips in a temp dir.
+        "--allow-bundle-path",
+        std::env::temp_dir().to_str().unwrap(),
     ]
     .map(String::from)
     .to_vec()

@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use super::BundleError;
+use super::sources::SourcePolicy;
 
 /// No byte for this long fails a download; a slow one that keeps moving does not.
 const READ_TIMEOUT: &str = "60s";
@@ -32,10 +33,11 @@ pub(crate) struct Location {
     path: ObjectPath,
 }
 
-/// Parses a bundle path into a store and a path inside it. An absolute local path is taken as
-/// a `file://` URL.
-pub(crate) fn locate(path: &str) -> Result<Location, BundleError> {
+/// Parses a bundle path into a store and a path inside it, if `policy` allows the location
+/// (see [`super::sources`]). An absolute local path is taken as a `file://` URL.
+pub(crate) fn locate(path: &str, policy: &SourcePolicy) -> Result<Location, BundleError> {
     let bad = |reason: String| BundleError::BadPath { path: path.to_owned(), reason };
+    let refused = |reason: super::sources::Refused| BundleError::Refused { path: path.to_owned(), reason };
     let url = if path.starts_with('/') {
         Url::from_file_path(path).map_err(|()| bad("not a usable file path".to_owned()))?
     } else {
@@ -43,18 +45,43 @@ pub(crate) fn locate(path: &str) -> Result<Location, BundleError> {
     };
     let (scheme, location) = ObjectStoreScheme::parse(&url).map_err(|e| bad(e.to_string()))?;
     let failed = |e: object_store::Error| bad(e.to_string());
-    let store: Arc<dyn ObjectStore> = match scheme {
-        ObjectStoreScheme::Local => Arc::new(LocalFileSystem::new()),
+    let (store, location): (Arc<dyn ObjectStore>, ObjectPath) = match scheme {
+        ObjectStoreScheme::Local => {
+            let file = url.to_file_path().map_err(|()| bad("not a usable file path".to_owned()))?;
+            let allowed = policy.check_file(&file).map_err(refused)?;
+            let location = ObjectPath::from_absolute_path(&allowed).map_err(|e| bad(e.to_string()))?;
+            (Arc::new(LocalFileSystem::new()), location)
+        }
         ObjectStoreScheme::Http => {
             install_tls_provider();
+            policy.check_url(&url).map_err(refused)?;
             let base = &url[..url::Position::BeforePath];
             let options = ClientOptions::new()
                 .with_allow_http(url.scheme() == "http")
                 .with_timeout_disabled()
                 .with_config(ClientConfigKey::ReadTimeout, READ_TIMEOUT)
                 .with_config(ClientConfigKey::ConnectTimeout, CONNECT_TIMEOUT);
-            let store = HttpBuilder::new().with_url(base).with_client_options(options);
-            Arc::new(store.build().map_err(failed)?)
+            let mut options = options;
+            let trusted = policy.controller.as_ref().filter(|c| c.serves(&url));
+            if let Some(controller) = trusted {
+                // Our own controller: its token and its CA go with the request.
+                if let Some(auth) = &controller.authorization {
+                    let mut headers = http::HeaderMap::new();
+                    let value = http::HeaderValue::from_str(auth).map_err(|e| bad(e.to_string()))?;
+                    headers.insert(http::header::AUTHORIZATION, value);
+                    options = options.with_default_headers(headers);
+                }
+                if let Some(pem) = &controller.ca_pem {
+                    for cert in object_store::Certificate::from_pem_bundle(pem).map_err(failed)? {
+                        options = options.with_root_certificate(cert);
+                    }
+                }
+            }
+            let mut store = HttpBuilder::new().with_url(base).with_client_options(options);
+            if !policy.allow_private_hosts && trusted.is_none() {
+                store = store.with_http_connector(PublicOnly { policy: policy.clone() });
+            }
+            (Arc::new(store.build().map_err(failed)?), location)
         }
         ObjectStoreScheme::AmazonS3 => {
             install_tls_provider();
@@ -64,7 +91,7 @@ pub(crate) fn locate(path: &str) -> Result<Location, BundleError> {
                 .with_config(client(ClientConfigKey::Timeout), "24h")
                 .with_config(client(ClientConfigKey::ReadTimeout), READ_TIMEOUT)
                 .with_config(client(ClientConfigKey::ConnectTimeout), CONNECT_TIMEOUT);
-            Arc::new(store.build().map_err(failed)?)
+            (Arc::new(store.build().map_err(failed)?), location)
         }
         ObjectStoreScheme::GoogleCloudStorage => {
             install_tls_provider();
@@ -74,11 +101,91 @@ pub(crate) fn locate(path: &str) -> Result<Location, BundleError> {
                 .with_config(client(ClientConfigKey::Timeout), "24h")
                 .with_config(client(ClientConfigKey::ReadTimeout), READ_TIMEOUT)
                 .with_config(client(ClientConfigKey::ConnectTimeout), CONNECT_TIMEOUT);
-            Arc::new(store.build().map_err(failed)?)
+            (Arc::new(store.build().map_err(failed)?), location)
         }
         other => return Err(bad(format!("{other:?} stores are not supported"))),
     };
     Ok(Location { store, path: location })
+}
+
+/// Whether `policy` allows the location `path`: `file://` paths, http(s) hosts given as
+/// addresses, and names by where they resolve now (a bundle cached under a wider policy is not
+/// handed out under a narrower one).
+pub(crate) async fn check(path: &str, policy: &SourcePolicy) -> Result<(), BundleError> {
+    let refused = |reason| BundleError::Refused { path: path.to_owned(), reason };
+    let url = if path.starts_with('/') { Url::from_file_path(path).ok() } else { Url::parse(path).ok() };
+    let Some(url) = url else { return Ok(()) }; // malformed: locate() says why
+    match url.scheme() {
+        "file" => {
+            let file = url.to_file_path().map_err(|()| refused(super::sources::Refused::PathNotAllowed))?;
+            policy.check_file(&file).map(|_| ()).map_err(refused)
+        }
+        "http" | "https" => {
+            policy.check_url(&url).map_err(refused)?;
+            let host = url.host_str().unwrap_or("");
+            if policy.allow_private_hosts || policy.trusts(&url) || super::sources::literal(host).is_some() {
+                return Ok(());
+            }
+            let found = tokio::net::lookup_host((host, url.port_or_known_default().unwrap_or(80)))
+                .await
+                .map(|a| a.collect())
+                .unwrap_or_default();
+            policy.filter_resolved(host, found).map(|_| ()).map_err(refused)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The HTTP client of http(s) bundles when private hosts are not allowed: every address it
+/// connects to — of the URL and of each redirect — passes [`SourcePolicy`] first.
+#[derive(Debug)]
+struct PublicOnly {
+    policy: SourcePolicy,
+}
+
+impl object_store::client::HttpConnector for PublicOnly {
+    fn connect(&self, _options: &ClientOptions) -> object_store::Result<object_store::client::HttpClient> {
+        let redirects = self.policy.clone();
+        let client = reqwest::Client::builder()
+            .dns_resolver(Arc::new(PublicResolver { policy: self.policy.clone() }))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 10 {
+                    return attempt.error("more than 10 redirects");
+                }
+                match redirects.check_url(attempt.url()) {
+                    Ok(()) => attempt.follow(),
+                    Err(refused) => attempt.error(refused),
+                }
+            }))
+            // A proxy would connect for us to an address we never see.
+            .no_proxy()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .read_timeout(std::time::Duration::from_secs(60))
+            .no_gzip()
+            .no_brotli()
+            .no_zstd()
+            .no_deflate()
+            .build()
+            .map_err(|e| object_store::Error::Generic { store: "HTTP", source: Box::new(e) })?;
+        Ok(object_store::client::HttpClient::new(client))
+    }
+}
+
+/// Resolves names as the system does, then keeps only the addresses the policy allows.
+struct PublicResolver {
+    policy: SourcePolicy,
+}
+
+impl reqwest::dns::Resolve for PublicResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let found: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed = policy.filter_resolved(&host, found)?;
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 /// rustls is built with ring alone (aws-lc-rs is a long C build); reqwest needs it installed
@@ -107,9 +214,18 @@ pub(crate) async fn download(
     dest: File,
     max_bytes: u64,
 ) -> Result<Downloaded, BundleError> {
-    let fetch_err = |e: object_store::Error| match e {
-        object_store::Error::NotFound { .. } => BundleError::NotFound { path: source.to_owned(), source: Arc::new(e) },
-        e => BundleError::Fetch { path: source.to_owned(), source: Arc::new(e) },
+    let fetch_err = |e: object_store::Error| {
+        // A refusal deep in the HTTP client (a name resolving to a private address, a redirect
+        // to one) is reported as such, naming the flag.
+        if let Some(reason) = refusal_in(&e) {
+            return BundleError::Refused { path: source.to_owned(), reason };
+        }
+        match e {
+            object_store::Error::NotFound { .. } => {
+                BundleError::NotFound { path: source.to_owned(), source: Arc::new(e) }
+            }
+            e => BundleError::Fetch { path: source.to_owned(), source: Arc::new(e) },
+        }
     };
     let write_err =
         |e: io::Error| BundleError::Io { what: format!("writing the download of {source}"), source: Arc::new(e) };
@@ -152,6 +268,18 @@ pub(crate) async fn download(
     }
 }
 
+/// The policy refusal somewhere in `e`'s chain of causes, if any.
+fn refusal_in(e: &(dyn std::error::Error + 'static)) -> Option<super::sources::Refused> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(r) = c.downcast_ref::<super::sources::Refused>() {
+            return Some(r.clone());
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// Copies `from` into `to` and hashes it; `None` when more than `max_bytes` were read.
 fn copy_hashing(mut from: File, mut to: File, max_bytes: u64) -> io::Result<Option<Downloaded>> {
     let mut buffer = vec![0; 1 << 20];
@@ -189,11 +317,12 @@ mod tests {
             "gs://bucket/dir/b.zip",
             "s3://bucket/dir/b.zip",
         ] {
-            let location = locate(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            let open = SourcePolicy { allowed_dirs: vec!["/tmp".into()], allow_private_hosts: true, controller: None };
+            let location = locate(ok, &open).unwrap_or_else(|e| panic!("{ok}: {e}"));
             assert!(location.path.as_ref().ends_with("b.zip"), "{ok}: {}", location.path);
         }
         for bad in ["relative/b.zip", "ftp://host/b.zip", "", "az://container/b.zip"] {
-            let err = locate(bad).err().unwrap_or_else(|| panic!("{bad} was accepted"));
+            let err = locate(bad, &SourcePolicy::default()).err().unwrap_or_else(|| panic!("{bad} was accepted"));
             assert!(matches!(err, BundleError::BadPath { .. }), "{bad}: {err}");
             assert!(err.to_string().contains(bad), "{err}");
         }
@@ -204,7 +333,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("b.zip");
         std::fs::write(&src, b"hello").unwrap();
-        let location = locate(src.to_str().unwrap()).unwrap();
+        let open = SourcePolicy { allowed_dirs: vec![dir.path().to_path_buf()], ..Default::default() };
+        let location = locate(src.to_str().unwrap(), &open).unwrap();
         let dest = dir.path().join("copy");
         let got = download("b", &location, File::create(&dest).unwrap(), 100).await.unwrap();
         assert_eq!(got.bytes, 5);
@@ -212,7 +342,7 @@ mod tests {
         assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
         let err = download("b", &location, File::create(&dest).unwrap(), 4).await.unwrap_err();
         assert!(matches!(err, BundleError::TooLarge { limit: 4, .. }), "{err}");
-        let missing = locate(dir.path().join("nope.zip").to_str().unwrap()).unwrap();
+        let missing = locate(dir.path().join("nope.zip").to_str().unwrap(), &open).unwrap();
         let err = download("nope", &missing, File::create(&dest).unwrap(), 100).await.unwrap_err();
         assert!(matches!(err, BundleError::NotFound { .. }), "{err}");
     }

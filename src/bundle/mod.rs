@@ -29,6 +29,7 @@
 mod cache;
 mod extract;
 mod fetch;
+pub mod sources;
 
 use std::fmt;
 use std::io;
@@ -41,6 +42,7 @@ use tokio::sync::watch;
 
 use cache::{Disk, Entry, Index, Lookup, key_for};
 pub use extract::{ExtractError, ExtractLimits, Extracted, RATIO_FLOOR, extract};
+pub use sources::SourcePolicy;
 
 /// Where and how much a [`BundleCache`] keeps.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,12 +55,21 @@ pub struct BundleConfig {
     pub max_entries: usize,
     /// Bounds on each bundle's extraction.
     pub limits: ExtractLimits,
+    /// Where bundles may come from ([`sources`]).
+    pub sources: SourcePolicy,
 }
 
 impl BundleConfig {
-    /// `dir` with the defaults: 20 GiB, 256 bundles, [`ExtractLimits::default`].
+    /// `dir` with the defaults: 20 GiB, 256 bundles, [`ExtractLimits::default`], no `file://`
+    /// directory and public http(s) hosts only.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), max_bytes: 20 << 30, max_entries: 256, limits: ExtractLimits::default() }
+        Self {
+            dir: dir.into(),
+            max_bytes: 20 << 30,
+            max_entries: 256,
+            limits: ExtractLimits::default(),
+            sources: SourcePolicy::default(),
+        }
     }
 }
 
@@ -94,6 +105,9 @@ pub enum BundleError {
         "bundle path {path:?} is not a location we can fetch (file://, http(s)://, gs://, s3:// or an absolute path): {reason}"
     )]
     BadPath { path: String, reason: String },
+    /// The operator does not allow this location (the reason names the flag that would).
+    #[error("bundle {path} refused: {reason}")]
+    Refused { path: String, reason: sources::Refused },
     #[error("bundle {path}: {given:?} is not a sha256 (64 hex digits)")]
     BadSha256 { path: String, given: String },
     #[error("bundle {path} was not found: {source}")]
@@ -235,6 +249,9 @@ impl BundleCache {
             Some(given) => Some(parse_sha256(path, given)?),
             None => None,
         };
+        // The policy holds for cached bundles too: one fetched under an earlier, wider
+        // policy is not handed out under a narrower one.
+        fetch::check(path, &self.inner.config.sources).await?;
         let key = key_for(path);
         // Another round when the fetch we followed failed on another caller's sha256 (ours may
         // well match), its bundle was evicted before we took it (a cache over its bounds), or
@@ -418,7 +435,7 @@ async fn fetch_and_extract(
     let path = job.path.as_str();
     let io_err =
         |what: &str, e: io::Error| BundleError::Io { what: format!("{what} for bundle {path}"), source: Arc::new(e) };
-    let location = fetch::locate(path)?;
+    let location = fetch::locate(path, &inner.config.sources)?;
     // One fetch per bundle across the worker processes sharing this cache: the others wait
     // here, then find it published.
     let published = || inner.disk.load(&job.key).is_some();

@@ -159,6 +159,14 @@ pub struct ServeArgs {
     /// connection idle this long is closed [default: 30].
     #[arg(long, env = "IRIS_WORKER_READ_TIMEOUT")]
     pub read_timeout: Option<f64>,
+    /// A directory `file://` bundles may be read from, with what is below it (repeatable)
+    /// [default: none: file:// bundles are refused].
+    #[arg(long = "allow-bundle-path", env = "IRIS_WORKER_ALLOW_BUNDLE_PATHS", value_delimiter = ',')]
+    pub allow_bundle_paths: Vec<PathBuf>,
+    /// http(s) bundles may come from loopback, private and link-local addresses (cloud
+    /// metadata included) [default: false].
+    #[arg(long, env = "IRIS_WORKER_ALLOW_PRIVATE_BUNDLE_HOSTS")]
+    pub allow_private_bundle_hosts: Option<bool>,
 }
 
 /// The TOML file: the same settings, all optional.
@@ -204,6 +212,8 @@ struct FileConfig {
     allowed_hosts: Option<Vec<String>>,
     max_connections: Option<usize>,
     read_timeout: Option<f64>,
+    allow_bundle_paths: Option<Vec<PathBuf>>,
+    allow_private_bundle_hosts: Option<bool>,
 }
 
 /// Settings after merging.
@@ -241,6 +251,8 @@ pub struct ServeConfig {
     pub isolate_controller: bool,
     /// What callers must present, and what the worker presents to its controller.
     pub security: super::security::ServerSecurity,
+    /// Where bundles may come from.
+    pub bundle_sources: crate::bundle::SourcePolicy,
 }
 
 impl ServeArgs {
@@ -273,6 +285,7 @@ impl ServeArgs {
             Some(host) => host,
             None => default_advertise_host(listen, controller.as_deref()),
         };
+        let tls_ca = self.tls_ca.clone().or_else(|| file.tls_ca.clone());
         let security = super::security::ServerSecuritySettings {
             auth_token_file: self.auth_token_file.or(file.auth_token_file),
             tls_cert: self.tls_cert.or(file.tls_cert),
@@ -288,6 +301,18 @@ impl ServeArgs {
             read_timeout: self.read_timeout.or(file.read_timeout),
         }
         .resolve(listen, &[&advertise_host])?;
+        // The controller's own bundles (Iris's inline ones) come from it with our token and CA.
+        let bundle_controller = match &controller {
+            Some(url) => {
+                let ca_pem = match &tls_ca {
+                    Some(p) => Some(std::fs::read(p).with_context(|| format!("reading tls_ca {}", p.display()))?),
+                    None => None,
+                };
+                let authorization = security.client.token.as_ref().map(|t| t.bearer());
+                crate::bundle::sources::ControllerSource::new(url, authorization, ca_pem)
+            }
+            None => None,
+        };
         #[cfg(feature = "buildkit")]
         if let Some(addr) = &buildkit {
             crate::buildkit::connect::Address::parse(addr).context("buildkit")?;
@@ -380,6 +405,18 @@ impl ServeArgs {
             task_isolation: self.task_isolation.or(file.task_isolation).unwrap_or(true),
             isolate_controller: self.isolate_controller.or(file.isolate_controller).unwrap_or(false),
             security,
+            bundle_sources: crate::bundle::SourcePolicy {
+                allowed_dirs: if self.allow_bundle_paths.is_empty() {
+                    file.allow_bundle_paths.unwrap_or_default()
+                } else {
+                    self.allow_bundle_paths
+                },
+                allow_private_hosts: self
+                    .allow_private_bundle_hosts
+                    .or(file.allow_private_bundle_hosts)
+                    .unwrap_or(false),
+                controller: bundle_controller,
+            },
         })
     }
 }

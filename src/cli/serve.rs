@@ -39,6 +39,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         workdir_retention: config.workdir_retention,
         buildkit: config.buildkit.clone(),
         images: config.images.clone(),
+        bundle_sources: config.bundle_sources.clone(),
         python: PythonConfig {
             rootfs: config.python_rootfs.clone(),
             find_links: config.uv_find_links.clone(),

@@ -103,6 +103,8 @@ pub struct ManagerConfig {
     pub buildkit: Option<String>,
     /// Where images come from and where their layers are kept (tasks with an `image`).
     pub images: crate::env::image::ImageStoreConfig,
+    /// Where bundles may come from (`file://` directories, private http hosts).
+    pub bundle_sources: crate::bundle::SourcePolicy,
 }
 
 /// The Python environment of tasks with a bundle or a pickled entrypoint.
@@ -494,7 +496,8 @@ impl Inner {
         self.bundles
             .get_or_init(|| async {
                 let dir = self.config.cache_dir.join("bundles");
-                BundleCache::new(BundleConfig::new(dir)).map_err(|e| e.to_string())
+                let config = BundleConfig { sources: self.config.bundle_sources.clone(), ..BundleConfig::new(dir) };
+                BundleCache::new(config).map_err(|e| e.to_string())
             })
             .await
             .as_ref()

@@ -1,0 +1,320 @@
+//! Where bundles may come from: the operator's choice, since the worker reads them as root.
+//!
+//! - `file://` (or an absolute path) only below a directory given with `--allow-bundle-path`
+//!   (none by default): any other host path is refused before it is touched, so a request can
+//!   neither read a file the operator did not offer nor learn whether one exists. The path is
+//!   resolved (symlinks included) and checked again, so a link inside an allowed directory
+//!   cannot point out of it.
+//! - `http(s)://` only to public addresses unless `--allow-private-bundle-hosts`: an address
+//!   literal is checked as given; a name is checked where it resolves, by the HTTP client's own
+//!   resolver, so the address checked is the address connected to (no rebinding between
+//!   check and use), for the first request and for every redirect. Proxies from the
+//!   environment are not used then: a proxy would connect on our behalf to an address we never
+//!   see.
+//! - The worker's own controller is trusted whatever its address: the inline bundles it serves
+//!   (`<controller>/bundles/<sha256>.zip`, Iris's `bundle_blob`) are fetched from it with the
+//!   worker's token and CA.
+//! - `gs://` and `s3://` are unchanged: their clients reach only their services (and the cloud's
+//!   metadata endpoint, for credentials).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Component, Path, PathBuf};
+
+/// The operator's rules for bundle locations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourcePolicy {
+    /// Directories `file://` bundles may be read from (and below).
+    pub allowed_dirs: Vec<PathBuf>,
+    /// http(s) bundles may come from loopback, private, link-local and other non-public
+    /// addresses.
+    pub allow_private_hosts: bool,
+    /// The worker's controller, trusted as a bundle source.
+    pub controller: Option<ControllerSource>,
+}
+
+/// The controller a worker reports to, as a bundle source: its URL's scheme, host and port,
+/// the addresses the host had when the worker started (a controller may advertise an address
+/// where workers name it), and what to present to it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ControllerSource {
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+    pub addresses: Vec<IpAddr>,
+    /// `Bearer <token>`, when the worker has a token.
+    pub authorization: Option<String>,
+    /// PEM roots for an https controller (the worker's `--tls-ca`).
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ControllerSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerSource")
+            .field("origin", &format!("{}://{}:{}", self.scheme, self.host, self.port))
+            .field("addresses", &self.addresses)
+            .field("authorization", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl ControllerSource {
+    /// The controller at `url` (`http(s)://host:port` or `host:port`); its host resolved now.
+    pub fn new(url: &str, authorization: Option<String>, ca_pem: Option<Vec<u8>>) -> Option<ControllerSource> {
+        let url = url::Url::parse(url)
+            .ok()
+            .filter(|u| u.host_str().is_some())
+            .or_else(|| url::Url::parse(&format!("http://{url}")).ok())?;
+        let host = url.host_str()?.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let port = url.port_or_known_default()?;
+        let addresses = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+            .map(|a| a.map(|a| a.ip()).collect())
+            .unwrap_or_default();
+        Some(ControllerSource { scheme: url.scheme().to_string(), host, port, addresses, authorization, ca_pem })
+    }
+
+    /// Whether `url` is served by this controller.
+    pub fn serves(&self, url: &url::Url) -> bool {
+        let Some(host) = url.host_str() else { return false };
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        url.scheme() == self.scheme
+            && url.port_or_known_default() == Some(self.port)
+            && (host == self.host || literal(&host).is_some_and(|ip| self.addresses.contains(&ip)))
+    }
+}
+
+/// Why a location is refused (the message names the flag that would allow it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("file bundles are read only below a directory given with --allow-bundle-path, and this path is not")]
+    PathNotAllowed,
+    #[error(
+        "{host} is a non-public address ({kind}); bundles come from public addresses unless the worker runs with --allow-private-bundle-hosts"
+    )]
+    PrivateAddress { host: String, kind: &'static str },
+    #[error(
+        "{0} resolves to no public address; bundles come from public addresses unless the worker runs with --allow-private-bundle-hosts"
+    )]
+    NoPublicAddress(String),
+    /// Bundles are fetched over http(s) only, also after a redirect.
+    #[error("a redirect to a {0} URL")]
+    Scheme(String),
+}
+
+impl SourcePolicy {
+    /// The file a `file://` bundle at `path` may be read from: its resolved path, if it lies
+    /// below an allowed directory. A path outside them is refused before any filesystem call.
+    pub fn check_file(&self, path: &Path) -> Result<PathBuf, Refused> {
+        let lexical = normalize(path).ok_or(Refused::PathNotAllowed)?;
+        let allowed: Vec<PathBuf> = self.allowed_dirs.iter().filter_map(|d| normalize(d)).collect();
+        if !allowed.iter().any(|d| lexical.starts_with(d)) {
+            return Err(Refused::PathNotAllowed);
+        }
+        // Inside an allowed directory: resolve links, and check the real path too. A missing
+        // file is left for the fetch to report (it is inside a directory the operator offers).
+        let Ok(real) = std::fs::canonicalize(&lexical) else { return Ok(lexical) };
+        let real_allowed = self.allowed_dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok());
+        let inside = real_allowed.into_iter().any(|d| real.starts_with(d));
+        if inside { Ok(real) } else { Err(Refused::PathNotAllowed) }
+    }
+
+    /// Whether an http(s) host (an address literal, or a resolved address of a name) may be
+    /// connected to.
+    pub fn check_address(&self, host: &str, ip: IpAddr) -> Result<(), Refused> {
+        if self.allow_private_hosts {
+            return Ok(());
+        }
+        match non_public(ip) {
+            None => Ok(()),
+            Some(kind) => Err(Refused::PrivateAddress { host: host.to_string(), kind }),
+        }
+    }
+
+    /// Whether an http(s) URL — a bundle's, or where one redirects — may be fetched as far as
+    /// its host is an address literal (a name is checked where it resolves).
+    pub fn check_url(&self, url: &url::Url) -> Result<(), Refused> {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Refused::Scheme(url.scheme().to_string()));
+        }
+        if self.trusts(url) {
+            return Ok(());
+        }
+        let host = url.host_str().unwrap_or("");
+        match literal(host) {
+            Some(ip) => self.check_address(host, ip),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `url` is on the worker's own controller.
+    pub fn trusts(&self, url: &url::Url) -> bool {
+        self.controller.as_ref().is_some_and(|c| c.serves(url))
+    }
+
+    /// The addresses of `host` that may be connected to; an error if none may.
+    pub fn filter_resolved(&self, host: &str, addrs: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, Refused> {
+        if self.allow_private_hosts {
+            return Ok(addrs);
+        }
+        let public: Vec<SocketAddr> = addrs.into_iter().filter(|a| non_public(a.ip()).is_none()).collect();
+        if public.is_empty() { Err(Refused::NoPublicAddress(host.to_string())) } else { Ok(public) }
+    }
+}
+
+/// An absolute path without `.` or `..` (`..` is resolved lexically, never above the root);
+/// `None` for a relative path.
+fn normalize(path: &Path) -> Option<PathBuf> {
+    if !path.is_absolute() {
+        return None;
+    }
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+        }
+    }
+    Some(out)
+}
+
+/// What kind of non-public address `ip` is, if it is one.
+pub fn non_public(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => non_public_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return non_public_v4(v4);
+            }
+            let s = v6.segments();
+            if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.is_loopback() {
+                Some("loopback")
+            } else if s[0] & 0xfe00 == 0xfc00 {
+                Some("unique local")
+            } else if s[0] & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else if s[0..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                // NAT64: the IPv4 address it reaches decides.
+                let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+                non_public_v4(v4)
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn non_public_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let o = ip.octets();
+    if ip.is_unspecified() || o[0] == 0 {
+        Some("this network")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_private() {
+        Some("private")
+    } else if ip.is_link_local() {
+        Some("link-local, where cloud metadata services live")
+    } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
+        Some("shared address space")
+    } else if ip.is_broadcast() || ip.is_multicast() || o[0] >= 240 {
+        Some("reserved")
+    } else {
+        None
+    }
+}
+
+/// The address `host` is, when it is an address literal (`[v6]` or dotted v4).
+pub fn literal(host: &str) -> Option<IpAddr> {
+    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_outside_the_allowed_dirs_are_refused_without_touching_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let allowed = dir.path().join("bundles");
+        std::fs::create_dir(&allowed).unwrap();
+        std::fs::write(allowed.join("b.zip"), b"zip").unwrap();
+        std::fs::write(dir.path().join("secret.zip"), b"zip").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret.zip"), allowed.join("link.zip")).unwrap();
+        let policy = SourcePolicy { allowed_dirs: vec![allowed.clone()], ..Default::default() };
+        assert!(policy.check_file(&allowed.join("b.zip")).is_ok());
+        assert!(policy.check_file(&allowed.join("missing.zip")).is_ok(), "left for the fetch to report");
+        for refused in [
+            dir.path().join("secret.zip"),
+            allowed.join("../secret.zip"),
+            allowed.join("link.zip"),
+            PathBuf::from("/etc/passwd"),
+            PathBuf::from("relative.zip"),
+        ] {
+            assert_eq!(policy.check_file(&refused), Err(Refused::PathNotAllowed), "{}", refused.display());
+        }
+        assert_eq!(SourcePolicy::default().check_file(&allowed.join("b.zip")), Err(Refused::PathNotAllowed));
+        assert!(Refused::PathNotAllowed.to_string().contains("--allow-bundle-path"));
+    }
+
+    #[test]
+    fn only_public_addresses_pass_by_default() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            let ip: IpAddr = private.parse().unwrap();
+            assert!(non_public(ip).is_some(), "{private}");
+            let err = SourcePolicy::default().check_address(private, ip).unwrap_err();
+            assert!(err.to_string().contains("--allow-private-bundle-hosts"), "{err}");
+            let open = SourcePolicy { allow_private_hosts: true, ..Default::default() };
+            assert!(open.check_address(private, ip).is_ok());
+        }
+        for public in ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "151.101.1.1"] {
+            assert_eq!(non_public(public.parse().unwrap()), None, "{public}");
+        }
+        let policy = SourcePolicy::default();
+        for (url, ok) in [
+            ("http://169.254.169.254/latest/meta-data/", false),
+            ("https://[::1]:8443/b.zip", false),
+            ("http://10.0.0.1/b.zip", false),
+            ("file:///etc/passwd", false),
+            ("https://8.8.8.8/b.zip", true),
+            ("https://bundles.example.com/b.zip", true),
+        ] {
+            assert_eq!(policy.check_url(&url::Url::parse(url).unwrap()).is_ok(), ok, "{url}");
+        }
+        // The worker's own controller, named or by the address it advertises.
+        let ctl = ControllerSource::new("http://localhost:10000", None, None).unwrap();
+        let with_ctl = SourcePolicy { controller: Some(ctl), ..Default::default() };
+        for (url, ok) in [
+            ("http://localhost:10000/bundles/x.zip", true),
+            ("http://127.0.0.1:10000/bundles/x.zip", true),
+            ("http://127.0.0.1:10001/bundles/x.zip", false),
+            ("https://127.0.0.1:10000/bundles/x.zip", false),
+        ] {
+            assert_eq!(with_ctl.check_url(&url::Url::parse(url).unwrap()).is_ok(), ok, "{url}");
+        }
+        assert!(
+            !format!("{:?}", ControllerSource { authorization: Some("Bearer s3cret".into()), ..Default::default() })
+                .contains("s3cret")
+        );
+        let mixed = vec!["127.0.0.1:80".parse().unwrap(), "8.8.8.8:80".parse().unwrap()];
+        assert_eq!(SourcePolicy::default().filter_resolved("h", mixed).unwrap(), vec!["8.8.8.8:80".parse().unwrap()]);
+    }
+}

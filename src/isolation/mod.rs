@@ -1,6 +1,7 @@
 //! Tasks cannot drive the worker: no process of a task may open a connection to the worker's
-//! port (with `--isolate-controller`, the local controller's too) on any address of this host, while host processes outside
-//! the tasks and other hosts still can, and tasks keep the host network and their ports.
+//! port (with `--isolate-controller`, the local controller's too) on any address of this host,
+//! while host processes outside the tasks and other hosts still can, and tasks keep the host
+//! network and their ports.
 //!
 //! The mechanism is a pair of `BPF_CGROUP_INET4_CONNECT` / `INET6_CONNECT` programs attached
 //! to the cgroup v2 directory that holds every task of this worker (the worker's parent

@@ -1,9 +1,10 @@
 //! Inline bundles: what Iris's client sends as `LaunchJobRequest.bundle_blob` (the zipped
 //! workspace; `IrisClient.remote(workspace=…)` ships code no other way). The controller keeps
 //! each blob once, content-addressed, as `<state-dir>/bundles/<sha256>.zip` (written to a temp
-//! name and renamed), serves it to workers at `GET /bundles/<sha256>.zip`, and dispatches the
-//! job with that URL in `bundle_gcs_path` and the digest in `bundle_sha256`, so a worker
-//! verifies what it fetched. A blob no live job names any more is removed.
+//! name and renamed), serves it to workers at `GET /bundles/<sha256>.zip`, keeps the digest with
+//! the job, and dispatches each task with the URL made from the controller's advertised URL of
+//! the moment in `bundle_gcs_path` and the digest in `bundle_sha256`, so a worker verifies what
+//! it fetched. A blob no live job names (by its digest) any more is removed.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -104,11 +105,16 @@ impl BlobStore {
     }
 }
 
-/// The sha256 of the blob a bundle path names, when it is one of ours (`…/bundles/<sha>.zip`
-/// under `base`).
-pub fn blob_of<'a>(bundle_path: &'a str, base: &str) -> Option<&'a str> {
-    let rest = bundle_path.strip_prefix(base)?.strip_prefix("/bundles/")?;
-    BlobStore::sha_of_name(rest)
+/// The URL workers fetch the blob `sha` at from a controller advertised at `base`.
+pub fn url(base: &str, sha: &str) -> String {
+    format!("{}/bundles/{sha}.zip", base.trim_end_matches('/'))
+}
+
+/// The sha256 a bundle URL of the form `…/bundles/<sha>.zip` names, whatever its host: how
+/// jobs recorded before the controller kept the digest name their blob.
+pub fn sha_in_url(bundle_path: &str) -> Option<&str> {
+    let (dir, name) = bundle_path.rsplit_once('/')?;
+    dir.ends_with("/bundles").then(|| BlobStore::sha_of_name(name)).flatten()
 }
 
 #[cfg(test)]
@@ -126,8 +132,10 @@ mod tests {
         assert!(matches!(store.put(&zip, Some(&"0".repeat(64))), Err(BlobError::Mismatch { .. })));
         assert!(matches!(store.put(b"not a zip", None), Err(BlobError::NotZip)));
         assert!(matches!(store.put(&vec![0; MAX_BLOB_BYTES + 1], None), Err(BlobError::TooLarge { .. })));
-        assert_eq!(blob_of(&format!("http://c:1/bundles/{sha}.zip"), "http://c:1"), Some(sha.as_str()));
-        assert_eq!(blob_of("http://c:1/bundles/x.zip", "http://c:1"), None);
+        assert_eq!(url("http://c:1/", &sha), format!("http://c:1/bundles/{sha}.zip"));
+        assert_eq!(sha_in_url(&url("http://old:2", &sha)), Some(sha.as_str()));
+        assert_eq!(sha_in_url("http://c:1/bundles/x.zip"), None);
+        assert_eq!(sha_in_url(&format!("http://c:1/other/{sha}.zip")), None);
         let now = std::time::Duration::ZERO;
         assert_eq!(store.sweep(&HashSet::new(), std::time::Duration::from_secs(60)), 0, "too young to go");
         assert_eq!(store.sweep(&HashSet::from([sha.clone()]), now), 0);

@@ -62,8 +62,8 @@ pub struct ControllerConfig {
     /// RunTask calls in flight at once.
     pub max_parallel_dispatch: usize,
     /// The URL workers reach this controller at (`http://host:port`): inline bundles
-    /// (`bundle_blob`) are dispatched as `<advertise_url>/bundles/<sha256>.zip`. Empty: such
-    /// jobs are refused.
+    /// (`bundle_blob`) are dispatched as `<advertise_url>/bundles/<sha256>.zip` (made at each
+    /// dispatch: a restart may change it). Empty: such jobs are refused.
     pub advertise_url: String,
     /// What calls to workers present (token, TLS).
     pub workers: crate::rpc::ClientSecurity,
@@ -104,7 +104,11 @@ impl Controller {
     /// tokio runtime: the resumed dispatches and the scheduler start at once.
     pub fn open(config: ControllerConfig) -> Result<Controller, ControllerError> {
         let store = Store::open(&config.state_dir)?;
-        let knobs = Knobs { worker_timeout: config.worker_timeout, suspect_for: Duration::from_secs(5) };
+        let knobs = Knobs {
+            worker_timeout: config.worker_timeout,
+            suspect_for: Duration::from_secs(5),
+            bundle_base: config.advertise_url.trim_end_matches('/').to_string(),
+        };
         let state = State::open(store, knobs)?;
         let blobs = bundles::BlobStore::open(&config.state_dir)
             .map_err(|e| ControllerError::FailedPrecondition(format!("opening the bundle directory: {e}")))?;
@@ -234,12 +238,19 @@ impl Controller {
         &self.inner.blobs
     }
 
-    /// Stores an inline bundle and points the request at it: `bundle_gcs_path` becomes its URL
-    /// on this controller, `bundle_sha256` its digest (workers verify it), the blob goes.
-    pub(crate) async fn take_blob(
+    /// LaunchJob: an inline bundle (`bundle_blob`) is stored first and the job keeps its sha256;
+    /// returns the job's id once it is on disk.
+    pub(crate) async fn launch(
         &self,
-        req: &mut crate::proto::controller::LaunchJobRequest,
-    ) -> Result<(), ControllerError> {
+        mut req: crate::proto::controller::LaunchJobRequest,
+    ) -> Result<String, ControllerError> {
+        let inline = if req.bundle_blob.is_empty() { None } else { Some(self.take_blob(&mut req).await?) };
+        self.with_state(|s| s.launch_with_bundle(req, inline)).await
+    }
+
+    /// Stores an inline bundle and returns its sha256; the blob leaves the request, and so does
+    /// any `bundle_gcs_path` (the blob is the job's bundle). The URL is made at dispatch.
+    async fn take_blob(&self, req: &mut crate::proto::controller::LaunchJobRequest) -> Result<String, ControllerError> {
         let base = self.inner.config.advertise_url.trim_end_matches('/').to_string();
         if base.is_empty() {
             return Err(ControllerError::FailedPrecondition(
@@ -256,20 +267,24 @@ impl Controller {
                 bundles::BlobError::Io(_) => ControllerError::FailedPrecondition(e.to_string()),
                 other => ControllerError::Invalid { field: "bundle_blob".into(), reason: other.to_string() },
             })?;
-        req.bundle_gcs_path = format!("{base}/bundles/{sha}.zip");
-        req.bundle_sha256 = sha;
-        Ok(())
+        req.bundle_gcs_path.clear();
+        req.bundle_sha256.clear();
+        Ok(sha)
     }
 
-    /// Removes the inline bundles no job that has not ended names, once they are older than
-    /// [`BLOB_SWEEP_EVERY`] (a blob stored for a launch still being recorded is young).
+    /// Removes the inline bundles no job that has not ended names by sha256, once they are
+    /// older than [`BLOB_SWEEP_EVERY`] (a blob stored for a launch still being recorded is
+    /// young). Jobs recorded before the controller kept the sha name theirs by their URL's
+    /// `…/bundles/<sha>.zip`, whatever host it names.
     async fn sweep_blobs(&self) {
-        let base = self.inner.config.advertise_url.trim_end_matches('/').to_string();
         let keep: std::collections::HashSet<String> = self.read(|s| {
             s.jobs
                 .values()
                 .filter(|j| !model::job_terminal(j.rec.state))
-                .filter_map(|j| bundles::blob_of(&j.request.bundle_gcs_path, &base).map(str::to_string))
+                .filter_map(|j| match j.rec.inline_bundle.as_str() {
+                    "" => bundles::sha_in_url(&j.request.bundle_gcs_path).map(str::to_string),
+                    sha => Some(sha.to_string()),
+                })
                 .collect()
         });
         let store = self.inner.blobs.clone();
@@ -285,5 +300,56 @@ impl Controller {
         let s = self.lock();
         let (rows, txs) = s.store_counts();
         (s.placement_latencies_ns.clone(), rows, txs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::CommandEntrypoint;
+    use crate::proto::controller::LaunchJobRequest;
+    use sha2::Digest;
+
+    fn config(dir: &std::path::Path, url: &str) -> ControllerConfig {
+        ControllerConfig { advertise_url: url.into(), ..ControllerConfig::new(dir) }
+    }
+
+    /// Makes the blob look as old as the sweep's minimum age, so only `keep` protects it.
+    fn age(path: &std::path::Path) {
+        let old = std::time::SystemTime::now() - BLOB_SWEEP_EVERY * 2;
+        std::fs::File::options().write(true).open(path).unwrap().set_modified(old).unwrap();
+    }
+
+    #[test]
+    fn a_live_jobs_inline_bundle_outlives_a_restart_under_another_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let zip = b"PK\x05\x06\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0".to_vec();
+        let req = LaunchJobRequest {
+            name: "inline".into(),
+            command: Some(CommandEntrypoint { argv: vec!["true".into()], setup_commands: vec![] }),
+            bundle_blob: zip.clone(),
+            ..Default::default()
+        };
+        // Each controller in a runtime of its own: dropping the runtime ends its scheduler.
+        let first = tokio::runtime::Runtime::new().unwrap();
+        let blob = first.block_on(async {
+            let c = Controller::open(config(dir.path(), "http://old-host:1")).unwrap();
+            c.launch(req).await.unwrap();
+            c.blobs().path(&hex::encode(sha2::Sha256::digest(&zip)))
+        });
+        drop(first);
+        assert!(blob.exists());
+        age(&blob);
+        let second = tokio::runtime::Runtime::new().unwrap();
+        second.block_on(async {
+            let c = Controller::open(config(dir.path(), "http://new-host:2")).unwrap();
+            c.sweep_blobs().await;
+            assert!(blob.exists(), "the live job's bundle is kept under the new URL");
+            // Once the job has ended, its bundle goes.
+            c.with_state(|s| s.terminate("inline")).await.unwrap();
+            age(&blob);
+            c.sweep_blobs().await;
+            assert!(!blob.exists(), "an ended job's bundle is removed");
+        });
     }
 }

@@ -61,6 +61,12 @@ pub struct JobRecord {
     pub preemption_count: i32,
     /// Why the scheduler could not place the job's tasks last time (shown while pending).
     pub status_message: String,
+    /// The sha256 of the inline bundle (`bundle_blob`) this controller keeps for the job, empty
+    /// when it has none. The URL is made at each dispatch from the controller's advertised URL
+    /// of the moment, so a restart under another address neither breaks the job nor lets the
+    /// blob sweep drop its bundle.
+    #[serde(default)]
+    pub inline_bundle: String,
 }
 
 /// One attempt of a task on one worker.

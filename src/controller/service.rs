@@ -60,12 +60,9 @@ fn not_found(what: &'static str, id: impl Into<String>) -> Status {
 #[tonic::async_trait]
 impl ControllerService for ControllerServiceImpl {
     async fn launch_job(&self, r: Request<pc::LaunchJobRequest>) -> Result<Response<pc::LaunchJobResponse>, Status> {
-        let mut req = r.into_inner();
-        if !req.bundle_blob.is_empty() {
-            // Iris's client ships the workspace inline: kept here, fetched by workers by URL.
-            self.c.take_blob(&mut req).await.map_err(to_status)?;
-        }
-        let job_id = self.c.with_state(|s| s.launch(req)).await.map_err(to_status)?;
+        // Iris's client ships the workspace inline (`bundle_blob`): kept here, fetched by
+        // workers by URL.
+        let job_id = self.c.launch(r.into_inner()).await.map_err(to_status)?;
         tracing::info!(%job_id, "job launched");
         self.c.wake();
         Ok(Response::new(pc::LaunchJobResponse { job_id }))

@@ -66,6 +66,9 @@ pub struct Knobs {
     pub worker_timeout: Duration,
     /// How long a worker is left out of placement after a failed dispatch.
     pub suspect_for: Duration,
+    /// The controller's URL as workers reach it now: a job's inline bundle is dispatched as
+    /// `<bundle_base>/bundles/<sha256>.zip`.
+    pub bundle_base: String,
 }
 
 #[derive(Default)]
@@ -216,6 +219,16 @@ impl State {
 
     /// LaunchJob: validates, records the job and its tasks, queues them.
     pub fn launch(&mut self, req: LaunchJobRequest) -> Result<String, ControllerError> {
+        self.launch_with_bundle(req, None)
+    }
+
+    /// LaunchJob of a request whose inline bundle the controller stored as `inline_bundle` (its
+    /// sha256, see [`super::bundles`]): the job keeps the sha, each dispatch names the blob.
+    pub fn launch_with_bundle(
+        &mut self,
+        req: LaunchJobRequest,
+        inline_bundle: Option<String>,
+    ) -> Result<String, ControllerError> {
         let has_command = req.command.as_ref().is_some_and(|c| !c.argv.is_empty());
         if req.serialized_entrypoint.is_empty() && !has_command {
             return Err(invalid(
@@ -304,6 +317,7 @@ impl State {
                 parent_job_id: req.parent_job_id.clone(),
                 num_tasks: replicas,
                 status_message: impossible.unwrap_or_default(),
+                inline_bundle: inline_bundle.unwrap_or_default(),
                 ..Default::default()
             },
             request: req,
@@ -607,6 +621,10 @@ impl State {
         let t = self.tasks.get(id)?;
         let job = self.jobs.get(&t.job_id)?;
         let r = &job.request;
+        let (bundle_gcs_path, bundle_sha256) = match job.rec.inline_bundle.as_str() {
+            "" => (r.bundle_gcs_path.clone(), r.bundle_sha256.clone()),
+            sha => (super::bundles::url(&self.knobs.bundle_base, sha), sha.to_string()),
+        };
         let request = worker::RunTaskRequest {
             job_id: t.job_id.clone(),
             task_id: t.task_id.clone(),
@@ -614,14 +632,14 @@ impl State {
             num_tasks: job.rec.num_tasks,
             serialized_entrypoint: r.serialized_entrypoint.clone(),
             environment: r.environment.clone(),
-            bundle_gcs_path: r.bundle_gcs_path.clone(),
+            bundle_gcs_path,
             resources: r.resources.clone(),
             timeout_seconds: r.timeout_seconds,
             ports: r.ports.clone(),
             attempt_id: t.attempt_id,
             command: r.command.clone(),
             image: r.image.clone(),
-            bundle_sha256: r.bundle_sha256.clone(),
+            bundle_sha256,
             workdir_files: Default::default(),
         };
         Some(Effect::Dispatch {
@@ -1162,7 +1180,11 @@ mod tests {
     use crate::proto::{CommandEntrypoint, ResourceSpecProto, WorkerMetadata};
 
     fn knobs() -> Knobs {
-        Knobs { worker_timeout: Duration::from_millis(50), suspect_for: Duration::from_secs(5) }
+        Knobs {
+            worker_timeout: Duration::from_millis(50),
+            suspect_for: Duration::from_secs(5),
+            bundle_base: "http://ctl:1".into(),
+        }
     }
 
     fn open(dir: &std::path::Path) -> State {
@@ -1265,6 +1287,39 @@ mod tests {
         let j = &s.jobs["hopeless"].rec;
         assert_eq!((j.state, j.exit_code), (JobState::Failed as i32, 2));
         assert!(j.error.contains("hopeless/task-0"), "{}", j.error);
+    }
+
+    /// The bundle URLs of the RunTasks the state asked for.
+    fn dispatched_bundles(s: &mut State) -> Vec<(String, String)> {
+        s.take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Dispatch { request, .. } => Some((request.bundle_gcs_path, request.bundle_sha256)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_inline_bundle_is_dispatched_under_the_controllers_url_of_the_moment() {
+        let dir = tempfile::tempdir().unwrap();
+        let sha = "ab".repeat(32);
+        let mut s = open(dir.path());
+        register(&mut s, "w");
+        s.take_effects();
+        s.launch_with_bundle(job("inline", 2), Some(sha.clone())).unwrap();
+        s.schedule();
+        let want = (format!("http://ctl:1/bundles/{sha}.zip"), sha.clone());
+        assert_eq!(dispatched_bundles(&mut s), vec![want.clone(), want]);
+        s.flush().unwrap();
+        drop(s);
+        // Restarted under another address: the job kept the sha, not a URL; its RunTasks (sent
+        // again, never acknowledged) name the blob on the new address.
+        let moved = Knobs { bundle_base: "http://10.0.0.7:9".into(), ..knobs() };
+        let mut s = State::open(Store::open(dir.path()).unwrap(), moved).unwrap();
+        assert_eq!(s.jobs["inline"].rec.inline_bundle, sha);
+        let want = (format!("http://10.0.0.7:9/bundles/{sha}.zip"), sha.clone());
+        assert_eq!(dispatched_bundles(&mut s), vec![want.clone(), want]);
     }
 
     #[test]

@@ -421,7 +421,9 @@ async fn builds_trust_the_ca_bundle_and_use_the_index_the_operator_gives() {
     use std::io::BufRead;
     // A private package index over https whose certificate comes from a CA of this test's own
     // (as behind a TLS-inspecting proxy): uv in the build container verifies it only when the
-    // worker is given that CA (--ca-bundle), and finds it only through --build-env.
+    // worker is given that CA (--ca-bundle), and finds it only through --build-env. The proxy
+    // the build is given is dead: the index is reached only if the whole NO_PROXY list (a
+    // comma-separated value, its index host second) arrives.
     let dir = tempfile::Builder::new().prefix("iris-worker-test-index-").tempdir().unwrap();
     let d = dir.path();
     openssl(
@@ -515,6 +517,10 @@ async fn builds_trust_the_ca_bundle_and_use_the_index_the_operator_gives() {
             &index,
             "--build-env",
             "UV_HTTP_TIMEOUT=60",
+            "--build-env",
+            &format!("HTTPS_PROXY=http://127.0.0.1:{}", free_port()),
+            "--build-env",
+            "NO_PROXY=localhost,127.0.0.1",
         ],
     )
     .await;
@@ -531,4 +537,20 @@ async fn builds_trust_the_ca_bundle_and_use_the_index_the_operator_gives() {
     assert!(logs.iter().any(|l| l.data == "six 1.16.0"), "{logs:#?}");
     let asked = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(asked.contains("/simple/six/") && asked.contains("/files/six-"), "the build used our index: {asked}");
+}
+
+#[test]
+fn the_build_env_variable_takes_one_entry_per_line_and_refuses_what_the_worker_sets() {
+    // IRIS_WORKER_BUILD_ENV holds one entry per line; a comma stays inside its value. The
+    // worker refuses the second entry (it sets UV_OFFLINE itself) before it does anything.
+    let state = tempfile::Builder::new().prefix("iris-worker-test-").tempdir().unwrap();
+    let out = Command::new(exe())
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state.path())
+        .env("IRIS_WORKER_BUILD_ENV", "NO_PROXY=localhost,10.0.0.0/8\nUV_OFFLINE=1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--build-env UV_OFFLINE: the worker sets it for builds itself (--uv-offline)"), "{stderr}");
 }

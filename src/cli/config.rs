@@ -48,11 +48,13 @@ pub struct ServeArgs {
     /// [default: /etc/ssl/certs/ca-certificates.crt when the host has it].
     #[arg(long, env = "IRIS_WORKER_CA_BUNDLE")]
     pub ca_bundle: Option<String>,
-    /// A variable for venv builds, NAME=VALUE or NAME (the worker's own value, left out when
-    /// unset): the operator's index and proxy settings, e.g. UV_INDEX_URL, UV_EXTRA_INDEX_URL,
-    /// UV_FIND_LINKS, PIP_INDEX_URL, HTTP_PROXY, HTTPS_PROXY, NO_PROXY. Repeatable (env:
-    /// comma-separated) [default: none].
-    #[arg(long = "build-env", env = "IRIS_WORKER_BUILD_ENV", value_delimiter = ',')]
+    /// A variable for venv builds, NAME=VALUE (the value taken whole: commas are kept, as in
+    /// NO_PROXY=localhost,10.0.0.0/8) or NAME (the worker's own value, left out when unset):
+    /// the operator's index and proxy settings, e.g. UV_INDEX_URL, UV_EXTRA_INDEX_URL,
+    /// UV_FIND_LINKS, PIP_INDEX_URL, HTTP_PROXY, HTTPS_PROXY, NO_PROXY. Visible to the build's
+    /// code (a build backend of the job's bundle): no secrets. Repeatable (env: one per line).
+    /// The variables the worker sets for builds itself are refused [default: none].
+    #[arg(long = "build-env", env = "IRIS_WORKER_BUILD_ENV", value_delimiter = '\n')]
     pub build_env: Vec<String>,
     /// Memory limit of a venv build, e.g. 4G [default: 4G].
     #[arg(long, env = "IRIS_WORKER_BUILD_MEMORY")]
@@ -280,6 +282,7 @@ impl ServeArgs {
             None => DEFAULT_LISTEN.parse().context("the default listen address")?,
         };
         let buildkit = self.buildkit.or(file.buildkit).filter(|b| !b.is_empty());
+        let uv_find_links = self.uv_find_links.or(file.uv_find_links);
         let controller = self.controller.or(file.controller).filter(|c| !c.is_empty());
         let advertise_host = match self.advertise_host.or(file.advertise_host) {
             Some(host) => host,
@@ -322,7 +325,7 @@ impl ServeArgs {
             state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             rootfs: self.rootfs.or(file.rootfs).unwrap_or_else(|| cache_dir.join("rootfs/busybox")),
             python_rootfs: self.python_rootfs.or(file.python_rootfs).unwrap_or_else(|| cache_dir.join("rootfs/python")),
-            uv_find_links: self.uv_find_links.or(file.uv_find_links),
+            uv_find_links: uv_find_links.clone(),
             uv_offline: self.uv_offline.or(file.uv_offline).unwrap_or(false),
             ca_bundle: match self.ca_bundle.or(file.ca_bundle) {
                 Some(v) if v == "none" || v.is_empty() => None,
@@ -338,6 +341,7 @@ impl ServeArgs {
             build_env: build_env(
                 if self.build_env.is_empty() { file.build_env.unwrap_or_default() } else { self.build_env },
                 |name| std::env::var(name).ok(),
+                uv_find_links.is_some(),
             )?,
             workdir_retention: match self.workdir_retention.or(file.workdir_retention).unwrap_or(86_400) {
                 0 => None,
@@ -424,21 +428,16 @@ impl ServeArgs {
 /// The host's CA bundle on Debian and its derivatives.
 const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// Variables a build needs as the worker sets them (its paths, its cache, its Python).
-const RESERVED_BUILD_ENV: &[&str] = &[
-    "PATH",
-    "HOME",
-    "UV_CACHE_DIR",
-    "UV_PROJECT_ENVIRONMENT",
-    "UV_PYTHON",
-    "UV_PYTHON_DOWNLOADS",
-    "UV_LINK_MODE",
-    "SSL_CERT_FILE",
-];
-
 /// `--build-env` entries as NAME=VALUE: NAME alone takes the worker's own value (left out
-/// when the worker has none).
-fn build_env(list: Vec<String>, worker_env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Vec<String>> {
+/// when the worker has none). A name the worker sets for builds itself is refused, naming the
+/// setting that controls it: given twice, one of the values would be silently ignored.
+/// `UV_FIND_LINKS` is the operator's to give unless `--uv-find-links` sets it (that flag takes
+/// a local directory; the variable may name an index page by URL).
+fn build_env(
+    list: Vec<String>,
+    worker_env: impl Fn(&str) -> Option<String>,
+    uv_find_links_given: bool,
+) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     for item in list {
         let (name, value) = match item.split_once('=') {
@@ -448,10 +447,15 @@ fn build_env(list: Vec<String>, worker_env: impl Fn(&str) -> Option<String>) -> 
         let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            bail!("build_env {item:?}: {name:?} is not a variable name");
+            bail!("--build-env {item:?}: {name:?} is not a variable name");
         }
-        if RESERVED_BUILD_ENV.contains(&name.as_str()) || name.starts_with("IRIS_") {
-            bail!("build_env {name}: the worker sets it for builds itself");
+        let set_by = crate::env::venv::BUILD_ENV_SET_BY_WORKER
+            .iter()
+            .find(|(n, _)| *n == name || n.strip_suffix('*').is_some_and(|prefix| name.starts_with(prefix)))
+            .map(|(_, by)| *by)
+            .filter(|by| *by != "--uv-find-links" || uv_find_links_given);
+        if let Some(by) = set_by {
+            bail!("--build-env {name}: the worker sets it for builds itself ({by})");
         }
         if let Some(v) = value.or_else(|| worker_env(&name)) {
             out.push(format!("{name}={v}"));
@@ -555,16 +559,56 @@ mod tests {
         let got = build_env(
             vec!["UV_INDEX_URL=https://idx/simple".into(), "HTTPS_PROXY".into(), "NO_PROXY".into()],
             worker_env,
+            false,
         )
         .unwrap();
         assert_eq!(got, ["UV_INDEX_URL=https://idx/simple", "HTTPS_PROXY=http://proxy:3128"]);
         for bad in ["UV_CACHE_DIR=/x", "IRIS_X=1", "1BAD=x", "=x"] {
-            assert!(build_env(vec![bad.into()], worker_env).is_err(), "{bad}");
+            let err = build_env(vec![bad.into()], worker_env, false).unwrap_err().to_string();
+            assert!(err.starts_with("--build-env "), "{bad}: {err}");
         }
         let none = ServeArgs { ca_bundle: Some("none".into()), ..Default::default() }.resolve().unwrap();
         assert_eq!(none.ca_bundle, None);
         let missing = ServeArgs { ca_bundle: Some("/nonexistent/ca.pem".into()), ..Default::default() }.resolve();
         assert!(missing.unwrap_err().to_string().contains("ca_bundle"));
+    }
+
+    /// `serve`'s flags as clap parses them.
+    fn parse(args: &[&str]) -> ServeArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        <Cli as clap::Parser>::try_parse_from([&["serve"], args].concat()).unwrap().serve
+    }
+
+    #[test]
+    fn a_build_env_value_is_taken_whole_commas_and_all() {
+        let args = parse(&["--build-env", "NO_PROXY=localhost,10.0.0.0/8,.corp", "--build-env", "UV_HTTP_TIMEOUT=60"]);
+        assert_eq!(args.resolve().unwrap().build_env, ["NO_PROXY=localhost,10.0.0.0/8,.corp", "UV_HTTP_TIMEOUT=60"]);
+    }
+
+    #[test]
+    fn build_env_refuses_every_name_the_worker_sets_for_builds_naming_its_flag() {
+        let none = |_: &str| None;
+        for (name, flag) in [
+            ("UV_OFFLINE", "--uv-offline"),
+            ("UV_NATIVE_TLS", "--ca-bundle"),
+            ("SSL_CERT_FILE", "--ca-bundle"),
+            ("UV_NO_PROGRESS", "every build"),
+            ("UV_PYTHON_PREFERENCE", "every build"),
+            ("PATH", "every build"),
+        ] {
+            let err = build_env(vec![format!("{name}=1")], none, false).unwrap_err().to_string();
+            assert_eq!(err, format!("--build-env {name}: the worker sets it for builds itself ({flag})"));
+        }
+        // UV_FIND_LINKS is the operator's unless --uv-find-links sets it.
+        assert_eq!(build_env(vec!["UV_FIND_LINKS=https://idx/links/".into()], none, false).unwrap().len(), 1);
+        let err = build_env(vec!["UV_FIND_LINKS=/w".into()], none, true).unwrap_err().to_string();
+        assert!(err.contains("--uv-find-links"), "{err}");
+        let both = parse(&["--uv-find-links", "/w", "--build-env", "UV_FIND_LINKS=/x"]).resolve().unwrap_err();
+        assert!(format!("{both:#}").contains("--build-env UV_FIND_LINKS"), "{both:#}");
     }
 
     #[test]

@@ -295,6 +295,24 @@ impl VenvCache {
     }
 }
 
+/// The variables the worker sets for builds itself, with the setting that controls each
+/// (`--build-env` refuses them: given twice, one value would be silently ignored). A name
+/// ending in `*` is a prefix.
+pub const BUILD_ENV_SET_BY_WORKER: &[(&str, &str)] = &[
+    ("PATH", "every build"),
+    ("HOME", "every build"),
+    ("UV_CACHE_DIR", "every build"),
+    ("UV_PROJECT_ENVIRONMENT", "every build"),
+    ("UV_PYTHON*", "every build"),
+    ("UV_LINK_MODE", "every build"),
+    ("UV_NO_PROGRESS", "every build"),
+    ("IRIS_*", "every build"),
+    ("UV_FIND_LINKS", "--uv-find-links"),
+    ("UV_OFFLINE", "--uv-offline"),
+    ("SSL_CERT_FILE", "--ca-bundle"),
+    ("UV_NATIVE_TLS", "--ca-bundle"),
+];
+
 /// Where a build sees the bundle (read-only); it works on a copy at /app. A directory every
 /// Debian rootfs has: a new mount point would be made in the shared rootfs.
 const BUNDLE_IN_BUILD: &str = "/mnt";
@@ -377,4 +395,40 @@ fn build_log_tail(log_dir: &Path) -> String {
         .collect();
     let chosen = if errors.is_empty() { text[text.len().saturating_sub(3)..].to_vec() } else { errors };
     if chosen.is_empty() { "no output".into() } else { chosen.join(" | ") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variable_a_build_gets_from_the_worker_is_listed_as_set_by_it() {
+        let cache = VenvCache::new(VenvConfig {
+            python_rootfs: "/rootfs".into(),
+            cache_dir: "/cache".into(),
+            find_links: Some("/wheels".into()),
+            offline: true,
+            ca_bundle: Some("/ca.pem".into()),
+            build_env: vec![],
+            build_memory_bytes: 1 << 30,
+            supervisor_exe: "/exe".into(),
+            cgroups: None,
+        });
+        let bundle = Path::new("/bundle");
+        let req = VenvRequest {
+            bundle_dir: Some(bundle),
+            extras: &[],
+            pip_packages: &[],
+            task_dir: Path::new("/task"),
+            task_key: "t",
+        };
+        let spec = cache.build_spec(&req, Path::new("/venv"), Path::new("/scratch")).unwrap();
+        for var in &spec.env {
+            let name = var.split_once('=').map_or(var.as_str(), |(n, _)| n);
+            let listed = BUILD_ENV_SET_BY_WORKER
+                .iter()
+                .any(|(n, _)| *n == name || n.strip_suffix('*').is_some_and(|p| name.starts_with(p)));
+            assert!(listed, "{name} is set for builds but --build-env would accept it");
+        }
+    }
 }

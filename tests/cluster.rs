@@ -204,9 +204,14 @@ async fn constraints_pick_the_zone_and_coscheduled_tasks_share_one_or_wait() {
     let s = c.status(&job_id).await.unwrap();
     assert_eq!(job_state(&s), JobState::Pending, "{s:#?}");
     assert!(s.status_message.contains("constraint") && s.status_message.contains("zone"), "{s:#?}");
-    // Still waiting after several scheduling passes.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(job_state(&c.status(&job_id).await.unwrap()), JobState::Pending);
+    // Still waiting after scheduling passes: a job that fits, launched after it, is placed and
+    // ends (each pass looks at every waiting task, oldest first), and this one still waits.
+    let fits = c.launch(&sh_job("zonec-later", 1, "true")).await.unwrap();
+    let s = c.wait(&fits, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}");
+    let s = c.status(&job_id).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Pending, "{s:#?}");
+    assert!(s.tasks.iter().all(|t| t.worker_id.is_empty()), "never placed: {s:#?}");
     c.terminate(&job_id).await.unwrap();
     let mut req = sh_job("huge", 1, "true");
     req.resources = Some(ResourceSpecProto { replicas: 1, memory_bytes: 1 << 50, ..Default::default() });

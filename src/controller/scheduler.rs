@@ -203,9 +203,10 @@ pub fn place<'a>(
     best.map(|(w, _, _)| w.rec.worker_id.clone()).ok_or(reason)
 }
 
-/// Why no worker could ever run the task (its whole capacity, device or constraints), or
-/// `None` when some registered healthy worker could. Used to refuse an impossible job at once
-/// instead of letting it wait forever.
+/// Why no registered healthy worker could ever run the task (its whole capacity, device or
+/// constraints), or `None` when one could. A launch records it as the job's status message: the
+/// job still waits (a worker that fits may register, e.g. brought by an autoscaler, as in Iris)
+/// until its `scheduling_timeout_seconds`, if it has one, ends it UNSCHEDULABLE.
 pub fn never_fits<'a>(
     need: &Need,
     constraints: &[Constraint],

@@ -382,7 +382,7 @@ async fn bad_requests_are_refused_naming_the_field() {
     req.resources = None;
     let e = c.launch(&req).await.unwrap_err();
     assert_eq!(code_of(&e), Some(Code::AlreadyExists));
-    assert!(e.to_string().contains(&format!("job {zero} already exists")), "{e}");
+    assert!(e.to_string().contains(&format!("Job {zero} already exists")), "{e}");
     assert!(ctl.state.path().join("controller.db").exists());
     // The same service over gRPC (tonic's generated client) and Connect JSON, on the same port.
     let mut grpc =

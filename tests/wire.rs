@@ -345,7 +345,7 @@ async fn connect_errors_are_json_with_http_status() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert_eq!(e.message(), "task wire-errors/task-0 already completed with state TASK_STATE_SUCCEEDED");
+    assert_eq!(e.message(), "Task wire-errors/task-0 already completed with state TASK_STATE_SUCCEEDED");
 
     // None of the refused requests left a task behind, and the worker is fine.
     let list = c.list_tasks(worker::ListTasksRequest {}).await.unwrap().into_inner();

@@ -44,7 +44,7 @@ pub enum ControllerError {
     Invalid { field: String, reason: String },
     #[error("{what} {id:?} not found")]
     NotFound { what: &'static str, id: String },
-    #[error("job {0} already exists")]
+    #[error("Job {0} already exists")]
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),

@@ -24,7 +24,7 @@ pub fn to_status(err: TaskError) -> Status {
         ),
         TaskError::AlreadyCompleted { task_id, state } => (
             Code::FailedPrecondition,
-            format!("task {} already completed with state TASK_STATE_{}", short(task_id), state.name()),
+            format!("Task {} already completed with state TASK_STATE_{}", short(task_id), state.name()),
         ),
         TaskError::PortsExhausted { .. } => (Code::ResourceExhausted, err.to_string()),
         TaskError::File(FileError::Io { op, source, .. }) => {

@@ -61,7 +61,7 @@ pub enum TaskError {
     StaleAttempt { task_id: String, attempt_id: i32, current: i32 },
     /// KillTask of a task whose current attempt already ended (Iris's worker answers
     /// FAILED_PRECONDITION with these words).
-    #[error("task {task_id} already completed with state TASK_STATE_{}", state.name())]
+    #[error("Task {task_id} already completed with state TASK_STATE_{}", state.name())]
     AlreadyCompleted { task_id: String, state: TaskState },
     #[error("no free host ports: {wanted} asked, none left in {first}-{last}")]
     PortsExhausted { wanted: usize, first: u16, last: u16 },

@@ -11,7 +11,8 @@
 //!   finished_ms, duration_ms, from_cache, image_tag}`); unknown: 404 `{"error": "Not found"}`
 //! - `GET /api/tasks/<id>/logs[?tail=N&source=S]` → `[{timestamp, source, data}]`; an unknown
 //!   task has no lines (`[]`), as Iris answers. A task id ending in `/logs` reads as its logs
-//!   here too, as in Iris.
+//!   here too, as in Iris. Iris returns every line (the last N with `tail`); so do we, up to
+//!   [`IRIS_LOGS_MAX_LINES`] lines (and the log reader's byte bound per answer).
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -142,10 +143,17 @@ pub async fn task_or_logs(State(web): State<Web>, Path(rest): Path<String>, Quer
     }
 }
 
+/// The most lines one `/api/tasks/<id>/logs` answer holds: Iris's route returns the whole log,
+/// which a root daemon must not build in memory for an unbounded log, so a generous bound (10×
+/// FetchTaskLogs' default page) keeps the answer whole for any log a person reads in a browser.
+/// Longer logs are paged with `/api/logs/<id>` or FetchTaskLogs.
+pub const IRIS_LOGS_MAX_LINES: i64 = 100_000;
+
 async fn logs(web: &Web, task_id: &str, q: LogsQuery) -> Response {
     let filter = worker::FetchLogsFilter {
         start_line: q.tail.filter(|n| *n > 0).map(|n| -n).unwrap_or(0),
         source: q.source.unwrap_or_default(),
+        max_lines: IRIS_LOGS_MAX_LINES,
         ..Default::default()
     };
     let filter = match crate::rpc::log_filter(Some(filter)) {

@@ -300,7 +300,7 @@ def direct(address, prefix, zip_dir):
         raise AssertionError("KillTask of an ended task succeeded")
     except ConnectError as e:
         assert e.code.name.lower() == "failed_precondition", e
-        assert "already completed with state TASK_STATE_SUCCEEDED" in e.message, e.message
+        assert e.message == f"Task {task_id} already completed with state TASK_STATE_SUCCEEDED", e.message
     gone = w.FetchTaskLogs(W.FetchTaskLogsRequest(task_id=f"{prefix}-never/task-0", filter=W.FetchLogsFilter()))
     assert list(gone.logs) == []
     rows = json.loads(urllib.request.urlopen(f"http://{address}/api/tasks", timeout=10).read())

@@ -257,8 +257,13 @@ async fn concurrent_tasks_with_the_same_new_dependencies_build_once() {
 
 /// A zip of a small uv project whose dependency (six) is among the fixture wheels.
 fn project_zip(dir: &std::path::Path) -> PathBuf {
+    zip_of(dir, "bundle.zip", &[])
+}
+
+/// [`project_zip`]'s project with more files.
+fn zip_of(dir: &std::path::Path, name: &str, more: &[(&str, &str)]) -> PathBuf {
     use std::io::Write;
-    let path = dir.join("bundle.zip");
+    let path = dir.join(name);
     let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
     let opts = zip::write::SimpleFileOptions::default();
     let files = [
@@ -268,8 +273,8 @@ fn project_zip(dir: &std::path::Path) -> PathBuf {
         ),
         ("demo_pkg/__init__.py", "import six\n\ndef work(n):\n    return n * 2, six.__version__\n"),
     ];
-    for (name, content) in files {
-        z.start_file(name, opts).unwrap();
+    for (name, content) in files.iter().chain(more) {
+        z.start_file(*name, opts).unwrap();
         z.write_all(content.as_bytes()).unwrap();
     }
     z.finish().unwrap();
@@ -383,6 +388,30 @@ async fn a_command_runs_in_its_bundles_environment_and_survives_a_worker_restart
         all_logs(&mut c, "cmd/task-0").await.into_iter().filter(|l| l.source == "stdout").map(|l| l.data).collect();
     assert_eq!(stdout, ["(2, '1.16.0')"]);
     assert!(!w.logs().contains("holding an adopted task's bundle"), "the adopted task's bundle is held again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_bundles_own_venv_and_git_stay_out_of_the_venv_it_builds() {
+    let (w, _cache) = python_worker("dotvenv").await;
+    let files = tempfile::Builder::new().prefix("iris-worker-test-bundle-").tempdir().unwrap();
+    // A bundle zipped with the client's own venv in it (Iris's client leaves it out, others
+    // may not): the build copies the bundle but not that, so the venv has none of it.
+    let zip = zip_of(
+        files.path(),
+        "dotvenv.zip",
+        &[(".venv/poison.txt", "from the client's venv"), (".git/HEAD", "ref: refs/heads/main\n")],
+    );
+    let mut req = task("dotvenv/task-0", &["sh", "-c", "ls -a /app/.venv; python -c 'import demo_pkg'"]);
+    req.bundle_gcs_path = format!("file://{}", zip.display());
+    let mut c = w.client().await;
+    c.run_task(req).await.unwrap();
+    let s = wait_end(&mut c, "dotvenv/task-0", BUILD).await;
+    let logs = all_logs(&mut c, "dotvenv/task-0").await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}\n{logs:#?}");
+    let venv: Vec<&str> = logs.iter().filter(|l| l.source == "stdout").map(|l| l.data.as_str()).collect();
+    assert!(venv.contains(&"pyvenv.cfg"), "the task lists its venv: {venv:?}");
+    assert!(!venv.contains(&"poison.txt"), "the bundle's .venv stayed out of the venv: {venv:?}");
 }
 
 /// A child process killed (by its pid) when dropped.

@@ -342,7 +342,8 @@ fn project_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, VenvError> {
 }
 
 /// The build, as a shell script, as Iris's worker builds (`uv sync [--extra X]` into
-/// /app/.venv): a venv; for a project, `uv sync` on a writable copy of the bundle — the project
+/// /app/.venv): a venv; for a project, `uv sync` on a writable copy of the bundle (without its
+/// `.venv` and `.git` directories, as Iris's client leaves them out of bundles) — the project
 /// itself installed (editable, pointing at /app) with its dependencies and default dependency
 /// groups (`dev`), the lock used when there is one and made when there is none; then the
 /// extra packages, and cloudpickle if the project lacks it (every Iris task needs it to load
@@ -356,7 +357,13 @@ LIST
 echo "+ uv venv /app/.venv"
 uv venv --allow-existing /app/.venv
 if [ -n "$IRIS_BUNDLE_COPY" ]; then
-    cp -a "$IRIS_BUNDLE_COPY/." /app/
+    # Without the bundle's .venv (it would land in the venv being built, mounted at
+    # /app/.venv) and .git (history uv never reads), at the top and below.
+    for f in "$IRIS_BUNDLE_COPY"/* "$IRIS_BUNDLE_COPY"/.[!.]* "$IRIS_BUNDLE_COPY"/..?*; do
+        case "${f##*/}" in .venv | .git) continue ;; esac
+        if [ -e "$f" ] || [ -L "$f" ]; then cp -a "$f" /app/; fi
+    done
+    find /app -mindepth 1 -path /app/.venv -prune -o \( -name .venv -o -name .git \) -prune -exec rm -rf {} +
 fi
 if [ -f /app/pyproject.toml ]; then
     echo "+ uv sync $*"

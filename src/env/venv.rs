@@ -21,13 +21,13 @@ const COMPLETE: &str = ".iris-complete";
 /// The longest a build may run.
 const BUILD_TIMEOUT_MS: u64 = 30 * 60 * 1000;
 
-/// Errors of preparing a venv.
+/// Errors of preparing a venv. Their messages reach the task's error and RPC answers, so they
+/// name no host path: a venv by its key, a bundle's file by its path in the bundle; the host
+/// path goes to the worker's own log (see [`io`]).
 #[derive(Debug, thiserror::Error)]
 pub enum VenvError {
-    #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
-    #[error(transparent)]
-    File(#[from] FileError),
+    #[error("{op} {what}: {source}")]
+    Io { op: &'static str, what: String, path: PathBuf, source: std::io::Error },
     /// The build ran and failed; `detail` is the end of its output.
     #[error("building the Python environment failed ({status}): {detail}")]
     BuildFailed { status: String, detail: String },
@@ -36,8 +36,21 @@ pub enum VenvError {
     Shared(String),
 }
 
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VenvError + 'a {
-    move |source| VenvError::Io { op, path: path.to_path_buf(), source }
+/// The error of `op` on `what` (no host path) at `path` (logged here, with the error).
+fn io<'a>(op: &'static str, what: impl Into<String>, path: &'a Path) -> impl FnOnce(std::io::Error) -> VenvError + 'a {
+    let what = what.into();
+    move |source| {
+        tracing::warn!(path = %path.display(), error = %source, "venv: {op} {what}");
+        VenvError::Io { op, what, path: path.to_path_buf(), source }
+    }
+}
+
+/// A task directory file error as a [`VenvError`] about `what` (its path logged only).
+fn file_error(what: &str, e: FileError) -> VenvError {
+    match e {
+        FileError::Io { op, path, source } => io(op, what, &path)(source),
+        FileError::Parse { path, source } => io("encoding", what, &path)(std::io::Error::other(source)),
+    }
 }
 
 /// How venvs are built.
@@ -126,7 +139,7 @@ impl VenvCache {
         h.update(b"layout=2\n");
         if let Some(dir) = req.bundle_dir {
             for (rel, path) in project_files(dir)? {
-                let bytes = std::fs::read(&path).map_err(io("reading", &path))?;
+                let bytes = std::fs::read(&path).map_err(io("reading", format!("the bundle's {rel}"), &path))?;
                 h.update(format!("{rel}\0{}\0", bytes.len()).as_bytes());
                 h.update(&bytes);
             }
@@ -136,8 +149,11 @@ impl VenvCache {
         let mut pip = req.pip_packages.to_vec();
         pip.sort();
         h.update(format!("extras={extras:?}\npip={pip:?}\n").as_bytes());
-        let rootfs = std::fs::canonicalize(&self.config.python_rootfs)
-            .map_err(io("resolving the python rootfs", &self.config.python_rootfs))?;
+        let rootfs = std::fs::canonicalize(&self.config.python_rootfs).map_err(io(
+            "resolving",
+            "the python root filesystem",
+            &self.config.python_rootfs,
+        ))?;
         h.update(rootfs.to_string_lossy().as_bytes());
         Ok(hex::encode(h.finalize()))
     }
@@ -148,7 +164,7 @@ impl VenvCache {
         let started_ms = now_ms();
         let key = self.key(req)?;
         let dir = self.config.cache_dir.join("venvs").join(&key);
-        let lock_err = |e: std::io::Error| VenvError::Io { op: "locking the venv", path: dir.clone(), source: e };
+        let lock_err = |e: std::io::Error| io("locking", format!("venv {key}"), &dir)(e);
         if dir.join(COMPLETE).exists()
             && let Some(lease) = self.locks.try_shared(&key).map_err(lock_err)?
             && dir.join(COMPLETE).exists()
@@ -182,49 +198,57 @@ impl VenvCache {
         let venvs = self.config.cache_dir.join("venvs");
         let uv_cache = self.config.cache_dir.join("uv");
         let tmp = venvs.join(format!(".tmp-{key}-{}", std::process::id()));
-        for d in [&venvs, &uv_cache] {
-            std::fs::create_dir_all(d).map_err(io("creating", d))?;
+        for (d, what) in [(&venvs, "the venv cache"), (&uv_cache, "uv's cache")] {
+            std::fs::create_dir_all(d).map_err(io("creating", what, d))?;
         }
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io("creating", &tmp))?;
+        std::fs::create_dir_all(&tmp).map_err(io("creating", format!("the build directory of venv {key}"), &tmp))?;
         let step = req.task_dir.join("build");
         let _ = std::fs::remove_dir_all(&step);
-        std::fs::create_dir_all(&step).map_err(io("creating", &step))?;
+        std::fs::create_dir_all(&step).map_err(io("creating", "the build's task directory", &step))?;
 
         let scratch = step.join("app");
-        std::fs::create_dir_all(&scratch).map_err(io("creating", &scratch))?;
+        std::fs::create_dir_all(&scratch).map_err(io("creating", "the build's copy of the bundle", &scratch))?;
         let spec = self.build_spec(req, &tmp, &scratch)?;
-        files::write_json(&step, files::SPEC, &spec)?;
+        files::write_json(&step, files::SPEC, &spec).map_err(|e| file_error("the build's spec", e))?;
         let exit = handle::run_to_exit(&self.config.supervisor_exe, &step).await;
         // The copy of the project was only for uv to write into.
         let _ = std::fs::remove_dir_all(&scratch);
         let ok = matches!(&exit, Ok(e) if e.exit_code == Some(0));
         if !ok {
             let _ = std::fs::remove_dir_all(&tmp);
+            // Why a build did not even start is the worker's business (its messages name host
+            // paths: mounts, the rootfs): the worker's log has it, the task says where to look.
             let status = match &exit {
                 Ok(e) => match (&e.error, e.exit_code, e.signal) {
-                    (Some(err), _, _) => format!("the build could not start: {err}"),
+                    (Some(err), _, _) => {
+                        tracing::warn!(task = req.task_key, venv = key, error = %err, "the venv build could not start");
+                        "the build could not start; the worker's log says why".into()
+                    }
                     (None, Some(code), _) => format!("exit code {code}"),
                     (None, None, Some(sig)) => format!("killed by signal {sig}"),
                     _ => "no exit status".into(),
                 },
-                Err(e) => e.to_string(),
+                Err(e) => {
+                    tracing::warn!(task = req.task_key, venv = key, error = %e, "the venv build's supervisor failed");
+                    "the build's supervisor failed; the worker's log says why".into()
+                }
             };
             return Err(VenvError::BuildFailed { status, detail: build_log_tail(&req.task_dir.join(files::LOGS)) });
         }
         // Published whole: the marker is inside before the rename makes it visible. The
         // caller holds the venv's exclusive lock, so what is at `dest` without a marker is an
         // unfinished leftover (of a crash, or an older layout).
-        std::fs::write(tmp.join(COMPLETE), key).map_err(io("marking complete", &tmp))?;
+        std::fs::write(tmp.join(COMPLETE), key).map_err(io("marking complete", format!("venv {key}"), &tmp))?;
         if dest.exists() && !dest.join(COMPLETE).exists() {
-            std::fs::remove_dir_all(dest).map_err(io("removing an unfinished venv at", dest))?;
+            std::fs::remove_dir_all(dest).map_err(io("removing", format!("an unfinished venv {key}"), dest))?;
         }
         match std::fs::rename(&tmp, dest) {
             Ok(()) => {}
             Err(_) if dest.join(COMPLETE).exists() => {
                 let _ = std::fs::remove_dir_all(&tmp);
             }
-            Err(e) => return Err(io("renaming the venv into", dest)(e)),
+            Err(e) => return Err(io("publishing", format!("venv {key}"), dest)(e)),
         }
         Ok(())
     }
@@ -324,11 +348,16 @@ const CA_IN_BUILD: &str = "/etc/ssl/certs/ca-certificates.crt";
 fn project_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, VenvError> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
+    // What the error names: the directory by its path in the bundle, never the host's.
+    let rel = |p: &Path| match p.strip_prefix(dir).map(|r| r.display().to_string()) {
+        Ok(r) if !r.is_empty() => format!("the bundle's {r}/"),
+        _ => "the bundle".to_string(),
+    };
     while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).map_err(io("reading", &d))? {
-            let e = e.map_err(io("reading", &d))?;
+        for e in std::fs::read_dir(&d).map_err(io("reading", rel(&d), &d))? {
+            let e = e.map_err(io("reading", rel(&d), &d))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            let kind = e.file_type().map_err(io("reading", &e.path()))?;
+            let kind = e.file_type().map_err(io("reading", rel(&e.path()), &e.path()))?;
             if kind.is_dir() && !matches!(name.as_str(), ".venv" | ".git" | "node_modules" | "__pycache__") {
                 stack.push(e.path());
             } else if kind.is_file() && (name == "pyproject.toml" || name == "uv.lock") {
@@ -408,18 +437,51 @@ fn build_log_tail(log_dir: &Path) -> String {
 mod tests {
     use super::*;
 
+    fn config(cache_dir: &Path, python_rootfs: &Path) -> VenvConfig {
+        VenvConfig {
+            python_rootfs: python_rootfs.into(),
+            cache_dir: cache_dir.into(),
+            find_links: None,
+            offline: true,
+            ca_bundle: None,
+            build_env: vec![],
+            build_memory_bytes: 1 << 30,
+            supervisor_exe: "/nonexistent/exe".into(),
+            cgroups: None,
+        }
+    }
+
+    fn request(task_dir: &Path) -> VenvRequest<'_> {
+        VenvRequest { bundle_dir: None, extras: &[], pip_packages: &[], task_dir, task_key: "t" }
+    }
+
+    #[tokio::test]
+    async fn venv_errors_name_the_venv_not_the_host_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache_dir, rootfs, task) = (dir.path().join("cache"), dir.path().join("rootfs"), dir.path().join("task"));
+        // A python rootfs that is not there.
+        let cache = VenvCache::new(config(&cache_dir, &rootfs));
+        let err = cache.get(&request(&task)).await.unwrap_err().to_string();
+        assert!(err.starts_with("resolving the python root filesystem: "), "{err}");
+        assert!(!err.contains(dir.path().to_str().unwrap()), "{err}");
+        // A venv that cannot be locked (the lock directory is a file).
+        std::fs::create_dir_all(&rootfs).unwrap();
+        let key = cache.key(&request(&task)).unwrap();
+        let venv = cache_dir.join("venvs").join(&key);
+        std::fs::create_dir_all(&venv).unwrap();
+        std::fs::write(venv.join(COMPLETE), &key).unwrap();
+        std::fs::write(cache_dir.join("venvs/.locks"), "").unwrap();
+        let err = cache.get(&request(&task)).await.unwrap_err().to_string();
+        assert!(err.starts_with(&format!("locking venv {key}: ")), "{err}");
+        assert!(!err.contains(dir.path().to_str().unwrap()), "{err}");
+    }
+
     #[test]
     fn every_variable_a_build_gets_from_the_worker_is_listed_as_set_by_it() {
         let cache = VenvCache::new(VenvConfig {
-            python_rootfs: "/rootfs".into(),
-            cache_dir: "/cache".into(),
             find_links: Some("/wheels".into()),
-            offline: true,
             ca_bundle: Some("/ca.pem".into()),
-            build_env: vec![],
-            build_memory_bytes: 1 << 30,
-            supervisor_exe: "/exe".into(),
-            cgroups: None,
+            ..config(Path::new("/cache"), Path::new("/rootfs"))
         });
         let bundle = Path::new("/bundle");
         let req = VenvRequest {

@@ -414,6 +414,91 @@ async fn a_bundles_own_venv_and_git_stay_out_of_the_venv_it_builds() {
     assert!(!venv.contains(&"poison.txt"), "the bundle's .venv stayed out of the venv: {venv:?}");
 }
 
+/// A zip of `files` (path in the bundle, content).
+fn zip_files(path: &std::path::Path, files: &[(&str, &str)]) -> PathBuf {
+    use std::io::Write;
+    let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    for (name, content) in files {
+        z.start_file(*name, zip::write::SimpleFileOptions::default()).unwrap();
+        z.write_all(content.as_bytes()).unwrap();
+    }
+    z.finish().unwrap();
+    path.to_path_buf()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_venv_built_from_a_bundles_code_serves_only_that_bundle_and_registry_venvs_are_shared() {
+    // The interop fixture's wheels have a build backend (flit_core) and small packages.
+    let wheels = cache().join("interop-wheels");
+    assert!(wheels.is_dir(), "{} is missing: run scripts/fixtures interop-wheels", wheels.display());
+    let own_cache = tempfile::Builder::new().prefix("iris-worker-test-cache-").tempdir().unwrap();
+    let python = cache().join("rootfs/python");
+    let (cache_dir, python, wheels) =
+        (own_cache.path().to_str().unwrap(), python.to_str().unwrap(), wheels.to_str().unwrap());
+    let tmp = std::env::temp_dir();
+    let w = Worker::start(
+        "frombundle",
+        &[
+            "--cache-dir",
+            cache_dir,
+            "--python-rootfs",
+            python,
+            "--uv-find-links",
+            wheels,
+            "--uv-offline",
+            "true",
+            // The bundles are zips in a temp dir.
+            "--allow-bundle-path",
+            tmp.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let mut c = w.client().await;
+    let files = tempfile::Builder::new().prefix("iris-worker-test-bundle-").tempdir().unwrap();
+    let run = async |c: &mut iris_worker::proto::worker_service_client::WorkerServiceClient<_>,
+                     id: &str,
+                     zip: PathBuf,
+                     code: &str| {
+        let mut req = task(id, &["python", "-c", code]);
+        req.bundle_gcs_path = format!("file://{}", zip.display());
+        c.run_task(req).await.unwrap();
+        let s = wait_end(c, id, BUILD).await;
+        let logs = all_logs(c, id).await;
+        assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}\n{logs:#?}");
+        let stdout: Vec<String> = logs.into_iter().filter(|l| l.source == "stdout").map(|l| l.data).collect();
+        (stdout, from_cache(&s))
+    };
+
+    // Two bundles with the same project files: a non-editable path dependency, built by its
+    // build backend from code that differs. Each task gets its own bundle's code.
+    let root = "[project]\nname = \"app\"\nversion = \"0.1.0\"\nrequires-python = \">=3.11\"\n\
+                dependencies = [\"dep\"]\n[tool.uv.sources]\ndep = { path = \"dep\", editable = false }\n";
+    let dep = "[build-system]\nrequires = [\"flit_core>=3.2,<5\"]\nbuild-backend = \"flit_core.buildapi\"\n\
+               [project]\nname = \"dep\"\nversion = \"0.1.0\"\ndescription = \"d\"\n";
+    for who in ["a", "b"] {
+        let code = format!("WHO = {who:?}\n");
+        let zip = zip_files(
+            &files.path().join(format!("{who}.zip")),
+            &[("pyproject.toml", root), ("dep/pyproject.toml", dep), ("dep/dep/__init__.py", &code)],
+        );
+        let (stdout, cached) = run(&mut c, &format!("frombundle/{who}"), zip, "import dep; print(dep.WHO)").await;
+        assert_eq!(stdout, [who], "the venv holds this bundle's dep, not another's");
+        assert!(!cached, "{who}: a venv built from the bundle is the bundle's own");
+    }
+    // Registry packages only: bundles that differ elsewhere share one venv.
+    let registry = "[project]\nname = \"reg\"\nversion = \"0.1.0\"\nrequires-python = \">=3.11\"\n\
+                    dependencies = [\"iniconfig\"]\n";
+    let mut cached = Vec::new();
+    for n in ["1", "2"] {
+        let zip = zip_files(&files.path().join(format!("r{n}.zip")), &[("pyproject.toml", registry), ("n.txt", n)]);
+        let (stdout, hit) = run(&mut c, &format!("registry/{n}"), zip, "import iniconfig; print('ok')").await;
+        assert_eq!(stdout, ["ok"]);
+        cached.push(hit);
+    }
+    assert_eq!(cached, [false, true], "the second bundle used the first one's venv");
+}
+
 /// A child process killed (by its pid) when dropped.
 struct KillOnDrop(std::process::Child);
 

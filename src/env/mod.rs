@@ -10,6 +10,7 @@ pub mod dockerfile;
 pub mod entrypoint;
 mod flight;
 pub mod image;
+pub mod pyproject;
 pub mod venv;
 
 pub use venv::{PythonEnv, VenvCache, VenvConfig, VenvError, VenvRequest};

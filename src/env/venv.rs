@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use super::pyproject::ProjectFile;
 use crate::cachelock::{EntryLock, EntryLocks};
 
 use super::{APP, VENV};
@@ -83,6 +84,9 @@ pub struct VenvConfig {
 pub struct VenvRequest<'a> {
     /// The extracted bundle (the project), if the task has one.
     pub bundle_dir: Option<&'a Path>,
+    /// The bundle's sha256 (of the archive as fetched): part of the key of a venv whose build
+    /// installs anything from the bundle.
+    pub bundle_sha256: Option<&'a str>,
     pub extras: &'a [String],
     pub pip_packages: &'a [String],
     /// The asking task's directory and key: a build logs into its log, as source `build`.
@@ -98,7 +102,8 @@ pub struct PythonEnv {
     pub lease: Arc<EntryLock>,
     /// The venv on the host (mounted read-only at /app/.venv).
     pub dir: PathBuf,
-    /// The cache key: a hash of pyproject.toml, uv.lock, extras, pip_packages, the rootfs.
+    /// The cache key: a hash of the project files, extras, pip_packages, the rootfs (and the
+    /// bundle's sha256 when the build installs from the bundle; see [`VenvCache::key`]).
     pub key: String,
     /// True when this request built nothing.
     pub from_cache: bool,
@@ -131,17 +136,31 @@ impl VenvCache {
         self.builds.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The cache key of `req`: every `pyproject.toml` and `uv.lock` of the bundle (a
-    /// workspace's members too, as Iris hashes them) by path and content, the extras, the
-    /// extra packages and the rootfs.
+    /// The cache key of `req`: every `pyproject.toml`, `uv.lock` and `uv.toml` of the bundle
+    /// (a workspace's members too, as Iris hashes them) by path and content, the extras, the
+    /// extra packages and the rootfs; and when the build installs anything from the bundle
+    /// (see [`super::pyproject`]) the bundle's sha256 too, so that such a venv serves only the
+    /// bundle it was built from. Venvs of registry packages alone are shared across bundles.
     pub fn key(&self, req: &VenvRequest<'_>) -> Result<String, VenvError> {
         let mut h = Sha256::new();
-        h.update(b"layout=2\n");
+        h.update(b"layout=3\n");
         if let Some(dir) = req.bundle_dir {
+            let mut read = Vec::new();
             for (rel, path) in project_files(dir)? {
                 let bytes = std::fs::read(&path).map_err(io("reading", format!("the bundle's {rel}"), &path))?;
                 h.update(format!("{rel}\0{}\0", bytes.len()).as_bytes());
                 h.update(&bytes);
+                read.push((rel, bytes));
+            }
+            let project: Vec<ProjectFile<'_>> =
+                read.iter().map(|(rel, bytes)| ProjectFile { rel, content: bytes }).collect();
+            if let Some(why) = super::pyproject::installs_from_bundle(&project, req.pip_packages) {
+                tracing::debug!(task = req.task_key, why, "the venv is keyed by its bundle");
+                match req.bundle_sha256 {
+                    Some(sha) => h.update(format!("bundle={sha}\n").as_bytes()),
+                    // The bundle's digest unknown: a venv of this task's own, shared with none.
+                    None => h.update(format!("task={}\n", req.task_key).as_bytes()),
+                }
             }
         }
         let mut extras = req.extras.to_vec();
@@ -343,8 +362,8 @@ const BUNDLE_IN_BUILD: &str = "/mnt";
 /// Where a build finds the CA bundle it trusts: the Debian path, so every tool finds it.
 const CA_IN_BUILD: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// The bundle's `pyproject.toml` and `uv.lock` files (relative path, path), sorted; `.venv`,
-/// `.git` and `node_modules` are not looked into, nor symlinked directories.
+/// The bundle's `pyproject.toml`, `uv.lock` and `uv.toml` files (relative path, path), sorted;
+/// `.venv`, `.git` and `node_modules` are not looked into, nor symlinked directories.
 fn project_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, VenvError> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -360,7 +379,7 @@ fn project_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, VenvError> {
             let kind = e.file_type().map_err(io("reading", rel(&e.path()), &e.path()))?;
             if kind.is_dir() && !matches!(name.as_str(), ".venv" | ".git" | "node_modules" | "__pycache__") {
                 stack.push(e.path());
-            } else if kind.is_file() && (name == "pyproject.toml" || name == "uv.lock") {
+            } else if kind.is_file() && matches!(name.as_str(), "pyproject.toml" | "uv.lock" | "uv.toml") {
                 let rel = e.path().strip_prefix(dir).map(|p| p.to_string_lossy().into_owned()).unwrap_or(name);
                 found.push((rel, e.path()));
             }
@@ -452,7 +471,26 @@ mod tests {
     }
 
     fn request(task_dir: &Path) -> VenvRequest<'_> {
-        VenvRequest { bundle_dir: None, extras: &[], pip_packages: &[], task_dir, task_key: "t" }
+        VenvRequest { bundle_dir: None, bundle_sha256: None, extras: &[], pip_packages: &[], task_dir, task_key: "t" }
+    }
+
+    #[test]
+    fn a_venv_built_from_the_bundle_is_keyed_by_the_bundle_and_one_of_registry_packages_is_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = VenvCache::new(config(&dir.path().join("cache"), dir.path()));
+        let key = |pyproject: &str, sha: &str| {
+            let bundle = tempfile::tempdir_in(dir.path()).unwrap();
+            std::fs::write(bundle.path().join("pyproject.toml"), pyproject).unwrap();
+            let req = VenvRequest { bundle_dir: Some(bundle.path()), bundle_sha256: Some(sha), ..request(dir.path()) };
+            cache.key(&req).unwrap()
+        };
+        let registry = "[project]\nname = \"a\"\nversion = \"1\"\ndependencies = [\"six\"]\n";
+        assert_eq!(key(registry, "1111"), key(registry, "2222"), "registry packages only: shared");
+        let package =
+            format!("{registry}[build-system]\nrequires = [\"flit_core\"]\nbuild-backend = \"flit_core.buildapi\"\n");
+        assert_ne!(key(&package, "1111"), key(&package, "2222"), "the project is built: one venv per bundle");
+        assert_eq!(key(&package, "1111"), key(&package, "1111"), "the same bundle shares it");
+        assert_ne!(key(registry, "1111"), key(&package, "1111"));
     }
 
     #[tokio::test]
@@ -486,6 +524,7 @@ mod tests {
         let bundle = Path::new("/bundle");
         let req = VenvRequest {
             bundle_dir: Some(bundle),
+            bundle_sha256: Some("ab"),
             extras: &[],
             pip_packages: &[],
             task_dir: Path::new("/task"),

@@ -51,7 +51,7 @@ pub(super) async fn prepare(
         return Err(format!("image {image:?} is built from the bundle's Dockerfile, but the task has no bundle"));
     };
     let store = inner.image_store().await.map_err(|e| format!("opening the image store: {e}"))?;
-    let context = inner.fetch_bundle(attempt, bundle_path, spec.bundle_sha256.as_deref()).await?;
+    let context = inner.fetch_bundle(attempt, bundle_path, spec.bundle_sha256.as_deref()).await?.dir;
     attempt.set(inner, TaskState::Building, &format!("building the image from {dockerfile} through BuildKit"));
     let built =
         inner.dockerfile_images.get(store, &context, dockerfile, &attempt.dir).await.map_err(|e| e.to_string())?;

@@ -506,18 +506,18 @@ impl Inner {
 
     /// The task's bundle, extracted (phases show in its status message). The attempt holds
     /// it until it ends, so the cache never evicts a bundle a running task uses.
-    async fn fetch_bundle(&self, attempt: &Attempt, path: &str, sha256: Option<&str>) -> Result<PathBuf, String> {
+    async fn fetch_bundle(&self, attempt: &Attempt, path: &str, sha256: Option<&str>) -> Result<FetchedBundle, String> {
         let cache = self.bundle_cache().await?;
         attempt.set(self, TaskState::Building, Phase::Downloading.message());
         let bundle = cache
             .get(path, sha256, |phase| attempt.set(self, TaskState::Building, phase.message()))
             .await
             .map_err(|e| e.to_string())?;
-        let dir = bundle.path().to_path_buf();
+        let fetched = FetchedBundle { dir: bundle.path().to_path_buf(), sha256: bundle.sha256().to_string() };
         // The venv is mounted at /app/.venv over the read-only bundle: it needs a mount point.
-        let _ = std::fs::create_dir_all(dir.join(".venv"));
+        let _ = std::fs::create_dir_all(fetched.dir.join(".venv"));
         attempt.hold_bundle(bundle);
-        Ok(dir)
+        Ok(fetched)
     }
 
     fn emit(&self, event: TaskEvent) {
@@ -528,6 +528,12 @@ impl Inner {
         let (layout, _) = self.cgroups.as_ref()?;
         layout.stats(cgroup).ok()
     }
+}
+
+/// A bundle a task holds: where it is extracted, and the sha256 of its archive.
+struct FetchedBundle {
+    dir: PathBuf,
+    sha256: String,
 }
 
 /// Removes what a worker left on this host: every task directory's leftovers (container

@@ -65,15 +65,17 @@ async fn prepare_python(
             python_rootfs.display()
         ));
     }
-    let bundle_dir: Option<PathBuf> = match &spec.bundle_gcs_path {
+    let bundle = match &spec.bundle_gcs_path {
         Some(path) => Some(inner.fetch_bundle(attempt, path, spec.bundle_sha256.as_deref()).await?),
         None => None,
     };
+    let bundle_dir: Option<PathBuf> = bundle.as_ref().map(|b| b.dir.clone());
     attempt.set(inner, TaskState::Building, "building the environment");
     let key = store::task_key(&spec.task_id, spec.attempt_id);
     let venv = venvs
         .get(&VenvRequest {
             bundle_dir: bundle_dir.as_deref(),
+            bundle_sha256: bundle.as_ref().map(|b| b.sha256.as_str()),
             extras: &spec.extras,
             pip_packages: &spec.pip_packages,
             task_dir: &attempt.dir,
@@ -129,7 +131,7 @@ async fn prepare_image(
     attempt.set(inner, TaskState::Building, &format!("pulling image {reference}"));
     let image = store.pull(reference).await.map_err(|e| format!("image {reference:?}: {e}"))?;
     let bundle_dir: Option<PathBuf> = match &spec.bundle_gcs_path {
-        Some(path) => Some(inner.fetch_bundle(attempt, path, spec.bundle_sha256.as_deref()).await?),
+        Some(path) => Some(inner.fetch_bundle(attempt, path, spec.bundle_sha256.as_deref()).await?.dir),
         None => None,
     };
     launch_in_image(inner, attempt, spec, workdir, store, &image, reference, bundle_dir)

@@ -1,9 +1,8 @@
 //! Serving log queries while the writer may still be appending.
 
 use std::borrow::Cow;
-use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::error::LogError;
 use super::format::{ENTRY_LEN, Extent, HEADER_LEN, IndexEntry, LogFiles, RecordHeader, Source};
@@ -14,9 +13,12 @@ use super::format::{ENTRY_LEN, Extent, HEADER_LEN, IndexEntry, LogFiles, RecordH
 pub const DEFAULT_MAX_LINES: u64 = 10_000;
 
 /// Total line bytes after which one [`read`] stops adding lines (it always
-/// returns at least one line if any matches). A page of lines cut at
-/// `max_line` could otherwise reach gigabytes; callers page on as above.
-pub const MAX_RESULT_BYTES: usize = 64 << 20;
+/// returns at least one line if any matches); callers page on as above. 3 MiB
+/// keeps a whole answer (10,000 lines' framing included) under the 4 MiB that
+/// gRPC clients accept by default, and bounds what a burst of concurrent
+/// fetches holds in memory: a log of 64 KiB lines would otherwise give pages of
+/// hundreds of MiB.
+pub const MAX_RESULT_BYTES: usize = 3 << 20;
 
 /// Index entries read per syscall while scanning.
 const INDEX_CHUNK: u64 = 4096;
@@ -66,55 +68,224 @@ pub struct LogLine {
 /// `start_line` seeks straight to its index entry, and a time range is
 /// found by binary search on the index (timestamps are non-decreasing as
 /// written; every returned line is still checked against the range).
+///
+/// A capped log (segments.rs) whose middle was dropped shows one marker line at the gap's
+/// first line number, saying what was dropped; it passes every source filter.
 pub fn read(dir: &Path, filter: &LogFilter) -> Result<Vec<LogLine>, LogError> {
-    let Some(files) = open(dir)? else {
-        return Ok(Vec::new());
-    };
-    let extent = files.valid_extent()?;
-    let n = if filter.end_line > 0 { extent.lines.min(filter.end_line) } else { extent.lines };
+    let log = Log::open(dir)?;
+    let total = log.end();
+    let n = if filter.end_line > 0 { total.min(filter.end_line) } else { total };
     if n == 0 {
         return Ok(Vec::new());
     }
+    let pieces = log.pieces(n)?;
     let tail = filter.start_line < 0;
-    let (mut lo, mut hi) = if tail {
-        (n.saturating_sub(filter.start_line.unsigned_abs()), n)
-    } else {
-        ((filter.start_line as u64).min(n), n)
-    };
-    if filter.start_ms > 0 {
-        lo = partition_point(&files, lo, hi, |ts| ts <= filter.start_ms)?;
-    }
-    if filter.end_ms > 0 {
-        hi = partition_point(&files, lo, hi, |ts| ts <= filter.end_ms)?;
-    }
+    let lo =
+        if tail { window_start(&pieces, filter.start_line.unsigned_abs()) } else { (filter.start_line as u64).min(n) };
     let limit = if filter.max_lines > 0 { filter.max_lines } else { DEFAULT_MAX_LINES };
-    let mut scan =
-        Scanner { files: &files, filter, extent, index_buf: Vec::new(), window: Vec::new(), window_start: 0 };
-    if tail { scan.backward(lo, hi, limit) } else { scan.forward(lo, hi, limit) }
+    let mut budget = Budget { lines: limit, bytes: MAX_RESULT_BYTES };
+    let mut out = Vec::new();
+    if tail {
+        for piece in pieces.iter().rev() {
+            let mut found = piece.read(filter, lo, n, &mut budget, true)?;
+            found.reverse();
+            out.extend(found);
+            if budget.is_spent() {
+                break;
+            }
+        }
+        out.reverse();
+    } else {
+        for piece in &pieces {
+            out.extend(piece.read(filter, lo, n, &mut budget, false)?);
+            if budget.is_spent() {
+                break;
+            }
+        }
+    }
+    Ok(out)
 }
 
-/// The number of complete lines in the log in `dir` (0 if there is none).
+/// The number of lines in the log in `dir` (0 if there is none): the number the next line
+/// will get, dropped lines included.
 pub fn line_count(dir: &Path) -> Result<u64, LogError> {
-    match open(dir)? {
-        Some(files) => Ok(files.valid_extent()?.lines),
-        None => Ok(0),
+    Ok(Log::open(dir)?.end())
+}
+
+/// What is left of a query's room: lines, and bytes of line text.
+struct Budget {
+    lines: u64,
+    bytes: usize,
+}
+
+impl Budget {
+    fn is_spent(&self) -> bool {
+        self.lines == 0 || self.bytes == 0
+    }
+
+    /// Takes one line of `len` bytes; false when there was no room left for it. The first
+    /// line always fits, however long: a query that matches returns at least one line.
+    fn take(&mut self, len: usize) -> bool {
+        if self.is_spent() {
+            return false;
+        }
+        self.lines -= 1;
+        self.bytes = self.bytes.saturating_sub(len.max(1));
+        true
     }
 }
 
-fn open(dir: &Path) -> Result<Option<LogFiles>, LogError> {
-    let (index_path, data_path) = LogFiles::paths(dir);
-    let open = |path: &Path| match File::open(path) {
-        Ok(f) => Ok(Some(f)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(LogError::Open { path: path.to_path_buf(), source }),
-    };
-    let Some(index) = open(&index_path)? else {
-        return Ok(None);
-    };
-    let Some(data) = open(&data_path)? else {
-        return Ok(None);
-    };
-    Ok(Some(LogFiles { index, data, index_path, data_path }))
+/// One segment of a log, opened, with the lines it holds.
+struct Segment {
+    first: u64,
+    files: LogFiles,
+    extent: Extent,
+}
+
+/// A log as a reader sees it: its segments, in order.
+struct Log {
+    dir: PathBuf,
+    segments: Vec<Segment>,
+}
+
+impl Log {
+    fn open(dir: &Path) -> Result<Log, LogError> {
+        let mut segments = Vec::new();
+        for first in super::segments::list(dir)? {
+            // A segment rotated away since the listing is simply not there any more.
+            if let Some(files) = super::segments::open_segment(dir, first)? {
+                let extent = files.valid_extent()?;
+                segments.push(Segment { first, files, extent });
+            }
+        }
+        Ok(Log { dir: dir.to_path_buf(), segments })
+    }
+
+    fn end(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.first + s.extent.lines)
+    }
+
+    /// The segments and the gaps between them, clipped to lines below `n`.
+    fn pieces(&self, n: u64) -> Result<Vec<Piece<'_>>, LogError> {
+        let mut pieces = Vec::new();
+        let mut at = 0u64;
+        for (i, seg) in self.segments.iter().enumerate() {
+            if seg.first >= n {
+                break;
+            }
+            if seg.first > at {
+                // Lines at..seg.first are gone: rotation dropped them (the gap after the
+                // head), or a crash tore them off a segment's end.
+                let after_head = i > 0 && self.segments[i - 1].first == 0;
+                let dropped = super::segments::read_dropped(&self.dir);
+                let bytes = (after_head && dropped.lines == seg.first - at).then_some(dropped.bytes);
+                let ts_ms = if seg.extent.lines > 0 { seg.files.entry(0)?.ts_ms } else { 0 };
+                let cap = super::segments::read_cap(&self.dir);
+                let data = super::segments::marker_text(seg.first - at, bytes, cap);
+                pieces.push(Piece::Gap(LogLine { line_number: at, ts_ms, source: Source::Stderr, data }));
+            }
+            // A segment may claim lines a later one starts at (a torn end a restarted writer
+            // cut after this reader looked): the later segment wins.
+            let end = (seg.first + seg.extent.lines).min(n);
+            let end = self.segments.get(i + 1).map_or(end, |next| end.min(next.first));
+            let lo = seg.first.max(at);
+            if end > lo {
+                pieces.push(Piece::Lines { seg, lo, hi: end });
+            }
+            at = at.max(end);
+        }
+        Ok(pieces)
+    }
+}
+
+/// A run of lines of one segment, or the marker of dropped lines.
+enum Piece<'a> {
+    Lines { seg: &'a Segment, lo: u64, hi: u64 },
+    Gap(LogLine),
+}
+
+impl Piece<'_> {
+    /// Lines that exist in this piece (a gap shows as its one marker line).
+    fn count(&self) -> u64 {
+        match self {
+            Piece::Lines { lo, hi, .. } => hi - lo,
+            Piece::Gap(_) => 1,
+        }
+    }
+
+    /// The first line number of the piece, and the one past its last line.
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Piece::Lines { lo, hi, .. } => (*lo, *hi),
+            Piece::Gap(m) => (m.line_number, m.line_number + 1),
+        }
+    }
+
+    /// The matches of `filter` within lines `lo..hi` of this piece, in line order; the last
+    /// ones when `backward`. Takes from `budget` what they use.
+    fn read(
+        &self,
+        filter: &LogFilter,
+        lo: u64,
+        hi: u64,
+        budget: &mut Budget,
+        backward: bool,
+    ) -> Result<Vec<LogLine>, LogError> {
+        let (first, end) = self.range();
+        let (lo, hi) = (lo.max(first), hi.min(end));
+        if lo >= hi || budget.is_spent() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Piece::Gap(marker) => {
+                let f = filter;
+                let in_time =
+                    (f.start_ms <= 0 || marker.ts_ms > f.start_ms) && (f.end_ms <= 0 || marker.ts_ms <= f.end_ms);
+                let matches = f.regex.as_ref().is_none_or(|re| re.is_match(&marker.data));
+                if in_time && matches && budget.take(marker.data.len()) {
+                    Ok(vec![marker.clone()])
+                } else {
+                    Ok(Vec::new())
+                }
+            }
+            Piece::Lines { seg, .. } => {
+                let (mut lo, mut hi) = (lo - seg.first, hi - seg.first);
+                if filter.start_ms > 0 {
+                    lo = partition_point(&seg.files, lo, hi, |ts| ts <= filter.start_ms)?;
+                }
+                if filter.end_ms > 0 {
+                    hi = partition_point(&seg.files, lo, hi, |ts| ts <= filter.end_ms)?;
+                }
+                let mut scan = Scanner {
+                    files: &seg.files,
+                    first: seg.first,
+                    filter,
+                    extent: seg.extent,
+                    index_buf: Vec::new(),
+                    window: Vec::new(),
+                    window_start: 0,
+                };
+                if backward { scan.backward(lo, hi, budget) } else { scan.forward(lo, hi, budget) }
+            }
+        }
+    }
+}
+
+/// The line number where the last `count` existing lines of `pieces` start.
+fn window_start(pieces: &[Piece<'_>], count: u64) -> u64 {
+    let mut left = count;
+    for piece in pieces.iter().rev() {
+        let (lo, hi) = piece.range();
+        let n = piece.count();
+        if left <= n {
+            return match piece {
+                Piece::Lines { .. } => hi - left,
+                Piece::Gap(_) => lo,
+            };
+        }
+        left -= n;
+    }
+    0
 }
 
 /// First line in `lo..hi` whose timestamp fails `pred` (`pred` holding for a
@@ -137,6 +308,8 @@ fn corrupt(line: u64, what: &str) -> io::Error {
 
 struct Scanner<'a> {
     files: &'a LogFiles,
+    /// The line number of the segment's first line (its index entry 0).
+    first: u64,
     filter: &'a LogFilter,
     extent: Extent,
     index_buf: Vec<u8>,
@@ -146,17 +319,17 @@ struct Scanner<'a> {
 }
 
 impl Scanner<'_> {
-    /// The first `limit` matches in `lo..hi`.
-    fn forward(&mut self, lo: u64, hi: u64, limit: u64) -> Result<Vec<LogLine>, LogError> {
+    /// The first matches in `lo..hi` (segment-local numbers), as many as `budget` takes.
+    fn forward(&mut self, lo: u64, hi: u64, budget: &mut Budget) -> Result<Vec<LogLine>, LogError> {
         let mut out = Vec::new();
-        let mut bytes = 0usize;
         let mut c0 = lo;
         while c0 < hi {
             let c1 = hi.min(c0 + INDEX_CHUNK);
             let done = self.chunk(c0, c1, &mut |line| {
-                bytes += line.data.len();
-                out.push(line);
-                out.len() as u64 >= limit || bytes >= MAX_RESULT_BYTES
+                if budget.take(line.data.len()) {
+                    out.push(line);
+                }
+                budget.is_spent()
             })?;
             if done {
                 break;
@@ -166,18 +339,17 @@ impl Scanner<'_> {
         Ok(out)
     }
 
-    /// The last `limit` matches in `lo..hi`: chunks are scanned from the end,
-    /// starting small so a plain tail reads only the lines it returns.
-    fn backward(&mut self, lo: u64, hi: u64, limit: u64) -> Result<Vec<LogLine>, LogError> {
+    /// The last matches in `lo..hi`, as many as `budget` takes, in line order: chunks are
+    /// scanned from the end, starting small so a plain tail reads only the lines it returns.
+    fn backward(&mut self, lo: u64, hi: u64, budget: &mut Budget) -> Result<Vec<LogLine>, LogError> {
         let mut chunks: Vec<Vec<LogLine>> = Vec::new();
-        let mut count = 0u64;
-        let mut bytes = 0usize;
+        let (mut count, mut bytes) = (0u64, 0usize);
         let mut c1 = hi;
         let mut step = 0u64;
-        while c1 > lo && count < limit && bytes < MAX_RESULT_BYTES {
+        while c1 > lo && count < budget.lines && bytes < budget.bytes {
             // What is still missing, but at least twice the last chunk when
             // filters turn out to be selective.
-            let want = (limit - count).max(step).clamp(16, INDEX_CHUNK);
+            let want = (budget.lines - count).max(step).clamp(16, INDEX_CHUNK);
             step = want * 2;
             let c0 = lo.max(c1.saturating_sub(want));
             let mut found = Vec::new();
@@ -186,19 +358,17 @@ impl Scanner<'_> {
                 false
             })?;
             count += found.len() as u64;
-            bytes += found.iter().map(|l| l.data.len()).sum::<usize>();
+            bytes += found.iter().map(|l| l.data.len().max(1)).sum::<usize>();
             chunks.push(found);
             c1 = c0;
         }
-        // Keep the newest lines within both limits, then restore line order.
+        // Keep the newest lines within the budget, then restore line order.
         let mut out = Vec::new();
-        let mut bytes = 0usize;
         'outer: for chunk in chunks.iter_mut() {
             while let Some(line) = chunk.pop() {
-                if out.len() as u64 >= limit || bytes >= MAX_RESULT_BYTES {
+                if !budget.take(line.data.len()) {
                     break 'outer;
                 }
-                bytes += line.data.len();
                 out.push(line);
             }
         }
@@ -221,6 +391,7 @@ impl Scanner<'_> {
             self.extent.data_end
         };
         let f = self.filter;
+        let first = self.first;
         for line_number in c0..c1 {
             let at = ((line_number - c0) as usize) * ENTRY_LEN;
             let e = IndexEntry::decode(&self.index_buf[at..]);
@@ -242,7 +413,7 @@ impl Scanner<'_> {
                 continue;
             }
             let line = LogLine {
-                line_number,
+                line_number: first + line_number,
                 ts_ms: e.ts_ms,
                 source,
                 data: match text {
@@ -283,6 +454,8 @@ impl Scanner<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+
     use super::super::format::tests::{append_raw, entry, record};
     use super::super::format::{DATA_FILE, INDEX_FILE};
     use super::super::writer::{LogRecord, LogWriter};
@@ -495,10 +668,108 @@ mod tests {
         let recs: Vec<_> = (0..70).map(|i| LogRecord { ts_ms: i, source: Source::Stdout, data: &big }).collect();
         w.append(&recs).unwrap();
         let all = read(dir.path(), &LogFilter::default()).unwrap();
-        assert_eq!(numbers(&all), (0..64).collect::<Vec<_>>());
+        assert_eq!(numbers(&all), vec![0, 1, 2], "3 MiB of text at most");
         assert!(all.iter().all(|l| l.data.len() == 1 << 20));
         let tail = read(dir.path(), &LogFilter { start_line: -70, ..Default::default() }).unwrap();
-        assert_eq!(numbers(&tail), (6..70).collect::<Vec<_>>());
+        assert_eq!(numbers(&tail), vec![67, 68, 69]);
+        // One line longer than the whole budget still comes back: paging never gets stuck.
+        let huge = vec![b'y'; MAX_RESULT_BYTES + 1];
+        w.append(&[LogRecord { ts_ms: 99, source: Source::Stdout, data: &huge }]).unwrap();
+        let last = read(dir.path(), &LogFilter { start_line: 70, ..Default::default() }).unwrap();
+        assert_eq!(numbers(&last), vec![70]);
+    }
+
+    /// Writes lines `from..to` ("line i", ts 1000 + 10 i) in batches of 7.
+    fn append_lines(w: &mut LogWriter, from: u64, to: u64) {
+        let mut i = from;
+        while i < to {
+            let end = to.min(i + 7);
+            let texts: Vec<String> = (i..end).map(|i| format!("line {i:06}")).collect();
+            let recs: Vec<_> = (i..end)
+                .zip(&texts)
+                .map(|(i, t)| LogRecord { ts_ms: 1000 + 10 * i as i64, source: Source::Stdout, data: t.as_bytes() })
+                .collect();
+            w.append(&recs).unwrap();
+            i = end;
+        }
+    }
+
+    fn disk_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum()
+    }
+
+    #[test]
+    fn a_capped_log_keeps_its_head_and_newest_lines_and_marks_the_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = super::super::MIN_CAP;
+        super::super::set_cap(dir.path(), cap).unwrap();
+        let mut w = LogWriter::open(dir.path()).unwrap();
+        // 40 bytes a line on disk (13 + 16 + 11): 200,000 lines are 8 MB, 8 times the cap.
+        append_lines(&mut w, 0, 200_000);
+        assert_eq!(w.lines_written(), 200_000);
+        let on_disk = disk_bytes(dir.path());
+        assert!(on_disk <= cap, "{on_disk} bytes on disk");
+        assert!(on_disk >= cap * 7 / 8, "{on_disk} bytes on disk: the cap is used");
+        assert_eq!(line_count(dir.path()).unwrap(), 200_000);
+
+        let all = |f: LogFilter| read(dir.path(), &f).unwrap();
+        let head = all(LogFilter { max_lines: 2, ..Default::default() });
+        assert_eq!(head.iter().map(|l| l.data.as_str()).collect::<Vec<_>>(), ["line 000000", "line 000001"]);
+        let tail = all(LogFilter { start_line: -2, ..Default::default() });
+        assert_eq!(numbers(&tail), vec![199_998, 199_999]);
+        assert_eq!(tail[1].data, "line 199999");
+
+        // The marker sits at the gap's first line number and says what went.
+        let marker = all(LogFilter { regex: Some(regex::Regex::new("dropped").unwrap()), ..Default::default() });
+        assert_eq!(marker.len(), 1, "{marker:?}");
+        let m = &marker[0];
+        let dropped = super::super::segments::read_dropped(dir.path());
+        assert!(m.data.contains(&format!("{} lines (", dropped.lines)), "{}", m.data);
+        assert_eq!(dropped.bytes, dropped.lines * 11);
+        assert!(m.data.contains("capped at 1.0 MiB"), "{}", m.data);
+        let after = all(LogFilter { start_line: m.line_number as i64 + 1, max_lines: 1, ..Default::default() });
+        assert_eq!(after[0].line_number, m.line_number + dropped.lines, "numbers keep counting through the gap");
+        assert_eq!(after[0].data, format!("line {:06}", after[0].line_number));
+        // Around the gap, forwards and backwards.
+        let across = all(LogFilter { start_line: m.line_number as i64 - 1, max_lines: 3, ..Default::default() });
+        assert_eq!(across.len(), 3);
+        assert_eq!(across[1], *m);
+        let before = all(LogFilter { start_line: -2, end_line: after[0].line_number + 1, ..Default::default() });
+        assert_eq!(before, vec![m.clone(), after[0].clone()]);
+        // Every existing line once, paging from the start.
+        let (mut start, mut seen) = (0i64, 0u64);
+        loop {
+            let page = all(LogFilter { start_line: start, ..Default::default() });
+            let Some(last) = page.last() else { break };
+            seen += page.len() as u64;
+            start = last.line_number as i64 + 1;
+        }
+        assert_eq!(seen, 200_000 - dropped.lines + 1);
+        // A source filter still shows the marker; a time range picks it by its neighbour's time.
+        let stderr = all(LogFilter { source: Some(Source::Stderr), ..Default::default() });
+        assert_eq!(stderr, vec![m.clone()]);
+
+        // A restarted writer goes on where it was, in the newest segment.
+        drop(w);
+        let mut w = LogWriter::open(dir.path()).unwrap();
+        assert_eq!(w.lines_written(), 200_000);
+        append_lines(&mut w, 200_000, 200_010);
+        assert_eq!(all(LogFilter { start_line: -1, ..Default::default() })[0].data, "line 200009");
+        assert!(disk_bytes(dir.path()) <= cap);
+    }
+
+    #[test]
+    fn a_log_without_a_cap_is_never_rotated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LogWriter::open(dir.path()).unwrap();
+        append_lines(&mut w, 0, 100_000);
+        assert_eq!(super::super::segments::list(dir.path()).unwrap(), vec![0]);
+        assert_eq!(
+            read(dir.path(), &LogFilter { start_line: -100_000, max_lines: 100_000, ..Default::default() })
+                .unwrap()
+                .len(),
+            100_000
+        );
     }
 
     #[test]

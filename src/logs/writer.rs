@@ -1,11 +1,14 @@
 //! The single appender of a task's log.
 
+use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use super::error::LogError;
 use super::format::{ENTRY_LEN, HEADER_LEN, IndexEntry, LogFiles, RecordHeader, Source};
+use super::segments;
 
 /// One line to append. Borrowed, so a batch can point straight into the
 /// reader's buffers without copying each line first.
@@ -17,16 +20,27 @@ pub struct LogRecord<'a> {
     pub data: &'a [u8],
 }
 
-/// Appends lines to `log.bin` + `log.idx`. There must be at most one per log
-/// directory (the task's supervisor): the files carry no lock, and two
-/// writers would interleave records.
+/// Appends lines to a task's log (see segments.rs for the files of a capped log). There must
+/// be at most one per log directory (the task's supervisor, or the build it runs first): the
+/// files carry no lock, and two writers would interleave records.
 ///
 /// Nothing is fsynced: the logs must survive the worker daemon, not a power
 /// loss, and readers ignore whatever torn tail a crash leaves.
 pub struct LogWriter {
+    dir: PathBuf,
+    /// The log's cap, from its `cap` file.
+    cap: Option<u64>,
+    /// The segment being appended to.
     files: LogFiles,
-    /// Where the next record goes; equals the length of `log.bin`.
+    /// Its first line.
+    first_line: u64,
+    /// Its bytes on disk (both files).
+    segment_bytes: u64,
+    /// Older tail segments still on disk, oldest first: (first line, lines, bytes of data).
+    tails: VecDeque<(u64, u64, u64)>,
+    /// Where the next record goes in the segment; equals the length of its data file.
     data_end: u64,
+    /// The next line's number (lines in every segment and dropped ones included).
     lines: u64,
     /// Reused across batches so steady-state appends do not allocate.
     data_buf: Vec<u8>,
@@ -36,28 +50,36 @@ pub struct LogWriter {
     needs_recovery: bool,
 }
 
+fn record_bytes(r: &LogRecord<'_>) -> u64 {
+    (HEADER_LEN + ENTRY_LEN + r.data.len()) as u64
+}
+
 impl LogWriter {
-    /// Opens (creating if needed) the log in `dir`. A previous writer may have
-    /// been killed mid-append; its torn tail is cut off here, with the same
-    /// rule readers use to ignore it, so numbering continues right after the
-    /// last line any reader could have seen.
+    /// Opens (creating if needed) the log in `dir`, in its newest segment. A previous writer may
+    /// have been killed mid-append; its torn tail is cut off here, with the same rule readers
+    /// use to ignore it, so numbering continues right after the last line any reader could
+    /// have seen.
     pub fn open(dir: &Path) -> Result<LogWriter, LogError> {
-        fs::create_dir_all(dir).map_err(|source| LogError::CreateDir { path: dir.to_path_buf(), source })?;
-        let (index_path, data_path) = LogFiles::paths(dir);
-        let open = |path: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .append(true)
-                .create(true)
-                .open(path)
-                .map_err(|source| LogError::Open { path: path.to_path_buf(), source })
-        };
-        let data = open(&data_path)?;
-        let index = open(&index_path)?;
+        segments::create_dir(dir)?;
+        let firsts = segments::list(dir)?;
+        let first_line = firsts.last().copied().unwrap_or(0);
+        let mut tails = VecDeque::new();
+        for &first in firsts.iter().filter(|f| **f > 0 && **f != first_line) {
+            if let Some(files) = segments::open_segment(dir, first)? {
+                let x = files.valid_extent()?;
+                tails.push_back((first, x.lines, x.data_end.saturating_sub(x.lines * HEADER_LEN as u64)));
+            }
+        }
+        let files = open_files(dir, first_line, false)?;
         let mut writer = LogWriter {
-            files: LogFiles { index, data, index_path, data_path },
+            dir: dir.to_path_buf(),
+            cap: segments::read_cap(dir),
+            files,
+            first_line,
+            segment_bytes: 0,
+            tails,
             data_end: 0,
-            lines: 0,
+            lines: first_line,
             data_buf: Vec::new(),
             index_buf: Vec::new(),
             needs_recovery: true,
@@ -66,8 +88,8 @@ impl LogWriter {
         Ok(writer)
     }
 
-    /// Cuts both files back to their trusted prefix. The index goes first so
-    /// that no entry ever points past the end of `log.bin`.
+    /// Cuts both files of the segment back to their trusted prefix. The index goes first so
+    /// that no entry ever points past the end of its data file.
     fn recover(&mut self) -> Result<(), LogError> {
         let x = self.files.valid_extent()?;
         let index_end = x.lines * ENTRY_LEN as u64;
@@ -83,17 +105,24 @@ impl LogWriter {
                 .set_len(x.data_end)
                 .map_err(|source| LogError::Truncate { path: self.files.data_path.clone(), source })?;
         }
-        self.lines = x.lines;
+        self.lines = self.first_line + x.lines;
         self.data_end = x.data_end;
+        self.segment_bytes = x.data_end + index_end;
         self.needs_recovery = false;
         Ok(())
     }
 
-    /// Appends a batch with one `write` per file: per-line syscalls would cap
-    /// throughput far below what a chatty task produces. The records go out
-    /// before their index entries, so a concurrent reader never trusts a line
-    /// whose bytes are not there yet. A line longer than `u32::MAX` bytes is
-    /// refused before anything is written.
+    /// The most the current segment may hold: half the cap for the head, an eighth for a
+    /// tail segment.
+    fn segment_limit(&self) -> Option<u64> {
+        let cap = self.cap?;
+        Some(if self.first_line == 0 { cap / 2 } else { (cap / 8).max(1) })
+    }
+
+    /// Appends a batch, with one `write` per file and segment: per-line syscalls would cap
+    /// throughput far below what a chatty task produces. A line longer than `u32::MAX` bytes
+    /// is refused before anything is written. Past the cap the batch goes on in a new tail
+    /// segment, and the oldest tail segment goes.
     pub fn append(&mut self, lines: &[LogRecord<'_>]) -> Result<(), LogError> {
         if lines.is_empty() {
             return Ok(());
@@ -101,19 +130,44 @@ impl LogWriter {
         if self.needs_recovery {
             self.recover()?;
         }
-        let mut data_len = 0usize;
-        for r in lines {
-            if u32::try_from(r.data.len()).is_err() {
-                return Err(LogError::Write {
-                    path: self.files.data_path.clone(),
-                    source: io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("log line of {} bytes exceeds 4 GiB", r.data.len()),
-                    ),
-                });
-            }
-            data_len += HEADER_LEN + r.data.len();
+        if let Some(r) = lines.iter().find(|r| u32::try_from(r.data.len()).is_err()) {
+            return Err(LogError::Write {
+                path: self.files.data_path.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("log line of {} bytes exceeds 4 GiB", r.data.len()),
+                ),
+            });
         }
+        let mut i = 0;
+        while i < lines.len() {
+            // As many records as the segment takes (always one, into an empty segment).
+            let limit = self.segment_limit();
+            let mut bytes = self.segment_bytes;
+            let mut j = i;
+            while j < lines.len() {
+                let r = record_bytes(&lines[j]);
+                let segment_has_lines = self.lines > self.first_line || j > i;
+                if limit.is_some_and(|l| bytes + r > l) && segment_has_lines {
+                    break;
+                }
+                bytes += r;
+                j += 1;
+            }
+            if j > i {
+                self.write_run(&lines[i..j])?;
+            }
+            if j < lines.len() {
+                self.rotate()?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Writes records that all go into the current segment.
+    fn write_run(&mut self, lines: &[LogRecord<'_>]) -> Result<(), LogError> {
+        let data_len: usize = lines.iter().map(|r| HEADER_LEN + r.data.len()).sum();
         self.data_buf.clear();
         self.index_buf.clear();
         self.data_buf.reserve(data_len);
@@ -124,7 +178,7 @@ impl LogWriter {
             RecordHeader {
                 ts_ms: r.ts_ms,
                 source: r.source as u8,
-                // Checked above.
+                // Checked by `append`.
                 len: r.data.len() as u32,
             }
             .encode_into(&mut self.data_buf);
@@ -139,6 +193,7 @@ impl LogWriter {
             self.needs_recovery = true;
             return Err(LogError::Write { path: self.files.index_path.clone(), source });
         }
+        self.segment_bytes += (offset - self.data_end) + (lines.len() * ENTRY_LEN) as u64;
         self.data_end = offset;
         self.lines += lines.len() as u64;
         // Do not pin the memory of one huge batch for the writer's lifetime.
@@ -152,11 +207,67 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Total lines in the log, including those from before a restart; also
-    /// the line number the next appended line will get.
+    /// Starts a new tail segment at the next line, and drops the oldest tail segments beyond
+    /// [`segments::TAIL_SEGMENTS`].
+    fn rotate(&mut self) -> Result<(), LogError> {
+        let first = self.lines;
+        let files = open_files(&self.dir, first, true)?;
+        if self.first_line > 0 {
+            let data = self.data_end - (self.lines - self.first_line) * HEADER_LEN as u64;
+            self.tails.push_back((self.first_line, self.lines - self.first_line, data));
+        }
+        self.files = files;
+        self.first_line = first;
+        self.segment_bytes = 0;
+        self.data_end = 0;
+        while self.tails.len() >= segments::TAIL_SEGMENTS {
+            let Some((old, lines, bytes)) = self.tails.pop_front() else { break };
+            // Counted before the files go: a reader that sees the gap finds it counted.
+            let mut dropped = segments::read_dropped(&self.dir);
+            dropped.lines += lines;
+            dropped.bytes += bytes;
+            segments::write_dropped(&self.dir, &dropped)?;
+            let (index, data) = segments::segment_paths(&self.dir, old);
+            for path in [index, data] {
+                if let Err(source) = fs::remove_file(&path)
+                    && source.kind() != io::ErrorKind::NotFound
+                {
+                    return Err(LogError::Write { path, source });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Total lines in the log, including those from before a restart and those rotation
+    /// dropped; also the line number the next appended line will get.
     pub fn lines_written(&self) -> u64 {
         self.lines
     }
+}
+
+/// Opens (creating) the files of the segment at `first`; `fresh` empties them first (a tail
+/// segment is only ever started once).
+fn open_files(dir: &Path, first: u64, fresh: bool) -> Result<LogFiles, LogError> {
+    let (index_path, data_path) = segments::segment_paths(dir, first);
+    let open = |path: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| LogError::Open { path: path.to_path_buf(), source })
+    };
+    // The data file first: a reader lists segments by their index file.
+    let data = open(&data_path)?;
+    let index = open(&index_path)?;
+    if fresh {
+        for (f, path) in [(&index, &index_path), (&data, &data_path)] {
+            f.set_len(0).map_err(|source| LogError::Truncate { path: path.clone(), source })?;
+        }
+    }
+    Ok(LogFiles { index, data, index_path, data_path })
 }
 
 #[cfg(test)]

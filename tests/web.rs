@@ -384,12 +384,13 @@ async fn metrics_parse_and_show_a_known_task_and_the_calls_made() {
     let w = Worker::start("web-metrics", &[]).await;
     let mut c = w.client().await;
     let id = "metrics-job/task-0";
-    // 24 MiB in the container's /tmp (tmpfs: charged to the task's memory), one process.
+    // 24 MiB in the container's /tmp (tmpfs: charged to the task's memory), two processes
+    // (the command and the container's init).
     c.run_task(sh(id, "head -c 25165824 /dev/zero > /tmp/fill; exec sleep 600")).await.unwrap();
     let deadline = Instant::now() + TASK_TIMEOUT;
     loop {
         let s = status(&mut c, id).await;
-        if s.resource_usage.as_ref().is_some_and(|u| u.memory_mb >= 24 && u.process_count == 1) {
+        if s.resource_usage.as_ref().is_some_and(|u| u.memory_mb >= 24 && u.process_count == 2) {
             break;
         }
         assert!(Instant::now() < deadline, "the task never filled its memory: {s:?}");
@@ -456,7 +457,7 @@ async fn metrics_parse_and_show_a_known_task_and_the_calls_made() {
     let api_mem = api["usage"]["memoryBytes"].as_f64().unwrap();
     assert!((api_mem - mem).abs() < 4.0 * 1024.0 * 1024.0, "metrics {mem} vs api {api_mem}");
     assert!(after.value("iris_worker_task_memory_peak_bytes", &t).unwrap() >= mem);
-    assert_eq!(after.value("iris_worker_task_processes", &t), Some(1.0));
+    assert_eq!(after.value("iris_worker_task_processes", &t), Some(2.0));
     assert!(after.value("iris_worker_task_cpu_seconds_total", &t).unwrap() > 0.0);
     assert!(after.value("iris_worker_task_cpu_percent", &t).is_some());
     assert!(after.value("iris_worker_task_disk_bytes", &t).is_some());

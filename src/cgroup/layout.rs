@@ -214,8 +214,13 @@ impl Layout {
 
     /// Sends `signal` to every process of the cgroup once.
     pub fn signal_all(&self, path: &str, signal: Signal) -> Result<usize, CgroupError> {
+        self.signal_all_but(path, signal, None)
+    }
+
+    /// Sends `signal` to every process of the cgroup once, except `spare`.
+    pub fn signal_all_but(&self, path: &str, signal: Signal, spare: Option<Pid>) -> Result<usize, CgroupError> {
         let pids = self.procs(path)?;
-        for pid in &pids {
+        for pid in pids.iter().filter(|p| Some(**p) != spare) {
             // A process may exit between the read and the signal: that is fine.
             let _ = kill(*pid, signal);
         }

@@ -55,6 +55,16 @@ pub trait Runtime {
     fn create(&mut self, spec: &LaunchSpec, task_dir: &Path, io: TaskIo) -> Result<Pid, RuntimeError>;
     /// Lets the task's command run.
     fn start(&mut self) -> Result<(), RuntimeError>;
+    /// How the task's command ended, given how the process `create` returned ended (the same
+    /// process, unless the runtime runs an init in front of the command).
+    fn command_status(&mut self, first: nix::sys::wait::WaitStatus) -> nix::sys::wait::WaitStatus {
+        first
+    }
+    /// True when the process `create` returned is an init that forwards signals to the
+    /// command, rather than the command itself.
+    fn signals_through_init(&self) -> bool {
+        false
+    }
     /// Removes what `create` made (container state, cgroup). The task's processes are gone.
     fn remove(&mut self) -> Result<(), RuntimeError>;
 }

@@ -118,6 +118,9 @@ pub struct ExitRecord {
     pub killed: Option<KillReason>,
     /// The final cgroup figures (peak memory, CPU time, OOM kills).
     pub stats: CgroupStats,
+    /// The processes the OOM killer chose, as `name (pid N)`, when the kernel's log says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub oom_victims: Vec<String>,
 }
 
 /// Milliseconds since the Unix epoch.

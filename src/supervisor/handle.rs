@@ -138,11 +138,17 @@ pub async fn run_to_exit(exe: &Path, dir: &Path) -> Result<ExitRecord, FileError
 
 /// Supervisors running for task directories below `tasks_dir`, found by their command line
 /// (`<exe> supervise <task-dir> …`): also those that have not written `supervisor.pid` yet.
+/// A container's init is a fork of its supervisor with the same command line, in the
+/// container's pid namespace: only processes of our own pid namespace count.
 pub fn running_under(tasks_dir: &Path) -> Vec<(i32, std::path::PathBuf)> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let own_ns = std::fs::read_link("/proc/self/ns/pid").ok();
     let mut out = Vec::new();
     for e in entries.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if own_ns.is_some() && std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok() != own_ns {
+            continue;
+        }
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
         if args.len() >= 3 && args[1] == b"supervise" {

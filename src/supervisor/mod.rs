@@ -9,6 +9,7 @@
 
 pub mod files;
 pub mod handle;
+mod oom;
 mod pump;
 
 use std::fs::File;
@@ -103,6 +104,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
         }
     };
     let started_at_ms = now_ms();
+    let started_kernel_us = oom::kernel_clock_us();
     if let Err(e) = runtime.start() {
         let _ = kill(pid, Signal::SIGKILL);
         let _ = waitpid(pid, None);
@@ -157,7 +159,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
                         .map(|k| Duration::from_millis(k.grace_ms))
                         .unwrap_or(TIMEOUT_GRACE);
                     exit.killed = Some(KillReason::Requested);
-                    sigkill_at = Some(terminate(&spec, pid, grace));
+                    sigkill_at = Some(terminate(&spec, pid, runtime.signals_through_init(), grace));
                 }
             }
         }
@@ -181,7 +183,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
             timeout_at = None;
             if exit.killed.is_none() {
                 exit.killed = Some(KillReason::Timeout);
-                sigkill_at = Some(terminate(&spec, pid, TIMEOUT_GRACE));
+                sigkill_at = Some(terminate(&spec, pid, runtime.signals_through_init(), TIMEOUT_GRACE));
             }
         }
         if sigkill_at.is_some_and(|t| now >= t) {
@@ -192,13 +194,17 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
     }
     pump.finish();
 
-    match status {
+    // A container's first process is its init: the command's own end is what counts.
+    match status.map(|s| runtime.command_status(s)) {
         Some(WaitStatus::Exited(_, code)) => exit.exit_code = Some(code),
         Some(WaitStatus::Signaled(_, sig, _)) => exit.signal = Some(sig as i32),
         _ => {}
     }
     if let Some((layout, path)) = &spec.cgroup {
         exit.stats = layout.stats(path).unwrap_or_default();
+        if exit.stats.oom_kills > 0 {
+            exit.oom_victims = oom::victims(path, started_kernel_us);
+        }
     }
     exit.finished_at_ms = now_ms();
     // Nothing runs in the rootfs any more (the cgroup is empty); unmounted before the exit is
@@ -227,11 +233,21 @@ fn release_rootfs(task_dir: &Path, spec: &LaunchSpec) {
     }
 }
 
-/// Sends SIGTERM to every process of the task and returns when SIGKILL is due.
-fn terminate(spec: &LaunchSpec, pid: Pid, grace: Duration) -> Instant {
-    let _ = kill(pid, Signal::SIGTERM);
-    if let Some((layout, path)) = &spec.cgroup {
-        let _ = layout.signal_all(path, Signal::SIGTERM);
+/// Sends SIGTERM to every process of the task and returns when SIGKILL is due. A container's
+/// init (`pid` when `through_init`) is left out: it would forward the signal to the command,
+/// which gets it directly, and a second SIGTERM means "hurry" to some programs.
+fn terminate(spec: &LaunchSpec, pid: Pid, through_init: bool, grace: Duration) -> Instant {
+    match &spec.cgroup {
+        Some((layout, path)) => {
+            let spare = through_init.then_some(pid);
+            if !through_init {
+                let _ = kill(pid, Signal::SIGTERM);
+            }
+            let _ = layout.signal_all_but(path, Signal::SIGTERM, spare);
+        }
+        None => {
+            let _ = kill(pid, Signal::SIGTERM);
+        }
     }
     Instant::now() + grace
 }

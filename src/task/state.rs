@@ -68,16 +68,33 @@ pub fn outcome(exit: &ExitRecord, timeout_s: Option<u64>) -> Outcome {
         }
         None => {}
     }
-    if exit.exit_code == Some(0) {
-        return Outcome { state: TaskState::Succeeded, exit_code: 0, error: String::new() };
-    }
-    if exit.stats.oom_kills > 0 {
-        let limit = exit
-            .stats
+    let limit = || {
+        exit.stats
             .memory_limit_bytes
             .map(|l| format!("its memory limit of {} MiB", l >> 20))
-            .unwrap_or_else(|| "its memory limit".into());
-        return failed(format!("out of memory: the task was OOM-killed after exceeding {limit}"));
+            .unwrap_or_else(|| "its memory limit".into())
+    };
+    let victims = || match exit.oom_victims.as_slice() {
+        [] => "a process of the task".to_string(),
+        v => v.join(", "),
+    };
+    if exit.exit_code == Some(0) {
+        // The state follows the exit code, but an OOM kill on the way (a worker process of
+        // the task) is never silent.
+        let error = if exit.stats.oom_kills > 0 {
+            format!(
+                "out of memory: {} OOM-killed after the task exceeded {}; the main process exited 0",
+                victims(),
+                limit()
+            )
+        } else {
+            String::new()
+        };
+        return Outcome { state: TaskState::Succeeded, exit_code: 0, error };
+    }
+    if exit.stats.oom_kills > 0 {
+        let who = if exit.oom_victims.is_empty() { String::new() } else { format!(" ({} killed)", victims()) };
+        return failed(format!("out of memory: the task was OOM-killed after exceeding {}{who}", limit()));
     }
     match (exit.exit_code, exit.signal) {
         (Some(code), _) => failed(format!("exit code {code}")),
@@ -109,11 +126,23 @@ mod tests {
     }
 
     #[test]
+    fn an_oom_kill_behind_an_exit_0_is_reported_with_the_state_kept() {
+        let mut e = exit(Some(0), None);
+        e.stats = CgroupStats { oom_kills: 1, memory_limit_bytes: Some(64 << 20), ..Default::default() };
+        e.oom_victims = vec!["python3 (pid 9)".into()];
+        let o = outcome(&e, None);
+        assert_eq!(o.state, TaskState::Succeeded);
+        assert!(o.error.contains("python3 (pid 9)") && o.error.contains("64 MiB"), "{}", o.error);
+    }
+
+    #[test]
     fn oom_timeout_and_kill_win_over_the_signal() {
         let mut e = exit(None, Some(9));
         e.stats = CgroupStats { oom_kills: 1, memory_limit_bytes: Some(64 << 20), ..Default::default() };
         let o = outcome(&e, None);
         assert!(o.error.contains("out of memory") && o.error.contains("64 MiB"), "{}", o.error);
+        e.oom_victims = vec!["python3 (pid 7)".into()];
+        assert!(outcome(&e, None).error.ends_with("(python3 (pid 7) killed)"), "{}", outcome(&e, None).error);
         e.killed = Some(KillReason::Timeout);
         assert_eq!(outcome(&e, Some(3)).error, "timeout after 3 s");
         e.killed = Some(KillReason::Requested);

@@ -113,14 +113,19 @@ impl Worker {
         for _ in 0..5 {
             self.port = free_port();
             let log = std::fs::File::create(self.state_dir().join(format!("worker-{}.log", self.port))).unwrap();
+            // A test may give its own --rootfs (the python one, say).
+            let rootfs_flag: Vec<std::ffi::OsString> = if self.extra.iter().any(|a| a == "--rootfs") {
+                vec![]
+            } else {
+                vec!["--rootfs".into(), rootfs().into()]
+            };
             let child = Command::new(exe())
                 .arg("serve")
                 .arg("--listen")
                 .arg(format!("{}:{}", self.listen_ip, self.port))
                 .arg("--state-dir")
                 .arg(self.state_dir())
-                .arg("--rootfs")
-                .arg(rootfs())
+                .args(rootfs_flag)
                 .arg("--worker-id")
                 .arg(&self.name)
                 .args(&self.extra)

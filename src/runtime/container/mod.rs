@@ -5,6 +5,7 @@
 //! `build` and `start` chdir the whole process and fork: never call them from a
 //! multi-threaded process.
 
+mod init;
 mod oci;
 mod seccomp;
 
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use libcontainer::container::Container;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
-use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use super::{LaunchSpec, Runtime, RuntimeError, TaskIo};
@@ -28,6 +29,8 @@ pub struct ContainerRuntime {
     state_dir: Option<PathBuf>,
     /// The task's cgroup, whose directory in a hybrid host's unified tree is ours to remove.
     cgroup: Option<(crate::cgroup::Layout, String)>,
+    /// Where the container's init reports how the task's command ended.
+    status: Option<init::StatusPipe>,
 }
 
 fn lc_err(op: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> RuntimeError {
@@ -46,18 +49,24 @@ impl Runtime for ContainerRuntime {
         config.save(&config_path).map_err(|e| RuntimeError::Spec(format!("writing {}: {e}", config_path.display())))?;
         let root = state_root(task_dir);
         self.state_dir = Some(root.join(&spec.id));
+        let mut status = init::StatusPipe::new()
+            .map_err(|e| RuntimeError::Container { op: "preparing", message: format!("a pipe: {e}") })?;
         let container = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
             .with_root_path(&root)
             .map_err(lc_err("preparing"))?
             .with_stdout(io.stdout)
             .with_stderr(io.stderr)
-            .with_executor(UnmaskingExecutor)
+            .with_executor(init::InitExecutor { status_fd: status.write_fd() })
             .validate_id()
             .map_err(lc_err("naming"))?
             .as_init(task_dir)
             .with_systemd(false)
             .with_detach(true)
             .build();
+        // The init has its copy of the write end now; ours would keep the pipe from ever
+        // reading as empty.
+        status.close_write();
+        self.status = Some(status);
         let container = match container {
             Ok(c) => c,
             Err(e) => {
@@ -88,6 +97,14 @@ impl Runtime for ContainerRuntime {
         container.start().map_err(lc_err("starting"))
     }
 
+    fn command_status(&mut self, init: WaitStatus) -> WaitStatus {
+        self.status.as_ref().and_then(init::StatusPipe::status).unwrap_or(init)
+    }
+
+    fn signals_through_init(&self) -> bool {
+        true
+    }
+
     fn remove(&mut self) -> Result<(), RuntimeError> {
         match self.container.as_mut() {
             Some(container) => container.delete(true).map_err(lc_err("deleting"))?,
@@ -108,35 +125,6 @@ impl ContainerRuntime {
         {
             let _ = c.delete(true);
         }
-    }
-}
-
-/// Runs the task's command like libcontainer's default executor, after restoring the signal
-/// mask and SIGPIPE: the supervisor blocks the signals it reads through its signalfd, and a
-/// blocked mask survives exec — the task would never see SIGTERM; and Rust's runtime ignores
-/// SIGPIPE, which survives exec too — `yes | head` in the task would never end.
-#[derive(Clone)]
-struct UnmaskingExecutor;
-
-impl Executor for UnmaskingExecutor {
-    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
-        let _ = nix::sys::signal::sigprocmask(
-            nix::sys::signal::SigmaskHow::SIG_SETMASK,
-            Some(&nix::sys::signal::SigSet::empty()),
-            None,
-        );
-        crate::runtime::restore_sigpipe();
-        let result = libcontainer::workload::default::get_executor().exec(spec);
-        if let Err(e) = &result {
-            // The task's stderr is the log: say there why the command never ran.
-            let argv0 = spec.process().as_ref().and_then(|p| p.args().as_ref()).and_then(|a| a.first().cloned());
-            eprintln!("iris-worker: cannot run {:?}: {e}", argv0.unwrap_or_default());
-        }
-        result
-    }
-
-    fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
-        libcontainer::workload::default::get_executor().validate(spec)
     }
 }
 

@@ -1,0 +1,235 @@
+//! The container's pid 1: the supervisor's own code, as `docker run --init` puts tini there.
+//!
+//! A program that runs as the pid 1 of a pid namespace gets no default signal actions: a
+//! Python task there ignores SIGTERM, and every kill waits out its whole grace. Nor does a
+//! program expect to reap orphans it never started. So the container's first process (forked
+//! by libcontainer from the supervisor, already in the container's namespaces, cgroup, rootfs,
+//! user, capabilities and seccomp filter) forks once more: the child becomes the task's command
+//! and this process stays as the init. It forwards the signals it receives to the command,
+//! reaps every process that ends in the namespace, and exits when the command does — taking the
+//! rest of the namespace with it, as the kernel kills every process of a pid namespace whose
+//! init exits.
+//!
+//! No binary is mounted into the container and nothing more is exec'd: the init is memory the
+//! supervisor already has. Unlike tini, which can only exit with 128+N for a command killed by
+//! signal N, it hands the command's exact wait status to the supervisor through a pipe
+//! inherited from it ([`StatusPipe`]), so "killed by SIGTERM" stays distinct from "exit 143".
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+/// Signals the init never waits for: those the kernel raises for a fault of the process
+/// itself (blocking them would hide a crash), and the job-control signals a process without a
+/// terminal never gets. tini leaves out the same set.
+const NOT_FORWARDED: &[libc::c_int] = &[
+    libc::SIGFPE,
+    libc::SIGILL,
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGABRT,
+    libc::SIGTRAP,
+    libc::SIGSYS,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+    libc::SIGKILL,
+    libc::SIGSTOP,
+];
+
+/// The pipe on which the init reports the command's wait status. The supervisor makes it
+/// before the container exists (the init inherits the write end), drops its own write end once
+/// the container is created, and reads after it has reaped the init.
+pub(super) struct StatusPipe {
+    read: OwnedFd,
+    write: Option<OwnedFd>,
+}
+
+impl StatusPipe {
+    pub(super) fn new() -> nix::Result<StatusPipe> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+        Ok(StatusPipe { read, write: Some(write) })
+    }
+
+    /// The descriptor number the init writes to.
+    pub(super) fn write_fd(&self) -> RawFd {
+        self.write.as_ref().map_or(-1, AsRawFd::as_raw_fd)
+    }
+
+    /// The container exists: only its init holds the write end now.
+    pub(super) fn close_write(&mut self) {
+        self.write = None;
+    }
+
+    /// The command's wait status, if the init reported one (it did not if it was killed, or
+    /// never got to start the command).
+    pub(super) fn status(&self) -> Option<WaitStatus> {
+        let mut raw = [0u8; 4];
+        let n = nix::unistd::read(self.read.as_raw_fd(), &mut raw).ok()?;
+        if n != raw.len() {
+            return None;
+        }
+        decode(i32::from_le_bytes(raw))
+    }
+}
+
+/// A raw wait status as the supervisor reports it (the init's pid stands in: only the
+/// exit code or signal is used).
+fn decode(raw: libc::c_int) -> Option<WaitStatus> {
+    let pid = Pid::from_raw(1);
+    if libc::WIFEXITED(raw) {
+        return Some(WaitStatus::Exited(pid, libc::WEXITSTATUS(raw)));
+    }
+    if libc::WIFSIGNALED(raw) {
+        let signal = nix::sys::signal::Signal::try_from(libc::WTERMSIG(raw)).ok()?;
+        return Some(WaitStatus::Signaled(pid, signal, libc::WCOREDUMP(raw)));
+    }
+    None
+}
+
+/// libcontainer's last step in the container's first process: become the init, and run the
+/// task's command in a child.
+#[derive(Clone)]
+pub(super) struct InitExecutor {
+    /// Where the init writes the command's wait status (inherited from the supervisor).
+    pub(super) status_fd: RawFd,
+}
+
+impl Executor for InitExecutor {
+    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
+        let waited = wait_set();
+        // Blocked before the fork, so a SIGCHLD of a command that ends at once is not lost
+        // (it stays pending until the loop waits for it).
+        // SAFETY: sigprocmask with a valid set; this process has one thread.
+        unsafe { libc::sigprocmask(libc::SIG_BLOCK, &waited, std::ptr::null_mut()) };
+        // SAFETY: this process has one thread (libcontainer's init), so the child may run
+        // anything; it only execs.
+        match unsafe { libc::fork() } {
+            0 => run_command(spec, self.status_fd),
+            -1 => {
+                // Without a child the command runs as pid 1 itself, as it did before the init.
+                run_command(spec, self.status_fd)
+            }
+            child => init_loop(Pid::from_raw(child), self.status_fd, &waited),
+        }
+    }
+
+    fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
+        libcontainer::workload::default::get_executor().validate(spec)
+    }
+}
+
+/// The set the init waits on: every signal but [`NOT_FORWARDED`].
+fn wait_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigfillset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe {
+        libc::sigfillset(&mut set);
+        for &s in NOT_FORWARDED {
+            libc::sigdelset(&mut set, s);
+        }
+    }
+    set
+}
+
+/// In the child: the task's command, with the signal state a fresh process has. Never returns.
+fn run_command(spec: &oci_spec::runtime::Spec, status_fd: RawFd) -> ! {
+    // SAFETY: plain syscalls on values we own; this process has one thread.
+    unsafe {
+        libc::close(status_fd);
+        // The supervisor blocks the signals it reads through its signalfd, and a blocked mask
+        // survives exec: without this the task would never see SIGTERM.
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    }
+    crate::runtime::restore_sigpipe();
+    let result = libcontainer::workload::default::get_executor().exec(spec);
+    if let Err(e) = &result {
+        // The task's stderr is the log: say there why the command never ran.
+        let argv0 = spec.process().as_ref().and_then(|p| p.args().as_ref()).and_then(|a| a.first().cloned());
+        eprintln!("iris-worker: cannot run {:?}: {e}", argv0.unwrap_or_default());
+    }
+    // SAFETY: ends this process without running the supervisor's destructors in a fork.
+    unsafe { libc::_exit(127) }
+}
+
+/// The init: forward signals to the command, reap everything, and exit with the command.
+fn init_loop(command: Pid, status_fd: RawFd, waited: &libc::sigset_t) -> ! {
+    // Whatever the supervisor had open (its log, pipes, signalfd) is not the init's business.
+    close_all_but(status_fd);
+    loop {
+        // SAFETY: siginfo_t is plain data, filled in by sigwaitinfo.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `waited` is a valid set, `info` a valid out-parameter.
+        let signal = unsafe { libc::sigwaitinfo(waited, &mut info) };
+        if signal < 0 {
+            continue; // EINTR
+        }
+        if signal != libc::SIGCHLD {
+            // SAFETY: kill with a pid and a signal number.
+            unsafe { libc::kill(command.as_raw(), signal) };
+            continue;
+        }
+        loop {
+            let mut raw: libc::c_int = 0;
+            // SAFETY: waitpid with a valid out-parameter.
+            let pid = unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) };
+            if pid <= 0 {
+                break; // nothing more to reap now (0), or no children left (ECHILD)
+            }
+            if pid == command.as_raw() {
+                let bytes = raw.to_le_bytes();
+                // SAFETY: writes 4 bytes from a live buffer to our own descriptor.
+                unsafe { libc::write(status_fd, bytes.as_ptr().cast(), bytes.len()) };
+                let code = if libc::WIFEXITED(raw) { libc::WEXITSTATUS(raw) } else { 128 + libc::WTERMSIG(raw) };
+                // SAFETY: ends the init; the kernel then kills what is left of the namespace.
+                unsafe { libc::_exit(code) }
+            }
+        }
+    }
+}
+
+/// Closes every descriptor from 3 up except `keep`.
+fn close_all_but(keep: RawFd) {
+    let close_range = |first: libc::c_uint, last: libc::c_uint| {
+        if first <= last {
+            // SAFETY: close_range only closes descriptors of this process.
+            unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+        }
+    };
+    let keep = keep.max(0) as libc::c_uint;
+    if keep >= 3 {
+        close_range(3, keep - 1);
+    }
+    close_range(keep.max(2) + 1, libc::c_uint::MAX);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_statuses_decode_to_exits_and_signals() {
+        // Linux encodes exit code N as N << 8, and death by signal S as S.
+        assert_eq!(decode(3 << 8), Some(WaitStatus::Exited(Pid::from_raw(1), 3)));
+        assert_eq!(
+            decode(libc::SIGTERM),
+            Some(WaitStatus::Signaled(Pid::from_raw(1), nix::sys::signal::Signal::SIGTERM, false))
+        );
+        assert_eq!(decode(0x7f), None, "a stopped child is no end");
+    }
+
+    #[test]
+    fn the_wait_set_leaves_out_fault_signals() {
+        let set = wait_set();
+        // SAFETY: querying a valid set.
+        unsafe {
+            assert_eq!(libc::sigismember(&set, libc::SIGTERM), 1);
+            assert_eq!(libc::sigismember(&set, libc::SIGCHLD), 1);
+            assert_eq!(libc::sigismember(&set, libc::SIGSEGV), 0);
+        }
+    }
+}

@@ -4,7 +4,9 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -12,6 +14,9 @@ use iris_worker::proto::{ResourceSpecProto, worker};
 use iris_worker::task::TaskState;
 
 const LONG: Duration = Duration::from_secs(60);
+
+/// The unprivileged user of the host that tries to reach the tasks' files.
+const NOBODY: &str = "65534";
 
 fn python_rootfs() -> PathBuf {
     std::env::var_os("IRIS_CACHE_DIR")
@@ -27,6 +32,163 @@ fn stdout_of(logs: &[worker::LogEntry]) -> Vec<String> {
 fn with_resources(mut req: worker::RunTaskRequest, r: ResourceSpecProto) -> worker::RunTaskRequest {
     req.resources = Some(r);
     req
+}
+
+/// Runs `argv` as the unprivileged user (no supplementary groups); (success, stdout+stderr).
+/// A shell running as that user execs it: setpriv's own exec still resolves the path with
+/// root's access (it runs a program in a directory it could not read).
+fn as_nobody(argv: &[&str]) -> (bool, String) {
+    let out = Command::new("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "--", "/bin/sh", "-c", "exec \"$@\"", "sh"])
+        .args(argv)
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Every path below `root` (root included), as root sees them.
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A static x86-64 ELF that exits with its effective uid (0: it ran as root).
+fn euid_probe() -> Vec<u8> {
+    let code = [
+        0xb8, 107, 0, 0, 0, // mov eax, 107 (geteuid)
+        0x0f, 0x05, // syscall
+        0x89, 0xc7, // mov edi, eax
+        0xb8, 60, 0, 0, 0, // mov eax, 60 (exit)
+        0x0f, 0x05, // syscall
+    ];
+    let base: u64 = 0x400000;
+    let entry = base + 64 + 56;
+    let size = (64 + 56 + code.len()) as u64;
+    let mut e = Vec::new();
+    e.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    e.extend_from_slice(&2u16.to_le_bytes());
+    e.extend_from_slice(&0x3eu16.to_le_bytes());
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&entry.to_le_bytes());
+    e.extend_from_slice(&64u64.to_le_bytes());
+    e.extend_from_slice(&0u64.to_le_bytes());
+    e.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 0, 0, 0] {
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&5u32.to_le_bytes());
+    e.extend_from_slice(&0u64.to_le_bytes());
+    e.extend_from_slice(&base.to_le_bytes());
+    e.extend_from_slice(&base.to_le_bytes());
+    e.extend_from_slice(&size.to_le_bytes());
+    e.extend_from_slice(&size.to_le_bytes());
+    e.extend_from_slice(&0x1000u64.to_le_bytes());
+    e.extend_from_slice(&code);
+    e
+}
+
+/// The state directory as an operator might have made it (`mkdir`: 0755), with the worker
+/// restarted on it: what the worker sets up, not what tempfile did, is under test.
+async fn worker_on_open_state_dir(name: &str, extra: &[&str]) -> Worker {
+    let mut w = Worker::start(name, extra).await;
+    w.kill9();
+    std::fs::set_permissions(w.state_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    if let Ok(tasks) = std::fs::metadata(w.state_dir().join("tasks")) {
+        assert!(tasks.is_dir());
+        std::fs::set_permissions(w.state_dir().join("tasks"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let parent = w.state_dir().parent().unwrap().to_str().unwrap().to_string();
+    let (reachable, why) = as_nobody(&["test", "-x", &parent]);
+    assert!(reachable, "the test needs a TMPDIR other users can traverse ({parent}): {why}");
+    w.spawn().await;
+    w
+}
+
+/// Section 2: a setuid-root binary a task writes into its workdir cannot be run (or reached)
+/// by an unprivileged host user, and no file under the state directory can be read by one.
+async fn setuid_in_workdir_is_unreachable(runtime: &str) {
+    let w = worker_on_open_state_dir(&format!("setuid-{runtime}"), &["--runtime", runtime]).await;
+    let mut c = w.client().await;
+    let script = "cp probe.bin rootsh && chmod 4755 rootsh && ls -ln rootsh; \
+                  grep -E ' (/workdir|/tmp) ' /proc/self/mountinfo; echo written";
+    let mut req = sh("suid/task-0", script);
+    req.workdir_files = [("probe.bin".to_string(), euid_probe())].into();
+    req.environment = Some(iris_worker::proto::EnvironmentConfig {
+        env_vars: [("SECRET_TOKEN".to_string(), "hunter2".to_string())].into(),
+        ..Default::default()
+    });
+    c.run_task(req).await.unwrap();
+    let s = wait_end(&mut c, "suid/task-0", LONG).await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}");
+    let out = stdout_of(&all_logs(&mut c, "suid/task-0").await);
+    assert_eq!(out.last().map(String::as_str), Some("written"), "{out:?}");
+    if runtime == "container" {
+        // Inside the container, the writable host paths are nosuid and nodev.
+        for target in ["/workdir", "/tmp"] {
+            let line = out.iter().find(|l| l.split(' ').nth(4) == Some(target)).unwrap_or_else(|| panic!("{out:?}"));
+            assert!(line.contains("nosuid") && line.contains("nodev"), "{target}: {line}");
+        }
+    }
+
+    let task_dir = w.state_dir().join("tasks/suid_2ftask-0.0");
+    let rootsh = task_dir.join("workdir/rootsh");
+    let md = std::fs::metadata(&rootsh).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o4000), (0, 0o4000), "the task made a setuid-root file");
+    // Root may run it (it exits with its euid): the probe works...
+    let as_root = Command::new(&rootsh).status().unwrap();
+    assert_eq!(as_root.code(), Some(0));
+    // ...but nobody else gets to it.
+    let (ran, why) = as_nobody(&[rootsh.to_str().unwrap()]);
+    assert!(!ran && why.contains("Permission denied"), "an unprivileged user ran the setuid file: {why}");
+
+    // No file below the state directory is readable by an unprivileged user, and the files
+    // holding the request, its environment and its output are root's alone.
+    for path in walk(w.state_dir()) {
+        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("worker-")) {
+            continue; // the test harness's own log of the worker
+        }
+        let p = path.to_str().unwrap();
+        if path.is_dir() {
+            let (listed, _) = as_nobody(&["ls", p]);
+            assert!(!listed || path == w.state_dir(), "an unprivileged user can list {p}");
+        } else {
+            let (read, _) = as_nobody(&["cat", p]);
+            assert!(!read, "an unprivileged user can read {p}");
+        }
+    }
+    let mode = |p: PathBuf| std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).mode() & 0o777;
+    assert_eq!(mode(w.state_dir().to_path_buf()), 0o700);
+    assert_eq!(mode(w.state_dir().join("tasks")), 0o700);
+    assert_eq!(mode(task_dir.clone()), 0o700);
+    for f in ["request.pb", "task.json", "spec.json", "exit.json", "logs/log.bin", "logs/log.idx"] {
+        assert_eq!(mode(task_dir.join(f)), 0o600, "{f}");
+    }
+    let spec = std::fs::read_to_string(task_dir.join("spec.json")).unwrap();
+    assert!(spec.contains("hunter2"), "spec.json holds the environment (which is why it is private)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers, setpriv to an unprivileged user"]
+async fn a_setuid_binary_a_container_task_writes_is_out_of_other_users_reach() {
+    setuid_in_workdir_is_unreachable("container").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups, setpriv to an unprivileged user"]
+async fn a_setuid_binary_a_process_task_writes_is_out_of_other_users_reach() {
+    setuid_in_workdir_is_unreachable("process").await;
 }
 
 /// True when no process is left in the task's cgroups.

@@ -11,6 +11,7 @@ mod security;
 mod serve;
 mod task;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -115,7 +116,13 @@ fn describe_error(e: &anyhow::Error) -> String {
 fn supervise(task_dir: &std::path::Path, ready_fd: Option<i32>) -> ExitCode {
     // Log to a file in the task directory: the supervisor's stdio is /dev/null, and
     // libcontainer's tracing must never reach the task's own output.
-    if let Ok(file) = std::fs::File::create(task_dir.join(crate::supervisor::files::SUPERVISOR_LOG)) {
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(crate::supervisor::files::PRIVATE_FILE_MODE)
+        .open(task_dir.join(crate::supervisor::files::SUPERVISOR_LOG));
+    if let Ok(file) = log {
         let _ = tracing_subscriber::fmt()
             .with_writer(std::sync::Mutex::new(file))
             .with_ansi(false)

@@ -5,7 +5,8 @@
 //! name and renamed, so a reader never sees half a file, even if the writer is killed.
 
 use std::fs;
-use std::io;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -31,13 +32,37 @@ pub enum FileError {
     Parse { path: PathBuf, source: serde_json::Error },
 }
 
-/// Writes `value` as JSON to `dir/name` atomically (temp file + rename).
+/// Writes `value` as JSON to `dir/name` atomically (temp file + rename), readable by root
+/// only: these files hold the task's command line and environment (secrets).
 pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), FileError> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let bytes = serde_json::to_vec_pretty(value).map_err(|source| FileError::Parse { path: path.clone(), source })?;
-    fs::write(&tmp, bytes).map_err(|source| FileError::Io { op: "writing", path: tmp.clone(), source })?;
+    write_private(&tmp, &bytes).map_err(|source| FileError::Io { op: "writing", path: tmp.clone(), source })?;
     fs::rename(&tmp, &path).map_err(|source| FileError::Io { op: "renaming", path, source })
+}
+
+/// Mode of the files the worker and the supervisor write about a task (requests, specs,
+/// records, logs): they may hold secrets, and only root reads them.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Mode of the directories that hold them (the state root, `tasks/`, each task's directory):
+/// no other user may even look up a path below them, so nothing a task writes (a setuid
+/// binary in its workdir) can be reached from the host by an unprivileged user.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Writes `bytes` to `path` (replacing it) as a file only root can read, whatever the umask
+/// and whatever mode an earlier file of that name had.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(PRIVATE_FILE_MODE).open(path)?;
+    f.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    f.write_all(bytes)
+}
+
+/// Creates `dir` (and missing parents) and makes it [`PRIVATE_DIR_MODE`], also when it existed
+/// with a wider mode (a state root an operator made with `mkdir`).
+pub fn make_private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(PRIVATE_DIR_MODE).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
 }
 
 /// Reads `dir/name` as JSON; `Ok(None)` when it does not exist.

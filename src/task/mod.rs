@@ -19,6 +19,7 @@ pub mod store;
 mod validate;
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -237,12 +238,22 @@ impl TaskManager {
             let path = path.to_path_buf();
             move |source| TaskError::File(FileError::Io { op, path, source })
         };
-        std::fs::create_dir_all(store::tasks_dir(&config.state_dir)).map_err(io("creating", &config.state_dir))?;
+        // The state root and every directory below it are root's alone; so are the caches a
+        // task's code writes into (venv builds, uv's cache) or that hold what a request chose
+        // (bundles, image layers, which may carry setuid files).
+        let tasks_dir = store::tasks_dir(&config.state_dir);
+        for dir in [&config.state_dir, &tasks_dir] {
+            crate::supervisor::files::make_private_dir(dir).map_err(io("creating", dir))?;
+        }
+        for dir in private_cache_dirs(&config) {
+            crate::supervisor::files::make_private_dir(&dir).map_err(io("creating", &dir))?;
+        }
         let lock_path = config.state_dir.join("worker.lock");
         let lock_file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(crate::supervisor::files::PRIVATE_FILE_MODE)
             .open(&lock_path)
             .map_err(io("opening", &lock_path))?;
         // SAFETY: flock on a descriptor we own.
@@ -255,7 +266,7 @@ impl TaskManager {
         let cgroups = prepare_cgroups(&config)?;
         if let Some((_, parent)) = &cgroups {
             // `cleanup` removes this parent even if no task ever ran.
-            std::fs::write(config.state_dir.join(PARENT_CGROUP_FILE), parent)
+            crate::supervisor::files::write_private(&config.state_dir.join(PARENT_CGROUP_FILE), parent.as_bytes())
                 .map_err(io("writing", &config.state_dir.join(PARENT_CGROUP_FILE)))?;
         }
         let (first, last) = config.port_range;
@@ -424,6 +435,13 @@ impl TaskManager {
     fn current(&self, task_id: &str) -> Result<Arc<Attempt>, TaskError> {
         self.attempts(task_id)?.last().cloned().ok_or_else(|| TaskError::NotFound(task_id.to_string()))
     }
+}
+
+/// The cache directories a task's request or code can put files into.
+fn private_cache_dirs(config: &ManagerConfig) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = ["bundles", "venvs", "uv"].iter().map(|d| config.cache_dir.join(d)).collect();
+    dirs.push(config.images.dir.clone());
+    dirs
 }
 
 /// Finds the host's cgroups and creates the worker's parent cgroup

@@ -63,9 +63,12 @@ pub fn create(state_dir: &Path, meta: &TaskMeta, raw_request: &[u8]) -> Result<P
         move |source| FileError::Io { op, path, source }
     };
     let existed = dir.exists();
-    let made = fs::create_dir_all(dir.join(files::WORKDIR))
+    // The task's directory is root's alone (see files::PRIVATE_DIR_MODE); its workdir keeps the
+    // usual 0755, which is what the task sees at /workdir.
+    let made = files::make_private_dir(&dir)
+        .and_then(|()| fs::create_dir_all(dir.join(files::WORKDIR)))
         .map_err(io("creating", &dir))
-        .and_then(|()| fs::write(dir.join(REQUEST), raw_request).map_err(io("writing", &dir.join(REQUEST))))
+        .and_then(|()| files::write_private(&dir.join(REQUEST), raw_request).map_err(io("writing", &dir.join(REQUEST))))
         .and_then(|()| files::write_json(&dir, TASK, meta));
     if let Err(e) = made {
         if !existed {

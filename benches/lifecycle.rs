@@ -47,6 +47,7 @@ fn library_lifecycle(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, 
         log_source: None,
         rootfs_overlay: false,
         user: None,
+        disk_limit: None,
     };
     let t = Instant::now();
     let mut rt = runtime::for_kind(RuntimeKind::Container)?;

@@ -56,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
             devices: false,
         },
         bundle_sources: Default::default(),
+        bounds: Default::default(),
         python: PythonConfig {
             rootfs: "/var/cache/iris-worker/rootfs/python".into(),
             find_links: None,

@@ -46,6 +46,17 @@ fn as_nobody(argv: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// The response to `GET path` (head and body), over HTTP/1.1 with `Connection: close`.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
 /// Every path below `root` (root included), as root sees them.
 fn walk(root: &Path) -> Vec<PathBuf> {
     let mut out = vec![root.to_path_buf()];
@@ -191,6 +202,181 @@ async fn a_setuid_binary_a_process_task_writes_is_out_of_other_users_reach() {
     setuid_in_workdir_is_unreachable("process").await;
 }
 
+/// The pids limit of a task's cgroup, read from its cgroup files.
+fn pids_max_of(task_key: &str) -> Option<String> {
+    cgroups_named(task_key)
+        .into_iter()
+        .find_map(|d| std::fs::read_to_string(d.join("pids.max")).ok())
+        .map(|s| s.trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_task_without_a_pids_limit_gets_the_default_and_a_fork_bomb_stays_in_it() {
+    // The default itself, on a worker without flags.
+    let w = Worker::start("pids-default", &[]).await;
+    let mut c = w.client().await;
+    c.run_task(sh("pidsdef/task-0", "sleep 1000")).await.unwrap();
+    wait_for(&mut c, "pidsdef/task-0", LONG, |s| state_of(s) == TaskState::Running).await;
+    assert_eq!(pids_max_of("pidsdef_2ftask-0.0").as_deref(), Some("4096"));
+    c.kill_task(worker::KillTaskRequest { task_id: "pidsdef/task-0".into(), term_timeout_ms: 100 }).await.unwrap();
+    wait_end(&mut c, "pidsdef/task-0", LONG).await;
+    drop(w);
+
+    // A fork bomb without a limit in its request, on a worker whose default is small enough
+    // for a shared test machine: contained, and the worker keeps answering.
+    let w = Worker::start("pids-bomb", &["--default-pids-limit", "40"]).await;
+    let mut c = w.client().await;
+    c.run_task(sh("nolimit/bomb", "b() { b | b & }; (b); exec sleep 1000")).await.unwrap();
+    c.run_task(sh("nolimit/other", "sleep 1000")).await.unwrap();
+    wait_for(&mut c, "nolimit/bomb", LONG, |s| state_of(s) == TaskState::Running).await;
+    assert_eq!(pids_max_of("nolimit_2fbomb.0").as_deref(), Some("40"));
+    let deadline = Instant::now() + LONG;
+    loop {
+        let filter = worker::FetchLogsFilter { regex: "can't fork".into(), max_lines: 1, ..Default::default() };
+        if !logs(&mut c, "nolimit/bomb", filter).await.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bomb never met the default limit");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for _ in 0..10 {
+        let t = Instant::now();
+        c.health_check(iris_worker::proto::Empty {}).await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(500), "HealthCheck took {:?}", t.elapsed());
+        let u = status(&mut c, "nolimit/bomb").await.resource_usage.unwrap();
+        assert!(u.process_count <= 40, "{} processes", u.process_count);
+    }
+    assert_eq!(state_of(&status(&mut c, "nolimit/other").await), TaskState::Running, "the other task runs on");
+    for id in ["nolimit/bomb", "nolimit/other"] {
+        c.kill_task(worker::KillTaskRequest { task_id: id.into(), term_timeout_ms: 100 }).await.unwrap();
+        assert_eq!(state_of(&wait_end(&mut c, id, LONG).await), TaskState::Killed);
+    }
+}
+
+/// Bytes the log files of a task take on disk.
+fn log_bytes(task_dir: &Path) -> u64 {
+    walk(&task_dir.join("logs"))
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_log_past_its_cap_keeps_its_head_and_newest_output_and_says_what_it_dropped() {
+    let w = Worker::start("logcap", &["--max-log-bytes", "2M"]).await;
+    let mut c = w.client().await;
+    // `yes` writes as fast as the supervisor reads, for 3 s: gigabytes without a cap.
+    // `yes` may be killed mid-line: the `echo` after it ends that line.
+    let script = "echo first; timeout 3 yes 'the same line again'; echo; echo still running; sleep 0.2; echo last";
+    c.run_task(sh("logcap/yes", script)).await.unwrap();
+    // A request may lower the cap, not raise it.
+    let lower = with_resources(
+        sh("logcap/lower", "echo first; timeout 2 yes; echo; echo last"),
+        ResourceSpecProto { max_log_bytes: 1 << 20, ..Default::default() },
+    );
+    c.run_task(lower).await.unwrap();
+    let higher = with_resources(
+        sh("logcap/higher", "echo first; timeout 2 yes; echo; echo last"),
+        ResourceSpecProto { max_log_bytes: 1 << 40, ..Default::default() },
+    );
+    c.run_task(higher).await.unwrap();
+    let tiny =
+        with_resources(sh("logcap/tiny", "true"), ResourceSpecProto { max_log_bytes: 1000, ..Default::default() });
+    let err = c.run_task(tiny).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("resources.max_log_bytes"), "{}", err.message());
+
+    for (id, cap) in [("logcap/yes", 2u64 << 20), ("logcap/lower", 1 << 20), ("logcap/higher", 2 << 20)] {
+        let s = wait_end(&mut c, id, LONG).await;
+        assert_eq!(state_of(&s), TaskState::Succeeded, "the task ran on past its cap: {s:?}");
+        let key = id.replace('/', "_2f");
+        let on_disk = log_bytes(&w.state_dir().join("tasks").join(format!("{key}.0")));
+        assert!(on_disk <= cap + (64 << 10), "{id}: {on_disk} bytes of log on disk for a cap of {cap}");
+
+        // The head, the marker, and the newest output, with their line numbers.
+        let head = logs(&mut c, id, worker::FetchLogsFilter { max_lines: 1, ..Default::default() }).await;
+        assert_eq!(head[0].data, "first", "{id}");
+        let marker =
+            logs(&mut c, id, worker::FetchLogsFilter { regex: "dropped here".into(), ..Default::default() }).await;
+        assert_eq!(marker.len(), 1, "{id}: one marker: {marker:?}");
+        let m = &marker[0];
+        assert!(m.data.contains("lines (") && m.data.contains("capped at"), "{}", m.data);
+        let stdout = || worker::FetchLogsFilter { source: "stdout".into(), ..Default::default() };
+        let tail = logs(&mut c, id, worker::FetchLogsFilter { start_line: -2, ..stdout() }).await;
+        assert_eq!(tail.last().map(|l| l.data.as_str()), Some("last"), "{id}");
+        assert!(tail[0].line_number > m.line_number + 1, "{id}: lines after the gap keep their numbers");
+        // Paging from the start crosses the gap through the marker.
+        let page = logs(
+            &mut c,
+            id,
+            worker::FetchLogsFilter { start_line: m.line_number - 1, max_lines: 3, ..Default::default() },
+        )
+        .await;
+        assert_eq!(page[1].data, m.data, "{id}: {page:?}");
+        assert!(page[2].line_number > m.line_number + 1);
+    }
+    let only_stdout = worker::FetchLogsFilter { start_line: -3, source: "stdout".into(), ..Default::default() };
+    let yes_out = logs(&mut c, "logcap/yes", only_stdout).await;
+    assert!(yes_out.iter().any(|l| l.data == "still running"), "{yes_out:?}");
+
+    // The dashboard's API shows the marker too.
+    let body = http_get(&w.addr(), "/api/logs/logcap/yes?regex=dropped");
+    assert!(body.contains("dropped here"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_task_over_its_disk_limit_fails_and_counts_workdir_and_tmp_together() {
+    let w = Worker::start("disk", &[]).await;
+    let mut c = w.client().await;
+    let limit = ResourceSpecProto { disk_bytes: 32 << 20, ..Default::default() };
+    let fill = |id: &str, script: &str| with_resources(sh(id, script), limit.clone());
+    c.run_task(fill("disk/workdir", "head -c 48m /dev/zero > /workdir/big; sleep 1000")).await.unwrap();
+    c.run_task(fill("disk/both", "head -c 20m /dev/zero > /workdir/a; head -c 20m /dev/zero > /tmp/b; sleep 1000"))
+        .await
+        .unwrap();
+    // /tmp is a tmpfs of the disk limit's size: it cannot even hold more.
+    c.run_task(fill("disk/tmp", "df -k /tmp | tail -n 1; head -c 48m /dev/zero > /tmp/c || echo refused"))
+        .await
+        .unwrap();
+    c.run_task(fill("disk/within", "head -c 8m /dev/zero > /workdir/ok; head -c 8m /dev/zero > /tmp/ok; sleep 2"))
+        .await
+        .unwrap();
+    for id in ["disk/workdir", "disk/both"] {
+        let s = wait_end(&mut c, id, LONG).await;
+        assert_eq!(state_of(&s), TaskState::Failed, "{id}: {s:?}");
+        assert!(s.error.starts_with("disk limit of 32 MiB exceeded"), "{id}: {}", s.error);
+    }
+    let s = wait_end(&mut c, "disk/tmp", LONG).await;
+    let out = stdout_of(&all_logs(&mut c, "disk/tmp").await);
+    let size_kib: u64 = out[0].split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert_eq!(size_kib, 32 << 10, "/tmp's size: {out:?}");
+    assert!(out.contains(&"refused".to_string()) || state_of(&s) == TaskState::Failed, "{out:?} {s:?}");
+    let s = wait_end(&mut c, "disk/within", LONG).await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn a_process_task_over_its_disk_limit_fails_and_its_tmpdir_counts() {
+    let w = Worker::start("disk-proc", &["--runtime", "process"]).await;
+    let mut c = w.client().await;
+    let req = with_resources(
+        sh("dproc/tmp", "echo $TMPDIR; head -c 48m /dev/zero > $TMPDIR/big; sleep 1000"),
+        ResourceSpecProto { disk_bytes: 32 << 20, ..Default::default() },
+    );
+    c.run_task(req).await.unwrap();
+    let s = wait_end(&mut c, "dproc/tmp", LONG).await;
+    assert_eq!(state_of(&s), TaskState::Failed, "{s:?}");
+    assert!(s.error.starts_with("disk limit of 32 MiB exceeded"), "{}", s.error);
+    let out = stdout_of(&all_logs(&mut c, "dproc/tmp").await);
+    assert_eq!(out[0], w.state_dir().join("tasks/dproc_2ftmp.0/tmp").display().to_string());
+}
+
 /// True when no process is left in the task's cgroups.
 fn no_process_in(cgroup_key: &str) -> bool {
     cgroups_named(cgroup_key)
@@ -254,6 +440,72 @@ async fn sixteen_fetches_of_a_log_made_of_one_100mb_line_stay_small() {
     // Paging on gets the rest: the answers are bounded, not the log.
     let all = logs(&mut c, "bigline/task-0", worker::FetchLogsFilter { start_line: -1, ..Default::default() }).await;
     assert!(all[0].line_number >= 1525, "{} lines of 64 KiB", all[0].line_number + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn finished_tasks_are_removed_past_the_retained_count_and_age() {
+    let w = Worker::start("retain", &["--retain-finished", "2"]).await;
+    let mut c = w.client().await;
+    for i in 0..4 {
+        let id = format!("retain/task-{i}");
+        c.run_task(sh(&id, "echo done")).await.unwrap();
+        wait_end(&mut c, &id, LONG).await;
+    }
+    c.run_task(sh("retain/running", "sleep 1000")).await.unwrap();
+    let tasks_dir = w.state_dir().join("tasks");
+    let deadline = Instant::now() + LONG;
+    loop {
+        let listed: Vec<String> = c
+            .list_tasks(worker::ListTasksRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .tasks
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect();
+        if listed.len() == 3 {
+            assert_eq!(listed, ["retain/task-2", "retain/task-3", "retain/running"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "finished tasks were not removed: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = c
+        .get_task_status(worker::GetTaskStatusRequest { task_id: "retain/task-0".into(), include_result: false })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(!tasks_dir.join("retain_2ftask-0.0").exists() && !tasks_dir.join("retain_2ftask-1.0").exists());
+    assert!(tasks_dir.join("retain_2ftask-3.0/logs").exists(), "the newest keep their logs");
+    let trash = w.state_dir().join("trash");
+    let deadline = Instant::now() + LONG;
+    while std::fs::read_dir(&trash).map(|d| d.count()).unwrap_or(0) > 0 {
+        assert!(Instant::now() < deadline, "the removed tasks' files stay in the trash");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(w);
+
+    let w = Worker::start("retain-age", &["--retain-for", "2s"]).await;
+    let mut c = w.client().await;
+    c.run_task(sh("age/task-0", "echo done")).await.unwrap();
+    let s = wait_end(&mut c, "age/task-0", LONG).await;
+    let ended = Instant::now();
+    assert_eq!(state_of(&s), TaskState::Succeeded);
+    let deadline = Instant::now() + LONG;
+    loop {
+        let r = c
+            .get_task_status(worker::GetTaskStatusRequest { task_id: "age/task-0".into(), include_result: false })
+            .await;
+        if r.is_err() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task outlived --retain-for");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ended.elapsed() >= Duration::from_millis(1500), "removed before its time: {:?}", ended.elapsed());
+    assert!(!w.state_dir().join("tasks/age_2ftask-0.0").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

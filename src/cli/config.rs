@@ -169,6 +169,22 @@ pub struct ServeArgs {
     /// metadata included) [default: false].
     #[arg(long, env = "IRIS_WORKER_ALLOW_PRIVATE_BUNDLE_HOSTS")]
     pub allow_private_bundle_hosts: Option<bool>,
+    /// Processes and threads a task may have when its request sets no `pids_limit`; 0: no
+    /// default [default: 4096].
+    #[arg(long, env = "IRIS_WORKER_DEFAULT_PIDS_LIMIT")]
+    pub default_pids_limit: Option<u64>,
+    /// A task's log on disk at most, e.g. 1G: past it the log keeps its head and its newest
+    /// output and says what it dropped; a task's `resources.max_log_bytes` may only lower it;
+    /// 0: no cap [default: 1G].
+    #[arg(long, env = "IRIS_WORKER_MAX_LOG_BYTES")]
+    pub max_log_bytes: Option<String>,
+    /// Finished tasks kept (their directory, log and record); older ones are removed; 0: no
+    /// count limit [default: 1000].
+    #[arg(long, env = "IRIS_WORKER_RETAIN_FINISHED")]
+    pub retain_finished: Option<usize>,
+    /// How long a finished task is kept, e.g. 7d, 12h, 30m, 90s; 0: no age limit [default: 7d].
+    #[arg(long, env = "IRIS_WORKER_RETAIN_FOR")]
+    pub retain_for: Option<String>,
 }
 
 /// The TOML file: the same settings, all optional.
@@ -216,6 +232,10 @@ struct FileConfig {
     read_timeout: Option<f64>,
     allow_bundle_paths: Option<Vec<PathBuf>>,
     allow_private_bundle_hosts: Option<bool>,
+    default_pids_limit: Option<u64>,
+    max_log_bytes: Option<String>,
+    retain_finished: Option<usize>,
+    retain_for: Option<String>,
 }
 
 /// Settings after merging.
@@ -255,6 +275,13 @@ pub struct ServeConfig {
     pub security: super::security::ServerSecurity,
     /// Where bundles may come from.
     pub bundle_sources: crate::bundle::SourcePolicy,
+    /// The pids limit of tasks whose request sets none.
+    pub default_pids_limit: Option<i64>,
+    /// The cap of a task's log on disk.
+    pub max_log_bytes: Option<u64>,
+    /// Finished tasks kept, by count and by age.
+    pub retain_finished: Option<usize>,
+    pub retain_for: Option<std::time::Duration>,
 }
 
 impl ServeArgs {
@@ -315,6 +342,29 @@ impl ServeArgs {
                 crate::bundle::sources::ControllerSource::new(url, authorization, ca_pem)
             }
             None => None,
+        };
+        let default_pids_limit = match self.default_pids_limit.or(file.default_pids_limit).unwrap_or(4096) {
+            0 => None,
+            n => Some(i64::try_from(n).context("default_pids_limit is too large")?),
+        };
+        let max_log_bytes = match parse_size(&self.max_log_bytes.or(file.max_log_bytes).unwrap_or_else(|| "1G".into()))
+            .context("max_log_bytes")?
+        {
+            0 => None,
+            n if n < crate::logs::MIN_CAP => {
+                bail!("max_log_bytes must be 0 (no cap) or at least {} KiB, not {n}", crate::logs::MIN_CAP >> 10)
+            }
+            n => Some(n),
+        };
+        let retain_for = match parse_duration(&self.retain_for.or(file.retain_for).unwrap_or_else(|| "7d".into()))
+            .context("retain_for")?
+        {
+            d if d.is_zero() => None,
+            d => Some(d),
+        };
+        let retain_finished = match self.retain_finished.or(file.retain_finished).unwrap_or(1000) {
+            0 => None,
+            n => Some(n),
         };
         #[cfg(feature = "buildkit")]
         if let Some(addr) = &buildkit {
@@ -385,6 +435,10 @@ impl ServeArgs {
                     .collect::<anyhow::Result<_>>()?
             },
             buildkit,
+            default_pids_limit,
+            max_log_bytes,
+            retain_finished,
+            retain_for,
             images: crate::env::image::ImageStoreConfig {
                 dir: self.image_dir.or(file.image_dir).unwrap_or_else(|| cache_dir.join("images")),
                 insecure_registries: if self.insecure_registries.is_empty() {
@@ -475,6 +529,26 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     };
     let n: u64 = num.parse().with_context(|| format!("{s:?} is not a size like 512M"))?;
     n.checked_mul(mul).with_context(|| format!("{s:?} is too large"))
+}
+
+/// Parses a duration: a number with `s`, `m`, `h` or `d`, or plain seconds (`90`, `90s`,
+/// `30m`, `12h`, `7d`).
+pub fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let mul: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => bail!("{s:?} is not a duration like 90s, 30m, 12h or 7d"),
+    };
+    let n: u64 = num.trim().parse().with_context(|| format!("{s:?} is not a duration like 90s, 30m, 12h or 7d"))?;
+    let secs = n.checked_mul(mul).with_context(|| format!("{s:?} is too long"))?;
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 /// Parses `FIRST-LAST`.
@@ -626,6 +700,31 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(flag.resolve().unwrap().advertise_host, "w1.example");
+    }
+
+    #[test]
+    fn resource_bounds_have_their_defaults_and_0_turns_them_off() {
+        let c = ServeArgs::default().resolve().unwrap();
+        assert_eq!(c.default_pids_limit, Some(4096));
+        assert_eq!(c.max_log_bytes, Some(1 << 30));
+        assert_eq!(c.retain_finished, Some(1000));
+        assert_eq!(c.retain_for, Some(std::time::Duration::from_secs(7 * 86_400)));
+        let off = ServeArgs {
+            default_pids_limit: Some(0),
+            max_log_bytes: Some("0".into()),
+            retain_finished: Some(0),
+            retain_for: Some("0".into()),
+            ..Default::default()
+        };
+        let c = off.resolve().unwrap();
+        assert_eq!((c.default_pids_limit, c.max_log_bytes, c.retain_finished, c.retain_for), (None, None, None, None));
+        assert_eq!(parse_duration("90").unwrap().as_secs(), 90);
+        assert_eq!(parse_duration("30m").unwrap().as_secs(), 1800);
+        assert_eq!(parse_duration("12h").unwrap().as_secs(), 43_200);
+        assert!(parse_duration("3w").is_err());
+        assert!(parse_duration("h").is_err());
+        let tiny = ServeArgs { max_log_bytes: Some("1K".into()), ..Default::default() };
+        assert!(format!("{:#}", tiny.resolve().unwrap_err()).contains("max_log_bytes"));
     }
 
     #[test]

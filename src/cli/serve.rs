@@ -40,6 +40,12 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         buildkit: config.buildkit.clone(),
         images: config.images.clone(),
         bundle_sources: config.bundle_sources.clone(),
+        bounds: crate::task::Bounds {
+            default_pids_limit: config.default_pids_limit,
+            max_log_bytes: config.max_log_bytes,
+            retain_finished: config.retain_finished,
+            retain_for: config.retain_for,
+        },
         python: PythonConfig {
             rootfs: config.python_rootfs.clone(),
             find_links: config.uv_find_links.clone(),

@@ -76,6 +76,9 @@ pub struct RunArgs {
     /// Most processes the task may have.
     #[arg(long)]
     pub pids: Option<i64>,
+    /// Most disk the workdir and /tmp may hold together, in bytes or with a K/M/G suffix.
+    #[arg(long)]
+    pub disk: Option<String>,
     /// Kill the task after this many seconds.
     #[arg(long)]
     pub timeout: Option<i32>,
@@ -216,6 +219,7 @@ async fn run_task(a: RunArgs) -> anyhow::Result<()> {
             memory_bytes: a.memory.as_deref().map(parse_bytes).transpose()?.unwrap_or(0),
             cpu_millicores: a.cpu_millicores.unwrap_or(0),
             pids_limit: a.pids.unwrap_or(0),
+            disk_bytes: a.disk.as_deref().map(parse_bytes).transpose()?.unwrap_or(0),
             ..Default::default()
         }),
         timeout_seconds: a.timeout.unwrap_or(0),

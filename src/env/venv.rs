@@ -73,6 +73,9 @@ pub struct VenvConfig {
     /// (`UV_INDEX_URL`, `UV_EXTRA_INDEX_URL`, `HTTPS_PROXY`, …).
     pub build_env: Vec<String>,
     pub build_memory_bytes: u64,
+    /// The build's pids limit (the worker's default for tasks: a package's build code is the
+    /// request's code too).
+    pub pids_limit: Option<i64>,
     /// The binary started as the build's supervisor.
     pub supervisor_exe: PathBuf,
     /// The host's cgroups and the worker's parent cgroup, for the build's own cgroup.
@@ -323,7 +326,7 @@ impl VenvCache {
             hostname: "build".into(),
             rootfs: c.python_rootfs.clone(),
             mounts,
-            limits: Limits { memory_bytes: Some(c.build_memory_bytes), ..Default::default() },
+            limits: Limits { memory_bytes: Some(c.build_memory_bytes), pids: c.pids_limit, ..Default::default() },
             shm_bytes: 64 << 20,
             cgroup: c
                 .cgroups
@@ -334,6 +337,7 @@ impl VenvCache {
             log_source: Some(Source::Build),
             rootfs_overlay: false,
             user: None,
+            disk_limit: None,
         })
     }
 }
@@ -465,6 +469,7 @@ mod tests {
             ca_bundle: None,
             build_env: vec![],
             build_memory_bytes: 1 << 30,
+            pids_limit: None,
             supervisor_exe: "/nonexistent/exe".into(),
             cgroups: None,
         }

@@ -52,6 +52,12 @@ pub fn task_spec(req: worker::RunTaskRequest, raw: Vec<u8>) -> Result<TaskSpec, 
     if res.pids_limit < 0 {
         return Err(invalid("resources.pids_limit", "must not be negative"));
     }
+    if res.disk_bytes < 0 {
+        return Err(invalid("resources.disk_bytes", "must not be negative"));
+    }
+    if res.max_log_bytes < 0 {
+        return Err(invalid("resources.max_log_bytes", "must not be negative"));
+    }
     if req.timeout_seconds < 0 {
         return Err(invalid("timeout_seconds", "must not be negative"));
     }
@@ -85,6 +91,8 @@ pub fn task_spec(req: worker::RunTaskRequest, raw: Vec<u8>) -> Result<TaskSpec, 
     spec.limits.cpu_millicores = cpu_millicores;
     spec.limits.memory_bytes = (res.memory_bytes > 0).then_some(res.memory_bytes as u64);
     spec.limits.pids = (res.pids_limit > 0).then_some(res.pids_limit);
+    spec.disk_bytes = (res.disk_bytes > 0).then_some(res.disk_bytes as u64);
+    spec.max_log_bytes = (res.max_log_bytes > 0).then_some(res.max_log_bytes as u64);
     Ok(spec)
 }
 

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use nix::unistd::Pid;
 
-pub use spec::{LaunchSpec, Mount, Profile, RuntimeKind, TaskUser};
+pub use spec::{DiskLimit, LaunchSpec, Mount, Profile, RuntimeKind, TaskUser};
 
 /// Errors of creating, starting or removing a task's processes.
 #[derive(Debug, thiserror::Error)]

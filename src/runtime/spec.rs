@@ -72,6 +72,31 @@ pub struct LaunchSpec {
     /// Who the command runs as (an image's `User`); root when `None`.
     #[serde(default)]
     pub user: Option<TaskUser>,
+    /// `resources.disk_bytes`, enforced by the supervisor.
+    #[serde(default)]
+    pub disk_limit: Option<DiskLimit>,
+}
+
+/// The most the task may keep on disk: the files below `paths` (its workdir, its rootfs'
+/// upper layer, the process runtime's /tmp) and a container's /tmp together. The supervisor
+/// measures them periodically and kills the task past `bytes`, as kubelet evicts a pod over
+/// its ephemeral-storage limit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskLimit {
+    pub bytes: u64,
+    pub paths: Vec<PathBuf>,
+}
+
+impl LaunchSpec {
+    /// The size of a container's /tmp (a tmpfs, whose pages count in the task's memory): the
+    /// disk limit and the memory limit, the smaller when both are set; the kernel's default
+    /// (half the host's memory) when neither is.
+    pub fn tmp_bytes(&self) -> Option<u64> {
+        match (self.disk_limit.as_ref().map(|d| d.bytes), self.limits.memory_bytes) {
+            (Some(d), Some(m)) => Some(d.min(m)),
+            (d, m) => d.or(m),
+        }
+    }
 }
 
 /// A numeric user, group and supplementary groups.

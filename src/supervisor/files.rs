@@ -112,6 +112,8 @@ pub enum KillReason {
     Requested,
     /// The task ran past its `timeout_seconds`.
     Timeout,
+    /// The task kept more on disk than its `resources.disk_bytes`.
+    Disk,
 }
 
 /// `kill.json`: the worker's request to end the task (then it sends SIGUSR1).
@@ -146,6 +148,9 @@ pub struct ExitRecord {
     /// The processes the OOM killer chose, as `name (pid N)`, when the kernel's log says.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub oom_victims: Vec<String>,
+    /// When the task was killed for its disk use: (its limit, what it held), in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<(u64, u64)>,
 }
 
 /// Milliseconds since the Unix epoch.

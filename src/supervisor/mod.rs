@@ -7,6 +7,7 @@
 //! records how the task ended in `exit.json` before removing the container and its cgroup.
 //! It is the only writer of the task's log and exit record; the worker only reads them.
 
+mod disk;
 pub mod files;
 pub mod handle;
 mod oom;
@@ -122,13 +123,17 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
     let mut sigkill_at: Option<Instant> = None;
     let mut drain_until: Option<Instant> = None;
     let mut status: Option<WaitStatus> = None;
+    let mut disk = spec.disk_limit.clone().map(|limit| disk::DiskWatch::new(limit, started));
+    // A container's /tmp is measured through its init's view of the container's mounts.
+    let container_init = runtime.signals_through_init().then_some(pid);
 
     loop {
         if status.is_some() && (pump.is_done() || drain_until.is_some_and(|d| Instant::now() >= d)) {
             break;
         }
         let now = Instant::now();
-        let next = [timeout_at, sigkill_at, drain_until].into_iter().flatten().min();
+        let disk_at = disk.as_ref().filter(|_| status.is_none() && exit.killed.is_none()).map(|d| d.due());
+        let next = [timeout_at, sigkill_at, drain_until, disk_at].into_iter().flatten().min();
         let wait = match next {
             Some(t) => PollTimeout::try_from(t.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1)
                 .unwrap_or(PollTimeout::MAX),
@@ -185,6 +190,19 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
                 exit.killed = Some(KillReason::Timeout);
                 sigkill_at = Some(terminate(&spec, pid, runtime.signals_through_init(), TIMEOUT_GRACE));
             }
+        }
+        if disk_at.is_some_and(|t| now >= t)
+            && status.is_none()
+            && let Some(watch) = disk.as_mut()
+            && let Some(used) = watch.check(container_init)
+        {
+            // Past its limit the task only grows: no grace, as kubelet evicts at once.
+            tracing::warn!(limit = watch.limit_bytes(), used, "the task exceeded its disk limit");
+            exit.killed = Some(KillReason::Disk);
+            exit.disk = Some((watch.limit_bytes(), used));
+            timeout_at = None;
+            let _ = kill(pid, Signal::SIGKILL);
+            kill_cgroup(&spec);
         }
         if sigkill_at.is_some_and(|t| now >= t) {
             sigkill_at = None;

@@ -372,7 +372,12 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
         cgroup: inner.cgroups.as_ref().map(|(_, parent)| format!("{parent}/{key}")),
         bundle: spec.bundle_gcs_path.clone(),
     };
-    let dir = match store::create(&inner.config.state_dir, &meta, &spec.raw_request) {
+    // A request may lower the worker's cap of its log, never raise it.
+    let log_cap = match (spec.max_log_bytes, inner.config.bounds.max_log_bytes) {
+        (Some(asked), Some(cap)) => Some(asked.min(cap)),
+        (asked, cap) => cap.or(asked),
+    };
+    let dir = match store::create(&inner.config.state_dir, &meta, &spec.raw_request, log_cap) {
         Ok(d) => d,
         Err(e) => {
             lock(&inner.ports).release(meta.ports.values().copied());

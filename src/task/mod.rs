@@ -106,6 +106,22 @@ pub struct ManagerConfig {
     pub images: crate::env::image::ImageStoreConfig,
     /// Where bundles may come from (`file://` directories, private http hosts).
     pub bundle_sources: crate::bundle::SourcePolicy,
+    /// Resource bounds every task gets unless its request says less (see [`Bounds`]).
+    pub bounds: Bounds,
+}
+
+/// What every task gets by default, so that no request can take the host's processes, disk or
+/// memory: Iris sends no pids limit and no log size, and finished tasks would pile up forever.
+#[derive(Debug, Clone, Default)]
+pub struct Bounds {
+    /// `pids.max` of a task whose request sets no `pids_limit`.
+    pub default_pids_limit: Option<i64>,
+    /// A task's log on disk at most (the head and the newest output are kept); a request's
+    /// `max_log_bytes` may lower it.
+    pub max_log_bytes: Option<u64>,
+    /// Finished tasks kept at most (the oldest go first), and how long one is kept.
+    pub retain_finished: Option<usize>,
+    pub retain_for: Option<std::time::Duration>,
 }
 
 /// The Python environment of tasks with a bundle or a pickled entrypoint.
@@ -278,6 +294,7 @@ impl TaskManager {
             ca_bundle: config.python.ca_bundle.clone(),
             build_env: config.python.build_env.clone(),
             build_memory_bytes: config.python.build_memory_bytes,
+            pids_limit: config.bounds.default_pids_limit,
             supervisor_exe: config.supervisor_exe.clone(),
             cgroups: cgroups.clone(),
         });
@@ -297,6 +314,8 @@ impl TaskManager {
             isolation: Mutex::new(None),
             _lock: lock_file,
         });
+        let state_dir = inner.config.state_dir.clone();
+        tokio::task::spawn_blocking(move || retention::empty_trash(&state_dir));
         attempt::adopt_all(&inner);
         spawn_sampler(&inner);
         retention::spawn_janitor(&inner);

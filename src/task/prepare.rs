@@ -2,6 +2,7 @@
 //! Python environment (the python rootfs, its bundle at /app, a cached venv at /app/.venv);
 //! any other task runs its command in the worker's default rootfs.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
 use super::Inner;
@@ -201,6 +202,10 @@ pub(super) fn launch_in_image(
     let mut launch = launch_spec(inner, attempt, spec, argv, env, cwd, rootfs, mounts);
     launch.rootfs_overlay = true;
     launch.user = user;
+    if let Some(disk) = launch.disk_limit.as_mut() {
+        // What the task writes into its rootfs lands in its overlay's upper layer.
+        disk.paths.push(attempt.dir.join(crate::env::image::OVERLAY).join("upper"));
+    }
     Ok(launch)
 }
 
@@ -216,6 +221,25 @@ pub(super) fn launch_spec(
     mounts: Vec<Mount>,
 ) -> LaunchSpec {
     let config = &inner.config;
+    let mut env = env;
+    let mut limits = spec.limits.clone();
+    // Iris never sends a pids limit: the worker's default is what keeps a fork bomb in.
+    limits.pids = limits.pids.or(config.bounds.default_pids_limit);
+    let mut disk_paths = vec![attempt.dir.join(files::WORKDIR)];
+    if config.runtime == RuntimeKind::Process {
+        // No mount namespace to give it a /tmp of its own: a directory of the task's, which
+        // counts toward its disk limit and goes with its directory.
+        let tmp = attempt.dir.join(TMP);
+        match std::fs::DirBuilder::new().mode(0o700).create(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                tracing::warn!(dir = %tmp.display(), error = %e, "creating the task's TMPDIR")
+            }
+            _ => {}
+        }
+        env.retain(|v| !v.starts_with("TMPDIR="));
+        env.push(format!("TMPDIR={}", tmp.display()));
+        disk_paths.push(tmp);
+    }
     LaunchSpec {
         runtime: config.runtime,
         profile: config.profile,
@@ -226,7 +250,7 @@ pub(super) fn launch_spec(
         hostname: hostname_for(&spec.task_id),
         rootfs,
         mounts,
-        limits: spec.limits.clone(),
+        limits,
         shm_bytes: spec.limits.memory_bytes.map(|m| m / 2).unwrap_or(config.shm_bytes),
         cgroup: match (&inner.cgroups, &attempt.meta.cgroup) {
             (Some((layout, _)), Some(path)) => Some((layout.clone(), path.clone())),
@@ -237,8 +261,12 @@ pub(super) fn launch_spec(
         log_source: None,
         rootfs_overlay: false,
         user: None,
+        disk_limit: spec.disk_bytes.map(|bytes| crate::runtime::DiskLimit { bytes, paths: disk_paths }),
     }
 }
+
+/// The process runtime's /tmp, in the task's directory.
+const TMP: &str = "tmp";
 
 /// A hostname from the task id: letters, digits and '-', at most 63 characters.
 fn hostname_for(task_id: &str) -> String {

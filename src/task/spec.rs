@@ -32,6 +32,11 @@ pub struct TaskSpec {
     /// Names of host ports to allocate; each becomes IRIS_PORT_<NAME>.
     pub ports: Vec<String>,
     pub limits: Limits,
+    /// `resources.disk_bytes`: the workdir, /tmp and (images) the rootfs' writes together at
+    /// most; the task fails past it.
+    pub disk_bytes: Option<u64>,
+    /// Ours: a cap of the task's log below the worker's `--max-log-bytes`.
+    pub max_log_bytes: Option<u64>,
     /// Files written into the workdir before start: (relative path, content).
     pub workdir_files: Vec<(String, Vec<u8>)>,
     /// The request as received, kept in the task directory.

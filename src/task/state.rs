@@ -66,6 +66,14 @@ pub fn outcome(exit: &ExitRecord, timeout_s: Option<u64>) -> Outcome {
         Some(KillReason::Requested) => {
             return Outcome { state: TaskState::Killed, exit_code, error: "killed by request".into() };
         }
+        Some(KillReason::Disk) => {
+            let (limit, used) = exit.disk.unwrap_or_default();
+            return failed(format!(
+                "disk limit of {} MiB exceeded: the workdir and /tmp held {} MiB",
+                limit >> 20,
+                used >> 20
+            ));
+        }
         None => {}
     }
     let limit = || {

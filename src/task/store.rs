@@ -54,9 +54,15 @@ pub fn tasks_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("tasks")
 }
 
-/// Creates an attempt's directory with its `task.json` and `request.pb`, or nothing: a failure
-/// half-way (a full disk) removes what it made.
-pub fn create(state_dir: &Path, meta: &TaskMeta, raw_request: &[u8]) -> Result<PathBuf, FileError> {
+/// Creates an attempt's directory with its `task.json` and `request.pb`, and gives its log
+/// its cap (every writer of the log, the task's supervisor and its build's, reads it there);
+/// or nothing: a failure half-way (a full disk) removes what it made.
+pub fn create(
+    state_dir: &Path,
+    meta: &TaskMeta,
+    raw_request: &[u8],
+    log_cap: Option<u64>,
+) -> Result<PathBuf, FileError> {
     let dir = tasks_dir(state_dir).join(task_key(&meta.task_id, meta.attempt_id));
     let io = |op, path: &Path| {
         let path = path.to_path_buf();
@@ -69,6 +75,14 @@ pub fn create(state_dir: &Path, meta: &TaskMeta, raw_request: &[u8]) -> Result<P
         .and_then(|()| fs::create_dir_all(dir.join(files::WORKDIR)))
         .map_err(io("creating", &dir))
         .and_then(|()| files::write_private(&dir.join(REQUEST), raw_request).map_err(io("writing", &dir.join(REQUEST))))
+        .and_then(|()| match log_cap {
+            Some(cap) => crate::logs::set_cap(&dir.join(files::LOGS), cap).map_err(|e| FileError::Io {
+                op: "writing the log's cap in",
+                path: dir.join(files::LOGS),
+                source: std::io::Error::other(e.to_string()),
+            }),
+            None => Ok(()),
+        })
         .and_then(|()| files::write_json(&dir, TASK, meta));
     if let Err(e) = made {
         if !existed {

@@ -126,6 +126,12 @@ pub fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
     {
         return Err(invalid("resources.pids_limit", format!("{p} is outside 1..={MAX_PIDS}")));
     }
+    if let Some(n) = spec.max_log_bytes
+        && n < crate::logs::MIN_CAP
+    {
+        let min = crate::logs::MIN_CAP;
+        return Err(invalid("resources.max_log_bytes", format!("{n} is below the least cap, {min} (0: the worker's)")));
+    }
     let mut names = BTreeSet::new();
     for (i, name) in spec.ports.iter().enumerate() {
         if !is_env_name(name) {
@@ -187,6 +193,7 @@ mod tests {
         let mut s = good();
         s.limits.pids = Some(0);
         assert_eq!(field_of(&s), "resources.pids_limit");
+        assert_eq!(field_of(&TaskSpec { max_log_bytes: Some(1000), ..good() }), "resources.max_log_bytes");
         assert_eq!(field_of(&TaskSpec { ports: vec!["http-port".into()], ..good() }), "ports[0]");
         assert_eq!(field_of(&TaskSpec { ports: vec!["a".into(), "A".into()], ..good() }), "ports[1]");
         for bad in ["../x", "/etc/passwd", "a/../../b", ""] {

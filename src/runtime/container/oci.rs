@@ -102,8 +102,13 @@ pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
         mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", &shm]),
         mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"]),
         mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"]),
-        mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777"]),
     ];
+    // /tmp is a tmpfs: bounded (its pages count in the task's memory, and by its size), and
+    // gone with the task.
+    let tmp_size = spec.tmp_bytes().map(|b| format!("size={}", b.max(1 << 20)));
+    let mut tmp_options = vec!["nosuid", "nodev", "mode=1777"];
+    tmp_options.extend(tmp_size.as_deref());
+    mounts.push(mount("/tmp", "tmpfs", "tmpfs", &tmp_options));
     for m in &spec.mounts {
         let mut opts = vec!["rbind", "nosuid", "nodev"];
         opts.push(if m.read_only { "ro" } else { "rw" });

@@ -57,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         },
         bundle_sources: Default::default(),
         bounds: Default::default(),
+        request_decoder: None,
         python: PythonConfig {
             rootfs: "/var/cache/iris-worker/rootfs/python".into(),
             find_links: None,

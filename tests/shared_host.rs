@@ -1,8 +1,11 @@
-//! A worker on a host many people's tasks share (issue 14): every resource bounded, task files
-//! out of other users' reach, nothing lost across a `kill -9`, and a real init as the
-//! container's pid 1. Each test drives a real `iris-worker serve`.
+//! A worker on a host many people's tasks share (issue 14, sections 2, 3, 6 and 7): task
+//! files out of other users' reach, every resource bounded by default, nothing lost across a
+//! `kill -9`, and a real init as the container's pid 1. Each test drives a real
+//! `iris-worker serve`.
 
 mod common;
+#[path = "common/registry.rs"]
+mod registry;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -506,6 +509,179 @@ async fn finished_tasks_are_removed_past_the_retained_count_and_age() {
     }
     assert!(ended.elapsed() >= Duration::from_millis(1500), "removed before its time: {:?}", ended.elapsed());
     assert!(!w.state_dir().join("tasks/age_2ftask-0.0").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_pending_task_runs_after_a_kill_9_and_restart() {
+    let mut w = Worker::start("redo-pending", &["--max-concurrent-tasks", "1"]).await;
+    let mut c = w.client().await;
+    c.run_task(sh("redo/first", "sleep 1000")).await.unwrap();
+    wait_for(&mut c, "redo/first", LONG, |s| state_of(s) == TaskState::Running).await;
+    let mut second = sh("redo/second", "echo ran after the restart in $IRIS_TASK_ID");
+    second.ports = vec!["http".into()];
+    c.run_task(second).await.unwrap();
+    let port = status(&mut c, "redo/second").await.ports["http"];
+    assert_eq!(state_of(&status(&mut c, "redo/second").await), TaskState::Pending);
+
+    w.kill9();
+    w.spawn().await;
+    let mut c = w.client().await;
+    let s = status(&mut c, "redo/second").await;
+    assert_eq!(state_of(&s), TaskState::Pending, "still waiting for the slot, not WORKER_FAILED: {s:?}");
+    assert_eq!(s.ports["http"], port, "its port is still its own");
+    assert_eq!(state_of(&status(&mut c, "redo/first").await), TaskState::Running);
+    c.kill_task(worker::KillTaskRequest { task_id: "redo/first".into(), term_timeout_ms: 100 }).await.unwrap();
+    let s = wait_end(&mut c, "redo/second", LONG).await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}");
+    assert_eq!(stdout_of(&all_logs(&mut c, "redo/second").await), ["ran after the restart in redo/second"]);
+}
+
+/// A TCP proxy in front of a registry that holds every connection until it is opened: a pull
+/// through it stays in BUILDING for as long as the test wants.
+struct Gate {
+    port: u16,
+    open: std::sync::Arc<tokio::sync::Notify>,
+    is_open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    async fn start(upstream: String) -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(tokio::sync::Notify::new());
+        let is_open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (o, io) = (open.clone(), is_open.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (o, io, upstream) = (o.clone(), io.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    while !io.load(std::sync::atomic::Ordering::SeqCst) {
+                        o.notified().await;
+                    }
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                    }
+                });
+            }
+        });
+        Gate { port, open, is_open, task }
+    }
+
+    fn open(&self) {
+        self.is_open.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.open.notify_waiters();
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers, a registry"]
+async fn a_building_task_is_prepared_again_and_runs_after_a_kill_9_and_restart() {
+    if let Err(why) = registry::available() {
+        panic!("the registry peer cannot run here: {why}");
+    }
+    let reg = registry::Registry::start();
+    reg.push("busybox", "busybox");
+    let gate = Gate::start(reg.host()).await;
+    let host = format!("127.0.0.1:{}", gate.port);
+    let images = tempfile::Builder::new().prefix("iwtest-images-").tempdir().unwrap();
+    let extra = ["--insecure-registry", &host, "--image-dir", images.path().to_str().unwrap()];
+    let mut w = Worker::start("redo-building", &extra).await;
+    let mut c = w.client().await;
+    let mut req = sh("redo/building", "echo pulled and ran");
+    req.image = format!("{host}/busybox:test");
+    c.run_task(req).await.unwrap();
+    wait_for(&mut c, "redo/building", LONG, |s| {
+        state_of(s) == TaskState::Building && s.status_message.starts_with("pulling image")
+    })
+    .await;
+
+    w.kill9();
+    gate.open();
+    w.spawn().await;
+    let mut c = w.client().await;
+    let s = wait_end(&mut c, "redo/building", LONG).await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}\n{}", w.logs());
+    assert_eq!(stdout_of(&all_logs(&mut c, "redo/building").await), ["pulled and ran"]);
+}
+
+/// The supervisors' descriptors that point at `file`.
+fn holders_of(file: &Path) -> Vec<(i32, String)> {
+    processes_with(" supervise ")
+        .into_iter()
+        .filter(|(pid, _)| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .map(|rd| rd.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == file)))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn two_hundred_kill_9_restarts_while_tasks_start_and_end_lose_nothing() {
+    let mut w = Worker::start("restarts", &[]).await;
+    let lock = w.state_dir().join("worker.lock");
+    let mut ids = Vec::new();
+    for round in 0..200u32 {
+        let mut c = w.client().await;
+        for k in 0..2 {
+            let id = format!("restarts/r{round}-{k}");
+            // Some end at once, some run through the next restarts.
+            let script = format!("sleep 0.{}; echo done {id}", (round * 7 + k * 3) % 10);
+            c.run_task(sh(&id, &script)).await.unwrap();
+            ids.push(id);
+        }
+        // The kill lands while RunTask's work (directories, supervisors) is under way.
+        tokio::time::sleep(Duration::from_millis(u64::from(round % 7) * 3)).await;
+        w.kill9();
+        let held = holders_of(&lock);
+        assert!(held.is_empty(), "round {round}: supervisors hold the worker's lock: {held:?}");
+        w.spawn().await;
+    }
+    assert!(!w.logs().contains("another worker"), "a restart found the state directory locked:\n{}", w.logs());
+    let mut c = w.client().await;
+    for id in &ids {
+        let s = wait_end(&mut c, id, LONG).await;
+        assert_eq!(state_of(&s), TaskState::Succeeded, "{id}: {s:?}");
+        let out = stdout_of(&all_logs(&mut c, id).await);
+        assert_eq!(out, [format!("done {id}")], "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn cleanup_all_leaves_nothing_of_the_worker() {
+    let mut w = Worker::start("cleanup", &[]).await;
+    let mut c = w.client().await;
+    c.run_task(sh("clean/ended", "echo done")).await.unwrap();
+    wait_end(&mut c, "clean/ended", LONG).await;
+    c.run_task(sh("clean/running", "sleep 1000")).await.unwrap();
+    wait_for(&mut c, "clean/running", LONG, |s| state_of(s) == TaskState::Running).await;
+    w.kill9();
+    let out = Command::new(exe()).args(["cleanup", "--all", "--state-dir"]).arg(w.state_dir()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Only the test harness's own log of the worker is left.
+    let left: Vec<String> = std::fs::read_dir(w.state_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("worker-"))
+        .collect();
+    assert!(left.is_empty(), "cleanup --all left {left:?}");
+    assert!(cgroups_named(&w.name).is_empty(), "cgroups left: {:?}", cgroups_named(&w.name));
+    let state = w.state_dir().to_string_lossy().into_owned();
+    let procs: Vec<_> = processes_with(&state);
+    assert!(procs.is_empty(), "processes left: {procs:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&state), "mounts left below the state directory");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

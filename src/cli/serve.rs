@@ -46,6 +46,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
             retain_finished: config.retain_finished,
             retain_for: config.retain_for,
         },
+        request_decoder: Some(crate::rpc::decode_run_task),
         python: PythonConfig {
             rootfs: config.python_rootfs.clone(),
             find_links: config.uv_find_links.clone(),

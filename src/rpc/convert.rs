@@ -96,6 +96,14 @@ pub fn task_spec(req: worker::RunTaskRequest, raw: Vec<u8>) -> Result<TaskSpec, 
     Ok(spec)
 }
 
+/// A task's `request.pb` (the RunTaskRequest as received) as its spec again: how a restarted
+/// worker runs a task it had accepted but not yet started.
+pub fn decode_run_task(raw: &[u8]) -> Result<TaskSpec, TaskError> {
+    let req = <worker::RunTaskRequest as prost::Message>::decode(raw)
+        .map_err(|e| invalid("request", format!("cannot be decoded: {e}")))?;
+    task_spec(req, raw.to_vec())
+}
+
 pub fn task_status(v: TaskView) -> proto::TaskStatus {
     const MB: u64 = 1 << 20;
     proto::TaskStatus {

@@ -13,7 +13,8 @@ mod status;
 pub mod tls;
 
 pub use convert::{
-    log_entry as log_entry_proto, log_filter, state_from_proto, state_to_proto, task_status as task_status_proto,
+    decode_run_task, log_entry as log_entry_proto, log_filter, state_from_proto, state_to_proto,
+    task_status as task_status_proto,
 };
 pub use security::{ClientSecurity, ServeOptions};
 pub use server::{ServeError, grpc_with_reflection, one_port, serve, serve_with};

@@ -470,6 +470,16 @@ async fn watch_until_exit(
 
 /// Takes over the attempts a previous run of the worker left in the state directory.
 pub(super) fn adopt_all(inner: &Arc<Inner>) {
+    // A supervisor started a moment before the stop may not have recorded itself yet: it is
+    // found by its command line, and given a moment to (it does so first thing).
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    for (pid, dir) in supervise::running_under(&store::tasks_dir(&inner.config.state_dir)) {
+        while !dir.join(files::PID).exists() && Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    let mut again = Vec::new();
     for (dir, meta) in store::scan(&inner.config.state_dir) {
         let task_id = meta.task_id.clone();
         let attempt = Attempt::new(meta, dir, TaskState::Pending);
@@ -505,6 +515,10 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
                 });
             }
             tokio::spawn(watch_until_exit(inner.clone(), attempt, sup, permit));
+        } else if !attempt.dir.join(files::PID).exists() {
+            // Accepted, PENDING or BUILDING: no supervisor ever ran the task. Its request is
+            // on disk: it runs after all.
+            again.push(attempt);
         } else {
             remove_leftovers(&attempt.dir, attempt.meta.cgroup.as_deref());
             attempt.finish(
@@ -519,6 +533,76 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
     // Keep tasks in attempt order.
     for attempts in lock(&inner.tasks).values_mut() {
         attempts.sort_by_key(|a| a.meta.attempt_id);
+    }
+    for attempt in again {
+        run_again(inner, attempt);
+    }
+}
+
+/// Starts again an attempt the previous run of the worker accepted but never started: from
+/// its `request.pb`, after removing what a half-done preparation left.
+fn run_again(inner: &Arc<Inner>, attempt: Arc<Attempt>) {
+    let attempts = lock(&inner.tasks).get(&attempt.meta.task_id).cloned().unwrap_or_default();
+    let position = attempts.iter().position(|a| Arc::ptr_eq(a, &attempt));
+    if position.is_some_and(|i| i + 1 < attempts.len()) {
+        attempt.finish(inner, TaskState::Killed, 0, "replaced by a newer attempt before it started".into(), None);
+        return;
+    }
+    let previous = position.and_then(|i| i.checked_sub(1)).map(|i| attempts[i].clone());
+    let spec = match inner.config.request_decoder {
+        Some(decode) => std::fs::read(attempt.dir.join(store::REQUEST))
+            .map_err(|e| e.to_string())
+            .and_then(|raw| decode(&raw).map_err(|e| e.to_string()))
+            .and_then(|spec| super::validate::validate(&spec).map(|()| spec).map_err(|e| e.to_string())),
+        None => Err("this worker cannot read requests back".into()),
+    };
+    let spec = match spec {
+        Ok(spec) => spec,
+        Err(e) => {
+            remove_leftovers(&attempt.dir, attempt.meta.cgroup.as_deref());
+            let error = format!("the worker restarted before the task started, and its request cannot be run: {e}");
+            attempt.finish(inner, TaskState::WorkerFailed, -1, error, None);
+            return;
+        }
+    };
+    lock(&inner.ports).hold(attempt.meta.ports.values().copied());
+    tracing::info!(task_id = %attempt.meta.task_id, attempt = attempt.meta.attempt_id, "running a task accepted before the restart");
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        // A build the previous run started (its own supervisor, writing into this task's
+        // log) must be gone before the new one starts.
+        for (pid, dir) in supervise::running_under(&attempt.dir) {
+            let sup = Supervisor::find(&dir).unwrap_or(Supervisor {
+                id: files::ProcessId::of(pid).unwrap_or(files::ProcessId { pid, start_time: 0 }),
+            });
+            let _ = sup.request_kill(&dir, 0);
+            let _ = sup.wait_exit().await;
+        }
+        let dir = attempt.dir.clone();
+        let cgroup = attempt.meta.cgroup.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            remove_leftovers(&dir, cgroup.as_deref());
+            clear_preparation(&dir);
+        })
+        .await;
+        drive(inner, attempt, spec, previous).await;
+    });
+}
+
+/// Removes what preparing a task wrote into its directory (its launch spec, container
+/// config, build step, rootfs dirs, and the workdir's files), keeping its record, request and
+/// log, so that it can be prepared again.
+fn clear_preparation(dir: &Path) {
+    for name in [files::SPEC, "config.json"] {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    for name in ["runtime", "build", "tmp", crate::env::image::ROOTFS, crate::env::image::OVERLAY] {
+        let _ = std::fs::remove_dir_all(dir.join(name));
+    }
+    let workdir = dir.join(files::WORKDIR);
+    let _ = std::fs::remove_dir_all(&workdir);
+    if let Err(e) = std::fs::create_dir_all(&workdir) {
+        tracing::warn!(dir = %workdir.display(), error = %e, "recreating a task's workdir");
     }
 }
 

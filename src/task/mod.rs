@@ -108,7 +108,14 @@ pub struct ManagerConfig {
     pub bundle_sources: crate::bundle::SourcePolicy,
     /// Resource bounds every task gets unless its request says less (see [`Bounds`]).
     pub bounds: Bounds,
+    /// Reads a task's `request.pb` back, so a task the worker accepted but had not started
+    /// when it stopped runs after a restart (the RPC layer's decoder; `None`: such tasks are
+    /// WORKER_FAILED).
+    pub request_decoder: Option<RequestDecoder>,
 }
+
+/// Turns the bytes of a task's `request.pb` into its spec.
+pub type RequestDecoder = fn(&[u8]) -> Result<TaskSpec, TaskError>;
 
 /// What every task gets by default, so that no request can take the host's processes, disk or
 /// memory: Iris sends no pids limit and no log size, and finished tasks would pile up forever.
@@ -272,8 +279,7 @@ impl TaskManager {
             .mode(crate::supervisor::files::PRIVATE_FILE_MODE)
             .open(&lock_path)
             .map_err(io("opening", &lock_path))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock_file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if !lock_exclusive(&lock_file, LOCK_PATIENCE) {
             return Err(TaskError::Locked {
                 path: lock_path,
                 reason: "another worker is using this state directory".into(),
@@ -456,6 +462,26 @@ impl TaskManager {
     }
 }
 
+/// How long the state directory's lock is tried before another worker is said to hold it.
+/// Every descriptor the worker opens is close-on-exec, but a child forked a moment before a
+/// `kill -9` holds copies of them until its exec: its copy of the lock goes a moment later.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Takes an exclusive `flock` on `file`, retrying until `patience` has passed.
+fn lock_exclusive(file: &std::fs::File, patience: std::time::Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(file), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The cache directories a task's request or code can put files into.
 fn private_cache_dirs(config: &ManagerConfig) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = ["bundles", "venvs", "uv"].iter().map(|d| config.cache_dir.join(d)).collect();
@@ -578,14 +604,11 @@ struct FetchedBundle {
 /// directories themselves. Refuses while a worker holds the state directory.
 pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError> {
     let lock_path = state_dir.join("worker.lock");
-    if let Ok(f) = std::fs::File::open(&lock_path) {
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(TaskError::Locked {
-                path: lock_path,
-                reason: "a worker is running on it; stop it first".into(),
-            });
-        }
+    let held = std::fs::File::open(&lock_path).ok();
+    if let Some(f) = &held
+        && !lock_exclusive(f, LOCK_PATIENCE)
+    {
+        return Err(TaskError::Locked { path: lock_path, reason: "a worker is running on it; stop it first".into() });
     }
     let mut removed = 0;
     let mut parents = std::collections::BTreeSet::new();
@@ -630,9 +653,25 @@ pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError>
             let _ = layout.release_parent(&parent);
         }
     }
-    if remove_state && removed > 0 {
-        let tasks = store::tasks_dir(state_dir);
-        std::fs::remove_dir_all(&tasks).map_err(|source| FileError::Io { op: "removing", path: tasks, source })?;
+    if remove_state {
+        // Everything this worker wrote: task directories, the trash, the parent cgroup's
+        // name, the lock (held until it goes, so no worker starts meanwhile), and the state
+        // directory itself once nothing else is in it.
+        let remove = |path: PathBuf| -> Result<(), TaskError> {
+            let result = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            match result {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(TaskError::File(FileError::Io { op: "removing", path, source: e }))
+                }
+                _ => Ok(()),
+            }
+        };
+        remove(store::tasks_dir(state_dir))?;
+        remove(state_dir.join(retention::TRASH))?;
+        remove(state_dir.join(PARENT_CGROUP_FILE))?;
+        remove(lock_path)?;
+        // Not an error when something else is left in it (an operator's file).
+        let _ = std::fs::remove_dir(state_dir);
     }
     Ok(removed)
 }

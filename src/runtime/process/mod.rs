@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
-use nix::unistd::{ForkResult, Pid, fork, pipe};
+use nix::unistd::{ForkResult, Pid, fork, pipe2};
 
 use super::{LaunchSpec, Runtime, RuntimeError, TaskIo};
 use crate::cgroup::Layout;
@@ -43,7 +43,8 @@ impl Runtime for ProcessRuntime {
             self.cgroup = Some((layout.clone(), path.clone()));
         }
         let spawn_err = |e: nix::Error| RuntimeError::Spawn { argv0: spec.argv[0].clone(), source: e.into() };
-        let (go_r, go_w) = pipe().map_err(spawn_err)?;
+        // Close-on-exec: the task must not inherit either end.
+        let (go_r, go_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(spawn_err)?;
         // SAFETY: the supervisor is single-threaded, and the child only makes async-signal-safe
         // calls (read, dup2, chdir, execvpe, _exit) on data prepared before the fork.
         match unsafe { fork() }.map_err(spawn_err)? {

@@ -45,9 +45,10 @@ cgroup_dir() {
     find "$CG" -type d -name "$key" 2>/dev/null | head -n 1
 }
 
+# start_worker [FLAG...]: the worker on its defaults, or with these flags too.
 start_worker() {
     "$W" serve --listen 127.0.0.1:8080 --state-dir "$STATE" --cache-dir /tmp/cache \
-        --rootfs /rootfs --worker-id vm >>/tmp/worker.log 2>&1 &
+        --rootfs /rootfs --worker-id vm "$@" >>/tmp/worker.log 2>&1 &
     WPID=$!
     i=0
     while ! iw task list >/dev/null 2>&1; do
@@ -118,6 +119,73 @@ t_pids_max() {
     else
         fail pids_max "process_count ranged $min..$max (want 2..32), pids.current $current, pids.events max '${hits}'"
     fi
+}
+
+# restart_worker [FLAG...]: stops the worker (its tasks keep running) and starts it again.
+restart_worker() {
+    kill -TERM "$WPID"
+    wait "$WPID" 2>/dev/null
+    start_worker "$@"
+}
+
+# A task with no pids limit gets the worker's default in pids.max (4096); with a default small
+# enough for the VM, a fork bomb without a limit meets it and stays killable.
+t_pids_default() {
+    iw task run --json --id vm/nolimit -- sleep 1000 >/dev/null 2>&1
+    if ! wait_state vm/nolimit RUNNING 60; then
+        fail pids_default "the task never ran: $(state vm/nolimit)"
+        return
+    fi
+    default=$(cat "$(cgroup_dir vm/nolimit)/pids.max" 2>/dev/null)
+    iw task kill --grace-ms 200 vm/nolimit >/dev/null 2>&1
+    wait_state vm/nolimit KILLED 60
+    if [ "$default" != 4096 ]; then
+        fail pids_default "pids.max of a task without a limit is '$default', want 4096"
+        return
+    fi
+    if ! restart_worker --default-pids-limit 40; then
+        fail pids_default "the worker did not start with --default-pids-limit 40"
+        return
+    fi
+    iw task run --json --id vm/nolimit-bomb --memory 128M -- \
+        sh -c 'f() { f | f & }; f; exec sleep 120' >/dev/null 2>&1
+    if wait_state vm/nolimit-bomb RUNNING 60; then
+        sleep 2
+        dir=$(cgroup_dir vm/nolimit-bomb)
+        max=$(cat "$dir/pids.max" 2>/dev/null)
+        hits=$(sed -n 's/^max //p' "$dir/pids.events" 2>/dev/null)
+        n=$(json_field processCount "$(status vm/nolimit-bomb)")
+        iw task kill --grace-ms 200 vm/nolimit-bomb >/dev/null 2>&1
+        wait_state vm/nolimit-bomb KILLED 60 || { fail pids_default "the bomb was not KILLED"; return; }
+    fi
+    restart_worker || { fail pids_default "the worker did not start again"; return; }
+    if [ "$max" = 40 ] && [ "${hits:-0}" -gt 0 ] && [ "${n:-0}" -le 40 ]; then
+        pass pids_default "pids.max 4096 by default; a bomb without a limit under a default of 40: process_count $n, pids.events max $hits"
+    else
+        fail pids_default "the bomb's pids.max '$max' (want 40), pids.events max '$hits', process_count '$n'"
+    fi
+}
+
+# resources.disk_bytes: the workdir alone, and the workdir and /tmp together, past 16 MiB.
+t_disk() {
+    for what in workdir both; do
+        case $what in
+            workdir) script='head -c 25165824 /dev/zero >/workdir/f; exec sleep 1000' ;;
+            both) script='head -c 10485760 /dev/zero >/workdir/a; head -c 10485760 /dev/zero >/tmp/b; exec sleep 1000' ;;
+        esac
+        iw task run --json --id "vm/disk-$what" --disk 16M -- sh -c "$script" >/dev/null 2>&1
+        if ! wait_state "vm/disk-$what" FAILED 120; then
+            fail disk "vm/disk-$what is '$(state "vm/disk-$what")', want FAILED"
+            iw task kill --grace-ms 200 "vm/disk-$what" >/dev/null 2>&1
+            return
+        fi
+        err=$(json_field error "$(status "vm/disk-$what")")
+        case $err in
+            "disk limit of 16 MiB exceeded"*) ;;
+            *) fail disk "vm/disk-$what: error '$err'"; return ;;
+        esac
+    done
+    pass disk "FAILED with 'disk limit of 16 MiB exceeded' for the workdir, and for workdir + /tmp"
 }
 
 t_cpu_max() {
@@ -279,7 +347,7 @@ t_no_leftovers() {
 }
 
 if start_worker; then
-    for t in memory_max memory_peak pids_max cpu_max kill seccomp isolation restart; do
+    for t in memory_max memory_peak pids_max pids_default disk cpu_max kill seccomp isolation restart; do
         want $t && "t_$t"
     done
     want no_leftovers && t_no_leftovers

@@ -77,6 +77,7 @@ fn store(dir: &Path, registry: &str) -> anyhow::Result<ImageStore> {
         containerd: None,
         max_bytes: u64::MAX,
         devices: false,
+        pull: Default::default(),
     })?)
 }
 

@@ -48,6 +48,7 @@ fn library_lifecycle(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, 
         rootfs_overlay: false,
         user: None,
         disk_limit: None,
+        leases: vec![],
     };
     let t = Instant::now();
     let mut rt = runtime::for_kind(RuntimeKind::Container)?;

@@ -54,10 +54,12 @@ async fn main() -> anyhow::Result<()> {
             containerd: None,
             max_bytes: 1 << 30,
             devices: false,
+            pull: Default::default(),
         },
         bundle_sources: Default::default(),
         bounds: Default::default(),
         request_decoder: None,
+        cache: Default::default(),
         python: PythonConfig {
             rootfs: "/var/cache/iris-worker/rootfs/python".into(),
             find_links: None,

@@ -35,6 +35,35 @@ pub struct EntryLock {
     exclusive: bool,
 }
 
+/// A cache entry a task uses, named for a process that did not make it: the task's supervisor
+/// takes it share-locked when it starts and holds it for the task's whole life (the worker
+/// holds its own lease meanwhile, but a worker can restart while its tasks run).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lease {
+    /// The cache directory whose `.locks/` has the entry's lock.
+    pub cache: PathBuf,
+    pub key: String,
+    /// The entry's record, whose modification time is its last use.
+    #[serde(default)]
+    pub record: Option<PathBuf>,
+}
+
+impl Lease {
+    /// Takes the entry's shared lock, unless a process is evicting it right now (`None`).
+    pub fn take(&self) -> io::Result<Option<EntryLock>> {
+        EntryLocks::new(&self.cache).try_shared(&self.key)
+    }
+
+    /// Marks the entry as used now (best effort): it then goes last among the idle ones.
+    pub fn touch(&self) {
+        if let Some(record) = &self.record
+            && let Ok(f) = File::options().append(true).open(record)
+        {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Shared,
@@ -47,7 +76,9 @@ impl EntryLocks {
         EntryLocks { dir: cache_dir.join(".locks") }
     }
 
-    fn path(&self, key: &str) -> PathBuf {
+    /// The lock file of `key` (it may not exist yet): the cache budget finds who holds an
+    /// entry by this file's inode in `/proc/locks`.
+    pub fn path(&self, key: &str) -> PathBuf {
         // Keys are hex digests or names the caches choose; anything else is made safe.
         let safe: String =
             key.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();

@@ -5,6 +5,7 @@
 //! - [`task`]: the TaskManager — states, attempts, concurrency, ports, kill, adoption.
 //! - [`buildkit`]: a BuildKit gRPC client that builds Dockerfiles into root filesystems.
 //! - [`bundle`]: code bundles fetched from object stores, verified, safely unzipped, cached.
+//! - [`cache`]: one budget over every cache, disk pressure, and the operator's cache tools.
 //! - [`env`]: a task's Python environment: the venv built for its bundle, pickled entrypoints.
 //! - [`runtime`]: how a task's processes are made (libcontainer container or plain process).
 //! - [`supervisor`]: the per-task process that owns the task's stdio, log and exit record.
@@ -23,6 +24,7 @@
 #[cfg(feature = "buildkit")]
 pub mod buildkit;
 pub mod bundle;
+pub mod cache;
 pub mod cachelock;
 pub mod cgroup;
 pub mod cli;

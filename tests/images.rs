@@ -424,11 +424,12 @@ async fn the_layer_bound_evicts_unused_layers_but_never_a_running_tasks() {
         .await
         .unwrap();
     wait_end(&mut c, "ev/running", WITHIN).await;
-    // The same image under a new name: a pull (its layers are all there), then eviction.
+    // The same image under a new name: a pull (its layers are all there), then eviction,
+    // while the task runs on them.
     let extra2 = reg.push("busybox-extra", "busybox-extra2");
-    let (s, out) = run(&mut c, image_task("ev/extra3", &extra2, "true")).await;
-    assert_eq!(state_of(&s), TaskState::Succeeded, "{out}");
-    // Eviction runs beside the task, after its pull: poll for it.
+    c.run_task(image_task("ev/extra3", &extra2, "sleep 60")).await.unwrap();
+    wait_for(&mut c, "ev/extra3", WITHIN, |s| state_of(s) == TaskState::Running).await;
+    // Eviction runs beside the task (the cache budget looks once the task is prepared): poll.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let after = layer_dirs(&images);

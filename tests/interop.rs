@@ -120,7 +120,8 @@ async fn an_iris_client_runs_jobs_actors_and_a_worker_pool_through_our_controlle
 
     // Both workers ran tasks on the one cache: one bundle, one venv, each made once.
     assert_eq!(entries(&shared.path().join("bundles")).iter().filter(|n| n.ends_with(".json")).count(), 1);
-    assert_eq!(entries(&shared.path().join("venvs")).len(), 1, "{:?}", entries(&shared.path().join("venvs")));
+    let venvs = entries(&shared.path().join("venvs"));
+    assert_eq!(venvs.iter().filter(|n| !n.ends_with(".json")).count(), 1, "{venvs:?}");
     for w in [&a, &b] {
         assert!(!w.logs().contains("another process uses"), "{}", w.logs());
     }

@@ -20,6 +20,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -53,6 +54,168 @@ pub(crate) fn key_for(path: &str) -> String {
     hex::encode(Sha256::digest(path.as_bytes()))
 }
 
+/// Removes the `.tmp/` entries of processes that are gone: a live process holds its temp
+/// dir's lock, so what nobody holds is a dead one's.
+fn remove_dead_tmp(root: &Path, locks: &EntryLocks) -> io::Result<()> {
+    let tmp_root = root.join(".tmp");
+    fs::create_dir_all(&tmp_root)?;
+    for item in fs::read_dir(&tmp_root)? {
+        let item = item?;
+        let name = item.file_name().to_string_lossy().into_owned();
+        if let Some(dead) = locks.try_exclusive(&format!("tmp-{name}"))? {
+            let path = item.path();
+            let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            match removed {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            dead.remove();
+        }
+    }
+    Ok(())
+}
+
+/// A new directory of this process under `.tmp/`, locked first (so no other process takes
+/// it for a dead one's while it is made) and held for as long as the lock lives.
+fn private_tmp(root: &Path, locks: &EntryLocks, what: &str) -> io::Result<(PathBuf, EntryLock)> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp_root = root.join(".tmp");
+    fs::create_dir_all(&tmp_root)?;
+    loop {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{}-{what}-{seq}-{nanos:08x}", std::process::id());
+        let Some(lock) = locks.try_exclusive(&format!("tmp-{name}"))? else { continue };
+        let dir = tmp_root.join(&name);
+        match fs::create_dir(&dir) {
+            Ok(()) => return Ok((dir, lock)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                lock.remove();
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// The bundles recorded under `root`, with their records' modification times (last use).
+/// With `tidy`, a bad record, and a directory without its record, go when nobody holds their
+/// lock (a publisher holds it between the directory's rename and the record's).
+fn read_records(root: &Path, locks: &EntryLocks, tidy: bool) -> io::Result<Vec<(Option<SystemTime>, Entry)>> {
+    let mut found = Vec::new();
+    let mut dirs = Vec::new();
+    for item in fs::read_dir(root)? {
+        let item = item?;
+        let name = item.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        if let Some(key) = name.strip_suffix(".json") {
+            let record = fs::read(item.path()).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok());
+            let dir = root.join(key);
+            match record {
+                Some(r) if dir.is_dir() && key_for(&r.path) == key => {
+                    let age = item.metadata().and_then(|m| m.modified()).ok();
+                    found.push((
+                        age,
+                        Entry {
+                            key: key.to_owned(),
+                            source: r.path,
+                            dir,
+                            sha256: r.sha256,
+                            bytes: r.bytes,
+                            entries: r.entries,
+                        },
+                    ));
+                }
+                _ if tidy => {
+                    // Unless another process is publishing it right now.
+                    if let Some(_quiet) = locks.try_exclusive(key)? {
+                        let _ = fs::remove_file(item.path());
+                    }
+                }
+                _ => {}
+            }
+        } else {
+            dirs.push((name, item.path()));
+        }
+    }
+    if tidy {
+        for (name, path) in dirs {
+            if !found.iter().any(|(_, e)| e.key == name)
+                && let Some(_quiet) = locks.try_exclusive(&name)?
+                && !root.join(format!("{name}.json")).exists()
+            {
+                let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+                match removed {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The bundles on disk under `root`, for the cache budget (which may run in a process that
+/// never opened this cache). With `tidy`, dead processes' temp dirs and leftovers go too.
+pub(crate) fn disk_entries(root: &Path, tidy: bool) -> Vec<crate::cache::DiskEntry> {
+    if !root.is_dir() {
+        return Vec::new();
+    }
+    let locks = EntryLocks::new(root);
+    if tidy && let Err(e) = remove_dead_tmp(root, &locks) {
+        tracing::warn!(error = %e, "removing dead processes' bundle downloads");
+    }
+    let found = match read_records(root, &locks, tidy) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing the bundle cache");
+            return Vec::new();
+        }
+    };
+    found
+        .into_iter()
+        .map(|(age, e)| crate::cache::DiskEntry {
+            kind: crate::cache::Kind::Bundles,
+            key: e.key,
+            name: e.source,
+            bytes: e.bytes,
+            files: e.entries + 1,
+            last_use: age.unwrap_or(SystemTime::UNIX_EPOCH),
+        })
+        .collect()
+}
+
+/// Evicts bundle `key` from the cache at `root` if no process uses it, as [`Disk::retire`]
+/// does (record first, then the directory out of the cache, deleted last): `Ok(None)` when
+/// someone holds it. Any process sharing the cache may call it.
+pub(crate) fn evict_on_disk(root: &Path, key: &str) -> io::Result<Option<u64>> {
+    let locks = EntryLocks::new(root);
+    let Some(evicting) = locks.try_exclusive(key)? else { return Ok(None) };
+    let record = root.join(format!("{key}.json"));
+    let bytes =
+        fs::read(&record).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok()).map(|r| r.bytes).unwrap_or(0);
+    match fs::remove_file(&record) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let (trash, trash_lock) = private_tmp(root, &locks, "evicted")?;
+    match fs::rename(root.join(key), trash.join(key)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            let _ = fs::remove_dir(&trash);
+            trash_lock.remove();
+            return Err(e);
+        }
+        _ => {}
+    }
+    evicting.remove();
+    let _ = fs::remove_dir_all(&trash);
+    trash_lock.remove();
+    Ok(Some(bytes))
+}
+
 /// The cache directory's layout.
 #[derive(Debug)]
 pub(crate) struct Disk {
@@ -70,75 +233,10 @@ impl Disk {
     pub fn open(root: &Path) -> io::Result<(Self, Vec<Entry>)> {
         fs::create_dir_all(root)?;
         let locks = EntryLocks::new(root);
-        let tmp_root = root.join(".tmp");
-        fs::create_dir_all(&tmp_root)?;
-        for item in fs::read_dir(&tmp_root)? {
-            let item = item?;
-            let name = item.file_name().to_string_lossy().into_owned();
-            // A live process holds its temp dir's lock; what nobody holds is a dead one's.
-            if let Some(dead) = locks.try_exclusive(&format!("tmp-{name}"))? {
-                let path = item.path();
-                if path.is_dir() {
-                    fs::remove_dir_all(&path)?
-                } else {
-                    fs::remove_file(&path)?
-                }
-                dead.remove();
-            }
-        }
-        let tmp = tempfile::Builder::new().prefix(&format!("{}-", std::process::id())).tempdir_in(&tmp_root)?.keep();
-        let name = tmp.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp_lock = locks.exclusive(&format!("tmp-{name}"))?;
+        remove_dead_tmp(root, &locks)?;
+        let (tmp, tmp_lock) = private_tmp(root, &locks, "work")?;
         let disk = Self { root: root.to_path_buf(), tmp, _tmp_lock: tmp_lock, locks };
-        let mut found = Vec::new();
-        let mut dirs = Vec::new();
-        for item in fs::read_dir(root)? {
-            let item = item?;
-            let name = item.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            if let Some(key) = name.strip_suffix(".json") {
-                let record = fs::read(item.path()).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok());
-                let dir = root.join(key);
-                match record {
-                    Some(r) if dir.is_dir() && key_for(&r.path) == key => {
-                        let age = item.metadata().and_then(|m| m.modified()).ok();
-                        found.push((
-                            age,
-                            Entry {
-                                key: key.to_owned(),
-                                source: r.path,
-                                dir,
-                                sha256: r.sha256,
-                                bytes: r.bytes,
-                                entries: r.entries,
-                            },
-                        ));
-                    }
-                    _ => {
-                        // Unless another process is publishing it right now.
-                        if let Some(_quiet) = disk.locks.try_exclusive(key)? {
-                            let _ = fs::remove_file(item.path());
-                        }
-                    }
-                }
-            } else {
-                dirs.push((name, item.path()));
-            }
-        }
-        for (name, path) in dirs {
-            if !found.iter().any(|(_, e)| e.key == name)
-                && let Some(_quiet) = disk.locks.try_exclusive(&name)?
-                && !root.join(format!("{name}.json")).exists()
-            {
-                if path.is_dir() {
-                    fs::remove_dir_all(&path)?;
-                } else {
-                    fs::remove_file(&path)?;
-                }
-            }
-        }
+        let mut found = read_records(root, &disk.locks, true)?;
         found.sort_by_key(|(age, _)| *age);
         Ok((disk, found.into_iter().map(|(_, e)| e).collect()))
     }
@@ -313,6 +411,24 @@ impl Index {
             }
         }
         gone
+    }
+
+    /// Forgets ready entries no longer on disk (another process, or the cache budget,
+    /// evicted them) that no holder uses.
+    pub fn forget_missing(&mut self, on_disk: &std::collections::HashSet<&str>) {
+        let gone: Vec<String> = self
+            .slots
+            .iter()
+            .filter_map(|(key, slot)| match slot {
+                Slot::Ready { entry, .. } if Arc::strong_count(entry) == 1 && !on_disk.contains(key.as_str()) => {
+                    Some(key.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        for key in gone {
+            self.finish(&key, None);
+        }
     }
 
     /// (ready entries, their bytes)

@@ -41,6 +41,7 @@ use futures::FutureExt;
 use tokio::sync::watch;
 
 use cache::{Disk, Entry, Index, Lookup, key_for};
+pub(crate) use cache::{disk_entries, evict_on_disk};
 pub use extract::{ExtractError, ExtractLimits, Extracted, RATIO_FLOOR, extract};
 pub use sources::SourcePolicy;
 
@@ -172,6 +173,10 @@ impl Bundle {
     pub fn from_cache(&self) -> bool {
         self.from_cache
     }
+    /// Its key in the cache directory: the name of its lock and record.
+    pub fn key(&self) -> &str {
+        &self.entry.key
+    }
 }
 
 impl Drop for Bundle {
@@ -254,25 +259,27 @@ impl BundleCache {
         fetch::check(path, &self.inner.config.sources).await?;
         let key = key_for(path);
         // Another round when the fetch we followed failed on another caller's sha256 (ours may
-        // well match), its bundle was evicted before we took it (a cache over its bounds), or
-        // its task vanished.
-        for _ in 0..3 {
+        // well match), its bundle was evicted before we took it (by the cache budget or another
+        // process: then it is fetched again, never a failure), or its task vanished.
+        for _ in 0..4 {
             let (mut rx, leader) = {
                 let mut index = self.inner.index();
                 match index.lookup(&key) {
-                    Lookup::Ready(entry) if self.in_use_elsewhere_or_gone(&mut index, &entry) => {
-                        // Another process evicts or replaces it: fetch (or find) it anew.
-                        drop(entry);
-                        let (tx, rx) = watch::channel(Flight::Running(Vec::new()));
-                        index.start(&key, rx.clone());
-                        let job = Job { key: key.clone(), path: path.to_owned(), expected: expected.clone() };
-                        tokio::spawn(run(self.inner.clone(), job, tx));
-                        (rx, true)
-                    }
-                    Lookup::Ready(entry) => {
-                        self.inner.disk.touch(&key);
-                        return self.hand_out(path, entry, &expected, true);
-                    }
+                    Lookup::Ready(entry) => match self.lease(&entry) {
+                        Some(lease) => {
+                            self.inner.disk.touch(&key);
+                            return self.hand_out(path, entry, &expected, true, lease);
+                        }
+                        None => {
+                            // Another process evicts or replaced it: fetch (or find) it anew.
+                            index.finish(&key, None);
+                            let (tx, rx) = watch::channel(Flight::Running(Vec::new()));
+                            index.start(&key, rx.clone());
+                            let job = Job { key: key.clone(), path: path.to_owned(), expected: expected.clone() };
+                            tokio::spawn(run(self.inner.clone(), job, tx));
+                            (rx, true)
+                        }
+                    },
                     Lookup::Loading(rx) => (rx, false),
                     Lookup::Missing => {
                         let (tx, rx) = watch::channel(Flight::Running(Vec::new()));
@@ -291,8 +298,10 @@ impl BundleCache {
                     // The fetch's result is taken from the index, so that the channel never
                     // holds a reference that would keep the bundle from being evicted.
                     let found = self.inner.index().lookup(&key);
-                    if let Lookup::Ready(entry) = found {
-                        return self.hand_out(path, entry, &expected, !leader);
+                    if let Lookup::Ready(entry) = found
+                        && let Some(lease) = self.lease(&entry)
+                    {
+                        return self.hand_out(path, entry, &expected, !leader, lease);
                     }
                 }
                 Some(Err(BundleError::HashMismatch { expected: theirs, .. }))
@@ -302,23 +311,23 @@ impl BundleCache {
         }
         Err(BundleError::Internal {
             path: path.to_owned(),
-            reason: "three fetches in a row failed on other callers' sha256, were evicted at once or vanished"
+            reason: "four fetches in a row failed on other callers' sha256, were evicted at once or vanished"
                 .to_owned(),
         })
     }
 
-    /// Whether a ready entry of this process's index cannot be used as it is: another process
-    /// holds its lock exclusively (evicting it), or evicted it already (its record is gone).
-    /// Then the entry leaves the index.
-    fn in_use_elsewhere_or_gone(&self, index: &mut Index, entry: &Arc<Entry>) -> bool {
-        let usable = match self.inner.disk.locks.try_shared(&entry.key) {
-            Ok(Some(_probe)) => self.inner.disk.load(&entry.key).is_some_and(|e| e.sha256 == entry.sha256),
-            _ => false,
-        };
-        if !usable {
-            index.finish(&entry.key, None);
-        }
-        !usable
+    /// The entry's shared lock, taken while its record still proves it whole: `None` when
+    /// another process holds it exclusively (evicting it) or evicted it already. Once held, no
+    /// process can evict it.
+    fn lease(&self, entry: &Arc<Entry>) -> Option<crate::cachelock::EntryLock> {
+        let lease = self.inner.disk.locks.try_shared(&entry.key).ok().flatten()?;
+        self.inner.disk.load(&entry.key).is_some_and(|e| e.sha256 == entry.sha256).then_some(lease)
+    }
+
+    /// Forgets bundles this process knows that are no longer on disk (the cache budget, here
+    /// or in another process, evicted them) and nobody here holds.
+    pub fn forget_missing(&self, on_disk: &std::collections::HashSet<&str>) {
+        self.inner.index().forget_missing(on_disk);
     }
 
     fn hand_out(
@@ -327,6 +336,7 @@ impl BundleCache {
         entry: Arc<Entry>,
         expected: &Option<String>,
         from_cache: bool,
+        lease: crate::cachelock::EntryLock,
     ) -> Result<Bundle, BundleError> {
         if let Some(expected) = expected
             && *expected != entry.sha256
@@ -337,9 +347,6 @@ impl BundleCache {
                 actual: entry.sha256.clone(),
             });
         }
-        let lease = self.inner.disk.locks.try_shared(&entry.key).ok().flatten().ok_or_else(|| {
-            BundleError::Internal { path: path.to_owned(), reason: "another worker process is evicting it".to_owned() }
-        })?;
         Ok(Bundle { entry, from_cache, cache: Arc::downgrade(&self.inner), lease: Some(Arc::new(lease)) })
     }
 }

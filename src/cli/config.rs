@@ -27,7 +27,7 @@ pub struct ServeArgs {
     /// State root: task directories, logs, exit records [default: /var/lib/iris-worker].
     #[arg(long, env = "IRIS_WORKER_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Cache root: root filesystems and (later) bundles, venvs, layers [default: /var/cache/iris-worker].
+    /// Cache root: root filesystems, bundles, venvs, uv's cache, images [default: /var/cache/iris-worker].
     #[arg(long, env = "IRIS_WORKER_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Root filesystem of tasks that name no image [default: <cache-dir>/rootfs/busybox].
@@ -107,9 +107,42 @@ pub struct ServeArgs {
     /// The image store: unpacked layers and image records [default: <cache-dir>/images].
     #[arg(long, env = "IRIS_WORKER_IMAGE_DIR")]
     pub image_dir: Option<PathBuf>,
-    /// Unpacked layers kept at most, e.g. 20G; unused ones go first [default: 20G].
+    /// Unpacked image layers and built images kept at most, e.g. 20G or 10% (a part of
+    /// --cache-size; unused ones go first) [default: none, only --cache-size].
     #[arg(long, env = "IRIS_WORKER_IMAGE_CACHE_SIZE")]
     pub image_cache_size: Option<String>,
+    /// All caches together (bundles, venvs, image layers and records, built images, uv's
+    /// cache), bytes like 50G or a share of the cache filesystem like 30%; the least recently
+    /// used entries no task uses go first, off the request path [default: 30%].
+    #[arg(long, env = "IRIS_WORKER_CACHE_SIZE")]
+    pub cache_size: Option<String>,
+    /// A bound for one kind of cache within --cache-size, KIND=SIZE with KIND one of bundles,
+    /// venvs, images, built, uv and SIZE like 10G or 5%; repeatable (env: comma-separated)
+    /// [default: none].
+    #[arg(long = "cache-limit", env = "IRIS_WORKER_CACHE_LIMITS", value_delimiter = ',')]
+    pub cache_limits: Vec<String>,
+    /// Below this much free space on the state, workdir, cache or image filesystem the worker
+    /// takes no new task (RESOURCE_EXHAUSTED; the controller is told); bytes like 5G or a share
+    /// like 5% [default: 5%].
+    #[arg(long, env = "IRIS_WORKER_MIN_FREE_DISK")]
+    pub min_free_disk: Option<String>,
+    /// Below this much free space on a filesystem the caches there evict unused entries at
+    /// once, until --target-free-disk is free [default: 10%].
+    #[arg(long, env = "IRIS_WORKER_SOFT_FREE_DISK")]
+    pub soft_free_disk: Option<String>,
+    /// Where that eviction stops [default: 15%].
+    #[arg(long, env = "IRIS_WORKER_TARGET_FREE_DISK")]
+    pub target_free_disk: Option<String>,
+    /// Free inodes below which no new task is taken (a count or a share like 5%); twice that
+    /// starts eviction, three times is its target [default: 5%].
+    #[arg(long, env = "IRIS_WORKER_MIN_FREE_INODES")]
+    pub min_free_inodes: Option<String>,
+    /// When an image's source is asked again: missing (use the image store's copy when it has
+    /// one), always (ask which manifest a tag names now; fetch only new layers), never (an
+    /// image not in the store fails its task at once). A reference pinned by digest
+    /// (`name@sha256:…`) is always taken from the store when it is there [default: missing].
+    #[arg(long, env = "IRIS_WORKER_PULL", value_enum)]
+    pub pull: Option<crate::env::image::PullPolicy>,
     /// A registry (HOST:PORT, exactly as in image names) spoken to over plain http instead
     /// of https; repeat the flag for several (env: comma-separated) [default: none].
     #[arg(long = "insecure-registry", env = "IRIS_WORKER_INSECURE_REGISTRIES", value_delimiter = ',')]
@@ -216,6 +249,13 @@ struct FileConfig {
     buildkit: Option<String>,
     image_dir: Option<PathBuf>,
     image_cache_size: Option<String>,
+    cache_size: Option<String>,
+    cache_limits: Option<Vec<String>>,
+    min_free_disk: Option<String>,
+    soft_free_disk: Option<String>,
+    target_free_disk: Option<String>,
+    min_free_inodes: Option<String>,
+    pull: Option<crate::env::image::PullPolicy>,
     insecure_registries: Option<Vec<String>>,
     registry_auth: Option<PathBuf>,
     containerd_socket: Option<PathBuf>,
@@ -282,6 +322,8 @@ pub struct ServeConfig {
     /// Finished tasks kept, by count and by age.
     pub retain_finished: Option<usize>,
     pub retain_for: Option<std::time::Duration>,
+    /// The cache budget and the disk thresholds.
+    pub cache: crate::cache::CacheSettings,
 }
 
 impl ServeArgs {
@@ -370,6 +412,19 @@ impl ServeArgs {
         if let Some(addr) = &buildkit {
             crate::buildkit::connect::Address::parse(addr).context("buildkit")?;
         }
+        let cache = cache_settings(&CacheFlags {
+            size: self.cache_size.or(file.cache_size),
+            limits: if self.cache_limits.is_empty() {
+                file.cache_limits.unwrap_or_default()
+            } else {
+                self.cache_limits
+            },
+            image_cache_size: self.image_cache_size.or(file.image_cache_size),
+            min_free_disk: self.min_free_disk.or(file.min_free_disk),
+            soft_free_disk: self.soft_free_disk.or(file.soft_free_disk),
+            target_free_disk: self.target_free_disk.or(file.target_free_disk),
+            min_free_inodes: self.min_free_inodes.or(file.min_free_inodes),
+        })?;
         Ok(ServeConfig {
             listen,
             state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
@@ -427,10 +482,14 @@ impl ServeArgs {
                     if self.attributes.is_empty() { file.attributes.unwrap_or_default() } else { self.attributes };
                 list.iter()
                     .map(|a| {
-                        a.split_once('=')
+                        let (k, v) = a
+                            .split_once('=')
                             .filter(|(k, _)| !k.is_empty())
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                            .with_context(|| format!("attribute {a:?} is not KEY=VALUE"))
+                            .with_context(|| format!("attribute {a:?} is not KEY=VALUE"))?;
+                        if k == crate::heartbeat::DISK_PRESSURE_ATTRIBUTE {
+                            bail!("attribute {k:?} is the worker's own (it reports disk pressure)");
+                        }
+                        Ok((k.to_string(), v.to_string()))
                     })
                     .collect::<anyhow::Result<_>>()?
             },
@@ -456,9 +515,11 @@ impl ServeArgs {
                             .unwrap_or_else(|| "default".into()),
                     }
                 }),
-                max_bytes: parse_size(&self.image_cache_size.or(file.image_cache_size).unwrap_or_else(|| "20G".into()))
-                    .context("image_cache_size")?,
+                // The cache budget evicts layers with the other caches (--image-cache-size is
+                // one of its limits).
+                max_bytes: u64::MAX,
                 devices: self.profile.or(file.profile).unwrap_or_default() == Profile::Privileged,
+                pull: self.pull.or(file.pull).unwrap_or_default(),
             },
             task_isolation: self.task_isolation.or(file.task_isolation).unwrap_or(true),
             isolate_controller: self.isolate_controller.or(file.isolate_controller).unwrap_or(false),
@@ -475,8 +536,64 @@ impl ServeArgs {
                     .unwrap_or(false),
                 controller: bundle_controller,
             },
+            cache,
         })
     }
+}
+
+/// The cache flags as given.
+struct CacheFlags {
+    size: Option<String>,
+    limits: Vec<String>,
+    image_cache_size: Option<String>,
+    min_free_disk: Option<String>,
+    soft_free_disk: Option<String>,
+    target_free_disk: Option<String>,
+    min_free_inodes: Option<String>,
+}
+
+/// The cache budget and the disk thresholds from their flags (the defaults where not given):
+/// each amount must parse, each limit name a kind, and the thresholds given in the same unit
+/// must rise from hard to soft to target.
+fn cache_settings(f: &CacheFlags) -> anyhow::Result<crate::cache::CacheSettings> {
+    use crate::cache::{Amount, Kind};
+    let d = crate::cache::CacheSettings::default();
+    let amount = |v: &Option<String>, name: &str, default: Amount| -> anyhow::Result<Amount> {
+        match v {
+            Some(s) => Amount::parse(s).with_context(|| name.to_string()),
+            None => Ok(default),
+        }
+    };
+    let mut limits = Vec::new();
+    if let Some(s) = &f.image_cache_size {
+        limits.push((vec![Kind::Images, Kind::Built], Amount::parse(s).context("image_cache_size")?));
+    }
+    for item in &f.limits {
+        let (kind, size) = item.split_once('=').with_context(|| format!("cache_limit {item:?} is not KIND=SIZE"))?;
+        let kind = Kind::parse(kind.trim()).map_err(anyhow::Error::msg).context("cache_limit")?;
+        let size = Amount::parse(size).with_context(|| format!("cache_limit {item:?}"))?;
+        limits.push((vec![kind], size));
+    }
+    let t = crate::cache::pressure::Thresholds {
+        min_free: amount(&f.min_free_disk, "min_free_disk", d.thresholds.min_free)?,
+        soft_free: amount(&f.soft_free_disk, "soft_free_disk", d.thresholds.soft_free)?,
+        target_free: amount(&f.target_free_disk, "target_free_disk", d.thresholds.target_free)?,
+        min_free_inodes: amount(&f.min_free_inodes, "min_free_inodes", d.thresholds.min_free_inodes)?,
+    };
+    let rising = |a: Amount, b: Amount| match (a, b) {
+        (Amount::Percent(x), Amount::Percent(y)) => x <= y,
+        (Amount::Bytes(x), Amount::Bytes(y)) => x <= y,
+        _ => true,
+    };
+    if !rising(t.min_free, t.soft_free) || !rising(t.soft_free, t.target_free) {
+        bail!(
+            "min_free_disk ({}) <= soft_free_disk ({}) <= target_free_disk ({}) must hold",
+            t.min_free,
+            t.soft_free,
+            t.target_free
+        );
+    }
+    Ok(crate::cache::CacheSettings { size: amount(&f.size, "cache_size", d.size)?, limits, thresholds: t })
 }
 
 /// The host's CA bundle on Debian and its derivatives.
@@ -725,6 +842,46 @@ mod tests {
         assert!(parse_duration("h").is_err());
         let tiny = ServeArgs { max_log_bytes: Some("1K".into()), ..Default::default() };
         assert!(format!("{:#}", tiny.resolve().unwrap_err()).contains("max_log_bytes"));
+    }
+
+    #[test]
+    fn cache_flags_become_the_budget_and_the_thresholds() {
+        use crate::cache::{Amount, Kind};
+        let c = ServeArgs::default().resolve().unwrap();
+        assert_eq!(c.cache, crate::cache::CacheSettings::default());
+        assert_eq!(c.images.pull, crate::env::image::PullPolicy::Missing);
+        let c = ServeArgs {
+            cache_size: Some("50G".into()),
+            cache_limits: vec!["venvs=10G".into(), "uv=5%".into()],
+            image_cache_size: Some("20G".into()),
+            min_free_disk: Some("1G".into()),
+            soft_free_disk: Some("2G".into()),
+            target_free_disk: Some("3G".into()),
+            pull: Some(crate::env::image::PullPolicy::Always),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.cache.size, Amount::Bytes(50 << 30));
+        assert_eq!(
+            c.cache.limits,
+            vec![
+                (vec![Kind::Images, Kind::Built], Amount::Bytes(20 << 30)),
+                (vec![Kind::Venvs], Amount::Bytes(10 << 30)),
+                (vec![Kind::Uv], Amount::Percent(5.0)),
+            ]
+        );
+        assert_eq!(c.cache.thresholds.min_free, Amount::Bytes(1 << 30));
+        assert_eq!(c.images.pull, crate::env::image::PullPolicy::Always);
+        let refused = |args: ServeArgs, name: &str| {
+            let e = format!("{:#}", args.resolve().unwrap_err());
+            assert!(e.contains(name), "{e}");
+        };
+        refused(ServeArgs { cache_size: Some("lots".into()), ..Default::default() }, "cache_size");
+        refused(ServeArgs { cache_limits: vec!["layers=1G".into()], ..Default::default() }, "cache_limit");
+        refused(ServeArgs { cache_limits: vec!["venvs".into()], ..Default::default() }, "cache_limit");
+        refused(ServeArgs { min_free_disk: Some("20%".into()), ..Default::default() }, "min_free_disk");
+        refused(ServeArgs { attributes: vec!["disk_pressure=x".into()], ..Default::default() }, "disk_pressure");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The `iris-worker` command line. `anyhow` lives here, at the binary's edge only.
 
+mod cache;
 mod cleanup;
 mod client;
 mod cluster;
@@ -37,6 +38,10 @@ enum Verb {
     /// Talk to a running worker: run, status, list, logs, kill.
     #[command(subcommand)]
     Task(task::TaskVerb),
+    /// The caches: `cache ls` (every entry, its size, last use and who uses it), `cache prune`
+    /// (removes what no task uses).
+    #[command(subcommand)]
+    Cache(cache::CacheVerb),
     /// Remove leftovers of a stopped worker: task processes, cgroups, container state, and
     /// (with --all) the task directories and logs.
     Cleanup(cleanup::CleanupArgs),
@@ -84,6 +89,7 @@ pub fn main() -> ExitCode {
             Verb::Demo(args) => demo::run(args).await,
             Verb::Task(verb) => task::run(verb).await,
             Verb::Cleanup(args) => cleanup::run(args),
+            Verb::Cache(verb) => cache::run(verb),
             Verb::Controller(verb) => controller::run(verb).await,
             Verb::Job(verb) => jobs::run_job(verb).await,
             Verb::Endpoint(verb) => jobs::run_endpoint(verb).await,

@@ -47,6 +47,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
             retain_for: config.retain_for,
         },
         request_decoder: Some(crate::rpc::decode_run_task),
+        cache: config.cache.clone(),
         python: PythonConfig {
             rootfs: config.python_rootfs.clone(),
             find_links: config.uv_find_links.clone(),

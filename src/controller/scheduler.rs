@@ -142,9 +142,19 @@ pub fn validate_constraint(i: usize, c: &Constraint) -> Result<(), (String, Stri
     }
 }
 
-/// A worker that may take tasks now: healthy and not suspect.
+/// A worker that may take tasks now: healthy, not suspect, and not out of disk space.
 pub fn schedulable(w: &WorkerRec, now_ms: i64) -> bool {
-    w.rec.healthy && w.suspect_until_ms <= now_ms
+    w.rec.healthy && w.suspect_until_ms <= now_ms && disk_pressure(w).is_none()
+}
+
+/// Why the worker takes no task for now, when it reports a filesystem below its hard disk
+/// threshold (until a heartbeat says space returned).
+pub fn disk_pressure(w: &WorkerRec) -> Option<String> {
+    use crate::proto::attribute_value::Value;
+    match w.metadata.attributes.get(crate::heartbeat::DISK_PRESSURE_ATTRIBUTE)?.value.as_ref()? {
+        Value::StringValue(why) => Some(why.clone()),
+        _ => Some("disk pressure".into()),
+    }
 }
 
 /// The free resources of a worker.
@@ -169,15 +179,28 @@ pub fn place<'a>(
 ) -> Result<String, String> {
     let mut best: Option<(&WorkerRec, usize, i64)> = None;
     let mut reason = String::from("no healthy worker is registered");
+    // The most telling reason wins: a worker that would fit but takes nothing now says more
+    // than one the constraints rule out, and one without room says most.
+    let mut rank = 0;
+    let mut why = |r: u8, text: String| {
+        if r >= rank {
+            rank = r;
+            reason = text;
+        }
+    };
     for w in workers {
-        if !schedulable(w, now_ms) {
-            if w.rec.healthy && !w.last_dispatch_error.is_empty() {
-                reason = format!("dispatch to worker {} failed: {}", w.rec.worker_id, w.last_dispatch_error);
+        if let Some(c) = constraints.iter().find(|c| !satisfies(c, &w.metadata.attributes)) {
+            if w.rec.healthy {
+                why(1, format!("no worker satisfies the constraint on {:?}", c.key));
             }
             continue;
         }
-        if let Some(c) = constraints.iter().find(|c| !satisfies(c, &w.metadata.attributes)) {
-            reason = format!("no worker satisfies the constraint on {:?}", c.key);
+        if !schedulable(w, now_ms) {
+            if let Some(p) = disk_pressure(w).filter(|_| w.rec.healthy) {
+                why(2, format!("worker {} takes no task for now: {p}", w.rec.worker_id));
+            } else if w.rec.healthy && !w.last_dispatch_error.is_empty() {
+                why(2, format!("dispatch to worker {} failed: {}", w.rec.worker_id, w.last_dispatch_error));
+            }
             continue;
         }
         let mut free = free(w);
@@ -188,8 +211,8 @@ pub fn place<'a>(
             free.gpus -= u.gpus;
             count += n;
         }
-        if let Some(why) = misfit(need, free, &w.metadata) {
-            reason = format!("no worker has room: {why}");
+        if let Some(misfit) = misfit(need, free, &w.metadata) {
+            why(3, format!("no worker has room: {misfit}"));
             continue;
         }
         let better = match best {
@@ -284,5 +307,23 @@ mod tests {
         assert!(err.contains("resources.cpu"), "{err}");
         assert!(never_fits(&big, &[], ws.iter()).unwrap().contains("resources.cpu"));
         assert!(never_fits(&need, &[], ws.iter()).is_none());
+    }
+
+    #[test]
+    fn a_worker_under_disk_pressure_gets_no_task_until_it_says_space_returned() {
+        let mut full = worker("full", 8, "a");
+        let idle = worker("idle", 1, "a");
+        full.metadata.attributes.insert(
+            crate::heartbeat::DISK_PRESSURE_ATTRIBUTE.into(),
+            crate::heartbeat::attribute_text("disk: 38 MiB free on state/workdirs (minimum 50 MiB)"),
+        );
+        let need = Need { cpu_millicores: 1000, ..Default::default() };
+        // The full worker has more room, but takes nothing.
+        assert_eq!(place(&need, &[], [full.clone(), idle.clone()].iter(), &BTreeMap::new(), 0).unwrap(), "idle");
+        let err = place(&need, &[], [full.clone()].iter(), &BTreeMap::new(), 0).unwrap_err();
+        assert_eq!(err, "worker full takes no task for now: disk: 38 MiB free on state/workdirs (minimum 50 MiB)");
+        assert!(never_fits(&need, &[], [full.clone()].iter()).is_none(), "it is not impossible, only not now");
+        full.metadata.attributes.remove(crate::heartbeat::DISK_PRESSURE_ATTRIBUTE);
+        assert_eq!(place(&need, &[], [full, idle].iter(), &BTreeMap::new(), 0).unwrap(), "full");
     }
 }

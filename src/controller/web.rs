@@ -227,7 +227,8 @@ async fn api(State(c): State<Controller>) -> Response {
             }).collect::<Vec<_>>(),
             "workers": s.workers.values().map(|w| serde_json::json!({"worker_id": w.rec.worker_id,
                 "address": w.rec.address, "healthy": w.rec.healthy, "tasks": w.tasks.len(),
-                "last_heartbeat_ms": w.rec.last_heartbeat_ms})).collect::<Vec<_>>(),
+                "last_heartbeat_ms": w.rec.last_heartbeat_ms,
+                "disk_pressure": super::scheduler::disk_pressure(w)})).collect::<Vec<_>>(),
             "endpoints": s.endpoints.values().collect::<Vec<_>>(),
         })
     });

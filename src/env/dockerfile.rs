@@ -278,6 +278,7 @@ mod tests {
             containerd: None,
             max_bytes: 1 << 30,
             devices: false,
+            pull: Default::default(),
         })
         .unwrap();
         let e = DockerfileImages::new(None).get(&store, dir.path(), "Dockerfile", dir.path()).await.unwrap_err();

@@ -181,38 +181,67 @@ impl VenvCache {
     }
 
     /// A venv for `req`: from the cache, from a build another task (or another worker process
-    /// on the same cache) is running, or built now. It comes with its shared lock.
+    /// on the same cache) is running, or built now. It comes with its shared lock. A venv the
+    /// cache budget evicts between its build and the lease is built again.
     pub async fn get(&self, req: &VenvRequest<'_>) -> Result<PythonEnv, VenvError> {
         let started_ms = now_ms();
         let key = self.key(req)?;
         let dir = self.config.cache_dir.join("venvs").join(&key);
         let lock_err = |e: std::io::Error| io("locking", format!("venv {key}"), &dir)(e);
-        if dir.join(COMPLETE).exists()
-            && let Some(lease) = self.locks.try_shared(&key).map_err(lock_err)?
-            && dir.join(COMPLETE).exists()
-        {
-            let lease = Arc::new(lease);
-            return Ok(PythonEnv { lease, dir, key, from_cache: true, started_ms, finished_ms: now_ms() });
+        for _ in 0..3 {
+            if dir.join(COMPLETE).exists()
+                && let Some(lease) = self.locks.try_shared(&key).map_err(lock_err)?
+                && dir.join(COMPLETE).exists()
+            {
+                self.touch(&key);
+                let lease = Arc::new(lease);
+                return Ok(PythonEnv { lease, dir, key, from_cache: true, started_ms, finished_ms: now_ms() });
+            }
+            let (result, built_here) = self
+                .flights
+                .run(&key, || async {
+                    let published = || dir.join(COMPLETE).exists();
+                    let making = self
+                        .locks
+                        .exclusive_unless(&key, published)
+                        .await
+                        .map_err(|e| format!("locking the venv: {e}"))?;
+                    // Another worker process built it meanwhile.
+                    let Some(making) = making.filter(|_| !published()) else { return Ok(false) };
+                    let built = self.build(req, &key, &dir).await.map(|()| true).map_err(|e| e.to_string());
+                    drop(making);
+                    built
+                })
+                .await;
+            let built = result.map_err(VenvError::Shared)?;
+            let lease = Arc::new(self.locks.shared_async(&key).await.map_err(lock_err)?);
+            if dir.join(COMPLETE).exists() {
+                self.touch(&key);
+                return Ok(PythonEnv {
+                    lease,
+                    dir,
+                    key,
+                    from_cache: !(built && built_here),
+                    started_ms,
+                    finished_ms: now_ms(),
+                });
+            }
         }
-        let (result, built_here) = self
-            .flights
-            .run(&key, || async {
-                let published = || dir.join(COMPLETE).exists();
-                let making =
-                    self.locks.exclusive_unless(&key, published).await.map_err(|e| format!("locking the venv: {e}"))?;
-                // Another worker process built it meanwhile.
-                let Some(making) = making.filter(|_| !published()) else { return Ok(false) };
-                let built = self.build(req, &key, &dir).await.map(|()| true).map_err(|e| e.to_string());
-                drop(making);
-                built
-            })
-            .await;
-        let built = result.map_err(VenvError::Shared)?;
-        let lease = Arc::new(self.locks.shared_async(&key).await.map_err(lock_err)?);
-        if !dir.join(COMPLETE).exists() {
-            return Err(VenvError::Shared("the venv was removed as it was built".into()));
+        Err(VenvError::Shared("the venv was evicted each time it was built (the cache is too small)".into()))
+    }
+
+    /// Marks the venv `key` as used now (its record's mtime is its last use).
+    fn touch(&self, key: &str) {
+        let record = self.config.cache_dir.join("venvs").join(format!("{key}.json"));
+        if let Ok(f) = std::fs::File::options().append(true).open(record) {
+            let _ = f.set_modified(std::time::SystemTime::now());
         }
-        Ok(PythonEnv { lease, dir, key, from_cache: !(built && built_here), started_ms, finished_ms: now_ms() })
+    }
+
+    /// The lease a task's supervisor holds on venv `key` (see [`crate::cachelock::Lease`]).
+    pub fn lease_of(&self, key: &str) -> crate::cachelock::Lease {
+        let venvs = self.config.cache_dir.join("venvs");
+        crate::cachelock::Lease { record: Some(venvs.join(format!("{key}.json"))), cache: venvs, key: key.to_string() }
     }
 
     async fn build(&self, req: &VenvRequest<'_>, key: &str, dest: &Path) -> Result<(), VenvError> {
@@ -220,9 +249,13 @@ impl VenvCache {
         let venvs = self.config.cache_dir.join("venvs");
         let uv_cache = self.config.cache_dir.join("uv");
         let tmp = venvs.join(format!(".tmp-{key}-{}", std::process::id()));
+        // uv's cache stays while the build uses it: this lease until the build's supervisor
+        // holds its own (and the supervisor's until the build ends, whatever the worker does).
+        let _uv = self.locks.shared_async(UV_LOCK_KEY).await.map_err(io("locking", "uv's cache", &uv_cache))?;
         for (d, what) in [(&venvs, "the venv cache"), (&uv_cache, "uv's cache")] {
             std::fs::create_dir_all(d).map_err(io("creating", what, d))?;
         }
+        touch_uv_record(&venvs);
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io("creating", format!("the build directory of venv {key}"), &tmp))?;
         let step = req.task_dir.join("build");
@@ -272,6 +305,16 @@ impl VenvCache {
             }
             Err(e) => return Err(io("publishing", format!("venv {key}"), dest)(e)),
         }
+        // Its record: the size the cache budget counts; its mtime is the venv's last use.
+        let dest_owned = dest.to_path_buf();
+        let (bytes, files) =
+            tokio::task::spawn_blocking(move || crate::cache::tree_size(&dest_owned)).await.unwrap_or((0, 0));
+        let record = venvs.join(format!("{key}.json"));
+        write_record(&record, &Record { bytes, files, measured_ms: now_ms() }).map_err(io(
+            "writing the record of",
+            format!("venv {key}"),
+            &record,
+        ))?;
         Ok(())
     }
 
@@ -338,6 +381,11 @@ impl VenvCache {
             rootfs_overlay: false,
             user: None,
             disk_limit: None,
+            leases: vec![crate::cachelock::Lease {
+                cache: c.cache_dir.join("venvs"),
+                key: UV_LOCK_KEY.to_string(),
+                record: Some(c.cache_dir.join("venvs").join(UV_RECORD)),
+            }],
         })
     }
 }
@@ -454,6 +502,236 @@ fn build_log_tail(log_dir: &Path) -> String {
         .collect();
     let chosen = if errors.is_empty() { text[text.len().saturating_sub(3)..].to_vec() } else { errors };
     if chosen.is_empty() { "no output".into() } else { chosen.join(" | ") }
+}
+
+/// The lock of uv's cache, in the venvs' lock directory (venv keys are hex digests: no clash).
+pub const UV_LOCK_KEY: &str = "uv-cache";
+/// The record of uv's cache: its size when last measured, and (its mtime) the last build.
+const UV_RECORD: &str = ".uv-cache.json";
+
+/// A venv's (or uv's cache's) record: what the cache budget counts.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Record {
+    bytes: u64,
+    #[serde(default)]
+    files: u64,
+    /// When `bytes` was measured (uv's cache grows with each build).
+    #[serde(default)]
+    measured_ms: i64,
+}
+
+fn read_record(path: &Path) -> Option<(Record, std::time::SystemTime)> {
+    let bytes = std::fs::read(path).ok()?;
+    let record = serde_json::from_slice(&bytes).ok()?;
+    let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
+    Some((record, mtime))
+}
+
+fn write_record(path: &Path, record: &Record) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(record).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Writes `record` at `path` keeping `last_use` as its mtime.
+fn write_record_at(path: &Path, record: &Record, last_use: std::time::SystemTime) -> std::io::Result<()> {
+    write_record(path, record)?;
+    std::fs::File::options().append(true).open(path)?.set_modified(last_use)
+}
+
+/// A build is about to use uv's cache: its record's mtime is the cache's last use.
+fn touch_uv_record(venvs: &Path) {
+    let path = venvs.join(UV_RECORD);
+    match std::fs::File::options().append(true).open(&path) {
+        Ok(f) => {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+        Err(_) => {
+            let _ = write_record(&path, &Record::default());
+        }
+    }
+}
+
+fn is_key(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The venvs on disk under `venvs`, for the cache budget. A venv built before records existed
+/// is measured once and recorded. With `tidy`, what nobody is making or evicting goes:
+/// unfinished venvs and build leftovers (when nobody holds their key), records without their
+/// venv, evicted trees not yet deleted.
+pub(crate) fn disk_entries(venvs: &Path, tidy: bool) -> Vec<crate::cache::DiskEntry> {
+    let Ok(rd) = std::fs::read_dir(venvs) else { return Vec::new() };
+    let locks = EntryLocks::new(venvs);
+    let mut out = Vec::new();
+    let mut records = Vec::new();
+    for item in rd.flatten() {
+        let name = item.file_name().to_string_lossy().into_owned();
+        let path = item.path();
+        if let Some(rest) = name.strip_prefix(".tmp-") {
+            // `.tmp-<key>-<pid>`: a build's output, unless a build of that key runs now.
+            let key = rest.get(..64).unwrap_or_default();
+            if tidy && is_key(key) && matches!(locks.try_exclusive(key), Ok(Some(_))) {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            continue;
+        }
+        if name.starts_with(".evicted-") {
+            if tidy {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            continue;
+        }
+        if let Some(key) = name.strip_suffix(".json") {
+            if is_key(key) {
+                records.push(key.to_string());
+            }
+            continue;
+        }
+        if !is_key(&name) {
+            continue;
+        }
+        if !path.join(COMPLETE).exists() {
+            // Unfinished (a crash mid-publication, an older layout): nobody may use it.
+            if tidy && matches!(locks.try_exclusive(&name), Ok(Some(_))) && !path.join(COMPLETE).exists() {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            continue;
+        }
+        let record_path = venvs.join(format!("{name}.json"));
+        let (record, last_use) = match read_record(&record_path) {
+            Some(found) => found,
+            None => {
+                let (bytes, files) = crate::cache::tree_size(&path);
+                let built = std::fs::metadata(path.join(COMPLETE))
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+                let record = Record { bytes, files, measured_ms: now_ms() };
+                if tidy {
+                    let _ = write_record_at(&record_path, &record, built);
+                }
+                (record, built)
+            }
+        };
+        out.push(crate::cache::DiskEntry {
+            kind: crate::cache::Kind::Venvs,
+            name: format!("venv:{}", &name[..16]),
+            key: name,
+            bytes: record.bytes,
+            files: record.files,
+            last_use,
+        });
+    }
+    if tidy {
+        for key in records {
+            if !venvs.join(&key).is_dir()
+                && let Ok(Some(_quiet)) = locks.try_exclusive(&key)
+                && !venvs.join(&key).is_dir()
+            {
+                let _ = std::fs::remove_file(venvs.join(format!("{key}.json")));
+            }
+        }
+    }
+    out
+}
+
+/// A name for a tree being deleted, unique in this process.
+fn trash_name(what: &str) -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{what}-{}-{seq}-{}", std::process::id(), now_ms())
+}
+
+/// Evicts venv `key` if no process uses it: out of the cache at once (a rename), its record
+/// next, then deleted. `Ok(None)` when someone holds it.
+pub(crate) fn evict_on_disk(venvs: &Path, key: &str) -> std::io::Result<Option<u64>> {
+    let locks = EntryLocks::new(venvs);
+    let Some(evicting) = locks.try_exclusive(key)? else { return Ok(None) };
+    let record = venvs.join(format!("{key}.json"));
+    let bytes = read_record(&record).map(|(r, _)| r.bytes).unwrap_or(0);
+    let trash = venvs.join(trash_name(&format!(".evicted-{key}")));
+    match std::fs::rename(venvs.join(key), &trash) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    match std::fs::remove_file(&record) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    evicting.remove();
+    let _ = std::fs::remove_dir_all(&trash);
+    Ok(Some(bytes))
+}
+
+/// uv's cache under `cache_dir` as one entry (measured again after builds, in `tidy` passes).
+pub(crate) fn uv_entry(cache_dir: &Path, tidy: bool) -> Option<crate::cache::DiskEntry> {
+    if tidy && let Ok(rd) = std::fs::read_dir(cache_dir) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".uv-evicted-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let uv = cache_dir.join("uv");
+    if !uv.is_dir() {
+        return None;
+    }
+    let record_path = cache_dir.join("venvs").join(UV_RECORD);
+    let found = read_record(&record_path);
+    let stale = match &found {
+        None => true,
+        Some((r, used)) => {
+            let used_ms = used.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+            tidy && used_ms > r.measured_ms
+        }
+    };
+    let (record, last_use) = match found {
+        Some((record, used)) if !stale => (record, used),
+        other => {
+            let used = other.map(|(_, u)| u).unwrap_or_else(std::time::SystemTime::now);
+            let (bytes, files) = crate::cache::tree_size(&uv);
+            let record = Record { bytes, files, measured_ms: now_ms() };
+            if tidy {
+                let _ = std::fs::create_dir_all(cache_dir.join("venvs"));
+                let _ = write_record_at(&record_path, &record, used);
+            }
+            (record, used)
+        }
+    };
+    Some(crate::cache::DiskEntry {
+        kind: crate::cache::Kind::Uv,
+        key: "uv".into(),
+        name: "uv's cache".into(),
+        bytes: record.bytes,
+        files: record.files,
+        last_use,
+    })
+}
+
+/// Evicts uv's whole cache if no build uses it (uv downloads again what the next build needs).
+pub(crate) fn evict_uv(cache_dir: &Path) -> std::io::Result<Option<u64>> {
+    let venvs = cache_dir.join("venvs");
+    let locks = EntryLocks::new(&venvs);
+    let Some(evicting) = locks.try_exclusive(UV_LOCK_KEY)? else { return Ok(None) };
+    let record = venvs.join(UV_RECORD);
+    let bytes = read_record(&record).map(|(r, _)| r.bytes).unwrap_or(0);
+    // A sibling of uv/: the same filesystem, so the rename is one step.
+    let trash = cache_dir.join(trash_name(".uv-evicted"));
+    let moved = match std::fs::rename(cache_dir.join("uv"), &trash) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        // uv/ is a mount point of its own: empty it in place, under the lock.
+        Err(_) => {
+            let _ = std::fs::remove_dir_all(cache_dir.join("uv"));
+            false
+        }
+    };
+    let _ = std::fs::remove_file(&record);
+    evicting.remove();
+    if moved {
+        let _ = std::fs::remove_dir_all(&trash);
+    }
+    Ok(Some(bytes))
 }
 
 #[cfg(test)]

@@ -16,6 +16,11 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// The worker attribute that says a filesystem is below the hard disk threshold (its value
+/// is why): the controller places no task on such a worker, and with Iris's controller a job
+/// can ask for `!disk_pressure`. Sent while the pressure lasts, gone when space returns.
+pub const DISK_PRESSURE_ATTRIBUTE: &str = "disk_pressure";
+
 /// Who this worker is, for the controller.
 #[derive(Debug, Clone)]
 pub struct WorkerIdentity {
@@ -46,10 +51,14 @@ pub fn start_with_client(manager: TaskManager, client: ConnectClient, me: Worker
 async fn heartbeat(client: ConnectClient, manager: TaskManager, me: WorkerIdentity, every: Duration) {
     let mut accepted = false;
     loop {
+        let mut metadata = me.metadata.clone();
+        if let Some(why) = manager.disk_pressure() {
+            metadata.attributes.insert(DISK_PRESSURE_ATTRIBUTE.to_string(), attribute_text(&why));
+        }
         let req = controller::RegisterWorkerRequest {
             worker_id: me.worker_id.clone(),
             address: me.address.clone(),
-            metadata: Some(me.metadata.clone()),
+            metadata: Some(metadata),
             running_task_ids: manager.active_task_ids(),
         };
         match client.call::<_, controller::RegisterWorkerResponse>(SERVICE, "RegisterWorker", &req, CALL_TIMEOUT).await
@@ -165,6 +174,11 @@ pub fn host_metadata(ip_address: &str) -> WorkerMetadata {
         .map(|kb| kb * 1024)
         .unwrap_or(0);
     WorkerMetadata { hostname, ip_address: ip_address.to_string(), cpu_count, memory_bytes, ..Default::default() }
+}
+
+/// A string attribute value.
+pub fn attribute_text(v: &str) -> crate::proto::AttributeValue {
+    crate::proto::AttributeValue { value: Some(crate::proto::attribute_value::Value::StringValue(v.to_string())) }
 }
 
 /// An attribute value from its text: whole numbers become ints, other numbers floats, the

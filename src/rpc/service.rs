@@ -90,6 +90,7 @@ impl WorkerService for WorkerServiceImpl {
             uptime_ms: h.uptime_ms,
             running_tasks: h.running_tasks as i32,
             task_isolation: h.task_isolation,
+            disk_pressure: h.disk_pressure.unwrap_or_default(),
         }))
     }
 }

@@ -6,7 +6,8 @@ use crate::supervisor::files::FileError;
 use crate::task::{TaskError, short};
 
 /// The status for `err`: bad input → INVALID_ARGUMENT naming the field, unknown task →
-/// NOT_FOUND, a duplicate attempt → ALREADY_EXISTS, everything else INTERNAL.
+/// NOT_FOUND, a duplicate attempt → ALREADY_EXISTS, no free port or a full disk →
+/// RESOURCE_EXHAUSTED, everything else INTERNAL.
 ///
 /// Ids are echoed cut short, and no message carries a host path: a failure inside the worker
 /// is told by what failed and the system's reason, the full error (paths included) goes to the
@@ -27,6 +28,8 @@ pub fn to_status(err: TaskError) -> Status {
             format!("Task {} already completed with state TASK_STATE_{}", short(task_id), state.name()),
         ),
         TaskError::PortsExhausted { .. } => (Code::ResourceExhausted, err.to_string()),
+        // "disk: N GiB free on <role> (minimum M GiB)": the filesystem by its role, no path.
+        TaskError::DiskPressure(why) => (Code::ResourceExhausted, why.clone()),
         TaskError::File(FileError::Io { op, source, .. }) => {
             logged(&err);
             let code =

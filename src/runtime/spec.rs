@@ -75,6 +75,11 @@ pub struct LaunchSpec {
     /// `resources.disk_bytes`, enforced by the supervisor.
     #[serde(default)]
     pub disk_limit: Option<DiskLimit>,
+    /// Cache entries the task uses (bundle, venv, image layers, uv's cache for a build): the
+    /// supervisor holds them share-locked until it exits, so no process evicts them while the
+    /// task runs, even across a worker restart.
+    #[serde(default)]
+    pub leases: Vec<crate::cachelock::Lease>,
 }
 
 /// The most the task may keep on disk: the files below `paths` (its workdir, its rootfs'

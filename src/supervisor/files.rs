@@ -32,14 +32,45 @@ pub enum FileError {
     Parse { path: PathBuf, source: serde_json::Error },
 }
 
+/// Room set aside for the exit record (an error message and the final figures fit easily).
+pub const EXIT_RESERVE: u64 = 64 << 10;
+/// Room set aside for a small record (`started.json`, `kill.json`).
+pub const SMALL_RESERVE: u64 = 4 << 10;
+
 /// Writes `value` as JSON to `dir/name` atomically (temp file + rename), readable by root
-/// only: these files hold the task's command line and environment (secrets).
+/// only: these files hold the task's command line and environment (secrets). When room was
+/// set aside for it ([`reserve`]) the temp file is overwritten in place: no new blocks, so the
+/// write lands even on a full disk.
 pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), FileError> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let bytes = serde_json::to_vec_pretty(value).map_err(|source| FileError::Parse { path: path.clone(), source })?;
-    write_private(&tmp, &bytes).map_err(|source| FileError::Io { op: "writing", path: tmp.clone(), source })?;
-    fs::rename(&tmp, &path).map_err(|source| FileError::Io { op: "renaming", path, source })
+    let io_err = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FileError::Io { op, path, source }
+    };
+    match fs::OpenOptions::new().write(true).open(&tmp) {
+        Ok(f) if f.metadata().map(|m| m.len()).unwrap_or(0) >= bytes.len() as u64 => {
+            use std::os::unix::fs::FileExt;
+            f.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE)).map_err(io_err("writing", &tmp))?;
+            f.write_all_at(&bytes, 0).map_err(io_err("writing", &tmp))?;
+            f.set_len(bytes.len() as u64).map_err(io_err("writing", &tmp))?;
+        }
+        _ => write_private(&tmp, &bytes).map_err(io_err("writing", &tmp))?,
+    }
+    fs::rename(&tmp, &path).map_err(io_err("renaming", &path))
+}
+
+/// Sets `bytes` aside on disk for the next write of `dir/name` (its temp file, allocated
+/// now, root's only), so that a record that must not be lost — how the task ended, a kill
+/// request — is written even when the task has filled the disk since. Best effort: a
+/// filesystem without `fallocate` gets a plain write later.
+pub fn reserve(dir: &Path, name: &str, bytes: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let f = fs::OpenOptions::new().create(true).write(true).truncate(false).mode(PRIVATE_FILE_MODE).open(&tmp)?;
+    f.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    nix::fcntl::fallocate(f.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, bytes as i64).map_err(io::Error::from)
 }
 
 /// Mode of the files the worker and the supervisor write about a task (requests, specs,

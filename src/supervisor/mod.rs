@@ -69,6 +69,13 @@ pub fn handled_signals() -> SigSet {
 pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorError> {
     let spec: LaunchSpec =
         files::read_json(task_dir, files::SPEC)?.ok_or_else(|| SupervisorError::NoSpec(task_dir.into()))?;
+    // Room for the records the worker must get, before the task can fill the disk: how the
+    // task ended is written even then.
+    for (name, bytes) in [(files::EXIT, files::EXIT_RESERVE), (files::STARTED, files::SMALL_RESERVE)] {
+        if let Err(e) = files::reserve(task_dir, name, bytes) {
+            tracing::warn!(file = name, error = %e, "setting room aside for a record");
+        }
+    }
     // Orphans of the task are re-parented to us, not to the host's init, so we reap them.
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -113,6 +120,25 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
         let _ = runtime.remove();
         return fail_to_start(task_dir, &spec, e, &mut ready);
     }
+    // The cache entries the task uses stay share-locked until this process exits: no worker
+    // evicts them while the task runs, even if its own worker restarts meanwhile. The worker
+    // holds them already, so none is being evicted now. Taken once the task's processes exist,
+    // so that none of them (the container's init is a fork of this process) holds a copy.
+    let _leases: Vec<_> = spec
+        .leases
+        .iter()
+        .filter_map(|l| match l.take() {
+            Ok(Some(lock)) => Some(lock),
+            Ok(None) => {
+                tracing::warn!(entry = %l.key, "a cache entry of the task is being evicted");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(entry = %l.key, error = %e, "holding a cache entry of the task");
+                None
+            }
+        })
+        .collect();
     files::write_json(task_dir, files::STARTED, &Started { pid: pid.as_raw(), started_at_ms })?;
     notify(&mut ready, "started");
     drop(ready);

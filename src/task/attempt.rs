@@ -52,6 +52,11 @@ pub(crate) struct Attempt {
     bundle: Mutex<Option<crate::bundle::Bundle>>,
     /// Shared locks on cache entries the attempt uses (its venv), released when it ends.
     leases: Mutex<Vec<std::sync::Arc<crate::cachelock::EntryLock>>>,
+    /// The image the attempt runs in: its layers stay pinned until the attempt ends.
+    image: Mutex<Option<crate::env::image::Image>>,
+    /// Every cache entry the attempt uses, for its supervisor to hold and to mark as used when
+    /// the attempt ends (so a long task's entries are not the first to go after it).
+    uses: Mutex<Vec<crate::cachelock::Lease>>,
 }
 
 impl Attempt {
@@ -78,6 +83,8 @@ impl Attempt {
             build: Mutex::new(None),
             bundle: Mutex::new(None),
             leases: Mutex::new(Vec::new()),
+            image: Mutex::new(None),
+            uses: Mutex::new(Vec::new()),
         })
     }
 
@@ -119,8 +126,30 @@ impl Attempt {
         let _ = rx.wait_for(|d| *d).await;
     }
 
+    /// Adds cache entries the attempt uses.
+    pub(super) fn uses(&self, leases: impl IntoIterator<Item = crate::cachelock::Lease>) {
+        let mut uses = lock(&self.uses);
+        for l in leases {
+            if !uses.contains(&l) {
+                uses.push(l);
+            }
+        }
+    }
+
+    /// The cache entries the attempt uses.
+    pub(super) fn leases(&self) -> Vec<crate::cachelock::Lease> {
+        lock(&self.uses).clone()
+    }
+
+    /// Holds the image the attempt runs in (its layers' pins) until the attempt ends.
+    pub(super) fn hold_image(&self, image: &crate::env::image::Image) {
+        self.uses(image.leases());
+        *lock(&self.image) = Some(image.clone());
+    }
+
     /// Records the environment the attempt runs in.
-    pub(super) fn set_build(&self, env: &crate::env::PythonEnv) {
+    pub(super) fn set_build(&self, env: &crate::env::PythonEnv, lease: crate::cachelock::Lease) {
+        self.uses([lease]);
         lock(&self.leases).push(env.lease.clone());
         let tag = format!("venv:{}", &env.key[..16.min(env.key.len())]);
         *lock(&self.build) = Some((env.from_cache, tag));
@@ -132,7 +161,8 @@ impl Attempt {
         *lock(&self.build) = Some((from_cache, tag));
     }
 
-    pub(super) fn hold_bundle(&self, bundle: crate::bundle::Bundle) {
+    pub(super) fn hold_bundle(&self, bundle: crate::bundle::Bundle, lease: crate::cachelock::Lease) {
+        self.uses([lease]);
         *lock(&self.bundle) = Some(bundle);
     }
 
@@ -197,6 +227,10 @@ impl Attempt {
         lock(&inner.ports).release(self.meta.ports.values().copied());
         lock(&self.bundle).take();
         lock(&self.leases).clear();
+        lock(&self.image).take();
+        for used in lock(&self.uses).iter() {
+            used.touch();
+        }
         tracing::info!(task_id = %self.meta.task_id, attempt = self.meta.attempt_id, state = state.name(), "task ended");
         self.emit(inner);
         let _ = self.done.0.send(true);
@@ -411,7 +445,10 @@ async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSpec, previou
         return;
     }
     attempt.set(&inner, TaskState::Building, "preparing the environment");
-    let launch = match super::prepare::prepare(&inner, &attempt, &spec).await {
+    let prepared = super::prepare::prepare(&inner, &attempt, &spec).await;
+    // Whatever the task fetched, built or pulled is in the caches now: the budget looks.
+    inner.janitor.kick();
+    let launch = match prepared {
         Ok(l) => l,
         Err(error) => {
             // An image rootfs may already be mounted when a later step failed.
@@ -499,6 +536,10 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
                 st.started_at_ms = started.map(|s| s.started_at_ms).unwrap_or(0);
             }
             lock(&inner.ports).hold(attempt.meta.ports.values().copied());
+            // Its supervisor holds the cache entries it uses; they are marked used when it ends.
+            if let Ok(Some(spec)) = files::read_json::<crate::runtime::LaunchSpec>(&attempt.dir, files::SPEC) {
+                attempt.uses(spec.leases);
+            }
             let permit = inner.slots.clone().try_acquire_owned().ok();
             tracing::info!(task_id = %attempt.meta.task_id, pid = sup.id.pid, "adopted a running task");
             if let Some(path) = attempt.meta.bundle.clone() {
@@ -507,7 +548,10 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
                 tokio::spawn(async move {
                     match inner.bundle_cache().await {
                         Ok(cache) => match cache.get(&path, None, |_| {}).await {
-                            Ok(bundle) => attempt.hold_bundle(bundle),
+                            Ok(bundle) => {
+                                let lease = inner.bundle_lease(&bundle);
+                                attempt.hold_bundle(bundle, lease)
+                            }
                             Err(e) => tracing::warn!(%path, error = %e, "holding an adopted task's bundle"),
                         },
                         Err(e) => tracing::warn!(error = %e, "opening the bundle cache"),

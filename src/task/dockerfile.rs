@@ -55,6 +55,7 @@ pub(super) async fn prepare(
     attempt.set(inner, TaskState::Building, &format!("building the image from {dockerfile} through BuildKit"));
     let built =
         inner.dockerfile_images.get(store, &context, dockerfile, &attempt.dir).await.map_err(|e| e.to_string())?;
+    inner.janitor.counters().used(crate::cache::Kind::Built, built.from_cache);
     attempt.set_image_build(built.from_cache, format!("dockerfile:{}", &built.key[..16]));
     let reference = crate::env::dockerfile::reference(&built.key);
     super::prepare::launch_in_image(inner, attempt, spec, workdir, store, &built.image, &reference, None)

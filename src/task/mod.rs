@@ -74,6 +74,10 @@ pub enum TaskError {
     Cgroup(#[from] CgroupError),
     #[error("locking the state directory {path}: {reason}")]
     Locked { path: PathBuf, reason: String },
+    /// A filesystem the worker writes to is below the hard threshold (`--min-free-disk`): no
+    /// new task until space returns. The message names the filesystem by role, not by path.
+    #[error("{0}")]
+    DiskPressure(String),
 }
 
 /// How a manager runs tasks.
@@ -106,6 +110,8 @@ pub struct ManagerConfig {
     pub images: crate::env::image::ImageStoreConfig,
     /// Where bundles may come from (`file://` directories, private http hosts).
     pub bundle_sources: crate::bundle::SourcePolicy,
+    /// One budget over every cache, and the disk thresholds (see [`crate::cache`]).
+    pub cache: crate::cache::CacheSettings,
     /// Resource bounds every task gets unless its request says less (see [`Bounds`]).
     pub bounds: Bounds,
     /// Reads a task's `request.pb` back, so a task the worker accepted but had not started
@@ -220,6 +226,8 @@ pub struct Health {
     /// Whether tasks can reach the worker's port (see [`crate::isolation`]); empty until the
     /// server set it up.
     pub task_isolation: String,
+    /// Why new tasks are refused, while a filesystem is below the hard disk threshold.
+    pub disk_pressure: Option<String>,
 }
 
 /// Runs and tracks tasks. Cheap to clone.
@@ -241,6 +249,8 @@ pub(crate) struct Inner {
     dockerfile_images: crate::env::dockerfile::DockerfileImages,
     bundles: tokio::sync::OnceCell<Result<BundleCache, String>>,
     images: tokio::sync::OnceCell<Result<crate::env::image::ImageStore, String>>,
+    /// Keeps every cache within the budget and watches the disk.
+    janitor: Arc<crate::cache::Janitor>,
     started: Instant,
     /// What keeps tasks off the worker's port, as the server set it up.
     isolation: Mutex<Option<crate::isolation::IsolationStatus>>,
@@ -304,7 +314,13 @@ impl TaskManager {
             supervisor_exe: config.supervisor_exe.clone(),
             cgroups: cgroups.clone(),
         });
+        let janitor = crate::cache::Janitor::new(
+            crate::cache::CacheDirs::new(&config.cache_dir, &config.images.dir),
+            config.cache.clone(),
+            &config.state_dir,
+        );
         let inner = Arc::new(Inner {
+            janitor: janitor.clone(),
             venvs,
             #[cfg(feature = "buildkit")]
             dockerfile_images: crate::env::dockerfile::DockerfileImages::new(config.buildkit.clone()),
@@ -325,7 +341,36 @@ impl TaskManager {
         attempt::adopt_all(&inner);
         spawn_sampler(&inner);
         retention::spawn_janitor(&inner);
+        // This process's bundle index forgets what the budget (here or elsewhere) evicted.
+        let weak = Arc::downgrade(&inner);
+        janitor.after_scan(move |entries| {
+            if let Some(inner) = weak.upgrade()
+                && let Some(Ok(bundles)) = inner.bundles.get()
+            {
+                let on_disk =
+                    entries.iter().filter(|e| e.kind == crate::cache::Kind::Bundles).map(|e| e.key.as_str()).collect();
+                bundles.forget_missing(&on_disk);
+            }
+        });
+        janitor.start();
         Ok(TaskManager { inner })
+    }
+
+    /// The caches and the disk as the janitor last saw them, with this process's hits,
+    /// misses and evictions (images: layers reused and unpacked).
+    pub fn cache_status(&self) -> crate::cache::CacheStatus {
+        let mut status = self.inner.janitor.status();
+        let images = self.image_counters();
+        if let Some(k) = status.kinds.iter_mut().find(|k| k.kind == "images") {
+            k.hits = images.layer_hits;
+            k.misses = images.layer_unpacks;
+        }
+        status
+    }
+
+    /// Why a new task would be refused now (a filesystem below the hard disk threshold).
+    pub fn disk_pressure(&self) -> Option<String> {
+        self.inner.janitor.refusal()
     }
 
     /// What the image store has pulled, unpacked and reused since the worker started (zeros
@@ -341,6 +386,11 @@ impl TaskManager {
     /// A higher attempt of a task that still runs kills the old attempt first.
     pub fn run(&self, spec: TaskSpec) -> Result<TaskState, TaskError> {
         validate::validate(&spec)?;
+        // Read now (a few statvfs calls), not from the janitor's last look: a disk that just
+        // filled takes no task.
+        if let Some(why) = self.inner.janitor.refusal() {
+            return Err(TaskError::DiskPressure(why));
+        }
         attempt::accept(&self.inner, spec)
     }
 
@@ -418,6 +468,8 @@ impl TaskManager {
             uptime_ms: self.inner.started.elapsed().as_millis() as i64,
             running_tasks: running,
             task_isolation: lock(&self.inner.isolation).as_ref().map(|s| s.to_string()).unwrap_or_default(),
+            // As the janitor last saw it (every 2 s): RunTask itself reads the disk now.
+            disk_pressure: self.inner.janitor.status().pressure,
         }
     }
 
@@ -559,7 +611,13 @@ impl Inner {
         self.bundles
             .get_or_init(|| async {
                 let dir = self.config.cache_dir.join("bundles");
-                let config = BundleConfig { sources: self.config.bundle_sources.clone(), ..BundleConfig::new(dir) };
+                // The cache budget bounds bundles with the other caches, across processes.
+                let config = BundleConfig {
+                    sources: self.config.bundle_sources.clone(),
+                    max_bytes: u64::MAX,
+                    max_entries: usize::MAX,
+                    ..BundleConfig::new(dir)
+                };
                 BundleCache::new(config).map_err(|e| e.to_string())
             })
             .await
@@ -579,8 +637,20 @@ impl Inner {
         let fetched = FetchedBundle { dir: bundle.path().to_path_buf(), sha256: bundle.sha256().to_string() };
         // The venv is mounted at /app/.venv over the read-only bundle: it needs a mount point.
         let _ = std::fs::create_dir_all(fetched.dir.join(".venv"));
-        attempt.hold_bundle(bundle);
+        self.janitor.counters().used(crate::cache::Kind::Bundles, bundle.from_cache());
+        let lease = self.bundle_lease(&bundle);
+        attempt.hold_bundle(bundle, lease);
         Ok(fetched)
+    }
+
+    /// The lease a task's supervisor holds on `bundle`.
+    fn bundle_lease(&self, bundle: &crate::bundle::Bundle) -> crate::cachelock::Lease {
+        let dir = self.config.cache_dir.join("bundles");
+        crate::cachelock::Lease {
+            record: Some(dir.join(format!("{}.json", bundle.key()))),
+            cache: dir,
+            key: bundle.key().to_string(),
+        }
     }
 
     fn emit(&self, event: TaskEvent) {

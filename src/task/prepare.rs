@@ -84,7 +84,8 @@ async fn prepare_python(
         })
         .await
         .map_err(|e| e.to_string())?;
-    attempt.set_build(&venv);
+    inner.janitor.counters().used(crate::cache::Kind::Venvs, venv.from_cache);
+    attempt.set_build(&venv, venvs.lease_of(&venv.key));
 
     let mut mounts = Vec::new();
     if let Some(bundle) = &bundle_dir {
@@ -153,6 +154,7 @@ pub(super) fn launch_in_image(
     bundle_dir: Option<PathBuf>,
 ) -> Result<LaunchSpec, String> {
     let rootfs = store.mount(image, &attempt.dir).map_err(|e| format!("image {reference:?}: {e}"))?;
+    attempt.hold_image(image);
     let config = &image.config;
     let user = match config.user.as_str() {
         "" | "root" | "0" | "0:0" => None,
@@ -262,6 +264,7 @@ pub(super) fn launch_spec(
         rootfs_overlay: false,
         user: None,
         disk_limit: spec.disk_bytes.map(|bytes| crate::runtime::DiskLimit { bytes, paths: disk_paths }),
+        leases: attempt.leases(),
     }
 }
 

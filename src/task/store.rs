@@ -90,6 +90,10 @@ pub fn create(
         }
         return Err(e);
     }
+    // A kill request must reach the supervisor even after the task filled the disk.
+    if let Err(e) = files::reserve(&dir, files::KILL, files::SMALL_RESERVE) {
+        tracing::warn!(dir = %dir.display(), error = %e, "setting room aside for a kill request");
+    }
     Ok(dir)
 }
 

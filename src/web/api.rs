@@ -199,7 +199,7 @@ pub async fn metrics(State(web): State<Web>) -> Response {
     let text = tokio::task::spawn_blocking(move || {
         let m = &w.inner.manager;
         let tasks = m.list();
-        w.inner.metrics.render(m.worker_id(), m.health().uptime_ms, &tasks, m.image_counters())
+        w.inner.metrics.render(m.worker_id(), m.health().uptime_ms, &tasks, &m.cache_status())
     })
     .await;
     match text {

@@ -13,12 +13,15 @@
 //!   `rpc_duration_seconds{method,code,protocol}`: WorkerService calls over gRPC and Connect,
 //!   from the request to the end of the response body
 //! - `build_duration_seconds`: histogram of the time attempts spent BUILDING
-//! - `cache_hits_total{cache}`, `cache_misses_total{cache}` for `bundles`, `venvs`, `images`:
-//!   venvs are counted from the tasks' build information (each attempt once, when a scrape
-//!   first sees it); images count layers (a hit is a layer already unpacked, a miss one
-//!   pulled and unpacked); bundles are always 0 for now (the bundle cache keeps no counters)
+//! - `cache_hits_total{cache}`, `cache_misses_total{cache}` for `bundles`, `venvs`, `images`,
+//!   `built`: each task's use of a cache entry, found ready or made (images count layers: a
+//!   hit is a layer already unpacked, a miss one pulled and unpacked)
+//! - the caches and the disk (web/cache.rs): `cache_bytes{kind}`, `cache_entries{kind}`,
+//!   `cache_in_use{kind}`, `cache_limit_bytes{limit}`, `cache_evictions_total{kind}`,
+//!   `cache_scan_seconds`, `disk_free_bytes{filesystem}`, `disk_size_bytes{filesystem}`,
+//!   `disk_free_inodes{filesystem}`, `disk_inodes{filesystem}`, `disk_pressure{filesystem}`
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -42,8 +45,8 @@ const METHODS: [&str; 6] = ["RunTask", "GetTaskStatus", "ListTasks", "FetchTaskL
 const RPC_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 /// Upper bounds of the build duration buckets, in seconds.
 const BUILD_BUCKETS: [f64; 12] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0 * 5.0];
-/// The caches whose hits and misses are reported.
-pub const CACHES: [&str; 3] = ["bundles", "venvs", "images"];
+/// The caches whose hits and misses are reported (uv's cache keeps its own).
+pub const CACHES: [&str; 4] = ["bundles", "venvs", "images", "built"];
 /// A cumulative histogram with fixed buckets.
 #[derive(Debug, Clone)]
 struct Histogram {
@@ -90,9 +93,6 @@ struct Figures {
     finished: BTreeMap<&'static str, u64>,
     /// Attempts now BUILDING: (task_id, attempt_id) → when they started.
     building: BTreeMap<(String, i32), Instant>,
-    /// Venv (hits, misses), and the attempts already counted among the tasks listed.
-    venvs: (u64, u64),
-    venvs_counted: HashSet<(String, i32)>,
 }
 
 /// The figures behind `/metrics` that the task manager does not keep.
@@ -154,7 +154,7 @@ impl Metrics {
         worker_id: &str,
         uptime_ms: i64,
         tasks: &[TaskView],
-        images: crate::env::image::ImageCounters,
+        caches: &crate::cache::CacheStatus,
     ) -> String {
         let mut out = String::with_capacity(4096 + tasks.len() * 600);
         family(&mut out, "iris_worker_info", "gauge", "The worker's id and version.");
@@ -177,8 +177,7 @@ impl Metrics {
             let n = tasks.iter().filter(|t| t.state == s).count();
             let _ = writeln!(out, "iris_worker_tasks{{state=\"{}\"}} {n}", s.name());
         }
-        let mut f = lock(&self.figures);
-        count_venvs(&mut f, tasks);
+        let f = lock(&self.figures);
         family(
             &mut out,
             "iris_worker_tasks_finished_total",
@@ -249,47 +248,26 @@ impl Metrics {
             "iris_worker_build_duration_seconds",
             "",
         );
-        let venvs = f.venvs;
         drop(f);
         for (name, what) in [("iris_worker_cache_hits_total", "hits"), ("iris_worker_cache_misses_total", "misses")] {
             family(
                 &mut out,
                 name,
                 "counter",
-                &format!("Environment cache {what} (images: layers; bundles: not counted yet)."),
+                &format!("Cache {what}: a task's entry found ready, or made (images: layers)."),
             );
             for cache in CACHES {
-                let n = match (cache, what) {
-                    ("venvs", "hits") => venvs.0,
-                    ("venvs", _) => venvs.1,
-                    ("images", "hits") => images.layer_hits,
-                    ("images", _) => images.layer_unpacks,
-                    _ => 0,
-                };
+                let k = caches.kinds.iter().find(|k| k.kind == cache);
+                let n = k.map(|k| if what == "hits" { k.hits } else { k.misses }).unwrap_or(0);
                 let _ = writeln!(out, "{name}{{cache=\"{cache}\"}} {n}");
             }
         }
+        super::cache::write_metrics(&mut out, caches);
         out
     }
 }
 
-/// Counts the venvs of attempts not counted yet; forgets attempts no longer listed.
-fn count_venvs(f: &mut Figures, tasks: &[TaskView]) {
-    let listed: HashSet<(String, i32)> = tasks.iter().map(|t| (t.task_id.clone(), t.current_attempt_id)).collect();
-    f.venvs_counted.retain(|k| listed.contains(k));
-    for t in tasks {
-        let Some((from_cache, tag)) = &t.build else { continue };
-        if tag.starts_with("venv:") && f.venvs_counted.insert((t.task_id.clone(), t.current_attempt_id)) {
-            if *from_cache {
-                f.venvs.0 += 1;
-            } else {
-                f.venvs.1 += 1;
-            }
-        }
-    }
-}
-
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+pub(super) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {}", help.replace('\\', "\\\\").replace('\n', "\\n"));
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
@@ -411,34 +389,22 @@ mod tests {
     }
 
     #[test]
-    fn venv_hits_and_misses_count_each_attempt_once() {
-        let view = |id: &str, attempt, build: Option<(bool, &str)>| TaskView {
-            task_id: id.into(),
-            job_id: "j".into(),
-            task_index: 0,
-            state: TaskState::Running,
-            status_message: String::new(),
-            exit_code: 0,
-            error: String::new(),
-            started_at_ms: 0,
-            finished_at_ms: 0,
-            ports: Default::default(),
-            usage: None,
-            build_started_ms: 0,
-            build_finished_ms: 0,
-            build: build.map(|(c, t)| (c, t.to_string())),
-            current_attempt_id: attempt,
-            attempts: vec![],
-        };
+    fn cache_hits_and_misses_come_from_the_cache_status() {
         let m = Metrics::default();
-        let tasks = [view("a", 0, Some((false, "venv:1"))), view("b", 0, Some((true, "venv:1"))), view("c", 0, None)];
-        m.render("w", 1, &tasks, Default::default());
-        let text = m.render("w", 1, &tasks, Default::default());
-        assert!(text.contains("iris_worker_cache_hits_total{cache=\"venvs\"} 1\n"), "{text}");
-        assert!(text.contains("iris_worker_cache_misses_total{cache=\"venvs\"} 1\n"), "{text}");
-        // A new attempt of a is a new build; a's old attempt is no longer listed.
-        let text = m.render("w", 1, &[view("a", 1, Some((true, "venv:1")))], Default::default());
+        let mut caches = crate::cache::CacheStatus::default();
+        let text = m.render("w", 1, &[], &caches);
+        for cache in CACHES {
+            assert!(text.contains(&format!("iris_worker_cache_hits_total{{cache=\"{cache}\"}} 0\n")), "{text}");
+        }
+        caches.kinds.push(crate::cache::janitor::KindStatus {
+            kind: "venvs",
+            hits: 2,
+            misses: 1,
+            ..Default::default()
+        });
+        let text = m.render("w", 1, &[], &caches);
         assert!(text.contains("iris_worker_cache_hits_total{cache=\"venvs\"} 2\n"), "{text}");
+        assert!(text.contains("iris_worker_cache_misses_total{cache=\"venvs\"} 1\n"), "{text}");
         assert!(text.contains("iris_worker_cache_hits_total{cache=\"bundles\"} 0\n"), "{text}");
     }
 
@@ -467,7 +433,7 @@ mod tests {
         m.observe_event(&event(TaskState::Building), t0 + std::time::Duration::from_millis(10));
         m.observe_event(&event(TaskState::Running), t0 + std::time::Duration::from_millis(40));
         m.observe_event(&event(TaskState::Killed), t0 + std::time::Duration::from_secs(1));
-        let text = m.render("w", 1500, &[], Default::default());
+        let text = m.render("w", 1500, &[], &Default::default());
         assert!(text.contains("iris_worker_build_duration_seconds_count 1\n"), "{text}");
         assert!(text.contains("iris_worker_build_duration_seconds_bucket{le=\"0.05\"} 1\n"), "{text}");
         assert!(text.contains("iris_worker_build_duration_seconds_bucket{le=\"0.025\"} 0\n"), "{text}");

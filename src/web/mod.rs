@@ -10,12 +10,14 @@
 //! - [`sse`]: the live updates, `/api/events/tasks` and `/api/events/task/<id>`;
 //! - [`snapshot`]: the list computed once a second for all viewers;
 //! - [`metrics`]: the `/metrics` text and the RPC middleware that counts calls;
+//! - [`cache`]: the caches and the disk: their metrics, and `/api/cache` for the dashboard;
 //! - [`host`]: the host's CPU and memory for the list's header.
 //!
 //! Task ids contain `/`, so routes that take one end with it. Everything that comes from a
 //! task is escaped: server-side with [`escape`], in the pages with `textContent`.
 
 mod api;
+mod cache;
 mod host;
 mod iris;
 mod metrics;
@@ -101,6 +103,7 @@ impl Web {
             .route("/api/logs/{*task_id}", get(api::logs))
             .route("/api/stats/{*task_id}", get(api::stats))
             .route("/api/worker", get(api::worker_figures))
+            .route("/api/cache", get(cache::api))
             .route("/api/events/tasks", get(sse::tasks))
             .route("/api/events/task/{*task_id}", get(sse::task))
             .with_state(self.clone())

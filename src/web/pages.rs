@@ -13,11 +13,12 @@ const INDEX_HTML: &str = include_str!("assets/index.html");
 const TASK_HTML: &str = include_str!("assets/task.html");
 
 /// (name, content type, content) of each asset under `/assets/`.
-const ASSETS: [(&str, &str, &str); 4] = [
+const ASSETS: [(&str, &str, &str); 5] = [
     ("style.css", "text/css; charset=utf-8", include_str!("assets/style.css")),
     ("common.js", "text/javascript; charset=utf-8", include_str!("assets/common.js")),
     ("list.js", "text/javascript; charset=utf-8", include_str!("assets/list.js")),
     ("task.js", "text/javascript; charset=utf-8", include_str!("assets/task.js")),
+    ("cache.js", "text/javascript; charset=utf-8", include_str!("assets/cache.js")),
 ];
 
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \

@@ -100,6 +100,21 @@ impl Worker {
         w
     }
 
+    /// [`Worker::start`] on a state directory the test made (e.g. on a small filesystem of
+    /// its own).
+    pub async fn start_in(name: &str, state: tempfile::TempDir, extra: &[&str]) -> Worker {
+        let mut w = Worker {
+            name: format!("{TEST_PREFIX}{name}-{}", std::process::id()),
+            state,
+            port: 0,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            listen_ip: "127.0.0.1",
+        };
+        w.spawn().await;
+        w
+    }
+
     pub fn state_dir(&self) -> &Path {
         self.state.path()
     }

@@ -5,14 +5,24 @@
 //! On disk, under the store's directory:
 //! ```text
 //! layers/<sha256 hex>/        one layer's tree, in overlayfs's lower-layer form (read-only)
-//! layers/<sha256 hex>.json    its size; the file's mtime is when a task last mounted it
+//! layers/<sha256 hex>.json    its size and files (and, for a built image, its name); the
+//!                             file's mtime is when a task last used it
 //! images/<sha256 of name>.json  a reference → manifest digest, config, layer digests
 //! tmp/                        layers being unpacked; renamed into layers/ when complete
 //! ```
 //! A layer directory exists only complete, so a crash mid-unpack leaves nothing a task could
 //! use. Pulls of one image, and unpacks of one layer, happen once however many tasks ask.
 //! Layers beyond the byte bound are removed oldest-used first, never while an overlay mount
-//! (of any task, any worker) uses them or a pull is about to mount them.
+//! (of any task, any worker) uses them or a pull is about to mount them (a pull holds their
+//! shared locks, and a task's supervisor holds them for the task's life). In a worker the cache
+//! budget ([`crate::cache`]) does this for the store with the other caches, through
+//! [`disk_entries`] and [`evict_layer`].
+//!
+//! The pull policy says when a source is asked again: `missing` (the default) uses what the
+//! store has under the reference, `always` asks the registry (or containerd) which manifest the
+//! tag names now and fetches only the layers the store lacks, `never` never asks and fails at
+//! once when the store lacks the image. A reference pinned by digest (`…@sha256:…`) is taken
+//! from the store whenever it is there; an OCI layout (`oci:`) is always read.
 
 pub mod manifest;
 pub mod overlay;
@@ -20,7 +30,7 @@ pub mod source;
 pub mod unpack;
 pub mod user;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,6 +81,22 @@ pub enum ImageError {
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("mounting the rootfs at {target}: {reason}")]
     Mount { target: PathBuf, reason: String },
+    /// Named by the caller, which says which image it was.
+    #[error("not in this worker's image store, and the pull policy is never (serve --pull)")]
+    NotPresent,
+}
+
+/// When the store asks an image's source again (`serve --pull`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// Pull only what the store does not have under that reference.
+    #[default]
+    Missing,
+    /// Ask which manifest a tag names now, each time; fetch only the layers the store lacks.
+    Always,
+    /// Never pull: an image the store lacks fails its task at once.
+    Never,
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
@@ -91,6 +117,8 @@ pub struct ImageStoreConfig {
     pub max_bytes: u64,
     /// Create the device nodes layers carry (privileged hosts); otherwise they are skipped.
     pub devices: bool,
+    /// When a source is asked again.
+    pub pull: PullPolicy,
 }
 
 /// An image ready to be mounted.
@@ -129,6 +157,12 @@ struct ImageRecord {
 #[derive(Debug, Serialize, Deserialize)]
 struct LayerMeta {
     bytes: u64,
+    /// Files, directories and links (0 in records of older versions).
+    #[serde(default)]
+    files: u64,
+    /// The name of the image built into this layer (`dockerfile@sha256:…`), for a built one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    built: Option<String>,
 }
 
 #[derive(Default)]
@@ -230,28 +264,40 @@ impl ImageStore {
         }
     }
 
-    /// The image `reference` names, pulled and unpacked if the store does not have it.
-    /// A registry tag already in the store is used as it is (like `IfNotPresent`).
+    /// The image `reference` names, by the store's pull policy: from the store, or pulled
+    /// and unpacked (only the layers the store lacks).
     pub async fn pull(&self, reference: &str) -> Result<Image, ImageError> {
         let r = ImageRef::parse(reference)?;
         let flight = self.flight(&format!("image {reference}"));
         let _one = flight.lock().await;
-        if r.cacheable()
+        let policy = self.inner.config.pull;
+        let follows = r.follows_pull_policy();
+        if follows
+            && (policy != PullPolicy::Always || r.is_pinned())
             && let Some(image) = self.find(reference)
         {
-            self.inner.counters.image_hits.fetch_add(1, Ordering::Relaxed);
-            // Each of its layers is reused as it is.
-            self.inner.counters.layer_hits.fetch_add(image.layers.len() as u64, Ordering::Relaxed);
-            return Ok(image);
+            return Ok(self.hit(image));
+        }
+        if follows && policy == PullPolicy::Never {
+            return Err(ImageError::NotPresent);
         }
         let what = source::display(&r);
         let (bytes, media_type, mut digest) = self.inner.sources.top(&r).await?;
         let mut doc = manifest::ManifestDoc::parse(&bytes, &what)?;
-        if doc.is_index(&media_type) {
-            let desc = doc.pick_platform(&what)?;
+        let platform = if doc.is_index(&media_type) { Some(doc.pick_platform(&what)?) } else { None };
+        if let Some(desc) = &platform {
+            digest = desc.digest.clone();
+        }
+        // The tag still names the manifest the store has: nothing to fetch.
+        if follows
+            && let Some(image) = self.find(reference)
+            && image.digest == digest.as_str()
+        {
+            return Ok(self.hit(image));
+        }
+        if let Some(desc) = platform {
             let bytes = self.inner.sources.blob(&r, &desc).await?;
             doc = manifest::ManifestDoc::parse(&bytes, &format!("the linux/amd64 manifest of {what}"))?;
-            digest = desc.digest;
         }
         let (config_desc, layers) = doc.image_parts(&what)?;
         let config = ImageConfig::parse(&self.inner.sources.blob(&r, &config_desc).await?, &what)?;
@@ -275,6 +321,13 @@ impl ImageStore {
         let store = self.clone();
         let _ = tokio::task::spawn_blocking(move || store.evict()).await;
         Ok(image)
+    }
+
+    /// Counts `image` as found in the store, each of its layers reused as it is.
+    fn hit(&self, image: Image) -> Image {
+        self.inner.counters.image_hits.fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.layer_hits.fetch_add(image.layers.len() as u64, Ordering::Relaxed);
+        image
     }
 
     /// An image already in the store under `reference` (pulled or imported), all its layers
@@ -317,7 +370,8 @@ impl ImageStore {
         let pin = self.pin(std::slice::from_ref(&hex));
         let dir = self.layer_dir(&hex);
         if !dir.is_dir() {
-            self.write_layer_meta(&hex, dir_bytes(rootfs.path()))?;
+            let (bytes, files) = crate::cache::tree_size(rootfs.path());
+            self.write_layer_meta(&hex, LayerMeta { bytes, files, built: Some(reference.to_string()) })?;
             match std::fs::rename(rootfs.path(), &dir) {
                 Ok(()) => {
                     let _ = rootfs.keep();
@@ -359,57 +413,52 @@ impl ImageStore {
     }
 
     /// Removes unpacked layers, least recently used first, until the store is within its byte
-    /// bound. Layers in use (mounted by any overlay, or pinned by a pull) stay.
+    /// bound (`max_bytes`; nothing to do when it is `u64::MAX`, as in a worker, whose cache
+    /// budget evicts for every cache). Layers in use (mounted by any overlay, pinned by a pull,
+    /// held by a task's supervisor) stay.
     pub fn evict(&self) {
-        let layers_dir = self.inner.config.dir.join("layers");
-        let Ok(rd) = std::fs::read_dir(&layers_dir) else { return };
-        let mut layers: Vec<(String, u64, SystemTime)> = Vec::new();
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(hex) = name.strip_suffix(".json") else { continue };
-            let Ok(meta) = std::fs::read(e.path()) else { continue };
-            let Ok(meta) = serde_json::from_slice::<LayerMeta>(&meta) else { continue };
-            let used = e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
-            layers.push((hex.to_string(), meta.bytes, used));
-        }
-        let mut total: u64 = layers.iter().map(|l| l.1).sum();
-        if total <= self.inner.config.max_bytes {
+        let max = self.inner.config.max_bytes;
+        if max == u64::MAX {
             return;
         }
-        layers.sort_by_key(|l| l.2);
-        let mut doomed = Vec::new();
-        {
-            // Held until every chosen layer is out of layers/: a pull pins its layers before
-            // it looks for them, so it either pins first (and the layer stays) or finds the
-            // layer gone (and unpacks it again). Mounts are read under the same lock.
-            let pins = lock(&self.inner.pins);
-            let mounted = overlay::lower_dirs_in_use();
-            for (hex, bytes, _) in layers {
-                if total <= self.inner.config.max_bytes {
-                    break;
-                }
-                let dir = self.layer_dir(&hex);
-                if mounted.contains(&dir) || pins.contains_key(&hex) {
-                    continue;
-                }
-                // Nor one another worker process on this store has pinned.
-                let locks = crate::cachelock::EntryLocks::new(&self.inner.config.dir);
-                let Ok(Some(evicting)) = locks.try_exclusive(&hex) else { continue };
-                // Out of layers/ first, so no task ever sees a half-removed layer.
-                let to = self.inner.config.dir.join("tmp").join(format!("evicted-{hex}-{}", std::process::id()));
-                let moved = std::fs::rename(&dir, &to).is_ok();
-                evicting.remove();
-                if moved {
-                    let _ = std::fs::remove_file(dir.with_extension("json"));
-                    doomed.push(to);
-                    total = total.saturating_sub(bytes);
+        let dir = &self.inner.config.dir;
+        let locks = crate::cachelock::EntryLocks::new(dir);
+        let entries: Vec<crate::cache::Entry> = disk_entries(dir, false)
+            .into_iter()
+            .map(|e| crate::cache::Entry {
+                lock: locks.path(&e.key),
+                dev: 0,
+                kind: e.kind,
+                key: e.key,
+                name: e.name,
+                bytes: e.bytes,
+                files: e.files,
+                last_use: e.last_use,
+            })
+            .collect();
+        let mounted = overlay::lower_dirs_in_use();
+        let limit =
+            crate::cache::Limit::bytes("image store", &[crate::cache::Kind::Images, crate::cache::Kind::Built], max);
+        let pins = self.inner.pins.clone();
+        let outcome = crate::cache::budget::enforce(
+            &entries,
+            &[limit],
+            |e| lock(&pins).contains_key(&e.key),
+            |e| match evict_layer(dir, &e.key, &mounted) {
+                Ok(Some(bytes)) => {
                     self.inner.counters.layers_evicted.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(layer = %hex, bytes, "evicted an unused layer");
+                    tracing::info!(layer = %e.key, bytes, "evicted an unused layer");
+                    true
                 }
-            }
-        }
-        for d in doomed {
-            let _ = std::fs::remove_dir_all(&d);
+                Ok(None) => false,
+                Err(err) => {
+                    tracing::warn!(layer = %e.key, error = %err, "evicting a layer");
+                    false
+                }
+            },
+        );
+        if !outcome.evicted.is_empty() {
+            prune_records(dir);
         }
     }
 
@@ -447,9 +496,9 @@ impl ImageStore {
         write_atomic(&path, &json)
     }
 
-    fn write_layer_meta(&self, hex: &str, bytes: u64) -> Result<(), ImageError> {
+    fn write_layer_meta(&self, hex: &str, meta: LayerMeta) -> Result<(), ImageError> {
         let path = self.layer_dir(hex).with_extension("json");
-        let json = serde_json::to_vec(&LayerMeta { bytes })
+        let json = serde_json::to_vec(&meta)
             .map_err(|e| ImageError::Malformed { what: "the layer record".into(), reason: e.to_string() })?;
         write_atomic(&path, &json)
     }
@@ -521,7 +570,7 @@ impl ImageStore {
         std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .map_err(io("chmod", tmp.path()))?;
         // The record first: a layer directory without one would never be counted or evicted.
-        self.write_layer_meta(&hex, unpacked.bytes)?;
+        self.write_layer_meta(&hex, LayerMeta { bytes: unpacked.bytes, files: unpacked.entries, built: None })?;
         match std::fs::rename(tmp.path(), &dir) {
             Ok(()) => {
                 let _ = tmp.keep();
@@ -565,20 +614,137 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
     std::fs::rename(&tmp, path).map_err(io("renaming", &tmp))
 }
 
-/// Bytes of the regular files under `dir` (for the store's bound; hard links counted once
-/// per name, which over-counts a little and errs toward evicting).
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+/// Where layer `hex` of the store at `dir` is unpacked.
+pub fn layer_dir(dir: &Path, hex: &str) -> PathBuf {
+    dir.join("layers").join(hex)
+}
+
+/// The store's layers on disk (pulled ones as `images`, built images as `built`), for the
+/// cache budget. With `tidy`, unpacks and evictions a crash left in `tmp/` go when they are an
+/// hour old (another worker may share the store), and records of layers that are gone too.
+pub(crate) fn disk_entries(dir: &Path, tidy: bool) -> Vec<crate::cache::DiskEntry> {
+    let hour_old = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(3600))
+    };
+    if tidy && let Ok(rd) = std::fs::read_dir(dir.join("tmp")) {
         for e in rd.flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
-                _ => {}
+            if hour_old(&e.path()) {
+                let _ = std::fs::remove_dir_all(e.path());
             }
         }
     }
-    total
+    let Ok(rd) = std::fs::read_dir(dir.join("layers")) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(hex) = name.strip_suffix(".json") else { continue };
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(e.path()) else { continue };
+        let Ok(meta) = serde_json::from_slice::<LayerMeta>(&bytes) else { continue };
+        if !layer_dir(dir, hex).is_dir() {
+            // Written before its layer is renamed into place: only an old one is a leftover.
+            if tidy && hour_old(&e.path()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+            continue;
+        }
+        let last_use = e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+        let (kind, name) = match meta.built {
+            Some(built) => (crate::cache::Kind::Built, built),
+            None => (crate::cache::Kind::Images, format!("sha256:{hex}")),
+        };
+        out.push(crate::cache::DiskEntry {
+            kind,
+            key: hex.to_string(),
+            name,
+            bytes: meta.bytes,
+            files: meta.files.max(1),
+            last_use,
+        });
+    }
+    out
+}
+
+/// Evicts layer `hex` of the store at `dir` unless an overlay mount uses it (`mounted`) or a
+/// process holds it: out of `layers/` first (a rename), so no task ever sees half a layer,
+/// then its record, then deleted. `Ok(None)` when it is in use.
+pub(crate) fn evict_layer(dir: &Path, hex: &str, mounted: &HashSet<PathBuf>) -> std::io::Result<Option<u64>> {
+    let layer = layer_dir(dir, hex);
+    if mounted.contains(&layer) {
+        return Ok(None);
+    }
+    let locks = crate::cachelock::EntryLocks::new(dir);
+    let Some(evicting) = locks.try_exclusive(hex)? else { return Ok(None) };
+    let meta = layer.with_extension("json");
+    let bytes = std::fs::read(&meta)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<LayerMeta>(&b).ok())
+        .map(|m| m.bytes)
+        .unwrap_or(0);
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let to = tmp.join(format!("evicted-{hex}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+    match std::fs::rename(&layer, &to) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let _ = std::fs::remove_file(&meta);
+    evicting.remove();
+    let _ = std::fs::remove_dir_all(&to);
+    Ok(Some(bytes))
+}
+
+/// Removes image records that name a layer the store no longer has (the image is pulled or
+/// built again when a task asks for it).
+pub(crate) fn prune_records(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir.join("images")) else { return };
+    for e in rd.flatten() {
+        if !e.file_name().to_string_lossy().ends_with(".json") {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(e.path()) else { continue };
+        let Ok(record) = serde_json::from_slice::<ImageRecord>(&bytes) else { continue };
+        if record.layers.iter().any(|h| !layer_dir(dir, h).is_dir()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// For each layer of the store at `dir`, the images whose records name it.
+pub fn layer_references(dir: &Path) -> HashMap<String, Vec<String>> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    let Ok(rd) = std::fs::read_dir(dir.join("images")) else { return out };
+    for e in rd.flatten() {
+        let Ok(bytes) = std::fs::read(e.path()) else { continue };
+        let Ok(record) = serde_json::from_slice::<ImageRecord>(&bytes) else { continue };
+        for h in record.layers {
+            out.entry(h).or_default().push(record.reference.clone());
+        }
+    }
+    for refs in out.values_mut() {
+        refs.sort();
+    }
+    out
+}
+
+impl Image {
+    /// The leases a task's supervisor holds on this image's layers (see
+    /// [`crate::cachelock::Lease`]).
+    pub fn leases(&self) -> Vec<crate::cachelock::Lease> {
+        self.layers
+            .iter()
+            .filter_map(|layer| {
+                let store = layer.parent()?.parent()?.to_path_buf();
+                let key = layer.file_name()?.to_string_lossy().into_owned();
+                Some(crate::cachelock::Lease { cache: store, key, record: Some(layer.with_extension("json")) })
+            })
+            .collect()
+    }
 }

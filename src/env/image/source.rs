@@ -52,10 +52,16 @@ impl ImageRef {
         Reference::try_from(s).map(ImageRef::Registry).map_err(|e| bad(&e.to_string()))
     }
 
-    /// Whether a tag already pulled may be used without asking again (registries only: a
-    /// layout or a containerd store is local and cheap to read).
-    pub fn cacheable(&self) -> bool {
-        matches!(self, ImageRef::Registry(_))
+    /// Whether the pull policy applies: registries and containerd are sources the store keeps
+    /// copies of; an OCI layout is a local directory, read each time (it may change in place).
+    pub fn follows_pull_policy(&self) -> bool {
+        !matches!(self, ImageRef::Layout { .. })
+    }
+
+    /// Whether the reference names a manifest by digest (`…@sha256:…`): its content can never
+    /// change, so a copy in the store is always good.
+    pub fn is_pinned(&self) -> bool {
+        matches!(self, ImageRef::Registry(r) if r.digest().is_some())
     }
 }
 

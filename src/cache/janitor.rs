@@ -1,0 +1,309 @@
+//! The worker's cache janitor: keeps the caches within their budget and the disk out of
+//! pressure, off the request path.
+//!
+//! Every [`TICK`] it reads the filesystems (a few `statvfs` calls). It scans the caches and
+//! evicts when a task has just published something ([`Janitor::kick`]), when a filesystem went
+//! below the soft threshold since the last scan, and at least every [`RESCAN`]. A scan lists every
+//! entry of every kind, then [`super::budget::enforce`] evicts the least recently used entries
+//! nobody uses until the total budget, the per-kind overrides and the space each filesystem
+//! under pressure must give back all hold. Its figures feed `/metrics`, the dashboard,
+//! HealthCheck and the heartbeat.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::budget::{self, Limit};
+use super::pressure::{self, Filesystem, Level, Thresholds};
+use super::{Amount, CacheDirs, Counters, Entry, InUse, Kind};
+
+/// How often the filesystems are read.
+pub const TICK: Duration = Duration::from_secs(2);
+/// The longest between two scans.
+pub const RESCAN: Duration = Duration::from_secs(60);
+
+/// The cache budget and the disk thresholds (`serve`'s flags).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    /// `--cache-size`: every kind together, bytes or a share of the cache filesystem.
+    pub size: Amount,
+    /// Overrides for some kinds (`--cache-limit KIND=SIZE`; `--image-cache-size` is images
+    /// and built images together), each bytes or a share of that kind's filesystem.
+    pub limits: Vec<(Vec<Kind>, Amount)>,
+    pub thresholds: Thresholds,
+}
+
+impl Default for CacheSettings {
+    /// 30% of the cache filesystem, no overrides, [`Thresholds::default`].
+    fn default() -> Self {
+        CacheSettings { size: Amount::Percent(30.0), limits: Vec::new(), thresholds: Thresholds::default() }
+    }
+}
+
+/// One kind's figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KindStatus {
+    pub kind: &'static str,
+    pub entries: u64,
+    pub bytes: u64,
+    /// Entries a process holds or a mount uses.
+    pub in_use: u64,
+    /// Its own limit, when it has one.
+    pub limit_bytes: Option<u64>,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+/// A filesystem and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FsStatus {
+    #[serde(flatten)]
+    pub fs: Filesystem,
+    pub level: Level,
+}
+
+/// The caches and the disk, as of the last look.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheStatus {
+    pub kinds: Vec<KindStatus>,
+    pub total_bytes: u64,
+    pub limit_bytes: u64,
+    pub filesystems: Vec<FsStatus>,
+    /// Why new tasks are refused, while a filesystem is below the hard threshold.
+    pub pressure: Option<String>,
+    /// When the caches were last scanned (Unix ms; 0 = not yet) and what it took.
+    pub scanned_at_ms: i64,
+    pub scan_micros: u64,
+}
+
+type AfterScan = Box<dyn Fn(&[Entry]) + Send + Sync>;
+
+/// Keeps the caches within budget. Shared by the task manager (which kicks it and asks it
+/// whether to refuse tasks) and the web side (which shows its figures).
+pub struct Janitor {
+    dirs: CacheDirs,
+    settings: CacheSettings,
+    watch: Vec<(&'static str, PathBuf)>,
+    status: Mutex<CacheStatus>,
+    kick: Arc<Notify>,
+    counters: Counters,
+    after_scan: Mutex<Option<AfterScan>>,
+    /// When the last scan ran, and the worst level seen then.
+    last_scan: Mutex<Option<(Instant, Level)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pass {
+    pub scanned: bool,
+    pub evicted: Vec<(Kind, String)>,
+    pub freed_bytes: u64,
+}
+
+impl Janitor {
+    /// A janitor for the caches in `dirs` of a worker whose state dir is `state_dir`.
+    pub fn new(dirs: CacheDirs, settings: CacheSettings, state_dir: &Path) -> Arc<Janitor> {
+        let watch = pressure::watched(state_dir, &dirs.cache, &dirs.images);
+        Arc::new(Janitor {
+            dirs,
+            settings,
+            watch,
+            status: Mutex::default(),
+            kick: Arc::new(Notify::new()),
+            counters: Counters::default(),
+            after_scan: Mutex::new(None),
+            last_scan: Mutex::new(None),
+        })
+    }
+
+    /// Runs the janitor on this tokio runtime until the janitor is dropped.
+    pub fn start(self: &Arc<Self>) {
+        let weak: Weak<Janitor> = Arc::downgrade(self);
+        let kick = self.kick.clone();
+        self.kick();
+        tokio::spawn(async move {
+            loop {
+                // Only the notifier is held while waiting: a dropped janitor ends the loop.
+                let kicked = tokio::select! {
+                    _ = kick.notified() => true,
+                    _ = tokio::time::sleep(TICK) => false,
+                };
+                let Some(me) = weak.upgrade() else { return };
+                if let Err(e) = tokio::task::spawn_blocking(move || me.pass(kicked)).await {
+                    tracing::warn!(error = %e, "the cache janitor's pass failed");
+                }
+            }
+        });
+    }
+
+    /// Asks for a scan soon: something was just added to a cache.
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn dirs(&self) -> &CacheDirs {
+        &self.dirs
+    }
+
+    /// Runs `f` with every entry after each scan (the in-process caches forget what another
+    /// process or the janitor evicted).
+    pub fn after_scan(&self, f: impl Fn(&[Entry]) + Send + Sync + 'static) {
+        *lock(&self.after_scan) = Some(Box::new(f));
+    }
+
+    /// Why a new task is refused now, if a filesystem is below the hard threshold (read now:
+    /// a few `statvfs` calls).
+    pub fn refusal(&self) -> Option<String> {
+        self.settings.thresholds.refusal_of(&pressure::read(&self.watch))
+    }
+
+    /// The last figures, with this process's counters.
+    pub fn status(&self) -> CacheStatus {
+        let mut s = lock(&self.status).clone();
+        if s.kinds.is_empty() {
+            s.kinds = Kind::ALL.iter().map(|k| KindStatus { kind: k.name(), ..Default::default() }).collect();
+        }
+        for k in &mut s.kinds {
+            if let Ok(kind) = Kind::parse(k.kind) {
+                (k.hits, k.misses, k.evictions) = self.counters.get(kind);
+            }
+        }
+        s
+    }
+
+    /// One look: reads the filesystems, and scans and evicts when due (`kicked`, pressure
+    /// that rose since the last scan, or [`RESCAN`] passed). Blocking.
+    pub fn pass(&self, kicked: bool) -> Pass {
+        let filesystems = pressure::read(&self.watch);
+        let t = &self.settings.thresholds;
+        let worst = filesystems.iter().map(|f| t.level(f)).max().unwrap_or(Level::Ok);
+        let due = kicked
+            || match *lock(&self.last_scan) {
+                None => true,
+                Some((at, level)) => at.elapsed() >= RESCAN || worst > level,
+            };
+        let mut pass = Pass::default();
+        if due {
+            pass = self.scan_and_evict(&filesystems);
+            *lock(&self.last_scan) = Some((Instant::now(), worst));
+        }
+        let filesystems = if pass.freed_bytes > 0 { pressure::read(&self.watch) } else { filesystems };
+        let mut status = lock(&self.status);
+        status.pressure = t.refusal_of(&filesystems);
+        status.filesystems = filesystems.into_iter().map(|fs| FsStatus { level: t.level(&fs), fs }).collect();
+        pass
+    }
+
+    /// The limits now: the total, the overrides, and what each filesystem under pressure must
+    /// give back.
+    fn limits(&self, entries: &[Entry], filesystems: &[Filesystem]) -> Vec<Limit> {
+        let size_of = |path: &Path| {
+            let dev = super::dev_of(path);
+            filesystems.iter().find(|f| f.dev == dev).map(|f| f.size_bytes).unwrap_or_else(|| {
+                nix::sys::statvfs::statvfs(path).map(|s| s.blocks() * s.fragment_size()).unwrap_or(u64::MAX)
+            })
+        };
+        let mut limits = vec![Limit::bytes("total", &Kind::ALL, self.settings.size.of(size_of(&self.dirs.cache)))];
+        for (kinds, amount) in &self.settings.limits {
+            let home = kinds.first().map(|k| self.dirs.home(*k)).unwrap_or_else(|| self.dirs.cache.clone());
+            let name = kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join("+");
+            limits.push(Limit::bytes(name, kinds, amount.of(size_of(&home))));
+        }
+        for fs in filesystems {
+            let Some((bytes, inodes)) = self.settings.thresholds.shortfall(fs) else { continue };
+            let on: Vec<&Entry> = entries.iter().filter(|e| e.dev == fs.dev).collect();
+            if on.is_empty() {
+                continue;
+            }
+            let (have_bytes, have_files) = on.iter().fold((0u64, 0u64), |(b, f), e| (b + e.bytes, f + e.files));
+            limits.push(Limit {
+                name: format!("free space on {}", fs.name),
+                kinds: Kind::ALL.to_vec(),
+                dev: Some(fs.dev),
+                max_bytes: have_bytes.saturating_sub(bytes),
+                max_files: if inodes > 0 { have_files.saturating_sub(inodes) } else { u64::MAX },
+            });
+        }
+        limits
+    }
+
+    fn scan_and_evict(&self, filesystems: &[Filesystem]) -> Pass {
+        let started = Instant::now();
+        let entries = super::scan(&self.dirs, true);
+        let limits = self.limits(&entries, filesystems);
+        let in_use = InUse::now();
+        let mut kinds_evicted = HashSet::new();
+        let outcome = budget::enforce(
+            &entries,
+            &limits,
+            |e| in_use.contains(&self.dirs, e),
+            |e| match super::evict(&self.dirs, e, in_use.mounts()) {
+                Ok(Some(_)) => {
+                    self.counters.evicted(e.kind);
+                    kinds_evicted.insert(e.kind);
+                    tracing::info!(kind = e.kind.name(), entry = %e.name, bytes = e.bytes, "evicted from the cache");
+                    true
+                }
+                Ok(None) => false,
+                Err(err) => {
+                    tracing::warn!(kind = e.kind.name(), entry = %e.name, error = %err, "evicting from the cache");
+                    false
+                }
+            },
+        );
+        super::after_evictions(&self.dirs, &kinds_evicted);
+        if !outcome.still_over.is_empty() {
+            tracing::debug!(limits = ?outcome.still_over, "cache limits still over: the rest is in use");
+        }
+        let gone: HashSet<usize> = outcome.evicted.iter().copied().collect();
+        let kept: Vec<Entry> =
+            entries.iter().enumerate().filter(|(i, _)| !gone.contains(i)).map(|(_, e)| e.clone()).collect();
+        if let Some(f) = lock(&self.after_scan).as_ref() {
+            f(&kept);
+        }
+        let mut kinds: Vec<KindStatus> = Kind::ALL
+            .iter()
+            .map(|k| KindStatus {
+                kind: k.name(),
+                limit_bytes: limits.iter().find(|l| l.dev.is_none() && l.kinds == [*k]).map(|l| l.max_bytes),
+                ..Default::default()
+            })
+            .collect();
+        for e in &kept {
+            let k = &mut kinds[e.kind as usize];
+            k.entries += 1;
+            k.bytes += e.bytes;
+            k.in_use += u64::from(in_use.contains(&self.dirs, e));
+        }
+        let images = limits.iter().find(|l| l.kinds == [Kind::Images, Kind::Built]).map(|l| l.max_bytes);
+        for k in kinds.iter_mut().filter(|k| k.kind == "images" || k.kind == "built") {
+            k.limit_bytes = k.limit_bytes.or(images);
+        }
+        let mut status = lock(&self.status);
+        status.total_bytes = kinds.iter().map(|k| k.bytes).sum();
+        status.limit_bytes = limits[0].max_bytes;
+        status.kinds = kinds;
+        status.scanned_at_ms = crate::supervisor::files::now_ms();
+        status.scan_micros = started.elapsed().as_micros() as u64;
+        Pass {
+            scanned: true,
+            evicted: outcome.evicted.iter().map(|&i| (entries[i].kind, entries[i].name.clone())).collect(),
+            freed_bytes: outcome.bytes,
+        }
+    }
+}

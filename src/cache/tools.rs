@@ -1,0 +1,114 @@
+//! The operator's tools: `iris-worker cache ls` (every entry with its size, last use and who
+//! holds it) and `iris-worker cache prune` (removes what nobody uses, says what it freed). Both
+//! work on the directories directly, beside running workers: a prune takes each entry's
+//! exclusive lock with `try_exclusive`, so what any task uses stays.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use super::{CacheDirs, Entry, InUse, Kind};
+
+/// An entry and who uses it now.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub entry: Entry,
+    /// Who holds it: `task j/task-0`, `worker pid N`, `an overlay mount`.
+    pub holders: Vec<String>,
+    /// For image layers: the images that name them.
+    pub images: Vec<String>,
+}
+
+/// Every entry of `kinds` (all when empty), least recently used first.
+pub fn list(dirs: &CacheDirs, kinds: &[Kind]) -> Vec<Listed> {
+    let in_use = InUse::now();
+    let mut entries: Vec<Entry> =
+        super::scan(dirs, false).into_iter().filter(|e| kinds.is_empty() || kinds.contains(&e.kind)).collect();
+    entries.sort_by_key(|e| e.last_use);
+    let references = crate::env::image::layer_references(&dirs.images);
+    entries
+        .into_iter()
+        .map(|entry| {
+            let holders = holders_of(dirs, &in_use, &entry);
+            let images = references.get(&entry.key).cloned().unwrap_or_default();
+            Listed { entry, holders, images }
+        })
+        .collect()
+}
+
+fn holders_of(dirs: &CacheDirs, in_use: &InUse, e: &Entry) -> Vec<String> {
+    let mut who: Vec<String> = in_use.pids(e).into_iter().map(super::holders::describe).collect();
+    who.sort();
+    who.dedup();
+    if in_use.mounted_layer(dirs, e) && !who.iter().any(|w| w.starts_with("task ")) {
+        who.push("an overlay mount".into());
+    }
+    who
+}
+
+/// What to prune.
+#[derive(Debug, Clone, Default)]
+pub struct PruneRequest {
+    /// Only these kinds (all when empty).
+    pub kinds: Vec<Kind>,
+    /// Only entries not used for this long.
+    pub older_than: Option<Duration>,
+}
+
+/// What a prune did.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    pub removed: Vec<Entry>,
+    /// Chosen but in use (by whom): never removed.
+    pub in_use: Vec<Listed>,
+}
+
+impl Pruned {
+    /// Freed bytes by kind.
+    pub fn by_kind(&self) -> BTreeMap<Kind, (u64, u64)> {
+        let mut out: BTreeMap<Kind, (u64, u64)> = BTreeMap::new();
+        for e in &self.removed {
+            let k = out.entry(e.kind).or_default();
+            k.0 += 1;
+            k.1 += e.bytes;
+        }
+        out
+    }
+}
+
+/// Removes every entry `req` chooses that no process uses, least recently used first.
+pub fn prune(dirs: &CacheDirs, req: &PruneRequest) -> Pruned {
+    let now = SystemTime::now();
+    let mut chosen: Vec<Entry> = super::scan(dirs, true)
+        .into_iter()
+        .filter(|e| req.kinds.is_empty() || req.kinds.contains(&e.kind))
+        .filter(|e| req.older_than.is_none_or(|age| now.duration_since(e.last_use).is_ok_and(|d| d >= age)))
+        .collect();
+    chosen.sort_by_key(|e| e.last_use);
+    let in_use = InUse::now();
+    let mut out = Pruned::default();
+    let mut kinds = HashSet::new();
+    for e in chosen {
+        let busy = in_use.contains(dirs, &e);
+        let gone = !busy
+            && match super::evict(dirs, &e, in_use.mounts()) {
+                Ok(Some(_)) => true,
+                Ok(None) => false,
+                Err(err) => {
+                    tracing::warn!(kind = e.kind.name(), entry = %e.name, error = %err, "pruning");
+                    false
+                }
+            };
+        if gone {
+            kinds.insert(e.kind);
+            out.removed.push(e);
+        } else {
+            let mut holders = holders_of(dirs, &InUse::now(), &e);
+            if holders.is_empty() {
+                holders.push("another process".into());
+            }
+            out.in_use.push(Listed { entry: e, holders, images: Vec::new() });
+        }
+    }
+    super::after_evictions(dirs, &kinds);
+    out
+}

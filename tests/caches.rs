@@ -263,6 +263,20 @@ async fn the_budget_holds_while_50_bundles_venvs_and_images_are_used() {
     assert!(evicted >= 20.0, "{evicted} evictions");
     assert!(metric(&w.addr(), "iris_worker_cache_bytes{kind=\"venvs\"}") > 0.0);
     assert!(metric(&w.addr(), "iris_worker_cache_limit_bytes{limit=\"total\"}") == budget as f64);
+    let free = metric(&w.addr(), "iris_worker_disk_free_bytes{filesystem=\"cache/images\"}");
+    assert!(free > 200.0 * MIB as f64, "{free}");
+    // The dashboard's cache panel reads /api/cache: the same figures.
+    let api: serde_json::Value = serde_json::from_str(&get(&w.addr(), "/api/cache")).unwrap();
+    let venvs = api["kinds"].as_array().unwrap().iter().find(|k| k["kind"] == "venvs").unwrap().clone();
+    assert_eq!(venvs["bytes"].as_f64(), Some(metric(&w.addr(), "iris_worker_cache_bytes{kind=\"venvs\"}")), "{api}");
+    assert!(venvs["evictions"].as_u64().unwrap() > 0 && venvs["misses"].as_u64().unwrap() == 25, "{api}");
+    assert_eq!(api["limitBytes"].as_u64(), Some(budget), "{api}");
+    let disk = api["filesystems"].as_array().unwrap().iter().find(|f| f["name"] == "cache/images").unwrap();
+    assert_eq!(disk["level"], "ok", "{api}");
+    assert!(api["pressure"].is_null(), "{api}");
+    let page = get(&w.addr(), "/");
+    assert!(page.contains("id=\"cache-kinds\"") && page.contains("/assets/cache.js"), "{page}");
+    assert!(get(&w.addr(), "/assets/cache.js").contains("fetch(\"/api/cache\""));
     // The first task's bundle and venv are long gone: running it again costs a fetch and a
     // build, never a failure.
     let out = run(&mut c, python_task("budget/again", &first_bundle, "import cloudpickle; print('again')")).await;

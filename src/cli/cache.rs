@@ -99,7 +99,11 @@ fn ls_text(listed: &[tools::Listed], now: SystemTime) -> String {
     for l in listed {
         let e = &l.entry;
         let age = now.duration_since(e.last_use).map(human_age).unwrap_or_else(|_| "now".into());
-        let mut name = e.name.clone();
+        // A layer's digest is long and says little: its images say more.
+        let mut name = match e.name.strip_prefix("sha256:") {
+            Some(hex) if hex.len() > 12 => format!("sha256:{}…", &hex[..12]),
+            _ => e.name.clone(),
+        };
         if !l.images.is_empty() {
             name = format!("{name} ({})", l.images.join(", "));
         }
@@ -165,7 +169,7 @@ mod tests {
                 images: vec![],
             },
             tools::Listed {
-                entry: entry(Kind::Images, "sha256:ab", 5 << 20, 60, now),
+                entry: entry(Kind::Images, &format!("sha256:{}", "ab".repeat(32)), 5 << 20, 60, now),
                 holders: vec![],
                 images: vec!["reg/busybox:1".into()],
             },
@@ -174,7 +178,7 @@ mod tests {
         assert!(text.contains("venvs          1   120 MiB      1\n"), "{text}");
         assert!(text.contains("venvs          3d   120 MiB  venv:0123456789abcdef"), "{text}");
         assert!(text.contains("task j/task-0\n"), "{text}");
-        assert!(text.contains("sha256:ab (reg/busybox:1)"), "{text}");
+        assert!(text.contains("sha256:abababababab… (reg/busybox:1)"), "{text}");
         let pruned = tools::Pruned {
             removed: vec![
                 entry(Kind::Bundles, "file:///a.zip", 2 << 20, 9, now),

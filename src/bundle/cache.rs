@@ -41,7 +41,7 @@ pub(crate) struct Entry {
 }
 
 /// The record beside a bundle's directory.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
     path: String,
     sha256: String,
@@ -103,51 +103,57 @@ fn private_tmp(root: &Path, locks: &EntryLocks, what: &str) -> io::Result<(PathB
 /// With `tidy`, a bad record, and a directory without its record, go when nobody holds their
 /// lock (a publisher holds it between the directory's rename and the record's).
 fn read_records(root: &Path, locks: &EntryLocks, tidy: bool) -> io::Result<Vec<(Option<SystemTime>, Entry)>> {
-    let mut found = Vec::new();
-    let mut dirs = Vec::new();
+    static RECORDS: crate::cache::Records<Record> = crate::cache::Records::new();
+    let mut records = Vec::new();
+    let mut dirs = std::collections::HashMap::new();
     for item in fs::read_dir(root)? {
         let item = item?;
         let name = item.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') {
             continue;
         }
-        if let Some(key) = name.strip_suffix(".json") {
-            let record = fs::read(item.path()).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok());
-            let dir = root.join(key);
-            match record {
-                Some(r) if dir.is_dir() && key_for(&r.path) == key => {
-                    let age = item.metadata().and_then(|m| m.modified()).ok();
-                    found.push((
-                        age,
-                        Entry {
-                            key: key.to_owned(),
-                            source: r.path,
-                            dir,
-                            sha256: r.sha256,
-                            bytes: r.bytes,
-                            entries: r.entries,
-                        },
-                    ));
-                }
-                _ if tidy => {
-                    // Unless another process is publishing it right now.
-                    if let Some(_quiet) = locks.try_exclusive(key)? {
-                        let _ = fs::remove_file(item.path());
-                    }
-                }
-                _ => {}
+        match name.strip_suffix(".json") {
+            Some(key) => records.push((key.to_owned(), item)),
+            None => {
+                let is_dir = item.file_type().is_ok_and(|t| t.is_dir());
+                dirs.insert(name, (item.path(), is_dir));
             }
-        } else {
-            dirs.push((name, item.path()));
         }
     }
+    let mut found = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (key, item) in records {
+        let path = item.path();
+        let meta = item.metadata().ok();
+        let record = meta.as_ref().and_then(|m| RECORDS.get(&path, m, |b| serde_json::from_slice::<Record>(b).ok()));
+        seen.insert(path.clone());
+        match record {
+            Some(r) if dirs.get(&key).is_some_and(|(_, d)| *d) && key_for(&r.path) == key => {
+                let age = meta.and_then(|m| m.modified().ok());
+                let dir = root.join(&key);
+                found.push((
+                    age,
+                    Entry { key, source: r.path, dir, sha256: r.sha256, bytes: r.bytes, entries: r.entries },
+                ));
+            }
+            _ if tidy => {
+                // Unless another process is publishing it right now.
+                if let Some(_quiet) = locks.try_exclusive(&key)? {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+            _ => {}
+        }
+    }
+    RECORDS.keep_only(root, &seen);
     if tidy {
-        for (name, path) in dirs {
-            if !found.iter().any(|(_, e)| e.key == name)
-                && let Some(_quiet) = locks.try_exclusive(&name)?
+        let recorded: std::collections::HashSet<&str> = found.iter().map(|(_, e)| e.key.as_str()).collect();
+        for (name, (path, is_dir)) in &dirs {
+            if !recorded.contains(name.as_str())
+                && let Some(_quiet) = locks.try_exclusive(name)?
                 && !root.join(format!("{name}.json")).exists()
             {
-                let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+                let removed = if *is_dir { fs::remove_dir_all(path) } else { fs::remove_file(path) };
                 match removed {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                     _ => {}

@@ -40,6 +40,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use futures::FutureExt;
 use tokio::sync::watch;
 
+#[cfg(test)]
+pub(crate) use cache::key_for as cache_key;
 use cache::{Disk, Entry, Index, Lookup, key_for};
 pub(crate) use cache::{disk_entries, evict_on_disk};
 pub use extract::{ExtractError, ExtractLimits, Extracted, RATIO_FLOOR, extract};

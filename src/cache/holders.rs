@@ -56,6 +56,25 @@ impl Held {
     pub fn holds(&self, lock: &Path) -> bool {
         !self.pids(lock).is_empty()
     }
+
+    /// The lock files in the `.locks/` directory `dir` that some process holds, found by the
+    /// inodes `read_dir` gives (no stat per file: a cache may have tens of thousands).
+    pub fn held_in(&self, dir: &Path) -> std::collections::HashSet<std::path::PathBuf> {
+        use std::os::unix::fs::DirEntryExt;
+        let mut out = std::collections::HashSet::new();
+        let Ok(m) = std::fs::metadata(dir) else { return out };
+        let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
+        if self.by_file.keys().all(|(ma, mi, _)| (*ma, *mi) != (major, minor)) {
+            return out;
+        }
+        let Ok(rd) = std::fs::read_dir(dir) else { return out };
+        for e in rd.flatten() {
+            if self.by_file.contains_key(&(major, minor, e.ino())) {
+                out.insert(e.path());
+            }
+        }
+        out
+    }
 }
 
 /// Who process `pid` is, for an operator: `task j/task-0` for a task's supervisor (or its
@@ -108,6 +127,7 @@ mod tests {
         let lease = locks.shared("k").unwrap();
         let me = std::process::id() as i32;
         assert_eq!(Held::read().pids(&path), vec![me]);
+        assert_eq!(Held::read().held_in(&dir.path().join(".locks")), [path.clone()].into());
         assert!(describe(me).starts_with("pid ") || describe(me).starts_with("worker"), "{}", describe(me));
         drop(lease);
         assert!(!Held::read().holds(&path));

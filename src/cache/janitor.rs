@@ -2,8 +2,10 @@
 //! pressure, off the request path.
 //!
 //! Every [`TICK`] it reads the filesystems (a few `statvfs` calls). It scans the caches and
-//! evicts when a task has just published something ([`Janitor::kick`]), when a filesystem went
-//! below the soft threshold since the last scan, and at least every [`RESCAN`]. A scan lists every
+//! evicts when a task has just published something ([`Janitor::kick`]; kicks that come faster
+//! than twenty times what a scan takes wait for the next tick, so scanning costs at most about
+//! 5% of a core however fast tasks start), when a filesystem went below the soft threshold
+//! since the last scan, and at least every [`RESCAN`]. A scan lists every
 //! entry of every kind, then [`super::budget::enforce`] evicts the least recently used entries
 //! nobody uses until the total budget, the per-kind overrides and the space each filesystem
 //! under pressure must give back all hold. Its figures feed `/metrics`, the dashboard,
@@ -95,8 +97,10 @@ pub struct Janitor {
     kick: Arc<Notify>,
     counters: Counters,
     after_scan: Mutex<Option<AfterScan>>,
-    /// When the last scan ran, and the worst level seen then.
-    last_scan: Mutex<Option<(Instant, Level)>>,
+    /// When the last scan ran, the worst level after it, and what it took.
+    last_scan: Mutex<Option<(Instant, Level, Duration)>>,
+    /// A kick not acted on yet (it came too soon after a scan).
+    pending: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -124,6 +128,7 @@ impl Janitor {
             counters: Counters::default(),
             after_scan: Mutex::new(None),
             last_scan: Mutex::new(None),
+            pending: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -189,20 +194,43 @@ impl Janitor {
     /// One look: reads the filesystems, and scans and evicts when due (`kicked`, pressure
     /// that rose since the last scan, or [`RESCAN`] passed). Blocking.
     pub fn pass(&self, kicked: bool) -> Pass {
+        self.look(kicked, false)
+    }
+
+    /// A scan and its evictions now, whenever the last one was (benchmarks, tests). Blocking.
+    pub fn scan_now(&self) -> Pass {
+        self.look(false, true)
+    }
+
+    fn look(&self, kicked: bool, force: bool) -> Pass {
         let filesystems = pressure::read(&self.watch);
         let t = &self.settings.thresholds;
         let worst = filesystems.iter().map(|f| t.level(f)).max().unwrap_or(Level::Ok);
-        let due = kicked
+        use std::sync::atomic::Ordering::Relaxed;
+        if kicked {
+            self.pending.store(true, Relaxed);
+        }
+        let due = force
             || match *lock(&self.last_scan) {
                 None => true,
-                Some((at, level)) => at.elapsed() >= RESCAN || worst > level,
+                Some((at, level, took)) => {
+                    let gap = (took * 20).clamp(Duration::from_secs(1), Duration::from_secs(30));
+                    (self.pending.load(Relaxed) && at.elapsed() >= gap) || at.elapsed() >= RESCAN || worst > level
+                }
             };
         let mut pass = Pass::default();
+        let started = Instant::now();
         if due {
+            self.pending.store(false, Relaxed);
             pass = self.scan_and_evict(&filesystems);
-            *lock(&self.last_scan) = Some((Instant::now(), worst));
         }
         let filesystems = if pass.freed_bytes > 0 { pressure::read(&self.watch) } else { filesystems };
+        if due {
+            // Where the disk stands after this scan's evictions: pressure that rises from
+            // there (the disk filling again) is worth another scan at once.
+            let after = filesystems.iter().map(|f| t.level(f)).max().unwrap_or(Level::Ok);
+            *lock(&self.last_scan) = Some((Instant::now(), after, started.elapsed()));
+        }
         let mut status = lock(&self.status);
         status.pressure = t.refusal_of(&filesystems);
         status.filesystems = filesystems.into_iter().map(|fs| FsStatus { level: t.level(&fs), fs }).collect();
@@ -246,7 +274,7 @@ impl Janitor {
         let started = Instant::now();
         let entries = super::scan(&self.dirs, true);
         let limits = self.limits(&entries, filesystems);
-        let in_use = InUse::now();
+        let in_use = InUse::now(&self.dirs);
         let mut kinds_evicted = HashSet::new();
         let outcome = budget::enforce(
             &entries,
@@ -305,5 +333,71 @@ impl Janitor {
             evicted: outcome.evicted.iter().map(|&i| (entries[i].kind, entries[i].name.clone())).collect(),
             freed_bytes: outcome.bytes,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cachelock::EntryLocks;
+    use std::time::SystemTime;
+
+    /// An entry of `kind` in its cache's on-disk format, 4 KiB, last used `age_s` ago.
+    fn entry(dirs: &CacheDirs, kind: Kind, n: u32, age_s: u64) -> String {
+        let (dir, record, json) = match kind {
+            Kind::Bundles => {
+                let path = format!("file:///b{n}.zip");
+                let key = crate::bundle::cache_key(&path);
+                let json = serde_json::json!({"path": path, "sha256": "00", "bytes": 4096, "entries": 1});
+                (dirs.bundles().join(&key), dirs.bundles().join(format!("{key}.json")), json)
+            }
+            Kind::Venvs => {
+                let key = format!("{n:064x}");
+                let json = serde_json::json!({"bytes": 4096, "files": 2});
+                (dirs.venvs().join(&key), dirs.venvs().join(format!("{key}.json")), json)
+            }
+            _ => unreachable!("not used here"),
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("f"), [0u8; 4096]).unwrap();
+        std::fs::write(dir.join(".iris-complete"), "").unwrap();
+        std::fs::write(&record, json.to_string()).unwrap();
+        let when = SystemTime::now() - Duration::from_secs(age_s);
+        std::fs::File::options().append(true).open(&record).unwrap().set_modified(when).unwrap();
+        dir.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn a_pass_evicts_the_least_recently_used_idle_entries_down_to_the_budget() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = CacheDirs::new(tmp.path().join("cache"), tmp.path().join("cache/images"));
+        let oldest_bundle = entry(&dirs, Kind::Bundles, 1, 500);
+        let old_venv = entry(&dirs, Kind::Venvs, 2, 400);
+        let held_venv = entry(&dirs, Kind::Venvs, 3, 300);
+        let newer_bundle = entry(&dirs, Kind::Bundles, 4, 200);
+        let newest_venv = entry(&dirs, Kind::Venvs, 5, 100);
+        // Room for two entries; the oldest venv but one is held by a "task" of another process.
+        let settings = CacheSettings { size: Amount::Bytes(2 * 4096), ..CacheSettings::default() };
+        let janitor = Janitor::new(dirs.clone(), settings, &tmp.path().join("state"));
+        let lease = EntryLocks::new(&dirs.venvs()).shared(&held_venv).unwrap();
+        let pass = janitor.pass(true);
+        assert!(pass.scanned);
+        let gone: Vec<&str> = pass.evicted.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(gone, ["file:///b1.zip", &format!("venv:{}", &old_venv[..16]), "file:///b4.zip"]);
+        assert!(!dirs.bundles().join(&oldest_bundle).exists() && !dirs.bundles().join(&newer_bundle).exists());
+        assert!(dirs.venvs().join(&held_venv).exists() && dirs.venvs().join(&newest_venv).exists());
+        let status = janitor.status();
+        let venvs = status.kinds.iter().find(|k| k.kind == "venvs").unwrap();
+        assert_eq!((venvs.entries, venvs.bytes, venvs.in_use, venvs.evictions), (2, 8192, 1, 1));
+        assert_eq!(status.limit_bytes, 8192);
+        // A kick right after a scan waits (scans are spaced); the next look does it.
+        entry(&dirs, Kind::Bundles, 6, 50);
+        assert!(!janitor.pass(true).scanned, "too soon after the last scan");
+        drop(lease);
+        *lock(&janitor.last_scan) = Some((Instant::now() - Duration::from_secs(5), Level::Ok, Duration::ZERO));
+        let pass = janitor.pass(false);
+        assert!(pass.scanned, "the kick was remembered");
+        assert_eq!(pass.evicted.len(), 1, "the venv no longer held, the oldest: {pass:?}");
+        assert!(!dirs.venvs().join(&held_venv).exists());
     }
 }

@@ -20,7 +20,7 @@ pub struct Listed {
 
 /// Every entry of `kinds` (all when empty), least recently used first.
 pub fn list(dirs: &CacheDirs, kinds: &[Kind]) -> Vec<Listed> {
-    let in_use = InUse::now();
+    let in_use = InUse::now(dirs);
     let mut entries: Vec<Entry> =
         super::scan(dirs, false).into_iter().filter(|e| kinds.is_empty() || kinds.contains(&e.kind)).collect();
     entries.sort_by_key(|e| e.last_use);
@@ -84,7 +84,7 @@ pub fn prune(dirs: &CacheDirs, req: &PruneRequest) -> Pruned {
         .filter(|e| req.older_than.is_none_or(|age| now.duration_since(e.last_use).is_ok_and(|d| d >= age)))
         .collect();
     chosen.sort_by_key(|e| e.last_use);
-    let in_use = InUse::now();
+    let in_use = InUse::now(dirs);
     let mut out = Pruned::default();
     let mut kinds = HashSet::new();
     for e in chosen {
@@ -102,7 +102,7 @@ pub fn prune(dirs: &CacheDirs, req: &PruneRequest) -> Pruned {
             kinds.insert(e.kind);
             out.removed.push(e);
         } else {
-            let mut holders = holders_of(dirs, &InUse::now(), &e);
+            let mut holders = holders_of(dirs, &InUse::now(dirs), &e);
             if holders.is_empty() {
                 holders.push("another process".into());
             }

@@ -510,7 +510,7 @@ pub const UV_LOCK_KEY: &str = "uv-cache";
 const UV_RECORD: &str = ".uv-cache.json";
 
 /// A venv's (or uv's cache's) record: what the cache budget counts.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Record {
     bytes: u64,
     #[serde(default)]
@@ -561,54 +561,67 @@ fn is_key(name: &str) -> bool {
 /// unfinished venvs and build leftovers (when nobody holds their key), records without their
 /// venv, evicted trees not yet deleted.
 pub(crate) fn disk_entries(venvs: &Path, tidy: bool) -> Vec<crate::cache::DiskEntry> {
+    static RECORDS: crate::cache::Records<Record> = crate::cache::Records::new();
     let Ok(rd) = std::fs::read_dir(venvs) else { return Vec::new() };
     let locks = EntryLocks::new(venvs);
-    let mut out = Vec::new();
-    let mut records = Vec::new();
+    let mut dirs = Vec::new();
+    let mut records = std::collections::HashMap::new();
     for item in rd.flatten() {
         let name = item.file_name().to_string_lossy().into_owned();
         let path = item.path();
         if let Some(rest) = name.strip_prefix(".tmp-") {
             // `.tmp-<key>-<pid>`: a build's output, unless a build of that key runs now.
             let key = rest.get(..64).unwrap_or_default();
-            if tidy && is_key(key) && matches!(locks.try_exclusive(key), Ok(Some(_))) {
+            if tidy
+                && is_key(key)
+                && let Ok(Some(_nobody_builds)) = locks.try_exclusive(key)
+            {
                 let _ = std::fs::remove_dir_all(&path);
             }
-            continue;
-        }
-        if name.starts_with(".evicted-") {
+        } else if name.starts_with(".evicted-") {
             if tidy {
                 let _ = std::fs::remove_dir_all(&path);
             }
-            continue;
-        }
-        if let Some(key) = name.strip_suffix(".json") {
+        } else if let Some(key) = name.strip_suffix(".json") {
             if is_key(key) {
-                records.push(key.to_string());
+                records.insert(key.to_string(), item);
             }
-            continue;
+        } else if is_key(&name) {
+            dirs.push((name, path));
         }
-        if !is_key(&name) {
-            continue;
-        }
-        if !path.join(COMPLETE).exists() {
-            // Unfinished (a crash mid-publication, an older layout): nobody may use it.
-            if tidy && matches!(locks.try_exclusive(&name), Ok(Some(_))) && !path.join(COMPLETE).exists() {
-                let _ = std::fs::remove_dir_all(&path);
-            }
-            continue;
-        }
-        let record_path = venvs.join(format!("{name}.json"));
-        let (record, last_use) = match read_record(&record_path) {
+    }
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (name, path) in dirs {
+        // A record is written once the venv is published, so a venv with one is whole.
+        let recorded = records.remove(&name).and_then(|item| {
+            let meta = item.metadata().ok()?;
+            seen.insert(item.path());
+            let record = RECORDS.get(&item.path(), &meta, |b| serde_json::from_slice::<Record>(b).ok())?;
+            Some((record, meta.modified().ok()?))
+        });
+        let (record, last_use) = match recorded {
             Some(found) => found,
+            None if !path.join(COMPLETE).exists() => {
+                // Unfinished (a crash mid-publication, an older layout): nobody may use it.
+                if tidy
+                    && let Ok(Some(nobody_makes_it)) = locks.try_exclusive(&name)
+                    && !path.join(COMPLETE).exists()
+                {
+                    let _ = std::fs::remove_dir_all(&path);
+                    nobody_makes_it.remove();
+                }
+                continue;
+            }
             None => {
+                // Built before venvs had records: measured once.
                 let (bytes, files) = crate::cache::tree_size(&path);
                 let built = std::fs::metadata(path.join(COMPLETE))
                     .and_then(|m| m.modified())
                     .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
                 let record = Record { bytes, files, measured_ms: now_ms() };
                 if tidy {
-                    let _ = write_record_at(&record_path, &record, built);
+                    let _ = write_record_at(&venvs.join(format!("{name}.json")), &record, built);
                 }
                 (record, built)
             }
@@ -622,10 +635,11 @@ pub(crate) fn disk_entries(venvs: &Path, tidy: bool) -> Vec<crate::cache::DiskEn
             last_use,
         });
     }
+    RECORDS.keep_only(venvs, &seen);
     if tidy {
-        for key in records {
-            if !venvs.join(&key).is_dir()
-                && let Ok(Some(_quiet)) = locks.try_exclusive(&key)
+        // Records whose venv is gone (an eviction cut short).
+        for key in records.into_keys() {
+            if let Ok(Some(_quiet)) = locks.try_exclusive(&key)
                 && !venvs.join(&key).is_dir()
             {
                 let _ = std::fs::remove_file(venvs.join(format!("{key}.json")));

@@ -61,6 +61,12 @@ pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(),
     fs::rename(&tmp, &path).map_err(io_err("renaming", &path))
 }
 
+/// Gives back the room set aside for `dir/name` when it was never used (the task ended
+/// without that record).
+pub fn release(dir: &Path, name: &str) {
+    let _ = fs::remove_file(dir.join(format!(".{name}.tmp")));
+}
+
 /// Sets `bytes` aside on disk for the next write of `dir/name` (its temp file, allocated
 /// now, root's only), so that a record that must not be lost — how the task ended, a kill
 /// request — is written even when the task has filled the disk since. Best effort: a

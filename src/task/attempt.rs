@@ -231,6 +231,8 @@ impl Attempt {
         for used in lock(&self.uses).iter() {
             used.touch();
         }
+        // No kill request will come any more: its room goes back.
+        files::release(&self.dir, files::KILL);
         tracing::info!(task_id = %self.meta.task_id, attempt = self.meta.attempt_id, state = state.name(), "task ended");
         self.emit(inner);
         let _ = self.done.0.send(true);

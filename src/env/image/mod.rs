@@ -154,7 +154,7 @@ struct ImageRecord {
     layers: Vec<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct LayerMeta {
     bytes: u64,
     /// Files, directories and links (0 in records of older versions).
@@ -637,37 +637,54 @@ pub(crate) fn disk_entries(dir: &Path, tidy: bool) -> Vec<crate::cache::DiskEntr
             }
         }
     }
-    let Ok(rd) = std::fs::read_dir(dir.join("layers")) else { return Vec::new() };
-    let mut out = Vec::new();
+    static RECORDS: crate::cache::Records<LayerMeta> = crate::cache::Records::new();
+    let layers = dir.join("layers");
+    let Ok(rd) = std::fs::read_dir(&layers) else { return Vec::new() };
+    let mut metas = Vec::new();
+    let mut dirs = HashSet::new();
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(hex) = name.strip_suffix(".json") else { continue };
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            continue;
+        match name.strip_suffix(".json") {
+            Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                metas.push((hex.to_string(), e));
+            }
+            Some(_) => {}
+            None => {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.insert(name);
+                }
+            }
         }
-        let Ok(bytes) = std::fs::read(e.path()) else { continue };
-        let Ok(meta) = serde_json::from_slice::<LayerMeta>(&bytes) else { continue };
-        if !layer_dir(dir, hex).is_dir() {
+    }
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (hex, e) in metas {
+        let path = e.path();
+        if !dirs.contains(&hex) {
             // Written before its layer is renamed into place: only an old one is a leftover.
-            if tidy && hour_old(&e.path()) {
-                let _ = std::fs::remove_file(e.path());
+            if tidy && hour_old(&path) {
+                let _ = std::fs::remove_file(&path);
             }
             continue;
         }
-        let last_use = e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+        let Ok(m) = e.metadata() else { continue };
+        seen.insert(path.clone());
+        let Some(meta) = RECORDS.get(&path, &m, |b| serde_json::from_slice::<LayerMeta>(b).ok()) else { continue };
+        let last_use = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         let (kind, name) = match meta.built {
             Some(built) => (crate::cache::Kind::Built, built),
             None => (crate::cache::Kind::Images, format!("sha256:{hex}")),
         };
         out.push(crate::cache::DiskEntry {
             kind,
-            key: hex.to_string(),
+            key: hex,
             name,
             bytes: meta.bytes,
             files: meta.files.max(1),
             last_use,
         });
     }
+    RECORDS.keep_only(&layers, &seen);
     out
 }
 

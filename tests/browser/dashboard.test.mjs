@@ -102,6 +102,11 @@ test("the list shows the running task with its memory, and links to it", async (
   // The XSS task's id is shown as text.
   assert.equal(await row(opt.xss).locator("a").textContent(), opt.xss);
   assert.equal(await page.locator("#rows img").count(), 0);
+  // The cache panel: a row per cache kind, one per filesystem, no pressure here.
+  await page.waitForFunction(() => document.querySelectorAll("#cache-kinds tr").length === 5);
+  assert.equal(await page.locator("#cache-kinds tr").first().locator("td").first().textContent(), "bundles");
+  assert.ok((await page.locator("#cache-disks tr").count()) >= 1);
+  assert.ok(await page.locator("#cache-pressure").isHidden());
   // Filters: failed tasks (none), succeeded ones, running ones.
   await page.click('#state-filter button[data-filter="FAILED"]');
   await page.locator("#empty").waitFor({ state: "visible" });

@@ -35,7 +35,7 @@
         [f.name],
         [iris.bytes(f.freeBytes), "num"],
         [iris.bytes(f.sizeBytes), "num"],
-        [f.inodes ? String(f.freeInodes) : "–", "num"],
+        [f.inodes ? Number(f.freeInodes).toLocaleString("en-US") : "–", "num"],
         [""],
       ]);
       tr.lastChild.appendChild(iris.el("span", { cls: "state state-" + BADGE[f.level], text: STATE[f.level] }));

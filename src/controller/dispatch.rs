@@ -103,9 +103,14 @@ async fn dispatch(
         // The worker has this attempt already (a resumed controller sent it again).
         Err(ConnectError::Status { code: Code::AlreadyExists, .. }) => DispatchOutcome::Accepted(0),
         Err(ConnectError::Status { code: Code::InvalidArgument, message, .. }) => DispatchOutcome::Refused(message),
-        Err(e) => DispatchOutcome::Unreachable(e.to_string()),
+        // The worker answered (with an error) or was never reached: it does not run it.
+        Err(e @ ConnectError::Status { .. }) => DispatchOutcome::Unreachable(e.to_string()),
+        Err(ConnectError::Transport { source, url }) if source.is_connect() => {
+            DispatchOutcome::Unreachable(ConnectError::Transport { source, url }.to_string())
+        }
+        Err(e) => DispatchOutcome::Unknown(e.to_string()),
     };
-    let retry = !matches!(outcome, DispatchOutcome::Accepted(_));
+    let retry = !matches!(outcome, DispatchOutcome::Accepted(_) | DispatchOutcome::Unknown(_));
     if let DispatchOutcome::Unreachable(e) = &outcome {
         tracing::warn!(%task_id, %worker_id, error = %e, "dispatch failed; the worker is suspect");
     }

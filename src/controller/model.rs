@@ -108,6 +108,10 @@ pub struct Task {
     /// Since when the task has waited for a worker (for the scheduling timeout).
     pub pending_since_ms: i64,
     pub ports: BTreeMap<String, i32>,
+    /// The controller ended the task because its job ended while the attempt still ran on a
+    /// worker: a late report that the attempt had in fact SUCCEEDED is still taken.
+    #[serde(default)]
+    pub ended_with_job: bool,
 }
 
 impl Task {

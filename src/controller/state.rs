@@ -42,8 +42,14 @@ pub enum DispatchOutcome {
     Accepted(i32),
     /// The worker refused the request itself (e.g. INVALID_ARGUMENT): the attempt fails.
     Refused(String),
-    /// The worker could not be reached or did not answer in time: it becomes suspect.
+    /// The worker could not be reached (the request never left): it becomes suspect and the
+    /// task waits for another worker.
     Unreachable(String),
+    /// The call failed after the request may have reached the worker (no answer in time, a
+    /// connection cut mid-call): the worker becomes suspect, but the task stays assigned
+    /// until the worker's heartbeats or a status check tell whether it runs there (running it
+    /// elsewhere now could run it twice).
+    Unknown(String),
 }
 
 /// What a worker said about a task we asked about.
@@ -396,6 +402,9 @@ impl State {
                     address: t.worker_address.clone(),
                     task_id: id.clone(),
                 });
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.ended_with_job = true;
+                }
             }
             let why = if state == JobState::Killed { "the job was terminated" } else { "the job ended" };
             self.finish_task(&id, TaskState::Killed, 0, why.into(), now);
@@ -683,6 +692,23 @@ impl State {
                     now,
                 );
             }
+            DispatchOutcome::Unknown(error) => {
+                tracing::warn!(task_id = %id, %worker_id, %error, "RunTask may have landed: checking with the worker");
+                if let Some(w) = self.workers.get_mut(worker_id) {
+                    w.rec.consecutive_failures += 1;
+                    w.suspect_until_ms = now + self.knobs.suspect_for.as_millis() as i64;
+                    self.dirty.workers.insert(worker_id.to_string());
+                }
+                // Counted as sent: a heartbeat that does not list it soon has it checked
+                // (GetTaskStatus), and a worker that died has it moved when it is found dead.
+                if let Some(t) = self.tasks.get_mut(id)
+                    && !t.dispatched
+                {
+                    t.dispatched = true;
+                    t.dispatched_ms = now;
+                    self.dirty.tasks.insert(id.to_string());
+                }
+            }
             DispatchOutcome::Unreachable(error) => {
                 if let Some(w) = self.workers.get_mut(worker_id) {
                     w.rec.consecutive_failures += 1;
@@ -730,7 +756,24 @@ impl State {
     pub fn report(&mut self, r: &pc::ReportTaskStateRequest) {
         let now = now_ms();
         let Some(t) = self.tasks.get_mut(&r.task_id) else { return };
-        if t.attempt_id != r.attempt_id || t.worker_id != r.worker_id || task_terminal(t.state) {
+        if t.attempt_id != r.attempt_id || t.worker_id != r.worker_id {
+            return;
+        }
+        if task_terminal(t.state) {
+            // Its job ended (a sibling failed, or a terminate) before this attempt's success
+            // was heard of: what succeeded stays SUCCEEDED.
+            if t.ended_with_job && r.state == TaskState::Succeeded as i32 {
+                t.ended_with_job = false;
+                t.state = TaskState::Succeeded as i32;
+                t.exit_code = 0;
+                t.error.clear();
+                if let Some(a) = t.current_attempt() {
+                    a.state = TaskState::Succeeded as i32;
+                    a.exit_code = 0;
+                    a.error.clear();
+                }
+                self.dirty.tasks.insert(r.task_id.clone());
+            }
             return;
         }
         if !t.dispatched {
@@ -1348,6 +1391,53 @@ mod tests {
         let mut s = open(dir.path());
         assert_eq!(s.workers["b"].used.cpu_millicores, 1000);
         report(&mut s, &second[0], TaskState::Succeeded, 0);
+        assert_eq!(s.jobs["j"].rec.state, JobState::Succeeded as i32);
+    }
+
+    #[test]
+    fn a_sibling_that_succeeded_stays_succeeded_when_the_job_fails_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        register(&mut s, "w");
+        let mut req = job("j", 2);
+        req.max_retries_failure = 0;
+        s.launch(req).unwrap();
+        s.schedule();
+        let runs = accept_all(&mut s);
+        // Task 1 succeeded on the worker, but task 0's failure is heard of first.
+        report(&mut s, &runs[0], TaskState::Failed, 2);
+        assert_eq!(s.jobs["j"].rec.state, JobState::Failed as i32);
+        assert_eq!(s.tasks["j/task-1"].state, TaskState::Killed as i32);
+        report(&mut s, &runs[1], TaskState::Succeeded, 0);
+        let t = &s.tasks["j/task-1"];
+        assert_eq!((t.state, t.attempts[0].state), (TaskState::Succeeded as i32, TaskState::Succeeded as i32));
+        let j = &s.jobs["j"];
+        assert_eq!(j.rec.state, JobState::Failed as i32, "the job keeps its real cause");
+        assert!(j.rec.error.contains("j/task-0"), "{}", j.rec.error);
+        // A late KILLED (the kill the job's end sent) changes nothing.
+        report(&mut s, &runs[1], TaskState::Killed, 0);
+        assert_eq!(s.tasks["j/task-1"].state, TaskState::Succeeded as i32);
+    }
+
+    #[test]
+    fn a_runtask_that_may_have_landed_is_not_sent_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        register(&mut s, "a");
+        register(&mut s, "b");
+        s.launch(job("j", 1)).unwrap();
+        s.schedule();
+        let Some(Effect::Dispatch { task_id, attempt_id, worker_id, .. }) = s.take_effects().pop() else {
+            panic!("a dispatch")
+        };
+        s.dispatched(&task_id, attempt_id, &worker_id, DispatchOutcome::Unknown("no answer within 5s".into()));
+        s.schedule();
+        assert!(s.take_effects().is_empty(), "not dispatched again");
+        let t = &s.tasks[&task_id];
+        assert_eq!((t.worker_id.as_str(), t.attempt_id, t.dispatched), (worker_id.as_str(), 0, true));
+        assert!(s.workers[&worker_id].suspect_until_ms > now_ms());
+        // The worker had it after all: its report completes the task.
+        report(&mut s, &(task_id, attempt_id, worker_id), TaskState::Succeeded, 0);
         assert_eq!(s.jobs["j"].rec.state, JobState::Succeeded as i32);
     }
 }

@@ -645,3 +645,80 @@ async fn a_failed_dispatch_makes_the_worker_suspect_and_the_task_goes_elsewhere_
     let suspect = ws.iter().find(|w| w.worker_id == a.name).unwrap();
     assert!(suspect.consecutive_failures >= 1, "{ws:?}");
 }
+
+// ----- faults: the join-reset race, fencing, clients across a controller restart -----
+
+/// Where `needle` first shows in a log: for checking what happened first.
+fn position(logs: &str, needle: &str) -> Option<usize> {
+    logs.find(needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn a_joining_worker_keeps_the_tasks_it_is_sent_before_its_reset_answer() {
+    // Test seam: the controller holds its should_reset answer to a joining worker back 1.5 s
+    // after waking the scheduler, so the RunTask of a waiting job reaches the worker first —
+    // the window a real join hits about one time in twenty.
+    let ctl = ControllerProc::start_with(60.0, &["--test-reset-reply-delay-ms", "1500"]).await;
+    let c = ctl.cluster();
+    // The tasks outlast the held-back answer: a reset that reached them would kill them.
+    let mut req = sh_job("join", 2, "sleep 3; echo done");
+    req.max_retries_preemption = 0;
+    let job_id = c.launch(&req).await.unwrap();
+    // No worker yet: the job waits for one.
+    assert_eq!(job_state(&c.status(&job_id).await.unwrap()), JobState::Pending);
+    let w = ctl.worker("cl-join", &["--runtime", "process"]).await;
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    let logs = w.logs();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}\n{logs}");
+    for t in &s.tasks {
+        assert_eq!((t.attempts.len(), t.worker_id.as_str()), (1, w.name.as_str()), "{t:#?}");
+        assert_eq!(stdout_of(&c, &job_id, t.task_index).await, ["done"]);
+    }
+    // The race was on: both tasks were accepted before the reset was heard.
+    let accepted = position(&logs, "task accepted").expect("tasks accepted");
+    let reset = position(&logs, "the controller asked for a reset").expect("the reset was heard");
+    assert!(accepted < reset, "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn a_reset_neither_holds_up_heartbeats_nor_forgets_the_tasks_sent_since() {
+    let mut ctl = ControllerProc::start(3.0).await;
+    let w = ctl.worker("cl-reset", &["--runtime", "process"]).await;
+    let c = ctl.cluster();
+    // A task that ignores SIGTERM (and so do its children): a reset waits out its 5 s grace,
+    // longer than the controller's 3 s worker timeout.
+    let old = c.launch(&sh_job("reset-old", 1, "trap '' TERM; sleep 60")).await.unwrap();
+    wait_job(&c, &old, JOB, |s| s.tasks_running == 1).await;
+    // The controller loses its state: it answers the worker's next heartbeat should_reset.
+    ctl.kill9();
+    for f in ["controller.db", "controller.db-wal", "controller.db-shm"] {
+        let _ = std::fs::remove_file(ctl.state.path().join(f));
+    }
+    ctl.spawn().await;
+    let mut req = sh_job("reset-new", 1, "sleep 8; echo done");
+    req.max_retries_preemption = 0;
+    let job_id = c.launch(&req).await.unwrap();
+    let deadline = Instant::now() + JOB;
+    let s = loop {
+        let ws = c.workers().await.unwrap();
+        assert!(ws.iter().all(|x| x.healthy), "the worker kept beating during the reset: {ws:?}\n{}", w.logs());
+        let s = c.status(&job_id).await.unwrap();
+        if iris_worker::controller::model::job_terminal(s.state) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}\n{}", w.logs());
+    assert_eq!(s.tasks[0].attempts.len(), 1, "never forgotten, never run again: {s:#?}");
+    assert_eq!(stdout_of(&c, &job_id, 0).await, ["done"]);
+    // The task from before the reset was ended (as a worker failure) and forgotten.
+    let mut wc = w.client().await;
+    let r = wc
+        .get_task_status(worker::GetTaskStatusRequest { task_id: format!("{old}/task-0"), include_result: false })
+        .await;
+    assert_eq!(r.map(|_| ()).unwrap_err().code(), Code::NotFound);
+    assert!(w.logs().contains("the controller asked for a reset"), "{}", w.logs());
+}

@@ -67,6 +67,10 @@ pub struct ControllerConfig {
     pub advertise_url: String,
     /// What calls to workers present (token, TLS).
     pub workers: crate::rpc::ClientSecurity,
+    /// Test seam: how long a `should_reset` answer to a joining worker is held back after the
+    /// scheduler has already been woken, so that a RunTask reaches the worker before the
+    /// answer does (the join race of a real cluster, made certain). Zero outside tests.
+    pub reset_reply_delay: Duration,
 }
 
 impl ControllerConfig {
@@ -77,6 +81,7 @@ impl ControllerConfig {
             max_parallel_dispatch: 64,
             advertise_url: String::new(),
             workers: crate::rpc::ClientSecurity::default(),
+            reset_reply_delay: Duration::ZERO,
         }
     }
 }

@@ -51,6 +51,8 @@ pub fn start_with_client(manager: TaskManager, client: ConnectClient, me: Worker
 async fn heartbeat(client: ConnectClient, manager: TaskManager, me: WorkerIdentity, every: Duration) {
     let mut accepted = false;
     loop {
+        // Taken before the send: a reset in the answer reaches only what the worker held then.
+        let fence = manager.fence_mark();
         let mut metadata = me.metadata.clone();
         if let Some(why) = manager.disk_pressure() {
             metadata.attributes.insert(DISK_PRESSURE_ATTRIBUTE.to_string(), attribute_text(&why));
@@ -69,8 +71,9 @@ async fn heartbeat(client: ConnectClient, manager: TaskManager, me: WorkerIdenti
                 }
                 accepted = resp.accepted;
                 if resp.should_reset {
-                    tracing::warn!("the controller asked for a reset: killing and forgetting every task");
-                    manager.reset().await;
+                    tracing::warn!("the controller asked for a reset: killing and forgetting the tasks held until now");
+                    // In the background: heartbeats go on while the tasks end.
+                    drop(manager.reset(fence));
                 }
             }
             Err(e) => {

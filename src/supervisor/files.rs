@@ -158,6 +158,10 @@ pub enum KillReason {
 pub struct KillRequest {
     /// Time between SIGTERM and SIGKILL.
     pub grace_ms: u64,
+    /// Set when the kill is the worker's own doing, not a request for the task (a controller
+    /// reset): the attempt then ends WORKER_FAILED with this error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_failure: Option<String>,
 }
 
 /// `started.json`: the task's command is running.
@@ -180,6 +184,10 @@ pub struct ExitRecord {
     /// Why the task never ran (the runtime's error), when it did not.
     pub error: Option<String>,
     pub killed: Option<KillReason>,
+    /// Why the task was killed for a reason of the worker's, not the task's or a user's (a
+    /// controller reset): the attempt is WORKER_FAILED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_failure: Option<String>,
     /// The final cgroup figures (peak memory, CPU time, OOM kills).
     pub stats: CgroupStats,
     /// The processes the OOM killer chose, as `name (pid N)`, when the kernel's log says.

@@ -80,7 +80,19 @@ impl Supervisor {
 
     /// Asks the supervisor to end the task: SIGTERM now, SIGKILL after `grace_ms`.
     pub fn request_kill(&self, task_dir: &Path, grace_ms: u64) -> Result<(), FileError> {
-        files::write_json(task_dir, files::KILL, &KillRequest { grace_ms })?;
+        self.request_kill_for(task_dir, grace_ms, None)
+    }
+
+    /// [`Self::request_kill`], for one of the worker's own reasons when `worker_failure` is
+    /// set (the attempt then ends WORKER_FAILED with it).
+    pub fn request_kill_for(
+        &self,
+        task_dir: &Path,
+        grace_ms: u64,
+        worker_failure: Option<&str>,
+    ) -> Result<(), FileError> {
+        let request = KillRequest { grace_ms, worker_failure: worker_failure.map(str::to_string) };
+        files::write_json(task_dir, files::KILL, &request)?;
         if self.id.is_alive() {
             let _ = kill(Pid::from_raw(self.id.pid), Signal::SIGUSR1);
         }

@@ -184,12 +184,10 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
                     && exit.killed.is_none()
                     && status.is_none()
                 {
-                    let grace = files::read_json::<KillRequest>(task_dir, files::KILL)
-                        .ok()
-                        .flatten()
-                        .map(|k| Duration::from_millis(k.grace_ms))
-                        .unwrap_or(TIMEOUT_GRACE);
+                    let request = files::read_json::<KillRequest>(task_dir, files::KILL).ok().flatten();
+                    let grace = request.as_ref().map(|k| Duration::from_millis(k.grace_ms)).unwrap_or(TIMEOUT_GRACE);
                     exit.killed = Some(KillReason::Requested);
+                    exit.worker_failure = request.and_then(|k| k.worker_failure);
                     sigkill_at = Some(terminate(&spec, pid, runtime.signals_through_init(), grace));
                 }
             }

@@ -42,6 +42,9 @@ struct Status {
 pub(crate) struct Attempt {
     pub(crate) meta: TaskMeta,
     pub(crate) dir: PathBuf,
+    /// The order in which this worker accepted (or adopted) its attempts: a controller's reset
+    /// reaches only the attempts up to a mark ([`super::TaskManager::reset`]).
+    pub(crate) seq: u64,
     status: Mutex<Status>,
     kill: KillSwitch,
     done: (watch::Sender<bool>, watch::Receiver<bool>),
@@ -60,10 +63,11 @@ pub(crate) struct Attempt {
 }
 
 impl Attempt {
-    fn new(meta: TaskMeta, dir: PathBuf, state: TaskState) -> Arc<Attempt> {
+    fn new(meta: TaskMeta, dir: PathBuf, state: TaskState, seq: u64) -> Arc<Attempt> {
         Arc::new(Attempt {
             meta,
             dir,
+            seq,
             status: Mutex::new(Status {
                 state,
                 status_message: String::new(),
@@ -102,23 +106,51 @@ impl Attempt {
     /// by parking the request for the driver (a PENDING or BUILDING attempt just stops).
     /// Asks for the attempt's end; `Err` with its state when it has ended already.
     pub(crate) fn request_kill(&self, grace_ms: u64) -> Result<(), TaskState> {
+        self.request_kill_for(grace_ms, None)
+    }
+
+    /// [`Self::request_kill`] for one of the worker's own reasons (`worker_failure`: a
+    /// controller's reset), which makes the attempt WORKER_FAILED. The first request's reason
+    /// stays: a later KillTask does not turn a worker failure into a user's kill, nor the
+    /// reverse.
+    pub(crate) fn request_kill_for(&self, grace_ms: u64, worker_failure: Option<String>) -> Result<(), TaskState> {
         let st = lock(&self.status);
         if st.state.is_terminal() {
             return Err(st.state);
         }
+        let cause = {
+            let mut grace = lock(&self.kill.grace_ms);
+            let mut cause = lock(&self.kill.worker_failure);
+            if grace.is_none() {
+                *cause = worker_failure;
+            }
+            *grace = Some(grace_ms);
+            cause.clone()
+        };
         if let (Some(sup), true) = (st.supervisor, st.started)
-            && let Err(e) = sup.request_kill(&self.dir, grace_ms)
+            && let Err(e) = sup.request_kill_for(&self.dir, grace_ms, cause.as_deref())
         {
             tracing::warn!(task_id = %self.meta.task_id, error = %e, "asking the supervisor to kill");
         }
         drop(st);
-        *lock(&self.kill.grace_ms) = Some(grace_ms);
         self.kill.notify.notify_one();
         Ok(())
     }
 
     fn kill_requested(&self) -> Option<u64> {
         *lock(&self.kill.grace_ms)
+    }
+
+    fn kill_cause(&self) -> Option<String> {
+        lock(&self.kill.worker_failure).clone()
+    }
+
+    /// Ends an attempt killed before its supervisor started the command.
+    fn finish_unstarted(&self, inner: &Inner) {
+        match self.kill_cause() {
+            Some(cause) => self.finish(inner, TaskState::WorkerFailed, 0, cause, None),
+            None => self.finish(inner, TaskState::Killed, 0, "killed before it started".into(), None),
+        }
     }
 
     pub(crate) async fn wait_done(&self) {
@@ -242,6 +274,12 @@ impl Attempt {
         match files::read_json::<ExitRecord>(&self.dir, files::EXIT) {
             Ok(Some(exit)) => {
                 let mut o = outcome(&exit, self.meta.timeout_s);
+                // A later kill request may have replaced kill.json before the supervisor read it.
+                if o.state == TaskState::Killed
+                    && let Some(cause) = self.kill_cause()
+                {
+                    (o.state, o.error) = (TaskState::WorkerFailed, cause);
+                }
                 // A pickled entrypoint that raised left its exception's summary behind.
                 let raised = self.dir.join(files::WORKDIR).join(crate::env::entrypoint::ERROR);
                 if o.state == TaskState::Failed
@@ -420,7 +458,7 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
             return Err(e.into());
         }
     };
-    let attempt = Attempt::new(meta, dir, TaskState::Pending);
+    let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq());
     tasks.entry(spec.task_id.clone()).or_default().push(attempt.clone());
     drop(tasks);
     if let Some(prev) = &previous {
@@ -443,7 +481,7 @@ async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSpec, previou
     };
     let killed_early = |a: &Attempt| a.kill_requested().is_some();
     if permit.is_none() || killed_early(&attempt) {
-        attempt.finish(&inner, TaskState::Killed, 0, "killed before it started".into(), None);
+        attempt.finish_unstarted(&inner);
         return;
     }
     attempt.set(&inner, TaskState::Building, "preparing the environment");
@@ -466,7 +504,7 @@ async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSpec, previou
     }
     if killed_early(&attempt) {
         release_rootfs(&attempt.dir);
-        attempt.finish(&inner, TaskState::Killed, 0, "killed before it started".into(), None);
+        attempt.finish_unstarted(&inner);
         return;
     }
     let (sup, ready) = match supervise::spawn(&inner.config.supervisor_exe, &attempt.dir) {
@@ -488,7 +526,7 @@ async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSpec, previou
         attempt.set(&inner, TaskState::Running, "");
         // A kill that came while the supervisor was starting the task is delivered now.
         if let Some(grace) = attempt.kill_requested() {
-            let _ = sup.request_kill(&attempt.dir, grace);
+            let _ = sup.request_kill_for(&attempt.dir, grace, attempt.kill_cause().as_deref());
         }
     }
     watch_until_exit(inner, attempt, sup, permit).await;
@@ -521,7 +559,7 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
     let mut again = Vec::new();
     for (dir, meta) in store::scan(&inner.config.state_dir) {
         let task_id = meta.task_id.clone();
-        let attempt = Attempt::new(meta, dir, TaskState::Pending);
+        let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq());
         let exit_recorded = attempt.dir.join(files::EXIT).exists();
         let live = if exit_recorded { None } else { Supervisor::find(&attempt.dir) };
         lock(&inner.tasks).entry(task_id).or_default().push(attempt.clone());

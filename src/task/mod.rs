@@ -21,6 +21,7 @@ mod validate;
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -46,6 +47,9 @@ const PARENT_CGROUP_FILE: &str = "cgroup-parent";
 
 /// The grace between SIGTERM and SIGKILL when none is given (Iris's KillTask default).
 pub const DEFAULT_GRACE_MS: u64 = 5000;
+
+/// The error of an attempt ended by a controller's reset.
+const RESET: &str = "the controller reset this worker (it did not know it)";
 
 /// Errors of the task manager. `rpc/` maps them to status codes.
 #[derive(Debug, thiserror::Error)]
@@ -254,6 +258,8 @@ pub(crate) struct Inner {
     started: Instant,
     /// What keeps tasks off the worker's port, as the server set it up.
     isolation: Mutex<Option<crate::isolation::IsolationStatus>>,
+    /// Attempts accepted (or adopted) so far: each attempt's `seq`.
+    accepted: AtomicU64,
     _lock: std::fs::File,
 }
 
@@ -329,11 +335,12 @@ impl TaskManager {
             slots: Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1))),
             ports: Mutex::new(PortAllocator::new(first, last).with_host_locks(Path::new(ports::HOST_PORT_LOCKS))),
             cgroups,
-            config,
             tasks: Mutex::new(HashMap::new()),
             listeners: Mutex::new(Vec::new()),
             started: Instant::now(),
             isolation: Mutex::new(None),
+            accepted: AtomicU64::new(0),
+            config,
             _lock: lock_file,
         });
         let state_dir = inner.config.state_dir.clone();
@@ -439,16 +446,35 @@ impl TaskManager {
             .map_err(|state| TaskError::AlreadyCompleted { task_id: task_id.to_string(), state })
     }
 
-    /// Kills every task and forgets them all (a controller's `should_reset`).
-    pub async fn reset(&self) {
-        let all: Vec<Arc<Attempt>> = lock(&self.inner.tasks).values().flatten().cloned().collect();
-        for a in &all {
-            let _ended = a.request_kill(DEFAULT_GRACE_MS);
+    /// Where the worker stands in accepting attempts: take it before a heartbeat, and pass it
+    /// to [`Self::reset`] if the answer asks for a reset.
+    pub fn fence_mark(&self) -> u64 {
+        self.inner.accepted.load(Ordering::SeqCst)
+    }
+
+    /// A controller's `should_reset` (it does not know this worker): kills the attempts the
+    /// worker accepted up to `fence` ([`Self::fence_mark`] taken before the heartbeat that got
+    /// the answer) as worker failures, and forgets them once they have ended. Attempts accepted
+    /// later are untouched: the controller that asked may have sent them right after it
+    /// answered. Returns at once (heartbeats never wait for a reset); the handle ends when the
+    /// attempts are forgotten.
+    pub fn reset(&self, fence: u64) -> tokio::task::JoinHandle<()> {
+        let held: Vec<Arc<Attempt>> =
+            lock(&self.inner.tasks).values().flatten().filter(|a| a.seq <= fence).cloned().collect();
+        for a in &held {
+            let _ended = a.request_kill_for(DEFAULT_GRACE_MS, Some(RESET.to_string()));
         }
-        for a in &all {
-            a.wait_done().await;
-        }
-        lock(&self.inner.tasks).clear();
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            for a in &held {
+                a.wait_done().await;
+            }
+            let gone: std::collections::HashSet<u64> = held.iter().map(|a| a.seq).collect();
+            lock(&inner.tasks).retain(|_, attempts| {
+                attempts.retain(|a| !gone.contains(&a.seq));
+                !attempts.is_empty()
+            });
+        })
     }
 
     /// Waits until the task's current attempt has ended; returns its final view.
@@ -594,6 +620,11 @@ fn spawn_sampler(inner: &Arc<Inner>) {
 }
 
 impl Inner {
+    /// The `seq` of the next attempt.
+    fn next_seq(&self) -> u64 {
+        self.accepted.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
     /// The image store, opened on first use (a worker that never runs an image needs none).
     async fn image_store(&self) -> Result<&crate::env::image::ImageStore, String> {
         self.images
@@ -750,5 +781,8 @@ pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError>
 #[derive(Debug, Default)]
 pub(crate) struct KillSwitch {
     pub(crate) grace_ms: Mutex<Option<u64>>,
+    /// The worker's own reason, when the first kill request was one (the attempt ends
+    /// WORKER_FAILED with it).
+    pub(crate) worker_failure: Mutex<Option<String>>,
     pub(crate) notify: Notify,
 }

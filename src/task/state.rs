@@ -61,6 +61,11 @@ pub fn outcome(exit: &ExitRecord, timeout_s: Option<u64>) -> Outcome {
     if let Some(error) = &exit.error {
         return failed(format!("the task could not be started: {error}"));
     }
+    if let Some(error) = &exit.worker_failure {
+        // Killed for the worker's reasons (a controller reset): the task did nothing wrong,
+        // and the controller may run it again.
+        return Outcome { state: TaskState::WorkerFailed, exit_code, error: error.clone() };
+    }
     match exit.killed {
         Some(KillReason::Timeout) => return failed(format!("timeout after {} s", timeout_s.unwrap_or(0))),
         Some(KillReason::Requested) => {
@@ -155,5 +160,14 @@ mod tests {
         assert_eq!(outcome(&e, Some(3)).error, "timeout after 3 s");
         e.killed = Some(KillReason::Requested);
         assert_eq!(outcome(&e, None).state, TaskState::Killed);
+    }
+
+    #[test]
+    fn kills_for_the_workers_reasons_are_worker_failures() {
+        let mut e = exit(None, Some(15));
+        e.killed = Some(KillReason::Requested);
+        e.worker_failure = Some("the controller reset this worker".into());
+        let o = outcome(&e, None);
+        assert_eq!((o.state, o.error.as_str()), (TaskState::WorkerFailed, "the controller reset this worker"));
     }
 }

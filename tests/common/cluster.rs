@@ -21,6 +21,8 @@ pub struct ControllerProc {
     pub listen_host: String,
     pub worker_timeout: f64,
     pub child: Option<Child>,
+    /// More flags for `controller serve`.
+    pub extra: Vec<String>,
 }
 
 impl ControllerProc {
@@ -29,16 +31,32 @@ impl ControllerProc {
     /// be handed to another test's controller before the restart, and that one must not get
     /// this test's heartbeats (it would answer should_reset and the worker would kill its tasks).
     pub async fn start(worker_timeout: f64) -> ControllerProc {
+        Self::start_with(worker_timeout, &[]).await
+    }
+
+    /// [`Self::start`] with more flags for `controller serve`.
+    pub async fn start_with(worker_timeout: f64, extra: &[&str]) -> ControllerProc {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let host = format!("127.{}.{}.{}", 100 + std::process::id() % 100, n / 250, n % 250 + 1);
-        Self::start_on(&host, worker_timeout).await
+        Self::start_on_with(&host, worker_timeout, extra).await
     }
 
     /// Starts a controller listening on `host` (e.g. 0.0.0.0 for workers in namespaces).
     pub async fn start_on(host: &str, worker_timeout: f64) -> ControllerProc {
+        Self::start_on_with(host, worker_timeout, &[]).await
+    }
+
+    pub async fn start_on_with(host: &str, worker_timeout: f64, extra: &[&str]) -> ControllerProc {
         let state = tempfile::Builder::new().prefix("iris-controller-test-").tempdir().unwrap();
-        let mut c = ControllerProc { state, port: 0, listen_host: host.to_string(), worker_timeout, child: None };
+        let mut c = ControllerProc {
+            state,
+            port: 0,
+            listen_host: host.to_string(),
+            worker_timeout,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         c.spawn().await;
         c
     }
@@ -57,6 +75,7 @@ impl ControllerProc {
             .arg("--state-dir")
             .arg(self.state.path())
             .args(["--worker-timeout", &self.worker_timeout.to_string()])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -166,6 +166,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         address: address.to_string(),
         metadata: Some(WorkerMetadata { cpu_count: 16, memory_bytes: 64 << 30, ..Default::default() }),
         running_task_ids: vec![],
+        ..Default::default()
     };
     let heartbeat_round = |label: &'static str| {
         let workers = workers.clone();

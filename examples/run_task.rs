@@ -60,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         bounds: Default::default(),
         request_decoder: None,
         cache: Default::default(),
+        lease: None,
         python: PythonConfig {
             rootfs: "/var/cache/iris-worker/rootfs/python".into(),
             find_links: None,

@@ -126,8 +126,10 @@ async fn a_job_spans_two_hosts_and_survives_one_being_killed() {
     // The controller listens on host a's veth address; host b reaches it through the root
     // namespace (its default route).
     let ctl = ControllerProc::start_on(&ns_a.host_ip, 3.0).await;
-    let mut a = NsWorker::start(&ns_a, "cl-host-a", &ctl.url(), &[]).await;
-    let b = NsWorker::start(&ns_b, "cl-host-b", &ctl.url(), &[]).await;
+    let lease = ctl.lease();
+    let lease = ["--lease", lease.as_str()];
+    let mut a = NsWorker::start(&ns_a, "cl-host-a", &ctl.url(), &lease).await;
+    let b = NsWorker::start(&ns_b, "cl-host-b", &ctl.url(), &lease).await;
     ctl.wait_workers(&[&a.name, &b.name]).await;
     let c = ctl.cluster();
     let ws = c.workers().await.unwrap();
@@ -721,4 +723,118 @@ async fn a_reset_neither_holds_up_heartbeats_nor_forgets_the_tasks_sent_since() 
         .await;
     assert_eq!(r.map(|_| ()).unwrap_err().code(), Code::NotFound);
     assert!(w.logs().contains("the controller asked for a reset"), "{}", w.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn a_worker_down_longer_than_its_lease_never_runs_a_task_twice() {
+    let ctl = ControllerProc::start(3.0).await; // workers' lease: 1.5 s
+    let mut a = ctl.worker("cl-fence-a", &["--runtime", "process"]).await;
+    let c = ctl.cluster();
+    let log = AttemptLog::new();
+    let mut req = sh_job("fence", 1, &log.script("echo working; sleep 8"));
+    req.max_retries_preemption = 3;
+    let job_id = c.launch(&req).await.unwrap();
+    let task_id = format!("{job_id}/task-0");
+    wait_job(&c, &job_id, JOB, |s| s.tasks_running == 1).await;
+    let first = wait_started(&log, &task_id, 0).await;
+    let b = ctl.worker("cl-fence-b", &["--runtime", "process"]).await;
+    // Down for 5 s, longer than the controller's 3 s worker timeout.
+    a.kill9();
+    let down = Instant::now();
+    let gone_ms = wait_gone(first.pid, Duration::from_secs(10)).await;
+    let second = wait_started(&log, &task_id, 1).await;
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(down.elapsed())).await;
+    a.spawn().await;
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}\n{}", ctl.logs());
+    assert!(log.overlaps().is_empty(), "two attempts alive at once: {}", log.overlaps());
+    assert!(
+        gone_ms <= second.at_ms,
+        "attempt 0 lived until {gone_ms}, attempt 1 started at {}: {:?}",
+        second.at_ms,
+        log.records()
+    );
+    let t = &s.tasks[0];
+    assert_eq!(t.attempts.len(), 2, "{t:#?}");
+    assert_eq!((t.attempts[0].state, t.attempts[0].is_worker_failure), (TaskState::WorkerFailed as i32, true));
+    assert_eq!(t.attempts[1].worker_id, b.name);
+    // The restarted worker tells why its attempt ended, and kept its log.
+    let mut ac = a.client().await;
+    let mine = wait_end(&mut ac, &task_id, JOB).await;
+    assert_eq!(state_of(&mine), iris_worker::task::TaskState::WorkerFailed, "{mine:?}");
+    assert_eq!(mine.error, "lost contact with the controller for 1.5 s");
+    let lines: Vec<String> = all_logs(&mut ac, &task_id).await.into_iter().map(|l| l.data).collect();
+    assert_eq!(lines, ["working"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: network namespaces and cgroups"]
+async fn a_worker_cut_off_from_the_controller_ends_its_tasks_before_they_run_elsewhere() {
+    let ns_c = Netns::create("c", 233);
+    let ns_a = Netns::create("a", 234);
+    let ns_b = Netns::create("b", 235);
+    // The controller's address is on a link no test cuts.
+    let ctl = ControllerProc::start_on(&ns_c.host_ip, 3.0).await;
+    let lease = ["--runtime", "process", "--lease", "1.5"];
+    let a = NsWorker::start(&ns_a, "cl-cut-a", &ctl.url(), &lease).await;
+    ctl.wait_workers(&[&a.name]).await;
+    let c = ctl.cluster();
+    let log = AttemptLog::new();
+    let mut req = sh_job("cut", 1, &log.script("echo working; sleep 6"));
+    req.max_retries_preemption = 3;
+    let job_id = c.launch(&req).await.unwrap();
+    let task_id = format!("{job_id}/task-0");
+    let first = wait_started(&log, &task_id, 0).await;
+    let b = NsWorker::start(&ns_b, "cl-cut-b", &ctl.url(), &lease).await;
+    ctl.wait_workers(&[&b.name]).await;
+    ns_a.cut();
+    let gone_ms = wait_gone(first.pid, Duration::from_secs(10)).await;
+    let second = wait_started(&log, &task_id, 1).await;
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    ns_a.heal();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}\n{}", ctl.logs());
+    assert!(log.overlaps().is_empty(), "two attempts alive at once: {}", log.overlaps());
+    assert!(gone_ms <= second.at_ms, "attempt 0 lived until {gone_ms}, attempt 1 started at {}", second.at_ms);
+    let t = &s.tasks[0];
+    assert_eq!(t.attempts.len(), 2, "{t:#?}");
+    assert!(t.attempts[0].is_worker_failure && t.attempts[0].worker_id == a.name, "{t:#?}");
+    assert_eq!(t.attempts[1].worker_id, b.name);
+    // Back on the network, the worker reports why it ended its attempt; its log is whole.
+    let mut ac = iris_worker::proto::worker_service_client::WorkerServiceClient::connect(format!("http://{}", a.addr))
+        .await
+        .unwrap();
+    let mine = wait_end(&mut ac, &task_id, JOB).await;
+    assert_eq!(state_of(&mine), iris_worker::task::TaskState::WorkerFailed, "{mine:?}");
+    assert_eq!(mine.error, "lost contact with the controller for 1.5 s");
+    let lines: Vec<String> = all_logs(&mut ac, &task_id).await.into_iter().map(|l| l.data).collect();
+    assert_eq!(lines, ["working"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn a_worker_restarted_within_its_lease_keeps_its_tasks() {
+    let ctl = ControllerProc::start(20.0).await; // workers' lease: 10 s
+    let mut w = ctl.worker("cl-within", &["--runtime", "process"]).await;
+    let c = ctl.cluster();
+    let job_id = c.launch(&sh_job("within", 1, "echo before; sleep 3; echo after")).await.unwrap();
+    wait_job(&c, &job_id, JOB, |s| s.tasks_running == 1).await;
+    w.kill9();
+    w.spawn().await;
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}\n{}", w.logs());
+    assert_eq!(s.tasks[0].attempts.len(), 1, "{s:#?}");
+    assert_eq!(stdout_of(&c, &job_id, 0).await, ["before", "after"]);
+}
+
+/// Polls the attempt log until the attempt has started.
+async fn wait_started(log: &AttemptLog, task_id: &str, attempt_id: i32) -> AttemptRecord {
+    let deadline = Instant::now() + JOB;
+    loop {
+        if let Some(r) = log.started(task_id, attempt_id) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "attempt {attempt_id} of {task_id} did not start: {:?}", log.records());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

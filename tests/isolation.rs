@@ -225,14 +225,15 @@ async fn a_host_without_the_hook_is_told_at_start_and_in_health_checks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: containers and a BPF connect hook"]
 async fn the_local_controllers_port_is_fenced_off_only_when_asked() {
-    // A stand-in for a controller on this host: the worker's heartbeats fail, which is fine.
+    // A stand-in for a controller on this host: the worker's heartbeats fail, which is fine
+    // without a lease (with one, a worker runs only what its controller confirms).
     let controller = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = controller.local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
     for (fenced, flag) in [(false, "false"), (true, "true")] {
         let w = Worker::start(
             &format!("isolation-controller-{flag}"),
-            &["--controller", &url, "--heartbeat-interval", "5", "--isolate-controller", flag],
+            &["--controller", &url, "--heartbeat-interval", "5", "--lease", "0", "--isolate-controller", flag],
         )
         .await;
         let mut c = w.client().await;

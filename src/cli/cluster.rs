@@ -32,9 +32,32 @@ pub struct UpArgs {
     /// Seconds between the workers' heartbeats.
     #[arg(long, default_value_t = 10.0)]
     pub heartbeat_interval: f64,
+    /// The workers' controller lease in seconds; it and its kill must end within
+    /// --worker-timeout [default: 30, or half the worker timeout if that is less].
+    #[arg(long)]
+    pub lease: Option<f64>,
     /// An extra flag for every worker's `serve` (e.g. `--worker-arg=--runtime=process`); repeatable.
     #[arg(long = "worker-arg", allow_hyphen_values = true)]
     pub worker_args: Vec<String>,
+}
+
+/// The workers' lease: given or derived, checked against the worker timeout here, where both
+/// are known.
+fn lease_for(a: &UpArgs) -> anyhow::Result<f64> {
+    let lease = a.lease.unwrap_or((super::config::DEFAULT_LEASE).min(a.worker_timeout / 2.0));
+    let in_range = |s: f64| s > 0.0 && s < 86_400.0;
+    if !in_range(lease) || !in_range(a.worker_timeout) {
+        anyhow::bail!("--lease and --worker-timeout must be between 0 and 86400 seconds");
+    }
+    crate::supervisor::lease::check_against_worker_timeout(
+        Duration::from_secs_f64(lease),
+        Duration::from_secs_f64(a.worker_timeout),
+    )
+    .map_err(anyhow::Error::msg)?;
+    if lease < 2.0 * a.heartbeat_interval {
+        anyhow::bail!("--lease ({lease} s) must be at least twice --heartbeat-interval ({} s)", a.heartbeat_interval);
+    }
+    Ok(lease)
 }
 
 struct Child {
@@ -45,6 +68,7 @@ struct Child {
 pub async fn run(verb: ClusterVerb) -> anyhow::Result<()> {
     let ClusterVerb::Up(a) = verb;
     super::init_logging(false);
+    let lease = lease_for(&a)?;
     let root =
         tempfile::Builder::new().prefix("iris-cluster-").tempdir().context("making the cluster's state directory")?;
     let settings = ControllerArgs {
@@ -78,6 +102,7 @@ pub async fn run(verb: ClusterVerb) -> anyhow::Result<()> {
                 .args(["--worker-id", &format!("cluster-worker-{i}")])
                 .args(["--advertise-host", "127.0.0.1"])
                 .args(["--heartbeat-interval", &a.heartbeat_interval.to_string()])
+                .args(["--lease", &lease.to_string()])
                 .args(["--port-range", &format!("{}-{}", 40000 + i * 1000, 40999 + i * 1000)])
                 .args(&a.worker_args)
                 .stdin(Stdio::null())
@@ -149,4 +174,30 @@ pub async fn run(verb: ClusterVerb) -> anyhow::Result<()> {
     let _ = started.server.await;
     drop(root);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(worker_timeout: f64, heartbeat_interval: f64, lease: Option<f64>) -> UpArgs {
+        UpArgs {
+            workers: 1,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            worker_timeout,
+            heartbeat_interval,
+            lease,
+            worker_args: vec![],
+        }
+    }
+
+    #[test]
+    fn the_lease_is_checked_against_the_worker_timeout_at_start() {
+        assert_eq!(lease_for(&up(60.0, 10.0, None)).unwrap(), 30.0);
+        assert_eq!(lease_for(&up(3.0, 0.3, None)).unwrap(), 1.5);
+        let e = lease_for(&up(20.0, 1.0, Some(30.0))).unwrap_err();
+        assert!(e.to_string().contains("worker timeout"), "{e}");
+        let e = lease_for(&up(60.0, 10.0, Some(15.0))).unwrap_err();
+        assert!(e.to_string().contains("heartbeat"), "{e}");
+    }
 }

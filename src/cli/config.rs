@@ -13,6 +13,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/iris-worker";
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/iris-worker";
 pub const DEFAULT_PORT_RANGE: &str = "30000-39999";
 pub const DEFAULT_MAX_CONCURRENT: usize = 64;
+/// The controller lease in seconds: well under a controller's default dead-worker timeout
+/// (60 s), so the lease and its kill are over before the controller runs the tasks elsewhere.
+pub const DEFAULT_LEASE: f64 = 30.0;
 
 /// Settings of `serve` (and `demo`). Every flag also reads IRIS_WORKER_<NAME> and the TOML
 /// file's `<name>` key.
@@ -96,6 +99,13 @@ pub struct ServeArgs {
     /// Seconds between heartbeats to the controller [default: 10].
     #[arg(long, env = "IRIS_WORKER_HEARTBEAT_INTERVAL")]
     pub heartbeat_interval: Option<f64>,
+    /// Seconds without an answer from the controller after which the worker's tasks are
+    /// killed (by their supervisors, even if the worker is dead) as WORKER_FAILED, so they
+    /// never run twice; at least twice the heartbeat interval, and with its kill (a quarter,
+    /// at most 5 s) under the controller's worker timeout; 0 = no lease. Only with
+    /// --controller [default: 30].
+    #[arg(long, env = "IRIS_WORKER_LEASE")]
+    pub lease: Option<f64>,
     /// A worker attribute for job constraints, KEY=VALUE (repeatable; whole numbers become
     /// int attributes, other numbers float) [default: none].
     #[arg(long = "attribute", env = "IRIS_WORKER_ATTRIBUTES", value_delimiter = ',')]
@@ -245,6 +255,7 @@ struct FileConfig {
     bind_host: Option<String>,
     log_format: Option<String>,
     heartbeat_interval: Option<f64>,
+    lease: Option<f64>,
     attributes: Option<Vec<String>>,
     buildkit: Option<String>,
     image_dir: Option<PathBuf>,
@@ -303,6 +314,8 @@ pub struct ServeConfig {
     pub bind_host: String,
     pub log_json: bool,
     pub heartbeat_interval: std::time::Duration,
+    /// The controller lease; `None` without a controller or with `lease = 0`.
+    pub lease: Option<std::time::Duration>,
     /// Attributes as KEY=VALUE pairs.
     pub attributes: Vec<(String, String)>,
     pub buildkit: Option<String>,
@@ -408,6 +421,29 @@ impl ServeArgs {
             0 => None,
             n => Some(n),
         };
+        let heartbeat_interval = {
+            let secs = self.heartbeat_interval.or(file.heartbeat_interval).unwrap_or(10.0);
+            if !(secs > 0.0 && secs < 86_400.0) {
+                bail!("heartbeat_interval must be between 0 and 86400 seconds, not {secs}");
+            }
+            std::time::Duration::from_secs_f64(secs)
+        };
+        let lease = {
+            let secs = self.lease.or(file.lease).unwrap_or(DEFAULT_LEASE);
+            if !(0.0..86_400.0).contains(&secs) {
+                bail!("lease must be between 0 and 86400 seconds, not {secs}");
+            }
+            let lease = std::time::Duration::from_secs_f64(secs);
+            // A lease must outlive a lost heartbeat or two, or a worker would kill its tasks
+            // while the controller still counts it alive.
+            if secs > 0.0 && lease < heartbeat_interval * 2 {
+                bail!(
+                    "lease ({secs} s) must be at least twice heartbeat_interval ({} s)",
+                    heartbeat_interval.as_secs_f64()
+                );
+            }
+            (secs > 0.0 && controller.is_some()).then_some(lease)
+        };
         #[cfg(feature = "buildkit")]
         if let Some(addr) = &buildkit {
             crate::buildkit::connect::Address::parse(addr).context("buildkit")?;
@@ -470,13 +506,8 @@ impl ServeArgs {
             advertise_host,
             bind_host: self.bind_host.or(file.bind_host).unwrap_or_else(|| "127.0.0.1".into()),
             log_json: log_format == "json",
-            heartbeat_interval: {
-                let secs = self.heartbeat_interval.or(file.heartbeat_interval).unwrap_or(10.0);
-                if !(secs > 0.0 && secs < 86_400.0) {
-                    bail!("heartbeat_interval must be between 0 and 86400 seconds, not {secs}");
-                }
-                std::time::Duration::from_secs_f64(secs)
-            },
+            heartbeat_interval,
+            lease,
             attributes: {
                 let list =
                     if self.attributes.is_empty() { file.attributes.unwrap_or_default() } else { self.attributes };
@@ -893,5 +924,24 @@ mod tests {
         std::fs::write(&file, "listn = \"x\"\n").unwrap();
         let err = ServeArgs { config: Some(file), ..Default::default() }.resolve().unwrap_err();
         assert!(format!("{err:#}").contains("listn"), "{err:#}");
+    }
+
+    #[test]
+    fn a_worker_with_a_controller_has_a_lease_and_a_standalone_one_none() {
+        let with = |controller: Option<&str>, lease: Option<f64>, heartbeat: Option<f64>| ServeArgs {
+            controller: controller.map(str::to_string),
+            lease,
+            heartbeat_interval: heartbeat,
+            ..Default::default()
+        };
+        assert_eq!(with(None, None, None).resolve().unwrap().lease, None);
+        let c = with(Some("http://c:10000"), None, None).resolve().unwrap();
+        assert_eq!(c.lease, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(with(Some("http://c:10000"), Some(0.0), None).resolve().unwrap().lease, None);
+        let err = with(Some("http://c:10000"), Some(15.0), None).resolve().unwrap_err();
+        assert!(err.to_string().contains("twice heartbeat_interval"), "{err}");
+        assert!(with(Some("http://c:10000"), Some(-1.0), None).resolve().is_err());
+        let c = with(Some("http://c:10000"), Some(1.5), Some(0.3)).resolve().unwrap();
+        assert_eq!(c.lease, Some(std::time::Duration::from_millis(1500)));
     }
 }

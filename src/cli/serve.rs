@@ -48,6 +48,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         },
         request_decoder: Some(crate::rpc::decode_run_task),
         cache: config.cache.clone(),
+        lease: config.lease,
         python: PythonConfig {
             rootfs: config.python_rootfs.clone(),
             find_links: config.uv_find_links.clone(),

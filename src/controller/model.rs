@@ -149,6 +149,10 @@ pub struct WorkerRecord {
     pub last_heartbeat_ms: i64,
     pub healthy: bool,
     pub consecutive_failures: i32,
+    /// The worker's fence (ms): its tasks are surely gone this long after the send of its last
+    /// answered heartbeat (0: it has no lease).
+    #[serde(default)]
+    pub fence_ms: i64,
 }
 
 /// Resources held on a worker by its active tasks.

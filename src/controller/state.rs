@@ -10,6 +10,9 @@ use std::time::Duration;
 /// The most tasks one job may have.
 pub const MAX_REPLICAS: i32 = 100_000;
 
+/// Added to a worker's fence before its tasks move (see the lease module).
+const FENCE_MARGIN_MS: i64 = crate::supervisor::lease::CONTROLLER_MARGIN.as_millis() as i64;
+
 use super::ControllerError;
 use super::model::{
     Attempt, EndpointRec, Job, JobRecord, Task, WorkerRec, WorkerRecord, job_terminal, now_ms, task_terminal,
@@ -700,7 +703,7 @@ impl State {
                     self.dirty.workers.insert(worker_id.to_string());
                 }
                 // Counted as sent: a heartbeat that does not list it soon has it checked
-                // (GetTaskStatus), and a worker that died has it moved when it is found dead.
+                // (GetTaskStatus), and a worker that died has it moved after its fence.
                 if let Some(t) = self.tasks.get_mut(id)
                     && !t.dispatched
                 {
@@ -843,6 +846,7 @@ impl State {
         let now = now_ms();
         let metadata = r.metadata.unwrap_or_default();
         let known = self.workers.contains_key(&r.worker_id);
+        let timeout_ms = self.knobs.worker_timeout.as_millis() as i64;
         let w = self.workers.entry(r.worker_id.clone()).or_insert_with(|| WorkerRec {
             rec: WorkerRecord { worker_id: r.worker_id.clone(), registered_ms: now, ..Default::default() },
             ..Default::default()
@@ -868,6 +872,18 @@ impl State {
             }
         }
         w.rec.last_heartbeat_ms = now;
+        let fence_ms = r.fence_ms.max(0);
+        if w.rec.fence_ms != fence_ms {
+            if fence_ms + FENCE_MARGIN_MS > timeout_ms {
+                tracing::warn!(
+                    worker_id = %r.worker_id,
+                    "the worker's lease and its kill take {fence_ms} ms, more than the worker timeout of \
+                     {timeout_ms} ms: its tasks move only once the lease has lapsed (lower its --lease)"
+                );
+            }
+            w.rec.fence_ms = fence_ms;
+            self.dirty.workers.insert(r.worker_id.clone());
+        }
         if !known {
             tracing::info!(worker_id = %r.worker_id, address = %r.address, "worker registered");
             return Ok(pc::RegisterWorkerResponse {
@@ -909,7 +925,8 @@ impl State {
         Ok(pc::RegisterWorkerResponse { accepted: true, controller_address: String::new(), should_reset: false })
     }
 
-    /// Periodic work: dead workers and scheduling timeouts.
+    /// Periodic work: dead workers, their tasks once their lease has lapsed, and scheduling
+    /// timeouts.
     pub fn tick(&mut self) {
         let now = now_ms();
         let timeout = self.knobs.worker_timeout.as_millis() as i64;
@@ -921,17 +938,29 @@ impl State {
             .collect();
         for id in dead {
             tracing::warn!(worker_id = %id, "no heartbeat for {:?}: the worker is dead", self.knobs.worker_timeout);
-            let tasks: Vec<String> = match self.workers.get_mut(&id) {
-                Some(w) => {
-                    w.rec.healthy = false;
-                    w.tasks.iter().cloned().collect()
-                }
-                None => continue,
-            };
-            self.dirty.workers.insert(id.clone());
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.rec.healthy = false;
+                self.dirty.workers.insert(id.clone());
+            }
+        }
+        // A dead worker's tasks may still run there until its lease has lapsed and its
+        // supervisors have killed them (its fence): only then do they move.
+        let lapsed: Vec<(String, i64)> = self
+            .workers
+            .values()
+            .filter(|w| !w.rec.healthy && !w.tasks.is_empty())
+            .filter(|w| {
+                let fence = if w.rec.fence_ms > 0 { w.rec.fence_ms + FENCE_MARGIN_MS } else { 0 };
+                now - w.rec.last_heartbeat_ms > timeout.max(fence)
+            })
+            .map(|w| (w.rec.worker_id.clone(), now - w.rec.last_heartbeat_ms))
+            .collect();
+        for (id, silent_ms) in lapsed {
+            let tasks: Vec<String> =
+                self.workers.get(&id).map(|w| w.tasks.iter().cloned().collect()).unwrap_or_default();
+            let error = format!("worker {id} sent no heartbeat for {:.1} s", silent_ms as f64 / 1000.0);
             for t in tasks {
-                let error = format!("worker {id} sent no heartbeat for {} s", timeout / 1000);
-                self.end_attempt(&t, TaskState::WorkerFailed, 0, error, true, now);
+                self.end_attempt(&t, TaskState::WorkerFailed, 0, error.clone(), true, now);
             }
         }
         let expired: Vec<(String, String)> = self
@@ -1240,6 +1269,7 @@ mod tests {
             address: format!("{id}:1"),
             metadata: Some(WorkerMetadata { cpu_count: 4, memory_bytes: 1 << 30, ..Default::default() }),
             running_task_ids: vec![],
+            ..Default::default()
         })
         .unwrap();
     }
@@ -1392,6 +1422,78 @@ mod tests {
         assert_eq!(s.workers["b"].used.cpu_millicores, 1000);
         report(&mut s, &second[0], TaskState::Succeeded, 0);
         assert_eq!(s.jobs["j"].rec.state, JobState::Succeeded as i32);
+    }
+
+    #[test]
+    fn a_dead_workers_tasks_move_only_once_its_lease_has_surely_lapsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        // The worker's tasks are gone 300 ms after its last answered heartbeat: longer than
+        // the 50 ms worker timeout.
+        s.register_worker(pc::RegisterWorkerRequest {
+            worker_id: "a".into(),
+            address: "a:1".into(),
+            metadata: Some(WorkerMetadata { cpu_count: 4, memory_bytes: 1 << 30, ..Default::default() }),
+            fence_ms: 300,
+            ..Default::default()
+        })
+        .unwrap();
+        register(&mut s, "b");
+        s.launch(job("j", 1)).unwrap();
+        s.schedule();
+        let first = accept_all(&mut s);
+        assert_eq!(first[0].2, "a");
+        let last_heard = std::time::Instant::now();
+        // b keeps beating; a is silent.
+        let mut moved_at = None;
+        while moved_at.is_none() && last_heard.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+            register(&mut s, "b");
+            s.tick();
+            if last_heard.elapsed() > Duration::from_millis(100) {
+                assert!(!s.workers["a"].rec.healthy, "dead after the worker timeout");
+            }
+            if s.tasks["j/task-0"].worker_id != "a" {
+                moved_at = Some(last_heard.elapsed());
+            }
+        }
+        let moved_at = moved_at.expect("the task moved");
+        assert!(moved_at >= Duration::from_millis(800), "not before the fence and its margin: {moved_at:?}");
+        s.schedule();
+        let second = accept_all(&mut s);
+        assert_eq!((second[0].1, second[0].2.as_str()), (1, "b"));
+        let t = &s.tasks["j/task-0"];
+        assert!(t.attempts[0].is_worker_failure && t.attempts[0].error.contains("sent no heartbeat"), "{t:?}");
+        assert_eq!(t.preemptions, 1);
+    }
+
+    #[test]
+    fn a_dead_worker_back_within_its_fence_keeps_its_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        let beat = |s: &mut State| {
+            s.register_worker(pc::RegisterWorkerRequest {
+                worker_id: "a".into(),
+                address: "a:1".into(),
+                metadata: Some(WorkerMetadata { cpu_count: 4, memory_bytes: 1 << 30, ..Default::default() }),
+                running_task_ids: vec!["j/task-0".into()],
+                fence_ms: 10_000,
+            })
+            .unwrap()
+        };
+        beat(&mut s);
+        s.launch(job("j", 1)).unwrap();
+        s.schedule();
+        let first = accept_all(&mut s);
+        std::thread::sleep(Duration::from_millis(80));
+        s.tick();
+        assert!(!s.workers["a"].rec.healthy);
+        assert_eq!(s.tasks["j/task-0"].worker_id, "a", "held until the fence");
+        assert!(!beat(&mut s).should_reset);
+        assert!(s.workers["a"].rec.healthy);
+        report(&mut s, &first[0], TaskState::Succeeded, 0);
+        assert_eq!(s.jobs["j"].rec.state, JobState::Succeeded as i32);
+        assert_eq!(s.tasks["j/task-0"].attempts.len(), 1);
     }
 
     #[test]

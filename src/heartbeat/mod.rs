@@ -50,18 +50,22 @@ pub fn start_with_client(manager: TaskManager, client: ConnectClient, me: Worker
 
 async fn heartbeat(client: ConnectClient, manager: TaskManager, me: WorkerIdentity, every: Duration) {
     let mut accepted = false;
+    let fence_ms = manager.fence().map(|f| f.as_millis() as i64).unwrap_or(0);
     loop {
-        // Taken before the send: a reset in the answer reaches only what the worker held then.
+        // Taken before the send: a reset in the answer reaches only what the worker held then,
+        // and a lease renewed by the answer counts from then (never past what the controller saw).
         let fence = manager.fence_mark();
         let mut metadata = me.metadata.clone();
         if let Some(why) = manager.disk_pressure() {
             metadata.attributes.insert(DISK_PRESSURE_ATTRIBUTE.to_string(), attribute_text(&why));
         }
+        let sent_ms = crate::supervisor::lease::boottime_ms();
         let req = controller::RegisterWorkerRequest {
             worker_id: me.worker_id.clone(),
             address: me.address.clone(),
             metadata: Some(metadata),
             running_task_ids: manager.active_task_ids(),
+            fence_ms,
         };
         match client.call::<_, controller::RegisterWorkerResponse>(SERVICE, "RegisterWorker", &req, CALL_TIMEOUT).await
         {
@@ -70,6 +74,9 @@ async fn heartbeat(client: ConnectClient, manager: TaskManager, me: WorkerIdenti
                     tracing::info!(controller = client.base(), "registered with the controller");
                 }
                 accepted = resp.accepted;
+                if resp.accepted {
+                    manager.heard_from_controller(sent_ms);
+                }
                 if resp.should_reset {
                     tracing::warn!("the controller asked for a reset: killing and forgetting the tasks held until now");
                     // In the background: heartbeats go on while the tasks end.

@@ -151,6 +151,9 @@ pub enum KillReason {
     Timeout,
     /// The task kept more on disk than its `resources.disk_bytes`.
     Disk,
+    /// The worker lost contact with its controller for longer than its lease
+    /// ([`super::lease`]): the supervisor fenced the task off on its own.
+    Fenced,
 }
 
 /// `kill.json`: the worker's request to end the task (then it sends SIGUSR1).
@@ -184,8 +187,8 @@ pub struct ExitRecord {
     /// Why the task never ran (the runtime's error), when it did not.
     pub error: Option<String>,
     pub killed: Option<KillReason>,
-    /// Why the task was killed for a reason of the worker's, not the task's or a user's (a
-    /// controller reset): the attempt is WORKER_FAILED.
+    /// Why the task was killed for a reason of the worker's, not the task's or a user's (lost
+    /// contact with the controller, a controller reset): the attempt is WORKER_FAILED.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_failure: Option<String>,
     /// The final cgroup figures (peak memory, CPU time, OOM kills).

@@ -10,6 +10,7 @@
 mod disk;
 pub mod files;
 pub mod handle;
+pub mod lease;
 mod oom;
 mod pump;
 
@@ -152,6 +153,8 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
     let mut disk = spec.disk_limit.clone().map(|limit| disk::DiskWatch::new(limit, started));
     // A container's /tmp is measured through its init's view of the container's mounts.
     let container_init = runtime.signals_through_init().then_some(pid);
+    // The controller lease, when the task has one: see `lease`.
+    let mut fence = lease::Watch::open(task_dir);
 
     loop {
         if status.is_some() && (pump.is_done() || drain_until.is_some_and(|d| Instant::now() >= d)) {
@@ -159,7 +162,10 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
         }
         let now = Instant::now();
         let disk_at = disk.as_ref().filter(|_| status.is_none() && exit.killed.is_none()).map(|d| d.due());
-        let next = [timeout_at, sigkill_at, drain_until, disk_at].into_iter().flatten().min();
+        let next = [timeout_at, sigkill_at, drain_until, disk_at, fence.as_ref().map(lease::Watch::next_check)]
+            .into_iter()
+            .flatten()
+            .min();
         let wait = match next {
             Some(t) => PollTimeout::try_from(t.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1)
                 .unwrap_or(PollTimeout::MAX),
@@ -227,6 +233,21 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
             timeout_at = None;
             let _ = kill(pid, Signal::SIGKILL);
             kill_cgroup(&spec);
+        }
+        if status.is_some() {
+            fence = None;
+        } else if let Some(expired) = fence.as_mut().and_then(|f| f.poll(now)) {
+            fence = None;
+            if exit.killed.is_none() {
+                tracing::warn!(error = %expired.error, "the controller lease expired: ending the task");
+                exit.killed = Some(KillReason::Fenced);
+                exit.worker_failure = Some(expired.error);
+                sigkill_at = Some(terminate(&spec, pid, runtime.signals_through_init(), expired.grace));
+            } else {
+                // Already ending (a kill or the timeout): no later than the fence allows.
+                let fenced = now + expired.grace;
+                sigkill_at = Some(sigkill_at.map_or(fenced, |t| t.min(fenced)));
+            }
         }
         if sigkill_at.is_some_and(|t| now >= t) {
             sigkill_at = None;

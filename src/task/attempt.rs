@@ -45,6 +45,9 @@ pub(crate) struct Attempt {
     /// The order in which this worker accepted (or adopted) its attempts: a controller's reset
     /// reaches only the attempts up to a mark ([`super::TaskManager::reset`]).
     pub(crate) seq: u64,
+    /// When it was accepted (CLOCK_BOOTTIME ms): a lapsing lease ends the attempts accepted
+    /// while it was held.
+    pub(crate) accepted_boottime_ms: i64,
     status: Mutex<Status>,
     kill: KillSwitch,
     done: (watch::Sender<bool>, watch::Receiver<bool>),
@@ -68,6 +71,7 @@ impl Attempt {
             meta,
             dir,
             seq,
+            accepted_boottime_ms: crate::supervisor::lease::boottime_ms(),
             status: Mutex::new(Status {
                 state,
                 status_message: String::new(),
@@ -109,8 +113,8 @@ impl Attempt {
         self.request_kill_for(grace_ms, None)
     }
 
-    /// [`Self::request_kill`] for one of the worker's own reasons (`worker_failure`: a
-    /// controller's reset), which makes the attempt WORKER_FAILED. The first request's reason
+    /// [`Self::request_kill`] for one of the worker's own reasons (`worker_failure`: a reset,
+    /// a lapsed lease), which makes the attempt WORKER_FAILED. The first request's reason
     /// stays: a later KillTask does not turn a worker failure into a user's kill, nor the
     /// reverse.
     pub(crate) fn request_kill_for(&self, grace_ms: u64, worker_failure: Option<String>) -> Result<(), TaskState> {
@@ -501,6 +505,22 @@ async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSpec, previou
         release_rootfs(&attempt.dir);
         attempt.finish(&inner, TaskState::Failed, -1, format!("writing the launch spec: {e}"), None);
         return;
+    }
+    if let Some(lease) = &inner.lease {
+        // A task runs only while the worker holds its controller lease, and its supervisor
+        // ends it when the lease lapses.
+        if !lease.valid() {
+            attempt.set(&inner, TaskState::Building, "waiting for contact with the controller");
+            tokio::select! {
+                _ = lease.wait_valid() => {}
+                _ = attempt.kill.notify.notified() => {}
+            }
+        }
+        if let Err(e) = files::write_json(&attempt.dir, crate::supervisor::lease::FENCE, &lease.fence_record()) {
+            release_rootfs(&attempt.dir);
+            attempt.finish(&inner, TaskState::Failed, -1, format!("writing the task's fence: {e}"), None);
+            return;
+        }
     }
     if killed_early(&attempt) {
         release_rootfs(&attempt.dir);

@@ -10,6 +10,7 @@ mod attempt;
 mod dockerfile;
 mod env;
 pub mod history;
+mod lease;
 mod ports;
 mod prepare;
 mod retention;
@@ -23,7 +24,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore, mpsc};
 
@@ -122,6 +123,9 @@ pub struct ManagerConfig {
     /// when it stopped runs after a restart (the RPC layer's decoder; `None`: such tasks are
     /// WORKER_FAILED).
     pub request_decoder: Option<RequestDecoder>,
+    /// The controller lease (see [`crate::supervisor::lease`]): tasks end when the worker has
+    /// not heard from its controller for this long. `None` for a standalone worker.
+    pub lease: Option<Duration>,
 }
 
 /// Turns the bytes of a task's `request.pb` into its spec.
@@ -260,6 +264,7 @@ pub(crate) struct Inner {
     isolation: Mutex<Option<crate::isolation::IsolationStatus>>,
     /// Attempts accepted (or adopted) so far: each attempt's `seq`.
     accepted: AtomicU64,
+    lease: Option<lease::Lease>,
     _lock: std::fs::File,
 }
 
@@ -340,12 +345,14 @@ impl TaskManager {
             started: Instant::now(),
             isolation: Mutex::new(None),
             accepted: AtomicU64::new(0),
+            lease: config.lease.map(|length| lease::Lease::open(&config.state_dir, length)),
             config,
             _lock: lock_file,
         });
         let state_dir = inner.config.state_dir.clone();
         tokio::task::spawn_blocking(move || retention::empty_trash(&state_dir));
         attempt::adopt_all(&inner);
+        lease::spawn_watch(&inner);
         spawn_sampler(&inner);
         retention::spawn_janitor(&inner);
         // This process's bundle index forgets what the budget (here or elsewhere) evicted.
@@ -475,6 +482,23 @@ impl TaskManager {
                 !attempts.is_empty()
             });
         })
+    }
+
+    /// The controller answered a heartbeat sent at `sent_ms` (CLOCK_BOOTTIME ms, from
+    /// [`crate::supervisor::lease::boottime_ms`] taken before sending): renews the lease.
+    /// Whatever the wire, this is how a worker's lease is renewed.
+    pub fn heard_from_controller(&self, sent_ms: i64) {
+        if let Some(lease) = &self.inner.lease
+            && let Err(e) = lease.renew(sent_ms)
+        {
+            tracing::warn!(error = %e, "renewing the controller lease");
+        }
+    }
+
+    /// How long after the send of its last answered heartbeat this worker's tasks are surely
+    /// gone (the lease, the kill and some slack); `None` without a lease.
+    pub fn fence(&self) -> Option<Duration> {
+        self.inner.lease.as_ref().map(lease::Lease::fence)
     }
 
     /// Waits until the task's current attempt has ended; returns its final view.

@@ -62,12 +62,16 @@ pub fn outcome(exit: &ExitRecord, timeout_s: Option<u64>) -> Outcome {
         return failed(format!("the task could not be started: {error}"));
     }
     if let Some(error) = &exit.worker_failure {
-        // Killed for the worker's reasons (a controller reset): the task did nothing wrong,
-        // and the controller may run it again.
+        // Killed for the worker's reasons (lost contact with the controller, a reset): the
+        // task did nothing wrong, and the controller may run it again.
         return Outcome { state: TaskState::WorkerFailed, exit_code, error: error.clone() };
     }
     match exit.killed {
         Some(KillReason::Timeout) => return failed(format!("timeout after {} s", timeout_s.unwrap_or(0))),
+        Some(KillReason::Fenced) => {
+            let error = "lost contact with the controller".to_string();
+            return Outcome { state: TaskState::WorkerFailed, exit_code, error };
+        }
         Some(KillReason::Requested) => {
             return Outcome { state: TaskState::Killed, exit_code, error: "killed by request".into() };
         }
@@ -165,9 +169,12 @@ mod tests {
     #[test]
     fn kills_for_the_workers_reasons_are_worker_failures() {
         let mut e = exit(None, Some(15));
+        e.killed = Some(KillReason::Fenced);
+        e.worker_failure = Some("lost contact with the controller for 30 s".into());
+        let o = outcome(&e, None);
+        assert_eq!((o.state, o.error.as_str()), (TaskState::WorkerFailed, "lost contact with the controller for 30 s"));
         e.killed = Some(KillReason::Requested);
         e.worker_failure = Some("the controller reset this worker".into());
-        let o = outcome(&e, None);
-        assert_eq!((o.state, o.error.as_str()), (TaskState::WorkerFailed, "the controller reset this worker"));
+        assert_eq!(outcome(&e, None).state, TaskState::WorkerFailed);
     }
 }

@@ -61,6 +61,12 @@ impl ControllerProc {
         c
     }
 
+    /// The lease a test worker of this controller gets: half its worker timeout (at most the
+    /// default 30 s), so the lease and its kill end before the controller moves the tasks.
+    pub fn lease(&self) -> String {
+        (self.worker_timeout / 2.0).min(30.0).to_string()
+    }
+
     /// Starts the process on a port of its choosing (port 0) the first time, then again on the
     /// same state directory and port. Ready once this very process listens and answers (a port
     /// freed by a killed controller may be taken by another test meanwhile).
@@ -123,7 +129,9 @@ impl ControllerProc {
     /// A worker registered with this controller (heartbeat every 0.3 s), with extra flags.
     pub async fn worker(&self, name: &str, extra: &[&str]) -> Worker {
         let url = self.url();
+        let lease = self.lease();
         let mut args = vec!["--controller", &url, "--heartbeat-interval", "0.3", "--advertise-host", "127.0.0.1"];
+        args.extend_from_slice(&["--lease", &lease]);
         args.extend_from_slice(extra);
         let w = Worker::start(name, &args).await;
         self.wait_workers(&[&w.name]).await;
@@ -220,6 +228,18 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Cuts the namespace off (its veth's host end down): it reaches nothing and nothing
+    /// reaches it, until [`Self::heal`].
+    pub fn cut(&self) {
+        ip(&["link", "set", &self.host_veth, "down"]);
+    }
+
+    pub fn heal(&self) {
+        ip(&["link", "set", &self.host_veth, "up"]);
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace deletes its veth end, and with it the pair.
@@ -235,32 +255,56 @@ pub struct NsWorker {
     pub state: tempfile::TempDir,
     pub addr: String,
     pub child: Option<Child>,
+    ns_name: String,
+    ns_ip: String,
+    controller_url: String,
+    extra: Vec<String>,
 }
 
 impl NsWorker {
     pub async fn start(ns: &Netns, name: &str, controller_url: &str, extra: &[&str]) -> NsWorker {
         let state = tempfile::Builder::new().prefix("iris-worker-test-").tempdir().unwrap();
-        let name = format!("{TEST_PREFIX}{name}-{}", std::process::id());
-        let port = free_port();
-        let addr = format!("{}:{port}", ns.ns_ip);
-        let log = std::fs::File::create(state.path().join("worker.log")).unwrap();
+        let mut w = NsWorker {
+            name: format!("{TEST_PREFIX}{name}-{}", std::process::id()),
+            state,
+            addr: String::new(),
+            child: None,
+            ns_name: ns.name.clone(),
+            ns_ip: ns.ns_ip.clone(),
+            controller_url: controller_url.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        w.spawn(free_port());
+        w
+    }
+
+    /// (Re)starts the process on the same state directory, listening on `port` in its
+    /// namespace (each namespace has its own ports). Its log is appended to.
+    pub fn spawn(&mut self, port: u16) {
+        self.addr = format!("{}:{port}", self.ns_ip);
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.state.path().join("worker.log")).unwrap();
         let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", ns.name))
+            .arg(format!("--net=/run/netns/{}", self.ns_name))
             .arg(exe())
             .args(["serve", "--listen", &format!("0.0.0.0:{port}")])
             .arg("--state-dir")
-            .arg(state.path())
+            .arg(self.state.path())
             .arg("--rootfs")
             .arg(rootfs())
-            .args(["--worker-id", &name, "--controller", controller_url, "--advertise-host", &ns.ns_ip])
+            .args(["--worker-id", &self.name, "--controller", &self.controller_url, "--advertise-host", &self.ns_ip])
             .args(["--heartbeat-interval", "0.3"])
-            .args(extra)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
-        NsWorker { name, state, addr, child: Some(child) }
+        self.child = Some(child);
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0)
     }
 
     pub fn kill9(&mut self) {
@@ -290,4 +334,89 @@ impl Drop for NsWorker {
             .stdout(Stdio::null())
             .status();
     }
+}
+
+/// Where the attempts of a test's tasks record themselves, in a directory the test owns (tasks
+/// run with `--runtime process`, so they see it). Each attempt appends `start TASK ATTEMPT PID
+/// MS` and, if it ends on its own, `end TASK ATTEMPT PID MS` to `attempts`, and holds an flock
+/// on its task's lock file while it lives (its processes inherit it): an attempt that finds
+/// the lock taken — an earlier attempt of the same task still alive — appends to `overlaps`.
+pub struct AttemptLog {
+    pub dir: tempfile::TempDir,
+}
+
+/// One line of an [`AttemptLog`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub event: String,
+    pub task_id: String,
+    pub attempt_id: i32,
+    pub pid: i32,
+    pub at_ms: i64,
+}
+
+impl AttemptLog {
+    pub fn new() -> AttemptLog {
+        AttemptLog { dir: tempfile::Builder::new().prefix("iwtest-attempts-").tempdir().unwrap() }
+    }
+
+    /// A shell script that records the attempt around `body`.
+    pub fn script(&self, body: &str) -> String {
+        let d = self.dir.path().display();
+        format!(
+            "d={d}; k=$(echo \"$IRIS_TASK_ID\" | tr / _); exec 9>>\"$d/$k.lock\"; \
+             flock -n 9 || echo \"$IRIS_TASK_ID $IRIS_ATTEMPT_ID $(date +%s%3N)\" >> \"$d/overlaps\"; \
+             echo \"start $IRIS_TASK_ID $IRIS_ATTEMPT_ID $$ $(date +%s%3N)\" >> \"$d/attempts\"; \
+             {body}
+             echo \"end $IRIS_TASK_ID $IRIS_ATTEMPT_ID $$ $(date +%s%3N)\" >> \"$d/attempts\""
+        )
+    }
+
+    pub fn records(&self) -> Vec<AttemptRecord> {
+        std::fs::read_to_string(self.dir.path().join("attempts"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 5).then(|| AttemptRecord {
+                    event: f[0].to_string(),
+                    task_id: f[1].to_string(),
+                    attempt_id: f[2].parse().unwrap_or(-1),
+                    pid: f[3].parse().unwrap_or(0),
+                    at_ms: f[4].parse().unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// Attempts that started while an earlier attempt of their task was alive.
+    pub fn overlaps(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("overlaps")).unwrap_or_default()
+    }
+
+    /// The `start` record of the task's attempt, once it has started.
+    pub fn started(&self, task_id: &str, attempt_id: i32) -> Option<AttemptRecord> {
+        self.records().into_iter().find(|r| r.event == "start" && r.task_id == task_id && r.attempt_id == attempt_id)
+    }
+}
+
+/// Milliseconds since the Unix epoch (what `date +%s%3N` prints).
+pub fn epoch_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Polls until process `pid` is gone; returns when (epoch ms), or panics after `within`.
+pub async fn wait_gone(pid: i32, within: Duration) -> i64 {
+    let deadline = Instant::now() + within;
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+            .unwrap_or(false);
+        if zombie {
+            break;
+        }
+        assert!(Instant::now() < deadline, "process {pid} still runs after {within:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    epoch_ms()
 }

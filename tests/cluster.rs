@@ -374,10 +374,12 @@ async fn bad_requests_are_refused_naming_the_field() {
     assert_eq!(code_of(&e), Some(Code::NotFound));
     assert!(e.to_string().contains("job_id"), "{e}");
     assert_eq!(code_of(&c.lookup_endpoint("nothing").await.unwrap_err()), Some(Code::NotFound));
-    // A job's name cannot be launched twice, running or finished (as in Iris); the controller
-    // keeps its state on disk.
+    // A job's name cannot be launched again with another spec, running or finished (as in
+    // Iris); the same request again is a retry and gets the same job. The controller keeps its
+    // state on disk.
     let id = c.launch(&sh_job("dup", 1, "true")).await.unwrap();
-    assert_eq!(code_of(&c.launch(&sh_job("dup", 1, "true")).await.unwrap_err()), Some(Code::AlreadyExists));
+    assert_eq!(code_of(&c.launch(&sh_job("dup", 1, "false")).await.unwrap_err()), Some(Code::AlreadyExists));
+    assert_eq!(c.launch(&sh_job("dup", 1, "true")).await.unwrap(), id);
     c.terminate(&zero).await.unwrap();
     assert_eq!(job_state(&c.status(&zero).await.unwrap()), JobState::Killed);
     let mut req = sh_job("zero", 1, "true");
@@ -837,4 +839,62 @@ async fn wait_started(log: &AttemptLog, task_id: &str, attempt_id: i32) -> Attem
         assert!(Instant::now() < deadline, "attempt {attempt_id} of {task_id} did not start: {:?}", log.records());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn clients_ride_out_a_controller_restart() {
+    let mut ctl = ControllerProc::start(60.0).await;
+    let _w = ctl.worker("cl-client", &["--runtime", "process"]).await;
+    let name = format!("{TEST_PREFIX}client-{}", std::process::id());
+    // The controller is down when the CLI launches; it comes back a second later.
+    ctl.kill9();
+    let launch = tokio::process::Command::new(exe())
+        .args(["job", "launch", "--controller", &ctl.url(), "--name", &name, "--wait", "--", "echo", "hi"])
+        .output();
+    let restart = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        ctl.spawn().await;
+    };
+    let (out, ()) = tokio::join!(launch, restart);
+    let out = out.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("{name}\n")));
+    // With retries off it fails at once.
+    ctl.kill9();
+    let out =
+        Command::new(exe()).args(["job", "list", "--controller", &ctl.url(), "--retry-for", "0"]).output().unwrap();
+    assert!(!out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn a_retried_launch_whose_first_try_landed_is_the_same_job() {
+    let ctl = ControllerProc::start(60.0).await;
+    let _w = ctl.worker("cl-idem", &["--runtime", "process"]).await;
+    // The first LaunchJob reaches the controller, but its answer is lost on the way back.
+    let proxy = LossyProxy::start(&ctl.url(), 1).await;
+    let c = iris_worker::controller::Cluster::new(&proxy.addr);
+    let req = sh_job("idem", 2, "echo once; sleep 2");
+    let job_id = c.launch(&req).await.unwrap();
+    assert_eq!(job_id, req.name);
+    // The same name with another spec is still refused.
+    let mut other = req.clone();
+    other.resources = Some(ResourceSpecProto { replicas: 3, ..Default::default() });
+    assert_eq!(code_of(&c.launch(&other).await.unwrap_err()), Some(Code::AlreadyExists));
+    let s = c.wait(&job_id, JOB).await.unwrap();
+    assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}");
+    assert_eq!(s.num_tasks, 2);
+    assert!(s.tasks.iter().all(|t| t.attempts.len() == 1), "{s:#?}");
+    let jobs = c.list_jobs().await.unwrap();
+    assert_eq!(jobs.iter().filter(|j| j.job_id == job_id).count(), 1);
+    // A launch without a name gets one from the client, so its retry is idempotent too.
+    let proxy = LossyProxy::start(&ctl.url(), 1).await;
+    let c = iris_worker::controller::Cluster::new(&proxy.addr);
+    let mut unnamed = sh_job("unnamed", 1, "true");
+    unnamed.name.clear();
+    let id = c.launch(&unnamed).await.unwrap();
+    assert_eq!(job_state(&c.wait(&id, JOB).await.unwrap()), JobState::Succeeded);
+    let before = c.list_jobs().await.unwrap().len();
+    assert_eq!(before, 2, "one job per launch: {:?}", c.list_jobs().await.unwrap());
 }

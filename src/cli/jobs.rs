@@ -19,11 +19,19 @@ pub struct ControllerAddr {
     pub controller: String,
     #[command(flatten)]
     pub client: super::security::ClientArgs,
+    /// Seconds to keep retrying (jittered backoff) while the controller cannot be reached,
+    /// e.g. while it restarts; 0 = fail at once.
+    #[arg(long, env = "IRIS_CONTROLLER_RETRY_FOR", default_value_t = crate::controller::client::DEFAULT_RETRY_FOR.as_secs_f64())]
+    pub retry_for: f64,
 }
 
 impl ControllerAddr {
     fn cluster(&self) -> anyhow::Result<Cluster> {
-        Ok(Cluster::with_security(&self.controller, &self.client.security()?))
+        if !(0.0..86_400.0).contains(&self.retry_for) {
+            bail!("--retry-for must be between 0 and 86400 seconds, not {}", self.retry_for);
+        }
+        let security = self.client.security()?;
+        Ok(Cluster::with_security(&self.controller, &security).with_retry_for(Duration::from_secs_f64(self.retry_for)))
     }
 }
 

@@ -1,8 +1,17 @@
 //! [`Cluster`]: the Rust client of a controller (ours or Iris's: it speaks Connect, which both
 //! serve). Launch, status, wait with a deadline, terminate, a task's logs read from its worker,
 //! workers and endpoints.
+//!
+//! Calls ride out a controller restart: a call that could not reach the controller is tried
+//! again with jittered exponential backoff (0.1 s doubling to 2 s, each pause drawn between
+//! half and all of it) until [`Cluster::with_retry_for`]'s bound (15 s by default). A call
+//! that may have reached it (no answer in time, a connection cut mid-call) is retried only if
+//! repeating it is harmless: reads, TerminateJob, and LaunchJob, which is made idempotent by
+//! its name (a job without one gets a unique name here; the controller answers the same
+//! name and spec with the job it already launched).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use super::model::job_terminal;
@@ -11,6 +20,10 @@ use crate::proto::{Empty, JobState, TaskStatus, worker};
 use crate::rpc::connect::{ConnectClient, ConnectError};
 
 const SERVICE: &str = "iris.cluster.ControllerService";
+/// How long calls are retried by default while the controller cannot be reached.
+pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(15);
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const MAX_PAUSE: Duration = Duration::from_secs(2);
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +45,44 @@ pub struct Cluster {
     timeout: Duration,
     /// What calls present (to the controller and to the workers logs are read from).
     security: crate::rpc::ClientSecurity,
+    retry_for: Duration,
+}
+
+/// Whether a call may be repeated after it may have reached the controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    /// Repeating it changes nothing (reads, terminate, a named launch).
+    Harmless,
+    /// Only retried when it surely never reached the controller (it creates or removes
+    /// something each time).
+    OnlyUnsent,
+}
+
+/// Whether `e` is worth another try.
+fn retryable(e: &ConnectError, repeat: Repeat) -> bool {
+    match e {
+        // Refused or unreachable: the request never left.
+        ConnectError::Transport { source, .. } if source.is_connect() => true,
+        ConnectError::Status { code, .. } => *code == tonic::Code::Unavailable,
+        ConnectError::Transport { .. } | ConnectError::Timeout { .. } | ConnectError::Body { .. } => {
+            repeat == Repeat::Harmless
+        }
+        ConnectError::Url { .. } => false,
+    }
+}
+
+/// A random number (std's per-instance random hash keys; enough for jitter and names).
+fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}
+
+/// A pause of between half and all of `backoff` (jitter keeps clients that lost the same
+/// controller from coming back in step).
+fn jittered(backoff: Duration) -> Duration {
+    let half = backoff / 2;
+    half + Duration::from_nanos(random_u64() % (half.as_nanos() as u64 + 1))
 }
 
 /// The name of a job state without its prefix (`SUCCEEDED`).
@@ -52,7 +103,14 @@ impl Cluster {
             client: ConnectClient::with_security(address, security),
             timeout: Duration::from_secs(10),
             security: security.clone(),
+            retry_for: DEFAULT_RETRY_FOR,
         }
+    }
+
+    /// Retries calls that fail to reach the controller for up to `bound` (zero: never).
+    pub fn with_retry_for(mut self, bound: Duration) -> Cluster {
+        self.retry_for = bound;
+        self
     }
 
     pub fn address(&self) -> &str {
@@ -64,11 +122,44 @@ impl Cluster {
         method: &str,
         req: &Req,
     ) -> Result<Resp, ClusterError> {
-        Ok(self.client.call(SERVICE, method, req, self.timeout).await?)
+        self.call_with(method, req, Repeat::Harmless).await
     }
 
-    /// Launches a job; returns its id.
+    async fn call_with<Req: prost::Message, Resp: prost::Message + Default>(
+        &self,
+        method: &str,
+        req: &Req,
+        repeat: Repeat,
+    ) -> Result<Resp, ClusterError> {
+        let deadline = Instant::now() + self.retry_for;
+        let mut backoff = FIRST_PAUSE;
+        loop {
+            match self.client.call(SERVICE, method, req, self.timeout).await {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    let pause = jittered(backoff);
+                    if !retryable(&e, repeat) || Instant::now() + pause > deadline {
+                        return Err(e.into());
+                    }
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(MAX_PAUSE);
+                }
+            }
+        }
+    }
+
+    /// Launches a job; returns its id. A job without a name gets a unique one here, so a
+    /// retried launch is the same job, never a second one.
     pub async fn launch(&self, req: &pc::LaunchJobRequest) -> Result<String, ClusterError> {
+        let named;
+        let req = if req.name.is_empty() {
+            let ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+            named = pc::LaunchJobRequest { name: format!("job-{ms}-{:08x}", random_u64() as u32), ..req.clone() };
+            &named
+        } else {
+            req
+        };
         let r: pc::LaunchJobResponse = self.call("LaunchJob", req).await?;
         Ok(r.job_id)
     }
@@ -153,13 +244,13 @@ impl Cluster {
             job_id: job_id.to_string(),
             metadata,
         };
-        let r: pc::RegisterEndpointResponse = self.call("RegisterEndpoint", &req).await?;
+        let r: pc::RegisterEndpointResponse = self.call_with("RegisterEndpoint", &req, Repeat::OnlyUnsent).await?;
         Ok(r.endpoint_id)
     }
 
     pub async fn unregister_endpoint(&self, endpoint_id: &str) -> Result<(), ClusterError> {
         let req = pc::UnregisterEndpointRequest { endpoint_id: endpoint_id.to_string() };
-        let _: Empty = self.call("UnregisterEndpoint", &req).await?;
+        let _: Empty = self.call_with("UnregisterEndpoint", &req, Repeat::OnlyUnsent).await?;
         Ok(())
     }
 

@@ -310,8 +310,13 @@ impl State {
             }
             req.name.clone()
         };
-        // A job's name is its id for good, as in Iris: running or finished, it is taken.
-        if self.jobs.contains_key(&job_id) {
+        // A job's name is its id for good, as in Iris: running or finished, it is taken. Only the
+        // same request again gets it: a client's retry of a launch whose answer it never got,
+        // answered with the job that launch made, whatever its state.
+        if let Some(old) = self.jobs.get(&job_id) {
+            if old.request == req {
+                return Ok(job_id);
+            }
             return Err(ControllerError::AlreadyExists(job_id));
         }
         // A job no registered worker could hold waits (an autoscaler may bring a bigger
@@ -1333,6 +1338,27 @@ mod tests {
         // A late report of the first attempt changes nothing.
         report(&mut s, &runs[0], TaskState::Failed, 1);
         assert_eq!(s.tasks["j/task-0"].state, TaskState::Succeeded as i32);
+    }
+
+    #[test]
+    fn the_same_launch_again_is_the_same_job_and_another_spec_under_its_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        register(&mut s, "w");
+        let id = s.launch(job("j", 2)).unwrap();
+        assert_eq!(s.launch(job("j", 2)).unwrap(), id);
+        assert_eq!(s.tasks.len(), 2, "no second set of tasks");
+        assert!(matches!(s.launch(job("j", 3)), Err(ControllerError::AlreadyExists(_))));
+        s.schedule();
+        let runs = accept_all(&mut s);
+        for r in &runs {
+            report(&mut s, r, TaskState::Succeeded, 0);
+        }
+        // A retry that comes after the job ended gets it too, and nothing runs again.
+        assert_eq!(s.launch(job("j", 2)).unwrap(), id);
+        assert_eq!(s.jobs[&id].rec.state, JobState::Succeeded as i32);
+        s.schedule();
+        assert!(s.take_effects().is_empty());
     }
 
     #[test]

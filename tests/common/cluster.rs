@@ -420,3 +420,50 @@ pub async fn wait_gone(pid: i32, within: Duration) -> i64 {
     }
     epoch_ms()
 }
+
+/// A TCP proxy on 127.0.0.1 to `upstream` that lets the first `cut` connections' requests
+/// through to it but closes each of them as soon as the answer starts: the call lands and its
+/// caller never hears back (a connection lost mid-call). Later connections pass untouched.
+pub struct LossyProxy {
+    pub addr: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LossyProxy {
+    pub async fn start(upstream: &str, cut: usize) -> LossyProxy {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let task = tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut client, _)) = listener.accept().await {
+                n += 1;
+                let cut_this = n <= cut;
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    if cut_this {
+                        let (mut client_r, _client_w) = client.split();
+                        let (mut server_r, mut server_w) = server.split();
+                        let mut first = [0u8; 1];
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut client_r, &mut server_w) => {}
+                            _ = server_r.read(&mut first) => {}
+                        }
+                        // Both connections close here, the answer unsent.
+                    } else {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        LossyProxy { addr, task }
+    }
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

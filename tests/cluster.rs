@@ -829,6 +829,33 @@ async fn a_worker_restarted_within_its_lease_keeps_its_tasks() {
     assert_eq!(stdout_of(&c, &job_id, 0).await, ["before", "after"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn a_worker_killed_as_it_spawns_a_supervisor_adopts_it_after_a_restart() {
+    // Test seam: supervisors hold their pid file back 1.5 s, the window in which a worker
+    // killed right after spawning one used to take its task for dead on restart (and the
+    // controller ran it again elsewhere, while the supervisor started it anyway).
+    let env = [("IRIS_TEST_SUPERVISOR_PID_DELAY_MS", "1500")];
+    let mut w = Worker::start_with_env("cl-spawn", &["--runtime", "process"], &env).await;
+    let mut wc = w.client().await;
+    wc.run_task(sh("spawn/task-0", "echo ran; sleep 1")).await.unwrap();
+    let tasks = format!("{}/tasks/", w.state_dir().display());
+    let deadline = Instant::now() + JOB;
+    while processes_with(&format!("supervise {tasks}")).is_empty() {
+        assert!(Instant::now() < deadline, "no supervisor started: {}", w.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dirs: Vec<_> = std::fs::read_dir(&tasks).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(dirs.iter().all(|d| !d.join("supervisor.pid").exists()), "the window is open");
+    w.kill9();
+    w.spawn().await;
+    let mut wc = w.client().await;
+    let s = wait_end(&mut wc, "spawn/task-0", JOB).await;
+    assert_eq!(state_of(&s), iris_worker::task::TaskState::Succeeded, "adopted, not given up: {s:?}\n{}", w.logs());
+    let out: Vec<String> = all_logs(&mut wc, "spawn/task-0").await.into_iter().map(|l| l.data).collect();
+    assert_eq!(out, ["ran"]);
+}
+
 /// Polls the attempt log until the attempt has started.
 async fn wait_started(log: &AttemptLog, task_id: &str, attempt_id: i32) -> AttemptRecord {
     let deadline = Instant::now() + JOB;

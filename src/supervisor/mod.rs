@@ -84,6 +84,11 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
     // whose default action would end the supervisor.
     let mask = handled_signals();
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).map_err(sys("blocking signals"))?;
+    if let Some(ms) = std::env::var("IRIS_TEST_SUPERVISOR_PID_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        // Test seam (tests/cluster.rs): widens the window between the worker spawning us and
+        // our pid file, in which a worker killed and restarted must still find us.
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     if let Some(me) = ProcessId::of(std::process::id() as i32) {
         files::write_json(task_dir, files::PID, &me)?;
     }

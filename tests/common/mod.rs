@@ -77,6 +77,8 @@ pub struct Worker {
     pub extra: Vec<String>,
     /// The address it listens on (its port is `port`); clients use 127.0.0.1.
     pub listen_ip: &'static str,
+    /// More environment variables for the worker process (and so its supervisors).
+    pub env: Vec<(String, String)>,
 }
 
 impl Worker {
@@ -87,6 +89,15 @@ impl Worker {
 
     /// [`Worker::start`] listening on `listen_ip` (e.g. `0.0.0.0`: every address of the host).
     pub async fn start_on(name: &str, listen_ip: &'static str, extra: &[&str]) -> Worker {
+        Self::start_full(name, listen_ip, extra, &[]).await
+    }
+
+    /// [`Self::start`] with more environment variables.
+    pub async fn start_with_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Worker {
+        Self::start_full(name, "127.0.0.1", extra, env).await
+    }
+
+    async fn start_full(name: &str, listen_ip: &'static str, extra: &[&str], env: &[(&str, &str)]) -> Worker {
         let state = tempfile::Builder::new().prefix("iris-worker-test-").tempdir().unwrap();
         let mut w = Worker {
             name: format!("{TEST_PREFIX}{name}-{}", std::process::id()),
@@ -95,6 +106,7 @@ impl Worker {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             listen_ip,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         w.spawn().await;
         w
@@ -110,6 +122,7 @@ impl Worker {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             listen_ip: "127.0.0.1",
+            env: Vec::new(),
         };
         w.spawn().await;
         w
@@ -144,6 +157,7 @@ impl Worker {
                 .arg("--worker-id")
                 .arg(&self.name)
                 .args(&self.extra)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)

@@ -299,7 +299,17 @@ async fn chaos_loses_nothing_and_never_runs_a_task_twice_at_once() {
 
     // No two attempts of a task alive at once: the flock saw none, and the recorded lives of
     // the attempts that ended on their own do not overlap.
-    assert!(log.overlaps().is_empty(), "seed {seed}: attempts alive at once:\n{}", log.overlaps());
+    if !log.overlaps().is_empty() {
+        // What each side knew of the tasks concerned, for the report.
+        let mut why = String::new();
+        for task in log.overlaps().lines().filter_map(|l| l.split_whitespace().next()) {
+            let records: Vec<_> = log.records().into_iter().filter(|r| r.task_id == task).collect();
+            let job = task.rsplit_once("/task-").map(|(j, _)| j).unwrap_or(task);
+            let attempts = ended.get(job).and_then(|s| s.tasks.iter().find(|t| t.task_id == task)).map(|t| &t.attempts);
+            why.push_str(&format!("{task}: recorded {records:?}\n  controller: {attempts:#?}\n"));
+        }
+        panic!("seed {seed}: attempts alive at once:\n{}\n{why}", log.overlaps());
+    }
     let mut lives: BTreeMap<(String, i32), (i64, Option<i64>)> = BTreeMap::new();
     for r in log.records() {
         let life = lives.entry((r.task_id.clone(), r.attempt_id)).or_insert((r.at_ms, None));

@@ -660,10 +660,10 @@ fn position(logs: &str, needle: &str) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: uses cgroups"]
 async fn a_joining_worker_keeps_the_tasks_it_is_sent_before_its_reset_answer() {
-    // Test seam: the controller holds its should_reset answer to a joining worker back 1.5 s
-    // after waking the scheduler, so the RunTask of a waiting job reaches the worker first —
-    // the window a real join hits about one time in twenty.
-    let ctl = ControllerProc::start_with(60.0, &["--test-reset-reply-delay-ms", "1500"]).await;
+    // Test seam: the controller holds its answers to RegisterWorker (here: should_reset to a
+    // joining worker) back 1.5 s after waking the scheduler, so the RunTask of a waiting job
+    // reaches the worker first — the window a real join hits about one time in twenty.
+    let ctl = ControllerProc::start_with(60.0, &["--test-register-reply-delay-ms", "1500"]).await;
     let c = ctl.cluster();
     // The tasks outlast the held-back answer: a reset that reached them would kill them.
     let mut req = sh_job("join", 2, "sleep 3; echo done");
@@ -854,6 +854,51 @@ async fn a_worker_killed_as_it_spawns_a_supervisor_adopts_it_after_a_restart() {
     assert_eq!(state_of(&s), iris_worker::task::TaskState::Succeeded, "adopted, not given up: {s:?}\n{}", w.logs());
     let out: Vec<String> = all_logs(&mut wc, "spawn/task-0").await.into_iter().map(|l| l.data).collect();
     assert_eq!(out, ["ran"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: uses cgroups"]
+async fn a_runtask_that_arrives_after_contact_was_lost_runs_only_if_the_controller_still_means_it() {
+    // A RunTask sent before a partition may be delivered once it heals, after the controller
+    // ran the task elsewhere. Here the worker loses its lease (the controller is down longer
+    // than it), then gets a RunTask the controller never made.
+    let mut ctl = ControllerProc::start(3.0).await; // workers' lease: 1.5 s
+    let w = ctl.worker("cl-late", &["--runtime", "process"]).await;
+    ctl.kill9();
+    // Back up, the controller holds its heartbeat answers back 1 s (test seam): the answer
+    // that renews the lease comes for a heartbeat sent before the RunTask arrived, and the
+    // controller's KillTask of the unknown task comes only after the next heartbeat, so
+    // nothing but asking the controller keeps the task from starting.
+    ctl.extra = vec!["--test-register-reply-delay-ms".into(), "1000".into()];
+    let lease_file = w.state_dir().join("lease.json");
+    let deadline = Instant::now() + JOB;
+    while iris_worker::supervisor::lease::read(&lease_file)
+        .is_some_and(|l| l.expires_ms() > iris_worker::supervisor::lease::boottime_ms())
+    {
+        assert!(Instant::now() < deadline, "the lease did not lapse");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = AttemptLog::new();
+    let task_id = format!("{TEST_PREFIX}late-{}/task-0", std::process::id());
+    ctl.spawn().await;
+    // The controller has taken a heartbeat of the worker in (its answer is on hold).
+    let since = epoch_ms();
+    let c = ctl.cluster();
+    let deadline = Instant::now() + JOB;
+    while !c.workers().await.unwrap().iter().any(|x| x.worker_id == w.name && x.last_heartbeat_ms > since) {
+        assert!(Instant::now() < deadline, "no heartbeat from the worker");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut wc = w.client().await;
+    wc.run_task(sh(&task_id, &log.script("echo ran"))).await.unwrap();
+    // In contact again, the worker asks the controller, which knows no such attempt.
+    let s = wait_end(&mut wc, &task_id, JOB).await;
+    assert!(
+        matches!(state_of(&s), iris_worker::task::TaskState::WorkerFailed | iris_worker::task::TaskState::Killed),
+        "{s:?}"
+    );
+    assert!(log.records().is_empty(), "it never ran: {:?}\n{}", log.records(), w.logs());
+    assert!(all_logs(&mut wc, &task_id).await.is_empty());
 }
 
 /// Polls the attempt log until the attempt has started.

@@ -75,10 +75,10 @@ pub struct ControllerArgs {
     /// connection idle this long is closed [default: 30].
     #[arg(long, env = "IRIS_CONTROLLER_READ_TIMEOUT")]
     pub read_timeout: Option<f64>,
-    /// Test seam only: hold a `should_reset` answer back this many ms (see
-    /// `ControllerConfig::reset_reply_delay`).
+    /// Test seam only: hold every RegisterWorker answer back this many ms (see
+    /// `ControllerConfig::register_reply_delay`).
     #[arg(long, hide = true)]
-    pub test_reset_reply_delay_ms: Option<u64>,
+    pub test_register_reply_delay_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -148,7 +148,7 @@ impl ControllerArgs {
             }
             advertised = u.host_str().unwrap_or_default().to_string();
         }
-        controller.reset_reply_delay = Duration::from_millis(self.test_reset_reply_delay_ms.unwrap_or(0));
+        controller.register_reply_delay = Duration::from_millis(self.test_register_reply_delay_ms.unwrap_or(0));
         let security = super::security::ServerSecuritySettings {
             auth_token_file: self.auth_token_file.or(file.auth_token_file),
             tls_cert: self.tls_cert.or(file.tls_cert),

@@ -67,10 +67,11 @@ pub struct ControllerConfig {
     pub advertise_url: String,
     /// What calls to workers present (token, TLS).
     pub workers: crate::rpc::ClientSecurity,
-    /// Test seam: how long a `should_reset` answer to a joining worker is held back after the
-    /// scheduler has already been woken, so that a RunTask reaches the worker before the
-    /// answer does (the join race of a real cluster, made certain). Zero outside tests.
-    pub reset_reply_delay: Duration,
+    /// Test seam: how long a RegisterWorker answer is held back after the heartbeat was taken
+    /// in and the scheduler woken, so that a RunTask (or another call) reaches the worker before
+    /// the answer does — the races of a real cluster (a join's reset, a lease renewed late),
+    /// made certain. Zero outside tests.
+    pub register_reply_delay: Duration,
 }
 
 impl ControllerConfig {
@@ -81,7 +82,7 @@ impl ControllerConfig {
             max_parallel_dispatch: 64,
             advertise_url: String::new(),
             workers: crate::rpc::ClientSecurity::default(),
-            reset_reply_delay: Duration::ZERO,
+            register_reply_delay: Duration::ZERO,
         }
     }
 }

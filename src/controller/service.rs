@@ -123,9 +123,9 @@ impl ControllerService for ControllerServiceImpl {
     ) -> Result<Response<pc::RegisterWorkerResponse>, Status> {
         let resp = self.c.with_state(|s| s.register_worker(r.into_inner())).await.map_err(to_status)?;
         self.c.wake();
-        let delay = self.c.config().reset_reply_delay;
-        if resp.should_reset && !delay.is_zero() {
-            // The test seam of `ControllerConfig::reset_reply_delay`.
+        let delay = self.c.config().register_reply_delay;
+        if !delay.is_zero() {
+            // The test seam of `ControllerConfig::register_reply_delay`.
             tokio::time::sleep(delay).await;
         }
         Ok(Response::new(resp))

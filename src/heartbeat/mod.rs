@@ -43,6 +43,7 @@ pub fn start_every(manager: TaskManager, controller: &str, me: WorkerIdentity, e
 
 /// [`start_every`] through `client` (a controller that wants a token or TLS).
 pub fn start_with_client(manager: TaskManager, client: ConnectClient, me: WorkerIdentity, every: Duration) {
+    manager.set_controller_check(controller_check(client.clone(), me.worker_id.clone()));
     let events = manager.subscribe();
     tokio::spawn(report_states(client.clone(), me.worker_id.clone(), events));
     tokio::spawn(heartbeat(client, manager, me, every));
@@ -203,4 +204,32 @@ pub fn attribute_value(v: &str) -> crate::proto::AttributeValue {
         Value::StringValue(v.to_string())
     };
     crate::proto::AttributeValue { value: Some(value) }
+}
+
+/// Asks the controller (GetTaskStatus) whether the attempt is still the task's current one, on
+/// this worker, and not ended: what a worker checks before it starts an attempt that arrived
+/// while it had lost contact.
+fn controller_check(client: ConnectClient, worker_id: String) -> crate::task::lease::ControllerCheck {
+    std::sync::Arc::new(move |a: crate::task::lease::AttemptOf| {
+        let (client, worker_id) = (client.clone(), worker_id.clone());
+        Box::pin(async move {
+            let req = controller::GetTaskStatusRequest { job_id: a.job_id, task_index: a.task_index };
+            match client
+                .call::<_, controller::GetTaskStatusResponse>(SERVICE, "GetTaskStatus", &req, CALL_TIMEOUT)
+                .await
+            {
+                Ok(r) => Some(r.task.is_some_and(|t| {
+                    t.task_id == a.task_id
+                        && t.current_attempt_id == a.attempt_id
+                        && t.worker_id == worker_id
+                        && !crate::controller::model::task_terminal(t.state)
+                })),
+                Err(crate::rpc::connect::ConnectError::Status { code: tonic::Code::NotFound, .. }) => Some(false),
+                Err(e) => {
+                    tracing::warn!(task_id = %a.task_id, error = %e, "asking the controller about a task");
+                    None
+                }
+            }
+        })
+    })
 }

@@ -48,6 +48,8 @@ pub(crate) struct Attempt {
     /// When it was accepted (CLOCK_BOOTTIME ms): a lapsing lease ends the attempts accepted
     /// while it was held.
     pub(crate) accepted_boottime_ms: i64,
+    /// The worker held its controller lease when it accepted the attempt (or has none).
+    accepted_in_lease: bool,
     status: Mutex<Status>,
     kill: KillSwitch,
     done: (watch::Sender<bool>, watch::Receiver<bool>),
@@ -66,12 +68,13 @@ pub(crate) struct Attempt {
 }
 
 impl Attempt {
-    fn new(meta: TaskMeta, dir: PathBuf, state: TaskState, seq: u64) -> Arc<Attempt> {
+    fn new(meta: TaskMeta, dir: PathBuf, state: TaskState, seq: u64, accepted_in_lease: bool) -> Arc<Attempt> {
         Arc::new(Attempt {
             meta,
             dir,
             seq,
             accepted_boottime_ms: crate::supervisor::lease::boottime_ms(),
+            accepted_in_lease,
             status: Mutex::new(Status {
                 state,
                 status_message: String::new(),
@@ -462,7 +465,8 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
             return Err(e.into());
         }
     };
-    let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq());
+    let in_lease = inner.lease.as_ref().is_none_or(|l| l.valid());
+    let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq(), in_lease);
     tasks.entry(spec.task_id.clone()).or_default().push(attempt.clone());
     drop(tasks);
     if let Some(prev) = &previous {
@@ -509,12 +513,10 @@ async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSpec, previou
     if let Some(lease) = &inner.lease {
         // A task runs only while the worker holds its controller lease, and its supervisor
         // ends it when the lease lapses.
-        if !lease.valid() {
-            attempt.set(&inner, TaskState::Building, "waiting for contact with the controller");
-            tokio::select! {
-                _ = lease.wait_valid() => {}
-                _ = attempt.kill.notify.notified() => {}
-            }
+        if let Err(error) = admit(&inner, &attempt, lease).await {
+            release_rootfs(&attempt.dir);
+            attempt.finish(&inner, TaskState::WorkerFailed, 0, error, None);
+            return;
         }
         if let Err(e) = files::write_json(&attempt.dir, crate::supervisor::lease::FENCE, &lease.fence_record()) {
             release_rootfs(&attempt.dir);
@@ -552,6 +554,53 @@ async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSpec, previou
     watch_until_exit(inner, attempt, sup, permit).await;
 }
 
+/// Holds an attempt until it may start under the lease: the worker must hold it; and an attempt
+/// that arrived while it did not starts only once the controller says it still means it here.
+/// A RunTask sent before a partition can be delivered when the partition heals, after the
+/// controller has run the task elsewhere: run then, it would be a second live copy. `Err`: the
+/// controller does not mean it. Returns at once when a kill is requested (the caller ends it).
+async fn admit(inner: &Inner, attempt: &Attempt, lease: &super::lease::Lease) -> Result<(), String> {
+    let mut checked = attempt.accepted_in_lease;
+    loop {
+        if attempt.kill_requested().is_some() {
+            return Ok(());
+        }
+        if !lease.valid() {
+            attempt.set(inner, TaskState::Building, "waiting for contact with the controller");
+            tokio::select! {
+                _ = lease.wait_valid() => {}
+                _ = attempt.kill.notify.notified() => {}
+            }
+            continue;
+        }
+        if checked {
+            return Ok(());
+        }
+        let Some(check) = lease.check.get() else { return Ok(()) };
+        attempt.set(inner, TaskState::Building, "checking with the controller");
+        let asked = super::lease::AttemptOf {
+            job_id: attempt.meta.job_id.clone(),
+            task_index: attempt.meta.task_index,
+            task_id: attempt.meta.task_id.clone(),
+            attempt_id: attempt.meta.attempt_id,
+        };
+        match check(asked).await {
+            Some(true) => checked = true,
+            Some(false) => {
+                return Err("the controller no longer runs this attempt here: it arrived after the worker \
+                            lost contact"
+                    .into());
+            }
+            None => {
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = attempt.kill.notify.notified() => {}
+                }
+            }
+        }
+    }
+}
+
 async fn watch_until_exit(
     inner: Arc<Inner>,
     attempt: Arc<Attempt>,
@@ -579,7 +628,7 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
     let mut again = Vec::new();
     for (dir, meta) in store::scan(&inner.config.state_dir) {
         let task_id = meta.task_id.clone();
-        let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq());
+        let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq(), true);
         let exit_recorded = attempt.dir.join(files::EXIT).exists();
         let live = if exit_recorded { None } else { Supervisor::find(&attempt.dir) };
         lock(&inner.tasks).entry(task_id).or_default().push(attempt.clone());

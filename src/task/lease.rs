@@ -2,10 +2,13 @@
 //! story): renewed when the controller answers a heartbeat, whatever the wire
 //! ([`super::TaskManager::heard_from_controller`]); written to `<state-dir>/lease.json`, which
 //! each fenced task's supervisor reads; a gate that keeps a task from starting while the lease
-//! has lapsed; and a watch that ends, when it lapses, the attempts no supervisor runs yet.
+//! has lapsed (and one that arrived meanwhile until the controller says it still means it);
+//! and a watch that ends, when it lapses, the attempts no supervisor runs yet.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -14,13 +17,27 @@ use super::{Inner, lock};
 use crate::supervisor::files::FileError;
 use crate::supervisor::lease::{self as fence, FenceRecord, LeaseRecord};
 
+/// Which attempt a [`ControllerCheck`] asks about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptOf {
+    pub job_id: String,
+    pub task_index: i32,
+    pub task_id: String,
+    pub attempt_id: i32,
+}
+
+/// Asks the controller whether it still means an attempt to run on this worker: `Some(true)`
+/// yes, `Some(false)` no (it ran the task elsewhere, or never sent it), `None` when it could
+/// not be asked. Whoever speaks to the controller provides it (the heartbeat, whatever wire).
+pub type ControllerCheck = Arc<dyn Fn(AttemptOf) -> Pin<Box<dyn Future<Output = Option<bool>> + Send>> + Send + Sync>;
+
 /// A worker's lease.
-#[derive(Debug)]
 pub(crate) struct Lease {
     file: PathBuf,
     length: Duration,
     /// When it expires (CLOCK_BOOTTIME ms; 0: never held).
     expires: watch::Sender<i64>,
+    pub(crate) check: OnceLock<ControllerCheck>,
 }
 
 impl Lease {
@@ -29,7 +46,7 @@ impl Lease {
     pub(crate) fn open(state_dir: &Path, length: Duration) -> Lease {
         let file = state_dir.join(fence::LEASE);
         let expires = fence::read(&file).map(|r| r.expires_ms()).unwrap_or(0);
-        Lease { file, length, expires: watch::channel(expires).0 }
+        Lease { file, length, expires: watch::channel(expires).0, check: OnceLock::new() }
     }
 
     /// The controller answered a heartbeat sent at `sent_ms` (CLOCK_BOOTTIME): the lease runs

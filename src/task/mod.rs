@@ -10,7 +10,7 @@ mod attempt;
 mod dockerfile;
 mod env;
 pub mod history;
-mod lease;
+pub mod lease;
 mod ports;
 mod prepare;
 mod retention;
@@ -492,6 +492,14 @@ impl TaskManager {
             && let Err(e) = lease.renew(sent_ms)
         {
             tracing::warn!(error = %e, "renewing the controller lease");
+        }
+    }
+
+    /// How the worker asks its controller whether it still means an attempt that arrived while
+    /// the worker held no lease (see [`lease::ControllerCheck`]); set once, by the heartbeat.
+    pub fn set_controller_check(&self, check: lease::ControllerCheck) {
+        if let Some(lease) = &self.inner.lease {
+            let _already = lease.check.set(check);
         }
     }
 

@@ -207,8 +207,8 @@ pub fn attribute_value(v: &str) -> crate::proto::AttributeValue {
 }
 
 /// Asks the controller (GetTaskStatus) whether the attempt is still the task's current one, on
-/// this worker, and not ended: what a worker checks before it starts an attempt that arrived
-/// while it had lost contact.
+/// this worker, and not ended: what a worker checks before it starts an attempt. A controller
+/// that does not serve GetTaskStatus cannot tell: the lease alone fences then.
 fn controller_check(client: ConnectClient, worker_id: String) -> crate::task::lease::ControllerCheck {
     std::sync::Arc::new(move |a: crate::task::lease::AttemptOf| {
         let (client, worker_id) = (client.clone(), worker_id.clone());
@@ -225,6 +225,7 @@ fn controller_check(client: ConnectClient, worker_id: String) -> crate::task::le
                         && !crate::controller::model::task_terminal(t.state)
                 })),
                 Err(crate::rpc::connect::ConnectError::Status { code: tonic::Code::NotFound, .. }) => Some(false),
+                Err(crate::rpc::connect::ConnectError::Status { code: tonic::Code::Unimplemented, .. }) => Some(true),
                 Err(e) => {
                     tracing::warn!(task_id = %a.task_id, error = %e, "asking the controller about a task");
                     None

@@ -48,8 +48,6 @@ pub(crate) struct Attempt {
     /// When it was accepted (CLOCK_BOOTTIME ms): a lapsing lease ends the attempts accepted
     /// while it was held.
     pub(crate) accepted_boottime_ms: i64,
-    /// The worker held its controller lease when it accepted the attempt (or has none).
-    accepted_in_lease: bool,
     status: Mutex<Status>,
     kill: KillSwitch,
     done: (watch::Sender<bool>, watch::Receiver<bool>),
@@ -68,13 +66,12 @@ pub(crate) struct Attempt {
 }
 
 impl Attempt {
-    fn new(meta: TaskMeta, dir: PathBuf, state: TaskState, seq: u64, accepted_in_lease: bool) -> Arc<Attempt> {
+    fn new(meta: TaskMeta, dir: PathBuf, state: TaskState, seq: u64) -> Arc<Attempt> {
         Arc::new(Attempt {
             meta,
             dir,
             seq,
             accepted_boottime_ms: crate::supervisor::lease::boottime_ms(),
-            accepted_in_lease,
             status: Mutex::new(Status {
                 state,
                 status_message: String::new(),
@@ -465,8 +462,7 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
             return Err(e.into());
         }
     };
-    let in_lease = inner.lease.as_ref().is_none_or(|l| l.valid());
-    let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq(), in_lease);
+    let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq());
     tasks.entry(spec.task_id.clone()).or_default().push(attempt.clone());
     drop(tasks);
     if let Some(prev) = &previous {
@@ -554,13 +550,13 @@ async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSpec, previou
     watch_until_exit(inner, attempt, sup, permit).await;
 }
 
-/// Holds an attempt until it may start under the lease: the worker must hold it; and an attempt
-/// that arrived while it did not starts only once the controller says it still means it here.
-/// A RunTask sent before a partition can be delivered when the partition heals, after the
+/// Holds an attempt until it may start under the lease: the worker must hold it, and the
+/// controller must say it still means the attempt here. A RunTask sent before a partition can
+/// be delivered when the partition heals — before or after the lease is renewed — once the
 /// controller has run the task elsewhere: run then, it would be a second live copy. `Err`: the
 /// controller does not mean it. Returns at once when a kill is requested (the caller ends it).
 async fn admit(inner: &Inner, attempt: &Attempt, lease: &super::lease::Lease) -> Result<(), String> {
-    let mut checked = attempt.accepted_in_lease;
+    let mut checked = false;
     loop {
         if attempt.kill_requested().is_some() {
             return Ok(());
@@ -587,8 +583,8 @@ async fn admit(inner: &Inner, attempt: &Attempt, lease: &super::lease::Lease) ->
         match check(asked).await {
             Some(true) => checked = true,
             Some(false) => {
-                return Err("the controller no longer runs this attempt here: it arrived after the worker \
-                            lost contact"
+                return Err("the controller does not run this attempt here (a RunTask that arrived late, or \
+                            not from it)"
                     .into());
             }
             None => {
@@ -628,7 +624,7 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
     let mut again = Vec::new();
     for (dir, meta) in store::scan(&inner.config.state_dir) {
         let task_id = meta.task_id.clone();
-        let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq(), true);
+        let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq());
         let exit_recorded = attempt.dir.join(files::EXIT).exists();
         let live = if exit_recorded { None } else { Supervisor::find(&attempt.dir) };
         lock(&inner.tasks).entry(task_id).or_default().push(attempt.clone());

@@ -1,9 +1,9 @@
 //! The worker's side of the controller lease ([`crate::supervisor::lease`] has the whole
 //! story): renewed when the controller answers a heartbeat, whatever the wire
 //! ([`super::TaskManager::heard_from_controller`]); written to `<state-dir>/lease.json`, which
-//! each fenced task's supervisor reads; a gate that keeps a task from starting while the lease
-//! has lapsed (and one that arrived meanwhile until the controller says it still means it);
-//! and a watch that ends, when it lapses, the attempts no supervisor runs yet.
+//! each fenced task's supervisor reads; a gate that keeps a task from starting until the worker
+//! holds the lease and the controller says it still means the attempt; and a watch that ends,
+//! when the lease lapses, the attempts no supervisor runs yet.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -27,8 +27,9 @@ pub struct AttemptOf {
 }
 
 /// Asks the controller whether it still means an attempt to run on this worker: `Some(true)`
-/// yes, `Some(false)` no (it ran the task elsewhere, or never sent it), `None` when it could
-/// not be asked. Whoever speaks to the controller provides it (the heartbeat, whatever wire).
+/// yes (or the controller cannot tell: it serves no such question), `Some(false)` no (it ran
+/// the task elsewhere, or never sent it), `None` when it could not be asked. Whoever speaks to
+/// the controller provides it (the heartbeat, whatever wire).
 pub type ControllerCheck = Arc<dyn Fn(AttemptOf) -> Pin<Box<dyn Future<Output = Option<bool>> + Send>> + Send + Sync>;
 
 /// A worker's lease.

@@ -495,8 +495,8 @@ impl TaskManager {
         }
     }
 
-    /// How the worker asks its controller whether it still means an attempt that arrived while
-    /// the worker held no lease (see [`lease::ControllerCheck`]); set once, by the heartbeat.
+    /// How the worker asks its controller whether it still means an attempt before it starts
+    /// it (see [`lease::ControllerCheck`]); set once, by the heartbeat.
     pub fn set_controller_check(&self, check: lease::ControllerCheck) {
         if let Some(lease) = &self.inner.lease {
             let _already = lease.check.set(check);

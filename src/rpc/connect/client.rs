@@ -33,6 +33,18 @@ pub enum ConnectError {
     Status { url: String, code: Code, message: String },
 }
 
+/// The Connect code of an HTTP status that came without a Connect error body.
+fn code_of_http(status: hyper::StatusCode) -> Code {
+    match status.as_u16() {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}
+
 /// Calls unary Connect methods on one server.
 #[derive(Clone)]
 pub struct ConnectClient {
@@ -98,7 +110,9 @@ impl ConnectClient {
                     code_from_name(v["code"].as_str().unwrap_or("unknown")),
                     v["message"].as_str().unwrap_or("").to_string(),
                 ),
-                Err(_) => (Code::Unknown, format!("HTTP {status}: {}", String::from_utf8_lossy(&body))),
+                // Not a Connect error (a proxy, a server without the route): the code the
+                // Connect protocol gives the HTTP status.
+                Err(_) => (code_of_http(status), format!("HTTP {status}: {}", String::from_utf8_lossy(&body))),
             };
             return Err(ConnectError::Status { url, code, message });
         }

@@ -537,6 +537,56 @@ async fn a_pending_task_runs_after_a_kill_9_and_restart() {
     assert_eq!(stdout_of(&all_logs(&mut c, "redo/second").await), ["ran after the restart in redo/second"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_task_that_ended_before_it_started_stays_ended_after_a_kill_9_and_restart() {
+    let bundles = tempfile::Builder::new().prefix("iwtest-bundles-").tempdir().unwrap();
+    let python = python_rootfs();
+    let extra = [
+        "--max-concurrent-tasks",
+        "1",
+        "--allow-bundle-path",
+        bundles.path().to_str().unwrap(),
+        "--python-rootfs",
+        python.to_str().unwrap(),
+    ];
+    let mut w = Worker::start("ended-unstarted", &extra).await;
+    let mut c = w.client().await;
+    // Its preparation fails: the bundle is not there (yet).
+    let later = bundles.path().join("later.zip");
+    let mut failed = sh("unstarted/failed", "echo ran");
+    failed.bundle_gcs_path = format!("file://{}", later.display());
+    c.run_task(failed).await.unwrap();
+    let before = wait_end(&mut c, "unstarted/failed", LONG).await;
+    assert_eq!(state_of(&before), TaskState::Failed, "{before:?}");
+    // Killed while PENDING behind the one slot; the worker dies the moment KillTask answers.
+    c.run_task(sh("unstarted/first", "sleep 1000")).await.unwrap();
+    wait_for(&mut c, "unstarted/first", LONG, |s| state_of(s) == TaskState::Running).await;
+    c.run_task(sh("unstarted/killed", "echo ran; touch /workdir/ran")).await.unwrap();
+    assert_eq!(state_of(&status(&mut c, "unstarted/killed").await), TaskState::Pending);
+    c.kill_task(worker::KillTaskRequest { task_id: "unstarted/killed".into(), term_timeout_ms: 100 }).await.unwrap();
+    w.kill9();
+    // What was missing is there now: run again, the failed task would get another error.
+    std::fs::write(&later, b"not a zip").unwrap();
+
+    w.spawn().await;
+    let mut c = w.client().await;
+    let s = status(&mut c, "unstarted/killed").await;
+    assert_eq!(state_of(&s), TaskState::Killed, "KillTask was answered: it stays killed: {s:?}");
+    let after = status(&mut c, "unstarted/failed").await;
+    assert_eq!(state_of(&after), TaskState::Failed, "{after:?}");
+    assert_eq!((&after.error, after.finished_at_ms), (&before.error, before.finished_at_ms), "its end, as reported");
+    // The slot frees: the killed task still never runs.
+    c.kill_task(worker::KillTaskRequest { task_id: "unstarted/first".into(), term_timeout_ms: 100 }).await.unwrap();
+    wait_end(&mut c, "unstarted/first", LONG).await;
+    c.run_task(sh("unstarted/after", "echo after")).await.unwrap();
+    assert_eq!(state_of(&wait_end(&mut c, "unstarted/after", LONG).await), TaskState::Succeeded);
+    let s = status(&mut c, "unstarted/killed").await;
+    assert_eq!(state_of(&s), TaskState::Killed, "{s:?}");
+    assert!(all_logs(&mut c, "unstarted/killed").await.is_empty(), "its command ran");
+    assert!(!w.state_dir().join("tasks/unstarted_2fkilled.0/workdir/ran").exists(), "its command ran");
+}
+
 /// A TCP proxy in front of a registry that holds every connection until it is opened: a pull
 /// through it stays in BUILDING for as long as the test wants.
 struct Gate {

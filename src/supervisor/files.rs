@@ -67,6 +67,14 @@ pub fn release(dir: &Path, name: &str) {
     let _ = fs::remove_file(dir.join(format!(".{name}.tmp")));
 }
 
+/// Hands the room set aside for `from` (unused) to the next write of `to` (best effort).
+pub fn move_reservation(dir: &Path, from: &str, to: &str) {
+    let target = dir.join(format!(".{to}.tmp"));
+    if !target.exists() {
+        let _ = fs::rename(dir.join(format!(".{from}.tmp")), target);
+    }
+}
+
 /// Sets `bytes` aside on disk for the next write of `dir/name` (its temp file, allocated
 /// now, root's only), so that a record that must not be lost — how the task ended, a kill
 /// request — is written even when the task has filled the disk since. Best effort: a

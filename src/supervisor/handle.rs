@@ -93,10 +93,16 @@ impl Supervisor {
     ) -> Result<(), FileError> {
         let request = KillRequest { grace_ms, worker_failure: worker_failure.map(str::to_string) };
         files::write_json(task_dir, files::KILL, &request)?;
+        self.deliver_kill();
+        Ok(())
+    }
+
+    /// Tells the supervisor to act on the `kill.json` already written (a supervisor that is
+    /// killing its task already ignores it).
+    pub fn deliver_kill(&self) {
         if self.id.is_alive() {
             let _ = kill(Pid::from_raw(self.id.pid), Signal::SIGUSR1);
         }
-        Ok(())
     }
 
     /// Waits until the supervisor has exited, and reaps it if it is our child.

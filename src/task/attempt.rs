@@ -109,6 +109,9 @@ impl Attempt {
     /// Ends the attempt: directly through its supervisor once the command runs, otherwise
     /// by parking the request for the driver (a PENDING or BUILDING attempt just stops).
     /// Asks for the attempt's end; `Err` with its state when it has ended already.
+    /// The request is on disk before this returns (and so before KillTask is answered): a
+    /// worker restarted after it finds an attempt that never started KILLED, and tells an
+    /// adopted supervisor that had not started the command yet.
     pub(crate) fn request_kill(&self, grace_ms: u64) -> Result<(), TaskState> {
         self.request_kill_for(grace_ms, None)
     }
@@ -131,10 +134,12 @@ impl Attempt {
             *grace = Some(grace_ms);
             cause.clone()
         };
-        if let (Some(sup), true) = (st.supervisor, st.started)
-            && let Err(e) = sup.request_kill_for(&self.dir, grace_ms, cause.as_deref())
-        {
-            tracing::warn!(task_id = %self.meta.task_id, error = %e, "asking the supervisor to kill");
+        let request = files::KillRequest { grace_ms, worker_failure: cause };
+        if let Err(e) = files::write_json(&self.dir, files::KILL, &request) {
+            tracing::warn!(task_id = %self.meta.task_id, error = %e, "recording a kill request");
+        }
+        if let (Some(sup), true) = (st.supervisor, st.started) {
+            sup.deliver_kill();
         }
         drop(st);
         self.kill.notify.notify_one();
@@ -238,17 +243,34 @@ impl Attempt {
         inner.emit(event);
     }
 
-    /// Records the end: state, exit, figures; releases the ports; wakes the waiters.
+    /// Records the end: state, exit, figures; releases the ports; wakes the waiters. An end
+    /// no `exit.json` records (`exit` is `None`) is written to the attempt's `ended.json`
+    /// first, so it is the end a restarted worker finds too.
     fn finish(&self, inner: &Inner, state: TaskState, exit_code: i32, error: String, exit: Option<&ExitRecord>) {
+        let finished_at_ms = exit.map(|e| e.finished_at_ms).filter(|t| *t > 0).unwrap_or_else(now_ms);
+        let record = store::EndRecord { state, exit_code, error, finished_at_ms };
+        self.end(inner, record, exit, exit.is_none());
+    }
+
+    /// Ends the attempt as its `ended.json` says (a restarted worker's view of it).
+    fn finish_recorded(&self, inner: &Inner, record: store::EndRecord) {
+        self.end(inner, record, None, false);
+    }
+
+    fn end(&self, inner: &Inner, record: store::EndRecord, exit: Option<&ExitRecord>, persist: bool) {
         let mut st = lock(&self.status);
         if st.state.is_terminal() {
             return;
         }
+        if persist && let Err(e) = store::record_end(&self.dir, &record) {
+            tracing::warn!(task_id = %self.meta.task_id, error = %e, "recording how the task ended");
+        }
+        let store::EndRecord { state, exit_code, error, finished_at_ms } = record;
         st.state = state;
         st.exit_code = exit_code;
         st.error = error;
         st.status_message.clear();
-        st.finished_at_ms = exit.map(|e| e.finished_at_ms).filter(|t| *t > 0).unwrap_or_else(now_ms);
+        st.finished_at_ms = finished_at_ms;
         if let Some(e) = exit {
             if let Some(s) = e.started_at_ms {
                 st.started_at_ms = s;
@@ -626,11 +648,26 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
         let task_id = meta.task_id.clone();
         let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq());
         let exit_recorded = attempt.dir.join(files::EXIT).exists();
-        let live = if exit_recorded { None } else { Supervisor::find(&attempt.dir) };
+        let ended = if exit_recorded { None } else { store::recorded_end(&attempt.dir) };
+        let live = if exit_recorded || ended.is_some() { None } else { Supervisor::find(&attempt.dir) };
+        let kill_request: Option<files::KillRequest> = files::read_json(&attempt.dir, files::KILL).ok().flatten();
+        if let Some(k) = &kill_request {
+            // The kill as it was asked for: its grace, and a worker failure's reason.
+            *lock(&attempt.kill.grace_ms) = Some(k.grace_ms);
+            *lock(&attempt.kill.worker_failure) = k.worker_failure.clone();
+        }
+        let kill_requested = kill_request.is_some() || attempt.dir.join(files::KILL).exists();
+        if kill_requested && kill_request.is_none() {
+            *lock(&attempt.kill.grace_ms) = Some(DEFAULT_GRACE_MS);
+        }
         lock(&inner.tasks).entry(task_id).or_default().push(attempt.clone());
         if exit_recorded {
             // Ended while we were away (or long ago): its real exit.
             attempt.finish_from_exit(inner);
+        } else if let Some(record) = ended {
+            // Ended before a supervisor ran it (killed while PENDING, a failed preparation):
+            // as it was reported.
+            attempt.finish_recorded(inner, record);
         } else if let Some(sup) = live {
             let started: Option<files::Started> = files::read_json(&attempt.dir, files::STARTED).ok().flatten();
             {
@@ -647,6 +684,11 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
             }
             let permit = inner.slots.clone().try_acquire_owned().ok();
             tracing::info!(task_id = %attempt.meta.task_id, pid = sup.id.pid, "adopted a running task");
+            if kill_requested {
+                // KillTask was answered: the kill may have come while the supervisor was still
+                // starting the command, and never reached it. Once more (it ignores a second).
+                sup.deliver_kill();
+            }
             if let Some(path) = attempt.meta.bundle.clone() {
                 // The running task's bundle must not be evicted: hold it again.
                 let (inner, attempt) = (inner.clone(), attempt.clone());
@@ -664,6 +706,11 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
                 });
             }
             tokio::spawn(watch_until_exit(inner.clone(), attempt, sup, permit));
+        } else if !attempt.dir.join(files::PID).exists() && kill_requested {
+            // Killed while PENDING or BUILDING, before the end was recorded: KillTask was
+            // answered, so it stays killed (or WORKER_FAILED, for the worker's own reasons).
+            attempt.finish_unstarted(inner);
+            tokio::spawn(clear_unstarted(attempt.dir.clone(), attempt.meta.cgroup.clone()));
         } else if !attempt.dir.join(files::PID).exists() {
             // Accepted, PENDING or BUILDING: no supervisor ever ran the task. Its request is
             // on disk: it runs after all.
@@ -718,24 +765,26 @@ fn run_again(inner: &Arc<Inner>, attempt: Arc<Attempt>) {
     tracing::info!(task_id = %attempt.meta.task_id, attempt = attempt.meta.attempt_id, "running a task accepted before the restart");
     let inner = inner.clone();
     tokio::spawn(async move {
-        // A build the previous run started (its own supervisor, writing into this task's
-        // log) must be gone before the new one starts.
-        for (pid, dir) in supervise::running_under(&attempt.dir) {
-            let sup = Supervisor::find(&dir).unwrap_or(Supervisor {
-                id: files::ProcessId::of(pid).unwrap_or(files::ProcessId { pid, start_time: 0 }),
-            });
-            let _ = sup.request_kill(&dir, 0);
-            let _ = sup.wait_exit().await;
-        }
-        let dir = attempt.dir.clone();
-        let cgroup = attempt.meta.cgroup.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            remove_leftovers(&dir, cgroup.as_deref());
-            clear_preparation(&dir);
-        })
-        .await;
+        clear_unstarted(attempt.dir.clone(), attempt.meta.cgroup.clone()).await;
         drive(inner, attempt, spec, previous).await;
     });
+}
+
+/// Removes what the previous run of the worker left of an attempt it never started: a build
+/// it started (its own supervisor, writing into this task's log), the task's processes,
+/// container state and cgroup, and what the preparation wrote.
+async fn clear_unstarted(dir: PathBuf, cgroup: Option<String>) {
+    for (pid, build_dir) in supervise::running_under(&dir) {
+        let sup = Supervisor::find(&build_dir)
+            .unwrap_or(Supervisor { id: files::ProcessId::of(pid).unwrap_or(files::ProcessId { pid, start_time: 0 }) });
+        let _ = sup.request_kill(&build_dir, 0);
+        let _ = sup.wait_exit().await;
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        remove_leftovers(&dir, cgroup.as_deref());
+        clear_preparation(&dir);
+    })
+    .await;
 }
 
 /// Removes what preparing a task wrote into its directory (its launch spec, container

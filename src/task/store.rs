@@ -11,6 +11,9 @@ use crate::supervisor::files::{self, FileError};
 
 pub const TASK: &str = "task.json";
 pub const REQUEST: &str = "request.pb";
+/// The worker's record of an attempt that ended with no `exit.json` behind it (see
+/// [`EndRecord`]).
+pub const ENDED: &str = "ended.json";
 
 /// What the worker records about an attempt when it accepts it (read back after a restart).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -28,6 +31,37 @@ pub struct TaskMeta {
     /// The bundle the task runs from (a worker that adopts the task holds it in the cache).
     #[serde(default)]
     pub bundle: Option<String>,
+}
+
+/// How an attempt ended that no supervisor recorded: killed while PENDING or BUILDING, its
+/// preparation failed, its bundle was refused, its supervisor could not be spawned or died
+/// without an exit record. Written before anyone hears of the end, so a restarted worker finds
+/// the attempt terminal as it was reported (it would otherwise take it for one accepted and
+/// never started, and run it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndRecord {
+    pub state: super::TaskState,
+    pub exit_code: i32,
+    pub error: String,
+    pub finished_at_ms: i64,
+}
+
+/// Writes `dir/ended.json` (atomically, root's only), in the room a kill request left unused
+/// when there is some: the end of an attempt is recorded even on a full disk.
+pub fn record_end(dir: &Path, record: &EndRecord) -> Result<(), FileError> {
+    files::move_reservation(dir, files::KILL, ENDED);
+    files::write_json(dir, ENDED, record)
+}
+
+/// The end the worker recorded for the attempt in `dir`, if it did.
+pub fn recorded_end(dir: &Path) -> Option<EndRecord> {
+    match files::read_json::<EndRecord>(dir, ENDED) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "reading a task's end record");
+            None
+        }
+    }
 }
 
 /// A directory name for a task id: `[A-Za-z0-9-]` kept, every other byte as `_XX`. Valid as a

@@ -513,6 +513,40 @@ async fn finished_tasks_are_removed_past_the_retained_count_and_age() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: runs containers"]
+async fn a_finished_task_with_the_longest_key_is_removed_for_good() {
+    let mut w = Worker::start("retain-long", &["--retain-for", "1s"]).await;
+    let mut c = w.client().await;
+    // Its directory's name is 249 bytes: the longest keys validation allows are 255.
+    let long = format!("long/{}", "a".repeat(240));
+    let key = format!("long_2f{}.0", "a".repeat(240));
+    c.run_task(sh(&long, "echo first")).await.unwrap();
+    wait_end(&mut c, &long, LONG).await;
+    let tasks_dir = w.state_dir().join("tasks");
+    let deadline = Instant::now() + LONG;
+    while tasks_dir.join(&key).exists() {
+        assert!(Instant::now() < deadline, "the finished task's directory stays:\n{}", w.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let trash = w.state_dir().join("trash");
+    while std::fs::read_dir(&trash).map(|d| d.count()).unwrap_or(0) > 0 {
+        assert!(Instant::now() < deadline, "the removed task stays in the trash");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Gone for good: a restart does not find it again (and keeps what it runs now).
+    w.kill9();
+    w.extra.clear();
+    w.spawn().await;
+    let mut c = w.client().await;
+    let listed = c.list_tasks(worker::ListTasksRequest {}).await.unwrap().into_inner().tasks;
+    assert!(listed.iter().all(|t| t.task_id != long), "{:?}", listed.iter().map(|t| &t.task_id).collect::<Vec<_>>());
+    // The same task and attempt again is a new task, in a directory of its own.
+    c.run_task(sh(&long, "echo second")).await.unwrap();
+    assert_eq!(state_of(&wait_end(&mut c, &long, LONG).await), TaskState::Succeeded);
+    assert_eq!(stdout_of(&all_logs(&mut c, &long).await), ["second"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
 async fn a_pending_task_runs_after_a_kill_9_and_restart() {
     let mut w = Worker::start("redo-pending", &["--max-concurrent-tasks", "1"]).await;
     let mut c = w.client().await;

@@ -481,7 +481,16 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
         Ok(d) => d,
         Err(e) => {
             lock(&inner.ports).release(meta.ports.values().copied());
-            return Err(e.into());
+            return Err(match e {
+                // The attempt's directory is still there (its record was removed, its files
+                // could not be): the attempt exists, as far as this worker can tell.
+                crate::supervisor::files::FileError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                {
+                    TaskError::AlreadyExists { task_id: spec.task_id, attempt_id: spec.attempt_id }
+                }
+                e => e.into(),
+            });
         }
     };
     let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq());

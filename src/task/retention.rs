@@ -9,9 +9,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::attempt::Attempt;
 use super::{Inner, lock};
 use crate::supervisor::files::{self, now_ms};
 
@@ -70,6 +70,12 @@ fn due_workdirs(inner: &Inner) -> Vec<PathBuf> {
 
 /// Forgets the finished tasks past `retain_for` or beyond the newest `retain_finished`, and
 /// moves their directories to the trash; returns the trash paths to delete.
+///
+/// The task table stays locked until the directories are out of `tasks/`: a RunTask for the
+/// same task and attempt (new once the old record is gone) waits for the rename, so it never
+/// makes its directory where the old one still is, to have it renamed into the trash and
+/// deleted under it (and `store::create` refuses a directory that exists). A task whose
+/// directory cannot be moved (a mount below it) stays, to be tried again.
 fn remove_finished_tasks(inner: &Inner) -> Vec<PathBuf> {
     let bounds = &inner.config.bounds;
     if bounds.retain_for.is_none() && bounds.retain_finished.is_none() {
@@ -87,47 +93,72 @@ fn remove_finished_tasks(inner: &Inner) -> Vec<PathBuf> {
         .collect();
     finished.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
     let keep = bounds.retain_finished.unwrap_or(usize::MAX);
-    let mut gone: Vec<Arc<Attempt>> = Vec::new();
-    for (i, (ended, id)) in finished.iter().enumerate() {
-        if i >= keep || cutoff.is_some_and(|c| *ended <= c) {
-            gone.extend(tasks.remove(id).unwrap_or_default());
+    let due: Vec<String> = finished
+        .iter()
+        .enumerate()
+        .filter(|(i, (ended, _))| *i >= keep || cutoff.is_some_and(|c| *ended <= c))
+        .map(|(_, (_, id))| id.clone())
+        .collect();
+    if due.is_empty() {
+        return Vec::new();
+    }
+    let trash_root = inner.config.state_dir.join(TRASH);
+    if let Err(e) = files::make_private_dir(&trash_root) {
+        tracing::warn!(dir = %trash_root.display(), error = %e, "creating the trash");
+        return Vec::new();
+    }
+    // An image task's rootfs is unmounted by its supervisor; one it could not unmount gets
+    // another try, then the mounts are read once for every directory.
+    for id in &due {
+        for a in tasks.get(id).into_iter().flatten() {
+            let _ = crate::env::image::unmount(&a.dir);
+        }
+    }
+    let mounts = mount_points();
+    let mut trash = Vec::new();
+    for id in due {
+        let attempts = tasks.get(&id).cloned().unwrap_or_default();
+        if let Some(a) = attempts.iter().find(|a| has_mount_below(&a.dir, &mounts)) {
+            tracing::warn!(dir = %a.dir.display(), "a finished task stays: something is still mounted below it");
+            continue;
+        }
+        tasks.remove(&id);
+        for a in attempts {
+            tracing::info!(task_id = %a.meta.task_id, attempt = a.meta.attempt_id, "removing a finished task");
+            match move_to_trash(&a.dir, &trash_root) {
+                Ok(Some(t)) => trash.push(t),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(dir = %a.dir.display(), error = %e, "moving a finished task to the trash"),
+            }
         }
     }
     drop(tasks);
-    let trash_root = inner.config.state_dir.join(TRASH);
-    let mut trash = Vec::new();
-    for a in gone {
-        tracing::info!(task_id = %a.meta.task_id, attempt = a.meta.attempt_id, "removing a finished task");
-        match move_to_trash(&a.dir, &trash_root) {
-            Ok(Some(t)) => trash.push(t),
-            Ok(None) => {}
-            Err(e) => tracing::warn!(dir = %a.dir.display(), error = %e, "moving a finished task to the trash"),
-        }
-    }
     trash
 }
 
-/// Renames `dir` into `trash_root` (`None` if it is gone already). A directory with a mount
-/// below it (an image rootfs whose unmount failed) stays where it is: deleting through a
-/// mount would delete what it shows.
+/// Renames `dir` into `trash_root` under a short name of its own (`None` if it is gone
+/// already): a task's key may be up to 255 bytes, and a name made from it would not fit.
 fn move_to_trash(dir: &Path, trash_root: &Path) -> std::io::Result<Option<PathBuf>> {
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
     if !dir.exists() {
         return Ok(None);
     }
-    let _ = crate::env::image::unmount(dir);
-    if has_mount_below(dir) {
-        return Err(std::io::Error::other("something is still mounted below it"));
-    }
-    files::make_private_dir(trash_root)?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let target = trash_root.join(format!("{name}.{}", now_ms()));
+    let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    let target = trash_root.join(format!("{:x}-{}-{n}", now_ms(), std::process::id()));
     std::fs::rename(dir, &target)?;
     Ok(Some(target))
 }
 
-fn has_mount_below(dir: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return true };
-    info.lines().filter_map(|l| l.split(' ').nth(4)).any(|m| Path::new(m).starts_with(dir))
+/// Every mount point of this process's mount namespace.
+fn mount_points() -> Option<Vec<PathBuf>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    Some(info.lines().filter_map(|l| l.split(' ').nth(4)).map(PathBuf::from).collect())
+}
+
+/// Whether something is mounted at or below `dir` (deleting through a mount would delete
+/// what it shows); true when the mounts could not be read.
+fn has_mount_below(dir: &Path, mounts: &Option<Vec<PathBuf>>) -> bool {
+    mounts.as_ref().is_none_or(|m| m.iter().any(|m| m.starts_with(dir)))
 }
 
 /// Deletes what a previous run left in the trash (it stopped mid-delete).
@@ -137,5 +168,32 @@ pub(super) fn empty_trash(state_dir: &Path) {
         && e.kind() != std::io::ErrorKind::NotFound
     {
         tracing::warn!(dir = %trash.display(), error = %e, "emptying the trash");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trash_name_is_short_and_unique_whatever_the_task_key() {
+        let state = tempfile::tempdir().unwrap();
+        let trash = state.path().join(TRASH);
+        files::make_private_dir(&trash).unwrap();
+        // The longest key validation allows: 255 bytes.
+        let key = format!("{}.0", "k".repeat(253));
+        let mut moved = Vec::new();
+        for _ in 0..2 {
+            let dir = state.path().join(&key);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("log"), "x").unwrap();
+            let to = move_to_trash(&dir, &trash).unwrap().expect("moved");
+            assert!(!dir.exists());
+            assert!(to.file_name().unwrap().len() <= 64, "{}", to.display());
+            assert_eq!(std::fs::read_to_string(to.join("log")).unwrap(), "x");
+            moved.push(to);
+        }
+        assert_ne!(moved[0], moved[1], "two removals of one key in the same millisecond");
+        assert_eq!(move_to_trash(&state.path().join(&key), &trash).unwrap(), None, "gone already");
     }
 }

@@ -90,23 +90,26 @@ pub fn tasks_dir(state_dir: &Path) -> PathBuf {
 
 /// Creates an attempt's directory with its `task.json` and `request.pb`, and gives its log
 /// its cap (every writer of the log, the task's supervisor and its build's, reads it there);
-/// or nothing: a failure half-way (a full disk) removes what it made.
+/// or nothing: a failure half-way (a full disk) removes what it made. A directory that exists
+/// already is refused (an `AlreadyExists` error), never reused: it holds another attempt's
+/// files (one the retention could not move away, say).
 pub fn create(
     state_dir: &Path,
     meta: &TaskMeta,
     raw_request: &[u8],
     log_cap: Option<u64>,
 ) -> Result<PathBuf, FileError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let dir = tasks_dir(state_dir).join(task_key(&meta.task_id, meta.attempt_id));
     let io = |op, path: &Path| {
         let path = path.to_path_buf();
         move |source| FileError::Io { op, path, source }
     };
-    let existed = dir.exists();
     // The task's directory is root's alone (see files::PRIVATE_DIR_MODE); its workdir keeps the
     // usual 0755, which is what the task sees at /workdir.
-    let made = files::make_private_dir(&dir)
-        .and_then(|()| fs::create_dir_all(dir.join(files::WORKDIR)))
+    fs::DirBuilder::new().mode(files::PRIVATE_DIR_MODE).create(&dir).map_err(io("creating", &dir))?;
+    let made = fs::set_permissions(&dir, fs::Permissions::from_mode(files::PRIVATE_DIR_MODE))
+        .and_then(|()| fs::create_dir(dir.join(files::WORKDIR)))
         .map_err(io("creating", &dir))
         .and_then(|()| files::write_private(&dir.join(REQUEST), raw_request).map_err(io("writing", &dir.join(REQUEST))))
         .and_then(|()| match log_cap {
@@ -119,9 +122,7 @@ pub fn create(
         })
         .and_then(|()| files::write_json(&dir, TASK, meta));
     if let Err(e) = made {
-        if !existed {
-            let _ = fs::remove_dir_all(&dir);
-        }
+        let _ = fs::remove_dir_all(&dir);
         return Err(e);
     }
     // A kill request must reach the supervisor even after the task filled the disk.
@@ -203,6 +204,33 @@ mod tests {
         assert_eq!(task_key("job/task-0", 2), "job_2ftask-0.2");
         assert_ne!(escape("a/b"), escape("a_2fb"));
         assert!(escape("../x").chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    }
+
+    fn meta(task_id: &str) -> TaskMeta {
+        TaskMeta {
+            task_id: task_id.into(),
+            job_id: "j".into(),
+            task_index: 0,
+            num_tasks: 1,
+            attempt_id: 0,
+            ports: BTreeMap::new(),
+            timeout_s: None,
+            created_at_ms: 1,
+            cgroup: None,
+            bundle: None,
+        }
+    }
+
+    #[test]
+    fn create_refuses_a_directory_that_exists_and_leaves_it_alone() {
+        let state = tempfile::tempdir().unwrap();
+        fs::create_dir(tasks_dir(state.path())).unwrap();
+        let dir = create(state.path(), &meta("j/t"), b"first", None).unwrap();
+        fs::write(dir.join(files::WORKDIR).join("out"), "the first attempt's").unwrap();
+        let err = create(state.path(), &meta("j/t"), b"second", None).unwrap_err();
+        assert!(matches!(&err, FileError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists));
+        assert_eq!(fs::read(dir.join(REQUEST)).unwrap(), b"first");
+        assert_eq!(fs::read_to_string(dir.join(files::WORKDIR).join("out")).unwrap(), "the first attempt's");
     }
 
     #[test]

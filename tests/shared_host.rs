@@ -410,36 +410,43 @@ async fn sixteen_fetches_of_a_log_made_of_one_100mb_line_stay_small() {
     let pid = w.child.as_ref().unwrap().id();
     let before = peak_rss(pid);
     let addr = w.addr();
-    let fetches: Vec<_> = (0..16)
-        .map(|_| {
-            let addr = addr.clone();
-            tokio::spawn(async move {
-                // A client that would take a huge answer: the bound must be the worker's.
-                let mut c =
-                    iris_worker::proto::worker_service_client::WorkerServiceClient::connect(format!("http://{addr}"))
-                        .await
-                        .unwrap()
-                        .max_decoding_message_size(1 << 30);
-                let req = worker::FetchTaskLogsRequest { task_id: "bigline/task-0".into(), filter: None };
-                c.fetch_task_logs(req).await.unwrap().into_inner().logs
+    // Sixteen reads from the start, then sixteen tails wider than the log (as the dashboard's
+    // `?tail=` and Iris's negative start_line ask): both must be bounded by the worker.
+    let head = worker::FetchLogsFilter::default();
+    let tail = worker::FetchLogsFilter { start_line: -10_000, ..Default::default() };
+    for (what, filter) in [("reads from the start", head), ("tails of 10,000 lines", tail)] {
+        let fetches: Vec<_> = (0..16)
+            .map(|_| {
+                let (addr, filter) = (addr.clone(), filter.clone());
+                tokio::spawn(async move {
+                    // A client that would take a huge answer: the bound must be the worker's.
+                    let mut c = iris_worker::proto::worker_service_client::WorkerServiceClient::connect(format!(
+                        "http://{addr}"
+                    ))
+                    .await
+                    .unwrap()
+                    .max_decoding_message_size(1 << 30);
+                    let req = worker::FetchTaskLogsRequest { task_id: "bigline/task-0".into(), filter: Some(filter) };
+                    c.fetch_task_logs(req).await.unwrap().into_inner().logs
+                })
             })
-        })
-        .collect();
-    let mut total = 0;
-    for f in fetches {
-        let lines = f.await.unwrap();
-        let bytes: usize = lines.iter().map(|l| l.data.len()).sum();
-        assert!(!lines.is_empty());
-        assert!(bytes <= iris_worker::logs::MAX_RESULT_BYTES + (64 << 10), "an answer of {bytes} bytes");
-        total += lines.len();
+            .collect();
+        let mut total = 0;
+        for f in fetches {
+            let lines = f.await.unwrap();
+            let bytes: usize = lines.iter().map(|l| l.data.len()).sum();
+            assert!(!lines.is_empty());
+            assert!(bytes <= iris_worker::logs::MAX_RESULT_BYTES + (64 << 10), "{what}: an answer of {bytes} bytes");
+            total += lines.len();
+        }
+        let after = peak_rss(pid);
+        println!(
+            "16 {what} of 100 MB in 64 KiB lines: {total} lines; worker peak RSS {} → {} MiB",
+            before >> 20,
+            after >> 20
+        );
+        assert!(after < 200 << 20, "{what}: the worker's peak RSS reached {} MiB", after >> 20);
     }
-    let after = peak_rss(pid);
-    println!(
-        "16 fetches of 100 MB in 64 KiB lines: {total} lines; worker peak RSS {} → {} MiB",
-        before >> 20,
-        after >> 20
-    );
-    assert!(after < 200 << 20, "the worker's peak RSS reached {} MiB", after >> 20);
     // Paging on gets the rest: the answers are bounded, not the log.
     let all = logs(&mut c, "bigline/task-0", worker::FetchLogsFilter { start_line: -1, ..Default::default() }).await;
     assert!(all[0].line_number >= 1525, "{} lines of 64 KiB", all[0].line_number + 1);

@@ -341,6 +341,9 @@ impl Scanner<'_> {
 
     /// The last matches in `lo..hi`, as many as `budget` takes, in line order: chunks are
     /// scanned from the end, starting small so a plain tail reads only the lines it returns.
+    /// Each chunk's records fit the bytes left in the budget (found from the index's offsets
+    /// before anything is read), so what a tail holds in memory is bounded in bytes, not only
+    /// in lines: 4,096 lines of 64 KiB would be 256 MiB.
     fn backward(&mut self, lo: u64, hi: u64, budget: &mut Budget) -> Result<Vec<LogLine>, LogError> {
         let mut chunks: Vec<Vec<LogLine>> = Vec::new();
         let (mut count, mut bytes) = (0u64, 0usize);
@@ -351,7 +354,7 @@ impl Scanner<'_> {
             // filters turn out to be selective.
             let want = (budget.lines - count).max(step).clamp(16, INDEX_CHUNK);
             step = want * 2;
-            let c0 = lo.max(c1.saturating_sub(want));
+            let c0 = self.fitting_start(lo.max(c1.saturating_sub(want)), c1, (budget.bytes - bytes) as u64)?;
             let mut found = Vec::new();
             self.chunk(c0, c1, &mut |line| {
                 found.push(line);
@@ -374,6 +377,21 @@ impl Scanner<'_> {
         }
         out.reverse();
         Ok(out)
+    }
+
+    /// The first line of the longest run `start..c1` (`start` at least `c0`, and at most
+    /// `c1 - 1`: one line always) whose records take at most `room` bytes of `log.bin`.
+    fn fitting_start(&mut self, c0: u64, c1: u64, room: u64) -> Result<u64, LogError> {
+        let read_to = if c1 < self.extent.lines { c1 + 1 } else { c1 };
+        self.index_buf.resize(((read_to - c0) as usize) * ENTRY_LEN, 0);
+        self.files.read_index(c0, &mut self.index_buf)?;
+        let offset = |i: u64| IndexEntry::decode(&self.index_buf[((i - c0) as usize) * ENTRY_LEN..]).offset;
+        let end = if read_to > c1 { offset(c1).min(self.extent.data_end) } else { self.extent.data_end };
+        let mut start = c1 - 1;
+        while start > c0 && end.saturating_sub(offset(start - 1)) <= room {
+            start -= 1;
+        }
+        Ok(start)
     }
 
     /// Feeds the matching lines of `c0..c1` to `emit` in order until it
@@ -677,6 +695,42 @@ mod tests {
         w.append(&[LogRecord { ts_ms: 99, source: Source::Stdout, data: &huge }]).unwrap();
         let last = read(dir.path(), &LogFilter { start_line: 70, ..Default::default() }).unwrap();
         assert_eq!(numbers(&last), vec![70]);
+    }
+
+    #[test]
+    fn a_tail_of_long_lines_reads_only_what_fits_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LogWriter::open(dir.path()).unwrap();
+        // 1,600 lines of 64 KiB: 100 MiB, within one chunk of lines.
+        let long = vec![b'x'; 64 << 10];
+        let recs: Vec<_> = (0..1600).map(|i| LogRecord { ts_ms: i, source: Source::Stdout, data: &long }).collect();
+        w.append(&recs).unwrap();
+        let log = Log::open(dir.path()).unwrap();
+        let seg = &log.segments[0];
+        let f = LogFilter::default();
+        let mut scan = Scanner {
+            files: &seg.files,
+            first: seg.first,
+            filter: &f,
+            extent: seg.extent,
+            index_buf: Vec::new(),
+            window: Vec::new(),
+            window_start: 0,
+        };
+        // The worker's memory bound is tests/shared_host.rs's sixteen tails (peak RSS); here,
+        // which lines a chunk may take, and that the answer is still the newest lines.
+        let mut budget = Budget { lines: 10_000, bytes: MAX_RESULT_BYTES };
+        let lines = scan.backward(0, 1600, &mut budget).unwrap();
+        assert_eq!(lines.len(), MAX_RESULT_BYTES / (64 << 10), "the newest lines the budget takes");
+        assert_eq!(lines.last().unwrap().line_number, 1599);
+        let start = scan.fitting_start(0, 1600, 1 << 20).unwrap();
+        let per_line = (64 << 10) + HEADER_LEN as u64;
+        assert_eq!(1600 - start, (1 << 20) / per_line, "the lines that fit 1 MiB");
+        assert_eq!(scan.fitting_start(0, 1600, 0).unwrap(), 1599, "one line at least");
+        assert_eq!(scan.fitting_start(1590, 1600, u64::MAX).unwrap(), 1590, "never before the chunk");
+        // And through `read`: the tail wider than the budget returns its newest 3 MiB.
+        let tail = read(dir.path(), &LogFilter { start_line: -10_000, ..Default::default() }).unwrap();
+        assert_eq!(numbers(&tail), (1552..1600).collect::<Vec<_>>());
     }
 
     /// Writes lines `from..to` ("line i", ts 1000 + 10 i) in batches of 7.

@@ -17,9 +17,46 @@
 
 use std::fs::{self, File, TryLockError};
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The directory the workers of a host share (the cgroup ledger, the port locks): a tmpfs,
+/// gone at boot as are the cgroups and tasks it describes. Root's alone (0700, files 0600):
+/// a local user who could open a lock file there could flock it and stall every worker.
+pub const HOST_RUN_DIR: &str = "/run/iris-worker";
+
+/// Creates [`HOST_RUN_DIR`] 0700, or makes it so when an older worker left it wider. Refuses
+/// a symlink there (only root can make one in /run, but root's tools should not follow it).
+pub fn private_host_run_dir() -> io::Result<()> {
+    let dir = Path::new(HOST_RUN_DIR);
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let md = fs::symlink_metadata(dir)?;
+    if !md.is_dir() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{HOST_RUN_DIR} is not a directory")));
+    }
+    if md.mode() & 0o777 != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Opens (creating) a lock or ledger file as root's alone: 0600 also when it existed with a
+/// wider mode, and never through a symlink.
+pub fn open_private_lock_file(path: &Path, read: bool) -> io::Result<File> {
+    let file = File::options()
+        .read(read)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    if file.metadata()?.mode() & 0o777 != 0o600 {
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
+}
 
 /// The lock files of one cache directory.
 #[derive(Debug, Clone)]
@@ -139,10 +176,10 @@ impl EntryLocks {
     }
 
     fn acquire(&self, key: &str, mode: Mode, wait: bool) -> io::Result<Option<EntryLock>> {
-        fs::create_dir_all(&self.dir)?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir)?;
         let path = self.path(key);
         loop {
-            let file = File::options().create(true).truncate(false).write(true).open(&path)?;
+            let file = open_private_lock_file(&path, false)?;
             let got = match (mode, wait) {
                 (Mode::Shared, true) => file.lock_shared().map(|()| true),
                 (Mode::Exclusive, true) => file.lock().map(|()| true),

@@ -193,6 +193,37 @@ async fn setuid_in_workdir_is_unreachable(runtime: &str) {
     assert!(spec.contains("hunter2"), "spec.json holds the environment (which is why it is private)");
 }
 
+/// Review of #14, finding 11: the directory the host's workers share (the cgroup ledger, the
+/// port locks) is root's alone, also when an older worker left it open, so no local user can
+/// flock a file there and stall every worker's start and cleanup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers, setpriv to an unprivileged user"]
+async fn the_workers_shared_directory_in_run_is_out_of_other_users_reach() {
+    let run = Path::new(iris_worker::cachelock::HOST_RUN_DIR);
+    let ledger = run.join("cgroups-created");
+    // As workers before this fix left them: 0755, files 0644.
+    std::fs::create_dir_all(run).unwrap();
+    std::fs::set_permissions(run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::OpenOptions::new().create(true).append(true).open(&ledger).unwrap();
+    std::fs::set_permissions(&ledger, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let w = Worker::start("rundir", &["--port-range", "26100-26119"]).await;
+    let mut c = w.client().await;
+    let mut req = sh("rundir/task-0", "sleep 1000");
+    req.ports = vec!["http".into()];
+    c.run_task(req).await.unwrap();
+    let s = wait_for(&mut c, "rundir/task-0", LONG, |s| s.ports.contains_key("http")).await;
+    let port_lock = run.join(format!("ports/.locks/port-{}.lock", s.ports["http"]));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).mode() & 0o777;
+    assert_eq!(mode(run), 0o700);
+    assert_eq!(mode(&port_lock), 0o600);
+    for p in [&ledger, &port_lock] {
+        let (locked, why) = as_nobody(&["flock", "-n", p.to_str().unwrap(), "true"]);
+        assert!(!locked && why.contains("Permission denied"), "an unprivileged user locked {}: {why}", p.display());
+    }
+    c.kill_task(worker::KillTaskRequest { task_id: "rundir/task-0".into(), term_timeout_ms: 100 }).await.unwrap();
+    wait_end(&mut c, "rundir/task-0", LONG).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: runs containers, setpriv to an unprivileged user"]
 async fn a_setuid_binary_a_container_task_writes_is_out_of_other_users_reach() {

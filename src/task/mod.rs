@@ -306,6 +306,10 @@ impl TaskManager {
                 reason: "another worker is using this state directory".into(),
             });
         }
+        // The host's shared directory (cgroup ledger, port locks) is root's alone, also when
+        // an older worker left it open: other users could flock its files and stall us.
+        let run_dir = Path::new(crate::cachelock::HOST_RUN_DIR);
+        crate::cachelock::private_host_run_dir().map_err(io("creating", run_dir))?;
         let cgroups = prepare_cgroups(&config)?;
         if let Some((_, parent)) = &cgroups {
             // `cleanup` removes this parent even if no task ever ran.

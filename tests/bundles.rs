@@ -742,6 +742,50 @@ async fn bundles_come_only_from_the_operators_directories_and_public_hosts() {
     refused(e, "--allow-private-bundle-hosts");
 }
 
+/// Review of #14, finding 9: a `file://` bundle is opened once, beneath its allowed directory
+/// and without blocking, and only a regular file is read. A FIFO there used to block a
+/// blocking-pool thread for ever (the fetch never ended); a link that leads out, relative or
+/// absolute, is refused; one that stays inside works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_bundle_must_be_a_regular_file_beneath_the_allowed_directory() {
+    use iris_worker::bundle::SourcePolicy;
+    let work = tempfile::tempdir().unwrap();
+    let allowed = work.path().join("allowed");
+    fs::create_dir_all(allowed.join("sub")).unwrap();
+    let bytes = sample_bundle();
+    fs::write(allowed.join("b.zip"), &bytes).unwrap();
+    fs::write(work.path().join("secret.zip"), &bytes).unwrap();
+    std::os::unix::fs::symlink("../b.zip", allowed.join("sub/latest.zip")).unwrap();
+    std::os::unix::fs::symlink("../secret.zip", allowed.join("out.zip")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/root/etc/hostname", allowed.join("magic.zip")).unwrap();
+    let fifo = allowed.join("fifo.zip");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let policy = SourcePolicy { allowed_dirs: vec![allowed.clone()], ..Default::default() };
+    let cache =
+        BundleCache::new(BundleConfig { sources: policy, ..BundleConfig::new(work.path().join("cache")) }).unwrap();
+    let url = |p: &Path| format!("file://{}", p.display());
+
+    let got = tokio::time::timeout(Duration::from_secs(30), cache.get(&url(&fifo), None, |_| {})).await;
+    if got.is_err() {
+        // Wake the reader stuck in open(2) so the runtime can shut down, then fail.
+        drop(fs::OpenOptions::new().write(true).open(&fifo));
+        panic!("the fetch of a FIFO did not end");
+    }
+    let e = got.unwrap().unwrap_err();
+    assert!(matches!(e, BundleError::BadPath { .. }) && e.to_string().contains("not a regular file"), "{e}");
+    let e = cache.get(&url(&allowed.join("sub")), None, |_| {}).await.unwrap_err();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    for out in ["out.zip", "magic.zip"] {
+        let e = cache.get(&url(&allowed.join(out)), None, |_| {}).await.unwrap_err();
+        assert!(
+            matches!(e, BundleError::Refused { .. }) && e.to_string().contains("--allow-bundle-path"),
+            "{out}: {e}"
+        );
+    }
+    let b = cache.get(&url(&allowed.join("sub/latest.zip")), None, |_| {}).await.unwrap();
+    assert_eq!(b.sha256(), hex::encode(Sha256::digest(&bytes)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: a worker running tasks"]
 async fn a_worker_fails_tasks_whose_bundle_the_operator_does_not_allow() {

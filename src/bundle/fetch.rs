@@ -13,24 +13,24 @@ use futures::StreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::http::HttpBuilder;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientConfigKey, ClientOptions, GetResultPayload, ObjectStore, ObjectStoreExt, ObjectStoreScheme};
 use sha2::{Digest, Sha256};
 use url::Url;
 
 use super::BundleError;
-use super::sources::SourcePolicy;
+use super::sources::{FileOpenError, SourcePolicy};
 
 /// No byte for this long fails a download; a slow one that keeps moving does not.
 const READ_TIMEOUT: &str = "60s";
 /// Connecting may take this long.
 const CONNECT_TIMEOUT: &str = "10s";
 
-/// Where a bundle lives: its store and its path in the store.
-pub(crate) struct Location {
-    store: Arc<dyn ObjectStore>,
-    path: ObjectPath,
+/// Where a bundle lives: its store and its path in the store, or the local file, already
+/// opened (see [`SourcePolicy::open_file`]: what was checked is what is read).
+pub(crate) enum Location {
+    Store { store: Arc<dyn ObjectStore>, path: ObjectPath },
+    File(File),
 }
 
 /// Parses a bundle path into a store and a path inside it, if `policy` allows the location
@@ -48,9 +48,21 @@ pub(crate) fn locate(path: &str, policy: &SourcePolicy) -> Result<Location, Bund
     let (store, location): (Arc<dyn ObjectStore>, ObjectPath) = match scheme {
         ObjectStoreScheme::Local => {
             let file = url.to_file_path().map_err(|()| bad("not a usable file path".to_owned()))?;
-            let allowed = policy.check_file(&file).map_err(refused)?;
-            let location = ObjectPath::from_absolute_path(&allowed).map_err(|e| bad(e.to_string()))?;
-            (Arc::new(LocalFileSystem::new()), location)
+            return match policy.open_file(&file) {
+                Ok(file) => Ok(Location::File(file)),
+                Err(FileOpenError::Refused(reason)) => Err(refused(reason)),
+                Err(FileOpenError::NotRegular) => Err(bad("not a regular file".to_owned())),
+                Err(FileOpenError::NotFound(e)) => Err(BundleError::NotFound {
+                    path: path.to_owned(),
+                    source: Arc::new(object_store::Error::NotFound { path: path.to_owned(), source: Box::new(e) }),
+                }),
+                Err(FileOpenError::Io(e)) if e.raw_os_error() == Some(libc::ENOSYS) => Err(bad(
+                    "file bundles are opened with openat2, which this kernel lacks (Linux 5.6 or newer)".to_owned(),
+                )),
+                Err(FileOpenError::Io(e)) => {
+                    Err(BundleError::Io { what: format!("opening bundle {path}"), source: Arc::new(e) })
+                }
+            };
         }
         ObjectStoreScheme::Http => {
             install_tls_provider();
@@ -105,7 +117,7 @@ pub(crate) fn locate(path: &str, policy: &SourcePolicy) -> Result<Location, Bund
         }
         other => return Err(bad(format!("{other:?} stores are not supported"))),
     };
-    Ok(Location { store, path: location })
+    Ok(Location::Store { store, path: location })
 }
 
 /// Whether `policy` allows the location `path`: `file://` paths, http(s) hosts given as
@@ -230,41 +242,50 @@ pub(crate) async fn download(
     let write_err =
         |e: io::Error| BundleError::Io { what: format!("writing the download of {source}"), source: Arc::new(e) };
     let too_large = || BundleError::TooLarge { path: source.to_owned(), limit: max_bytes };
-    let result = location.store.get(&location.path).await.map_err(fetch_err)?;
-    if result.meta.size > max_bytes {
-        return Err(too_large());
-    }
-    match result.payload {
-        // A local file: one blocking copy with a large buffer beats object_store's 8 KiB
-        // chunked stream by a wide margin.
-        GetResultPayload::File(file, _) => {
-            let source = source.to_owned();
-            let copied =
-                tokio::task::spawn_blocking(move || copy_hashing(file, dest, max_bytes)).await.map_err(|e| {
-                    BundleError::Internal { path: source.clone(), reason: format!("the copy task failed: {e}") }
-                })?;
-            match copied {
-                Ok(Some(done)) => Ok(done),
-                Ok(None) => Err(too_large()),
-                Err(e) => Err(BundleError::Io { what: format!("copying {source}"), source: Arc::new(e) }),
-            }
+    let file = match location {
+        // Read from the handle the policy opened, never reopened by name.
+        Location::File(file) => {
+            let read_err = |e| BundleError::Io { what: format!("reading {source}"), source: Arc::new(e) };
+            let mut file = file.try_clone().map_err(read_err)?;
+            io::Seek::rewind(&mut file).map_err(read_err)?;
+            file
         }
-        GetResultPayload::Stream(mut stream) => {
-            let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(dest));
-            let mut hasher = Sha256::new();
-            let mut bytes: u64 = 0;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(fetch_err)?;
-                bytes += chunk.len() as u64;
-                if bytes > max_bytes {
-                    return Err(too_large());
+        Location::Store { store, path } => {
+            let result = store.get(path).await.map_err(fetch_err)?;
+            if result.meta.size > max_bytes {
+                return Err(too_large());
+            }
+            match result.payload {
+                GetResultPayload::File(file, _) => file,
+                GetResultPayload::Stream(mut stream) => {
+                    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(dest));
+                    let mut hasher = Sha256::new();
+                    let mut bytes: u64 = 0;
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk.map_err(fetch_err)?;
+                        bytes += chunk.len() as u64;
+                        if bytes > max_bytes {
+                            return Err(too_large());
+                        }
+                        hasher.update(&chunk);
+                        tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await.map_err(write_err)?;
+                    }
+                    tokio::io::AsyncWriteExt::flush(&mut out).await.map_err(write_err)?;
+                    return Ok(Downloaded { sha256: hex::encode(hasher.finalize()), bytes });
                 }
-                hasher.update(&chunk);
-                tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await.map_err(write_err)?;
             }
-            tokio::io::AsyncWriteExt::flush(&mut out).await.map_err(write_err)?;
-            Ok(Downloaded { sha256: hex::encode(hasher.finalize()), bytes })
         }
+    };
+    // A local file: one blocking copy with a large buffer beats object_store's 8 KiB chunked
+    // stream by a wide margin.
+    let source = source.to_owned();
+    let copied = tokio::task::spawn_blocking(move || copy_hashing(file, dest, max_bytes))
+        .await
+        .map_err(|e| BundleError::Internal { path: source.clone(), reason: format!("the copy task failed: {e}") })?;
+    match copied {
+        Ok(Some(done)) => Ok(done),
+        Ok(None) => Err(too_large()),
+        Err(e) => Err(BundleError::Io { what: format!("copying {source}"), source: Arc::new(e) }),
     }
 }
 
@@ -309,17 +330,25 @@ mod tests {
 
     #[test]
     fn each_scheme_maps_to_its_store_without_network() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.zip"), b"zip").unwrap();
+        let open =
+            SourcePolicy { allowed_dirs: vec![dir.path().to_path_buf()], allow_private_hosts: true, controller: None };
+        let b = dir.path().join("b.zip").display().to_string();
+        for ok in [format!("file://{b}"), b.clone()] {
+            let location = locate(&ok, &open).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(matches!(location, Location::File(_)), "{ok}: opened at once");
+        }
         for ok in [
-            "file:///tmp/b.zip",
-            "/tmp/b.zip",
             "http://127.0.0.1:1/b.zip",
             "https://example.com/x/b.zip",
             "gs://bucket/dir/b.zip",
             "s3://bucket/dir/b.zip",
         ] {
-            let open = SourcePolicy { allowed_dirs: vec!["/tmp".into()], allow_private_hosts: true, controller: None };
-            let location = locate(ok, &open).unwrap_or_else(|e| panic!("{ok}: {e}"));
-            assert!(location.path.as_ref().ends_with("b.zip"), "{ok}: {}", location.path);
+            let Location::Store { path, .. } = locate(ok, &open).unwrap_or_else(|e| panic!("{ok}: {e}")) else {
+                panic!("{ok}: not a store")
+            };
+            assert!(path.as_ref().ends_with("b.zip"), "{ok}: {path}");
         }
         for bad in ["relative/b.zip", "ftp://host/b.zip", "", "az://container/b.zip"] {
             let err = locate(bad, &SourcePolicy::default()).err().unwrap_or_else(|| panic!("{bad} was accepted"));
@@ -342,8 +371,31 @@ mod tests {
         assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
         let err = download("b", &location, File::create(&dest).unwrap(), 4).await.unwrap_err();
         assert!(matches!(err, BundleError::TooLarge { limit: 4, .. }), "{err}");
-        let missing = locate(dir.path().join("nope.zip").to_str().unwrap(), &open).unwrap();
-        let err = download("nope", &missing, File::create(&dest).unwrap(), 100).await.unwrap_err();
+        let err = locate(dir.path().join("nope.zip").to_str().unwrap(), &open).err().unwrap();
         assert!(matches!(err, BundleError::NotFound { .. }), "{err}");
+    }
+
+    /// Review of #14, finding 9: the file read is the file the policy checked. Swapping it for a
+    /// link out of the allowed directory after the check (the old code reopened the path by
+    /// name when it downloaded) reads the checked file, never the link's target.
+    #[tokio::test]
+    async fn a_file_swapped_for_a_link_after_the_check_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let allowed = dir.path().join("allowed");
+        std::fs::create_dir(&allowed).unwrap();
+        std::fs::write(dir.path().join("secret"), b"secret").unwrap();
+        std::fs::write(allowed.join("b.zip"), b"hello").unwrap();
+        let policy = SourcePolicy { allowed_dirs: vec![allowed.clone()], ..Default::default() };
+        let location = locate(allowed.join("b.zip").to_str().unwrap(), &policy).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), allowed.join("swap")).unwrap();
+        std::fs::rename(allowed.join("swap"), allowed.join("b.zip")).unwrap();
+        let dest = dir.path().join("copy");
+        let got = download("b", &location, File::create(&dest).unwrap(), 100).await;
+        assert_ne!(std::fs::read(&dest).unwrap(), b"secret", "the link planted after the check was followed");
+        assert_eq!(got.unwrap().bytes, 5);
+        // A FIFO is refused at once, not waited on.
+        nix::unistd::mkfifo(&allowed.join("fifo.zip"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = locate(allowed.join("fifo.zip").to_str().unwrap(), &policy).err().unwrap();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 }

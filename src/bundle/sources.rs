@@ -2,9 +2,12 @@
 //!
 //! - `file://` (or an absolute path) only below a directory given with `--allow-bundle-path`
 //!   (none by default): any other host path is refused before it is touched, so a request can
-//!   neither read a file the operator did not offer nor learn whether one exists. The path is
-//!   resolved (symlinks included) and checked again, so a link inside an allowed directory
-//!   cannot point out of it.
+//!   neither read a file the operator did not offer nor learn whether one exists. The file is
+//!   opened once, relative to a handle on the allowed directory, by `openat2` with
+//!   `RESOLVE_BENEATH`: the kernel refuses any `..` or symlink (absolute, or relative and
+//!   leading out) that would leave the directory, at the moment of the open, so no link
+//!   planted before or after a check is followed out; the open does not block (a FIFO cannot
+//!   hang a thread) and only a regular file is read, from that same handle.
 //! - `http(s)://` only to public addresses unless `--allow-private-bundle-hosts`: an address
 //!   literal is checked as given; a name is checked where it resolves, by the HTTP client's own
 //!   resolver, so the address checked is the address connected to (no rebinding between
@@ -18,6 +21,7 @@
 //!   metadata endpoint, for credentials).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 /// The operator's rules for bundle locations.
@@ -82,6 +86,17 @@ impl ControllerSource {
     }
 }
 
+/// Why a `file://` bundle could not be opened.
+#[derive(Debug)]
+pub enum FileOpenError {
+    /// Outside the allowed directories, or leading out of them.
+    Refused(Refused),
+    NotFound(std::io::Error),
+    /// A directory, FIFO, socket or device: never read.
+    NotRegular,
+    Io(std::io::Error),
+}
+
 /// Why a location is refused (the message names the flag that would allow it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
@@ -101,20 +116,62 @@ pub enum Refused {
 }
 
 impl SourcePolicy {
-    /// The file a `file://` bundle at `path` may be read from: its resolved path, if it lies
-    /// below an allowed directory. A path outside them is refused before any filesystem call.
-    pub fn check_file(&self, path: &Path) -> Result<PathBuf, Refused> {
-        let lexical = normalize(path).ok_or(Refused::PathNotAllowed)?;
-        let allowed: Vec<PathBuf> = self.allowed_dirs.iter().filter_map(|d| normalize(d)).collect();
-        if !allowed.iter().any(|d| lexical.starts_with(d)) {
-            return Err(Refused::PathNotAllowed);
+    /// Whether a `file://` bundle at `path` may be read: it lies below an allowed directory
+    /// and does not lead out of it (see [`SourcePolicy::open_file`]). A missing file is left
+    /// for the fetch to report (it is inside a directory the operator offers); a path outside
+    /// them is refused before any filesystem call.
+    pub fn check_file(&self, path: &Path) -> Result<(), Refused> {
+        match self.open_file(path) {
+            Ok(_) | Err(FileOpenError::NotFound(_) | FileOpenError::NotRegular | FileOpenError::Io(_)) => Ok(()),
+            Err(FileOpenError::Refused(r)) => Err(r),
         }
-        // Inside an allowed directory: resolve links, and check the real path too. A missing
-        // file is left for the fetch to report (it is inside a directory the operator offers).
-        let Ok(real) = std::fs::canonicalize(&lexical) else { return Ok(lexical) };
-        let real_allowed = self.allowed_dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok());
-        let inside = real_allowed.into_iter().any(|d| real.starts_with(d));
-        if inside { Ok(real) } else { Err(Refused::PathNotAllowed) }
+    }
+
+    /// Opens the `file://` bundle at `path` for reading, once: below the allowed directory
+    /// that holds it lexically, with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` from a
+    /// handle on that directory, non-blocking, and only if it is a regular file. The bundle is
+    /// then read from this handle, so what was checked is what is read.
+    pub fn open_file(&self, path: &Path) -> Result<std::fs::File, FileOpenError> {
+        use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let lexical = normalize(path).ok_or(FileOpenError::Refused(Refused::PathNotAllowed))?;
+        let (dir, rel) = self
+            .allowed_dirs
+            .iter()
+            .filter_map(|d| normalize(d))
+            .find_map(|d| lexical.strip_prefix(&d).ok().map(|rel| (d.clone(), rel.to_path_buf())))
+            .ok_or(FileOpenError::Refused(Refused::PathNotAllowed))?;
+        if rel.as_os_str().is_empty() {
+            return Err(FileOpenError::NotRegular);
+        }
+        // The operator's directory itself may be reached through links: it is theirs.
+        let dir = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(&dir)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound { FileOpenError::NotFound(e) } else { FileOpenError::Io(e) }
+            })?;
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let fd = nix::fcntl::openat2(dir.as_raw_fd(), &rel, how).map_err(|e| match e {
+            nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR => FileOpenError::NotFound(e.into()),
+            // EXDEV: a `..` or a link would leave the directory; ELOOP: a magic link, or links
+            // that loop. Either way the path leads where the operator did not offer.
+            nix::errno::Errno::EXDEV | nix::errno::Errno::ELOOP => FileOpenError::Refused(Refused::PathNotAllowed),
+            e => FileOpenError::Io(e.into()),
+        })?;
+        // SAFETY: openat2 just returned this descriptor, which nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        let meta = file.metadata().map_err(FileOpenError::Io)?;
+        if !meta.file_type().is_file() {
+            return Err(FileOpenError::NotRegular);
+        }
+        // A regular file ignores O_NONBLOCK; clear it anyway so reads are plain reads.
+        nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))
+            .map_err(|e| FileOpenError::Io(e.into()))?;
+        Ok(file)
     }
 
     /// Whether an http(s) host (an address literal, or a resolved address of a name) may be
@@ -245,13 +302,20 @@ mod tests {
         std::fs::write(allowed.join("b.zip"), b"zip").unwrap();
         std::fs::write(dir.path().join("secret.zip"), b"zip").unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret.zip"), allowed.join("link.zip")).unwrap();
+        std::os::unix::fs::symlink("../secret.zip", allowed.join("relative-link.zip")).unwrap();
+        std::os::unix::fs::symlink("b.zip", allowed.join("latest.zip")).unwrap();
         let policy = SourcePolicy { allowed_dirs: vec![allowed.clone()], ..Default::default() };
         assert!(policy.check_file(&allowed.join("b.zip")).is_ok());
+        assert!(policy.check_file(&allowed.join("latest.zip")).is_ok(), "a link that stays inside");
         assert!(policy.check_file(&allowed.join("missing.zip")).is_ok(), "left for the fetch to report");
+        let mut read = String::new();
+        std::io::Read::read_to_string(&mut policy.open_file(&allowed.join("latest.zip")).unwrap(), &mut read).unwrap();
+        assert_eq!(read, "zip");
         for refused in [
             dir.path().join("secret.zip"),
             allowed.join("../secret.zip"),
             allowed.join("link.zip"),
+            allowed.join("relative-link.zip"),
             PathBuf::from("/etc/passwd"),
             PathBuf::from("relative.zip"),
         ] {

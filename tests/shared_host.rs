@@ -893,6 +893,61 @@ async fn the_init_reaps_orphans_and_an_exit_takes_every_process_of_the_task() {
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "port {port} is still held");
 }
 
+/// The names of the variables in process `pid`'s environment.
+fn env_names(pid: i32) -> Vec<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    environ
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v.split(|b| *b == b'=').next().unwrap()).into_owned())
+        .collect()
+}
+
+/// Review of #14, finding 13: a task learns nothing of the host from its pid 1 (whose command
+/// line was the supervisor's: the worker's binary and the task's host path), and supervisors
+/// start without the worker's environment (cloud credentials, whatever the operator exported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_tasks_init_shows_no_host_path_and_supervisors_get_no_worker_environment() {
+    let w = Worker::start("init-host", &[]).await;
+    let mut c = w.client().await;
+    let script = "tr '\\0' ' ' < /proc/1/cmdline; echo; cat /proc/1/comm; \
+                  if cat /proc/1/environ > /dev/null 2>&1; then echo environ readable; else echo environ hidden; fi; \
+                  sleep 1000";
+    c.run_task(sh("inithost/task-0", script)).await.unwrap();
+    let deadline = Instant::now() + LONG;
+    let out = loop {
+        let out = stdout_of(&all_logs(&mut c, "inithost/task-0").await);
+        if out.len() >= 3 {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "the task printed {out:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(out[0].trim(), "iris-init", "/proc/1/cmdline: {out:?}");
+    assert_eq!(out[1], "iris-init", "/proc/1/comm: {out:?}");
+    assert_eq!(out[2], "environ hidden");
+    let state = w.state_dir().to_str().unwrap();
+    assert!(!out.iter().any(|l| l.contains(state) || l.contains("supervise")), "{out:?}");
+
+    let task_dir = w.state_dir().join("tasks/inithost_2ftask-0.0");
+    let sup: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(task_dir.join("supervisor.pid")).unwrap()).unwrap();
+    let sup_pid = sup["pid"].as_i64().unwrap() as i32;
+    let worker_env = env_names(w.child.as_ref().unwrap().id() as i32);
+    let kept = iris_worker::supervisor::handle::SUPERVISOR_ENV;
+    assert!(
+        worker_env.iter().any(|n| !kept.contains(&n.as_str())),
+        "the test needs a worker with more: {worker_env:?}"
+    );
+    let sup_env = env_names(sup_pid);
+    assert!(sup_env.iter().all(|n| kept.contains(&n.as_str())), "the supervisor inherited {sup_env:?}");
+    assert!(sup_env.contains(&"PATH".to_string()), "{sup_env:?}");
+
+    c.kill_task(worker::KillTaskRequest { task_id: "inithost/task-0".into(), term_timeout_ms: 100 }).await.unwrap();
+    wait_end(&mut c, "inithost/task-0", LONG).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: runs containers"]
 async fn an_oom_kill_of_a_child_is_reported_when_the_main_process_exits_0() {

@@ -135,6 +135,9 @@ fn supervise(task_dir: &std::path::Path, ready_fd: Option<i32>) -> ExitCode {
             .with_max_level(tracing::Level::WARN)
             .try_init();
     }
+    // Before any fork: the container's init blanks this area (its host paths) in its copy.
+    #[cfg(feature = "container")]
+    crate::runtime::container::record_arg_area();
     // SAFETY: the worker passes the ready pipe at this descriptor and nothing else owns it.
     let ready = ready_fd.map(|fd| unsafe { crate::supervisor::ready_fd(fd) });
     match crate::supervisor::run(task_dir, ready) {

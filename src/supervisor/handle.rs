@@ -17,6 +17,11 @@ use super::files::{self, ExitRecord, FileError, KillRequest, ProcessId};
 /// The descriptor number the supervisor finds its ready pipe on.
 pub const READY_FD: i32 = 3;
 
+/// The worker's variables a supervisor keeps: `PATH`, where the process runtime looks up a
+/// task's command (as it did when supervisors inherited everything), `RUST_BACKTRACE`, and the
+/// test seam of tests/cluster.rs (see `supervisor::run`).
+pub const SUPERVISOR_ENV: &[&str] = &["PATH", "RUST_BACKTRACE", "IRIS_TEST_SUPERVISOR_PID_DELAY_MS"];
+
 /// A running supervisor.
 #[derive(Debug, Clone, Copy)]
 pub struct Supervisor {
@@ -37,6 +42,15 @@ pub fn spawn(exe: &Path, task_dir: &Path) -> io::Result<(Supervisor, tokio::net:
     let ready_w_raw = ready_w.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg("supervise").arg(task_dir).arg("--ready-fd").arg(READY_FD.to_string());
+    // The worker's environment may hold cloud credentials and whatever its operator exported;
+    // a supervisor needs none of it (a task's environment comes from its spec), so it starts
+    // with only what [`SUPERVISOR_ENV`] keeps, as containerd starts its shims.
+    cmd.env_clear();
+    for name in SUPERVISOR_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     // SAFETY: setsid and dup2 are async-signal-safe; nothing else runs between fork and exec.
     unsafe {

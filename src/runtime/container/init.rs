@@ -156,10 +156,57 @@ fn run_command(spec: &oci_spec::runtime::Spec, status_fd: RawFd) -> ! {
     unsafe { libc::_exit(127) }
 }
 
+/// The supervisor's argument area (`arg_start`, `arg_end` of `/proc/self/stat`), recorded when
+/// it starts: the init is a fork of the supervisor (same memory layout) and blanks it.
+static ARG_AREA: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+
+/// The name the task sees for its pid 1, in `/proc/1/cmdline` and `/proc/1/comm`.
+const INIT_NAME: &[u8] = b"iris-init";
+
+/// Records where this process's arguments are, for [`hide_host_details`] in a later fork.
+/// Call at the supervisor's start, on the host's /proc.
+pub fn record_arg_area() {
+    let area = std::fs::read_to_string("/proc/self/stat").ok().and_then(|stat| {
+        // Fields 48 and 49; the command name (field 2) may contain spaces: skip past its ')'.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let mut fields = rest.split(' ').skip(45);
+        Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+    });
+    if let Some(area) = area {
+        let _ = ARG_AREA.set(area);
+    }
+}
+
+/// What the task can learn about the host from its pid 1: the supervisor's command line holds
+/// the worker's binary and the task's host path (`/var/lib/iris-worker/tasks/<key>`), so the
+/// init overwrites it (and its name) with `iris-init`, as `ps` in a Docker container shows
+/// `docker-init`. It is made non-dumpable explicitly (libcontainer does it too, but that is
+/// its detail): then neither `/proc/1/environ` nor `/proc/1/mem` is the task's to read.
+fn hide_host_details() {
+    // SAFETY: prctl with integer arguments, and a NUL-terminated name that outlives the call.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::prctl(libc::PR_SET_NAME, c"iris-init".as_ptr(), 0, 0, 0);
+    }
+    if let Some(&(start, end)) = ARG_AREA.get()
+        && end > start
+    {
+        let len = end - start;
+        // SAFETY: `start..end` is this process's own argument area (inherited from the
+        // supervisor that recorded it), writable stack memory; this process has one thread
+        // and nothing reads the arguments any more.
+        unsafe {
+            std::ptr::write_bytes(start as *mut u8, 0, len);
+            std::ptr::copy_nonoverlapping(INIT_NAME.as_ptr(), start as *mut u8, INIT_NAME.len().min(len - 1));
+        }
+    }
+}
+
 /// The init: forward signals to the command, reap everything, and exit with the command.
 fn init_loop(command: Pid, status_fd: RawFd, waited: &libc::sigset_t) -> ! {
     // Whatever the supervisor had open (its log, pipes, signalfd) is not the init's business.
     close_all_but(status_fd);
+    hide_host_details();
     loop {
         // SAFETY: siginfo_t is plain data, filled in by sigwaitinfo.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };

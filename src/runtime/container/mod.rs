@@ -6,6 +6,7 @@
 //! multi-threaded process.
 
 mod init;
+pub use init::record_arg_area;
 mod oci;
 mod seccomp;
 

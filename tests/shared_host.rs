@@ -412,6 +412,32 @@ async fn a_task_over_its_disk_limit_fails_and_counts_workdir_and_tmp_together() 
     assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}");
 }
 
+/// Review of #14, finding 8: what the disk limit used to miss. Empty files take no block, so
+/// thousands of them counted nothing (inode exhaustion within any byte limit); a file deleted
+/// while held open keeps its blocks but is in no directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn empty_files_and_deleted_files_held_open_count_against_the_disk_limit() {
+    let w = Worker::start("disk-hidden", &[]).await;
+    let mut c = w.client().await;
+    let limit = ResourceSpecProto { disk_bytes: 16 << 20, ..Default::default() };
+    let fill = |id: &str, script: &str| with_resources(sh(id, script), limit.clone());
+    c.run_task(fill("hidden/empty", "mkdir /workdir/e && cd /workdir/e && seq 8000 | xargs touch; sleep 1000"))
+        .await
+        .unwrap();
+    c.run_task(fill(
+        "hidden/deleted",
+        "head -c 32m /dev/zero > /workdir/big; exec 3< /workdir/big; rm /workdir/big; sleep 1000",
+    ))
+    .await
+    .unwrap();
+    for id in ["hidden/empty", "hidden/deleted"] {
+        let s = wait_end(&mut c, id, LONG).await;
+        assert_eq!(state_of(&s), TaskState::Failed, "{id}: {s:?}");
+        assert!(s.error.starts_with("disk limit of 16 MiB exceeded"), "{id}: {}", s.error);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: uses cgroups"]
 async fn a_process_task_over_its_disk_limit_fails_and_its_tmpdir_counts() {

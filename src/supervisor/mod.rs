@@ -229,7 +229,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
         if disk_at.is_some_and(|t| now >= t)
             && status.is_none()
             && let Some(watch) = disk.as_mut()
-            && let Some(used) = watch.check(container_init)
+            && let Some(used) = watch.check(container_init, spec.cgroup.as_ref())
         {
             // Past its limit the task only grows: no grace, as kubelet evicts at once.
             tracing::warn!(limit = watch.limit_bytes(), used, "the task exceeded its disk limit");

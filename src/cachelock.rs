@@ -14,6 +14,10 @@
 //! path (same inode) and retries otherwise, so a removal never splits one entry's lock in two.
 //! Locks are released when their [`EntryLock`] drops, or when its process dies (the kernel
 //! drops flocks with the last descriptor): a crashed worker leaves no lock held.
+//!
+//! Lock directories are root's alone (0700, lock files 0600, never followed through a
+//! symlink): any user who could open a lock file could `flock` it and stall every maker,
+//! evictor and port allocation on the host.
 
 use std::fs::{self, File, TryLockError};
 use std::io;
@@ -116,10 +120,7 @@ impl EntryLocks {
     /// The lock file of `key` (it may not exist yet): the cache budget finds who holds an
     /// entry by this file's inode in `/proc/locks`.
     pub fn path(&self, key: &str) -> PathBuf {
-        // Keys are hex digests or names the caches choose; anything else is made safe.
-        let safe: String =
-            key.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
-        self.dir.join(format!("{safe}.lock"))
+        self.dir.join(format!("{}.lock", file_name_of(key)))
     }
 
     /// Waits for the shared lock of `key` (blocking: call off the async threads).
@@ -175,8 +176,28 @@ impl EntryLocks {
         }
     }
 
+    /// Creates the lock directory root's alone, or narrows one an older version (or an
+    /// operator) made wider; refuses one that is not a plain directory.
+    fn private_dir(&self) -> io::Result<()> {
+        let meta = match fs::symlink_metadata(&self.dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(&self.dir)?;
+                fs::symlink_metadata(&self.dir)?
+            }
+            Err(e) => return Err(e),
+        };
+        if !meta.is_dir() {
+            return Err(io::Error::new(io::ErrorKind::NotADirectory, "the lock directory is not a directory"));
+        }
+        if meta.mode() & 0o7777 != PRIVATE_DIR {
+            fs::set_permissions(&self.dir, fs::Permissions::from_mode(PRIVATE_DIR))?;
+        }
+        Ok(())
+    }
+
     fn acquire(&self, key: &str, mode: Mode, wait: bool) -> io::Result<Option<EntryLock>> {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir)?;
+        self.private_dir()?;
         let path = self.path(key);
         loop {
             let file = open_private_lock_file(&path, false)?;
@@ -191,8 +212,12 @@ impl EntryLocks {
             }
             // The file may have been removed (and another made) between our open and lock.
             let ours = file.metadata()?;
-            match fs::metadata(&path) {
+            match fs::symlink_metadata(&path) {
                 Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => {
+                    if ours.mode() & 0o077 != 0 {
+                        // Made by an older version, before lock files were private.
+                        file.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE))?;
+                    }
                     return Ok(Some(EntryLock { file, path, exclusive: mode == Mode::Exclusive }));
                 }
                 Ok(_) => {}
@@ -202,6 +227,25 @@ impl EntryLocks {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// The lock directory's mode, and its files'.
+const PRIVATE_DIR: u32 = 0o700;
+const PRIVATE_FILE: u32 = 0o600;
+
+/// `key` as a file name, one to one: letters, digits, `-`, `_` and `.` stay, every other byte
+/// becomes `%XX` (`%` itself too), so two keys never share a lock (`a/b` is `a%2Fb`, `a_b`
+/// stays `a_b`). The caches' keys (hex digests, `uv-cache`, `port-N`, `tmp-…`) are unchanged.
+fn file_name_of(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn flag(r: Result<(), TryLockError>) -> io::Result<bool> {
@@ -261,6 +305,49 @@ mod tests {
         drop(making);
         rx.recv_timeout(Duration::from_secs(10)).expect("gets it after");
         waiter.join().unwrap();
-        assert!(dir.path().join(".locks/v_.._x.lock").exists(), "keys are made safe file names");
+        assert!(dir.path().join(".locks/v%2F..%2Fx.lock").exists(), "keys are made safe file names");
+    }
+
+    #[test]
+    fn distinct_keys_never_share_a_lock_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = EntryLocks::new(dir.path());
+        let keys = ["a/b", "a_b", "a%2Fb", "a b", "a\u{e9}", "a\u{c3}", ".", "..", ""];
+        let paths: std::collections::HashSet<PathBuf> = keys.iter().map(|k| locks.path(k)).collect();
+        assert_eq!(paths.len(), keys.len(), "{paths:?}");
+        let _one = locks.exclusive("a/b").unwrap();
+        assert!(locks.try_exclusive("a_b").unwrap().is_some(), "another key's lock is free");
+        for p in &paths {
+            assert_eq!(p.parent(), Some(dir.path().join(".locks").as_path()), "{p:?} stays in the lock directory");
+        }
+    }
+
+    #[test]
+    fn lock_files_are_roots_alone_and_never_followed_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = EntryLocks::new(dir.path());
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+        drop(locks.shared("k").unwrap());
+        assert_eq!(mode(&dir.path().join(".locks")), 0o700);
+        assert_eq!(mode(&locks.path("k")), 0o600);
+        // What an older version left wider is narrowed on use.
+        fs::set_permissions(dir.path().join(".locks"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(locks.path("k"), fs::Permissions::from_mode(0o644)).unwrap();
+        drop(locks.try_shared("k").unwrap().unwrap());
+        assert_eq!(mode(&dir.path().join(".locks")), 0o700);
+        assert_eq!(mode(&locks.path("k")), 0o600);
+        // A lock file that is a symlink is refused, not followed to its target.
+        let target = dir.path().join("elsewhere");
+        fs::write(&target, b"").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&target, locks.path("planted")).unwrap();
+        assert!(locks.try_exclusive("planted").is_err());
+        assert_eq!(mode(&target), 0o644, "the target is untouched");
+        // So is a lock directory that is a symlink.
+        let other = tempfile::tempdir().unwrap();
+        let linked = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(other.path(), linked.path().join(".locks")).unwrap();
+        assert!(EntryLocks::new(linked.path()).try_shared("k").is_err());
+        assert!(!other.path().join("k.lock").exists());
     }
 }

@@ -36,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| "/var/cache/iris-worker/rootfs/busybox".into()),
         max_concurrent_tasks: 1,
         port_range: (30000, 30099),
+        port_lock_dir: iris_worker::task::DEFAULT_PORT_LOCKS.into(),
         env: WorkerEnv {
             worker_id: "example".into(),
             controller_address: None,

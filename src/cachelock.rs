@@ -196,6 +196,38 @@ impl EntryLocks {
         Ok(())
     }
 
+    /// Removes every lock file here that no process holds (what crashed or interrupted work
+    /// left, for `cleanup --all`), by name: taken exclusively first, so a lock someone holds or
+    /// takes meanwhile stays. Returns how many went.
+    pub fn remove_unheld(&self) -> io::Result<usize> {
+        let rd = match fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut removed = 0;
+        for item in rd {
+            let path = item?.path();
+            if path.extension().is_none_or(|x| x != "lock") {
+                continue;
+            }
+            let file = match File::options().write(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if !flag(file.try_lock())? {
+                continue;
+            }
+            let ours = file.metadata()?;
+            if fs::symlink_metadata(&path).is_ok_and(|now| now.ino() == ours.ino() && now.dev() == ours.dev()) {
+                fs::remove_file(&path)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     fn acquire(&self, key: &str, mode: Mode, wait: bool) -> io::Result<Option<EntryLock>> {
         self.private_dir()?;
         let path = self.path(key);
@@ -257,6 +289,20 @@ fn flag(r: Result<(), TryLockError>) -> io::Result<bool> {
 }
 
 impl EntryLock {
+    /// Turns an exclusive lock into a shared one, for a maker that goes on using what it made
+    /// (other users may then share it; eviction still cannot take it). `None` when another
+    /// process took the lock in between (Linux converts without a gap, but flock(2) does not
+    /// promise it): what was made may be gone, and the caller must look again.
+    pub fn downgrade(self) -> io::Result<Option<EntryLock>> {
+        if !self.exclusive {
+            return Ok(Some(self));
+        }
+        if !flag(self.file.try_lock_shared())? {
+            return Ok(None);
+        }
+        Ok(Some(EntryLock { exclusive: false, ..self }))
+    }
+
     /// Removes the lock file (the entry is gone for good), then releases the lock. Only the
     /// exclusive holder may; a shared lock is just released.
     pub fn remove(self) {
@@ -306,6 +352,40 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(10)).expect("gets it after");
         waiter.join().unwrap();
         assert!(dir.path().join(".locks/v%2F..%2Fx.lock").exists(), "keys are made safe file names");
+    }
+
+    #[test]
+    fn a_downgraded_lock_is_shared_and_still_keeps_eviction_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = EntryLocks::new(dir.path());
+        let made = locks.exclusive("k").unwrap();
+        assert!(locks.try_shared("k").unwrap().is_none(), "being made: nobody uses it yet");
+        let using = made.downgrade().unwrap().expect("nobody else holds it");
+        let other = locks.try_shared("k").unwrap().expect("shared with other users now");
+        drop(other);
+        assert!(locks.try_exclusive("k").unwrap().is_none(), "still in use: no eviction");
+        drop(using);
+        assert!(locks.try_exclusive("k").unwrap().is_some());
+    }
+
+    #[test]
+    fn only_lock_files_nobody_holds_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = EntryLocks::new(dir.path());
+        let shared = locks.shared("in-use").unwrap();
+        let making = locks.exclusive("being-made").unwrap();
+        drop(locks.exclusive("left").unwrap());
+        drop(locks.shared("also-left").unwrap());
+        fs::write(dir.path().join(".locks/k.failed"), b"").unwrap();
+        assert_eq!(locks.remove_unheld().unwrap(), 2);
+        let mut left: Vec<String> = fs::read_dir(dir.path().join(".locks"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["being-made.lock", "in-use.lock", "k.failed"]);
+        drop((shared, making));
+        assert_eq!(EntryLocks::new(&dir.path().join("none")).remove_unheld().unwrap(), 0);
     }
 
     #[test]

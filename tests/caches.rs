@@ -473,3 +473,110 @@ async fn below_the_soft_threshold_unused_entries_go_until_the_target_is_free() {
     assert_eq!(metric(&w.addr(), "iris_worker_disk_pressure{filesystem=\"cache/images\"}"), 0.0);
     std::fs::remove_file(filler).unwrap();
 }
+
+/// `cleanup --all` on a cache another worker shares: what that worker uses (a bundle whose
+/// shared lock it holds, a port its task holds) stays; what nobody uses goes, lock files too;
+/// what is not a cache's (a rootfs tree kept under the cache directory) stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_all_removes_only_what_no_process_holds() {
+    use iris_worker::bundle::{BundleCache, BundleConfig, SourcePolicy};
+    use iris_worker::cachelock::EntryLocks;
+    let work = tempfile::Builder::new().prefix("iwtest-cleanup-").tempdir().unwrap();
+    let (cache, state, ports) = (work.path().join("cache"), work.path().join("state"), work.path().join("ports"));
+    let sources = SourcePolicy { allowed_dirs: vec![work.path().to_path_buf()], ..SourcePolicy::default() };
+    let other_worker = BundleCache::new(BundleConfig { sources, ..BundleConfig::new(cache.join("bundles")) }).unwrap();
+    let held = other_worker.get(&bundle(work.path(), 1, 1024), None, |_| {}).await.unwrap();
+    let unused = other_worker.get(&bundle(work.path(), 2, 1024), None, |_| {}).await.unwrap();
+    let unused_dir = unused.path().to_path_buf();
+    drop(unused);
+    std::fs::create_dir_all(cache.join("rootfs/busybox/bin")).unwrap();
+    let port_locks = EntryLocks::new(&ports);
+    let held_port = port_locks.shared("port-30001").unwrap();
+    drop(port_locks.exclusive("port-30002").unwrap()); // a worker killed while it looked
+    let lock_files = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join(".locks"))
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+
+    let out = Command::new(exe())
+        .args(["cleanup", "--all", "--state-dir"])
+        .arg(&state)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .arg("--port-lock-dir")
+        .arg(&ports)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(held.path().join("data/noise.bin").is_file(), "the bundle another worker uses stays: {text}");
+    assert!(text.contains("in use by"), "{text}");
+    assert!(!unused_dir.exists(), "the bundle nobody uses goes: {text}");
+    // (The other worker's own temp dir is locked too: it lives.)
+    let entry_locks: Vec<String> =
+        lock_files(&cache.join("bundles")).into_iter().filter(|n| !n.starts_with("tmp-")).collect();
+    assert_eq!(entry_locks, [format!("{}.lock", held.key())], "{text}");
+    assert!(cache.join("rootfs/busybox/bin").is_dir(), "not a cache's: {text}");
+    assert_eq!(lock_files(&ports), ["port-30001.lock"], "{text}");
+
+    // Once nothing is held, nothing of the caches is left.
+    drop((held, held_port, other_worker));
+    let out = Command::new(exe())
+        .args(["cleanup", "--all", "--state-dir"])
+        .arg(&state)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .arg("--port-lock-dir")
+        .arg(&ports)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let left: Vec<String> =
+        std::fs::read_dir(&cache).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(left, ["rootfs"]);
+    assert_eq!(lock_files(&ports), Vec::<String>::new());
+}
+
+/// A port a running task holds stays its own while its worker is down and after the worker
+/// is back: another worker on the host (the same port lock directory) cannot hand it out
+/// until the task ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_running_tasks_port_stays_its_own_while_its_worker_is_down_and_after() {
+    let locks = tempfile::Builder::new().prefix("iwtest-port-locks-").tempdir().unwrap();
+    let port = free_port();
+    let range = format!("{port}-{port}");
+    let flags = ["--port-range", &range, "--port-lock-dir", locks.path().to_str().unwrap()];
+    let mut a = Worker::start("ports-a", &flags).await;
+    let b = Worker::start("ports-b", &flags).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let with_port = |id: &str, script: &str| {
+        let mut req = sh(id, script);
+        req.ports = vec!["http".into()];
+        req
+    };
+    // The task never binds its port: only the locks keep it its own.
+    ca.run_task(with_port("ports/held", "echo up; sleep 600")).await.unwrap();
+    let s = wait_for(&mut ca, "ports/held", WITHIN, |s| state_of(s) == TaskState::Running).await;
+    assert_eq!(s.ports.get("http"), Some(&i32::from(port)), "{s:?}");
+    let refused = async |cb: &mut Client, id: &str, when: &str| match cb.run_task(with_port(id, "true")).await {
+        Ok(_) => panic!("{when}: worker B handed out the running task's port"),
+        Err(err) => assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{when}: {err:?}"),
+    };
+    refused(&mut cb, "ports/b-1", "while worker A runs").await;
+    a.kill9();
+    refused(&mut cb, "ports/b-2", "while worker A is down").await;
+    a.spawn().await;
+    let mut ca = a.client().await;
+    refused(&mut cb, "ports/b-3", "after worker A is back").await;
+    assert!(!a.logs().contains("not its own alone"), "A took its task's port back without a conflict:\n{}", a.logs());
+    // The task ends: the port is free for B.
+    ca.kill_task(worker::KillTaskRequest { task_id: "ports/held".into(), term_timeout_ms: 100 }).await.unwrap();
+    wait_end(&mut ca, "ports/held", WITHIN).await;
+    cb.run_task(with_port("ports/b-4", "true")).await.unwrap();
+    let s = wait_end(&mut cb, "ports/b-4", WITHIN).await;
+    assert_eq!(s.ports.get("http"), Some(&i32::from(port)), "{s:?}");
+}

@@ -112,3 +112,37 @@ pub fn prune(dirs: &CacheDirs, req: &PruneRequest) -> Pruned {
     super::after_evictions(dirs, &kinds);
     out
 }
+
+/// Everything of the caches no process uses (`cleanup --all`): every entry nobody holds (as
+/// [`prune`] does: what a task of any worker uses stays), then the lock files nobody holds, then
+/// the caches' directories that are left empty. What is not a cache's (a rootfs tree an
+/// operator keeps under the cache directory) stays.
+pub fn clear(dirs: &CacheDirs) -> Pruned {
+    let pruned = prune(dirs, &PruneRequest::default());
+    for kind in [Kind::Bundles, Kind::Venvs, Kind::Images] {
+        let root = dirs.locks_root(kind);
+        if let Err(e) = crate::cachelock::EntryLocks::new(&root).remove_unheld() {
+            tracing::warn!(kind = kind.name(), error = %e, "removing unused lock files");
+        }
+    }
+    let (bundles, venvs, images) = (dirs.bundles(), dirs.venvs(), dirs.images.clone());
+    let emptied = [
+        bundles.join(".tmp"),
+        bundles.join(".locks"),
+        bundles,
+        venvs.join(".locks"),
+        venvs,
+        dirs.cache.join("uv"),
+        images.join("tmp"),
+        images.join("layers"),
+        images.join("images"),
+        images.join(".locks"),
+        images,
+        dirs.cache.clone(),
+    ];
+    for dir in emptied {
+        // Only an empty one goes: what is still in it is someone's.
+        let _ = std::fs::remove_dir(dir);
+    }
+    pruned
+}

@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// Host ports handed to tasks, as FIRST-LAST [default: 30000-39999].
     #[arg(long, env = "IRIS_WORKER_PORT_RANGE")]
     pub port_range: Option<String>,
+    /// Where the host's workers lock the ports they hand out; every worker of a host must use
+    /// the same one [default: /run/iris-worker/ports].
+    #[arg(long, env = "IRIS_WORKER_PORT_LOCK_DIR")]
+    pub port_lock_dir: Option<PathBuf>,
     /// Controller URL to register with and report to (Connect over HTTP) [default: none].
     #[arg(long, env = "IRIS_WORKER_CONTROLLER")]
     pub controller: Option<String>,
@@ -249,6 +253,7 @@ struct FileConfig {
     profile: Option<Profile>,
     max_concurrent_tasks: Option<usize>,
     port_range: Option<String>,
+    port_lock_dir: Option<PathBuf>,
     controller: Option<String>,
     worker_id: Option<String>,
     advertise_host: Option<String>,
@@ -308,6 +313,7 @@ pub struct ServeConfig {
     pub profile: Profile,
     pub max_concurrent_tasks: usize,
     pub port_range: (u16, u16),
+    pub port_lock_dir: PathBuf,
     pub controller: Option<String>,
     pub worker_id: String,
     pub advertise_host: String,
@@ -495,6 +501,10 @@ impl ServeArgs {
             profile: self.profile.or(file.profile).unwrap_or_default(),
             max_concurrent_tasks: max,
             port_range: parse_port_range(&port_range)?,
+            port_lock_dir: self
+                .port_lock_dir
+                .or(file.port_lock_dir)
+                .unwrap_or_else(|| crate::task::DEFAULT_PORT_LOCKS.into()),
             controller,
             worker_id: match self.worker_id.or(file.worker_id) {
                 Some(id) => id,

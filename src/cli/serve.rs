@@ -27,6 +27,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         rootfs: config.rootfs.clone(),
         max_concurrent_tasks: config.max_concurrent_tasks,
         port_range: config.port_range,
+        port_lock_dir: config.port_lock_dir.clone(),
         env: WorkerEnv {
             worker_id: config.worker_id.clone(),
             controller_address: controller_url.clone(),

@@ -167,7 +167,7 @@ impl Attempt {
         let _ = rx.wait_for(|d| *d).await;
     }
 
-    /// Adds cache entries the attempt uses.
+    /// Adds cache entries (and host ports) the attempt uses: its supervisor holds them.
     pub(super) fn uses(&self, leases: impl IntoIterator<Item = crate::cachelock::Lease>) {
         let mut uses = lock(&self.uses);
         for l in leases {
@@ -494,6 +494,8 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
         }
     };
     let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq());
+    // Its supervisor keeps the ports reserved while the task runs, whatever its worker does.
+    attempt.uses(lock(&inner.ports).leases(attempt.meta.ports.values().copied()));
     tasks.entry(spec.task_id.clone()).or_default().push(attempt.clone());
     drop(tasks);
     if let Some(prev) = &previous {
@@ -686,8 +688,13 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
                 st.state = if started.is_some() { TaskState::Running } else { TaskState::Building };
                 st.started_at_ms = started.map(|s| s.started_at_ms).unwrap_or(0);
             }
-            lock(&inner.ports).hold(attempt.meta.ports.values().copied());
-            // Its supervisor holds the cache entries it uses; they are marked used when it ends.
+            for conflict in lock(&inner.ports).hold(attempt.meta.ports.values().copied(), Some(sup.id.pid)) {
+                // Its supervisor did not hold the port (started by an older worker, or killed
+                // with its worker before it took it), and another task has it now.
+                tracing::warn!(task_id = %attempt.meta.task_id, %conflict, "a running task's port is not its own alone");
+            }
+            // Its supervisor holds the cache entries (and ports) it uses; they are marked used
+            // when it ends.
             if let Ok(Some(spec)) = files::read_json::<crate::runtime::LaunchSpec>(&attempt.dir, files::SPEC) {
                 attempt.uses(spec.leases);
             }
@@ -770,7 +777,18 @@ fn run_again(inner: &Arc<Inner>, attempt: Arc<Attempt>) {
             return;
         }
     };
-    lock(&inner.ports).hold(attempt.meta.ports.values().copied());
+    let conflicts = lock(&inner.ports).hold(attempt.meta.ports.values().copied(), None);
+    if !conflicts.is_empty() {
+        // Its ports were given out while no worker held them: the task would share them.
+        let taken: Vec<String> = conflicts.iter().map(ToString::to_string).collect();
+        lock(&inner.ports).release(attempt.meta.ports.values().copied());
+        remove_leftovers(&attempt.dir, attempt.meta.cgroup.as_deref());
+        let error =
+            format!("the worker restarted before the task started, and its ports were taken: {}", taken.join(", "));
+        attempt.finish(inner, TaskState::WorkerFailed, -1, error, None);
+        return;
+    }
+    attempt.uses(lock(&inner.ports).leases(attempt.meta.ports.values().copied()));
     tracing::info!(task_id = %attempt.meta.task_id, attempt = attempt.meta.attempt_id, "running a task accepted before the restart");
     let inner = inner.clone();
     tokio::spawn(async move {

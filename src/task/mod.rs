@@ -36,6 +36,7 @@ use crate::supervisor::files::FileError;
 
 pub use env::WorkerEnv;
 pub use history::{HistoryView, Sample};
+pub use ports::{DEFAULT_PORT_LOCKS, remove_unheld_locks as remove_unheld_port_locks};
 pub use spec::{Command, TaskSpec};
 pub use state::TaskState;
 pub use validate::{is_env_name, short};
@@ -96,6 +97,9 @@ pub struct ManagerConfig {
     pub rootfs: PathBuf,
     pub max_concurrent_tasks: usize,
     pub port_range: (u16, u16),
+    /// Where the host's workers lock the ports they hand out ([`DEFAULT_PORT_LOCKS`]): every
+    /// worker of a host must use the same directory.
+    pub port_lock_dir: PathBuf,
     pub env: WorkerEnv,
     /// The binary to run as `<exe> supervise <dir>` (this program by default).
     pub supervisor_exe: PathBuf,
@@ -342,7 +346,7 @@ impl TaskManager {
             bundles: tokio::sync::OnceCell::new(),
             images: tokio::sync::OnceCell::new(),
             slots: Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1))),
-            ports: Mutex::new(PortAllocator::new(first, last).with_host_locks(Path::new(ports::HOST_PORT_LOCKS))),
+            ports: Mutex::new(PortAllocator::new(first, last).with_host_locks(&config.port_lock_dir)),
             cgroups,
             tasks: Mutex::new(HashMap::new()),
             listeners: Mutex::new(Vec::new()),

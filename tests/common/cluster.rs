@@ -294,6 +294,9 @@ impl NsWorker {
             .arg(rootfs())
             .args(["--worker-id", &self.name, "--controller", &self.controller_url, "--advertise-host", &self.ns_ip])
             .args(["--heartbeat-interval", "0.3"])
+            // Its own port locks: tests leave the host's alone.
+            .arg("--port-lock-dir")
+            .arg(self.state.path().join("port-locks"))
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -331,6 +334,8 @@ impl Drop for NsWorker {
             .arg("--state-dir")
             .arg(self.state.path())
             .arg("--all")
+            .arg("--port-lock-dir")
+            .arg(self.state.path().join("port-locks"))
             .stdout(Stdio::null())
             .status();
     }

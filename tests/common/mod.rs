@@ -79,6 +79,12 @@ pub struct Worker {
     pub listen_ip: &'static str,
     /// More environment variables for the worker process (and so its supervisors).
     pub env: Vec<(String, String)>,
+    /// Its own `--port-lock-dir` (unless the test gives one): tests leave the host's alone.
+    pub port_locks: tempfile::TempDir,
+}
+
+fn port_locks() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("iris-worker-test-ports-").tempdir().unwrap()
 }
 
 impl Worker {
@@ -107,6 +113,7 @@ impl Worker {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             listen_ip,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            port_locks: port_locks(),
         };
         w.spawn().await;
         w
@@ -123,6 +130,7 @@ impl Worker {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             listen_ip: "127.0.0.1",
             env: Vec::new(),
+            port_locks: port_locks(),
         };
         w.spawn().await;
         w
@@ -147,6 +155,7 @@ impl Worker {
             } else {
                 vec!["--rootfs".into(), rootfs().into()]
             };
+            let port_lock_flag = self.port_lock_flag();
             let child = Command::new(exe())
                 .arg("serve")
                 .arg("--listen")
@@ -154,6 +163,7 @@ impl Worker {
                 .arg("--state-dir")
                 .arg(self.state_dir())
                 .args(rootfs_flag)
+                .args(port_lock_flag)
                 .arg("--worker-id")
                 .arg(&self.name)
                 .args(&self.extra)
@@ -182,6 +192,14 @@ impl Worker {
             self.kill9();
         }
         panic!("the worker did not start; see {}", self.state_dir().display());
+    }
+
+    /// `--port-lock-dir` of its own, unless the test gave one.
+    fn port_lock_flag(&self) -> Vec<std::ffi::OsString> {
+        match self.extra.iter().position(|a| a == "--port-lock-dir") {
+            Some(_) => vec![],
+            None => vec!["--port-lock-dir".into(), self.port_locks.path().into()],
+        }
     }
 
     pub async fn try_client(&self) -> Result<Client, tonic::transport::Error> {
@@ -222,6 +240,7 @@ impl Drop for Worker {
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--all")
+            .args(self.port_lock_flag())
             .stdout(Stdio::null())
             .status();
     }

@@ -806,3 +806,35 @@ async fn a_worker_fails_tasks_whose_bundle_the_operator_does_not_allow() {
     }
     assert_eq!(served.gets("/b.zip"), 0);
 }
+
+// ---------------------------------------------------------------------------------------
+// Several processes on one cache (review of #13).
+
+/// A worker that died between moving a bundle's directory into place and writing its record
+/// leaves `<key>/` without a record (finding 3): the next fetch of that path, in a process
+/// that opened the cache before (so did not tidy it), publishes over it instead of failing on
+/// the rename (ENOTEMPTY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_publishers_directory_without_its_record_is_replaced() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("b.zip");
+    fs::write(&src, sample_bundle()).unwrap();
+    let want = {
+        let fresh = BundleCache::new(config(&work.path().join("fresh"))).unwrap();
+        tree(get_local(&fresh, &src).await.unwrap().path())
+    };
+    let dir = work.path().join("cache");
+    let cache = BundleCache::new(config(&dir)).unwrap();
+    let key = sha256_hex(src.to_str().unwrap().as_bytes());
+    fs::create_dir_all(dir.join(&key).join("app/half")).unwrap();
+    fs::write(dir.join(&key).join("app/half/written"), b"cut short").unwrap();
+    let bundle = get_local(&cache, &src).await.unwrap();
+    assert!(!bundle.from_cache());
+    assert_eq!(bundle.path(), dir.join(&key));
+    assert_eq!(tree(bundle.path()), want, "the leftover is gone, the bundle whole");
+    drop(bundle);
+    // And a restarted cache finds it recorded.
+    drop(cache);
+    let again = BundleCache::new(config(&dir)).unwrap();
+    assert!(get_local(&again, &src).await.unwrap().from_cache());
+}

@@ -283,6 +283,20 @@ impl Disk {
         let pending = self.tmp().join(format!("{key}.json"));
         fs::write(&pending, json)?;
         let dir = self.root.join(key);
+        // The caller holds the entry's exclusive lock and found no record: what is at <key>/
+        // is a leftover (a crash between the directory's rename and its record's, or an
+        // eviction cut short). Out of the way first, or the rename fails (ENOTEMPTY).
+        match fs::symlink_metadata(&dir) {
+            Ok(_) => {
+                let aside = tempfile::Builder::new().prefix("leftover-").tempdir_in(self.tmp())?.keep();
+                fs::rename(&dir, aside.join(key))?;
+                if let Err(e) = fs::remove_dir_all(&aside) {
+                    tracing::warn!(dir = %aside.display(), error = %e, "removing a bundle's leftover");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         fs::rename(extracted, &dir)?;
         fs::rename(&pending, self.root.join(format!("{key}.json")))?;
         Ok(Entry { key: key.to_owned(), source: source.to_owned(), dir, sha256: sha256.to_owned(), bytes, entries })

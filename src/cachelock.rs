@@ -105,6 +105,15 @@ impl Lease {
     }
 }
 
+/// What [`EntryLocks::lease_or_make`] got.
+#[derive(Debug)]
+pub enum Acquired<T> {
+    /// The entry is there, and held shared.
+    Published(T, EntryLock),
+    /// Nobody holds it and it is not there: the exclusive lock, to make it.
+    Make(EntryLock),
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Shared,
@@ -226,6 +235,46 @@ impl EntryLocks {
             }
         }
         Ok(removed)
+    }
+
+    /// For a user that makes what it does not find: waits until either the entry is
+    /// published (`found()` says so while its shared lock is held: [`Acquired::Published`],
+    /// already leased, so no eviction can come between the look and the lease) or nobody holds
+    /// its lock ([`Acquired::Make`]: the exclusive lock; make it, then
+    /// [`EntryLock::downgrade`] to use it). An entry being evicted is waited out, never
+    /// reported. Polls, on the blocking pool: users of a published entry hold it shared for as
+    /// long as they run, so waiting for the exclusive lock alone could wait for ever.
+    pub async fn lease_or_make<T, F>(&self, key: &str, found: F) -> io::Result<Acquired<T>>
+    where
+        T: Send + 'static,
+        F: Fn() -> Option<T> + Send + Sync + 'static,
+    {
+        let found = std::sync::Arc::new(found);
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let (locks, k, found) = (self.clone(), key.to_string(), found.clone());
+            let got = tokio::task::spawn_blocking(move || -> io::Result<Option<Acquired<T>>> {
+                if let Some(lease) = locks.try_shared(&k)? {
+                    if let Some(t) = found() {
+                        return Ok(Some(Acquired::Published(t, lease)));
+                    }
+                    drop(lease);
+                }
+                let Some(making) = locks.try_exclusive(&k)? else { return Ok(None) };
+                match found() {
+                    None => Ok(Some(Acquired::Make(making))),
+                    // Published between our two looks: use it.
+                    Some(t) => Ok(making.downgrade()?.map(|lease| Acquired::Published(t, lease))),
+                }
+            })
+            .await
+            .map_err(io::Error::other)??;
+            if let Some(got) = got {
+                return Ok(got);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
     }
 
     fn acquire(&self, key: &str, mode: Mode, wait: bool) -> io::Result<Option<EntryLock>> {
@@ -366,6 +415,57 @@ mod tests {
         assert!(locks.try_exclusive("k").unwrap().is_none(), "still in use: no eviction");
         drop(using);
         assert!(locks.try_exclusive("k").unwrap().is_some());
+    }
+
+    /// What a user finds is leased as it is found (finding 4): between the look and the
+    /// lease, nobody can evict it, so a user never finds an entry that is then gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_or_make_finds_an_entry_already_leased_and_makes_one_nobody_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = EntryLocks::new(dir.path());
+        let published = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let unleased_looks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let look = |evictor: EntryLocks, published: std::sync::Arc<std::sync::atomic::AtomicBool>| {
+            let unleased_looks = unleased_looks.clone();
+            move || {
+                // Another process tries to evict it right as it is looked at: it never can.
+                if evictor.try_exclusive("k").unwrap().is_some() {
+                    unleased_looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return None;
+                }
+                published.load(std::sync::atomic::Ordering::SeqCst).then_some("entry")
+            }
+        };
+        // Nothing there, nobody on it: make it.
+        let got = locks.lease_or_make("k", look(locks.clone(), published.clone())).await.unwrap();
+        let Acquired::Make(making) = got else { panic!("expected to make it, got {got:?}") };
+        assert!(making.exclusive);
+        // Made and published: the maker goes on using it; another user finds it, leased.
+        published.store(true, std::sync::atomic::Ordering::SeqCst);
+        let using = making.downgrade().unwrap().unwrap();
+        let got = locks.lease_or_make("k", look(locks.clone(), published.clone())).await.unwrap();
+        let Acquired::Published("entry", lease) = got else { panic!("expected it found, got {got:?}") };
+        drop(using);
+        assert!(locks.try_exclusive("k").unwrap().is_none(), "the finder's lease keeps eviction out");
+        drop(lease);
+        // Found by someone nobody else holds it for: still leased while it is looked at.
+        let got = locks.lease_or_make("k", look(locks.clone(), published.clone())).await.unwrap();
+        assert!(matches!(got, Acquired::Published("entry", _)), "{got:?}");
+        drop(got);
+        // Being made by another process: waited out, then found.
+        let other = locks.exclusive("k").unwrap();
+        published.store(false, std::sync::atomic::Ordering::SeqCst);
+        let waiter = {
+            let (locks, found) = (locks.clone(), look(locks.clone(), published.clone()));
+            tokio::spawn(async move { locks.lease_or_make("k", found).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "waits while another process makes it");
+        published.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(other);
+        let got = waiter.await.unwrap().unwrap();
+        assert!(matches!(got, Acquired::Published("entry", _)), "{got:?}");
+        assert_eq!(unleased_looks.load(std::sync::atomic::Ordering::SeqCst), 0, "every look held the lock");
     }
 
     #[test]

@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use futures::FutureExt;
 use tokio::sync::watch;
 
+use crate::cachelock::Acquired;
 #[cfg(test)]
 pub(crate) use cache::key_for as cache_key;
 use cache::{Disk, Entry, Index, Lookup, key_for};
@@ -264,32 +265,24 @@ impl BundleCache {
         // well match), its bundle was evicted before we took it (by the cache budget or another
         // process: then it is fetched again, never a failure), or its task vanished.
         for _ in 0..4 {
-            let (mut rx, leader) = {
+            // Follow another caller's fetch, or start one (and be handed its lease).
+            let (mut rx, handoff) = {
                 let mut index = self.inner.index();
                 match index.lookup(&key) {
-                    Lookup::Ready(entry) => match self.lease(&entry) {
-                        Some(lease) => {
+                    Lookup::Ready(entry) => {
+                        if let Some(lease) = self.lease(path, &entry)? {
                             self.inner.disk.touch(&key);
                             return self.hand_out(path, entry, &expected, true, lease);
                         }
-                        None => {
-                            // Another process evicts or replaced it: fetch (or find) it anew.
-                            index.finish(&key, None);
-                            let (tx, rx) = watch::channel(Flight::Running(Vec::new()));
-                            index.start(&key, rx.clone());
-                            let job = Job { key: key.clone(), path: path.to_owned(), expected: expected.clone() };
-                            tokio::spawn(run(self.inner.clone(), job, tx));
-                            (rx, true)
-                        }
-                    },
-                    Lookup::Loading(rx) => (rx, false),
+                        // Another process evicts or replaced it: fetch (or find) it anew.
+                        index.finish(&key, None);
+                        let (rx, handoff) = self.start(&mut index, &key, path, &expected);
+                        (rx, Some(handoff))
+                    }
+                    Lookup::Loading(rx) => (rx, None),
                     Lookup::Missing => {
-                        let (tx, rx) = watch::channel(Flight::Running(Vec::new()));
-                        index.start(&key, rx.clone());
-                        let inner = self.inner.clone();
-                        let job = Job { key: key.clone(), path: path.to_owned(), expected: expected.clone() };
-                        tokio::spawn(run(inner, job, tx));
-                        (rx, true)
+                        let (rx, handoff) = self.start(&mut index, &key, path, &expected);
+                        (rx, Some(handoff))
                     }
                 }
             };
@@ -297,17 +290,25 @@ impl BundleCache {
                 // Forget the abandoned fetch, and start another.
                 None => self.inner.index().forget_abandoned(&key, &rx),
                 Some(Ok(())) => {
+                    let handed = handoff.as_ref().and_then(|h| h.lock().unwrap_or_else(|p| p.into_inner()).take());
                     // The fetch's result is taken from the index, so that the channel never
                     // holds a reference that would keep the bundle from being evicted.
                     let found = self.inner.index().lookup(&key);
-                    if let Lookup::Ready(entry) = found
-                        && let Some(lease) = self.lease(&entry)
-                    {
-                        return self.hand_out(path, entry, &expected, !leader, lease);
+                    if let Lookup::Ready(entry) = found {
+                        // The fetch's lease was taken as the entry was found or published:
+                        // nothing came in between. A follower takes its own.
+                        let (lease, fetched) = match handed {
+                            Some(Handoff { lease: Some(lease), fetched }) => (Some(lease), fetched),
+                            Some(Handoff { lease: None, fetched }) => (self.lease(path, &entry)?, fetched),
+                            None => (self.lease(path, &entry)?, false),
+                        };
+                        if let Some(lease) = lease {
+                            return self.hand_out(path, entry, &expected, !fetched, lease);
+                        }
                     }
                 }
                 Some(Err(BundleError::HashMismatch { expected: theirs, .. }))
-                    if !leader && Some(&theirs) != expected.as_ref() => {}
+                    if handoff.is_none() && Some(&theirs) != expected.as_ref() => {}
                 Some(Err(e)) => return Err(e),
             }
         }
@@ -318,12 +319,32 @@ impl BundleCache {
         })
     }
 
+    /// Starts fetching `key` as a task of its own; returns its channel and what it hands over.
+    fn start(
+        &self,
+        index: &mut Index,
+        key: &str,
+        path: &str,
+        expected: &Option<String>,
+    ) -> (watch::Receiver<Flight>, Arc<Mutex<Option<Handoff>>>) {
+        let (tx, rx) = watch::channel(Flight::Running(Vec::new()));
+        index.start(key, rx.clone());
+        let handoff = Arc::new(Mutex::new(None));
+        let job =
+            Job { key: key.to_owned(), path: path.to_owned(), expected: expected.clone(), handoff: handoff.clone() };
+        tokio::spawn(run(self.inner.clone(), job, tx));
+        (rx, handoff)
+    }
+
     /// The entry's shared lock, taken while its record still proves it whole: `None` when
     /// another process holds it exclusively (evicting it) or evicted it already. Once held, no
-    /// process can evict it.
-    fn lease(&self, entry: &Arc<Entry>) -> Option<crate::cachelock::EntryLock> {
-        let lease = self.inner.disk.locks.try_shared(&entry.key).ok().flatten()?;
-        self.inner.disk.load(&entry.key).is_some_and(|e| e.sha256 == entry.sha256).then_some(lease)
+    /// process can evict it. A lock that cannot be taken at all is an error, never "evicted".
+    fn lease(&self, path: &str, entry: &Arc<Entry>) -> Result<Option<crate::cachelock::EntryLock>, BundleError> {
+        let lease = self.inner.disk.locks.try_shared(&entry.key).map_err(|e| BundleError::Io {
+            what: format!("locking the cache entry of bundle {path}"),
+            source: Arc::new(e),
+        })?;
+        Ok(lease.filter(|_| self.inner.disk.load(&entry.key).is_some_and(|e| e.sha256 == entry.sha256)))
     }
 
     /// Forgets bundles this process knows that are no longer on disk (the cache budget, here
@@ -393,6 +414,16 @@ struct Job {
     key: String,
     path: String,
     expected: Option<String>,
+    /// For the `get` that started the fetch.
+    handoff: Arc<Mutex<Option<Handoff>>>,
+}
+
+/// What a fetch hands the `get` that started it: the entry's shared lock, held since the
+/// entry was found or published (`None` in the rare case it could not be kept), and whether
+/// this process downloaded it (rather than finding it published by another).
+struct Handoff {
+    lease: Option<crate::cachelock::EntryLock>,
+    fetched: bool,
 }
 
 /// Runs a fetch as its own task, so no caller's cancellation cuts it short: records the result
@@ -408,6 +439,11 @@ async fn run(inner: Arc<Inner>, job: Job, tx: watch::Sender<Flight>) {
         // Nothing was published: no lock file stays behind for it.
         unused.remove();
     }
+    let (result, handoff) = match result {
+        Ok((entry, handoff)) => (Ok(entry), Some(handoff)),
+        Err(e) => (Err(e), None),
+    };
+    *job.handoff.lock().unwrap_or_else(|p| p.into_inner()) = handoff;
     let trash = {
         let mut index = inner.index();
         index.finish(&job.key, result.as_ref().ok().cloned());
@@ -435,35 +471,32 @@ fn enter(tx: &watch::Sender<Flight>, phase: Phase) {
     });
 }
 
-/// Download, verify, extract, commit.
+/// Find it published (leased as it is found), or download, verify, extract, commit (and keep
+/// the lock shared).
 async fn fetch_and_extract(
     inner: &Arc<Inner>,
     job: &Job,
     tx: &watch::Sender<Flight>,
-) -> Result<Arc<Entry>, BundleError> {
+) -> Result<(Arc<Entry>, Handoff), BundleError> {
     let path = job.path.as_str();
     let io_err =
         |what: &str, e: io::Error| BundleError::Io { what: format!("{what} for bundle {path}"), source: Arc::new(e) };
     let location = fetch::locate(path, &inner.config.sources)?;
     // One fetch per bundle across the worker processes sharing this cache: the others wait
     // here, then find it published.
-    let published = || inner.disk.load(&job.key).is_some();
-    let Some(publishing) = inner
+    let (finder, key) = (inner.clone(), job.key.clone());
+    let publishing = match inner
         .disk
         .locks
-        .exclusive_unless(&job.key, published)
+        .lease_or_make(&job.key, move || finder.disk.load(&key))
         .await
         .map_err(|e| io_err("locking the cache entry", e))?
-    else {
-        return inner.disk.load(&job.key).map(Arc::new).ok_or_else(|| BundleError::Internal {
-            path: path.to_owned(),
-            reason: "another worker process evicted it as it was found".to_owned(),
-        });
+    {
+        Acquired::Published(entry, lease) => {
+            return Ok((Arc::new(entry), Handoff { lease: Some(lease), fetched: false }));
+        }
+        Acquired::Make(publishing) => publishing,
     };
-    if let Some(entry) = inner.disk.load(&job.key) {
-        drop(publishing);
-        return Ok(Arc::new(entry));
-    }
     let tmp = inner.disk.tmp();
     let download = tempfile::Builder::new()
         .prefix(&format!("{}-", job.key))
@@ -513,8 +546,9 @@ async fn fetch_and_extract(
             .commit(&key, dest.path(), path, &got.sha256, done.bytes, done.entries)
             .map_err(|e| io_err("moving the extracted directory into the cache", e))?;
         let _moved = dest.keep();
-        drop(publishing);
-        Ok(Arc::new(entry))
+        // Made: now used, as any user of it (shared); the record proves it whole.
+        let lease = publishing.downgrade().ok().flatten();
+        Ok((Arc::new(entry), Handoff { lease, fetched: true }))
     })
     .await
     .map_err(|e| BundleError::Internal { path: job.path.clone(), reason: format!("the extraction task failed: {e}") })?
@@ -536,9 +570,17 @@ impl Inner {
         for entry in gone {
             // Only what no process uses: a task of another worker on this cache holds the
             // entry's shared lock, and then it stays (back in the index, as just used).
-            let Ok(Some(evicting)) = self.disk.locks.try_exclusive(&entry.key) else {
-                index.insert(entry);
-                continue;
+            let evicting = match self.disk.locks.try_exclusive(&entry.key) {
+                Ok(Some(evicting)) => evicting,
+                Ok(None) => {
+                    index.insert(entry);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(bundle = %entry.source, error = %e, "locking a bundle to evict it");
+                    index.insert(entry);
+                    continue;
+                }
             };
             match self.disk.retire(&entry) {
                 Ok(dir) => trash.push(dir),
@@ -581,6 +623,49 @@ mod tests {
         let counter = std::cell::Cell::new(0);
         let future = cache.get("/nonexistent.zip", None, move |_| counter.set(counter.get() + 1));
         assert_send(&future);
+    }
+
+    /// Another worker process on the cache evicts the bundle whenever nobody holds it (finding
+    /// 4): every get still succeeds, and what it hands out stays on disk while it is held (the
+    /// lease is taken as the bundle is found or published, with no gap for an eviction).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bundle_evicted_at_any_moment_is_never_a_failure_nor_gone_while_held() {
+        use std::io::Write;
+        let work = tempfile::tempdir().unwrap();
+        let src = work.path().join("b.zip");
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&src).unwrap());
+        z.start_file("f", zip::write::SimpleFileOptions::default()).unwrap();
+        z.write_all(b"contents").unwrap();
+        z.finish().unwrap();
+        let root = work.path().join("cache");
+        let sources = SourcePolicy { allowed_dirs: vec![work.path().to_path_buf()], ..SourcePolicy::default() };
+        let config = BundleConfig { sources, ..BundleConfig::new(&root) };
+        let caches = [BundleCache::new(config.clone()).unwrap(), BundleCache::new(config).unwrap()];
+        let path = src.to_str().unwrap().to_owned();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let evictor = {
+            let (root, key, stop) = (root.clone(), key_for(&path), stop.clone());
+            std::thread::spawn(move || {
+                let mut evicted = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(Some(_)) = evict_on_disk(&root, &key) {
+                        evicted += 1;
+                    }
+                }
+                evicted
+            })
+        };
+        for round in 0..3000 {
+            let cache = &caches[round % 2];
+            let bundle = cache.get(&path, None, |_| {}).await.unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let read = std::fs::read(bundle.path().join("f"));
+            assert_eq!(read.ok().as_deref(), Some(&b"contents"[..]), "round {round}: evicted while held");
+            drop(bundle);
+            // Let this process's index forget it, as the cache budget's scan would.
+            cache.forget_missing(&Default::default());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(evictor.join().unwrap() > 0, "the other process did evict");
     }
 
     #[test]

@@ -838,3 +838,47 @@ async fn a_dead_publishers_directory_without_its_record_is_replaced() {
     let again = BundleCache::new(config(&dir)).unwrap();
     assert!(get_local(&again, &src).await.unwrap().from_cache());
 }
+
+/// A bundle cache that could not be opened (here: something in the way of its directory) is
+/// opened again by the next task once the cause is gone (finding 2): the failure is the
+/// task's, never the worker's for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: a worker running tasks"]
+async fn a_bundle_cache_that_failed_to_open_is_opened_by_the_next_task() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("b.zip");
+    fs::write(&src, sample_bundle()).unwrap();
+    let cache = work.path().join("cache");
+    fs::create_dir_all(cache.join("bundles")).unwrap();
+    // Where the cache's temp dirs go: opening it fails while this file is there.
+    fs::write(cache.join("bundles/.tmp"), b"in the way").unwrap();
+    let allow = std::env::temp_dir();
+    let fixtures = PathBuf::from(std::env::var("IRIS_CACHE_DIR").unwrap_or_else(|_| "/var/cache/iris-worker".into()));
+    let python = fixtures.join("rootfs/python");
+    let w = common::Worker::start(
+        "bundle-reopen",
+        &[
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--allow-bundle-path",
+            allow.to_str().unwrap(),
+            "--python-rootfs",
+            python.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let mut c = w.client().await;
+    let run = |id: &str| {
+        let mut req = common::task(id, &["/bin/true"]);
+        req.bundle_gcs_path = format!("file://{}", src.display());
+        req
+    };
+    c.run_task(run("reopen/blocked")).await.unwrap();
+    let s = common::wait_end(&mut c, "reopen/blocked", Duration::from_secs(60)).await;
+    assert_eq!(common::state_of(&s), iris_worker::task::TaskState::Failed, "{s:?}");
+    assert!(s.error.contains("bundle cache"), "{}", s.error);
+    fs::remove_file(cache.join("bundles/.tmp")).unwrap();
+    c.run_task(run("reopen/clear")).await.unwrap();
+    let s = common::wait_end(&mut c, "reopen/clear", Duration::from_secs(60)).await;
+    assert_eq!(common::state_of(&s), iris_worker::task::TaskState::Succeeded, "{s:?}");
+}

@@ -259,8 +259,9 @@ pub(crate) struct Inner {
     venvs: crate::env::VenvCache,
     #[cfg(feature = "buildkit")]
     dockerfile_images: crate::env::dockerfile::DockerfileImages,
-    bundles: tokio::sync::OnceCell<Result<BundleCache, String>>,
-    images: tokio::sync::OnceCell<Result<crate::env::image::ImageStore, String>>,
+    /// Opened on first use; a failed open is tried again by the next task, never kept.
+    bundles: tokio::sync::OnceCell<BundleCache>,
+    images: tokio::sync::OnceCell<crate::env::image::ImageStore>,
     /// Keeps every cache within the budget and watches the disk.
     janitor: Arc<crate::cache::Janitor>,
     started: Instant,
@@ -367,7 +368,7 @@ impl TaskManager {
         let weak = Arc::downgrade(&inner);
         janitor.after_scan(move |entries| {
             if let Some(inner) = weak.upgrade()
-                && let Some(Ok(bundles)) = inner.bundles.get()
+                && let Some(bundles) = inner.bundles.get()
             {
                 let on_disk =
                     entries.iter().filter(|e| e.kind == crate::cache::Kind::Bundles).map(|e| e.key.as_str()).collect();
@@ -399,8 +400,8 @@ impl TaskManager {
     /// before the first task with an image).
     pub fn image_counters(&self) -> crate::env::image::ImageCounters {
         match self.inner.images.get() {
-            Some(Ok(store)) => store.counters(),
-            _ => Default::default(),
+            Some(store) => store.counters(),
+            None => Default::default(),
         }
     }
 
@@ -668,19 +669,22 @@ impl Inner {
     /// The image store, opened on first use (a worker that never runs an image needs none).
     async fn image_store(&self) -> Result<&crate::env::image::ImageStore, String> {
         self.images
-            .get_or_init(|| async {
-                crate::env::image::ImageStore::open(self.config.images.clone()).map_err(|e| e.to_string())
+            .get_or_try_init(|| async {
+                // It creates directories and removes what crashed unpacks left: off the async threads.
+                let config = self.config.images.clone();
+                tokio::task::spawn_blocking(move || crate::env::image::ImageStore::open(config))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
             })
             .await
-            .as_ref()
-            .map_err(Clone::clone)
     }
 
     /// The bundle cache, opened on first use: it locks its directory, and workers that never
     /// fetch a bundle (tests, command-only hosts) need not share or lock it.
     async fn bundle_cache(&self) -> Result<&BundleCache, String> {
         self.bundles
-            .get_or_init(|| async {
+            .get_or_try_init(|| async {
                 let dir = self.config.cache_dir.join("bundles");
                 // The cache budget bounds bundles with the other caches, across processes.
                 let config = BundleConfig {
@@ -689,11 +693,14 @@ impl Inner {
                     max_entries: usize::MAX,
                     ..BundleConfig::new(dir)
                 };
-                BundleCache::new(config).map_err(|e| e.to_string())
+                // Opening removes what dead processes left (whole extractions): off the async
+                // threads.
+                tokio::task::spawn_blocking(move || BundleCache::new(config))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
             })
             .await
-            .as_ref()
-            .map_err(Clone::clone)
     }
 
     /// The task's bundle, extracted (phases show in its status message). The attempt holds

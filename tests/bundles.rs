@@ -440,6 +440,16 @@ async fn reject(work: &Path, archive: &Path, limits: ExtractLimits) -> ExtractEr
     assert_eq!(cache.totals().entries, 0);
     assert!(cache_contents(&dir).is_empty(), "left in the cache: {:?}", cache_contents(&dir));
     assert_eq!(tree(work), before, "something was written in {}", work.display());
+    // Nor is a lock file left for it (only the cache's own temp dir's, until it closes).
+    assert!(lock_files(&dir).iter().all(|n| n.starts_with("tmp-")), "{:?}", lock_files(&dir));
+    drop(cache);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(lock_files(&dir).is_empty() && fs::read_dir(dir.join(".tmp")).unwrap().count() == 0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(lock_files(&dir).is_empty(), "{:?}", lock_files(&dir));
     match err {
         BundleError::Rejected { source, .. } => source,
         other => panic!("expected a rejection, got {other}"),
@@ -810,6 +820,16 @@ async fn a_worker_fails_tasks_whose_bundle_the_operator_does_not_allow() {
 // ---------------------------------------------------------------------------------------
 // Several processes on one cache (review of #13).
 
+/// The lock files under `dir/.locks`, by name.
+fn lock_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = match fs::read_dir(dir.join(".locks")) {
+        Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    };
+    names.sort();
+    names
+}
+
 /// A worker that died between moving a bundle's directory into place and writing its record
 /// leaves `<key>/` without a record (finding 3): the next fetch of that path, in a process
 /// that opened the cache before (so did not tidy it), publishes over it instead of failing on
@@ -837,6 +857,50 @@ async fn a_dead_publishers_directory_without_its_record_is_replaced() {
     drop(cache);
     let again = BundleCache::new(config(&dir)).unwrap();
     assert!(get_local(&again, &src).await.unwrap().from_cache());
+}
+
+/// A closed cache takes its temp dir and that dir's lock file with it, and what opening a
+/// cache tidies (a dead process's temp dir, a directory without its record, a bad record)
+/// goes with its lock file (finding 22): lock files do not pile up for entries that are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_cache_and_the_leftovers_it_tidies_leave_no_lock_files() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("b.zip");
+    fs::write(&src, noise_bundle(1000, 7)).unwrap();
+    let dir = work.path().join("cache");
+    let key = sha256_hex(src.to_str().unwrap().as_bytes());
+    {
+        let cache = BundleCache::new(config(&dir)).unwrap();
+        drop(get_local(&cache, &src).await.unwrap());
+        // Rejected: no lock file stays for it either (finding 14).
+        let bad = work.path().join("bad.zip");
+        fs::write(&bad, b"not a zip").unwrap();
+        get_local(&cache, &bad).await.unwrap_err();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read_dir(dir.join(".tmp")).unwrap().count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fs::read_dir(dir.join(".tmp")).unwrap().count(), 0, "the closed cache's temp dir is gone");
+    assert_eq!(lock_files(&dir), [format!("{key}.lock")], "only the bundle's own lock file stays");
+
+    // What dead processes left: a temp dir, a directory without its record, a bad record; all
+    // were locked once (a lock file each).
+    fs::create_dir_all(dir.join(".tmp/1-work-0-0/x")).unwrap();
+    let orphan = "0".repeat(64);
+    fs::create_dir(dir.join(&orphan)).unwrap();
+    fs::write(dir.join("1".repeat(64) + ".json"), b"{").unwrap();
+    let locks = iris_worker::cachelock::EntryLocks::new(&dir);
+    for k in ["tmp-1-work-0-0".to_string(), orphan.clone(), "1".repeat(64)] {
+        drop(locks.exclusive(&k).unwrap());
+    }
+    let cache = BundleCache::new(config(&dir)).unwrap();
+    assert!(!dir.join(&orphan).exists());
+    let mut left = lock_files(&dir);
+    left.retain(|n| !n.starts_with("tmp-"));
+    assert_eq!(left, [format!("{key}.lock")], "the tidied entries' lock files went with them");
+    assert_eq!(lock_files(&dir).iter().filter(|n| n.starts_with("tmp-")).count(), 1, "the open cache's own");
+    drop(cache);
 }
 
 /// A bundle cache that could not be opened (here: something in the way of its directory) is

@@ -5,13 +5,16 @@
 //! .locks/          per-entry locks (see crate::cachelock): shared while a task uses a bundle,
 //!                  exclusive while it is fetched and published, or evicted; and one per
 //!                  process's temp dir
-//! .tmp/<id>/       one process's downloads and extractions in progress; a dead process's is
-//!                  removed by the next process to open the cache
+//! .tmp/<id>/       one process's downloads and extractions in progress; removed (with its
+//!                  lock file) when the process closes the cache, and a dead process's by the
+//!                  next process to open it
 //! <key>/           an extracted bundle (key: sha256 of its path)
 //! <key>.json       its record (path, sha256, bytes, entries); written last, removed first
 //! ```
 //! A bundle directory without its record, found while nobody holds its lock, is a crash's
-//! leftover and is removed at start, so an entry is in the cache exactly when its record exists. A record's modification time is its
+//! leftover and is removed at start (with its lock file), or moved aside by the next publisher
+//! of its key, so an entry is in the cache exactly when its record exists. A record's
+//! modification time is its
 //! bundle's last use, so a restarted cache keeps the LRU order. In memory, [`Index`] keeps every
 //! bundle with its last use, the ones being fetched, and the totals the LRU bounds apply to.
 
@@ -138,8 +141,12 @@ fn read_records(root: &Path, locks: &EntryLocks, tidy: bool) -> io::Result<Vec<(
             }
             _ if tidy => {
                 // Unless another process is publishing it right now.
-                if let Some(_quiet) = locks.try_exclusive(&key)? {
+                if let Some(quiet) = locks.try_exclusive(&key)? {
                     let _ = fs::remove_file(&path);
+                    // A directory of that name goes below, with the lock file.
+                    if !dirs.contains_key(&key) {
+                        quiet.remove();
+                    }
                 }
             }
             _ => {}
@@ -150,7 +157,7 @@ fn read_records(root: &Path, locks: &EntryLocks, tidy: bool) -> io::Result<Vec<(
         let recorded: std::collections::HashSet<&str> = found.iter().map(|(_, e)| e.key.as_str()).collect();
         for (name, (path, is_dir)) in &dirs {
             if !recorded.contains(name.as_str())
-                && let Some(_quiet) = locks.try_exclusive(name)?
+                && let Some(quiet) = locks.try_exclusive(name)?
                 && !root.join(format!("{name}.json")).exists()
             {
                 let removed = if *is_dir { fs::remove_dir_all(path) } else { fs::remove_file(path) };
@@ -158,6 +165,7 @@ fn read_records(root: &Path, locks: &EntryLocks, tidy: bool) -> io::Result<Vec<(
                     Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                     _ => {}
                 }
+                quiet.remove();
             }
         }
     }
@@ -228,8 +236,30 @@ pub(crate) struct Disk {
     root: PathBuf,
     /// This process's temp dir under `.tmp/`, and the lock that says it is alive.
     tmp: PathBuf,
-    _tmp_lock: EntryLock,
+    tmp_lock: Option<EntryLock>,
     pub locks: EntryLocks,
+}
+
+impl Drop for Disk {
+    /// The cache is closed: this process's temp dir goes, and its lock file with it (removed
+    /// after the directory, so no other process takes the directory for a dead one's before).
+    fn drop(&mut self) {
+        let (tmp, lock) = (self.tmp.clone(), self.tmp_lock.take());
+        let remove = move || {
+            if let Err(e) = fs::remove_dir_all(&tmp)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %tmp.display(), error = %e, "removing the bundle cache's temp dir");
+            }
+            if let Some(lock) = lock {
+                lock.remove();
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
+    }
 }
 
 impl Disk {
@@ -241,7 +271,7 @@ impl Disk {
         let locks = EntryLocks::new(root);
         remove_dead_tmp(root, &locks)?;
         let (tmp, tmp_lock) = private_tmp(root, &locks, "work")?;
-        let disk = Self { root: root.to_path_buf(), tmp, _tmp_lock: tmp_lock, locks };
+        let disk = Self { root: root.to_path_buf(), tmp, tmp_lock: Some(tmp_lock), locks };
         let mut found = read_records(root, &disk.locks, true)?;
         found.sort_by_key(|(age, _)| *age);
         Ok((disk, found.into_iter().map(|(_, e)| e).collect()))

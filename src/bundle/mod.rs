@@ -600,7 +600,9 @@ fn dispose(trash: Vec<PathBuf>) {
     }
     let remove = move || {
         for dir in trash {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != io::ErrorKind::NotFound
+            {
                 tracing::warn!(dir = %dir.display(), error = %e, "removing an evicted bundle");
             }
         }

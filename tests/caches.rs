@@ -580,3 +580,106 @@ async fn a_running_tasks_port_stays_its_own_while_its_worker_is_down_and_after()
     let s = wait_end(&mut cb, "ports/b-4", WITHIN).await;
     assert_eq!(s.ports.get("http"), Some(&i32::from(port)), "{s:?}");
 }
+
+/// A parent cgroup of the test's own for venv builds (as a worker's), removed on drop.
+struct BuildCgroup {
+    layout: iris_worker::cgroup::Layout,
+    parent: String,
+}
+
+impl BuildCgroup {
+    fn new(name: &str) -> BuildCgroup {
+        let layout = iris_worker::cgroup::Layout::detect().unwrap();
+        let base = layout.task_root().unwrap();
+        let parent = format!(
+            "{}/{}/{TEST_PREFIX}{name}-{}",
+            base.trim_end_matches('/'),
+            iris_worker::cgroup::ROOT_NAME,
+            std::process::id()
+        );
+        layout.prepare_parent(&parent).unwrap();
+        BuildCgroup { layout, parent }
+    }
+}
+
+impl Drop for BuildCgroup {
+    fn drop(&mut self) {
+        let _ = self.layout.release_parent(&self.parent);
+    }
+}
+
+/// The venv cache of one worker process on `cache` (two of them on one directory have their
+/// own locks and their own in-process sharing, as two processes do).
+fn venv_cache(cache: &Path, cgroup: &BuildCgroup) -> iris_worker::env::VenvCache {
+    iris_worker::env::VenvCache::new(iris_worker::env::VenvConfig {
+        python_rootfs: fixtures().join("rootfs/python"),
+        cache_dir: cache.to_path_buf(),
+        find_links: Some(fixtures().join("wheels")),
+        offline: true,
+        ca_bundle: None,
+        build_env: vec![],
+        build_memory_bytes: 1 << 30,
+        pids_limit: None,
+        supervisor_exe: env!("CARGO_BIN_EXE_iris-worker").into(),
+        cgroups: Some((cgroup.layout.clone(), cgroup.parent.clone())),
+    })
+}
+
+/// A project needing `dependency`, and a task directory for each of `tasks` asking for it.
+fn venv_project(work: &Path, dependency: &str, tasks: &[&str]) -> (PathBuf, Vec<(PathBuf, String)>) {
+    let project = work.join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    let toml = format!(
+        "[project]\nname = \"shared\"\nversion = \"0.1.0\"\nrequires-python = \">=3.11\"\ndependencies = [\"{dependency}\"]\n"
+    );
+    std::fs::write(project.join("pyproject.toml"), toml).unwrap();
+    let dirs = tasks
+        .iter()
+        .map(|t| {
+            let dir = work.join(t);
+            std::fs::create_dir_all(&dir).unwrap();
+            (dir, format!("{TEST_PREFIX}venv-{t}-{}", std::process::id()))
+        })
+        .collect();
+    (project, dirs)
+}
+
+fn venv_request<'a>(project: &'a Path, task: &'a (PathBuf, String)) -> iris_worker::env::VenvRequest<'a> {
+    iris_worker::env::VenvRequest {
+        bundle_dir: Some(project),
+        bundle_sha256: None,
+        extras: &[],
+        pip_packages: &[],
+        task_dir: &task.0,
+        task_key: &task.1,
+    }
+}
+
+/// A build that fails fails every process that waited for it, once (review of #13, finding 5):
+/// the waiters read the builder's failure instead of each building again in turn; a request
+/// made after the failure builds again (the cause may have passed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: venv builds run in containers"]
+async fn a_failed_build_fails_every_process_waiting_for_it_and_runs_once() {
+    let work = tempfile::tempdir().unwrap();
+    let cgroup = BuildCgroup::new("venv-fail");
+    let cache = work.path().join("cache");
+    let (a, b) = (venv_cache(&cache, &cgroup), venv_cache(&cache, &cgroup));
+    // Offline with the fixture wheels: a package that is not there cannot be installed.
+    let (project, tasks) = venv_project(work.path(), "iris-test-no-such-package", &["a", "b", "c"]);
+    let (ra, rb, rc) =
+        (venv_request(&project, &tasks[0]), venv_request(&project, &tasks[1]), venv_request(&project, &tasks[2]));
+    let key = a.key(&ra).unwrap();
+    // Held here until both have asked: then both wait for the same build, whoever runs it.
+    let held = iris_worker::cachelock::EntryLocks::new(&cache.join("venvs")).exclusive(&key).unwrap();
+    let (ea, eb, ()) = tokio::join!(a.get(&ra), b.get(&rb), async move { drop(held) });
+    let (ea, eb) = (ea.unwrap_err().to_string(), eb.unwrap_err().to_string());
+    assert_eq!(a.builds() + b.builds(), 1, "one build, however many waited: {ea} / {eb}");
+    for e in [&ea, &eb] {
+        assert!(e.contains("building the Python environment failed"), "{e}");
+        assert!(e.contains("iris-test-no-such-package"), "{e}");
+    }
+    // Asked after the failure: built again.
+    let ec = a.get(&rc).await.unwrap_err().to_string();
+    assert_eq!(a.builds() + b.builds(), 2, "{ec}");
+}

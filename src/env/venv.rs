@@ -185,6 +185,7 @@ impl VenvCache {
     /// cache budget evicts between its build and the lease is built again.
     pub async fn get(&self, req: &VenvRequest<'_>) -> Result<PythonEnv, VenvError> {
         let started_ms = now_ms();
+        let asked_ns = now_ns();
         let key = self.key(req)?;
         let dir = self.config.cache_dir.join("venvs").join(&key);
         let lock_err = |e: std::io::Error| io("locking", format!("venv {key}"), &dir)(e);
@@ -201,14 +202,23 @@ impl VenvCache {
                 .flights
                 .run(&key, || async {
                     let published = || dir.join(COMPLETE).exists();
+                    let venvs = self.config.cache_dir.join("venvs");
+                    // A build another worker process ran, and that failed, since this request
+                    // was made: this request fails with it rather than repeating it.
+                    let failed = || failure_since(&venvs, &key, asked_ns);
                     let making = self
                         .locks
-                        .exclusive_unless(&key, published)
+                        .exclusive_unless(&key, || published() || failed().is_some())
                         .await
                         .map_err(|e| format!("locking the venv: {e}"))?;
+                    if let Some(error) = failed().filter(|_| !published()) {
+                        return Err(error);
+                    }
                     // Another worker process built it meanwhile.
                     let Some(making) = making.filter(|_| !published()) else { return Ok(false) };
                     let built = self.build(req, &key, &dir).await.map(|()| true).map_err(|e| e.to_string());
+                    // Told to the processes waiting for it, under the lock (a success clears it).
+                    record_failure(&venvs, &key, built.as_ref().err());
                     drop(making);
                     built
                 })
@@ -504,6 +514,58 @@ fn build_log_tail(log_dir: &Path) -> String {
     if chosen.is_empty() { "no output".into() } else { chosen.join(" | ") }
 }
 
+/// A failed build's marker, `<venvs>/.failed-<key>.json`: when it failed and why. Requests
+/// made before the failure (the ones waiting for that build, in any worker process) fail with
+/// it; a request made after builds again (the cause may have been passing: an index down).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Failure {
+    /// Nanoseconds since the epoch (a request made just after must not read it as its own).
+    failed_ns: u64,
+    error: String,
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// How long a failure marker stays before the cache budget's tidying removes it: every
+/// request that waited for the build has read it by then.
+const FAILURE_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
+
+fn failure_path(venvs: &Path, key: &str) -> PathBuf {
+    venvs.join(format!(".failed-{key}.json"))
+}
+
+/// The error of a build of `key` that failed at or after `since_ns`, if any.
+fn failure_since(venvs: &Path, key: &str, since_ns: u64) -> Option<String> {
+    let bytes = std::fs::read(failure_path(venvs, key)).ok()?;
+    let failure: Failure = serde_json::from_slice(&bytes).ok()?;
+    (failure.failed_ns >= since_ns).then_some(failure.error)
+}
+
+/// Records how the build of `key` ended for the processes waiting for it: a failure's marker,
+/// or none. Called under the venv's exclusive lock. Best effort: a waiter that misses it builds
+/// again, as before markers.
+fn record_failure(venvs: &Path, key: &str, error: Option<&String>) {
+    let path = failure_path(venvs, key);
+    let written = match error {
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+        Some(error) => serde_json::to_vec(&Failure { failed_ns: now_ns(), error: error.clone() })
+            .map_err(std::io::Error::other)
+            .and_then(|json| {
+                let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
+                std::fs::write(&tmp, json)?;
+                std::fs::rename(&tmp, &path)
+            }),
+    };
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "recording how a venv build ended");
+    }
+}
+
 /// The lock of uv's cache, in the venvs' lock directory (venv keys are hex digests: no clash).
 pub const UV_LOCK_KEY: &str = "uv-cache";
 /// The record of uv's cache: its size when last measured, and (its mtime) the last build.
@@ -581,6 +643,12 @@ pub(crate) fn disk_entries(venvs: &Path, tidy: bool) -> Vec<crate::cache::DiskEn
         } else if name.starts_with(".evicted-") {
             if tidy {
                 let _ = std::fs::remove_dir_all(&path);
+            }
+        } else if name.starts_with(".failed-") {
+            // A failed build's marker, read by the requests that waited for it.
+            let old = item.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            if tidy && old.is_some_and(|age| age > FAILURE_KEPT) {
+                let _ = std::fs::remove_file(&path);
             }
         } else if let Some(key) = name.strip_suffix(".json") {
             if is_key(key) {

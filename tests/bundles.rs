@@ -859,6 +859,33 @@ async fn a_dead_publishers_directory_without_its_record_is_replaced() {
     assert!(get_local(&again, &src).await.unwrap().from_cache());
 }
 
+/// Two worker processes sharing one cache fetch a bundle they both ask for at once a single
+/// time (review of #13, finding 13: counted at the server, not inferred from the entries): the
+/// other process waits for the fetch and uses what it published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_getting_one_bundle_at_once_fetch_it_once() {
+    let work = tempfile::tempdir().unwrap();
+    let (served, addr) = serve().await;
+    served.put("/b.zip", sample_bundle());
+    *served.delay.lock().unwrap() = Duration::from_millis(300);
+    let dir = work.path().join("cache");
+    let caches = [BundleCache::new(config(&dir)).unwrap(), BundleCache::new(config(&dir)).unwrap()];
+    let path = format!("http://{addr}/b.zip");
+    let mut gets = Vec::new();
+    for i in 0..8 {
+        let (cache, path) = (caches[i % 2].clone(), path.clone());
+        gets.push(tokio::spawn(async move { cache.get(&path, None, |_| {}).await.unwrap() }));
+    }
+    let mut bundles = Vec::new();
+    for get in gets {
+        bundles.push(get.await.unwrap());
+    }
+    assert_eq!(served.gets("/b.zip"), 1, "8 gets in two processes, one download");
+    assert_eq!(bundles.iter().filter(|b| !b.from_cache()).count(), 1, "one get fetched it");
+    assert!(bundles.iter().all(|b| b.path() == bundles[0].path()));
+    assert_eq!(tree(bundles[0].path()), tree(bundles[1].path()));
+}
+
 /// A closed cache takes its temp dir and that dir's lock file with it, and what opening a
 /// cache tidies (a dead process's temp dir, a directory without its record, a bad record)
 /// goes with its lock file (finding 22): lock files do not pile up for entries that are gone.

@@ -655,6 +655,25 @@ fn venv_request<'a>(project: &'a Path, task: &'a (PathBuf, String)) -> iris_work
     }
 }
 
+/// Two worker processes asking for one venv at the same moment build it once: the other waits
+/// for the build and uses it (review of #13, finding 13: counted, not inferred from entries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: venv builds run in containers"]
+async fn two_processes_asking_for_one_venv_at_once_build_it_once() {
+    let work = tempfile::tempdir().unwrap();
+    let cgroup = BuildCgroup::new("venv-once");
+    let cache = work.path().join("cache");
+    let (a, b) = (venv_cache(&cache, &cgroup), venv_cache(&cache, &cgroup));
+    let (project, tasks) = venv_project(work.path(), "six", &["a", "b"]);
+    let (ra, rb) = (venv_request(&project, &tasks[0]), venv_request(&project, &tasks[1]));
+    let (ea, eb) = tokio::join!(a.get(&ra), b.get(&rb));
+    let (ea, eb) = (ea.unwrap(), eb.unwrap());
+    assert_eq!(a.builds() + b.builds(), 1, "one build for both processes");
+    assert_eq!(ea.dir, eb.dir);
+    assert!(ea.from_cache != eb.from_cache, "one built it, the other waited and used it");
+    assert!(ea.dir.join("lib").is_dir());
+}
+
 /// A build that fails fails every process that waited for it, once (review of #13, finding 5):
 /// the waiters read the builder's failure instead of each building again in turn; a request
 /// made after the failure builds again (the cause may have passed).

@@ -145,48 +145,74 @@ impl VenvCache {
     /// (see [`super::pyproject`]) the bundle's sha256 too, so that such a venv serves only the
     /// bundle it was built from. Venvs of registry packages alone are shared across bundles.
     pub fn key(&self, req: &VenvRequest<'_>) -> Result<String, VenvError> {
-        let mut h = Sha256::new();
-        h.update(b"layout=3\n");
-        if let Some(dir) = req.bundle_dir {
-            let mut read = Vec::new();
-            for (rel, path) in project_files(dir)? {
-                let bytes = std::fs::read(&path).map_err(io("reading", format!("the bundle's {rel}"), &path))?;
-                h.update(format!("{rel}\0{}\0", bytes.len()).as_bytes());
-                h.update(&bytes);
-                read.push((rel, bytes));
-            }
-            let project: Vec<ProjectFile<'_>> =
-                read.iter().map(|(rel, bytes)| ProjectFile { rel, content: bytes }).collect();
-            if let Some(why) = super::pyproject::installs_from_bundle(&project, req.pip_packages) {
-                tracing::debug!(task = req.task_key, why, "the venv is keyed by its bundle");
-                match req.bundle_sha256 {
-                    Some(sha) => h.update(format!("bundle={sha}\n").as_bytes()),
-                    // The bundle's digest unknown: a venv of this task's own, shared with none.
-                    None => h.update(format!("task={}\n", req.task_key).as_bytes()),
-                }
-            }
-        }
-        let mut extras = req.extras.to_vec();
-        extras.sort();
-        let mut pip = req.pip_packages.to_vec();
-        pip.sort();
-        h.update(format!("extras={extras:?}\npip={pip:?}\n").as_bytes());
-        let rootfs = std::fs::canonicalize(&self.config.python_rootfs).map_err(io(
-            "resolving",
-            "the python root filesystem",
-            &self.config.python_rootfs,
-        ))?;
-        h.update(rootfs.to_string_lossy().as_bytes());
-        Ok(hex::encode(h.finalize()))
+        key_of(&self.config.python_rootfs, req)
     }
 
+    /// [`VenvCache::key`] on the blocking pool: it walks the whole bundle and reads its
+    /// project files, which must not hold up a runtime thread (other tasks' RPCs and logs).
+    async fn key_off_runtime(&self, req: &VenvRequest<'_>) -> Result<String, VenvError> {
+        let rootfs = self.config.python_rootfs.clone();
+        let (bundle_dir, sha256) = (req.bundle_dir.map(Path::to_path_buf), req.bundle_sha256.map(str::to_owned));
+        let (extras, pip, task_key) = (req.extras.to_vec(), req.pip_packages.to_vec(), req.task_key.to_owned());
+        let task_dir = req.task_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let req = VenvRequest {
+                bundle_dir: bundle_dir.as_deref(),
+                bundle_sha256: sha256.as_deref(),
+                extras: &extras,
+                pip_packages: &pip,
+                task_dir: &task_dir,
+                task_key: &task_key,
+            };
+            key_of(&rootfs, &req)
+        })
+        .await
+        .map_err(|e| VenvError::Shared(format!("computing the venv's key: {e}")))?
+    }
+}
+
+/// [`VenvCache::key`] of `req` for venvs of the python rootfs at `python_rootfs`.
+fn key_of(python_rootfs: &Path, req: &VenvRequest<'_>) -> Result<String, VenvError> {
+    let mut h = Sha256::new();
+    h.update(b"layout=3\n");
+    if let Some(dir) = req.bundle_dir {
+        let mut read = Vec::new();
+        for (rel, path) in project_files(dir)? {
+            let bytes = std::fs::read(&path).map_err(io("reading", format!("the bundle's {rel}"), &path))?;
+            h.update(format!("{rel}\0{}\0", bytes.len()).as_bytes());
+            h.update(&bytes);
+            read.push((rel, bytes));
+        }
+        let project: Vec<ProjectFile<'_>> =
+            read.iter().map(|(rel, bytes)| ProjectFile { rel, content: bytes }).collect();
+        if let Some(why) = super::pyproject::installs_from_bundle(&project, req.pip_packages) {
+            tracing::debug!(task = req.task_key, why, "the venv is keyed by its bundle");
+            match req.bundle_sha256 {
+                Some(sha) => h.update(format!("bundle={sha}\n").as_bytes()),
+                // The bundle's digest unknown: a venv of this task's own, shared with none.
+                None => h.update(format!("task={}\n", req.task_key).as_bytes()),
+            }
+        }
+    }
+    let mut extras = req.extras.to_vec();
+    extras.sort();
+    let mut pip = req.pip_packages.to_vec();
+    pip.sort();
+    h.update(format!("extras={extras:?}\npip={pip:?}\n").as_bytes());
+    let rootfs =
+        std::fs::canonicalize(python_rootfs).map_err(io("resolving", "the python root filesystem", python_rootfs))?;
+    h.update(rootfs.to_string_lossy().as_bytes());
+    Ok(hex::encode(h.finalize()))
+}
+
+impl VenvCache {
     /// A venv for `req`: from the cache, from a build another task (or another worker process
     /// on the same cache) is running, or built now. It comes with its shared lock. A venv the
     /// cache budget evicts between its build and the lease is built again.
     pub async fn get(&self, req: &VenvRequest<'_>) -> Result<PythonEnv, VenvError> {
         let started_ms = now_ms();
         let asked_ns = now_ns();
-        let key = self.key(req)?;
+        let key = self.key_off_runtime(req).await?;
         let dir = self.config.cache_dir.join("venvs").join(&key);
         let lock_err = |e: std::io::Error| io("locking", format!("venv {key}"), &dir)(e);
         for _ in 0..3 {
@@ -856,6 +882,24 @@ mod tests {
         assert_ne!(key(&package, "1111"), key(&package, "2222"), "the project is built: one venv per bundle");
         assert_eq!(key(&package, "1111"), key(&package, "1111"), "the same bundle shares it");
         assert_ne!(key(registry, "1111"), key(&package, "1111"));
+    }
+
+    /// The key walks the whole bundle: not on a runtime thread, where it would hold up every
+    /// other task's RPCs and logs (review of #13, finding 21). On a one-thread runtime, `get`
+    /// is still pending after its first poll, even when the key then fails at once.
+    #[tokio::test]
+    async fn the_key_is_computed_off_the_runtime_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("pkg")).unwrap();
+        std::fs::write(bundle.join("pyproject.toml"), "[project]\nname = \"a\"\n").unwrap();
+        // A python rootfs that is not there: the key fails once the walk is done.
+        let cache = VenvCache::new(config(&dir.path().join("cache"), &dir.path().join("rootfs")));
+        let req = VenvRequest { bundle_dir: Some(&bundle), ..request(dir.path()) };
+        let mut get = std::pin::pin!(cache.get(&req));
+        assert!(futures::poll!(get.as_mut()).is_pending(), "the bundle was walked on the runtime thread");
+        let err = get.await.unwrap_err().to_string();
+        assert!(err.starts_with("resolving the python root filesystem: "), "{err}");
     }
 
     #[tokio::test]

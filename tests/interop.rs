@@ -107,6 +107,10 @@ async fn an_iris_client_runs_jobs_actors_and_a_worker_pool_through_our_controlle
     // --advertise-host: each registers the address it listens on.
     let mut args: Vec<String> = ["--controller", &url, "--heartbeat-interval", "0.3"].map(String::from).to_vec();
     args.extend(python_flags(shared.path()));
+    // One host: its workers share one port lock directory (the test's own, not the host's),
+    // or both hand out the same port.
+    let port_locks = shared.path().join("port-locks");
+    args.extend(["--port-lock-dir".to_string(), port_locks.to_str().unwrap().to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = Worker::start("interop-a", &args).await;
     let b = Worker::start("interop-b", &args).await;

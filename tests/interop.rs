@@ -87,6 +87,20 @@ async fn driver(args: &[&str], stubs: &Path, within: Duration, context: impl Fn(
     stdout
 }
 
+/// The value of the series `name{labels}` in the worker's /metrics (served on its port).
+fn metric(addr: &str, series: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
+}
+
 /// Entries of a cache directory (not its dot-files: locks, temp dirs).
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -122,12 +136,18 @@ async fn an_iris_client_runs_jobs_actors_and_a_worker_pool_through_our_controlle
     println!("{out}");
     assert_eq!(out.lines().last(), Some("ok cluster"), "{out}");
 
-    // Both workers ran tasks on the one cache: one bundle, one venv, each made once.
+    // Both workers ran tasks on the one cache: one bundle, one venv, each made once (by
+    // either worker: their misses add up to one; the entries alone would look the same after a
+    // second fetch or build).
     assert_eq!(entries(&shared.path().join("bundles")).iter().filter(|n| n.ends_with(".json")).count(), 1);
     let venvs = entries(&shared.path().join("venvs"));
     assert_eq!(venvs.iter().filter(|n| !n.ends_with(".json")).count(), 1, "{venvs:?}");
-    for w in [&a, &b] {
-        assert!(!w.logs().contains("another process uses"), "{}", w.logs());
+    for cache in ["bundles", "venvs"] {
+        let series = format!("iris_worker_cache_misses_total{{cache=\"{cache}\"}}");
+        let (ma, mb) = (metric(&a.addr(), &series), metric(&b.addr(), &series));
+        assert_eq!(ma + mb, 1.0, "{cache} made by worker a {ma} times, by worker b {mb} times");
+        let hits = format!("iris_worker_cache_hits_total{{cache=\"{cache}\"}}");
+        assert!(metric(&a.addr(), &hits) + metric(&b.addr(), &hits) >= 1.0, "{cache}: the other tasks found it");
     }
     // The inline bundle goes once no job needs it.
     let blobs = ctl.state.path().join("bundles");

@@ -31,21 +31,15 @@ pub(super) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Er
 }
 
 /// The v1 controllers a task's cgroup is made in (libcgroups creates the task's cgroup in all
-/// of these that are mounted; we prepare the same set).
-const V1_CONTROLLERS: &[&str] = &[
-    "cpu",
-    "cpuacct",
-    "cpuset",
-    "memory",
-    "pids",
-    "blkio",
-    "devices",
-    "freezer",
-    "hugetlb",
-    "net_cls",
-    "net_prio",
-    "perf_event",
-];
+/// of these that are mounted; we prepare the same set). Never net_cls nor net_prio: on kernels
+/// before 5.15, a process joining a net_prio cgroup (or given a net_cls classid) turns cgroup
+/// v2 socket matching off host-wide, and with it the hooks that keep tasks off the worker's
+/// port (see [`crate::isolation`]); the container runtime hides those hierarchies from
+/// libcgroups for the same reason (`runtime::container::hide_net_hierarchies`).
+pub const V1_NET_CONTROLLERS: &[&str] = &["net_cls", "net_prio"];
+
+const V1_CONTROLLERS: &[&str] =
+    &["cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer", "hugetlb", "perf_event"];
 
 /// The cgroup layout of this host.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -355,12 +349,13 @@ mod tests {
     const HYBRID: &str = "\
 32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
 35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 31 0:33 / /sys/fs/cgroup/net_cls,net_prio rw,relatime - cgroup cgroup rw,net_cls,net_prio
 40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
 
     #[test]
-    fn hybrid_host_is_v1_without_named_hierarchies() {
+    fn hybrid_host_is_v1_without_named_or_network_hierarchies() {
         let layout = Layout::from_mountinfo(HYBRID).unwrap();
         assert_eq!(
             layout,

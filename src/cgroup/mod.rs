@@ -11,7 +11,7 @@ mod layout;
 mod parents;
 mod stats;
 
-pub use layout::{CgroupError, Layout, Limits};
+pub use layout::{CgroupError, Layout, Limits, V1_NET_CONTROLLERS};
 pub use stats::CgroupStats;
 
 /// The cgroup directory name below the worker's own cgroup that holds all workers' tasks.

@@ -7,6 +7,7 @@
 
 mod init;
 pub use init::record_arg_area;
+mod net_hierarchies;
 mod oci;
 mod seccomp;
 
@@ -45,6 +46,7 @@ pub fn state_root(task_dir: &Path) -> PathBuf {
 
 impl Runtime for ContainerRuntime {
     fn create(&mut self, spec: &LaunchSpec, task_dir: &Path, io: TaskIo) -> Result<Pid, RuntimeError> {
+        net_hierarchies::hide_net_hierarchies()?;
         let config = oci::build(spec)?;
         let config_path = task_dir.join("config.json");
         config.save(&config_path).map_err(|e| RuntimeError::Spec(format!("writing {}: {e}", config_path.display())))?;

@@ -60,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         bundle_sources: Default::default(),
         bounds: Default::default(),
         request_decoder: None,
+        isolation: None,
         cache: Default::default(),
         lease: None,
         python: PythonConfig {

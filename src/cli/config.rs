@@ -8,7 +8,9 @@ use serde::Deserialize;
 
 use crate::runtime::{Profile, RuntimeKind};
 
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Every address of both families on one dual-stack socket: no other process can take the
+/// port on the family the worker would not listen on (see `serve::listen`).
+pub const DEFAULT_LISTEN: &str = "[::]:8080";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/iris-worker";
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/iris-worker";
 pub const DEFAULT_PORT_RANGE: &str = "30000-39999";
@@ -24,7 +26,7 @@ pub struct ServeArgs {
     /// TOML file with any of the settings below (keys in snake_case).
     #[arg(long, env = "IRIS_WORKER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address for gRPC, Connect and the dashboard [default: 0.0.0.0:8080].
+    /// Address for gRPC, Connect and the dashboard; `[::]` takes IPv4 too [default: [::]:8080].
     #[arg(long, env = "IRIS_WORKER_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// State root: task directories, logs, exit records [default: /var/lib/iris-worker].
@@ -75,7 +77,8 @@ pub struct ServeArgs {
     /// Tasks running at once; more wait in PENDING [default: 64].
     #[arg(long, env = "IRIS_WORKER_MAX_CONCURRENT_TASKS")]
     pub max_concurrent_tasks: Option<usize>,
-    /// Host ports handed to tasks, as FIRST-LAST [default: 30000-39999].
+    /// Host ports handed to tasks, as FIRST-LAST; may not contain the --listen port
+    /// [default: 30000-39999].
     #[arg(long, env = "IRIS_WORKER_PORT_RANGE")]
     pub port_range: Option<String>,
     /// Where the host's workers lock the ports they hand out; every worker of a host must use
@@ -172,10 +175,20 @@ pub struct ServeArgs {
     /// containerd namespace of `containerd:<name>` images [default: default].
     #[arg(long, env = "IRIS_WORKER_CONTAINERD_NAMESPACE")]
     pub containerd_namespace: Option<String>,
-    /// Tasks cannot connect to this worker's port on any address of this host: a cgroup
-    /// connect hook [default: true].
+    /// Tasks can neither connect to this worker's port nor bind it: cgroup connect and bind
+    /// hooks, checked at start and every --isolation-check-interval [default: true].
     #[arg(long, env = "IRIS_WORKER_TASK_ISOLATION")]
     pub task_isolation: Option<bool>,
+    /// With task isolation, tasks cannot connect to the worker's port on other hosts either:
+    /// every worker of a cluster listens on the same port, so a task could drive another
+    /// host's worker (and tasks cannot reach any other service on that port). false: only
+    /// this host's addresses are refused [default: true].
+    #[arg(long, env = "IRIS_WORKER_ISOLATE_REMOTE_WORKERS")]
+    pub isolate_remote_workers: Option<bool>,
+    /// Seconds between the task isolation self-tests (a process in the tasks' cgroup must be
+    /// refused the port); their result is HealthCheck's task_isolation [default: 60].
+    #[arg(long, env = "IRIS_WORKER_ISOLATION_CHECK_INTERVAL")]
+    pub isolation_check_interval: Option<f64>,
     /// With task isolation, tasks cannot reach the --controller's port either when it is on
     /// this host (Iris tasks use it for endpoints, actors and child jobs) [default: false].
     #[arg(long, env = "IRIS_WORKER_ISOLATE_CONTROLLER")]
@@ -277,6 +290,8 @@ struct FileConfig {
     containerd_socket: Option<PathBuf>,
     containerd_namespace: Option<String>,
     task_isolation: Option<bool>,
+    isolate_remote_workers: Option<bool>,
+    isolation_check_interval: Option<f64>,
     isolate_controller: Option<bool>,
     auth_token_file: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
@@ -328,6 +343,10 @@ pub struct ServeConfig {
     pub images: crate::env::image::ImageStoreConfig,
     /// Whether tasks are kept off the worker's port (see [`crate::isolation`]).
     pub task_isolation: bool,
+    /// ... on every address, other hosts' included (all workers share the port).
+    pub isolate_remote_workers: bool,
+    /// How often the isolation self-test runs.
+    pub isolation_check_interval: std::time::Duration,
     /// ... and off the controller's, when it is on this host.
     pub isolate_controller: bool,
     /// What callers must present, and what the worker presents to its controller.
@@ -500,7 +519,17 @@ impl ServeArgs {
             runtime: self.runtime.or(file.runtime).unwrap_or_default(),
             profile: self.profile.or(file.profile).unwrap_or_default(),
             max_concurrent_tasks: max,
-            port_range: parse_port_range(&port_range)?,
+            port_range: {
+                let (first, last) = parse_port_range(&port_range)?;
+                if (first..=last).contains(&listen.port()) {
+                    bail!(
+                        "port_range {first}-{last} contains the listen port {}: a task could be handed the worker's \
+                         own port",
+                        listen.port()
+                    );
+                }
+                (first, last)
+            },
             port_lock_dir: self
                 .port_lock_dir
                 .or(file.port_lock_dir)
@@ -563,6 +592,14 @@ impl ServeArgs {
                 pull: self.pull.or(file.pull).unwrap_or_default(),
             },
             task_isolation: self.task_isolation.or(file.task_isolation).unwrap_or(true),
+            isolate_remote_workers: self.isolate_remote_workers.or(file.isolate_remote_workers).unwrap_or(true),
+            isolation_check_interval: {
+                let secs = self.isolation_check_interval.or(file.isolation_check_interval).unwrap_or(60.0);
+                if !(secs >= 0.1 && secs <= 86_400.0) {
+                    bail!("isolation_check_interval must be between 0.1 and 86400 seconds, not {secs}");
+                }
+                std::time::Duration::from_secs_f64(secs)
+            },
             isolate_controller: self.isolate_controller.or(file.isolate_controller).unwrap_or(false),
             security,
             bundle_sources: crate::bundle::SourcePolicy {
@@ -923,6 +960,16 @@ mod tests {
         refused(ServeArgs { cache_limits: vec!["venvs".into()], ..Default::default() }, "cache_limit");
         refused(ServeArgs { min_free_disk: Some("20%".into()), ..Default::default() }, "min_free_disk");
         refused(ServeArgs { attributes: vec!["disk_pressure=x".into()], ..Default::default() }, "disk_pressure");
+    }
+
+    #[test]
+    fn a_port_range_holding_the_listen_port_is_refused() {
+        let err = parse(&["--listen", "127.0.0.1:30005", "--port-range", "30000-30010"]).resolve().unwrap_err();
+        assert!(err.to_string().contains("contains the listen port 30005"), "{err}");
+        assert!(parse(&["--listen", "127.0.0.1:30011", "--port-range", "30000-30010"]).resolve().is_ok());
+        let c = ServeArgs::default().resolve().unwrap();
+        assert_eq!(c.listen.to_string(), "[::]:8080");
+        assert!(c.task_isolation && c.isolate_remote_workers);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use anyhow::Context;
 
 use super::config::{ServeArgs, ServeConfig};
 use crate::heartbeat::{self, WorkerIdentity};
-use crate::isolation::{Isolation, IsolationError, IsolationStatus};
+use crate::isolation::IsolationConfig;
 use crate::rpc::WorkerServiceImpl;
 use crate::task::{ManagerConfig, PythonConfig, TaskManager, WorkerEnv};
 
@@ -20,6 +20,17 @@ pub struct Started {
 pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
     let exe = std::env::current_exe().context("finding this program's path (for the supervisors)")?;
     let controller_url = config.controller.clone();
+    // The ports tasks may not reach, known before anything starts: the hooks go on before any
+    // task is adopted and before the port is bound (see crate::isolation).
+    let controller_port =
+        if config.isolate_controller { local_controller_port(controller_url.as_deref()).await } else { None };
+    let isolation = IsolationConfig {
+        enabled: config.task_isolation,
+        worker_port: Some(config.listen.port()).filter(|p| *p != 0),
+        everywhere: config.isolate_remote_workers,
+        local_ports: controller_port.into_iter().collect(),
+        check_every: config.isolation_check_interval,
+    };
     let manager = TaskManager::open(ManagerConfig {
         state_dir: config.state_dir.clone(),
         runtime: config.runtime,
@@ -48,6 +59,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
             retain_for: config.retain_for,
         },
         request_decoder: Some(crate::rpc::decode_run_task),
+        isolation: Some(isolation),
         cache: config.cache.clone(),
         lease: config.lease,
         python: PythonConfig {
@@ -61,9 +73,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
     })
     .await
     .with_context(|| format!("opening the state directory {}", config.state_dir.display()))?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
+    let listener = listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     if let Some(url) = &controller_url {
         let mut metadata = heartbeat::host_metadata(&config.advertise_host);
@@ -78,11 +88,17 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         let client = crate::rpc::connect::ConnectClient::with_security(url, &config.security.client);
         heartbeat::start_with_client(manager.clone(), client, me, config.heartbeat_interval);
     }
-    let mut ports = vec![addr.port()];
-    if config.isolate_controller {
-        ports.extend(local_controller_port(controller_url.as_deref()).await);
+    if let Some(isolation) = manager.isolation() {
+        if config.listen.port() == 0 {
+            isolation.protect_worker_port(addr.port(), config.isolate_remote_workers);
+        }
+        let status = isolation.status();
+        if status.is_on() {
+            tracing::info!("task isolation {status}");
+        } else {
+            tracing::warn!("task isolation {status}");
+        }
     }
-    manager.set_isolation(isolate_tasks(config, &manager, &ports));
     if let Some(warning) = &config.security.exposed_warning {
         tracing::warn!("{warning}");
     }
@@ -95,31 +111,31 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
     Ok(Started { addr, server })
 }
 
-/// Attaches the connect hook that keeps tasks off `ports` (see [`crate::isolation`]), and says
-/// in one line what tasks can reach.
-fn isolate_tasks(config: &ServeConfig, manager: &TaskManager, ports: &[u16]) -> IsolationStatus {
-    if !config.task_isolation {
-        let status = IsolationStatus::Off;
-        tracing::warn!("task isolation {status}");
-        return status;
-    }
-    let install = || -> Result<Isolation, IsolationError> {
-        let (layout, parent) = manager.tasks_cgroup().ok_or(IsolationError::NoCgroup)?;
-        Isolation::install(&crate::isolation::cgroup_dir(&layout, &parent)?, ports)
+/// A listener on `addr`. On `[::]` it takes IPv4 too (a dual-stack socket, whatever
+/// `net.ipv6.bindv6only` says), so no other process can take the port's IPv4 side; on a host
+/// without IPv6 it falls back to `0.0.0.0`.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(v6) => match tokio::net::TcpSocket::new_v6() {
+            Ok(s) => {
+                if v6.ip().is_unspecified() {
+                    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv6V6Only, &false)
+                        .map_err(std::io::Error::from)?;
+                }
+                s
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) && v6.ip().is_unspecified() => {
+                tracing::info!("this host has no IPv6: listening on IPv4 only");
+                return listen(SocketAddr::from(([0, 0, 0, 0], addr.port())));
+            }
+            Err(e) => return Err(e),
+        },
     };
-    match install() {
-        Ok(isolation) => {
-            let status = isolation.status();
-            std::sync::Arc::new(isolation).watch();
-            tracing::info!("task isolation {status}");
-            status
-        }
-        Err(e) => {
-            let status = IsolationStatus::Unavailable(e.to_string());
-            tracing::warn!("task isolation {status}");
-            status
-        }
-    }
+    // As tokio's TcpListener::bind: a restarted worker rebinds while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// The controller's port when `--controller` names an address of this host: tasks may not

@@ -1,12 +1,12 @@
-//! The few `bpf(2)` commands the connect hook needs, through the raw syscall: two LPM-trie
-//! maps, two programs of 16 and 22 instructions, and attaching, querying and detaching them on
-//! a cgroup.
+//! The few `bpf(2)` commands the hooks need, through the raw syscall: four LPM-trie maps,
+//! programs of 16 and 22 instructions, and attaching, querying and detaching them on a cgroup.
 //!
 //! The programs are small enough to write as instructions here (what aya or libbpf would load
 //! from a clang-compiled object), which keeps a BPF toolchain out of the build. Each program
-//! builds a key `{prefix length, destination port, 0, destination address}` on its stack and
-//! looks it up in its map: a hit (the worker's port on a local address) refuses the connect
-//! with EPERM, a miss lets it through.
+//! builds a key `{prefix length, port, 0, address}` on its stack from its context (for
+//! `connect()` the destination, for `bind()` the local address asked for) and looks it up in
+//! its map: a hit refuses the call with EPERM, a miss lets it through. A key whose prefix
+//! covers the port alone matches that port on every address.
 
 use std::ffi::CStr;
 use std::io;
@@ -30,19 +30,23 @@ const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 /// Several programs may be attached to one cgroup, and all of them run for its descendants.
 const BPF_F_ALLOW_MULTI: u32 = 2;
 
-/// The two hooks: `connect()` of IPv4 and of IPv6 sockets (IPv4-mapped addresses go through
-/// the IPv6 one).
+/// The four hooks: `connect()` and `bind()` of IPv4 and of IPv6 sockets (IPv4-mapped
+/// addresses go through the IPv6 ones).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
     Connect4,
     Connect6,
+    Bind4,
+    Bind6,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 2] = [Hook::Connect4, Hook::Connect6];
+    pub const ALL: [Hook; 4] = [Hook::Connect4, Hook::Connect6, Hook::Bind4, Hook::Bind6];
 
     fn attach_type(self) -> u32 {
         match self {
+            Hook::Bind4 => 8,     // BPF_CGROUP_INET4_BIND
+            Hook::Bind6 => 9,     // BPF_CGROUP_INET6_BIND
             Hook::Connect4 => 10, // BPF_CGROUP_INET4_CONNECT
             Hook::Connect6 => 11, // BPF_CGROUP_INET6_CONNECT
         }
@@ -54,15 +58,24 @@ impl Hook {
         match self {
             Hook::Connect4 => "iris_wk_conn4",
             Hook::Connect6 => "iris_wk_conn6",
+            Hook::Bind4 => "iris_wk_bind4",
+            Hook::Bind6 => "iris_wk_bind6",
         }
+    }
+
+    /// Whether the hook sees IPv6 sockets.
+    pub fn is_v6(self) -> bool {
+        matches!(self, Hook::Connect6 | Hook::Bind6)
+    }
+
+    /// Whether the hook is on `bind()` (else on `connect()`).
+    pub fn is_bind(self) -> bool {
+        matches!(self, Hook::Bind4 | Hook::Bind6)
     }
 
     /// Bytes of address in a key.
     pub fn address_len(self) -> usize {
-        match self {
-            Hook::Connect4 => 4,
-            Hook::Connect6 => 16,
-        }
+        if self.is_v6() { 16 } else { 4 }
     }
 
     /// Bytes of a map key: prefix length (u32), port (2), zero (2), address.
@@ -347,24 +360,21 @@ pub fn program(hook: Hook, map_fd: i32) -> Vec<Insn> {
         store_u16(R10, key + 4, R2),
         store_imm_u16(R10, key + 6, 0),
     ];
-    match hook {
-        Hook::Connect4 => {
-            p.push(load_u32(R3, R1, CTX_USER_IP4));
-            p.push(store_u32(R10, key + 8, R3));
+    if hook.is_v6() {
+        for word in 0..4i16 {
+            p.push(load_u32(R3, R1, CTX_USER_IP6 + 4 * word));
+            p.push(store_u32(R10, key + 8 + 4 * word, R3));
         }
-        Hook::Connect6 => {
-            for word in 0..4i16 {
-                p.push(load_u32(R3, R1, CTX_USER_IP6 + 4 * word));
-                p.push(store_u32(R10, key + 8 + 4 * word, R3));
-            }
-        }
+    } else {
+        p.push(load_u32(R3, R1, CTX_USER_IP4));
+        p.push(store_u32(R10, key + 8, R3));
     }
     p.extend(load_map(R1, map_fd));
     p.extend([
         mov(R2, R10),
         add_imm(R2, key as i32),
         call(HELPER_MAP_LOOKUP_ELEM),
-        // Not in the map: allow (1). In it: refuse (0, connect() fails with EPERM).
+        // Not in the map: allow (1). In it: refuse (0: connect() or bind() fails with EPERM).
         jeq_imm(R0, 0, 2),
         mov_imm(R0, 0),
         exit(),
@@ -545,5 +555,8 @@ mod tests {
         }
         assert_eq!(program(Hook::Connect4, 3).len(), 16);
         assert_eq!(program(Hook::Connect6, 3).len(), 22);
+        // bind() gives the same context (the local address asked for): the same program.
+        assert_eq!(program(Hook::Bind4, 3), program(Hook::Connect4, 3));
+        assert_eq!(program(Hook::Bind6, 3), program(Hook::Connect6, 3));
     }
 }

@@ -130,6 +130,9 @@ pub struct ManagerConfig {
     /// The controller lease (see [`crate::supervisor::lease`]): tasks end when the worker has
     /// not heard from its controller for this long. `None` for a standalone worker.
     pub lease: Option<Duration>,
+    /// The hooks that keep tasks off the worker's port (see [`crate::isolation`]), set up
+    /// before any task is adopted or run; `None`: none (a library user's choice).
+    pub isolation: Option<crate::isolation::IsolationConfig>,
 }
 
 /// Turns the bytes of a task's `request.pb` into its spec.
@@ -265,8 +268,8 @@ pub(crate) struct Inner {
     /// Keeps every cache within the budget and watches the disk.
     janitor: Arc<crate::cache::Janitor>,
     started: Instant,
-    /// What keeps tasks off the worker's port, as the server set it up.
-    isolation: Mutex<Option<crate::isolation::IsolationStatus>>,
+    /// What keeps tasks off the worker's port (see [`crate::isolation`]).
+    isolation: Option<crate::isolation::TaskIsolation>,
     /// Attempts accepted (or adopted) so far: each attempt's `seq`.
     accepted: AtomicU64,
     lease: Option<lease::Lease>,
@@ -321,6 +324,9 @@ impl TaskManager {
             crate::supervisor::files::write_private(&config.state_dir.join(PARENT_CGROUP_FILE), parent.as_bytes())
                 .map_err(io("writing", &config.state_dir.join(PARENT_CGROUP_FILE)))?;
         }
+        // Before any task is adopted or run again, and before the port is bound: no task may
+        // ever run without the hooks, nor take the port while the worker starts.
+        let isolation = config.isolation.as_ref().map(|c| crate::isolation::start(c, cgroups.as_ref()));
         let (first, last) = config.port_range;
         let venvs = crate::env::VenvCache::new(crate::env::VenvConfig {
             python_rootfs: config.python.rootfs.clone(),
@@ -352,7 +358,7 @@ impl TaskManager {
             tasks: Mutex::new(HashMap::new()),
             listeners: Mutex::new(Vec::new()),
             started: Instant::now(),
-            isolation: Mutex::new(None),
+            isolation,
             accepted: AtomicU64::new(0),
             lease: config.lease.map(|length| lease::Lease::open(&config.state_dir, length)),
             config,
@@ -534,7 +540,7 @@ impl TaskManager {
         Health {
             uptime_ms: self.inner.started.elapsed().as_millis() as i64,
             running_tasks: running,
-            task_isolation: lock(&self.inner.isolation).as_ref().map(|s| s.to_string()).unwrap_or_default(),
+            task_isolation: self.inner.isolation.as_ref().map(|i| i.status().to_string()).unwrap_or_default(),
             // As the janitor last saw it (every 2 s): RunTask itself reads the disk now.
             disk_pressure: self.inner.janitor.status().pressure,
         }
@@ -546,9 +552,9 @@ impl TaskManager {
         self.inner.cgroups.clone()
     }
 
-    /// Records what keeps tasks off the worker's port (HealthCheck and the dashboard show it).
-    pub fn set_isolation(&self, status: crate::isolation::IsolationStatus) {
-        *lock(&self.inner.isolation) = Some(status);
+    /// What keeps tasks off the worker's port (HealthCheck and the dashboard show its status).
+    pub fn isolation(&self) -> Option<&crate::isolation::TaskIsolation> {
+        self.inner.isolation.as_ref()
     }
 
     /// Ids of tasks RUNNING or BUILDING (for the controller heartbeat).

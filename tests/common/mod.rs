@@ -64,8 +64,15 @@ pub fn listening_ports(pid: u32) -> Vec<u16> {
     ports
 }
 
+/// A port free now, above every task port range the tests use (the default 30000-39999
+/// included): a worker refuses a --port-range holding its own port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if port >= 40_000 {
+            return port;
+        }
+    }
 }
 
 /// A worker process for one test.

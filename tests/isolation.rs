@@ -742,7 +742,6 @@ async fn tasks_are_never_placed_in_net_cls_or_net_prio() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let memory = cgroup_of(pid, "memory").unwrap();
-    eprintln!("DEBUG {}", std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap());
     assert!(memory.contains(&name), "the task has its own memory cgroup: {memory}");
     for controller in ["net_cls", "net_prio"] {
         let path = cgroup_of(pid, controller).expect("the hierarchy is mounted");

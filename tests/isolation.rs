@@ -673,11 +673,14 @@ async fn tasks_are_never_placed_in_net_cls_or_net_prio() {
     // A hybrid host that mounts net_cls and net_prio (this one does not): the worker sees them
     // in a mount namespace of its own. The hierarchy is the kernel's one; everything made in
     // it below the worker's name is removed at the end.
-    let mnt = tempfile::Builder::new().prefix("iris-worker-test-netcls-").tempdir().unwrap();
+    let mnt_parent = tempfile::Builder::new().prefix("iris-worker-test-netcls-").tempdir().unwrap();
+    // libcgroups finds a v1 hierarchy by its mount point's name, as distributions mount it.
+    let mnt = mnt_parent.path().join("net_cls,net_prio");
+    std::fs::create_dir(&mnt).unwrap();
     let state = tempfile::Builder::new().prefix("iris-worker-test-").tempdir().unwrap();
     let name = format!("{}netcls-{}", common::TEST_PREFIX, std::process::id());
     let port = common::free_port();
-    let mount = format!("mount -t cgroup -o net_cls,net_prio iris-worker-test {}", mnt.path().display());
+    let mount = format!("mount -t cgroup -o net_cls,net_prio iris-worker-test {}", mnt.display());
     let log_path = state.path().join("worker.log");
     let script = format!(
         "{mount} && exec {exe} serve --listen 127.0.0.1:{port} --state-dir {state} --rootfs {rootfs} --worker-id {name} \
@@ -715,7 +718,7 @@ async fn tasks_are_never_placed_in_net_cls_or_net_prio() {
     let _cleanup = Cleanup {
         child: std::mem::replace(&mut child, Command::new("true").spawn().unwrap()),
         state: state.path().to_path_buf(),
-        mnt: mnt.path().to_path_buf(),
+        mnt: mnt.clone(),
         name: name.clone(),
     };
     let _ = child.wait();

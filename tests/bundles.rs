@@ -38,6 +38,8 @@ struct Served {
     files: Mutex<HashMap<String, Bytes>>,
     gets: Mutex<HashMap<String, usize>>,
     delay: Mutex<Duration>,
+    /// Paths answered with a 302 to the URL given.
+    redirects: Mutex<HashMap<String, String>>,
 }
 
 impl Served {
@@ -56,6 +58,9 @@ async fn handle(State(served): State<Arc<Served>>, method: Method, uri: Uri) -> 
     }
     let delay = *served.delay.lock().unwrap();
     tokio::time::sleep(delay).await;
+    if let Some(to) = served.redirects.lock().unwrap().get(&path) {
+        return (StatusCode::FOUND, [(axum::http::header::LOCATION, to.clone())]).into_response();
+    }
     match served.files.lock().unwrap().get(&path) {
         Some(bytes) => (StatusCode::OK, bytes.clone()).into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
@@ -794,6 +799,80 @@ async fn a_file_bundle_must_be_a_regular_file_beneath_the_allowed_directory() {
     }
     let b = cache.get(&url(&allowed.join("sub/latest.zip")), None, |_| {}).await.unwrap();
     assert_eq!(b.sha256(), hex::encode(Sha256::digest(&bytes)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn special_purpose_and_tunnelled_addresses_and_the_controllers_other_paths_are_refused() {
+    use iris_worker::bundle::{ControllerSource, SourcePolicy};
+    let work = tempfile::tempdir().unwrap();
+    let refused = |e: BundleError| match &e {
+        BundleError::Refused { .. } => assert!(e.to_string().contains("--allow-private-bundle-hosts"), "{e}"),
+        other => panic!("expected a refusal naming --allow-private-bundle-hosts, got {other}"),
+    };
+    let cache = BundleCache::new(BundleConfig::new(&work.path().join("strict"))).unwrap();
+    for host in [
+        "192.0.0.170",            // IETF protocol assignments
+        "198.18.0.1",             // benchmarking
+        "[64:ff9b:1::a9fe:a9fe]", // local-use NAT64
+        "[2002:7f00:1::1]",       // 6to4 of 127.0.0.1
+        "[2002:a9fe:a9fe::1]",    // 6to4 of 169.254.169.254
+        "[::a9fe:a9fe]",          // IPv4-compatible 169.254.169.254
+        "[2001:0:4136:e378::1]",  // Teredo
+    ] {
+        let e = cache.get(&format!("http://{host}/b.zip"), None, |_| {}).await.unwrap_err();
+        refused(e);
+    }
+    drop(cache);
+
+    // The worker's controller (on loopback here) is trusted for its inline bundles only: another
+    // path on it is an ordinary URL, and where it redirects is checked like any other URL.
+    let (controller, addr) = serve().await;
+    let (elsewhere, other) = serve().await;
+    let bytes = sample_bundle();
+    let sha = sha256_hex(&bytes);
+    controller.put(&format!("/bundles/{sha}.zip"), bytes.clone());
+    controller.put("/admin/dump.zip", bytes.clone());
+    elsewhere.put("/b.zip", bytes.clone());
+    let moved = format!("/bundles/{}.zip", "0".repeat(64));
+    controller.redirects.lock().unwrap().insert(moved.clone(), format!("http://localhost:{}/b.zip", other.port()));
+    let policy = SourcePolicy {
+        controller: ControllerSource::new(&format!("http://{addr}"), Some("Bearer t".into()), None),
+        ..Default::default()
+    };
+    let cache =
+        BundleCache::new(BundleConfig { sources: policy, ..BundleConfig::new(&work.path().join("controller")) })
+            .unwrap();
+    cache.get(&format!("http://{addr}/bundles/{sha}.zip"), None, |_| {}).await.unwrap();
+    refused(cache.get(&format!("http://{addr}/admin/dump.zip"), None, |_| {}).await.unwrap_err());
+    assert_eq!(controller.gets("/admin/dump.zip"), 0, "another path on the controller is not trusted");
+    refused(cache.get(&format!("http://{addr}{moved}"), None, |_| {}).await.unwrap_err());
+    assert_eq!(elsewhere.gets("/b.zip"), 0, "a redirect from the controller to a private host is not followed");
+}
+
+#[test]
+#[ignore = "root: a network namespace of the test's own"]
+fn the_hosts_own_public_addresses_are_refused() {
+    use iris_worker::bundle::SourcePolicy;
+    // A thread in a network namespace of its own, whose loopback carries a public (TEST-NET-3)
+    // address: a service there is this host's, whatever its address says.
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        for args in [&["link", "set", "lo", "up"][..], &["addr", "add", "203.0.113.9/32", "dev", "lo"]] {
+            let out = std::process::Command::new("ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let policy = SourcePolicy::default();
+        let own: url::Url = "http://203.0.113.9:8000/b.zip".parse().unwrap();
+        let e = policy.check_url(&own).unwrap_err();
+        assert!(e.to_string().contains("this host's own address"), "{e}");
+        assert!(e.to_string().contains("--allow-private-bundle-hosts"), "{e}");
+        let e = policy.filter_resolved("own.example", vec!["203.0.113.9:80".parse().unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("--allow-private-bundle-hosts"), "{e}");
+        let other: url::Url = "http://203.0.113.10:8000/b.zip".parse().unwrap();
+        assert!(policy.check_url(&other).is_ok(), "a public address not this host's passes");
+    })
+    .join()
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,8 +90,12 @@ pub(crate) fn locate(path: &str, policy: &SourcePolicy) -> Result<Location, Bund
                 }
             }
             let mut store = HttpBuilder::new().with_url(base).with_client_options(options);
-            if !policy.allow_private_hosts && trusted.is_none() {
-                store = store.with_http_connector(PublicOnly { policy: policy.clone() });
+            if !policy.allow_private_hosts {
+                // Our controller's own name may resolve to a private address; where it
+                // redirects is checked like any other URL (a redirect must not turn the
+                // trusted fetch into a request to the host's or the cloud's services).
+                let trusted_name = trusted.map(|c| c.host.clone());
+                store = store.with_http_connector(PublicOnly { policy: policy.clone(), trusted_name });
             }
             (Arc::new(store.build().map_err(failed)?), location)
         }
@@ -153,13 +157,18 @@ pub(crate) async fn check(path: &str, policy: &SourcePolicy) -> Result<(), Bundl
 #[derive(Debug)]
 struct PublicOnly {
     policy: SourcePolicy,
+    /// The controller's name when this client fetches one of its inline bundles.
+    trusted_name: Option<String>,
 }
 
 impl object_store::client::HttpConnector for PublicOnly {
     fn connect(&self, _options: &ClientOptions) -> object_store::Result<object_store::client::HttpClient> {
         let redirects = self.policy.clone();
         let client = reqwest::Client::builder()
-            .dns_resolver(Arc::new(PublicResolver { policy: self.policy.clone() }))
+            .dns_resolver(Arc::new(PublicResolver {
+                policy: self.policy.clone(),
+                trusted_name: self.trusted_name.clone(),
+            }))
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
                 if attempt.previous().len() >= 10 {
                     return attempt.error("more than 10 redirects");
@@ -186,15 +195,17 @@ impl object_store::client::HttpConnector for PublicOnly {
 /// Resolves names as the system does, then keeps only the addresses the policy allows.
 struct PublicResolver {
     policy: SourcePolicy,
+    trusted_name: Option<String>,
 }
 
 impl reqwest::dns::Resolve for PublicResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let policy = self.policy.clone();
         let host = name.as_str().to_string();
+        let trusted = self.trusted_name.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(&host));
         Box::pin(async move {
             let found: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed = policy.filter_resolved(&host, found)?;
+            let allowed = if trusted { found } else { policy.filter_resolved(&host, found)? };
             Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
         })
     }

@@ -46,7 +46,7 @@ pub(crate) use cache::key_for as cache_key;
 use cache::{Disk, Entry, Index, Lookup, key_for};
 pub(crate) use cache::{disk_entries, evict_on_disk};
 pub use extract::{ExtractError, ExtractLimits, Extracted, RATIO_FLOOR, extract};
-pub use sources::SourcePolicy;
+pub use sources::{ControllerSource, SourcePolicy};
 
 /// Where and how much a [`BundleCache`] keeps.
 #[derive(Debug, Clone, PartialEq, Eq)]

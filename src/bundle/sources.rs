@@ -14,9 +14,10 @@
 //!   check and use), for the first request and for every redirect. Proxies from the
 //!   environment are not used then: a proxy would connect on our behalf to an address we never
 //!   see.
-//! - The worker's own controller is trusted whatever its address: the inline bundles it serves
-//!   (`<controller>/bundles/<sha256>.zip`, Iris's `bundle_blob`) are fetched from it with the
-//!   worker's token and CA.
+//! - The worker's own controller is trusted whatever its address, for the inline bundles it
+//!   serves only (`<controller>/bundles/<sha256>.zip`, Iris's `bundle_blob`): those are fetched
+//!   from it with the worker's token and CA; where it redirects is checked as any URL.
+//! - "Public" leaves out this host's own addresses, whatever they are.
 //! - `gs://` and `s3://` are unchanged: their clients reach only their services (and the cloud's
 //!   metadata endpoint, for credentials).
 
@@ -76,14 +77,35 @@ impl ControllerSource {
         Some(ControllerSource { scheme: url.scheme().to_string(), host, port, addresses, authorization, ca_pem })
     }
 
-    /// Whether `url` is served by this controller.
+    /// Whether `url` is an inline bundle this controller serves (`…/bundles/<sha256>.zip`):
+    /// only those get the worker's token and skip the public-address check. Any other path on
+    /// the controller's host (another service behind the same address, an open redirect) is an
+    /// ordinary URL.
     pub fn serves(&self, url: &url::Url) -> bool {
+        self.is_host_of(url) && is_inline_bundle_path(url.path()) && url.query().is_none()
+    }
+
+    /// Whether `url` is on this controller's scheme, host and port, whatever its path.
+    fn is_host_of(&self, url: &url::Url) -> bool {
         let Some(host) = url.host_str() else { return false };
         let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
         url.scheme() == self.scheme
             && url.port_or_known_default() == Some(self.port)
             && (host == self.host || literal(&host).is_some_and(|ip| self.addresses.contains(&ip)))
     }
+
+    /// Whether a name the HTTP client resolves is this controller's (its addresses may be
+    /// connected to whatever they are).
+    pub fn is_named(&self, name: &str) -> bool {
+        name.trim_start_matches('[').trim_end_matches(']').eq_ignore_ascii_case(&self.host)
+    }
+}
+
+/// `…/bundles/<64 hex digits>.zip`, as the controller serves inline bundles.
+fn is_inline_bundle_path(path: &str) -> bool {
+    let Some((dir, name)) = path.rsplit_once('/') else { return false };
+    let Some(sha) = name.strip_suffix(".zip") else { return false };
+    (dir == "/bundles" || dir.ends_with("/bundles")) && sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Why a `file://` bundle could not be opened.
@@ -180,7 +202,9 @@ impl SourcePolicy {
         if self.allow_private_hosts {
             return Ok(());
         }
-        match non_public(ip) {
+        let kind = non_public(ip)
+            .or_else(|| is_own(ip, &crate::isolation::local_prefixes()).then_some("this host's own address"));
+        match kind {
             None => Ok(()),
             Some(kind) => Err(Refused::PrivateAddress { host: host.to_string(), kind }),
         }
@@ -212,7 +236,9 @@ impl SourcePolicy {
         if self.allow_private_hosts {
             return Ok(addrs);
         }
-        let public: Vec<SocketAddr> = addrs.into_iter().filter(|a| non_public(a.ip()).is_none()).collect();
+        let own = crate::isolation::local_prefixes();
+        let public: Vec<SocketAddr> =
+            addrs.into_iter().filter(|a| non_public(a.ip()).is_none() && !is_own(a.ip(), &own)).collect();
         if public.is_empty() { Err(Refused::NoPublicAddress(host.to_string())) } else { Ok(public) }
     }
 }
@@ -236,6 +262,26 @@ fn normalize(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
+/// Whether `ip` reaches this host itself (one of its own addresses, public ones included:
+/// services listening on them are the host's, as on loopback).
+fn is_own(ip: IpAddr, own: &std::collections::BTreeSet<(IpAddr, u8)>) -> bool {
+    crate::isolation::is_local(ip, own)
+}
+
+/// The IPv4 address an IPv6 one carries and delivers to, where the v6 prefix is a
+/// translation or tunnelling one: 6to4 `2002:a.b.c.d::/16`, IPv4-compatible `::a.b.c.d`
+/// (deprecated, but still parsed by stacks), NAT64 `64:ff9b::/96`.
+fn embedded_v4(s: &[u16; 8]) -> Option<Ipv4Addr> {
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    if s[0] == 0x2002 {
+        Some(v4(s[1], s[2]))
+    } else if s[0..6] == [0, 0, 0, 0, 0, 0] || s[0..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        Some(v4(s[6], s[7]))
+    } else {
+        None
+    }
+}
+
 /// What kind of non-public address `ip` is, if it is one.
 pub fn non_public(ip: IpAddr) -> Option<&'static str> {
     match ip {
@@ -255,9 +301,14 @@ pub fn non_public(ip: IpAddr) -> Option<&'static str> {
                 Some("link-local")
             } else if v6.is_multicast() {
                 Some("multicast")
-            } else if s[0..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                // NAT64: the IPv4 address it reaches decides.
-                let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+            } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+                // 64:ff9b:1::/48, local-use NAT64 (RFC 8215): the operator's own translator.
+                Some("local-use NAT64")
+            } else if s[0] == 0x2001 && s[1] == 0 {
+                // Teredo (2001::/32): the IPv4 address it reaches is obfuscated in the address.
+                Some("Teredo")
+            } else if let Some(v4) = embedded_v4(&s) {
+                // 6to4, IPv4-compatible, NAT64: the IPv4 address it reaches decides.
                 non_public_v4(v4)
             } else {
                 None
@@ -278,6 +329,10 @@ fn non_public_v4(ip: Ipv4Addr) -> Option<&'static str> {
         Some("link-local, where cloud metadata services live")
     } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
         Some("shared address space")
+    } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
+        Some("IETF protocol assignments")
+    } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
+        Some("benchmarking")
     } else if ip.is_broadcast() || ip.is_multicast() || o[0] >= 240 {
         Some("reserved")
     } else {
@@ -341,6 +396,12 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "64:ff9b::a9fe:a9fe",
+            "192.0.0.8",
+            "198.19.255.1",
+            "64:ff9b:1::1",
+            "2002:c0a8:101::1",
+            "::7f00:1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
         ] {
             let ip: IpAddr = private.parse().unwrap();
             assert!(non_public(ip).is_some(), "{private}");
@@ -349,7 +410,7 @@ mod tests {
             let open = SourcePolicy { allow_private_hosts: true, ..Default::default() };
             assert!(open.check_address(private, ip).is_ok());
         }
-        for public in ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "151.101.1.1"] {
+        for public in ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "151.101.1.1", "2002:808:808::1", "198.20.0.1"] {
             assert_eq!(non_public(public.parse().unwrap()), None, "{public}");
         }
         let policy = SourcePolicy::default();
@@ -366,13 +427,20 @@ mod tests {
         // The worker's own controller, named or by the address it advertises.
         let ctl = ControllerSource::new("http://localhost:10000", None, None).unwrap();
         let with_ctl = SourcePolicy { controller: Some(ctl), ..Default::default() };
+        let sha = "ab".repeat(32);
         for (url, ok) in [
-            ("http://localhost:10000/bundles/x.zip", true),
-            ("http://127.0.0.1:10000/bundles/x.zip", true),
-            ("http://127.0.0.1:10001/bundles/x.zip", false),
-            ("https://127.0.0.1:10000/bundles/x.zip", false),
+            ("http://localhost:10000/bundles/SHA.zip", true),
+            ("http://127.0.0.1:10000/bundles/SHA.zip", true),
+            ("http://127.0.0.1:10000/prefix/bundles/SHA.zip", true),
+            ("http://127.0.0.1:10001/bundles/SHA.zip", false),
+            ("https://127.0.0.1:10000/bundles/SHA.zip", false),
+            // Only its inline bundles: not another path, not a short name, not a query.
+            ("http://127.0.0.1:10000/admin/SHA.zip", false),
+            ("http://127.0.0.1:10000/bundles/x.zip", false),
+            ("http://127.0.0.1:10000/bundles/SHA.zip?next=/admin", false),
         ] {
-            assert_eq!(with_ctl.check_url(&url::Url::parse(url).unwrap()).is_ok(), ok, "{url}");
+            let url = url.replace("SHA", &sha);
+            assert_eq!(with_ctl.check_url(&url::Url::parse(&url).unwrap()).is_ok(), ok, "{url}");
         }
         assert!(
             !format!("{:?}", ControllerSource { authorization: Some("Bearer s3cret".into()), ..Default::default() })

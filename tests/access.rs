@@ -124,8 +124,18 @@ async fn with_a_token_every_request_needs_it_and_the_dashboard_takes_it_once() {
     assert_eq!(header("location"), "/task/j/task-0?x=1");
     let cookie = header("set-cookie");
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
-    assert!(!cookie.contains(TOKEN), "the cookie holds a digest, not the token: {cookie}");
+    assert!(!cookie.contains(TOKEN), "the cookie holds a session, not the token: {cookie}");
+    assert!(cookie.contains("Max-Age=43200"), "a session expires: {cookie}");
     let pair = cookie.split(';').next().unwrap();
+    // A session is random: a second login gets another (the cookie is no stand-in for the
+    // token, the same on every worker, forever).
+    let (_, again, _) = get(port, "/?token=iwtest-token-5b1f0c2e9a", &host, "");
+    let again = again.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap_or_default();
+    assert!(!again.contains(pair), "{again} vs {pair}");
+    // Browsers send it to every port of the host, a task's web page included: it opens the
+    // dashboard's read-only pages, never an RPC.
+    let (status, _, body) = connect_health(port, &format!("Cookie: {pair}\r\n"));
+    assert_eq!(status, 401, "an RPC with the dashboard's cookie: {body}");
     for path in ["/", "/api/worker", "/api/events/tasks"] {
         let (status, _, _) = if path.contains("events") {
             // An event stream never ends: read its head only.
@@ -140,7 +150,9 @@ async fn with_a_token_every_request_needs_it_and_the_dashboard_takes_it_once() {
         };
         assert_eq!(status, 200, "{path} with the cookie");
     }
-    assert_eq!(get(port, "/", &host, "Cookie: iris_worker_token=00ff\r\n").0, 401);
+    assert_eq!(get(port, "/", &host, "Cookie: iris_worker_session=00ff\r\n").0, 401);
+    let forged = format!("Cookie: iris_worker_session={}\r\n", "ab".repeat(32));
+    assert_eq!(get(port, "/api/tasks", &host, &forged).0, 401);
 
     // The CLI presents the token from --auth-token-file (or IRIS_AUTH_TOKEN_FILE).
     let addr = format!("--addr={host}");

@@ -120,7 +120,7 @@ impl ServerSecuritySettings {
         let client = ClientSecurity::new(token.clone(), &client_files).context("TLS of calls to peers")?;
         Ok(ServerSecurity {
             serve: ServeOptions {
-                gate: Gate { token, hosts, tls: tls.is_some() },
+                gate: Gate { token, hosts, tls: tls.is_some(), sessions: Default::default() },
                 listen: ListenOptions { tls, max_connections, read_timeout },
             },
             client,

@@ -7,6 +7,11 @@
 //!   UNAUTHENTICATED with no detail (gRPC status 16, or Connect's JSON error with HTTP 401).
 //!   A browser gives the token once, `GET /?token=<token>`: the answer sets an HttpOnly,
 //!   SameSite=Strict cookie and redirects to the same page without the token in its URL.
+//!   The cookie is a session, not the token: browsers send a host's cookies to every port of
+//!   it, so a web page a task serves on its own port receives it. So it is a random id this
+//!   worker alone knows (in memory), it expires after [`SESSION_TTL`], and it opens the
+//!   dashboard's read-only pages and API only (GET and HEAD of `/`, `/task/…`, `/assets/…`,
+//!   `/api/…`, `/metrics`, `/health`), never an RPC (gRPC or Connect: RunTask, KillTask…).
 //! - A request no token authenticated must name, in its Host (HTTP/2: `:authority`), an IP
 //!   address or one of the names this server answers to (localhost, the host's name, the
 //!   advertised host, `--allowed-host`): a page on another name that resolves here (DNS
@@ -31,8 +36,12 @@ use tonic::Status;
 
 use super::connect::error_response;
 
-/// The cookie that carries the dashboard's proof of the token.
-pub const COOKIE: &str = "iris_worker_token";
+/// The cookie that carries the dashboard's session.
+pub const COOKIE: &str = "iris_worker_session";
+/// How long a dashboard session lasts (a working day, as Grafana's default login).
+pub const SESSION_TTL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+/// Sessions held at once; beyond it the one that expires first goes.
+const MAX_SESSIONS: usize = 1024;
 
 /// Errors of reading a token file.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +59,6 @@ pub enum AuthError {
 pub struct AuthToken {
     value: Arc<str>,
     digest: [u8; 32],
-    cookie_digest: [u8; 32],
 }
 
 impl std::fmt::Debug for AuthToken {
@@ -84,11 +92,7 @@ impl AuthToken {
         if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
             return None;
         }
-        Some(AuthToken {
-            value: token.into(),
-            digest: sha256(&[token.as_bytes()]),
-            cookie_digest: sha256(&[b"iris-worker dashboard cookie\0", token.as_bytes()]),
-        })
+        Some(AuthToken { value: token.into(), digest: sha256(&[token.as_bytes()]) })
     }
 
     /// The token itself, for clients to send.
@@ -105,16 +109,57 @@ impl AuthToken {
     pub fn matches(&self, presented: &[u8]) -> bool {
         bool::from(sha256(&[presented]).ct_eq(&self.digest))
     }
+}
 
-    /// The cookie's value: a digest of the token (the browser never holds the token itself).
-    fn cookie_value(&self) -> String {
-        hex::encode(self.cookie_digest)
+/// The dashboard's sessions: digests of their random ids, with when each expires. Only the
+/// digest is kept, so a lookup's timing says nothing about the ids.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    open: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::time::Instant>>,
+}
+
+impl Sessions {
+    /// A new session's id (32 random bytes, hex), valid for [`SESSION_TTL`].
+    fn open(&self) -> Option<String> {
+        let mut id = [0u8; 32];
+        // SAFETY: getrandom fills at most the 32 bytes it is given.
+        let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+        if n != id.len() as isize {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|_, expires| *expires > now);
+        if open.len() >= MAX_SESSIONS
+            && let Some(first) = open.iter().min_by_key(|(_, e)| **e).map(|(k, _)| *k)
+        {
+            open.remove(&first);
+        }
+        open.insert(sha256(&[&id]), now + SESSION_TTL);
+        Some(hex::encode(id))
     }
 
-    fn cookie_matches(&self, presented: &[u8]) -> bool {
-        let Ok(bytes) = hex::decode(presented) else { return false };
-        bytes.len() == 32 && bool::from(bytes.ct_eq(&self.cookie_digest))
+    /// Whether `presented` is an open session.
+    fn valid(&self, presented: &[u8]) -> bool {
+        let Ok(id) = hex::decode(presented) else { return false };
+        if id.len() != 32 {
+            return false;
+        }
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(&sha256(&[&id])).is_some_and(|expires| *expires > std::time::Instant::now())
     }
+}
+
+/// Whether a session may open `req`: the dashboard's read-only pages and API, never an RPC.
+fn dashboard_read(req: &Request) -> bool {
+    use axum::http::Method;
+    let path = req.uri().path();
+    (req.method() == Method::GET || req.method() == Method::HEAD)
+        && !is_grpc(req.headers())
+        && (path == "/"
+            || path == "/metrics"
+            || path == "/health"
+            || ["/task/", "/assets/", "/api/"].iter().any(|p| path.starts_with(p)))
 }
 
 /// The names a request's Host may carry when no token authenticated it.
@@ -184,11 +229,13 @@ pub struct Gate {
     pub hosts: AllowedHosts,
     /// The cookie is marked `Secure` (the port speaks TLS).
     pub tls: bool,
+    /// The dashboard's sessions (shared by the clones of one server's gate).
+    pub sessions: Arc<Sessions>,
 }
 
 impl Default for Gate {
     fn default() -> Self {
-        Gate { token: None, hosts: AllowedHosts::any(), tls: false }
+        Gate { token: None, hosts: AllowedHosts::any(), tls: false, sessions: Arc::default() }
     }
 }
 
@@ -247,7 +294,7 @@ async fn gate(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Respon
     if let Some(token) = &gate.token {
         let headers = req.headers();
         let authenticated = bearer(headers).is_some_and(|t| token.matches(t))
-            || cookie(headers, COOKIE).is_some_and(|c| token.cookie_matches(c));
+            || (dashboard_read(&req) && cookie(headers, COOKIE).is_some_and(|c| gate.sessions.valid(c)));
         if authenticated {
             return next.run(req).await;
         }
@@ -287,7 +334,9 @@ fn accept_token_once(gate: &Gate, token: &AuthToken, req: &Request) -> Option<Re
     let rest = rest.finish();
     let location = if rest.is_empty() { req.uri().path().to_string() } else { format!("{}?{rest}", req.uri().path()) };
     let secure = if gate.tls { "; Secure" } else { "" };
-    let cookie = format!("{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict{secure}", token.cookie_value());
+    let session = gate.sessions.open()?;
+    let max_age = SESSION_TTL.as_secs();
+    let cookie = format!("{COOKIE}={session}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}");
     let mut resp = StatusCode::SEE_OTHER.into_response();
     let headers = resp.headers_mut();
     headers.insert(header::LOCATION, HeaderValue::from_str(&location).ok()?);
@@ -308,8 +357,12 @@ mod tests {
         assert!(!t.matches(b"s3cret"));
         assert!(!t.matches(b""));
         assert!(!format!("{t:?}").contains("s3cret"));
-        assert!(t.cookie_matches(t.cookie_value().as_bytes()));
-        assert!(!t.cookie_matches(b"s3cret-token"));
+        let sessions = Sessions::default();
+        let id = sessions.open().unwrap();
+        assert!(sessions.valid(id.as_bytes()));
+        assert_ne!(sessions.open().unwrap(), id, "random, not derived from the token");
+        assert!(!sessions.valid(b"s3cret-token"));
+        assert!(!Sessions::default().valid(id.as_bytes()), "known to the worker that opened it only");
         assert!(AuthToken::new("two words").is_none());
         assert!(AuthToken::new("").is_none());
     }
@@ -332,7 +385,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer  abc "));
         assert_eq!(bearer(&h), Some(&b"abc"[..]));
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; iris_worker_token=ff; b=2"));
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1; iris_worker_session=ff; b=2"));
         assert_eq!(cookie(&h, COOKIE), Some(&b"ff"[..]));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         assert_eq!(bearer(&h), None);

@@ -221,3 +221,58 @@ async fn unknown_json_fields_are_ignored() {
     assert_eq!(s.exit_code, 0, "{s:?}");
     let _ = c.health_check(Empty {}).await.unwrap();
 }
+
+/// A HealthCheck on a new connection: its status, or `None` when none came within `within`.
+fn health_within(port: u16, within: Duration) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), within).ok()?;
+    s.set_read_timeout(Some(within)).unwrap();
+    s.write_all(
+        b"POST /iris.cluster.WorkerService/HealthCheck HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+          Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    .ok()?;
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head).ok()?;
+    String::from_utf8_lossy(&head[..n]).split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: a worker"]
+async fn event_streams_and_bodies_that_never_arrive_cannot_hold_every_connection() {
+    let w = Server::start(true, "busy", "127.0.0.1", &["--max-connections", "8", "--read-timeout", "3"]).await;
+    assert_eq!(health_within(w.port, Duration::from_secs(20)), Some(200), "the worker answers");
+
+    // A gRPC request whose announced body never comes (tonic reads bodies without a timeout
+    // of its own) is answered with an error once no byte came for the read timeout, and its
+    // connection is free again; before, it stayed busy for good.
+    let mut stuck = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+    stuck
+        .write_all(
+            b"POST /iris.cluster.WorkerService/ListTasks HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+              Content-Type: application/grpc\r\nTE: trailers\r\nContent-Length: 100\r\n\r\n\0",
+        )
+        .unwrap();
+    stuck.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = [0u8; 512];
+    let n = stuck.read(&mut head).unwrap_or(0);
+    let got = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(got.contains("grpc-status: 2") && got.contains("read%20timeout"), "a stuck body ends in an error: {got:?}");
+
+    // Every connection an event stream that never ends (the dashboard's live views), opened one
+    // after another: a new client is still answered, the oldest stream making room (its
+    // browser's EventSource reconnects). Before, streams counted as busy and the accept loop
+    // waited for one to end.
+    let mut streams = Vec::new();
+    for i in 0..8 {
+        let mut s = TcpStream::connect(("127.0.0.1", w.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /api/events/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        let mut head = [0u8; 256];
+        let n = s.read(&mut head).unwrap_or(0);
+        let got = String::from_utf8_lossy(&head[..n]).to_string();
+        assert!(got.starts_with("HTTP/1.1 200"), "stream {i}: {got:?}");
+        streams.push(s);
+    }
+    assert_eq!(health_within(w.port, Duration::from_secs(10)), Some(200), "HealthCheck beside 8 event streams");
+    drop(streams);
+}

@@ -13,7 +13,15 @@
 //! - On shutdown the server stops accepting, asks every connection to finish (idle ones close
 //!   at once) and returns when all have.
 //!
-//! Request bodies are bounded and timed where they are read (see `connect::server`).
+//! - Busy connections cannot hold the bound either. A Server-Sent Events stream (the
+//!   dashboard's live views) never ends, so it does not count as busy: at the bound, once no
+//!   connection is idle, the oldest stream is closed (browsers' EventSource reconnects), so
+//!   1,024 `curl -N …/api/events/tasks` cannot stop the accept loop. A request body (gRPC's
+//!   included: tonic has no body timeout) that sends no byte for `read_timeout` fails, so a
+//!   request whose body never arrives does not keep its connection busy forever. HTTP/2
+//!   connections take at most [`MAX_STREAMS`] requests at once.
+//!
+//! Request bodies are bounded in size where they are read (see `connect::server`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -47,6 +55,9 @@ pub struct ListenOptions {
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Requests in flight on one HTTP/2 connection (hyper's default is 200): our RPCs are short,
+/// and a client that needs more opens another connection.
+pub const MAX_STREAMS: u32 = 32;
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Descriptors kept for everything but connections (logs, pipes, cgroup files, clients).
 const RESERVED_FDS: u64 = 256;
@@ -70,8 +81,10 @@ pub fn fit_connections(wanted: usize) -> usize {
 
 /// One open connection, as the bound and the idle timer see it.
 struct Conn {
-    /// Requests whose response has not been sent to the end.
+    /// Requests whose response has not been sent to the end (event streams aside).
     busy: AtomicUsize,
+    /// Event streams being sent: not idle, but closed at the bound when nothing idle is left.
+    streams: AtomicUsize,
     /// When a request last started or ended (ms since the server started).
     last_active_ms: AtomicU64,
     /// Told to close at once (evicted while idle).
@@ -95,14 +108,18 @@ impl Registry {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Closes the connection idle the longest; false when every connection is busy.
+    /// Closes the connection idle the longest, or else the oldest one that only sends event
+    /// streams; false when every connection is busy with a request.
     fn evict_idle(&self) -> bool {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let free = |c: &Conn| c.busy.load(Ordering::Acquire) == 0;
         let victim = conns
             .iter()
-            .filter(|(_, c)| c.busy.load(Ordering::Acquire) == 0)
+            .filter(|(_, c)| free(c) && c.streams.load(Ordering::Acquire) == 0)
             .min_by_key(|(_, c)| c.last_active_ms.load(Ordering::Acquire))
-            .map(|(id, _)| *id);
+            .map(|(id, _)| *id)
+            // Ids grow with accept order: the first found is the oldest.
+            .or_else(|| conns.iter().find(|(_, c)| free(c)).map(|(id, _)| *id));
         match victim.and_then(|id| conns.remove(&id)) {
             Some(conn) => {
                 conn.evict.notify_one();
@@ -141,15 +158,6 @@ pub async fn serve(
     let mut shutdown = pin!(shutdown);
     let mut next_id: u64 = 0;
     loop {
-        // At the bound: make room by closing an idle connection, or wait for one to end.
-        while registry.len() >= options.max_connections.max(1) && !registry.evict_idle() {
-            let ended = registry.ended.notified();
-            tokio::select! {
-                _ = ended => {}
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = &mut shutdown => return finish(&registry, stop_tx).await,
-            }
-        }
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = &mut shutdown => return finish(&registry, stop_tx).await,
@@ -167,12 +175,25 @@ pub async fn serve(
                 continue;
             }
         };
+        // At the bound: make room for this connection by closing an idle one (or an event
+        // stream), or wait for one to end. Room is made on demand, for a connection that is
+        // here: made ahead, it would go to the newest connection, idle only because its first
+        // request has not been read yet.
+        while registry.len() >= options.max_connections.max(1) && !registry.evict_idle() {
+            let ended = registry.ended.notified();
+            tokio::select! {
+                _ = ended => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = &mut shutdown => return finish(&registry, stop_tx).await,
+            }
+        }
         // Without TCP_NODELAY a response written in two pieces (HTTP/2 headers, then a body of
         // a few KB such as a log tail) waits for the client's delayed ACK: ~40 ms, not ~0.1.
         let _ = tcp.set_nodelay(true);
         next_id += 1;
         let conn = Arc::new(Conn {
             busy: AtomicUsize::new(0),
+            streams: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(registry.now_ms()),
             evict: Notify::new(),
         });
@@ -235,8 +256,11 @@ async fn serve_connection(
             req.extensions_mut().insert(read_timeout);
             let guard = Busy::start(conn.clone(), registry.clone());
             let app = app.clone();
+            let body_timeout = read_timeout.0;
             async move {
-                let resp = app.oneshot(req.map(Body::new)).await.unwrap_or_else(|never| match never {});
+                let req = req.map(|b| Body::new(TimedBody::new(b, body_timeout)));
+                let resp = app.oneshot(req).await.unwrap_or_else(|never| match never {});
+                let guard = if is_event_stream(&resp) { guard.into_stream() } else { guard };
                 Ok::<_, std::convert::Infallible>(resp.map(|body| Body::new(TrackedBody { body, _busy: guard })))
             }
         })
@@ -246,6 +270,7 @@ async fn serve_connection(
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let connection = builder.serve_connection(TokioIo::new(io), service);
@@ -260,7 +285,8 @@ async fn serve_connection(
             _ = conn.evict.notified() => break,
             _ = tokio::time::sleep(idle_left), if !closing => {
                 let idle = Duration::from_millis(registry.now_ms().saturating_sub(conn.last_active_ms.load(Ordering::Acquire)));
-                if conn.busy.load(Ordering::Acquire) == 0 && idle >= options.read_timeout {
+                let quiet = conn.busy.load(Ordering::Acquire) == 0 && conn.streams.load(Ordering::Acquire) == 0;
+                if quiet && idle >= options.read_timeout {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
@@ -276,24 +302,86 @@ async fn serve_connection(
     drop(registered);
 }
 
-/// Marks its connection busy from the request's start to its response's end.
+/// Marks its connection busy from the request's start to its response's end (or, for an
+/// event stream, streaming until the stream ends).
 struct Busy {
     conn: Arc<Conn>,
     registry: Arc<Registry>,
+    stream: bool,
 }
 
 impl Busy {
     fn start(conn: Arc<Conn>, registry: Arc<Registry>) -> Busy {
         conn.busy.fetch_add(1, Ordering::AcqRel);
         conn.last_active_ms.store(registry.now_ms(), Ordering::Release);
-        Busy { conn, registry }
+        Busy { conn, registry, stream: false }
+    }
+
+    /// The response is an event stream: its connection may be closed at the bound.
+    fn into_stream(mut self) -> Busy {
+        self.conn.streams.fetch_add(1, Ordering::AcqRel);
+        self.conn.busy.fetch_sub(1, Ordering::AcqRel);
+        self.stream = true;
+        self
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
         self.conn.last_active_ms.store(self.registry.now_ms(), Ordering::Release);
-        self.conn.busy.fetch_sub(1, Ordering::AcqRel);
+        let count = if self.stream { &self.conn.streams } else { &self.conn.busy };
+        count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn is_event_stream<B>(resp: &hyper::Response<B>) -> bool {
+    resp.headers().get(hyper::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+/// A request body that fails when no frame arrives for `timeout`: a client cannot keep a
+/// request (and its connection) in flight by never sending the body it announced.
+struct TimedBody {
+    body: Incoming,
+    timeout: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl TimedBody {
+    fn new(body: Incoming, timeout: Duration) -> TimedBody {
+        TimedBody { body, timeout, timer: Box::pin(tokio::time::sleep(timeout)) }
+    }
+}
+
+impl hyper::body::Body for TimedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match std::pin::Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + self.timeout;
+                self.timer.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(axum::Error::new)))
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no byte of the request body within the read timeout",
+                ))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

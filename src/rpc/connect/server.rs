@@ -110,6 +110,18 @@ pub struct ReadTimeout(pub Duration);
 /// The body's bound in time when the server set none.
 const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Whether `e`, or an error it wraps, is a timeout.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Reads a request body of at most [`MAX_BODY`] bytes within `timeout`. Too large is
 /// RESOURCE_EXHAUSTED in Connect's error form (HTTP 413), too slow DEADLINE_EXCEEDED.
 async fn read_body(body: Body, timeout: Duration) -> Result<Bytes, Response> {
@@ -127,6 +139,10 @@ async fn read_body(body: Body, timeout: Duration) -> Result<Bytes, Response> {
     match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(limited)).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        // The listener's own body timeout (`rpc::listen`) may be the first to see the silence.
+        Ok(Err(e)) if timed_out(&*e) => Err(error_response(&Status::deadline_exceeded(format!(
+            "the request body did not arrive within {timeout:?}"
+        )))),
         Ok(Err(_)) => Err(error_response(&Status::invalid_argument("the request body could not be read"))),
         Err(_) => Err(error_response(&Status::deadline_exceeded(format!(
             "the request body did not arrive within {timeout:?}"

@@ -809,7 +809,7 @@ async fn special_purpose_and_tunnelled_addresses_and_the_controllers_other_paths
         BundleError::Refused { .. } => assert!(e.to_string().contains("--allow-private-bundle-hosts"), "{e}"),
         other => panic!("expected a refusal naming --allow-private-bundle-hosts, got {other}"),
     };
-    let cache = BundleCache::new(BundleConfig::new(&work.path().join("strict"))).unwrap();
+    let cache = BundleCache::new(BundleConfig::new(work.path().join("strict"))).unwrap();
     for host in [
         "192.0.0.170",            // IETF protocol assignments
         "198.18.0.1",             // benchmarking
@@ -839,9 +839,8 @@ async fn special_purpose_and_tunnelled_addresses_and_the_controllers_other_paths
         controller: ControllerSource::new(&format!("http://{addr}"), Some("Bearer t".into()), None),
         ..Default::default()
     };
-    let cache =
-        BundleCache::new(BundleConfig { sources: policy, ..BundleConfig::new(&work.path().join("controller")) })
-            .unwrap();
+    let cache = BundleCache::new(BundleConfig { sources: policy, ..BundleConfig::new(work.path().join("controller")) })
+        .unwrap();
     cache.get(&format!("http://{addr}/bundles/{sha}.zip"), None, |_| {}).await.unwrap();
     refused(cache.get(&format!("http://{addr}/admin/dump.zip"), None, |_| {}).await.unwrap_err());
     assert_eq!(controller.gets("/admin/dump.zip"), 0, "another path on the controller is not trusted");

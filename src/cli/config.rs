@@ -595,7 +595,7 @@ impl ServeArgs {
             isolate_remote_workers: self.isolate_remote_workers.or(file.isolate_remote_workers).unwrap_or(true),
             isolation_check_interval: {
                 let secs = self.isolation_check_interval.or(file.isolation_check_interval).unwrap_or(60.0);
-                if !(secs >= 0.1 && secs <= 86_400.0) {
+                if !(0.1..=86_400.0).contains(&secs) {
                     bail!("isolation_check_interval must be between 0.1 and 86400 seconds, not {secs}");
                 }
                 std::time::Duration::from_secs_f64(secs)

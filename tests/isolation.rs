@@ -753,3 +753,35 @@ async fn tasks_are_never_placed_in_net_cls_or_net_prio() {
     c.kill_task(worker::KillTaskRequest { task_id: id.into(), term_timeout_ms: 100 }).await.unwrap();
     common::wait_end(&mut c, id, WITHIN).await;
 }
+
+#[test]
+fn a_port_range_holding_the_workers_own_port_is_refused_at_start() {
+    // A task handed the worker's port would hold it while the worker restarts.
+    let state = tempfile::Builder::new().prefix("iris-worker-test-").tempdir().unwrap();
+    let mut child = Command::new(exe())
+        .args(["serve", "--listen", "127.0.0.1:30005", "--port-range", "30000-30010", "--task-isolation", "false"])
+        .arg("--state-dir")
+        .arg(state.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Refused as the settings are read, in milliseconds; a worker still running after this
+    // started.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = Command::new(exe()).arg("cleanup").arg("--state-dir").arg(state.path()).arg("--all").status();
+            panic!("the worker started with its own port in --port-range");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("contains the listen port 30005"), "{err}");
+}

@@ -206,13 +206,15 @@ async fn the_workers_shared_directory_in_run_is_out_of_other_users_reach() {
     std::fs::set_permissions(run, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::OpenOptions::new().create(true).append(true).open(&ledger).unwrap();
     std::fs::set_permissions(&ledger, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let w = Worker::start("rundir", &["--port-range", "26100-26119"]).await;
+    // The host's default lock directory, which test workers otherwise leave alone.
+    let ports = run.join("ports");
+    let w = Worker::start("rundir", &["--port-range", "26100-26119", "--port-lock-dir", ports.to_str().unwrap()]).await;
     let mut c = w.client().await;
     let mut req = sh("rundir/task-0", "sleep 1000");
     req.ports = vec!["http".into()];
     c.run_task(req).await.unwrap();
     let s = wait_for(&mut c, "rundir/task-0", LONG, |s| s.ports.contains_key("http")).await;
-    let port_lock = run.join(format!("ports/.locks/port-{}.lock", s.ports["http"]));
+    let port_lock = ports.join(format!(".locks/port-{}.lock", s.ports["http"]));
     let mode = |p: &Path| std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).mode() & 0o777;
     assert_eq!(mode(run), 0o700);
     assert_eq!(mode(&port_lock), 0o600);

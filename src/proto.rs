@@ -10,3 +10,17 @@ pub mod newest;
 
 /// The encoded `FileDescriptorSet` of cluster.proto (for reflection and proto3 JSON).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("iris_descriptor");
+
+impl TaskState {
+    /// Whether the state is final: the one list of the January wire's terminal task states.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Killed | Self::WorkerFailed | Self::Unschedulable)
+    }
+}
+
+impl JobState {
+    /// Whether the state is final.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Killed | Self::WorkerFailed | Self::Unschedulable)
+    }
+}

@@ -176,7 +176,7 @@ impl Cluster {
         let deadline = Instant::now() + within;
         loop {
             let s = self.status(job_id).await?;
-            if job_terminal(s.state) {
+            if job_terminal(super::model::job_state(s.state)) {
                 return Ok(s);
             }
             if Instant::now() >= deadline {

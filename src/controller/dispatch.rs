@@ -10,8 +10,9 @@ use tokio::sync::Semaphore;
 use tonic::Code;
 
 use super::Controller;
+use super::model::task_state;
 use super::state::{DispatchOutcome, Effect, Verified};
-use crate::proto::{Empty, TaskStatus, worker};
+use crate::proto::{Empty, TaskState, TaskStatus, worker};
 use crate::rpc::connect::{ConnectClient, ConnectError};
 
 const SERVICE: &str = "iris.cluster.WorkerService";
@@ -65,7 +66,7 @@ pub fn run(c: Controller, effect: Effect) {
                 let v = match client.call::<_, TaskStatus>(SERVICE, "GetTaskStatus", &req, CALL_TIMEOUT).await {
                     Ok(s) => Some(Verified::Status {
                         attempt_id: s.current_attempt_id,
-                        state: s.state,
+                        state: task_state(s.state),
                         exit_code: s.exit_code,
                         error: s.error,
                         finished_ms: s.finished_at_ms,
@@ -99,9 +100,11 @@ async fn dispatch(
     let client = c.inner.calls.client(&address);
     let wants_ports = !request.ports.is_empty();
     let outcome = match client.call::<_, worker::RunTaskResponse>(SERVICE, "RunTask", &request, CALL_TIMEOUT).await {
-        Ok(r) => DispatchOutcome::Accepted(r.state),
+        Ok(r) => DispatchOutcome::Accepted(task_state(r.state)),
         // The worker has this attempt already (a resumed controller sent it again).
-        Err(ConnectError::Status { code: Code::AlreadyExists, .. }) => DispatchOutcome::Accepted(0),
+        Err(ConnectError::Status { code: Code::AlreadyExists, .. }) => {
+            DispatchOutcome::Accepted(TaskState::Unspecified)
+        }
         Err(ConnectError::Status { code: Code::InvalidArgument, message, .. }) => DispatchOutcome::Refused(message),
         // The worker answered (with an error) or was never reached: it does not run it.
         Err(e @ ConnectError::Status { .. }) => DispatchOutcome::Unreachable(e.to_string()),

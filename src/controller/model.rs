@@ -1,6 +1,6 @@
 //! The controller's records: jobs, tasks (with their attempts), workers and endpoints, as kept
-//! in memory and persisted by [`super::store`]. States are the wire's numbers
-//! ([`crate::proto::TaskState`], [`crate::proto::JobState`]) so nothing is translated twice.
+//! in memory and persisted by [`super::store`]. States are the wire's enums
+//! ([`crate::proto::TaskState`], [`crate::proto::JobState`]), stored as their numbers.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,27 +15,38 @@ pub fn now_ms() -> i64 {
 }
 
 /// Whether a task state is final.
-pub fn task_terminal(s: i32) -> bool {
-    matches!(
-        TaskState::try_from(s),
-        Ok(TaskState::Succeeded
-            | TaskState::Failed
-            | TaskState::Killed
-            | TaskState::WorkerFailed
-            | TaskState::Unschedulable)
-    )
+pub fn task_terminal(s: TaskState) -> bool {
+    s.is_terminal()
 }
 
 /// Whether a job state is final.
-pub fn job_terminal(s: i32) -> bool {
-    matches!(
-        JobState::try_from(s),
-        Ok(JobState::Succeeded
-            | JobState::Failed
-            | JobState::Killed
-            | JobState::WorkerFailed
-            | JobState::Unschedulable)
-    )
+pub fn job_terminal(s: JobState) -> bool {
+    s.is_terminal()
+}
+
+/// A wire state from its number; one this controller does not know reads as unspecified
+/// (it is never terminal, so nothing is ended on a number from a newer peer).
+pub fn task_state(n: i32) -> TaskState {
+    TaskState::try_from(n).unwrap_or(TaskState::Unspecified)
+}
+
+/// See [`task_state`].
+pub fn job_state(n: i32) -> JobState {
+    JobState::try_from(n).unwrap_or(JobState::Unspecified)
+}
+
+/// Serde for the wire's state enums: each is stored as its number, as rows were before the
+/// states were typed, so a state file written by an older controller reads back unchanged.
+mod as_number {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, E: Copy + Into<i32>>(state: &E, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i32((*state).into())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, E: TryFrom<i32> + Default>(d: D) -> Result<E, D::Error> {
+        Ok(E::try_from(i32::deserialize(d)?).unwrap_or_default())
+    }
 }
 
 /// A job: the request it was launched with and its aggregate state.
@@ -49,7 +60,8 @@ pub struct Job {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct JobRecord {
     pub job_id: String,
-    pub state: i32,
+    #[serde(with = "as_number")]
+    pub state: JobState,
     pub exit_code: i32,
     pub error: String,
     pub submitted_ms: i64,
@@ -74,7 +86,8 @@ pub struct JobRecord {
 pub struct Attempt {
     pub attempt_id: i32,
     pub worker_id: String,
-    pub state: i32,
+    #[serde(with = "as_number")]
+    pub state: TaskState,
     pub exit_code: i32,
     pub error: String,
     pub started_ms: i64,
@@ -88,7 +101,8 @@ pub struct Task {
     pub task_id: String,
     pub job_id: String,
     pub index: i32,
-    pub state: i32,
+    #[serde(with = "as_number")]
+    pub state: TaskState,
     /// The worker of the current attempt (empty while unassigned).
     pub worker_id: String,
     pub worker_address: String,

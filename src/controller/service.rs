@@ -159,7 +159,7 @@ impl ControllerService for ControllerServiceImpl {
         r: Request<pc::ReportTaskStateRequest>,
     ) -> Result<Response<pc::ReportTaskStateResponse>, Status> {
         let r = r.into_inner();
-        let ended = task_terminal(r.state);
+        let ended = task_terminal(super::model::task_state(r.state));
         self.c
             .with_state(|s| {
                 s.report(&r);

@@ -90,7 +90,7 @@ async fn index(State(c): State<Controller>) -> Response {
     let body = c.read(|s| {
         let mut out = String::new();
         let healthy = s.workers.values().filter(|w| w.rec.healthy).count();
-        let running = s.jobs.values().filter(|j| j.rec.state == JobState::Running as i32).count();
+        let running = s.jobs.values().filter(|j| j.rec.state == JobState::Running).count();
         out.push_str("<section class=\"figures\">");
         figure(&mut out, "jobs", s.jobs.len());
         figure(&mut out, "running jobs", running);

@@ -222,7 +222,7 @@ fn controller_check(client: ConnectClient, worker_id: String) -> crate::task::le
                     t.task_id == a.task_id
                         && t.current_attempt_id == a.attempt_id
                         && t.worker_id == worker_id
-                        && !crate::controller::model::task_terminal(t.state)
+                        && !crate::proto::TaskState::try_from(t.state).is_ok_and(|s| s.is_terminal())
                 })),
                 Err(crate::rpc::connect::ConnectError::Status { code: tonic::Code::NotFound, .. }) => Some(false),
                 Err(crate::rpc::connect::ConnectError::Status { code: tonic::Code::Unimplemented, .. }) => Some(true),

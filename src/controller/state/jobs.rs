@@ -108,7 +108,7 @@ impl State {
         let job = Job {
             rec: JobRecord {
                 job_id: job_id.clone(),
-                state: JobState::Pending as i32,
+                state: JobState::Pending,
                 submitted_ms: now,
                 parent_job_id: req.parent_job_id.clone(),
                 num_tasks: replicas,
@@ -128,7 +128,7 @@ impl State {
                     task_id: id.clone(),
                     job_id: job_id.clone(),
                     index: i,
-                    state: TaskState::Pending as i32,
+                    state: TaskState::Pending,
                     attempt_id: -1,
                     pending_since_ms: now,
                     ..Default::default()
@@ -173,7 +173,7 @@ impl State {
         if job_terminal(job.rec.state) {
             return;
         }
-        job.rec.state = state as i32;
+        job.rec.state = state;
         job.rec.exit_code = exit_code;
         job.rec.error = error;
         job.rec.finished_ms = now;
@@ -221,14 +221,14 @@ impl State {
         let mut failed: Vec<&Task> = Vec::new();
         for i in 0..job.rec.num_tasks {
             let Some(t) = self.tasks.get(&task_id(job_id, i)) else { continue };
-            match TaskState::try_from(t.state) {
-                Ok(TaskState::Running | TaskState::Building) => running += 1,
-                Ok(TaskState::Succeeded) => succeeded += 1,
+            match t.state {
+                TaskState::Running | TaskState::Building => running += 1,
+                TaskState::Succeeded => succeeded += 1,
                 _ => {}
             }
             if task_terminal(t.state) {
                 ended += 1;
-                if t.state != TaskState::Succeeded as i32 {
+                if t.state != TaskState::Succeeded {
                     failed.push(t);
                 }
             }
@@ -238,10 +238,10 @@ impl State {
         if failed.len() as i32 > job.request.max_task_failures || nothing_succeeded {
             failed.sort_by_key(|t| (t.finished_ms, t.index));
             let first = failed[0];
-            let state = match TaskState::try_from(first.state) {
-                Ok(TaskState::WorkerFailed) => JobState::WorkerFailed,
-                Ok(TaskState::Unschedulable) => JobState::Unschedulable,
-                Ok(TaskState::Killed) => JobState::Killed,
+            let state = match first.state {
+                TaskState::WorkerFailed => JobState::WorkerFailed,
+                TaskState::Unschedulable => JobState::Unschedulable,
+                TaskState::Killed => JobState::Killed,
                 _ => JobState::Failed,
             };
             let error = if first.error.is_empty() {
@@ -263,8 +263,8 @@ impl State {
             job.rec.started_ms = now;
             self.dirty.jobs.insert(job_id.to_string());
         }
-        if job.rec.state != want as i32 {
-            job.rec.state = want as i32;
+        if job.rec.state != want {
+            job.rec.state = want;
             self.dirty.jobs.insert(job_id.to_string());
         }
     }

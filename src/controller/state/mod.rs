@@ -52,7 +52,7 @@ pub enum Effect {
 /// How a RunTask call ended.
 #[derive(Debug, Clone)]
 pub enum DispatchOutcome {
-    Accepted(i32),
+    Accepted(TaskState),
     /// The worker refused the request itself (e.g. INVALID_ARGUMENT): the attempt fails.
     Refused(String),
     /// The worker could not be reached (the request never left): it becomes suspect and the
@@ -71,7 +71,7 @@ pub enum Verified {
     /// The worker's current attempt and its state (with exit code and error when ended).
     Status {
         attempt_id: i32,
-        state: i32,
+        state: TaskState,
         exit_code: i32,
         error: String,
         finished_ms: i64,

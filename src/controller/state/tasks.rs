@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::{DispatchOutcome, Effect, State, Verified};
-use crate::controller::model::{Attempt, now_ms, task_terminal};
+use crate::controller::model::{Attempt, now_ms, task_state, task_terminal};
 use crate::controller::scheduler::Need;
 use crate::proto::controller::{self as pc};
 use crate::proto::{TaskState, worker};
@@ -59,12 +59,12 @@ impl State {
         if let Some(a) = t.current_attempt()
             && !task_terminal(a.state)
         {
-            a.state = state as i32;
+            a.state = state;
             a.exit_code = exit_code;
             a.error = error.clone();
             a.finished_ms = now;
         }
-        t.state = state as i32;
+        t.state = state;
         t.exit_code = exit_code;
         t.error = error;
         t.finished_ms = now;
@@ -94,7 +94,7 @@ impl State {
         self.release(id);
         let Some(t) = self.tasks.get_mut(id) else { return };
         if let Some(a) = t.current_attempt() {
-            a.state = state as i32;
+            a.state = state;
             a.exit_code = exit_code;
             a.error = error.clone();
             a.finished_ms = now;
@@ -116,7 +116,7 @@ impl State {
             self.dirty.jobs.insert(job_id.clone());
         }
         if retry {
-            t.state = TaskState::Pending as i32;
+            t.state = TaskState::Pending;
             t.exit_code = exit_code;
             t.error = error;
             t.worker_id.clear();
@@ -143,7 +143,7 @@ impl State {
         t.attempts.push(Attempt {
             attempt_id: t.attempt_id,
             worker_id: worker_id.to_string(),
-            state: TaskState::Pending as i32,
+            state: TaskState::Pending,
             started_ms: now,
             ..Default::default()
         });
@@ -206,7 +206,7 @@ impl State {
                 if let Some(w) = self.workers.get_mut(worker_id) {
                     w.rec.consecutive_failures = 0;
                 }
-                if matches!(TaskState::try_from(state), Ok(TaskState::Running | TaskState::Building)) {
+                if matches!(state, TaskState::Running | TaskState::Building) {
                     self.set_running(id, state, now);
                 }
             }
@@ -249,12 +249,12 @@ impl State {
                 self.release(id);
                 let Some(t) = self.tasks.get_mut(id) else { return };
                 if let Some(a) = t.current_attempt() {
-                    a.state = TaskState::WorkerFailed as i32;
+                    a.state = TaskState::WorkerFailed;
                     a.error = format!("dispatch to worker {worker_id} failed: {error}");
                     a.finished_ms = now;
                     a.is_worker_failure = true;
                 }
-                t.state = TaskState::Pending as i32;
+                t.state = TaskState::Pending;
                 t.worker_id.clear();
                 t.worker_address.clear();
                 self.dirty.tasks.insert(id.to_string());
@@ -263,7 +263,7 @@ impl State {
         }
     }
 
-    pub(super) fn set_running(&mut self, id: &str, state: i32, now: i64) {
+    pub(super) fn set_running(&mut self, id: &str, state: TaskState, now: i64) {
         let Some(t) = self.tasks.get_mut(id) else { return };
         if t.state != state {
             t.state = state;
@@ -287,16 +287,17 @@ impl State {
         if t.attempt_id != r.attempt_id || t.worker_id != r.worker_id {
             return;
         }
+        let state = task_state(r.state);
         if task_terminal(t.state) {
             // Its job ended (a sibling failed, or a terminate) before this attempt's success
             // was heard of: what succeeded stays SUCCEEDED.
-            if t.ended_with_job && r.state == TaskState::Succeeded as i32 {
+            if t.ended_with_job && state == TaskState::Succeeded {
                 t.ended_with_job = false;
-                t.state = TaskState::Succeeded as i32;
+                t.state = TaskState::Succeeded;
                 t.exit_code = 0;
                 t.error.clear();
                 if let Some(a) = t.current_attempt() {
-                    a.state = TaskState::Succeeded as i32;
+                    a.state = TaskState::Succeeded;
                     a.exit_code = 0;
                     a.error.clear();
                 }
@@ -309,9 +310,8 @@ impl State {
             t.dispatched_ms = now;
             self.dirty.tasks.insert(r.task_id.clone());
         }
-        let state = TaskState::try_from(r.state).unwrap_or(TaskState::Unspecified);
         match state {
-            TaskState::Building | TaskState::Running => self.set_running(&r.task_id, r.state, now),
+            TaskState::Building | TaskState::Running => self.set_running(&r.task_id, state, now),
             TaskState::Succeeded | TaskState::Failed | TaskState::Killed => {
                 self.end_attempt(&r.task_id, state, r.exit_code, r.error.clone(), false, now)
             }
@@ -344,7 +344,7 @@ impl State {
                 let report = pc::ReportTaskStateRequest {
                     worker_id: worker_id.to_string(),
                     task_id: id.to_string(),
-                    state,
+                    state: state.into(),
                     exit_code,
                     error,
                     attempt_id,

@@ -46,7 +46,7 @@ fn accept_all(s: &mut State) -> Vec<(String, i32, String)> {
     let mut out = Vec::new();
     for e in s.take_effects() {
         if let Effect::Dispatch { task_id, attempt_id, worker_id, .. } = e {
-            s.dispatched(&task_id, attempt_id, &worker_id, DispatchOutcome::Accepted(TaskState::Running as i32));
+            s.dispatched(&task_id, attempt_id, &worker_id, DispatchOutcome::Accepted(TaskState::Running));
             out.push((task_id, attempt_id, worker_id));
         }
     }
@@ -74,7 +74,7 @@ fn a_failure_is_retried_then_the_job_succeeds_and_frees_the_worker() {
     s.schedule();
     let runs = accept_all(&mut s);
     assert_eq!(runs.len(), 2);
-    assert_eq!(s.jobs[&id].rec.state, JobState::Running as i32);
+    assert_eq!(s.jobs[&id].rec.state, JobState::Running);
     assert_eq!(s.workers["w"].used.cpu_millicores, 2000);
     report(&mut s, &runs[0], TaskState::Failed, 1);
     report(&mut s, &runs[1], TaskState::Succeeded, 0);
@@ -83,12 +83,12 @@ fn a_failure_is_retried_then_the_job_succeeds_and_frees_the_worker() {
     assert_eq!(again, vec![("j/task-0".to_string(), 1, "w".to_string())]);
     report(&mut s, &again[0], TaskState::Succeeded, 0);
     let j = &s.jobs[&id];
-    assert_eq!((j.rec.state, j.rec.failure_count), (JobState::Succeeded as i32, 1));
+    assert_eq!((j.rec.state, j.rec.failure_count), (JobState::Succeeded, 1));
     assert_eq!(s.workers["w"].used.cpu_millicores, 0);
     assert!(s.workers["w"].tasks.is_empty());
     // A late report of the first attempt changes nothing.
     report(&mut s, &runs[0], TaskState::Failed, 1);
-    assert_eq!(s.tasks["j/task-0"].state, TaskState::Succeeded as i32);
+    assert_eq!(s.tasks["j/task-0"].state, TaskState::Succeeded);
 }
 
 #[test]
@@ -107,7 +107,7 @@ fn the_same_launch_again_is_the_same_job_and_another_spec_under_its_name_is_refu
     }
     // A retry that comes after the job ended gets it too, and nothing runs again.
     assert_eq!(s.launch(job("j", 2)).unwrap(), id);
-    assert_eq!(s.jobs[&id].rec.state, JobState::Succeeded as i32);
+    assert_eq!(s.jobs[&id].rec.state, JobState::Succeeded);
     s.schedule();
     assert!(s.take_effects().is_empty());
 }
@@ -124,9 +124,9 @@ fn tolerated_failures_let_the_job_succeed_but_not_when_nothing_succeeded() {
     s.schedule();
     let runs = accept_all(&mut s);
     report(&mut s, &runs[0], TaskState::Failed, 2);
-    assert_eq!(s.jobs["tolerant"].rec.state, JobState::Running as i32);
+    assert_eq!(s.jobs["tolerant"].rec.state, JobState::Running);
     report(&mut s, &runs[1], TaskState::Succeeded, 0);
-    assert_eq!(s.jobs["tolerant"].rec.state, JobState::Succeeded as i32);
+    assert_eq!(s.jobs["tolerant"].rec.state, JobState::Succeeded);
 
     req.name = "hopeless".into();
     req.resources = Some(ResourceSpecProto { replicas: 1, ..Default::default() });
@@ -135,7 +135,7 @@ fn tolerated_failures_let_the_job_succeed_but_not_when_nothing_succeeded() {
     let runs = accept_all(&mut s);
     report(&mut s, &runs[0], TaskState::Failed, 2);
     let j = &s.jobs["hopeless"].rec;
-    assert_eq!((j.state, j.exit_code), (JobState::Failed as i32, 2));
+    assert_eq!((j.state, j.exit_code), (JobState::Failed, 2));
     assert!(j.error.contains("hopeless/task-0"), "{}", j.error);
 }
 
@@ -198,7 +198,7 @@ fn a_dead_workers_tasks_move_and_the_state_survives_a_restart() {
     let mut s = open(dir.path());
     assert_eq!(s.workers["b"].used.cpu_millicores, 1000);
     report(&mut s, &second[0], TaskState::Succeeded, 0);
-    assert_eq!(s.jobs["j"].rec.state, JobState::Succeeded as i32);
+    assert_eq!(s.jobs["j"].rec.state, JobState::Succeeded);
 }
 
 #[test]
@@ -269,7 +269,7 @@ fn a_dead_worker_back_within_its_fence_keeps_its_tasks() {
     assert!(!beat(&mut s).should_reset);
     assert!(s.workers["a"].rec.healthy);
     report(&mut s, &first[0], TaskState::Succeeded, 0);
-    assert_eq!(s.jobs["j"].rec.state, JobState::Succeeded as i32);
+    assert_eq!(s.jobs["j"].rec.state, JobState::Succeeded);
     assert_eq!(s.tasks["j/task-0"].attempts.len(), 1);
 }
 
@@ -285,17 +285,17 @@ fn a_sibling_that_succeeded_stays_succeeded_when_the_job_fails_first() {
     let runs = accept_all(&mut s);
     // Task 1 succeeded on the worker, but task 0's failure is heard of first.
     report(&mut s, &runs[0], TaskState::Failed, 2);
-    assert_eq!(s.jobs["j"].rec.state, JobState::Failed as i32);
-    assert_eq!(s.tasks["j/task-1"].state, TaskState::Killed as i32);
+    assert_eq!(s.jobs["j"].rec.state, JobState::Failed);
+    assert_eq!(s.tasks["j/task-1"].state, TaskState::Killed);
     report(&mut s, &runs[1], TaskState::Succeeded, 0);
     let t = &s.tasks["j/task-1"];
-    assert_eq!((t.state, t.attempts[0].state), (TaskState::Succeeded as i32, TaskState::Succeeded as i32));
+    assert_eq!((t.state, t.attempts[0].state), (TaskState::Succeeded, TaskState::Succeeded));
     let j = &s.jobs["j"];
-    assert_eq!(j.rec.state, JobState::Failed as i32, "the job keeps its real cause");
+    assert_eq!(j.rec.state, JobState::Failed, "the job keeps its real cause");
     assert!(j.rec.error.contains("j/task-0"), "{}", j.rec.error);
     // A late KILLED (the kill the job's end sent) changes nothing.
     report(&mut s, &runs[1], TaskState::Killed, 0);
-    assert_eq!(s.tasks["j/task-1"].state, TaskState::Succeeded as i32);
+    assert_eq!(s.tasks["j/task-1"].state, TaskState::Succeeded);
 }
 
 #[test]
@@ -317,5 +317,5 @@ fn a_runtask_that_may_have_landed_is_not_sent_elsewhere() {
     assert!(s.workers[&worker_id].suspect_until_ms > now_ms());
     // The worker had it after all: its report completes the task.
     report(&mut s, &(task_id, attempt_id, worker_id), TaskState::Succeeded, 0);
-    assert_eq!(s.jobs["j"].rec.state, JobState::Succeeded as i32);
+    assert_eq!(s.jobs["j"].rec.state, JobState::Succeeded);
 }

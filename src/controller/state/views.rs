@@ -7,7 +7,7 @@ use crate::proto::controller::{self as pc};
 
 impl State {
     pub fn task_status(&self, t: &Task) -> crate::proto::TaskStatus {
-        let status_message = if t.state == TaskState::Pending as i32 && t.worker_id.is_empty() {
+        let status_message = if t.state == TaskState::Pending && t.worker_id.is_empty() {
             self.jobs.get(&t.job_id).map(|j| j.rec.status_message.clone()).unwrap_or_default()
         } else {
             String::new()
@@ -16,7 +16,7 @@ impl State {
             task_id: t.task_id.clone(),
             job_id: t.job_id.clone(),
             task_index: t.index,
-            state: t.state,
+            state: t.state.into(),
             worker_id: t.worker_id.clone(),
             worker_address: t.worker_address.clone(),
             exit_code: t.exit_code,
@@ -33,7 +33,7 @@ impl State {
                 .map(|a| crate::proto::TaskAttempt {
                     attempt_id: a.attempt_id,
                     worker_id: a.worker_id.clone(),
-                    state: a.state,
+                    state: a.state.into(),
                     exit_code: a.exit_code,
                     error: a.error.clone(),
                     started_at_ms: a.started_ms,
@@ -52,7 +52,7 @@ impl State {
 
     pub fn job_status(&self, job: &Job, with_tasks: bool) -> pc::JobStatus {
         let tasks = self.job_tasks(&job.rec.job_id);
-        let count = |f: &dyn Fn(i32) -> bool| tasks.iter().filter(|t| f(t.state)).count() as i32;
+        let count = |f: &dyn Fn(TaskState) -> bool| tasks.iter().filter(|t| f(t.state)).count() as i32;
         let mut ports = std::collections::HashMap::new();
         for t in &tasks {
             for (k, v) in &t.ports {
@@ -61,7 +61,7 @@ impl State {
         }
         pc::JobStatus {
             job_id: job.rec.job_id.clone(),
-            state: job.rec.state,
+            state: job.rec.state.into(),
             exit_code: job.rec.exit_code,
             error: job.rec.error.clone(),
             started_at_ms: job.rec.started_ms,
@@ -75,10 +75,10 @@ impl State {
             failure_count: job.rec.failure_count,
             preemption_count: job.rec.preemption_count,
             num_tasks: job.rec.num_tasks,
-            tasks_pending: count(&|s| s == TaskState::Pending as i32),
-            tasks_running: count(&|s| s == TaskState::Running as i32 || s == TaskState::Building as i32),
-            tasks_succeeded: count(&|s| s == TaskState::Succeeded as i32),
-            tasks_failed: count(&|s| task_terminal(s) && s != TaskState::Succeeded as i32),
+            tasks_pending: count(&|s| s == TaskState::Pending),
+            tasks_running: count(&|s| s == TaskState::Running || s == TaskState::Building),
+            tasks_succeeded: count(&|s| s == TaskState::Succeeded),
+            tasks_failed: count(&|s| task_terminal(s) && s != TaskState::Succeeded),
             tasks: if with_tasks { tasks.iter().map(|t| self.task_status(t)).collect() } else { Vec::new() },
         }
     }

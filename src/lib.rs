@@ -12,6 +12,7 @@
 //! - [`logs`]: the append-only, indexed log of each task, and its filters.
 //! - [`cgroup`]: cgroup v2/v1 paths, limits, kills and the stats read from them.
 //! - [`heartbeat`]: the worker's side of a controller (RegisterWorker, ReportTaskState).
+//! - [`join`]: the worker's side of the newest Iris controller (Register, the keep-alive).
 //! - [`isolation`]: the cgroup connect hook that keeps tasks off the worker's own port.
 //! - [`web`]: the pages and JSON on the same port.
 //! - [`controller`]: the controller (jobs → tasks on workers, retries, endpoints, SQLite state)
@@ -32,6 +33,7 @@ pub mod controller;
 pub mod env;
 pub mod heartbeat;
 pub mod isolation;
+pub mod join;
 pub mod logs;
 pub mod proto;
 pub mod rpc;

@@ -88,6 +88,12 @@ pub struct ServeArgs {
     /// Controller URL to register with and report to (Connect over HTTP) [default: none].
     #[arg(long, env = "IRIS_WORKER_CONTROLLER")]
     pub controller: Option<String>,
+    /// Which generation of Iris's wire to serve: january (RegisterWorker, RunTask, our CLI and
+    /// controller), newest (marin-iris 0.2.227: Register, Reconcile, logs pushed to Iris's log
+    /// service) or auto: with --controller, the generation that controller answers (it is
+    /// asked once at start); without one, january [default: auto].
+    #[arg(long, env = "IRIS_WORKER_IRIS_WIRE", value_enum)]
+    pub iris_wire: Option<crate::join::IrisWire>,
     /// This worker's id [default: the hostname].
     #[arg(long, env = "IRIS_WORKER_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -268,6 +274,7 @@ struct FileConfig {
     port_range: Option<String>,
     port_lock_dir: Option<PathBuf>,
     controller: Option<String>,
+    iris_wire: Option<crate::join::IrisWire>,
     worker_id: Option<String>,
     advertise_host: Option<String>,
     bind_host: Option<String>,
@@ -330,6 +337,8 @@ pub struct ServeConfig {
     pub port_range: (u16, u16),
     pub port_lock_dir: PathBuf,
     pub controller: Option<String>,
+    /// The wire generation asked for (`Auto` is settled against the controller at start).
+    pub iris_wire: crate::join::IrisWire,
     pub worker_id: String,
     pub advertise_host: String,
     pub bind_host: String,
@@ -535,6 +544,7 @@ impl ServeArgs {
                 .or(file.port_lock_dir)
                 .unwrap_or_else(|| crate::task::DEFAULT_PORT_LOCKS.into()),
             controller,
+            iris_wire: self.iris_wire.or(file.iris_wire).unwrap_or_default(),
             worker_id: match self.worker_id.or(file.worker_id) {
                 Some(id) => id,
                 None => nix::unistd::gethostname()

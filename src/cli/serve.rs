@@ -8,6 +8,7 @@ use super::config::{ServeArgs, ServeConfig};
 use crate::heartbeat::{self, WorkerIdentity};
 use crate::isolation::IsolationConfig;
 use crate::rpc::WorkerServiceImpl;
+use crate::rpc::connect::Generation;
 use crate::task::{ManagerConfig, PythonConfig, TaskManager, WorkerEnv};
 
 /// A worker started on a listener: its bound address and the serving task.
@@ -31,6 +32,16 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         local_ports: controller_port.into_iter().collect(),
         check_every: config.isolation_check_interval,
     };
+    let controller_client = controller_url
+        .as_deref()
+        .map(|url| crate::rpc::connect::ConnectClient::with_security(url, &config.security.client));
+    // Before the state directory is opened: a task accepted before a restart is read back
+    // with the decoder of the generation served.
+    let generation = crate::join::generation(config.iris_wire, controller_client.as_ref()).await;
+    let newest = generation == Generation::Newest;
+    if newest && let Some(url) = &controller_url {
+        crate::rpc::newest::convert::set_controller(url);
+    }
     let manager = TaskManager::open(ManagerConfig {
         state_dir: config.state_dir.clone(),
         runtime: config.runtime,
@@ -58,7 +69,11 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
             retain_finished: config.retain_finished,
             retain_for: config.retain_for,
         },
-        request_decoder: Some(crate::rpc::decode_run_task),
+        request_decoder: Some(if newest {
+            crate::rpc::newest::convert::decode_request
+        } else {
+            crate::rpc::decode_run_task
+        }),
         isolation: Some(isolation),
         cache: config.cache.clone(),
         lease: config.lease,
@@ -75,7 +90,15 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
     .with_context(|| format!("opening the state directory {}", config.state_dir.display()))?;
     let listener = listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    if let Some(url) = &controller_url {
+    let keepalive = crate::join::KeepAlive::new(crate::join::DEFAULT_KEEPALIVE);
+    if newest && let Some(client) = controller_client.clone() {
+        let me = crate::join::Registration {
+            worker_id: config.worker_id.clone(),
+            address: format!("{}:{}", config.advertise_host, addr.port()),
+            metadata: crate::join::host_metadata(&config.advertise_host, &config.cache_dir, &config.attributes),
+        };
+        crate::join::start(client, me, manager.clone(), keepalive.clone());
+    } else if let Some(url) = &controller_url {
         let mut metadata = heartbeat::host_metadata(&config.advertise_host);
         for (k, v) in &config.attributes {
             metadata.attributes.insert(k.clone(), heartbeat::attribute_value(v));
@@ -102,12 +125,21 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
     if let Some(warning) = &config.security.exposed_warning {
         tracing::warn!("{warning}");
     }
-    let service = WorkerServiceImpl::new(manager.clone());
     let options = config.security.serve.clone();
-    let server = tokio::spawn(async move {
-        crate::rpc::serve_with(listener, service, options, shutdown_signal()).await.map_err(anyhow::Error::from)
-    });
-    tracing::info!(%addr, worker_id = %config.worker_id, runtime = ?config.runtime, "worker serving");
+    let server = if newest {
+        let service =
+            crate::rpc::newest::NewestService::new(manager.clone(), controller_url.clone(), config.cache_dir.clone())
+                .with_keepalive(keepalive);
+        tokio::spawn(async move {
+            crate::rpc::newest::serve(listener, service, options, shutdown_signal()).await.map_err(anyhow::Error::from)
+        })
+    } else {
+        let service = WorkerServiceImpl::new(manager.clone());
+        tokio::spawn(async move {
+            crate::rpc::serve_with(listener, service, options, shutdown_signal()).await.map_err(anyhow::Error::from)
+        })
+    };
+    tracing::info!(%addr, worker_id = %config.worker_id, runtime = ?config.runtime, ?generation, "worker serving");
     Ok(Started { addr, server })
 }
 

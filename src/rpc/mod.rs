@@ -6,6 +6,7 @@ pub mod auth;
 pub mod connect;
 mod convert;
 pub mod listen;
+pub mod newest;
 mod security;
 mod server;
 mod service;

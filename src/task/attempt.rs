@@ -96,6 +96,25 @@ impl Attempt {
         })
     }
 
+    /// The attempt as the newest wire sees it, when it has an attempt uid.
+    pub(crate) fn uid_view(&self) -> Option<super::UidAttempt> {
+        let uid = self.meta.attempt_uid.clone()?;
+        let st = lock(&self.status);
+        Some(super::UidAttempt {
+            attempt_uid: uid,
+            task_id: self.meta.task_id.clone(),
+            attempt_id: self.meta.attempt_id,
+            state: st.state,
+            status_message: st.status_message.clone(),
+            exit_code: st.exit_code,
+            error: st.error.clone(),
+            started_at_ms: st.started_at_ms,
+            finished_at_ms: st.finished_at_ms,
+            container_id: self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            dir: self.dir.clone(),
+        })
+    }
+
     pub(crate) fn state(&self) -> TaskState {
         lock(&self.status).state
     }
@@ -439,7 +458,11 @@ pub(super) fn view(inner: &Inner, attempts: &[Arc<Attempt>]) -> Option<TaskView>
 pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, TaskError> {
     let mut tasks = lock(&inner.tasks);
     let previous = tasks.get(&spec.task_id).and_then(|a| a.last().cloned());
-    if let Some(prev) = &previous {
+    // On the newest wire the controller names attempts by uid: the same task and attempt id
+    // under a fresh uid is another attempt once the old one ended (the reconcile rules of
+    // `rpc/newest` have already dropped a duplicate of a live attempt).
+    let uid_after_end = spec.attempt_uid.is_some() && previous.as_ref().is_some_and(|p| p.state().is_terminal());
+    if let Some(prev) = previous.as_ref().filter(|_| !uid_after_end) {
         let current = prev.meta.attempt_id;
         if spec.attempt_id == current {
             return Err(TaskError::AlreadyExists { task_id: spec.task_id, attempt_id: spec.attempt_id });
@@ -459,7 +482,7 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
         })?
     };
     let ports = spec.ports.iter().cloned().zip(port_numbers).collect();
-    let key = store::task_key(&spec.task_id, spec.attempt_id);
+    let key = store::attempt_key(&spec.task_id, spec.attempt_id, spec.attempt_uid.as_deref());
     let meta = TaskMeta {
         task_id: spec.task_id.clone(),
         job_id: spec.job_id.clone(),
@@ -471,6 +494,7 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
         created_at_ms: now_ms(),
         cgroup: inner.cgroups.as_ref().map(|(_, parent)| format!("{parent}/{key}")),
         bundle: spec.bundle_gcs_path.clone(),
+        attempt_uid: spec.attempt_uid.clone(),
     };
     // A request may lower the worker's cap of its log, never raise it.
     let log_cap = match (spec.max_log_bytes, inner.config.bounds.max_log_bytes) {

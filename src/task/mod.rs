@@ -11,6 +11,7 @@ mod dockerfile;
 mod env;
 pub mod history;
 pub mod lease;
+mod newest;
 mod ports;
 mod prepare;
 mod retention;
@@ -218,6 +219,24 @@ pub struct TaskView {
     pub build: Option<(bool, String)>,
     pub current_attempt_id: i32,
     pub attempts: Vec<AttemptView>,
+}
+
+/// An attempt of the newest wire, by its uid (see [`TaskManager::uid_attempts`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UidAttempt {
+    pub attempt_uid: String,
+    pub task_id: String,
+    pub attempt_id: i32,
+    pub state: TaskState,
+    pub status_message: String,
+    pub exit_code: i32,
+    pub error: String,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    /// The attempt's directory name, which is also its container's id.
+    pub container_id: String,
+    /// Its task directory (the log is below it).
+    pub dir: PathBuf,
 }
 
 /// A state change, for the controller reporter.
@@ -564,6 +583,34 @@ impl TaskManager {
             .filter(|(_, a)| a.last().is_some_and(|a| matches!(a.state(), TaskState::Running | TaskState::Building)))
             .map(|(id, _)| id.clone())
             .collect()
+    }
+
+    /// Every attempt that carries an attempt uid (the newest wire's attempts), for Reconcile.
+    pub fn uid_attempts(&self) -> Vec<UidAttempt> {
+        let attempts: Vec<Arc<Attempt>> = lock(&self.inner.tasks).values().flatten().cloned().collect();
+        attempts.iter().filter_map(|a| a.uid_view()).collect()
+    }
+
+    /// Ends the attempt `uid` as [`TaskManager::kill`] ends a task (SIGTERM, SIGKILL after
+    /// `grace_ms`); an attempt that already ended is left as it is.
+    pub fn kill_uid(&self, uid: &str, grace_ms: u64) -> Result<(), TaskError> {
+        let attempt = lock(&self.inner.tasks)
+            .values()
+            .flatten()
+            .find(|a| a.meta.attempt_uid.as_deref() == Some(uid))
+            .cloned()
+            .ok_or_else(|| TaskError::NotFound(uid.to_string()))?;
+        let _already_ended = attempt.request_kill(if grace_ms == 0 { DEFAULT_GRACE_MS } else { grace_ms });
+        Ok(())
+    }
+
+    /// The directory of the log of attempt `uid` (the newest wire's log pusher reads it).
+    pub fn uid_log_dir(&self, uid: &str) -> Option<PathBuf> {
+        lock(&self.inner.tasks)
+            .values()
+            .flatten()
+            .find(|a| a.meta.attempt_uid.as_deref() == Some(uid))
+            .map(|a| a.dir.join(crate::supervisor::files::LOGS))
     }
 
     /// Receives every state change from now on.

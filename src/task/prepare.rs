@@ -18,6 +18,9 @@ use crate::supervisor::files;
 pub(super) async fn prepare(inner: &Inner, attempt: &Attempt, spec: &TaskSpec) -> Result<LaunchSpec, String> {
     let workdir = attempt.dir.join(files::WORKDIR);
     store::write_workdir_files(&workdir, &spec.workdir_files).map_err(|e| format!("writing workdir_files: {e}"))?;
+    if spec.attempt_uid.is_some() {
+        return super::newest::prepare(inner, attempt, spec, workdir).await;
+    }
     if let Some(image) = &spec.image
         && let Some(dockerfile) = super::dockerfile::dockerfile_of(image)
     {
@@ -245,7 +248,7 @@ pub(super) fn launch_spec(
     LaunchSpec {
         runtime: config.runtime,
         profile: config.profile,
-        id: store::task_key(&spec.task_id, spec.attempt_id),
+        id: store::attempt_key(&spec.task_id, spec.attempt_id, spec.attempt_uid.as_deref()),
         argv,
         env,
         cwd_in_task: cwd,

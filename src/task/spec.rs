@@ -41,6 +41,10 @@ pub struct TaskSpec {
     pub workdir_files: Vec<(String, Vec<u8>)>,
     /// The request as received, kept in the task directory.
     pub raw_request: Vec<u8>,
+    /// The newest Iris wire's identity of the attempt (16 hex characters from the controller):
+    /// such a task runs in Iris's newest layout (see `task/newest.rs`), and the same task and
+    /// attempt id may come back under a fresh uid.
+    pub attempt_uid: Option<String>,
 }
 
 /// An argv with optional shell lines to run before it.

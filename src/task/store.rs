@@ -31,6 +31,9 @@ pub struct TaskMeta {
     /// The bundle the task runs from (a worker that adopts the task holds it in the cache).
     #[serde(default)]
     pub bundle: Option<String>,
+    /// The newest Iris wire's attempt uid: a restarted worker finds the attempt by it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_uid: Option<String>,
 }
 
 /// How an attempt ended that no supervisor recorded: killed while PENDING or BUILDING, its
@@ -83,6 +86,15 @@ pub fn task_key(task_id: &str, attempt_id: i32) -> String {
     format!("{}.{attempt_id}", escape(task_id))
 }
 
+/// The key of an attempt that may carry an attempt uid (the newest wire): the uid, escaped,
+/// follows, since one task and attempt id can come back under a fresh uid.
+pub fn attempt_key(task_id: &str, attempt_id: i32, attempt_uid: Option<&str>) -> String {
+    match attempt_uid {
+        Some(uid) => format!("{}.{}", task_key(task_id, attempt_id), escape(uid)),
+        None => task_key(task_id, attempt_id),
+    }
+}
+
 /// The `tasks/` directory of a state root.
 pub fn tasks_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("tasks")
@@ -100,7 +112,7 @@ pub fn create(
     log_cap: Option<u64>,
 ) -> Result<PathBuf, FileError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let dir = tasks_dir(state_dir).join(task_key(&meta.task_id, meta.attempt_id));
+    let dir = tasks_dir(state_dir).join(attempt_key(&meta.task_id, meta.attempt_id, meta.attempt_uid.as_deref()));
     let io = |op, path: &Path| {
         let path = path.to_path_buf();
         move |source| FileError::Io { op, path, source }

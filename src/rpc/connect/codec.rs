@@ -36,10 +36,21 @@ impl Codec {
 
     /// Decodes `body` as the message `full_name` (e.g. `iris.cluster.Worker.RunTaskRequest`).
     pub fn decode<M: Message + Default>(self, full_name: &str, body: &[u8]) -> Result<M, String> {
+        self.decode_in(Generation::January, full_name, body)
+    }
+
+    /// [`Codec::decode`] with the descriptors of one wire generation (both name their
+    /// messages `iris.cluster.*`, with different shapes).
+    pub fn decode_in<M: Message + Default>(
+        self,
+        generation: Generation,
+        full_name: &str,
+        body: &[u8],
+    ) -> Result<M, String> {
         match self {
             Codec::Proto => M::decode(body).map_err(|e| format!("decoding {full_name}: {e}")),
             Codec::Json => {
-                let desc = descriptor(full_name)?;
+                let desc = descriptor(generation, full_name)?;
                 let mut de = serde_json::Deserializer::from_slice(body);
                 // Fields this proto does not know are skipped, as Iris's clients expect of a
                 // peer (protobuf's `ignore_unknown_fields`): a newer sender must not fail here.
@@ -53,10 +64,15 @@ impl Codec {
 
     /// Encodes `msg`, whose proto name is `full_name`.
     pub fn encode<M: Message>(self, full_name: &str, msg: &M) -> Result<Vec<u8>, String> {
+        self.encode_in(Generation::January, full_name, msg)
+    }
+
+    /// [`Codec::encode`] with the descriptors of one wire generation.
+    pub fn encode_in<M: Message>(self, generation: Generation, full_name: &str, msg: &M) -> Result<Vec<u8>, String> {
         match self {
             Codec::Proto => Ok(msg.encode_to_vec()),
             Codec::Json => {
-                let desc = descriptor(full_name)?;
+                let desc = descriptor(generation, full_name)?;
                 let dynamic = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice())
                     .map_err(|e| format!("encoding {full_name}: {e}"))?;
                 let mut out = Vec::new();
@@ -70,15 +86,28 @@ impl Codec {
     }
 }
 
-fn pool() -> Result<&'static DescriptorPool, String> {
-    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
-    POOL.get_or_init(|| DescriptorPool::decode(FILE_DESCRIPTOR_SET).map_err(|e| format!("loading descriptors: {e}")))
+/// Which generation of Iris's wire a message belongs to (see docs/ARCHITECTURE.md, "Wire
+/// generations"): each has its own descriptor set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generation {
+    January,
+    Newest,
+}
+
+fn pool(generation: Generation) -> Result<&'static DescriptorPool, String> {
+    static JANUARY: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
+    static NEWEST: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
+    let (cell, bytes) = match generation {
+        Generation::January => (&JANUARY, FILE_DESCRIPTOR_SET),
+        Generation::Newest => (&NEWEST, crate::proto::newest::FILE_DESCRIPTOR_SET),
+    };
+    cell.get_or_init(|| DescriptorPool::decode(bytes).map_err(|e| format!("loading descriptors: {e}")))
         .as_ref()
         .map_err(Clone::clone)
 }
 
-fn descriptor(full_name: &str) -> Result<MessageDescriptor, String> {
-    pool()?.get_message_by_name(full_name).ok_or_else(|| format!("unknown message {full_name}"))
+fn descriptor(generation: Generation, full_name: &str) -> Result<MessageDescriptor, String> {
+    pool(generation)?.get_message_by_name(full_name).ok_or_else(|| format!("unknown message {full_name}"))
 }
 
 /// Inflates a gzip body, refusing more than `limit` bytes of output (a gzip bomb must not

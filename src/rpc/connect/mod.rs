@@ -11,7 +11,7 @@ mod codec;
 mod server;
 
 pub use client::{ConnectClient, ConnectError};
-pub use codec::Codec;
+pub use codec::{Codec, Generation};
 pub use server::{
     CallCode, ConnectService, MAX_BODY, ReadTimeout, connect_router, error_response, unary, worker_router,
 };

@@ -1,0 +1,228 @@
+//! The worker's side of the newest Iris controller (marin-iris 0.2.227): which wire generation a
+//! controller speaks, `ControllerService/Register` retried every 5 s until accepted, and the
+//! keep-alive that each Reconcile addressed to this worker resets. When no Reconcile came for
+//! the keep-alive timeout the controller has long failed this worker over and run its attempts
+//! elsewhere: every attempt is killed and the worker registers again, as Iris's worker does.
+//! The January generation's side is [`crate::heartbeat`].
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::proto::newest::iris::cluster::controller::{RegisterRequest, RegisterResponse};
+use crate::proto::newest::iris::job::{self, AttributeValue, DeviceConfig, WorkerMetadata};
+use crate::rpc::connect::{ConnectClient, ConnectError, Generation};
+use crate::task::TaskManager;
+
+const SERVICE: &str = "iris.cluster.ControllerService";
+/// Iris's worker registers every 5 s until accepted.
+pub const REGISTER_EVERY: Duration = Duration::from_secs(5);
+/// Iris's `heartbeat_timeout`: no Reconcile for this long and the worker resets.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(600);
+/// Register's deadline (Iris's worker uses 10 s).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `--iris-wire` setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IrisWire {
+    /// The January 2026 wire (RegisterWorker, RunTask, ...): also our CLI's and controller's.
+    January,
+    /// The newest wire (Register, Reconcile, logs pushed to Iris's log service).
+    Newest,
+    /// The controller's generation; January without a controller.
+    #[default]
+    Auto,
+}
+
+/// Settles `wire` against the controller: `Auto` asks it (retrying while it cannot be
+/// reached), the others are taken as they are. Without a controller `Auto` is January.
+pub async fn generation(wire: IrisWire, controller: Option<&ConnectClient>) -> Generation {
+    match (wire, controller) {
+        (IrisWire::January, _) | (IrisWire::Auto, None) => Generation::January,
+        (IrisWire::Newest, _) => Generation::Newest,
+        (IrisWire::Auto, Some(client)) => loop {
+            match probe(client).await {
+                Some(generation) => {
+                    tracing::info!(controller = client.base(), ?generation, "the controller's wire generation");
+                    return generation;
+                }
+                None => tokio::time::sleep(REGISTER_EVERY).await,
+            }
+        },
+    }
+}
+
+/// Which generation the controller answers: the newest one knows `Register` (an empty request
+/// registers nothing: a worker without an id is refused), the January one has no such path.
+/// `None` when the controller could not be asked.
+pub async fn probe(client: &ConnectClient) -> Option<Generation> {
+    let empty = RegisterRequest::default();
+    match client.call::<_, RegisterResponse>(SERVICE, "Register", &empty, CALL_TIMEOUT).await {
+        Ok(_) => Some(Generation::Newest),
+        Err(ConnectError::Status { code: tonic::Code::NotFound | tonic::Code::Unimplemented, .. }) => {
+            Some(Generation::January)
+        }
+        // Any other Connect answer (unauthenticated, invalid_argument) is a controller that
+        // has the method.
+        Err(ConnectError::Status { .. }) => Some(Generation::Newest),
+        Err(e) => {
+            tracing::warn!(error = %e, "asking the controller which wire it speaks; retrying");
+            None
+        }
+    }
+}
+
+/// When the controller last spoke to this worker (a Reconcile addressed to it).
+#[derive(Debug)]
+pub struct KeepAlive {
+    last: Mutex<Instant>,
+    timeout: Duration,
+    touched: tokio::sync::Notify,
+}
+
+impl KeepAlive {
+    pub fn new(timeout: Duration) -> Arc<KeepAlive> {
+        Arc::new(KeepAlive { last: Mutex::new(Instant::now()), timeout, touched: tokio::sync::Notify::new() })
+    }
+
+    /// A Reconcile for this worker arrived.
+    pub fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.touched.notify_waiters();
+    }
+
+    /// When the keep-alive runs out, unless touched before.
+    fn deadline(&self) -> Instant {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) + self.timeout
+    }
+}
+
+/// Who this worker is, for Register.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub worker_id: String,
+    /// host:port where the controller reaches this worker (it dials http://<address>).
+    pub address: String,
+    pub metadata: WorkerMetadata,
+}
+
+/// Registers, then watches the keep-alive; runs until the runtime stops.
+pub fn start(client: ConnectClient, me: Registration, manager: TaskManager, keepalive: Arc<KeepAlive>) {
+    tokio::spawn(async move {
+        loop {
+            register(&client, &me).await;
+            keepalive.touch();
+            loop {
+                let deadline = keepalive.deadline();
+                if Instant::now() >= deadline {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline.into()) => {}
+                    _ = keepalive.touched.notified() => {}
+                }
+            }
+            tracing::warn!(
+                timeout = ?keepalive.timeout,
+                "no Reconcile from the controller within the keep-alive: killing every attempt and registering again"
+            );
+            manager.reset().await;
+        }
+    });
+}
+
+/// Calls Register every [`REGISTER_EVERY`] until the controller accepts.
+async fn register(client: &ConnectClient, me: &Registration) {
+    let req = RegisterRequest {
+        address: me.address.clone(),
+        metadata: Some(me.metadata.clone()),
+        worker_id: me.worker_id.clone(),
+        slice_id: String::new(),
+        scale_group: string_attribute(&me.metadata, "scale-group").unwrap_or_default(),
+    };
+    loop {
+        match client.call::<_, RegisterResponse>(SERVICE, "Register", &req, CALL_TIMEOUT).await {
+            Ok(resp) if resp.accepted => {
+                tracing::info!(controller = client.base(), worker_id = %me.worker_id, "registered with the controller");
+                return;
+            }
+            Ok(_) => tracing::warn!(worker_id = %me.worker_id, "the controller refused the registration; retrying"),
+            Err(e) => tracing::warn!(error = %e, "registering with the controller; retrying"),
+        }
+        tokio::time::sleep(REGISTER_EVERY).await;
+    }
+}
+
+fn string_attribute(metadata: &WorkerMetadata, key: &str) -> Option<String> {
+    match metadata.attributes.get(key)?.value.as_ref()? {
+        job::attribute_value::Value::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// This host as the newest controller schedules on it: CPUs, memory, the cache volume's size,
+/// a CPU device, and the attributes Iris's worker always sends (`device-type`, `preemptible`)
+/// plus the operator's `--attribute`s (which win).
+pub fn host_metadata(ip_address: &str, disk_of: &std::path::Path, attributes: &[(String, String)]) -> WorkerMetadata {
+    let january = crate::heartbeat::host_metadata(ip_address);
+    let disk_bytes = nix::sys::statvfs::statvfs(disk_of)
+        .map(|s| (s.blocks() as u64).saturating_mul(s.fragment_size() as u64) as i64)
+        .unwrap_or(0);
+    let mut attrs = std::collections::HashMap::new();
+    attrs.insert("device-type".to_string(), text("cpu"));
+    attrs.insert("preemptible".to_string(), text("false"));
+    for (k, v) in attributes {
+        attrs.insert(k.clone(), value(v));
+    }
+    WorkerMetadata {
+        hostname: january.hostname,
+        ip_address: january.ip_address,
+        cpu_count: january.cpu_count,
+        memory_bytes: january.memory_bytes,
+        disk_bytes,
+        device: Some(DeviceConfig {
+            device: Some(job::device_config::Device::Cpu(job::CpuDevice { variant: "cpu".into() })),
+        }),
+        attributes: attrs,
+        ..Default::default()
+    }
+}
+
+fn text(v: &str) -> AttributeValue {
+    AttributeValue { value: Some(job::attribute_value::Value::StringValue(v.to_string())) }
+}
+
+/// An attribute from its text, as [`crate::heartbeat::attribute_value`] reads it.
+fn value(v: &str) -> AttributeValue {
+    use job::attribute_value::Value;
+    let value = if let Ok(i) = v.parse::<i64>() {
+        Value::IntValue(i)
+    } else if let Ok(f) = v.parse::<f64>() {
+        Value::FloatValue(f)
+    } else {
+        Value::StringValue(v.to_string())
+    };
+    AttributeValue { value: Some(value) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn without_a_controller_auto_is_january_and_forced_wires_stay() {
+        assert_eq!(generation(IrisWire::Auto, None).await, Generation::January);
+        assert_eq!(generation(IrisWire::Newest, None).await, Generation::Newest);
+        let unreachable = ConnectClient::new("http://127.0.0.1:9");
+        assert_eq!(generation(IrisWire::January, Some(&unreachable)).await, Generation::January);
+    }
+
+    #[test]
+    fn metadata_says_cpu_and_not_preemptible_unless_told() {
+        let m = host_metadata("10.0.0.1", std::path::Path::new("/"), &[("preemptible".into(), "true".into())]);
+        assert_eq!(m.ip_address, "10.0.0.1");
+        assert!(m.cpu_count >= 1 && m.memory_bytes > 0 && m.disk_bytes > 0);
+        assert_eq!(string_attribute(&m, "device-type").as_deref(), Some("cpu"));
+        assert_eq!(string_attribute(&m, "preemptible").as_deref(), Some("true"));
+    }
+}

@@ -1,0 +1,254 @@
+//! The newest wire's RunTaskRequest as a [`TaskSpec`], and task views as its TaskStatus.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use prost::Message;
+
+use crate::proto::newest::iris::job::{self, RunTaskRequest};
+use crate::proto::newest::iris::time::Timestamp;
+use crate::task::{Command, TaskError, TaskSpec, TaskView};
+
+fn invalid(field: &str, reason: impl Into<String>) -> TaskError {
+    TaskError::Invalid { field: field.to_string(), reason: reason.into() }
+}
+
+/// The controller bundles come from (`<controller>/blobs/<sha256>`), set once at start: a task
+/// accepted before a restart is read back from its `request.pb` through a plain function.
+static CONTROLLER: OnceLock<String> = OnceLock::new();
+
+/// Sets the controller's URL for [`decode_request`] (the first call wins).
+pub fn set_controller(url: &str) {
+    let _ = CONTROLLER.set(url.trim_end_matches('/').to_string());
+}
+
+/// A task's `request.pb` (the newest RunTaskRequest as received) as its spec again.
+pub fn decode_request(raw: &[u8]) -> Result<TaskSpec, TaskError> {
+    let req = RunTaskRequest::decode(raw).map_err(|e| invalid("request", format!("cannot be decoded: {e}")))?;
+    task_spec(req, CONTROLLER.get().map(String::as_str))
+}
+
+/// `/user/job/0` → (`/user/job`, 0).
+fn job_and_index(task_id: &str) -> (String, i32) {
+    match task_id.rsplit_once('/') {
+        Some((job, index)) if !job.is_empty() => (job.to_string(), index.parse().unwrap_or(0)),
+        _ => (task_id.to_string(), 0),
+    }
+}
+
+/// A RunTaskRequest (from a Reconcile's AttemptSpec) as a TaskSpec of the newest layout. The
+/// IRIS_* variables the request determines go into the spec's variables, after the request's
+/// own (they win); the worker adds its own at launch (`task/newest.rs`).
+pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSpec, TaskError> {
+    if req.task_id.is_empty() {
+        return Err(invalid("task_id", "must not be empty"));
+    }
+    if req.attempt_uid.is_empty() {
+        return Err(invalid("attempt_uid", "must not be empty"));
+    }
+    let raw_request = req.encode_to_vec();
+    let entrypoint = req.entrypoint.unwrap_or_default();
+    if !entrypoint.workdir_file_refs.is_empty() {
+        return Err(invalid("entrypoint.workdir_file_refs", "are not supported by this worker yet"));
+    }
+    let environment = req.environment.unwrap_or_default();
+    if !environment.secrets.is_empty() {
+        // Running without them would be wrong; writing them needs care (never world-readable).
+        return Err(invalid("environment.secrets", "are not supported by this worker yet"));
+    }
+    if !req.task_image.is_empty() {
+        return Err(invalid("task_image", "is not supported by this worker yet (tasks run in its python rootfs)"));
+    }
+    let res = req.resources.unwrap_or_default();
+    for (field, value) in [("resources.memory_bytes", res.memory_bytes), ("resources.disk_bytes", res.disk_bytes)] {
+        if value < 0 {
+            return Err(invalid(field, "must not be negative"));
+        }
+    }
+    if res.cpu_millicores < 0 {
+        return Err(invalid("resources.cpu_millicores", "must not be negative"));
+    }
+    let bundle = if req.bundle_id.is_empty() {
+        None
+    } else {
+        if req.bundle_id.len() != 64 || !req.bundle_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid("bundle_id", "must be a SHA-256 in hex"));
+        }
+        let Some(controller) = controller else {
+            return Err(invalid("bundle_id", "this worker has no controller to fetch bundles from"));
+        };
+        let controller = controller.trim_end_matches('/');
+        Some((format!("{controller}/blobs/{}", req.bundle_id), req.bundle_id.to_ascii_lowercase()))
+    };
+    let user_env: BTreeMap<String, String> = environment.env_vars.into_iter().collect();
+    let mut env_vars = user_env.clone();
+    let mut set = |k: &str, v: String| {
+        env_vars.insert(k.to_string(), v);
+    };
+    // Always with the attempt suffix, even `:0` (Iris PR #6951): the log key matches it.
+    set("IRIS_TASK_ID", format!("{}:{}", req.task_id, req.attempt_id));
+    set("IRIS_ATTEMPT_UID", req.attempt_uid.clone());
+    if !req.bundle_id.is_empty() {
+        set("IRIS_BUNDLE_ID", req.bundle_id.clone());
+    }
+    if !req.task_token.is_empty() {
+        set("IRIS_TASK_TOKEN", req.task_token.clone());
+    }
+    set("IRIS_JOB_SETUP_SCRIPTS", serde_json::Value::from(environment.setup_scripts.clone()).to_string());
+    set("IRIS_JOB_ENV", serde_json::to_string(&user_env).unwrap_or_else(|_| "{}".into()));
+    set("UV_LINK_MODE", "copy".into());
+    let (job_id, task_index) = job_and_index(&req.task_id);
+    let mut spec = TaskSpec {
+        task_id: req.task_id,
+        job_id,
+        task_index,
+        num_tasks: req.num_tasks,
+        attempt_id: req.attempt_id,
+        command: Some(Command {
+            argv: entrypoint.run_command.map(|c| c.argv).unwrap_or_default(),
+            setup_commands: entrypoint.setup_commands,
+        }),
+        env_vars,
+        bundle_gcs_path: bundle.as_ref().map(|(url, _)| url.clone()),
+        bundle_sha256: bundle.map(|(_, sha)| sha),
+        // The controller enforces the timeout (a stop with TASK_TIMEOUT), not the worker.
+        timeout: None,
+        ports: req.ports,
+        disk_bytes: (res.disk_bytes > 0).then_some(res.disk_bytes as u64),
+        workdir_files: entrypoint.workdir_files.into_iter().collect(),
+        raw_request,
+        attempt_uid: Some(req.attempt_uid),
+        ..Default::default()
+    };
+    spec.limits.cpu_millicores = (res.cpu_millicores > 0).then_some(res.cpu_millicores as u32);
+    spec.limits.memory_bytes = (res.memory_bytes > 0).then_some(res.memory_bytes as u64);
+    Ok(spec)
+}
+
+fn ts(ms: i64) -> Option<Timestamp> {
+    (ms > 0).then_some(Timestamp { epoch_ms: ms })
+}
+
+/// A task as the newest TaskStatus (what Iris's worker fills: not worker_id, not
+/// status_message).
+pub fn task_status(v: TaskView) -> job::TaskStatus {
+    const MB: u64 = 1 << 20;
+    job::TaskStatus {
+        task_id: v.task_id,
+        state: super::reconcile::wire_state(v.state) as i32,
+        exit_code: v.exit_code,
+        error: v.error,
+        started_at: ts(v.started_at_ms),
+        finished_at: ts(v.finished_at_ms),
+        ports: v.ports.into_iter().map(|(k, p)| (k, i32::from(p))).collect(),
+        resource_usage: v.usage.map(|u| job::ResourceUsage {
+            memory_mb: (u.memory_bytes / MB) as i64,
+            disk_mb: (u.disk_bytes / MB) as i64,
+            cpu_millicores: (u.cpu_percent * 10.0).round() as i32,
+            memory_peak_mb: (u.memory_peak_bytes / MB) as i64,
+            process_count: u.processes as i32,
+        }),
+        build_metrics: (v.build_started_ms > 0).then(|| {
+            let (from_cache, image_tag) = v.build.clone().unwrap_or_default();
+            job::BuildMetrics {
+                build_started: ts(v.build_started_ms),
+                build_finished: ts(v.build_finished_ms),
+                from_cache,
+                image_tag,
+            }
+        }),
+        current_attempt_id: v.current_attempt_id,
+        attempts: v
+            .attempts
+            .into_iter()
+            .map(|a| job::TaskAttempt {
+                attempt_id: a.attempt_id,
+                state: super::reconcile::wire_state(a.state) as i32,
+                exit_code: a.exit_code,
+                error: a.error,
+                started_at: ts(a.started_at_ms),
+                finished_at: ts(a.finished_at_ms),
+                is_worker_failure: a.is_worker_failure,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::newest::iris::job::{CommandEntrypoint, EnvironmentConfig, RuntimeEntrypoint};
+
+    fn request() -> RunTaskRequest {
+        RunTaskRequest {
+            task_id: "/alice/job/1".into(),
+            attempt_id: 2,
+            attempt_uid: "00112233aabbccdd".into(),
+            num_tasks: 3,
+            entrypoint: Some(RuntimeEntrypoint {
+                setup_commands: vec!["echo setup".into()],
+                run_command: Some(CommandEntrypoint { argv: vec!["bash".into(), "-c".into(), "echo hi".into()] }),
+                workdir_files: [("_callable.pkl".to_string(), b"x".to_vec())].into(),
+                ..Default::default()
+            }),
+            environment: Some(EnvironmentConfig {
+                env_vars: [("A".to_string(), "1".to_string()), ("IRIS_TASK_ID".into(), "forged".into())].into(),
+                setup_scripts: vec!["uv sync".into()],
+                ..Default::default()
+            }),
+            bundle_id: "ab".repeat(32),
+            task_token: "secret-token".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_request_becomes_a_spec_of_the_newest_layout() {
+        let spec = task_spec(request(), Some("http://127.0.0.1:10000/")).unwrap();
+        assert_eq!((spec.job_id.as_str(), spec.task_index, spec.attempt_id), ("/alice/job", 1, 2));
+        assert_eq!(spec.attempt_uid.as_deref(), Some("00112233aabbccdd"));
+        let command = spec.command.as_ref().unwrap();
+        assert_eq!(command.argv, ["bash", "-c", "echo hi"]);
+        assert_eq!(command.setup_commands, ["echo setup"]);
+        assert_eq!(spec.env_vars["IRIS_TASK_ID"], "/alice/job/1:2", "the wire's id wins over the request's");
+        assert_eq!(spec.env_vars["A"], "1");
+        assert_eq!(spec.env_vars["IRIS_TASK_TOKEN"], "secret-token");
+        assert_eq!(spec.env_vars["IRIS_JOB_SETUP_SCRIPTS"], r#"["uv sync"]"#);
+        let sha = "ab".repeat(32);
+        assert_eq!(spec.bundle_gcs_path, Some(format!("http://127.0.0.1:10000/blobs/{sha}")));
+        assert_eq!(spec.bundle_sha256, Some(sha));
+        assert_eq!(spec.workdir_files, [("_callable.pkl".to_string(), b"x".to_vec())]);
+        // The request is kept, and reads back to the same spec (map order aside, the bytes too).
+        set_controller("http://127.0.0.1:10000");
+        let mut again = decode_request(&spec.raw_request).unwrap();
+        assert_eq!(
+            RunTaskRequest::decode(again.raw_request.as_slice()),
+            RunTaskRequest::decode(spec.raw_request.as_slice())
+        );
+        again.raw_request = spec.raw_request.clone();
+        assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn what_this_worker_cannot_do_yet_is_refused_naming_the_field() {
+        let cases: [(&str, fn(&mut RunTaskRequest)); 4] = [
+            ("attempt_uid", |r| r.attempt_uid.clear()),
+            ("bundle_id", |r| r.bundle_id = "../../etc".into()),
+            ("task_image", |r| r.task_image = "ghcr.io/x:1".into()),
+            ("environment.secrets", |r| {
+                r.environment.as_mut().unwrap().secrets.insert("K".into(), "v".into());
+            }),
+        ];
+        for (field, break_it) in cases {
+            let mut req = request();
+            break_it(&mut req);
+            match task_spec(req, Some("http://c")) {
+                Err(TaskError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        assert!(matches!(task_spec(request(), None), Err(TaskError::Invalid { field, .. }) if field == "bundle_id"));
+    }
+}

@@ -1,0 +1,198 @@
+//! BUILDING for an attempt of the newest Iris wire (a spec with an attempt uid), laid out as
+//! Iris's newest worker lays it out: the bundle unpacked into the task's workdir and the
+//! entrypoint's workdir files beside it, the workdir at `/app` (= `$IRIS_WORKDIR`, read-write),
+//! the setup commands run in order, then the run command, in the workdir, with the newest
+//! `IRIS_*` environment. The root filesystem is the python rootfs (bash and python3, as Iris's
+//! default task image has them).
+//!
+//! Not yet as Iris does it (docs/ARCHITECTURE.md, "Wire generations"): the setup commands run
+//! in the task's own container before its command (Iris runs them in a separate, memory-bound
+//! build container), and `task_image` is not honoured yet.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::Inner;
+use super::attempt::Attempt;
+use super::spec::TaskSpec;
+use super::state::TaskState;
+use crate::runtime::{LaunchSpec, Mount, RuntimeKind};
+
+/// Where the workdir is in the task (Iris's `/app`).
+pub const WORKDIR_IN_TASK: &str = "/app";
+
+/// The script that runs the setup commands and then the command (passed as `"$@"`): Iris's
+/// `_run.sh` (cd into the workdir, the venv's activate when there is one, exec).
+fn run_script(setup: &[String]) -> String {
+    let mut s = String::from("set -e\n");
+    for step in setup {
+        s.push_str(step);
+        s.push('\n');
+    }
+    s.push_str(
+        "cd \"$IRIS_WORKDIR\"\nif [ -f \"$IRIS_VENV/bin/activate\" ]; then . \"$IRIS_VENV/bin/activate\"; fi\nexec \"$@\"",
+    );
+    s
+}
+
+/// The task's environment: PATH and HOME, the request's variables (with what the wire layer
+/// put there: the task's id with its attempt, uid, token, ...), then what the worker knows.
+pub(super) fn task_env(
+    spec: &TaskSpec,
+    worker: &super::WorkerEnv,
+    ports: &BTreeMap<String, u16>,
+    workdir: &str,
+    python: &str,
+) -> Vec<String> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    env.insert("HOME".into(), "/root".into());
+    for (k, v) in &spec.env_vars {
+        env.insert(k.clone(), v.clone());
+    }
+    let venv = format!("{}/.venv", workdir.trim_end_matches('/'));
+    let mut set = |k: &str, v: String| {
+        env.insert(k.to_string(), v);
+    };
+    set("IRIS_WORKDIR", workdir.to_string());
+    set("IRIS_PYTHON", python.to_string());
+    set("IRIS_VENV", venv.clone());
+    set("UV_PROJECT_ENVIRONMENT", venv);
+    set("IRIS_NUM_TASKS", spec.num_tasks.to_string());
+    set("IRIS_WORKER_ID", worker.worker_id.clone());
+    set("IRIS_BIND_HOST", worker.bind_host.clone());
+    set("IRIS_ADVERTISE_HOST", worker.advertise_host.clone());
+    if let Some(c) = &worker.controller_address {
+        set("IRIS_CONTROLLER_ADDRESS", c.clone());
+        set("IRIS_CONTROLLER_URL", c.clone());
+    }
+    for (name, port) in ports {
+        set(&format!("IRIS_PORT_{}", name.to_ascii_uppercase()), port.to_string());
+    }
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// Makes the launch spec of a newest-wire attempt (the workdir files are written already).
+pub(super) async fn prepare(
+    inner: &Inner,
+    attempt: &Attempt,
+    spec: &TaskSpec,
+    workdir: PathBuf,
+) -> Result<LaunchSpec, String> {
+    let Some(command) = &spec.command else {
+        return Err("the task has no run_command".into());
+    };
+    if command.argv.is_empty() {
+        return Err("the task's run_command has no argv".into());
+    }
+    if let Some(url) = &spec.bundle_gcs_path {
+        let bundle = inner.fetch_bundle(attempt, url, spec.bundle_sha256.as_deref()).await?;
+        attempt.set(inner, TaskState::Building, "unpacking the bundle into the workdir");
+        let (from, to) = (bundle.dir.clone(), workdir.clone());
+        tokio::task::spawn_blocking(move || copy_tree(&from, &to))
+            .await
+            .map_err(|e| format!("copying the bundle: {e}"))?
+            .map_err(|e| format!("copying the bundle into the workdir: {e}"))?;
+    }
+    let config = &inner.config;
+    let mut argv = vec!["bash".to_string(), "-c".to_string(), run_script(&command.setup_commands), "iris-run".into()];
+    argv.extend(command.argv.iter().cloned());
+    let (rootfs, mounts, cwd, python) = match config.runtime {
+        RuntimeKind::Container => {
+            let rootfs = inner.venvs.config().python_rootfs.clone();
+            if !rootfs.join("bin/bash").exists() && !rootfs.join("usr/bin/bash").exists() {
+                return Err("the python root filesystem does not exist (run scripts/fixtures python)".to_string());
+            }
+            let mounts = vec![Mount { host: workdir.clone(), target: WORKDIR_IN_TASK.into(), read_only: false }];
+            (rootfs, mounts, WORKDIR_IN_TASK.to_string(), "python3")
+        }
+        RuntimeKind::Process => (PathBuf::from("/"), vec![], workdir.to_string_lossy().into_owned(), "python3"),
+    };
+    let env = task_env(spec, &config.env, &attempt.meta.ports, &cwd, python);
+    Ok(super::prepare::launch_spec(inner, attempt, spec, argv, env, cwd, rootfs, mounts))
+}
+
+/// Copies the extracted bundle below `to`: directories, regular files and symlinks (the
+/// bundle cache refused any that leads out of the bundle), never over a file that is there
+/// (the entrypoint's workdir files win, as in Iris, where they are written after the bundle),
+/// without the `.venv` mount point the bundle cache makes.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in std::fs::read_dir(from.join(&rel))? {
+            let entry = entry?;
+            let name = rel.join(entry.file_name());
+            if rel.as_os_str().is_empty() && (entry.file_name() == ".venv" || entry.file_name() == ".git") {
+                continue;
+            }
+            let target = to.join(&name);
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                match std::fs::create_dir(&target) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                    _ => {}
+                }
+                stack.push(name);
+            } else if std::fs::symlink_metadata(&target).is_ok() {
+                continue;
+            } else if kind.is_symlink() {
+                std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
+            } else if kind.is_file() {
+                std::fs::copy(entry.path(), &target)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_script_runs_setup_then_execs_the_command_in_the_workdir() {
+        let s = run_script(&["echo one".into(), "echo two".into()]);
+        assert!(s.starts_with("set -e\necho one\necho two\ncd \"$IRIS_WORKDIR\""));
+        assert!(s.ends_with("exec \"$@\""));
+    }
+
+    #[test]
+    fn the_bundle_is_copied_without_overwriting_workdir_files() {
+        let from = tempfile::tempdir().unwrap();
+        let to = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(from.path().join("data")).unwrap();
+        std::fs::create_dir_all(from.path().join(".venv")).unwrap();
+        std::fs::write(from.path().join("data/payload.txt"), "bundle").unwrap();
+        std::fs::write(from.path().join("_callable.pkl"), "bundle").unwrap();
+        std::fs::write(to.path().join("_callable.pkl"), "entrypoint").unwrap();
+        copy_tree(from.path(), to.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(to.path().join("data/payload.txt")).unwrap(), "bundle");
+        assert_eq!(std::fs::read_to_string(to.path().join("_callable.pkl")).unwrap(), "entrypoint");
+        assert!(!to.path().join(".venv").exists());
+    }
+
+    #[test]
+    fn worker_variables_win_over_the_request() {
+        let spec = TaskSpec {
+            num_tasks: 2,
+            env_vars: [("IRIS_WORKDIR".to_string(), "/forged".to_string()), ("A".into(), "b".into())].into(),
+            ..Default::default()
+        };
+        let worker = super::super::WorkerEnv {
+            worker_id: "w".into(),
+            controller_address: Some("http://c:1".into()),
+            bind_host: "127.0.0.1".into(),
+            advertise_host: "10.0.0.1".into(),
+        };
+        let env = task_env(&spec, &worker, &[("http".to_string(), 12000)].into(), "/app", "python3");
+        for want in [
+            "IRIS_WORKDIR=/app",
+            "A=b",
+            "IRIS_PORT_HTTP=12000",
+            "IRIS_CONTROLLER_URL=http://c:1",
+            "IRIS_VENV=/app/.venv",
+        ] {
+            assert!(env.contains(&want.to_string()), "{want} in {env:?}");
+        }
+    }
+}

@@ -127,9 +127,15 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
     }
     let options = config.security.serve.clone();
     let server = if newest {
-        let service =
+        let mut service =
             crate::rpc::newest::NewestService::new(manager.clone(), controller_url.clone(), config.cache_dir.clone())
                 .with_keepalive(keepalive);
+        if let Some(client) = controller_client.clone() {
+            // Each attempt's lines go to Iris's log service; its end is reported once they are there.
+            let pusher = crate::logs::push::LogPusher::new(manager.clone(), client, config.security.client.clone());
+            pusher.start();
+            service = service.with_terminal_gate(std::sync::Arc::new(pusher));
+        }
         tokio::spawn(async move {
             crate::rpc::newest::serve(listener, service, options, shutdown_signal()).await.map_err(anyhow::Error::from)
         })

@@ -14,6 +14,7 @@
 mod error;
 mod format;
 mod lines;
+pub mod push;
 mod reader;
 mod segments;
 mod writer;

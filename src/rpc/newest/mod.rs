@@ -37,8 +37,8 @@ const MIN_DISK_FREE_BYTES: u64 = 10 << 30;
 /// Something that may hold back an attempt's terminal observation until its log is pushed
 /// (see [`crate::logs::push`]).
 pub trait TerminalGate: Send + Sync {
-    /// Whether attempt `uid`'s terminal state may be reported now.
-    fn may_report_terminal(&self, uid: &str) -> bool;
+    /// Whether the ended attempt `a`'s terminal state may be reported now.
+    fn may_report_terminal(&self, a: &crate::task::UidAttempt) -> bool;
 }
 
 /// The newest WorkerService.
@@ -224,8 +224,8 @@ fn hold_back_unpushed(observed: &mut [AttemptObservation], local: &[crate::task:
             WireState::try_from(o.state),
             Ok(WireState::Succeeded | WireState::Failed | WireState::Killed | WireState::WorkerFailed)
         );
-        if terminal && local.iter().any(|a| a.attempt_uid == o.attempt_uid) && !gate.may_report_terminal(&o.attempt_uid)
-        {
+        let held = terminal && local.iter().any(|a| a.attempt_uid == o.attempt_uid && !gate.may_report_terminal(a));
+        if held {
             *o = AttemptObservation {
                 attempt_uid: o.attempt_uid.clone(),
                 state: WireState::Running as i32,
@@ -373,7 +373,7 @@ mod tests {
 
     struct Never;
     impl TerminalGate for Never {
-        fn may_report_terminal(&self, _: &str) -> bool {
+        fn may_report_terminal(&self, _: &crate::task::UidAttempt) -> bool {
             false
         }
     }

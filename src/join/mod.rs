@@ -165,9 +165,8 @@ fn string_attribute(metadata: &WorkerMetadata, key: &str) -> Option<String> {
 /// plus the operator's `--attribute`s (which win).
 pub fn host_metadata(ip_address: &str, disk_of: &std::path::Path, attributes: &[(String, String)]) -> WorkerMetadata {
     let january = crate::heartbeat::host_metadata(ip_address);
-    let disk_bytes = nix::sys::statvfs::statvfs(disk_of)
-        .map(|s| (s.blocks() as u64).saturating_mul(s.fragment_size() as u64) as i64)
-        .unwrap_or(0);
+    let disk_bytes =
+        nix::sys::statvfs::statvfs(disk_of).map(|s| s.blocks().saturating_mul(s.fragment_size()) as i64).unwrap_or(0);
     let mut attrs = std::collections::HashMap::new();
     attrs.insert("device-type".to_string(), text("cpu"));
     attrs.insert("preemptible".to_string(), text("false"));

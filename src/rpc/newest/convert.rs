@@ -233,7 +233,8 @@ mod tests {
 
     #[test]
     fn what_this_worker_cannot_do_yet_is_refused_naming_the_field() {
-        let cases: [(&str, fn(&mut RunTaskRequest)); 4] = [
+        type Break = fn(&mut RunTaskRequest);
+        let cases: [(&str, Break); 4] = [
             ("attempt_uid", |r| r.attempt_uid.clear()),
             ("bundle_id", |r| r.bundle_id = "../../etc".into()),
             ("task_image", |r| r.task_image = "ghcr.io/x:1".into()),

@@ -168,11 +168,11 @@ impl NewestService {
         }
         let (healthy, health_error) = match nix::sys::statvfs::statvfs(&self.cache_dir) {
             Ok(s) => {
-                let frag = s.fragment_size() as u64;
-                let total = (s.blocks() as u64).saturating_mul(frag);
-                let free = (s.blocks_available() as u64).saturating_mul(frag);
+                let frag = s.fragment_size();
+                let total = s.blocks().saturating_mul(frag);
+                let free = s.blocks_available().saturating_mul(frag);
                 snapshot.disk_total_bytes = total as i64;
-                snapshot.disk_used_bytes = total.saturating_sub((s.blocks_free() as u64).saturating_mul(frag)) as i64;
+                snapshot.disk_used_bytes = total.saturating_sub(s.blocks_free().saturating_mul(frag)) as i64;
                 disk_health(free, total)
             }
             Err(e) => (false, format!("reading the cache volume's free space: {e}")),

@@ -88,8 +88,9 @@ fn harness_checks_against_iris_worker() {
         "{exe} serve --controller {{controller}} --worker-id {{worker_id}} --listen 127.0.0.1:{{port}} \
          --state-dir {{state_dir}}"
     );
-    // Whatever the checks leave (a task a failed check did not end) goes with the worker.
-    let cleanup = format!("{exe} cleanup --all --state-dir {{state_dir}}");
+    // Whatever the checks leave (a task a failed check did not end) goes with the worker;
+    // its directories go with the temp dir.
+    let cleanup = format!("{exe} cleanup --state-dir {{state_dir}}");
     let run = run_harness(&["--worker-cmd", &worker, "--worker-cleanup-cmd", &cleanup]);
     for name in SERVED {
         let check = run.checks.iter().find(|c| c.0 == name);

@@ -90,8 +90,9 @@ pub struct ServeArgs {
     pub controller: Option<String>,
     /// Which generation of Iris's wire to serve: january (RegisterWorker, RunTask, our CLI and
     /// controller), newest (marin-iris 0.2.227: Register, Reconcile, logs pushed to Iris's log
-    /// service) or auto: with --controller, the generation that controller answers (it is
-    /// asked once at start); without one, january [default: auto].
+    /// service) or auto: with --controller, the generation that controller answers (asked once
+    /// at start; when it cannot be asked, the one it answered last time, else january);
+    /// without one, january [default: auto].
     #[arg(long, env = "IRIS_WORKER_IRIS_WIRE", value_enum)]
     pub iris_wire: Option<crate::join::IrisWire>,
     /// This worker's id [default: the hostname].

@@ -37,7 +37,8 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
         .map(|url| crate::rpc::connect::ConnectClient::with_security(url, &config.security.client));
     // Before the state directory is opened: a task accepted before a restart is read back
     // with the decoder of the generation served.
-    let generation = crate::join::generation(config.iris_wire, controller_client.as_ref()).await;
+    let (generation, answered) =
+        crate::join::generation(config.iris_wire, controller_client.as_ref(), &config.state_dir).await;
     let newest = generation == Generation::Newest;
     if newest && let Some(url) = &controller_url {
         crate::rpc::newest::convert::set_controller(url);
@@ -88,6 +89,9 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
     })
     .await
     .with_context(|| format!("opening the state directory {}", config.state_dir.display()))?;
+    if answered && let Err(e) = crate::join::record(&config.state_dir, generation) {
+        tracing::warn!(error = %e, "recording the controller's wire generation");
+    }
     let listener = listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let keepalive = crate::join::KeepAlive::new(crate::join::DEFAULT_KEEPALIVE);

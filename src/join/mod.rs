@@ -18,6 +18,8 @@ const SERVICE: &str = "iris.cluster.ControllerService";
 pub const REGISTER_EVERY: Duration = Duration::from_secs(5);
 /// Iris's `heartbeat_timeout`: no Reconcile for this long and the worker resets.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(600);
+/// How long the generation probe waits for the controller.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Register's deadline (Iris's worker uses 10 s).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -34,22 +36,59 @@ pub enum IrisWire {
     Auto,
 }
 
-/// Settles `wire` against the controller: `Auto` asks it (retrying while it cannot be
-/// reached), the others are taken as they are. Without a controller `Auto` is January.
-pub async fn generation(wire: IrisWire, controller: Option<&ConnectClient>) -> Generation {
+/// The file in the state directory that records the generation a controller last answered.
+pub const RECORDED: &str = "iris-wire";
+
+/// Settles `wire` against the controller: `Auto` asks it; the others are taken as they are.
+/// Without a controller `Auto` is January. A controller that cannot be asked (it is down while
+/// the worker restarts) does not hold the worker up, whose tasks keep running and whose port
+/// must answer: the generation recorded in `state_dir` the last time is served, else January,
+/// with a warning (`--iris-wire` forces one). Returns whether the controller answered.
+pub async fn generation(
+    wire: IrisWire,
+    controller: Option<&ConnectClient>,
+    state_dir: &std::path::Path,
+) -> (Generation, bool) {
     match (wire, controller) {
-        (IrisWire::January, _) | (IrisWire::Auto, None) => Generation::January,
-        (IrisWire::Newest, _) => Generation::Newest,
-        (IrisWire::Auto, Some(client)) => loop {
-            match probe(client).await {
-                Some(generation) => {
-                    tracing::info!(controller = client.base(), ?generation, "the controller's wire generation");
-                    return generation;
-                }
-                None => tokio::time::sleep(REGISTER_EVERY).await,
+        (IrisWire::January, _) | (IrisWire::Auto, None) => (Generation::January, false),
+        (IrisWire::Newest, _) => (Generation::Newest, false),
+        (IrisWire::Auto, Some(client)) => match probe(client).await {
+            Some(generation) => {
+                tracing::info!(controller = client.base(), ?generation, "the controller's wire generation");
+                (generation, true)
+            }
+            None => {
+                let recorded = recorded(state_dir);
+                let generation = recorded.unwrap_or(Generation::January);
+                tracing::warn!(
+                    ?generation,
+                    from = if recorded.is_some() { "the state directory (the last answer)" } else { "the default" },
+                    "the controller could not be asked which wire it speaks; --iris-wire forces one"
+                );
+                (generation, false)
             }
         },
     }
+}
+
+/// The generation recorded in `state_dir`, if any.
+pub fn recorded(state_dir: &std::path::Path) -> Option<Generation> {
+    match std::fs::read_to_string(state_dir.join(RECORDED)).ok()?.trim() {
+        "january" => Some(Generation::January),
+        "newest" => Some(Generation::Newest),
+        _ => None,
+    }
+}
+
+/// Records the generation the controller answered (for a restart while it is down).
+pub fn record(state_dir: &std::path::Path, generation: Generation) -> std::io::Result<()> {
+    let name = match generation {
+        Generation::January => "january",
+        Generation::Newest => "newest",
+    };
+    let tmp = state_dir.join(format!("{RECORDED}.tmp"));
+    crate::supervisor::files::write_private(&tmp, name.as_bytes())?;
+    std::fs::rename(tmp, state_dir.join(RECORDED))
 }
 
 /// Which generation the controller answers: the newest one knows `Register` (an empty request
@@ -57,7 +96,7 @@ pub async fn generation(wire: IrisWire, controller: Option<&ConnectClient>) -> G
 /// `None` when the controller could not be asked.
 pub async fn probe(client: &ConnectClient) -> Option<Generation> {
     let empty = RegisterRequest::default();
-    match client.call::<_, RegisterResponse>(SERVICE, "Register", &empty, CALL_TIMEOUT).await {
+    match client.call::<_, RegisterResponse>(SERVICE, "Register", &empty, PROBE_TIMEOUT).await {
         Ok(_) => Some(Generation::Newest),
         Err(ConnectError::Status { code: tonic::Code::NotFound | tonic::Code::Unimplemented, .. }) => {
             Some(Generation::January)
@@ -210,10 +249,22 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_controller_auto_is_january_and_forced_wires_stay() {
-        assert_eq!(generation(IrisWire::Auto, None).await, Generation::January);
-        assert_eq!(generation(IrisWire::Newest, None).await, Generation::Newest);
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path();
+        assert_eq!(generation(IrisWire::Auto, None, dir).await, (Generation::January, false));
+        assert_eq!(generation(IrisWire::Newest, None, dir).await, (Generation::Newest, false));
         let unreachable = ConnectClient::new("http://127.0.0.1:9");
-        assert_eq!(generation(IrisWire::January, Some(&unreachable)).await, Generation::January);
+        assert_eq!(generation(IrisWire::January, Some(&unreachable), dir).await, (Generation::January, false));
+    }
+
+    #[tokio::test]
+    async fn a_controller_that_cannot_be_asked_gets_the_recorded_generation() {
+        let state = tempfile::tempdir().unwrap();
+        let unreachable = ConnectClient::new("http://127.0.0.1:9");
+        assert_eq!(generation(IrisWire::Auto, Some(&unreachable), state.path()).await, (Generation::January, false));
+        record(state.path(), Generation::Newest).unwrap();
+        assert_eq!(recorded(state.path()), Some(Generation::Newest));
+        assert_eq!(generation(IrisWire::Auto, Some(&unreachable), state.path()).await, (Generation::Newest, false));
     }
 
     #[test]

@@ -134,6 +134,20 @@ impl KeepAlive {
     fn deadline(&self) -> Instant {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) + self.timeout
     }
+
+    /// Returns once no touch came for the timeout.
+    pub async fn silence(&self) {
+        loop {
+            let deadline = self.deadline();
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = self.touched.notified() => {}
+            }
+        }
+    }
 }
 
 /// Who this worker is, for Register.
@@ -151,16 +165,7 @@ pub fn start(client: ConnectClient, me: Registration, manager: TaskManager, keep
         loop {
             register(&client, &me).await;
             keepalive.touch();
-            loop {
-                let deadline = keepalive.deadline();
-                if Instant::now() >= deadline {
-                    break;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep_until(deadline.into()) => {}
-                    _ = keepalive.touched.notified() => {}
-                }
-            }
+            keepalive.silence().await;
             tracing::warn!(
                 timeout = ?keepalive.timeout,
                 "no Reconcile from the controller within the keep-alive: killing every attempt and registering again"
@@ -265,6 +270,26 @@ mod tests {
         record(state.path(), Generation::Newest).unwrap();
         assert_eq!(recorded(state.path()), Some(Generation::Newest));
         assert_eq!(generation(IrisWire::Auto, Some(&unreachable), state.path()).await, (Generation::Newest, false));
+    }
+
+    #[tokio::test]
+    async fn the_keepalive_runs_out_only_after_a_timeout_without_touches() {
+        let timeout = Duration::from_secs(2);
+        let k = KeepAlive::new(timeout);
+        let started = Instant::now();
+        let waiter = tokio::spawn({
+            let k = k.clone();
+            async move { k.silence().await }
+        });
+        for _ in 0..3 {
+            tokio::time::sleep(timeout / 4).await;
+            assert!(!waiter.is_finished(), "touched within the timeout");
+            k.touch();
+        }
+        let last_touch = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap();
+        assert!(last_touch.elapsed() >= timeout, "it ran out a whole timeout after the last touch");
+        assert!(started.elapsed() >= timeout + 3 * timeout / 4);
     }
 
     #[test]

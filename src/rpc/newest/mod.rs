@@ -371,6 +371,22 @@ mod tests {
         assert!(disk_health(20 * GIB, 1000 * GIB).0, "2 % free but 20 GiB");
     }
 
+    #[test]
+    fn json_requests_use_the_newest_descriptors() {
+        use crate::rpc::connect::{Codec, Generation};
+        let json = br#"{"workerId":"w1","desired":[{"attemptUid":"u1","stop":"STOP_REASON_CANCELLED"}]}"#;
+        let req: ReconcileRequest =
+            Codec::Json.decode_in(Generation::Newest, "iris.cluster.Worker.ReconcileRequest", json).unwrap();
+        assert_eq!(req.worker_id, "w1");
+        assert_eq!(req.desired[0].attempt_uid, "u1");
+        // The January generation has no such message.
+        let january: Result<ReconcileRequest, _> = Codec::Json.decode("iris.cluster.Worker.ReconcileRequest", json);
+        assert!(january.is_err());
+        let resp = ReconcileResponse { worker_id: "w1".into(), ..Default::default() };
+        let out = Codec::Json.encode_in(Generation::Newest, "iris.cluster.Worker.ReconcileResponse", &resp).unwrap();
+        assert_eq!(out, br#"{"workerId":"w1"}"#);
+    }
+
     struct Never;
     impl TerminalGate for Never {
         fn may_report_terminal(&self, _: &crate::task::UidAttempt) -> bool {

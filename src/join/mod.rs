@@ -170,7 +170,7 @@ pub fn start(client: ConnectClient, me: Registration, manager: TaskManager, keep
                 timeout = ?keepalive.timeout,
                 "no Reconcile from the controller within the keep-alive: killing every attempt and registering again"
             );
-            manager.reset().await;
+            let _forgotten = manager.reset(manager.fence_mark()).await;
         }
     });
 }

@@ -99,6 +99,9 @@ impl NewestService {
         if let Some(k) = &self.keepalive {
             k.touch();
         }
+        // The controller's contact renews the lease under which tasks run (see
+        // `crate::supervisor::lease`): on this wire a Reconcile is that contact.
+        self.manager.heard_from_controller(crate::supervisor::lease::boottime_ms());
         let local = self.manager.uid_attempts();
         let (actions, mut observed) = reconcile::reconcile(&req.desired, &local);
         let mut refused: HashMap<String, String> = HashMap::new();

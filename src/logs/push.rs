@@ -183,7 +183,8 @@ impl LogPusher {
             .ok_or_else(|| format!("the controller has no {LOG_SERVER_ENDPOINT} endpoint"))?;
         let address = if address.contains("://") { address } else { format!("http://{address}") };
         tracing::info!(%address, "the log service");
-        let client = ConnectClient::with_security(&address, &self.inner.security);
+        // finelog's own clients send zstd bodies; so do we (a batch of log lines shrinks well).
+        let client = ConnectClient::with_security(&address, &self.inner.security).with_zstd_requests();
         *self.inner.service.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
         Ok(client)
     }

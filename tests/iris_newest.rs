@@ -177,6 +177,17 @@ mod reconcile {
             }
         }
 
+        /// The raw HTTP/1.1 answer to `GET path` (the connection closed after it).
+        fn get(&self, path: &str) -> String {
+            use std::io::{Read, Write};
+            let addr = self.client.base().trim_start_matches("http://").to_string();
+            let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+            write!(conn, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+            let mut out = String::new();
+            conn.read_to_string(&mut out).unwrap();
+            out
+        }
+
         fn kill9(&mut self) {
             if let Some(mut c) = self.child.take() {
                 let _ = c.kill();
@@ -317,5 +328,10 @@ mod reconcile {
         // Terminal history not asked about is not reported.
         let quiet = w.reconcile(&w.id, vec![]).await;
         assert!(quiet.observed.is_empty(), "{quiet:?}");
+
+        // GET /health as Iris's worker answers it.
+        let health = w.get("/health");
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        assert!(health.ends_with(r#"{"status":"healthy"}"#), "{health}");
     }
 }

@@ -201,8 +201,12 @@ impl LogPusher {
             .clone();
         let mut pending: Vec<UidAttempt> = Vec::new();
         {
-            let done = self.inner.done.lock().unwrap_or_else(|p| p.into_inner());
-            pending.extend(attempts.into_iter().filter(|a| !done.contains(&a.attempt_uid)));
+            // Attempts the manager removed (retention) leave the sets: they stay bounded.
+            let present: HashSet<&str> = attempts.iter().map(|a| a.attempt_uid.as_str()).collect();
+            self.inner.resumed.lock().unwrap_or_else(|p| p.into_inner()).retain(|u| present.contains(u.as_str()));
+            let mut done = self.inner.done.lock().unwrap_or_else(|p| p.into_inner());
+            done.retain(|u| present.contains(u.as_str()));
+            pending.extend(attempts.iter().filter(|a| !done.contains(&a.attempt_uid)).cloned());
         }
         for a in pending {
             let ended = a.state.is_terminal();

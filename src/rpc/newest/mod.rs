@@ -343,7 +343,12 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| crate::rpc::ServeError::Io { addr: ([0, 0, 0, 0], 0).into(), source })?;
     let web = crate::web::Web::new(service.manager().clone());
-    let app = crate::rpc::connect::connect_router(service).merge(web.router());
+    // `GET /health` answers as Iris's worker does (bootstrap scripts and load balancers read
+    // it); everything else is the WorkerService and the pages.
+    let health = || async { axum::Json(serde_json::json!({"status": "healthy"})) };
+    let app = axum::Router::new()
+        .route("/health", axum::routing::get(health))
+        .fallback_service(crate::rpc::connect::connect_router(service).merge(web.router()));
     let app = options.gate.protect(web.track_rpcs(app));
     let shutdown = async move {
         shutdown.await;

@@ -28,7 +28,7 @@
 
 mod cache;
 mod extract;
-mod fetch;
+pub(crate) mod fetch;
 pub mod sources;
 
 use std::fmt;

@@ -85,6 +85,12 @@ pub(super) async fn prepare(
     if command.argv.is_empty() {
         return Err("the task's run_command has no argv".into());
     }
+    if !spec.workdir_file_refs.is_empty() {
+        attempt.set(inner, TaskState::Building, "downloading workdir files");
+        for (rel, url, sha256) in &spec.workdir_file_refs {
+            fetch_ref(inner, &workdir, rel, url, sha256).await?;
+        }
+    }
     if let Some(url) = &spec.bundle_gcs_path {
         let bundle = inner.fetch_bundle(attempt, url, spec.bundle_sha256.as_deref()).await?;
         attempt.set(inner, TaskState::Building, "unpacking the bundle into the workdir");
@@ -111,6 +117,41 @@ pub(super) async fn prepare(
     let env = task_env(spec, &config.env, &attempt.meta.ports, &cwd, python);
     Ok(super::prepare::launch_spec(inner, attempt, spec, argv, env, cwd, rootfs, mounts))
 }
+
+/// A workdir file the controller keeps as a blob (Iris offloads those over 10 KiB): fetched
+/// from `url` (the controller, a trusted source) into `workdir/rel`, its sha256 checked.
+async fn fetch_ref(inner: &Inner, workdir: &Path, rel: &str, url: &str, sha256: &str) -> Result<(), String> {
+    let failed = |why: String| format!("workdir_file_refs[{rel:?}]: {why}");
+    let location =
+        crate::bundle::fetch::locate(url, &inner.config.bundle_sources).map_err(|e| failed(e.to_string()))?;
+    let path = workdir.join(rel);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| failed(format!("creating its directory: {e}")))?;
+    }
+    // Never through a planted symlink: the file must not exist yet.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| failed(format!("creating it: {e}")))?;
+    let got = crate::bundle::fetch::download(url, &location, file, MAX_REF_BYTES).await;
+    let got = match got {
+        Ok(got) => got,
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(failed(e.to_string()));
+        }
+    };
+    if !got.sha256.eq_ignore_ascii_case(sha256) {
+        let _ = std::fs::remove_file(&path);
+        return Err(failed(format!("the controller sent content whose sha256 is {}, not {sha256}", got.sha256)));
+    }
+    Ok(())
+}
+
+/// A workdir file from the controller at most (Iris's bundles are bounded at 25 MiB; a blob
+/// ten times that is a mistake, not a file).
+const MAX_REF_BYTES: u64 = 256 << 20;
 
 /// Copies the extracted bundle below `to`: directories, regular files and symlinks (the
 /// bundle cache refused any that leads out of the bundle), never over a file that is there

@@ -45,6 +45,8 @@ pub struct TaskSpec {
     /// such a task runs in Iris's newest layout (see `task/newest.rs`), and the same task and
     /// attempt id may come back under a fresh uid.
     pub attempt_uid: Option<String>,
+    /// The newest wire's large workdir files, fetched at start: (relative path, URL, sha256).
+    pub workdir_file_refs: Vec<(String, String, String)>,
 }
 
 /// An argv with optional shell lines to run before it.

@@ -30,6 +30,8 @@ The checks (names for --only), each through Iris's client against the controller
   cancel            a running job cancelled -> KILLED, every process of the task gone
   replicas          a 2-replica job: both tasks SUCCEEDED, each logged its own task id
   workspace_bundle  the client's workspace bundle: a data file read, a module imported
+  large_workdir_file  a workdir file over the controller's 10 KiB threshold (sent as a blob
+                    ref, fetched from the controller) arrives whole
   exec              ExecInContainer through the controller: stdout, stderr, exit code
   exec_env          ... and the exec runs in the task's environment (IRIS_TASK_ID set)
   process_status    GetProcessStatus of the worker through the controller
@@ -395,6 +397,21 @@ def check_workspace_bundle(ctx: Ctx) -> str:
     return "the task read a file and imported a module of the workspace bundle"
 
 
+def check_large_workdir_file(ctx: Ctx) -> str:
+    # Iris's controller keeps a workdir file over 10 KiB as a blob and sends only its sha256
+    # (workdir_file_refs): the worker fetches it from the controller's /blobs/<sha256>.
+    import hashlib
+
+    content = f"large-{ctx.nonce}\n".encode() * 2000
+    want = hashlib.sha256(content).hexdigest()
+    script = 'cd "$IRIS_WORKDIR" && sha256sum data/large.bin'
+    job = _submit(ctx, "large_workdir_file", Entrypoint(command=["bash", "-c", script], workdir_files={"data/large.bin": content}))
+    status = _wait_terminal(job)
+    _expect(status.state is JobState.SUCCEEDED, f"job is {status.state}: {status.error_message}")
+    _log_lines(job, lambda lines: f"{want}  data/large.bin" in lines)
+    return f"a {len(content)}-byte workdir file (a blob on the controller) arrived whole"
+
+
 def _controller_stub(ctx: Ctx):
     return ControllerServiceClientSync(
         ctx.controller, timeout_ms=30000, accept_compression=IRIS_RPC_COMPRESSIONS, send_compression=None
@@ -475,6 +492,7 @@ CHECKS: dict[str, Callable[[Ctx], str]] = {
     "cancel": check_cancel,
     "replicas": check_replicas,
     "workspace_bundle": check_workspace_bundle,
+    "large_workdir_file": check_large_workdir_file,
     "exec": check_exec,
     "exec_env": check_exec_env,
     "process_status": check_process_status,

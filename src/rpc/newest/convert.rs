@@ -48,9 +48,6 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
     }
     let raw_request = req.encode_to_vec();
     let entrypoint = req.entrypoint.unwrap_or_default();
-    if !entrypoint.workdir_file_refs.is_empty() {
-        return Err(invalid("entrypoint.workdir_file_refs", "are not supported by this worker yet"));
-    }
     let environment = req.environment.unwrap_or_default();
     if !environment.secrets.is_empty() {
         // Running without them would be wrong; writing them needs care (never world-readable).
@@ -71,7 +68,7 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
     let bundle = if req.bundle_id.is_empty() {
         None
     } else {
-        if req.bundle_id.len() != 64 || !req.bundle_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !is_sha256(&req.bundle_id) {
             return Err(invalid("bundle_id", "must be a SHA-256 in hex"));
         }
         let Some(controller) = controller else {
@@ -80,6 +77,26 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
         let controller = controller.trim_end_matches('/');
         Some((format!("{controller}/blobs/{}", req.bundle_id), req.bundle_id.to_ascii_lowercase()))
     };
+    let mut refs = Vec::with_capacity(entrypoint.workdir_file_refs.len());
+    for (path, blob) in &entrypoint.workdir_file_refs {
+        let field = format!("entrypoint.workdir_file_refs[{:?}]", crate::task::short(path));
+        let relative = !path.is_empty()
+            && !path.contains('\0')
+            && std::path::Path::new(path).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !relative {
+            return Err(invalid(&field, "must be a relative path inside the workdir (no '..', no leading '/')"));
+        }
+        if !is_sha256(blob) {
+            return Err(invalid(&field, "must name a blob by its SHA-256 in hex"));
+        }
+        let Some(controller) = controller else {
+            return Err(invalid(&field, "this worker has no controller to fetch blobs from"));
+        };
+        let controller = controller.trim_end_matches('/');
+        let blob = blob.to_ascii_lowercase();
+        refs.push((path.clone(), format!("{controller}/blobs/{blob}"), blob));
+    }
+    refs.sort();
     let user_env: BTreeMap<String, String> = environment.env_vars.into_iter().collect();
     let mut env_vars = user_env.clone();
     let mut set = |k: &str, v: String| {
@@ -118,11 +135,16 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
         workdir_files: entrypoint.workdir_files.into_iter().collect(),
         raw_request,
         attempt_uid: Some(req.attempt_uid),
+        workdir_file_refs: refs,
         ..Default::default()
     };
     spec.limits.cpu_millicores = (res.cpu_millicores > 0).then_some(res.cpu_millicores as u32);
     spec.limits.memory_bytes = (res.memory_bytes > 0).then_some(res.memory_bytes as u64);
     Ok(spec)
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn ts(ms: i64) -> Option<Timestamp> {
@@ -191,7 +213,7 @@ mod tests {
                 setup_commands: vec!["echo setup".into()],
                 run_command: Some(CommandEntrypoint { argv: vec!["bash".into(), "-c".into(), "echo hi".into()] }),
                 workdir_files: [("_callable.pkl".to_string(), b"x".to_vec())].into(),
-                ..Default::default()
+                workdir_file_refs: [("big/data.bin".to_string(), "CD".repeat(32))].into(),
             }),
             environment: Some(EnvironmentConfig {
                 env_vars: [("A".to_string(), "1".to_string()), ("IRIS_TASK_ID".into(), "forged".into())].into(),
@@ -220,6 +242,9 @@ mod tests {
         assert_eq!(spec.bundle_gcs_path, Some(format!("http://127.0.0.1:10000/blobs/{sha}")));
         assert_eq!(spec.bundle_sha256, Some(sha));
         assert_eq!(spec.workdir_files, [("_callable.pkl".to_string(), b"x".to_vec())]);
+        let blob = "cd".repeat(32);
+        let want_ref = ("big/data.bin".to_string(), format!("http://127.0.0.1:10000/blobs/{blob}"), blob.clone());
+        assert_eq!(spec.workdir_file_refs, [want_ref]);
         // The request is kept, and reads back to the same spec (map order aside, the bytes too).
         set_controller("http://127.0.0.1:10000");
         let mut again = decode_request(&spec.raw_request).unwrap();
@@ -234,8 +259,14 @@ mod tests {
     #[test]
     fn what_this_worker_cannot_do_yet_is_refused_naming_the_field() {
         type Break = fn(&mut RunTaskRequest);
-        let cases: [(&str, Break); 4] = [
+        let cases: [(&str, Break); 6] = [
             ("attempt_uid", |r| r.attempt_uid.clear()),
+            ("entrypoint.workdir_file_refs[\"../x\"]", |r| {
+                r.entrypoint.as_mut().unwrap().workdir_file_refs.insert("../x".into(), "ab".repeat(32));
+            }),
+            ("entrypoint.workdir_file_refs[\"y\"]", |r| {
+                r.entrypoint.as_mut().unwrap().workdir_file_refs.insert("y".into(), "not-a-sha".into());
+            }),
             ("bundle_id", |r| r.bundle_id = "../../etc".into()),
             ("task_image", |r| r.task_image = "ghcr.io/x:1".into()),
             ("environment.secrets", |r| {

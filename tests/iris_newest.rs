@@ -92,7 +92,9 @@ fn harness_checks_against_iris_worker() {
     // Whatever the checks leave (a task a failed check did not end) goes with the worker;
     // its directories go with the temp dir.
     let cleanup = format!("{exe} cleanup --state-dir {{state_dir}}");
-    let run = run_harness(&["--worker-cmd", &worker, "--worker-cleanup-cmd", &cleanup]);
+    // The suite's leftover check looks for the iwtest- prefix (cgroups are named by worker id).
+    let worker_id = format!("iwtest-harness-{}", std::process::id());
+    let run = run_harness(&["--worker-id", &worker_id, "--worker-cmd", &worker, "--worker-cleanup-cmd", &cleanup]);
     for name in SERVED {
         let check = run.checks.iter().find(|c| c.0 == name);
         assert!(

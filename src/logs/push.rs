@@ -39,8 +39,9 @@ pub const TICK: Duration = Duration::from_millis(250);
 pub const HOLD_AT_MOST: Duration = Duration::from_secs(30);
 /// How long after a restart the pusher waits before it asks the log service what a previous
 /// run pushed: finelog acknowledges a push once it is durable (about a second here), so a
-/// push the killed worker had in flight lands a moment after it died.
-pub const RESUME_SETTLE: Duration = Duration::from_secs(3);
+/// push the killed worker had in flight lands a moment after it died (within about a second
+/// here; the rest is margin for a loaded host).
+pub const RESUME_SETTLE: Duration = Duration::from_secs(5);
 /// The cursor file in an attempt's directory.
 pub const CURSOR: &str = "log.pushed";
 /// Iris's name of its log server's endpoint.

@@ -230,6 +230,7 @@ mod tests {
             created_at_ms: 1,
             cgroup: None,
             bundle: None,
+            attempt_uid: None,
         }
     }
 

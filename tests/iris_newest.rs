@@ -14,6 +14,17 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+/// A port free now, above the default task port range (30000-39999): a worker refuses a
+/// --port-range holding its own port.
+fn free_port() -> u16 {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if port >= 40_000 {
+            return port;
+        }
+    }
+}
+
 fn newest_python() -> PathBuf {
     let cache =
         std::env::var_os("IRIS_CACHE_DIR").map_or_else(|| PathBuf::from("/var/cache/iris-worker"), PathBuf::from);
@@ -85,8 +96,10 @@ const NOT_YET: [&str; 4] = ["callable", "exec", "exec_env", "process_status"];
 #[ignore = "root: iris-worker runs the harness's tasks in containers with cgroups"]
 fn harness_checks_against_iris_worker() {
     let exe = env!("CARGO_BIN_EXE_iris-worker");
+    // The port: above the default task port range, which a worker refuses to overlap.
+    let port = free_port();
     let worker = format!(
-        "{exe} serve --controller {{controller}} --worker-id {{worker_id}} --listen 127.0.0.1:{{port}} \
+        "{exe} serve --controller {{controller}} --worker-id {{worker_id}} --listen 127.0.0.1:{port} \
          --state-dir {{state_dir}}"
     );
     // Whatever the checks leave (a task a failed check did not end) goes with the worker;
@@ -153,7 +166,7 @@ mod reconcile {
         }
 
         async fn spawn(&mut self) {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = super::free_port();
             let log = std::fs::File::create(self.state.path().join(format!("worker-{port}.log"))).unwrap();
             let child = Command::new(env!("CARGO_BIN_EXE_iris-worker"))
                 .args(["serve", "--iris-wire", "newest", "--worker-id", &self.id])

@@ -15,7 +15,8 @@
 //!   environment are not used then: a proxy would connect on our behalf to an address we never
 //!   see.
 //! - The worker's own controller is trusted whatever its address, for the inline bundles it
-//!   serves only (`<controller>/bundles/<sha256>.zip`, Iris's `bundle_blob`): those are fetched
+//!   serves only (`<controller>/bundles/<sha256>.zip`, Iris's `bundle_blob`, and the newest
+//!   Iris's `<controller>/blobs/<sha256>`): those are fetched
 //!   from it with the worker's token and CA; where it redirects is checked as any URL.
 //! - "Public" leaves out this host's own addresses, whatever they are.
 //! - `gs://` and `s3://` are unchanged: their clients reach only their services (and the cloud's
@@ -77,7 +78,8 @@ impl ControllerSource {
         Some(ControllerSource { scheme: url.scheme().to_string(), host, port, addresses, authorization, ca_pem })
     }
 
-    /// Whether `url` is an inline bundle this controller serves (`…/bundles/<sha256>.zip`):
+    /// Whether `url` is an inline bundle this controller serves (`…/bundles/<sha256>.zip`, or
+    /// the newest wire's `…/blobs/<sha256>`):
     /// only those get the worker's token and skip the public-address check. Any other path on
     /// the controller's host (another service behind the same address, an open redirect) is an
     /// ordinary URL.
@@ -101,11 +103,16 @@ impl ControllerSource {
     }
 }
 
-/// `…/bundles/<64 hex digits>.zip`, as the controller serves inline bundles.
+/// `…/bundles/<64 hex digits>.zip`, as the controller serves inline bundles, or
+/// `…/blobs/<64 hex digits>`, as the newest Iris controller serves bundles and the workdir
+/// files it keeps as blobs.
 fn is_inline_bundle_path(path: &str) -> bool {
     let Some((dir, name)) = path.rsplit_once('/') else { return false };
-    let Some(sha) = name.strip_suffix(".zip") else { return false };
-    (dir == "/bundles" || dir.ends_with("/bundles")) && sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit())
+    let is_sha = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match name.strip_suffix(".zip") {
+        Some(sha) => (dir == "/bundles" || dir.ends_with("/bundles")) && is_sha(sha),
+        None => (dir == "/blobs" || dir.ends_with("/blobs")) && is_sha(name),
+    }
 }
 
 /// Why a `file://` bundle could not be opened.
@@ -438,6 +445,11 @@ mod tests {
             ("http://127.0.0.1:10000/admin/SHA.zip", false),
             ("http://127.0.0.1:10000/bundles/x.zip", false),
             ("http://127.0.0.1:10000/bundles/SHA.zip?next=/admin", false),
+            // The newest Iris controller's blobs (bundles and large workdir files).
+            ("http://127.0.0.1:10000/blobs/SHA", true),
+            ("http://127.0.0.1:10000/blobs/SHA.zip", false),
+            ("http://127.0.0.1:10000/blobs/x", false),
+            ("http://127.0.0.1:10000/admin/SHA", false),
         ] {
             let url = url.replace("SHA", &sha);
             assert_eq!(with_ctl.check_url(&url::Url::parse(&url).unwrap()).is_ok(), ok, "{url}");

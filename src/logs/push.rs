@@ -293,7 +293,14 @@ impl LogPusher {
 /// The lines from `from` on, at most a batch.
 fn read_batch(task_dir: &Path, from: u64) -> Vec<LogLine> {
     let filter = LogFilter { start_line: from as i64, max_lines: BATCH_LINES, ..Default::default() };
-    let mut lines = crate::logs::read(&task_dir.join(crate::supervisor::files::LOGS), &filter).unwrap_or_default();
+    let mut lines = match crate::logs::read(&task_dir.join(crate::supervisor::files::LOGS), &filter) {
+        Ok(lines) => lines,
+        Err(e) => {
+            // Tried again next tick; the cursor stays where it is.
+            tracing::warn!(dir = %task_dir.display(), error = %e, "reading a task's log to push it");
+            Vec::new()
+        }
+    };
     let mut bytes = 0;
     let keep = lines
         .iter()

@@ -313,16 +313,49 @@ fn read_batch(task_dir: &Path, from: u64) -> Vec<LogLine> {
     lines
 }
 
+/// Whether an ended attempt may be reported ended: its lines are all pushed, or it ended more
+/// than [`HOLD_AT_MOST`] ago.
+pub fn may_report_end(a: &UidAttempt) -> bool {
+    let ended_long_ago = crate::supervisor::files::now_ms() - a.finished_at_ms > HOLD_AT_MOST.as_millis() as i64;
+    ended_long_ago || fully_pushed(&a.dir)
+}
+
 impl crate::rpc::newest::TerminalGate for LogPusher {
     fn may_report_terminal(&self, a: &UidAttempt) -> bool {
-        let ended_long_ago = crate::supervisor::files::now_ms() - a.finished_at_ms > HOLD_AT_MOST.as_millis() as i64;
-        ended_long_ago || fully_pushed(&a.dir)
+        may_report_end(a)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ended_attempt_is_reported_once_pushed_or_after_the_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join(crate::supervisor::files::LOGS);
+        let record = crate::logs::LogRecord { ts_ms: 1, source: Source::Stdout, data: b"last words" };
+        crate::logs::LogWriter::open(&logs).unwrap().append(&[record]).unwrap();
+        let now = crate::supervisor::files::now_ms();
+        let ended = |finished_at_ms| UidAttempt {
+            attempt_uid: "u".into(),
+            task_id: "/j/0".into(),
+            attempt_id: 0,
+            state: crate::task::TaskState::Succeeded,
+            status_message: String::new(),
+            exit_code: 0,
+            error: String::new(),
+            started_at_ms: 1,
+            finished_at_ms,
+            container_id: String::new(),
+            dir: dir.path().to_path_buf(),
+        };
+        assert!(!may_report_end(&ended(now)), "its line is not pushed yet");
+        let long_ago = now - HOLD_AT_MOST.as_millis() as i64 - 1;
+        assert!(may_report_end(&ended(long_ago)), "held at most HOLD_AT_MOST");
+        write_cursor(dir.path(), 1).unwrap();
+        assert!(may_report_end(&ended(now)), "pushed to the end");
+    }
 
     #[test]
     fn levels_follow_iris_rules() {

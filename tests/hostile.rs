@@ -173,7 +173,9 @@ impl Drop for Tmpfs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: a worker on a tiny tmpfs"]
 async fn a_run_task_failing_half_way_leaves_no_directory_record_or_port() {
-    let mut w = Worker::start("atomic", &["--port-range", "34800-34800"]).await;
+    // One port, below the kernel's ephemeral range (32768-60999), where no other test's
+    // outgoing connection can hold it.
+    let mut w = Worker::start("atomic", &["--port-range", "26200-26200"]).await;
     // Restart the worker on a 256 KiB state filesystem: room for its files, not for a request
     // carrying 1 MiB of workdir files.
     w.kill9();
@@ -199,7 +201,7 @@ async fn a_run_task_failing_half_way_leaves_no_directory_record_or_port() {
     small.ports = vec!["http".into()];
     c.run_task(small).await.unwrap();
     let s = common::wait_end(&mut c, "atomic/task-1", Duration::from_secs(60)).await;
-    assert_eq!(s.ports.get("http"), Some(&34800), "{s:?}");
+    assert_eq!(s.ports.get("http"), Some(&26200), "{s:?}");
     // The tmpfs goes first, then the worker and its state (drop order).
 }
 

@@ -74,7 +74,7 @@ async fn a_task_cannot_reach_the_worker(runtime: &str, busybox: &str) {
     let w = Worker::start_on(
         &format!("isolation-{runtime}"),
         "0.0.0.0",
-        &["--runtime", runtime, "--port-range", "34700-34709"],
+        &["--runtime", runtime, "--port-range", "26210-26219"],
     )
     .await;
     let mut c = w.client().await;

@@ -883,7 +883,7 @@ async fn the_init_reaps_orphans_and_an_exit_takes_every_process_of_the_task() {
     let python = python_rootfs();
     // A port range of its own: other workers on this host hand out ports from the default
     // range, and one could take the task's port the moment it is released.
-    let w = Worker::start("init", &["--rootfs", python.to_str().unwrap(), "--port-range", "41720-41729"]).await;
+    let w = Worker::start("init", &["--rootfs", python.to_str().unwrap(), "--port-range", "26220-26229"]).await;
     let mut c = w.client().await;
     // Orphans (a shell's background `sleep`) end under pid 1: an init reaps them, a Python
     // program as pid 1 would leave them zombies. The program waits until each orphan is gone

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::routing::post;
-use iris_worker::controller::{Cluster, Controller, ControllerConfig};
+use iris_controller::{Cluster, Controller, ControllerConfig};
 use iris_worker::proto::controller as pc;
 use iris_worker::proto::{CommandEntrypoint, Empty, ResourceSpecProto, TaskState, WorkerMetadata, worker};
 use iris_worker::rpc::connect::ConnectClient;
@@ -158,7 +158,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     let mut config = ControllerConfig::new(state.path());
     config.max_parallel_dispatch = 256;
     let controller = Controller::open(config)?;
-    tokio::spawn(iris_worker::controller::serve(listener, controller.clone(), std::future::pending()));
+    tokio::spawn(iris_controller::serve(listener, controller.clone(), std::future::pending()));
 
     // Registration, then a round of heartbeats, 32 at a time: their round-trip times.
     let register = |id: &str, address: &str| pc::RegisterWorkerRequest {

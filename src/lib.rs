@@ -1,7 +1,9 @@
 //! iris-worker: a daemonless OCI worker for the Iris cluster.
 //!
 //! The data path, one module per step (see docs/ARCHITECTURE.md):
-//! - [`rpc`]: gRPC and Connect on one port; decodes requests into typed specs.
+//! - [`rpc`]: WorkerService over gRPC and Connect on one port; decodes requests into typed
+//!   specs. The wire itself ([`proto`], Connect, TLS, tokens) is the `iris-wire` crate, which
+//!   the controller (the `iris-controller` crate) shares.
 //! - [`task`]: the TaskManager — states, attempts, concurrency, ports, kill, adoption.
 //! - [`buildkit`]: a BuildKit gRPC client that builds Dockerfiles into root filesystems.
 //! - [`bundle`]: code bundles fetched from object stores, verified, safely unzipped, cached.
@@ -15,8 +17,6 @@
 //! - [`join`]: the worker's side of the newest Iris controller (Register, the keep-alive).
 //! - [`isolation`]: the cgroup connect hook that keeps tasks off the worker's own port.
 //! - [`web`]: the pages and JSON on the same port.
-//! - [`controller`]: the controller (jobs → tasks on workers, retries, endpoints, SQLite state)
-//!   and [`controller::Cluster`], its client.
 //! - [`cli`]: the `iris-worker` command.
 //!
 //! Embedding: build a [`task::TaskManager`] with [`task::ManagerConfig`] and call `run`,
@@ -29,13 +29,13 @@ pub mod cache;
 pub mod cachelock;
 pub mod cgroup;
 pub mod cli;
-pub mod controller;
 pub mod env;
 pub mod heartbeat;
 pub mod isolation;
 pub mod join;
 pub mod logs;
-pub mod proto;
+/// The wire types of both Iris generations (the `iris-wire` crate's, under their old path).
+pub use iris_wire::proto;
 pub mod rpc;
 pub mod runtime;
 pub mod supervisor;

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use cluster_common::*;
 use common::*;
-use iris_worker::controller::Cluster;
-use iris_worker::controller::model::job_terminal;
+use iris_controller::Cluster;
+use iris_controller::model::job_terminal;
 use iris_worker::proto::controller::LaunchJobRequest;
 use iris_worker::proto::{JobState, ResourceSpecProto};
 
@@ -279,7 +279,7 @@ async fn chaos_loses_nothing_and_never_runs_a_task_twice_at_once() {
         for id in &ids {
             if !ended.contains_key(id) {
                 let s = client.status(id).await.unwrap();
-                if job_terminal(iris_worker::controller::model::job_state(s.state)) {
+                if job_terminal(iris_controller::model::job_state(s.state)) {
                     ended.insert(id.clone(), s);
                 }
             }

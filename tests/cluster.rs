@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use cluster_common::*;
 use common::*;
-use iris_worker::controller::ClusterError;
+use iris_controller::ClusterError;
 use iris_worker::proto::controller::{Constraint, ConstraintOp, CoschedulingConfig};
 use iris_worker::proto::{AttributeValue, JobState, ResourceSpecProto, TaskState, attribute_value, worker};
 use iris_worker::rpc::connect::ConnectError;
@@ -35,7 +35,7 @@ fn zone(v: &str) -> Constraint {
     }
 }
 
-async fn stdout_of(c: &iris_worker::controller::Cluster, job_id: &str, index: i32) -> Vec<String> {
+async fn stdout_of(c: &iris_controller::Cluster, job_id: &str, index: i32) -> Vec<String> {
     c.logs(job_id, index, worker::FetchLogsFilter::default())
         .await
         .unwrap()
@@ -600,7 +600,7 @@ async fn cluster_up_runs_jobs_and_ctrl_c_leaves_nothing_behind() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let pid = guard.0.as_ref().map(|up| up.id() as i32).unwrap();
-    let c = iris_worker::controller::Cluster::new(&format!("127.0.0.1:{port}"));
+    let c = iris_controller::Cluster::new(&format!("127.0.0.1:{port}"));
     let deadline = Instant::now() + JOB;
     loop {
         let workers = c.workers().await.unwrap();
@@ -714,7 +714,7 @@ async fn a_reset_neither_holds_up_heartbeats_nor_forgets_the_tasks_sent_since() 
         let ws = c.workers().await.unwrap();
         assert!(ws.iter().all(|x| x.healthy), "the worker kept beating during the reset: {ws:?}\n{}", w.logs());
         let s = c.status(&job_id).await.unwrap();
-        if iris_worker::controller::model::job_terminal(iris_worker::controller::model::job_state(s.state)) {
+        if iris_controller::model::job_terminal(iris_controller::model::job_state(s.state)) {
             break s;
         }
         assert!(Instant::now() < deadline, "{s:#?}");
@@ -951,7 +951,7 @@ async fn a_retried_launch_whose_first_try_landed_is_the_same_job() {
     let _w = ctl.worker("cl-idem", &["--runtime", "process"]).await;
     // The first LaunchJob reaches the controller, but its answer is lost on the way back.
     let proxy = LossyProxy::start(&ctl.url(), 1).await;
-    let c = iris_worker::controller::Cluster::new(&proxy.addr);
+    let c = iris_controller::Cluster::new(&proxy.addr);
     let req = sh_job("idem", 2, "echo once; sleep 2");
     let job_id = c.launch(&req).await.unwrap();
     assert_eq!(job_id, req.name);
@@ -967,7 +967,7 @@ async fn a_retried_launch_whose_first_try_landed_is_the_same_job() {
     assert_eq!(jobs.iter().filter(|j| j.job_id == job_id).count(), 1);
     // A launch without a name gets one from the client, so its retry is idempotent too.
     let proxy = LossyProxy::start(&ctl.url(), 1).await;
-    let c = iris_worker::controller::Cluster::new(&proxy.addr);
+    let c = iris_controller::Cluster::new(&proxy.addr);
     let mut unnamed = sh_job("unnamed", 1, "true");
     unnamed.name.clear();
     let id = c.launch(&unnamed).await.unwrap();

@@ -116,9 +116,7 @@ pub async fn run(verb: ClusterVerb) -> anyhow::Result<()> {
         // Wait for every worker to register, so the addresses printed are the real ones.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let addresses: Vec<(String, String)> = started
-                .controller
-                .read(|s| s.workers.values().map(|w| (w.rec.worker_id.clone(), w.rec.address.clone())).collect());
+            let addresses = started.controller.worker_addresses();
             if addresses.len() >= a.workers {
                 for (id, address) in addresses {
                     println!("worker {id}: http://{address}/");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::controller::{Controller, ControllerConfig};
+use iris_controller::{Controller, ControllerConfig};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:10000";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/iris-controller";
@@ -206,7 +206,7 @@ pub async fn start(
     }
     let options = settings.security.serve.clone();
     let server = tokio::spawn(async move {
-        crate::controller::serve_with(listener, c, options, shutdown).await.map_err(anyhow::Error::from)
+        iris_controller::serve_with(listener, c, options, shutdown).await.map_err(anyhow::Error::from)
     });
     tracing::info!(%addr, state_dir = %dir.display(), "controller serving");
     Ok(Started { addr, controller, server })

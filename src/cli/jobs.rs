@@ -1,14 +1,14 @@
 //! `iris-worker job launch|status|wait|logs|kill|list`, `endpoint list|lookup` and
-//! `worker list`: the cluster's client verbs, through [`crate::controller::Cluster`].
+//! `worker list`: the cluster's client verbs, through [`iris_controller::Cluster`].
 
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::controller::Cluster;
-use crate::controller::client::job_state_name;
 use crate::proto::controller::{self as pc, Constraint, ConstraintOp, CoschedulingConfig};
 use crate::proto::{CommandEntrypoint, EnvironmentConfig, JobState, ResourceSpecProto, TaskState, worker};
+use iris_controller::Cluster;
+use iris_controller::client::job_state_name;
 
 const DEFAULT_CONTROLLER: &str = "127.0.0.1:10000";
 
@@ -21,7 +21,7 @@ pub struct ControllerAddr {
     pub client: super::security::ClientArgs,
     /// Seconds to keep retrying (jittered backoff) while the controller cannot be reached,
     /// e.g. while it restarts; 0 = fail at once.
-    #[arg(long, env = "IRIS_CONTROLLER_RETRY_FOR", default_value_t = crate::controller::client::DEFAULT_RETRY_FOR.as_secs_f64())]
+    #[arg(long, env = "IRIS_CONTROLLER_RETRY_FOR", default_value_t = iris_controller::client::DEFAULT_RETRY_FOR.as_secs_f64())]
     pub retry_for: f64,
 }
 
@@ -344,7 +344,7 @@ pub async fn run_endpoint(verb: EndpointVerb) -> anyhow::Result<()> {
 
 pub async fn run_worker(verb: WorkerVerb) -> anyhow::Result<()> {
     let WorkerVerb::List(a) = verb;
-    let now = crate::controller::model::now_ms();
+    let now = iris_controller::model::now_ms();
     for w in a.cluster()?.workers().await? {
         println!(
             "{}  {}  last heartbeat {:.1} s ago  jobs [{}]",

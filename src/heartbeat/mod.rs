@@ -16,10 +16,7 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// The worker attribute that says a filesystem is below the hard disk threshold (its value
-/// is why): the controller places no task on such a worker, and with Iris's controller a job
-/// can ask for `!disk_pressure`. Sent while the pressure lasts, gone when space returns.
-pub const DISK_PRESSURE_ATTRIBUTE: &str = "disk_pressure";
+pub use iris_wire::cluster::{DISK_PRESSURE_ATTRIBUTE, attribute_text};
 
 /// Who this worker is, for the controller.
 #[derive(Debug, Clone)]
@@ -185,11 +182,6 @@ pub fn host_metadata(ip_address: &str) -> WorkerMetadata {
         .map(|kb| kb * 1024)
         .unwrap_or(0);
     WorkerMetadata { hostname, ip_address: ip_address.to_string(), cpu_count, memory_bytes, ..Default::default() }
-}
-
-/// A string attribute value.
-pub fn attribute_text(v: &str) -> crate::proto::AttributeValue {
-    crate::proto::AttributeValue { value: Some(crate::proto::attribute_value::Value::StringValue(v.to_string())) }
 }
 
 /// An attribute value from its text: whole numbers become ints, other numbers floats, the

@@ -79,10 +79,7 @@ pub fn fence(lease: Duration) -> Duration {
     lease + kill_grace(lease) + SLACK
 }
 
-/// What a controller adds to a worker's fence before it runs the worker's tasks elsewhere: for
-/// two hosts' clocks running at slightly different rates, and the time between the worker's
-/// send and the controller's reading of a heartbeat.
-pub const CONTROLLER_MARGIN: Duration = Duration::from_millis(500);
+pub use iris_wire::cluster::CONTROLLER_MARGIN;
 
 /// The rule between a worker's lease and its controller's dead-worker timeout: the lease and
 /// its kill are over before the controller declares the worker dead, so its tasks move as

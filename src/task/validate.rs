@@ -16,17 +16,8 @@ const MAX_ID_LEN: usize = 512;
 /// The longest file name Linux filesystems take: a task's directory (and cgroup) is named by
 /// its escaped id and attempt.
 const MAX_NAME_LEN: usize = 255;
-/// How much of a value an error message echoes.
-const ECHO_LEN: usize = 64;
 
-/// `s`, cut to [`ECHO_LEN`] characters with a mark when longer: errors echo what the request
-/// said without carrying megabytes of it back.
-pub fn short(s: &str) -> String {
-    match s.char_indices().nth(ECHO_LEN) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
-}
+pub use iris_wire::text::short;
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> TaskError {
     TaskError::Invalid { field: field.into(), reason: reason.into() }

@@ -120,29 +120,4 @@ pub fn router(manager: TaskManager) -> Router {
     Web::new(manager).router()
 }
 
-/// Escapes text for HTML (element content and quoted attribute values).
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn html_is_escaped() {
-        assert_eq!(
-            super::escape("<script>alert('1')</script>&"),
-            "&lt;script&gt;alert(&#39;1&#39;)&lt;/script&gt;&amp;"
-        );
-    }
-}
+pub use iris_wire::text::escape;

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use iris_worker::controller::Cluster;
+use iris_controller::Cluster;
 use iris_worker::proto::controller::{JobStatus, LaunchJobRequest};
 use iris_worker::proto::{CommandEntrypoint, JobState, ResourceSpecProto};
 

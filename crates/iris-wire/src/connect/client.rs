@@ -1,7 +1,7 @@
 //! A Connect client (HTTP/1.1, application/proto): how the worker calls a controller, since
 //! Iris controllers serve Connect over HTTP/1.1, and how our controller calls workers. It
 //! speaks TLS for `https://` URLs (and bare addresses once TLS is configured) and sends the
-//! configured token (see [`crate::rpc::ClientSecurity`]).
+//! configured token (see [`crate::ClientSecurity`]).
 
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use prost::Message;
 use tonic::Code;
 
 use super::code_from_name;
-use crate::rpc::ClientSecurity;
+use crate::ClientSecurity;
 
 /// Errors of a Connect call.
 #[derive(Debug, thiserror::Error)]

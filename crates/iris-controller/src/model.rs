@@ -1,13 +1,13 @@
 //! The controller's records: jobs, tasks (with their attempts), workers and endpoints, as kept
 //! in memory and persisted by [`super::store`]. States are the wire's enums
-//! ([`crate::proto::TaskState`], [`crate::proto::JobState`]), stored as their numbers.
+//! ([`iris_wire::proto::TaskState`], [`iris_wire::proto::JobState`]), stored as their numbers.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::proto::controller::LaunchJobRequest;
-use crate::proto::{JobState, TaskState, WorkerMetadata};
+use iris_wire::proto::controller::LaunchJobRequest;
+use iris_wire::proto::{JobState, TaskState, WorkerMetadata};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

@@ -10,16 +10,16 @@ use tonic::{Code, Request, Response, Status};
 
 use super::model::task_terminal;
 use super::{Controller, ControllerError};
-use crate::proto::Empty;
-use crate::proto::controller as pc;
-use crate::proto::controller_service_server::{ControllerService, ControllerServiceServer};
-use crate::rpc::connect::{Codec, ConnectService, connect_router, unary};
+use iris_wire::connect::{Codec, ConnectService, connect_router, unary};
+use iris_wire::proto::Empty;
+use iris_wire::proto::controller as pc;
+use iris_wire::proto::controller_service_server::{ControllerService, ControllerServiceServer};
 
 /// Errors of serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
-    Rpc(#[from] crate::rpc::ServeError),
+    Rpc(#[from] iris_wire::server::ServeError),
     #[error("serving the controller: {0}")]
     Io(std::io::Error),
 }
@@ -35,7 +35,7 @@ pub fn to_status(e: ControllerError) -> Status {
     };
     let mut message = match &e {
         // Ids are echoed cut short.
-        ControllerError::NotFound { what, id } => format!("{what} {:?} not found", crate::task::short(id)),
+        ControllerError::NotFound { what, id } => format!("{what} {:?} not found", iris_wire::text::short(id)),
         _ => e.to_string(),
     };
     let mut source = std::error::Error::source(&e);
@@ -288,12 +288,12 @@ pub fn router(c: Controller) -> Result<Router, ServeError> {
     let svc = ControllerServiceImpl { c: c.clone() };
     // LaunchJob may carry an inline bundle: both protocols take requests a little above it.
     let max_request = super::bundles::MAX_BLOB_BYTES + (4 << 20);
-    let grpc = crate::rpc::grpc_with_reflection(tonic::service::Routes::new(
+    let grpc = iris_wire::server::grpc_with_reflection(tonic::service::Routes::new(
         ControllerServiceServer::new(svc.clone()).max_decoding_message_size(max_request),
     ))?;
     let http =
         connect_router(svc).layer(axum::extract::DefaultBodyLimit::max(max_request)).merge(super::web::router(c));
-    Ok(crate::rpc::one_port(grpc, http))
+    Ok(iris_wire::server::one_port(grpc, http))
 }
 
 /// Serves the controller on `listener` until `shutdown` completes.
@@ -302,16 +302,16 @@ pub async fn serve(
     c: Controller,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    serve_with(listener, c, crate::rpc::ServeOptions::default(), shutdown).await
+    serve_with(listener, c, iris_wire::ServeOptions::default(), shutdown).await
 }
 
 /// [`serve`] behind `options`' gate (token, Host check), TLS and connection bounds.
 pub async fn serve_with(
     listener: tokio::net::TcpListener,
     c: Controller,
-    options: crate::rpc::ServeOptions,
+    options: iris_wire::ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let app = options.gate.protect(router(c)?);
-    crate::rpc::listen::serve(listener, app, options.listen, shutdown).await.map_err(ServeError::Io)
+    iris_wire::listen::serve(listener, app, options.listen, shutdown).await.map_err(ServeError::Io)
 }

@@ -1,10 +1,10 @@
 //! The state machine's unit tests: no workers, no network; effects are answered by hand.
 
 use super::*;
-use crate::controller::store::Store;
-use crate::proto::controller::{self as pc, LaunchJobRequest};
-use crate::proto::{CommandEntrypoint, ResourceSpecProto, WorkerMetadata};
-use crate::proto::{JobState, TaskState};
+use crate::store::Store;
+use iris_wire::proto::controller::{self as pc, LaunchJobRequest};
+use iris_wire::proto::{CommandEntrypoint, ResourceSpecProto, WorkerMetadata};
+use iris_wire::proto::{JobState, TaskState};
 use std::time::Duration;
 
 fn knobs() -> Knobs {

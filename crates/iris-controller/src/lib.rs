@@ -66,7 +66,7 @@ pub struct ControllerConfig {
     /// dispatch: a restart may change it). Empty: such jobs are refused.
     pub advertise_url: String,
     /// What calls to workers present (token, TLS).
-    pub workers: crate::rpc::ClientSecurity,
+    pub workers: iris_wire::ClientSecurity,
     /// Test seam: how long a RegisterWorker answer is held back after the heartbeat was taken
     /// in and the scheduler woken, so that a RunTask (or another call) reaches the worker before
     /// the answer does — the races of a real cluster (a join's reset, a lease renewed late),
@@ -81,7 +81,7 @@ impl ControllerConfig {
             worker_timeout: Duration::from_secs(60),
             max_parallel_dispatch: 64,
             advertise_url: String::new(),
-            workers: crate::rpc::ClientSecurity::default(),
+            workers: iris_wire::ClientSecurity::default(),
             register_reply_delay: Duration::ZERO,
         }
     }
@@ -201,6 +201,11 @@ impl Controller {
         f(&self.lock())
     }
 
+    /// The registered workers' ids and addresses (what `iris-worker cluster` prints).
+    pub fn worker_addresses(&self) -> Vec<(String, String)> {
+        self.read(|s| s.workers.values().map(|w| (w.rec.worker_id.clone(), w.rec.address.clone())).collect())
+    }
+
     /// Asks the scheduler to run a pass soon.
     pub(crate) fn wake(&self) {
         self.inner.wake.notify_one();
@@ -248,7 +253,7 @@ impl Controller {
     /// returns the job's id once it is on disk.
     pub(crate) async fn launch(
         &self,
-        mut req: crate::proto::controller::LaunchJobRequest,
+        mut req: iris_wire::proto::controller::LaunchJobRequest,
     ) -> Result<String, ControllerError> {
         let inline = if req.bundle_blob.is_empty() { None } else { Some(self.take_blob(&mut req).await?) };
         self.with_state(|s| s.launch_with_bundle(req, inline)).await
@@ -256,7 +261,10 @@ impl Controller {
 
     /// Stores an inline bundle and returns its sha256; the blob leaves the request, and so does
     /// any `bundle_gcs_path` (the blob is the job's bundle). The URL is made at dispatch.
-    async fn take_blob(&self, req: &mut crate::proto::controller::LaunchJobRequest) -> Result<String, ControllerError> {
+    async fn take_blob(
+        &self,
+        req: &mut iris_wire::proto::controller::LaunchJobRequest,
+    ) -> Result<String, ControllerError> {
         let base = self.inner.config.advertise_url.trim_end_matches('/').to_string();
         if base.is_empty() {
             return Err(ControllerError::FailedPrecondition(
@@ -312,8 +320,8 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::CommandEntrypoint;
-    use crate::proto::controller::LaunchJobRequest;
+    use iris_wire::proto::CommandEntrypoint;
+    use iris_wire::proto::controller::LaunchJobRequest;
     use sha2::Digest;
 
     fn config(dir: &std::path::Path, url: &str) -> ControllerConfig {

@@ -251,7 +251,7 @@ async fn serve_connection(
     let service = {
         let conn = conn.clone();
         let registry = registry.clone();
-        let read_timeout = super::connect::ReadTimeout(options.read_timeout);
+        let read_timeout = crate::connect::ReadTimeout(options.read_timeout);
         hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(read_timeout);
             let guard = Busy::start(conn.clone(), registry.clone());

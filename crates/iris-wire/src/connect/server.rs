@@ -1,5 +1,6 @@
-//! Connect services as axum routes on `/<package.Service>/<Method>`: WorkerService here, and
-//! any other service (the controller's) that implements [`ConnectService`].
+//! Connect services as axum routes on `/<package.Service>/<Method>`: any service (the
+//! worker's WorkerService, the controller's ControllerService) that implements
+//! [`ConnectService`].
 
 use std::time::Duration;
 
@@ -14,8 +15,6 @@ use tonic::{Code, Request, Status};
 
 use super::codec::{Codec, gunzip};
 use super::{code_name, http_status};
-use crate::proto::worker_service_server::WorkerService;
-use crate::rpc::WorkerServiceImpl;
 
 /// Largest request body accepted (as sent, and after inflating): RunTask carries workdir
 /// files. gRPC calls have the same bound.
@@ -32,11 +31,6 @@ pub trait ConnectService: Clone + Send + Sync + 'static {
 /// The Connect routes of a service.
 pub fn connect_router<S: ConnectService>(service: S) -> Router {
     Router::new().route(&format!("/{}/{{method}}", S::NAME), post(handle::<S>)).with_state(service)
-}
-
-/// The Connect routes of WorkerService.
-pub fn worker_router(service: WorkerServiceImpl) -> Router {
-    connect_router(service)
 }
 
 /// The outcome of a Connect call, put on its response as an extension (the RPC metrics of
@@ -103,7 +97,7 @@ async fn handle<S: ConnectService>(
 }
 
 /// How long a request's body may take to arrive: put on each request by the server's accept
-/// loop ([`crate::rpc::listen`]), from its read timeout.
+/// loop ([`crate::listen`]), from its read timeout.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadTimeout(pub Duration);
 
@@ -168,45 +162,4 @@ where
     let req: Req = codec.decode(req_name, body).map_err(Status::invalid_argument)?;
     let resp = call(Request::new(req)).await?.into_inner();
     codec.encode(resp_name, &resp).map_err(Status::internal)
-}
-
-impl ConnectService for WorkerServiceImpl {
-    const NAME: &'static str = "iris.cluster.WorkerService";
-
-    async fn call(&self, method: &str, codec: Codec, body: Vec<u8>) -> Result<Vec<u8>, Status> {
-        dispatch(self.clone(), method, codec, body).await
-    }
-}
-
-async fn dispatch(svc: WorkerServiceImpl, method: &str, codec: Codec, body: Vec<u8>) -> Result<Vec<u8>, Status> {
-    const P: &str = "iris.cluster.";
-    let name = |n: &str| format!("{P}{n}");
-    let s = &svc;
-    match method {
-        "RunTask" => {
-            unary(codec, &name("Worker.RunTaskRequest"), &name("Worker.RunTaskResponse"), &body, |r| s.run_task(r))
-                .await
-        }
-        "GetTaskStatus" => {
-            unary(codec, &name("Worker.GetTaskStatusRequest"), &name("TaskStatus"), &body, |r| s.get_task_status(r))
-                .await
-        }
-        "ListTasks" => {
-            unary(codec, &name("Worker.ListTasksRequest"), &name("Worker.ListTasksResponse"), &body, |r| {
-                s.list_tasks(r)
-            })
-            .await
-        }
-        "FetchTaskLogs" => {
-            unary(codec, &name("Worker.FetchTaskLogsRequest"), &name("Worker.FetchTaskLogsResponse"), &body, |r| {
-                s.fetch_task_logs(r)
-            })
-            .await
-        }
-        "KillTask" => unary(codec, &name("Worker.KillTaskRequest"), &name("Empty"), &body, |r| s.kill_task(r)).await,
-        "HealthCheck" => {
-            unary(codec, &name("Empty"), &name("Worker.HealthResponse"), &body, |r| s.health_check(r)).await
-        }
-        other => Err(Status::new(Code::Unimplemented, format!("no method {other:?} in iris.cluster.WorkerService"))),
-    }
 }

@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::Status;
 
-use super::connect::error_response;
+use crate::connect::error_response;
 
 /// The cookie that carries the dashboard's session.
 pub const COOKIE: &str = "iris_worker_session";

@@ -12,8 +12,8 @@ use tonic::Code;
 use super::Controller;
 use super::model::task_state;
 use super::state::{DispatchOutcome, Effect, Verified};
-use crate::proto::{Empty, TaskState, TaskStatus, worker};
-use crate::rpc::connect::{ConnectClient, ConnectError};
+use iris_wire::connect::{ConnectClient, ConnectError};
+use iris_wire::proto::{Empty, TaskState, TaskStatus, worker};
 
 const SERVICE: &str = "iris.cluster.WorkerService";
 /// Iris's controller dispatches with a 5 s deadline.
@@ -26,11 +26,11 @@ const KILL_GRACE_MS: i32 = 5000;
 pub struct Calls {
     clients: Mutex<HashMap<String, ConnectClient>>,
     slots: Arc<Semaphore>,
-    security: crate::rpc::ClientSecurity,
+    security: iris_wire::ClientSecurity,
 }
 
 impl Calls {
-    pub fn new(parallel: usize, security: crate::rpc::ClientSecurity) -> Calls {
+    pub fn new(parallel: usize, security: iris_wire::ClientSecurity) -> Calls {
         Calls { clients: Mutex::new(HashMap::new()), slots: Arc::new(Semaphore::new(parallel.max(1))), security }
     }
 

@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 
 use super::{DispatchOutcome, Effect, State, Verified};
-use crate::controller::model::{Attempt, now_ms, task_state, task_terminal};
-use crate::controller::scheduler::Need;
-use crate::proto::controller::{self as pc};
-use crate::proto::{TaskState, worker};
+use crate::model::{Attempt, now_ms, task_state, task_terminal};
+use crate::scheduler::Need;
+use iris_wire::proto::controller::{self as pc};
+use iris_wire::proto::{TaskState, worker};
 
 impl State {
     pub(super) fn queue(&mut self, id: &str) {

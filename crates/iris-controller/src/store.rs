@@ -9,8 +9,8 @@ use prost::Message;
 use rusqlite::{Connection, params};
 
 use super::model::{EndpointRec, Job, JobRecord, Task, WorkerRec, WorkerRecord};
-use crate::proto::WorkerMetadata;
-use crate::proto::controller::LaunchJobRequest;
+use iris_wire::proto::WorkerMetadata;
+use iris_wire::proto::controller::LaunchJobRequest;
 
 /// Errors of the state file.
 #[derive(Debug, thiserror::Error)]
@@ -234,7 +234,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::model::Task;
+    use crate::model::Task;
 
     #[test]
     fn rows_survive_reopening() {

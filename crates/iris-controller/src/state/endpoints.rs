@@ -1,9 +1,9 @@
 //! Endpoints a job's tasks register, removed when the job ends.
 
 use super::{State, invalid};
-use crate::controller::ControllerError;
-use crate::controller::model::{EndpointRec, job_terminal};
-use crate::proto::controller::{self as pc};
+use crate::ControllerError;
+use crate::model::{EndpointRec, job_terminal};
+use iris_wire::proto::controller::{self as pc};
 
 impl State {
     pub fn register_endpoint(&mut self, r: pc::RegisterEndpointRequest) -> Result<String, ControllerError> {

@@ -1,18 +1,18 @@
 //! The wire's views of the state: task and job status messages.
 
 use super::{State, task_id};
-use crate::controller::model::{Job, Task, task_terminal};
-use crate::proto::TaskState;
-use crate::proto::controller::{self as pc};
+use crate::model::{Job, Task, task_terminal};
+use iris_wire::proto::TaskState;
+use iris_wire::proto::controller::{self as pc};
 
 impl State {
-    pub fn task_status(&self, t: &Task) -> crate::proto::TaskStatus {
+    pub fn task_status(&self, t: &Task) -> iris_wire::proto::TaskStatus {
         let status_message = if t.state == TaskState::Pending && t.worker_id.is_empty() {
             self.jobs.get(&t.job_id).map(|j| j.rec.status_message.clone()).unwrap_or_default()
         } else {
             String::new()
         };
-        crate::proto::TaskStatus {
+        iris_wire::proto::TaskStatus {
             task_id: t.task_id.clone(),
             job_id: t.job_id.clone(),
             task_index: t.index,
@@ -30,7 +30,7 @@ impl State {
             attempts: t
                 .attempts
                 .iter()
-                .map(|a| crate::proto::TaskAttempt {
+                .map(|a| iris_wire::proto::TaskAttempt {
                     attempt_id: a.attempt_id,
                     worker_id: a.worker_id.clone(),
                     state: a.state.into(),

@@ -15,9 +15,9 @@ use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use super::model::job_terminal;
-use crate::proto::controller as pc;
-use crate::proto::{Empty, JobState, TaskStatus, worker};
-use crate::rpc::connect::{ConnectClient, ConnectError};
+use iris_wire::connect::{ConnectClient, ConnectError};
+use iris_wire::proto::controller as pc;
+use iris_wire::proto::{Empty, JobState, TaskStatus, worker};
 
 const SERVICE: &str = "iris.cluster.ControllerService";
 /// How long calls are retried by default while the controller cannot be reached.
@@ -44,7 +44,7 @@ pub struct Cluster {
     client: ConnectClient,
     timeout: Duration,
     /// What calls present (to the controller and to the workers logs are read from).
-    security: crate::rpc::ClientSecurity,
+    security: iris_wire::ClientSecurity,
     retry_for: Duration,
 }
 
@@ -93,12 +93,12 @@ pub fn job_state_name(state: i32) -> &'static str {
 impl Cluster {
     /// A client of the controller at `address` (`host:port` or `http://host:port`).
     pub fn new(address: &str) -> Cluster {
-        Cluster::with_security(address, &crate::rpc::ClientSecurity::default())
+        Cluster::with_security(address, &iris_wire::ClientSecurity::default())
     }
 
     /// A client that presents `security`'s token and TLS settings to the controller and to
     /// workers.
-    pub fn with_security(address: &str, security: &crate::rpc::ClientSecurity) -> Cluster {
+    pub fn with_security(address: &str, security: &iris_wire::ClientSecurity) -> Cluster {
         Cluster {
             client: ConnectClient::with_security(address, security),
             timeout: Duration::from_secs(10),

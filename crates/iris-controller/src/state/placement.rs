@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::{MAX_LATENCIES, State, task_id};
-use crate::controller::model::{WorkerRec, job_terminal, now_ms};
-use crate::controller::scheduler::{self, Need};
+use crate::model::{WorkerRec, job_terminal, now_ms};
+use crate::scheduler::{self, Need};
 
 impl State {
     /// One scheduling pass over the waiting tasks, in arrival order.

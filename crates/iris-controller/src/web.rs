@@ -13,10 +13,10 @@ use axum::routing::get;
 
 use super::Controller;
 use super::model::now_ms;
-use crate::proto::{JobState, TaskState};
-use crate::web::escape;
+use iris_wire::proto::{JobState, TaskState};
+use iris_wire::text::escape;
 
-const STYLE: &str = include_str!("../web/assets/style.css");
+const STYLE: &str = include_str!("../../../src/web/assets/style.css");
 const CSP: &str = "default-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; \
                    frame-ancestors 'none'";
 
@@ -131,9 +131,9 @@ async fn index(State(c): State<Controller>) -> Response {
                 .attributes
                 .iter()
                 .map(|(k, v)| match &v.value {
-                    Some(crate::proto::attribute_value::Value::StringValue(x)) => format!("{k}={x}"),
-                    Some(crate::proto::attribute_value::Value::IntValue(x)) => format!("{k}={x}"),
-                    Some(crate::proto::attribute_value::Value::FloatValue(x)) => format!("{k}={x}"),
+                    Some(iris_wire::proto::attribute_value::Value::StringValue(x)) => format!("{k}={x}"),
+                    Some(iris_wire::proto::attribute_value::Value::IntValue(x)) => format!("{k}={x}"),
+                    Some(iris_wire::proto::attribute_value::Value::FloatValue(x)) => format!("{k}={x}"),
                     None => k.clone(),
                 })
                 .collect();

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use super::auth::{AuthToken, Gate};
-use super::listen::ListenOptions;
-use super::tls::{ClientTlsFiles, TlsError, client_config};
+use crate::auth::{AuthToken, Gate};
+use crate::listen::ListenOptions;
+use crate::tls::{ClientTlsFiles, TlsError, client_config};
 
 /// How a server of ours admits connections and requests.
 #[derive(Clone, Default)]
@@ -34,7 +34,7 @@ impl ClientSecurity {
     /// The rustls settings offering `alpn`: the configured ones, or the system's roots (an
     /// `https://` URL without `--tls-ca`).
     pub fn tls_for(&self, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
-        let base = self.tls.clone().unwrap_or_else(super::tls::system_roots);
+        let base = self.tls.clone().unwrap_or_else(crate::tls::system_roots);
         let mut config = (*base).clone();
         config.alpn_protocols = vec![alpn.to_vec()];
         Arc::new(config)

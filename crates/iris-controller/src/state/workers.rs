@@ -3,10 +3,10 @@
 use std::collections::HashSet;
 
 use super::{Effect, FENCE_MARGIN_MS, State, invalid};
-use crate::controller::ControllerError;
-use crate::controller::model::{WorkerRec, WorkerRecord, now_ms, task_terminal};
-use crate::proto::TaskState;
-use crate::proto::controller::{self as pc};
+use crate::ControllerError;
+use crate::model::{WorkerRec, WorkerRecord, now_ms, task_terminal};
+use iris_wire::proto::TaskState;
+use iris_wire::proto::controller::{self as pc};
 
 impl State {
     /// RegisterWorker (the heartbeat).

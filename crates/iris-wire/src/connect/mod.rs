@@ -12,9 +12,7 @@ mod server;
 
 pub use client::{ConnectClient, ConnectError};
 pub use codec::{Codec, Generation};
-pub use server::{
-    CallCode, ConnectService, MAX_BODY, ReadTimeout, connect_router, error_response, unary, worker_router,
-};
+pub use server::{CallCode, ConnectService, MAX_BODY, ReadTimeout, connect_router, error_response, unary};
 
 use tonic::Code;
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 pub const MAX_REPLICAS: i32 = 100_000;
 
 /// Added to a worker's fence before its tasks move (see the lease module).
-const FENCE_MARGIN_MS: i64 = crate::supervisor::lease::CONTROLLER_MARGIN.as_millis() as i64;
+const FENCE_MARGIN_MS: i64 = iris_wire::cluster::CONTROLLER_MARGIN.as_millis() as i64;
 
 mod endpoints;
 mod jobs;
@@ -30,7 +30,7 @@ mod workers;
 use super::ControllerError;
 use super::model::{EndpointRec, Job, Task, WorkerRec, job_terminal, now_ms, task_terminal};
 use super::store::{Batch, Store, StoreError};
-use crate::proto::{TaskState, worker};
+use iris_wire::proto::{TaskState, worker};
 
 /// A call to make to a worker once the lock is released.
 #[derive(Debug, Clone)]

@@ -1,11 +1,11 @@
 //! Jobs: LaunchJob's checks and records, TerminateJob, and a job's state recomputed from its tasks.
 
 use super::{Effect, MAX_REPLICAS, State, invalid, task_id};
-use crate::controller::ControllerError;
-use crate::controller::model::{Job, JobRecord, Task, job_terminal, now_ms, task_terminal};
-use crate::controller::scheduler::{self, Need};
-use crate::proto::controller::LaunchJobRequest;
-use crate::proto::{JobState, TaskState};
+use crate::ControllerError;
+use crate::model::{Job, JobRecord, Task, job_terminal, now_ms, task_terminal};
+use crate::scheduler::{self, Need};
+use iris_wire::proto::controller::LaunchJobRequest;
+use iris_wire::proto::{JobState, TaskState};
 
 impl State {
     /// LaunchJob: validates, records the job and its tasks, queues them.

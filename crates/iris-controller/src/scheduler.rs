@@ -6,8 +6,10 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use super::model::{Usage, WorkerRec};
-use crate::proto::controller::{Constraint, ConstraintOp};
-use crate::proto::{AttributeValue, DeviceConfig, ResourceSpecProto, WorkerMetadata, attribute_value, device_config};
+use iris_wire::proto::controller::{Constraint, ConstraintOp};
+use iris_wire::proto::{
+    AttributeValue, DeviceConfig, ResourceSpecProto, WorkerMetadata, attribute_value, device_config,
+};
 
 /// What one task of a job needs from a worker.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -150,8 +152,8 @@ pub fn schedulable(w: &WorkerRec, now_ms: i64) -> bool {
 /// Why the worker takes no task for now, when it reports a filesystem below its hard disk
 /// threshold (until a heartbeat says space returned).
 pub fn disk_pressure(w: &WorkerRec) -> Option<String> {
-    use crate::proto::attribute_value::Value;
-    match w.metadata.attributes.get(crate::heartbeat::DISK_PRESSURE_ATTRIBUTE)?.value.as_ref()? {
+    use iris_wire::proto::attribute_value::Value;
+    match w.metadata.attributes.get(iris_wire::cluster::DISK_PRESSURE_ATTRIBUTE)?.value.as_ref()? {
         Value::StringValue(why) => Some(why.clone()),
         _ => Some("disk pressure".into()),
     }
@@ -252,7 +254,7 @@ pub fn never_fits<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::model::WorkerRecord;
+    use crate::model::WorkerRecord;
 
     fn worker(id: &str, cpus: i32, zone: &str) -> WorkerRec {
         let mut m = WorkerMetadata { cpu_count: cpus, memory_bytes: 1 << 30, ..Default::default() };
@@ -314,8 +316,8 @@ mod tests {
         let mut full = worker("full", 8, "a");
         let idle = worker("idle", 1, "a");
         full.metadata.attributes.insert(
-            crate::heartbeat::DISK_PRESSURE_ATTRIBUTE.into(),
-            crate::heartbeat::attribute_text("disk: 38 MiB free on state/workdirs (minimum 50 MiB)"),
+            iris_wire::cluster::DISK_PRESSURE_ATTRIBUTE.into(),
+            iris_wire::cluster::attribute_text("disk: 38 MiB free on state/workdirs (minimum 50 MiB)"),
         );
         let need = Need { cpu_millicores: 1000, ..Default::default() };
         // The full worker has more room, but takes nothing.
@@ -323,7 +325,7 @@ mod tests {
         let err = place(&need, &[], [full.clone()].iter(), &BTreeMap::new(), 0).unwrap_err();
         assert_eq!(err, "worker full takes no task for now: disk: 38 MiB free on state/workdirs (minimum 50 MiB)");
         assert!(never_fits(&need, &[], [full.clone()].iter()).is_none(), "it is not impossible, only not now");
-        full.metadata.attributes.remove(crate::heartbeat::DISK_PRESSURE_ATTRIBUTE);
+        full.metadata.attributes.remove(iris_wire::cluster::DISK_PRESSURE_ATTRIBUTE);
         assert_eq!(place(&need, &[], [full, idle].iter(), &BTreeMap::new(), 0).unwrap(), "full");
     }
 }

@@ -191,6 +191,8 @@ const JOIN_FAILED: i32 = 3;
 /// Only in the child of `fork()`, with `raws` and `binds` of equal length (at most
 /// [`MAX_CALLS`]) and the two descriptors open.
 unsafe fn child(procs_fd: i32, out_fd: i32, raws: &[Raw], binds: &[bool]) -> ! {
+    // SAFETY: the caller's contract above: a forked child, the slices and descriptors valid;
+    // only raw system calls follow, no allocation and no lock.
     unsafe {
         let zero = b"0";
         if libc::write(procs_fd, zero.as_ptr().cast(), 1) != 1 {

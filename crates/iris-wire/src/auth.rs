@@ -45,6 +45,7 @@ const MAX_SESSIONS: usize = 1024;
 
 /// Errors of reading a token file.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] text is its documentation
 pub enum AuthError {
     #[error("reading the token file {path}: {source}")]
     Read { path: String, source: std::io::Error },
@@ -190,6 +191,7 @@ impl AllowedHosts {
         AllowedHosts { names: BTreeSet::new(), any: true }
     }
 
+    /// Allows one more name (case and a trailing dot do not matter).
     pub fn add(&mut self, name: &str) {
         let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
         if name == "*" {
@@ -225,7 +227,9 @@ fn strip_port(host: &str) -> &str {
 /// through.
 #[derive(Debug, Clone)]
 pub struct Gate {
+    /// The token every request must carry (a bearer header or the dashboard's cookie).
     pub token: Option<AuthToken>,
+    /// The Host headers answered (DNS rebinding).
     pub hosts: AllowedHosts,
     /// The cookie is marked `Secure` (the port speaks TLS).
     pub tls: bool,

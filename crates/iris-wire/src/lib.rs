@@ -7,6 +7,8 @@
 //! Nothing here knows what a task is: the services are the worker's and the controller's. See
 //! docs/ARCHITECTURE.md at the repository's root.
 
+#![warn(missing_docs)]
+
 pub mod auth;
 pub mod cluster;
 pub mod connect;

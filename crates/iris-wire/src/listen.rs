@@ -54,10 +54,12 @@ pub struct ListenOptions {
     pub read_timeout: Duration,
 }
 
+/// Connections served at once when the operator sets no bound.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Requests in flight on one HTTP/2 connection (hyper's default is 200): our RPCs are short,
 /// and a client that needs more opens another connection.
 pub const MAX_STREAMS: u32 = 32;
+/// How long a request's headers and body may take to arrive when the operator sets no bound.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Descriptors kept for everything but connections (logs, pipes, cgroup files, clients).
 const RESERVED_FDS: u64 = 256;

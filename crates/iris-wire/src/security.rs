@@ -11,7 +11,9 @@ use crate::tls::{ClientTlsFiles, TlsError, client_config};
 /// How a server of ours admits connections and requests.
 #[derive(Clone, Default)]
 pub struct ServeOptions {
+    /// Who is let through: token and Host check.
     pub gate: Gate,
+    /// Connection bounds and timeouts, TLS.
     pub listen: ListenOptions,
 }
 
@@ -19,6 +21,7 @@ pub struct ServeOptions {
 /// (used for `https://` URLs, and for bare `host:port` addresses once TLS is configured).
 #[derive(Clone, Default, Debug)]
 pub struct ClientSecurity {
+    /// The token sent with every call.
     pub token: Option<AuthToken>,
     /// The rustls settings (roots, client certificate); ALPN is set per protocol.
     pub tls: Option<Arc<rustls::ClientConfig>>,

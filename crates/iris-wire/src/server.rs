@@ -11,6 +11,7 @@ use tower::ServiceExt;
 
 /// Errors of serving.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] text is its documentation
 pub enum ServeError {
     #[error("building gRPC reflection: {0}")]
     Reflection(String),

@@ -11,6 +11,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// Errors of setting TLS up (at start: they name the file).
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] text is its documentation
 pub enum TlsError {
     #[error("reading {what} {path}: {source}")]
     Read { what: &'static str, path: PathBuf, source: std::io::Error },
@@ -90,8 +91,12 @@ pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Resul
 /// and, for mTLS, its own certificate and key.
 #[derive(Debug, Clone, Default)]
 pub struct ClientTlsFiles {
+    /// PEM certificates of the CAs the server's certificate is checked against (else the
+    /// system's roots).
     pub ca: Option<PathBuf>,
+    /// PEM client certificate chain, for mTLS.
     pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
     pub key: Option<PathBuf>,
 }
 

@@ -52,10 +52,15 @@ impl Runtime for ProcessRuntime {
                 drop(go_w);
                 let mut byte = [0u8; 1];
                 // Wait until the parent has put us in the cgroup and said go (EOF = abort).
+                // SAFETY: `byte` is a live one-byte buffer; read is async-signal-safe.
                 let n = unsafe { libc::read(go_r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
                 if n != 1 {
+                    // SAFETY: _exit ends the forked child without running the parent's atexit
+                    // handlers or destructors.
                     unsafe { libc::_exit(127) };
                 }
+                // SAFETY: async-signal-safe calls on descriptors and C strings prepared before
+                // the fork; `empty` is initialised by sigemptyset before use.
                 unsafe {
                     // The supervisor's blocked signals must not stay blocked in the task.
                     let mut empty: libc::sigset_t = std::mem::zeroed();
@@ -72,6 +77,7 @@ impl Runtime for ProcessRuntime {
                 }
                 let _ = nix::unistd::execvpe(&argv0, &argv, &env);
                 let msg = b"iris-worker: cannot run the task's command\n";
+                // SAFETY: write of a static buffer to stderr, then _exit, both async-signal-safe.
                 unsafe {
                     libc::write(2, msg.as_ptr().cast(), msg.len());
                     libc::_exit(127)

@@ -19,6 +19,7 @@ use crate::ClientSecurity;
 
 /// Errors of a Connect call.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] text is its documentation
 pub enum ConnectError {
     #[error("invalid URL {url:?}: {reason}")]
     Url { url: String, reason: String },
@@ -81,6 +82,7 @@ impl ConnectClient {
         self
     }
 
+    /// The server's base URL the client calls.
     pub fn base(&self) -> &str {
         &self.base
     }

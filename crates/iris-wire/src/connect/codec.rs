@@ -13,7 +13,9 @@ use crate::proto::FILE_DESCRIPTOR_SET;
 /// The body encodings of Connect unary calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
+    /// `application/proto`: the binary protobuf encoding.
     Proto,
+    /// `application/json`: proto3 JSON.
     Json,
 }
 
@@ -27,6 +29,7 @@ impl Codec {
         }
     }
 
+    /// The `Content-Type` this codec answers with.
     pub fn content_type(self) -> &'static str {
         match self {
             Codec::Proto => "application/proto",
@@ -90,7 +93,9 @@ impl Codec {
 /// generations"): each has its own descriptor set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Generation {
+    /// The January-2026 wire (`proto/iris/cluster.proto`).
     January,
+    /// The newest Iris wire (`proto/newest/`).
     Newest,
 }
 

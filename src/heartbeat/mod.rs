@@ -187,15 +187,7 @@ pub fn host_metadata(ip_address: &str) -> WorkerMetadata {
 /// An attribute value from its text: whole numbers become ints, other numbers floats, the
 /// rest strings (so ordering constraints compare numbers).
 pub fn attribute_value(v: &str) -> crate::proto::AttributeValue {
-    use crate::proto::attribute_value::Value;
-    let value = if let Ok(i) = v.parse::<i64>() {
-        Value::IntValue(i)
-    } else if let Ok(f) = v.parse::<f64>() {
-        Value::FloatValue(f)
-    } else {
-        Value::StringValue(v.to_string())
-    };
-    crate::proto::AttributeValue { value: Some(value) }
+    iris_wire::cluster::AttributeText::parse(v).into()
 }
 
 /// Asks the controller (GetTaskStatus) whether the attempt is still the task's current one, on

@@ -237,15 +237,7 @@ fn text(v: &str) -> AttributeValue {
 
 /// An attribute from its text, as [`crate::heartbeat::attribute_value`] reads it.
 fn value(v: &str) -> AttributeValue {
-    use job::attribute_value::Value;
-    let value = if let Ok(i) = v.parse::<i64>() {
-        Value::IntValue(i)
-    } else if let Ok(f) = v.parse::<f64>() {
-        Value::FloatValue(f)
-    } else {
-        Value::StringValue(v.to_string())
-    };
-    AttributeValue { value: Some(value) }
+    iris_wire::cluster::AttributeText::parse(v).into()
 }
 
 #[cfg(test)]

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use cluster_common::*;
 use common::*;
 use iris_controller::Cluster;
-use iris_controller::model::job_terminal;
 use iris_worker::proto::controller::LaunchJobRequest;
 use iris_worker::proto::{JobState, ResourceSpecProto};
 
@@ -279,7 +278,7 @@ async fn chaos_loses_nothing_and_never_runs_a_task_twice_at_once() {
         for id in &ids {
             if !ended.contains_key(id) {
                 let s = client.status(id).await.unwrap();
-                if job_terminal(iris_controller::model::job_state(s.state)) {
+                if iris_worker::proto::JobState::try_from(s.state).is_ok_and(|s| s.is_terminal()) {
                     ended.insert(id.clone(), s);
                 }
             }

@@ -714,7 +714,7 @@ async fn a_reset_neither_holds_up_heartbeats_nor_forgets_the_tasks_sent_since() 
         let ws = c.workers().await.unwrap();
         assert!(ws.iter().all(|x| x.healthy), "the worker kept beating during the reset: {ws:?}\n{}", w.logs());
         let s = c.status(&job_id).await.unwrap();
-        if iris_controller::model::job_terminal(iris_controller::model::job_state(s.state)) {
+        if iris_worker::proto::JobState::try_from(s.state).is_ok_and(|s| s.is_terminal()) {
             break s;
         }
         assert!(Instant::now() < deadline, "{s:#?}");

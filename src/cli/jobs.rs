@@ -344,7 +344,7 @@ pub async fn run_endpoint(verb: EndpointVerb) -> anyhow::Result<()> {
 
 pub async fn run_worker(verb: WorkerVerb) -> anyhow::Result<()> {
     let WorkerVerb::List(a) = verb;
-    let now = iris_controller::model::now_ms();
+    let now = crate::supervisor::files::now_ms();
     for w in a.cluster()?.workers().await? {
         println!(
             "{}  {}  last heartbeat {:.1} s ago  jobs [{}]",

@@ -27,6 +27,7 @@ const MAX_PAUSE: Duration = Duration::from_secs(2);
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] text is its documentation
 pub enum ClusterError {
     #[error(transparent)]
     Call(#[from] ConnectError),
@@ -113,6 +114,7 @@ impl Cluster {
         self
     }
 
+    /// The controller's base URL.
     pub fn address(&self) -> &str {
         self.client.base()
     }
@@ -191,16 +193,19 @@ impl Cluster {
     }
 
     /// Kills the job's tasks and its child jobs; the job becomes KILLED.
+    /// TerminateJob: kills the job's tasks and its children.
     pub async fn terminate(&self, job_id: &str) -> Result<(), ClusterError> {
         let _: Empty = self.call("TerminateJob", &pc::TerminateJobRequest { job_id: job_id.to_string() }).await?;
         Ok(())
     }
 
+    /// ListJobs: every job the controller knows.
     pub async fn list_jobs(&self) -> Result<Vec<pc::JobStatus>, ClusterError> {
         let r: pc::ListJobsResponse = self.call("ListJobs", &pc::ListJobsRequest {}).await?;
         Ok(r.jobs)
     }
 
+    /// GetTaskStatus of one task of a job.
     pub async fn task(&self, job_id: &str, index: i32) -> Result<TaskStatus, ClusterError> {
         let req = pc::GetTaskStatusRequest { job_id: job_id.to_string(), task_index: index };
         let r: pc::GetTaskStatusResponse = self.call("GetTaskStatus", &req).await?;
@@ -225,6 +230,7 @@ impl Cluster {
         Ok(r.logs)
     }
 
+    /// ListWorkers: the registered workers and their health.
     pub async fn workers(&self) -> Result<Vec<pc::WorkerHealthStatus>, ClusterError> {
         let r: pc::ListWorkersResponse = self.call("ListWorkers", &pc::ListWorkersRequest {}).await?;
         Ok(r.workers)
@@ -248,18 +254,21 @@ impl Cluster {
         Ok(r.endpoint_id)
     }
 
+    /// UnregisterEndpoint (sent again only when the first send surely did not arrive).
     pub async fn unregister_endpoint(&self, endpoint_id: &str) -> Result<(), ClusterError> {
         let req = pc::UnregisterEndpointRequest { endpoint_id: endpoint_id.to_string() };
         let _: Empty = self.call_with("UnregisterEndpoint", &req, Repeat::OnlyUnsent).await?;
         Ok(())
     }
 
+    /// LookupEndpoint by name.
     pub async fn lookup_endpoint(&self, name: &str) -> Result<pc::Endpoint, ClusterError> {
         let r: pc::LookupEndpointResponse =
             self.call("LookupEndpoint", &pc::LookupEndpointRequest { name: name.to_string() }).await?;
         r.endpoint.ok_or(ClusterError::Missing("endpoint"))
     }
 
+    /// ListEndpoints whose names start with `prefix`.
     pub async fn list_endpoints(&self, prefix: &str) -> Result<Vec<pc::Endpoint>, ClusterError> {
         let r: pc::ListEndpointsResponse =
             self.call("ListEndpoints", &pc::ListEndpointsRequest { prefix: prefix.to_string() }).await?;

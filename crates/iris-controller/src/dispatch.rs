@@ -69,7 +69,6 @@ pub fn run(c: Controller, effect: Effect) {
                         state: task_state(s.state),
                         exit_code: s.exit_code,
                         error: s.error,
-                        finished_ms: s.finished_at_ms,
                     }),
                     Err(ConnectError::Status { code: Code::NotFound, .. }) => Some(Verified::NotFound),
                     Err(e) => {

@@ -1,10 +1,10 @@
 //! The controller: jobs become tasks scheduled onto registered workers, with retries, an
 //! endpoint registry, and its state in an embedded SQLite file.
 //!
-//! - [`model`]: the records (jobs, tasks and attempts, workers, endpoints);
-//! - [`store`]: the SQLite file under `--state-dir`;
-//! - [`state`]: the state machine (launch, reports, retries, dead workers, aggregation);
-//! - [`scheduler`]: placement by free resources, devices, constraints and coscheduling;
+//! - `model`: the records (jobs, tasks and attempts, workers, endpoints);
+//! - `store`: the SQLite file under `--state-dir`;
+//! - `state`: the state machine (launch, reports, retries, dead workers, aggregation);
+//! - `scheduler`: placement by free resources, devices, constraints and coscheduling;
 //! - [`dispatch`]: the calls to workers (RunTask, KillTask, GetTaskStatus), in parallel;
 //! - [`service`]: ControllerService over gRPC and Connect on one port, with [`web`]'s pages;
 //! - [`client`]: [`Cluster`], the Rust client of a controller (what the CLI verbs use).
@@ -12,14 +12,16 @@
 //! `Controller::open(config)` resumes from the state directory; [`serve`] runs it on a
 //! listener until a shutdown future completes.
 
-pub mod bundles;
+#![warn(missing_docs)]
+
+mod bundles;
 pub mod client;
 mod dispatch;
-pub mod model;
-pub mod scheduler;
+mod model;
+mod scheduler;
 mod service;
-pub mod state;
-pub mod store;
+mod state;
+mod store;
 mod web;
 
 use std::path::PathBuf;
@@ -38,6 +40,7 @@ const BLOB_SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// Errors of the controller's operations (mapped to gRPC/Connect codes in [`service`]).
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] text is its documentation
 pub enum ControllerError {
     /// A bad request, naming the field.
     #[error("invalid {field}: {reason}")]
@@ -75,6 +78,8 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
+    /// The defaults, with the controller's state (its SQLite file, stored bundles) in
+    /// `state_dir`.
     pub fn new(state_dir: impl Into<PathBuf>) -> ControllerConfig {
         ControllerConfig {
             state_dir: state_dir.into(),
@@ -136,10 +141,12 @@ impl Controller {
         Ok(c)
     }
 
+    /// What the controller was opened with.
     pub fn config(&self) -> &ControllerConfig {
         &self.inner.config
     }
 
+    /// How long since the controller was opened.
     pub fn uptime(&self) -> Duration {
         self.inner.started.elapsed()
     }

@@ -17,6 +17,7 @@ use iris_wire::proto::controller_service_server::{ControllerService, ControllerS
 
 /// Errors of serving.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] text is its documentation
 pub enum ServeError {
     #[error(transparent)]
     Rpc(#[from] iris_wire::server::ServeError),

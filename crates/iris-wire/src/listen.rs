@@ -72,7 +72,7 @@ impl Default for ListenOptions {
 
 /// Raises this process's soft descriptor limit to its hard limit (as Go's runtime and
 /// containerd do) and returns the connection bound that fits in it: `wanted`, or less when
-/// the limit leaves less than [`RESERVED_FDS`] for everything else.
+/// the limit leaves less than `RESERVED_FDS` for everything else.
 pub fn fit_connections(wanted: usize) -> usize {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return wanted };

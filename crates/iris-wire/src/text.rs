@@ -4,7 +4,7 @@
 /// How much of a value an error message echoes.
 const ECHO_LEN: usize = 64;
 
-/// `s`, cut to [`ECHO_LEN`] characters with a mark when longer: errors echo what the request
+/// `s`, cut to `ECHO_LEN` (64) characters with a mark when longer: errors echo what the request
 /// said without carrying megabytes of it back.
 pub fn short(s: &str) -> String {
     match s.char_indices().nth(ECHO_LEN) {

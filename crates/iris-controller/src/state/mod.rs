@@ -74,7 +74,6 @@ pub enum Verified {
         state: TaskState,
         exit_code: i32,
         error: String,
-        finished_ms: i64,
     },
     NotFound,
 }

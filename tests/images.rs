@@ -10,33 +10,23 @@ mod common;
 #[path = "common/registry.rs"]
 mod registry;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
 use iris_worker::task::TaskState;
-use registry::{Containerd, Registry};
+use registry::{Containerd, ImageStore, Registry};
 use sha2::{Digest, Sha256};
 
 const WITHIN: Duration = Duration::from_secs(120);
 
 /// A worker with an image store of its own. Bind as `let (store, w) = …`: the worker drops
 /// (and cleans up its mounts) before the store is removed.
-async fn worker(name: &str, extra: &[&str]) -> (Store, Worker) {
-    let store = Store(tempfile::Builder::new().prefix("iwtest-images-").tempdir().unwrap().keep());
-    let mut args: Vec<String> = vec!["--image-dir".into(), store.0.display().to_string()];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    (store, Worker::start(name, &args).await)
-}
-
-/// An image store, removed on drop.
-struct Store(PathBuf);
-impl Drop for Store {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+async fn worker(name: &str, extra: &[&str]) -> (ImageStore, Worker) {
+    let store = ImageStore::new("images");
+    let w = Worker::start(name, &store.args(extra)).await;
+    (store, w)
 }
 
 fn image_task(task_id: &str, image: &str, script: &str) -> iris_worker::proto::worker::RunTaskRequest {
@@ -56,20 +46,9 @@ async fn run(
     (s, out)
 }
 
-/// `iris_worker_cache_{hits,misses}_total{cache="images"}` from the worker's /metrics.
+/// Layers reused and unpacked (see [`registry::image_layers`]).
 fn image_cache(addr: &str) -> (u64, u64) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let value = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(&format!("{name}{{cache=\"images\"}}")))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
-    };
-    (value("iris_worker_cache_hits_total"), value("iris_worker_cache_misses_total"))
+    registry::image_layers(addr)
 }
 
 /// The unpacked layer directories of a store.
@@ -98,9 +77,7 @@ fn overlays_using(dir: &Path) -> Vec<String> {
 }
 
 fn require_peers() {
-    if let Err(why) = registry::available() {
-        panic!("the image tests cannot run here: {why}");
-    }
+    registry::require_peers("image");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

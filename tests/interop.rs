@@ -87,20 +87,6 @@ async fn driver(args: &[&str], stubs: &Path, within: Duration, context: impl Fn(
     stdout
 }
 
-/// The value of the series `name{labels}` in the worker's /metrics (served on its port).
-fn metric(addr: &str, series: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
-}
-
 /// Entries of a cache directory (not its dot-files: locks, temp dirs).
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)

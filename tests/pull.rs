@@ -11,32 +11,16 @@ mod common;
 mod registry;
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
 use iris_worker::task::TaskState;
-use registry::{Containerd, Registry};
+use registry::{Containerd, ImageStore, Registry};
 
 const WITHIN: Duration = Duration::from_secs(120);
 
-/// An image store removed on drop; bind it before the workers that use it.
-struct Store(PathBuf);
-impl Store {
-    fn new() -> Store {
-        Store(tempfile::Builder::new().prefix("iwtest-pull-").tempdir().unwrap().keep())
-    }
-}
-impl Drop for Store {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-async fn worker(name: &str, store: &Store, extra: &[&str]) -> Worker {
-    let mut args: Vec<&str> = vec!["--image-dir", store.0.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Worker::start(name, &args).await
+async fn worker(name: &str, store: &ImageStore, extra: &[&str]) -> Worker {
+    Worker::start(name, &store.args(extra)).await
 }
 
 /// Runs `cat /etc/image-marker` in `image`: (state, output or error).
@@ -51,21 +35,9 @@ async fn marker(w: &Worker, id: &str, image: &str) -> (TaskState, String) {
     (state, if state == TaskState::Succeeded { out } else { s.error })
 }
 
-/// `iris_worker_cache_{hits,misses}_total{cache="images"}`: layers reused and unpacked.
+/// Layers reused and unpacked (see [`registry::image_layers`]).
 fn layers(w: &Worker) -> (u64, u64) {
-    let addr = w.addr();
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let value = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(&format!("{name}{{cache=\"images\"}}")))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} not in /metrics"))
-    };
-    (value("iris_worker_cache_hits_total"), value("iris_worker_cache_misses_total"))
+    registry::image_layers(&w.addr())
 }
 
 /// The digest the registry gives the manifest `name:tag` names now.
@@ -88,9 +60,7 @@ fn manifest_digest(reg: &Registry, name: &str) -> String {
 }
 
 fn require_peers() {
-    if let Err(why) = registry::available() {
-        panic!("the pull tests cannot run here: {why}");
-    }
+    registry::require_peers("pull");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +70,7 @@ async fn always_picks_up_a_re_pushed_tag_and_fetches_only_the_new_layers() {
     let reg = Registry::start();
     let app = reg.push("busybox", "app");
     let insecure = reg.host();
-    let (s1, s2) = (Store::new(), Store::new());
+    let (s1, s2) = (ImageStore::new("pull"), ImageStore::new("pull"));
     let always = worker("pull-always", &s1, &["--insecure-registry", &insecure, "--pull", "always"]).await;
     let missing = worker("pull-missing", &s2, &["--insecure-registry", &insecure]).await;
     assert_eq!(marker(&always, "a/1", &app).await, (TaskState::Succeeded, "busybox".into()));
@@ -133,7 +103,7 @@ async fn never_fails_at_once_without_the_image_and_a_digest_pins_the_image() {
     let digest = manifest_digest(&reg, "app");
     let pinned = format!("{}/app@{digest}", reg.host());
     let insecure = reg.host();
-    let store = Store::new();
+    let store = ImageStore::new("pull");
     let never = worker("pull-never", &store, &["--insecure-registry", &insecure, "--pull", "never"]).await;
     let missing = worker("pull-pin", &store, &["--insecure-registry", &insecure]).await;
 
@@ -174,7 +144,7 @@ async fn the_pull_policy_holds_for_containerd_images() {
     let socket = ctd.socket().display().to_string();
     let image = format!("containerd:{pushed}");
     let ctd_flags = ["--containerd-socket", socket.as_str(), "--containerd-namespace", "iwtest"];
-    let (s1, s2, s3) = (Store::new(), Store::new(), Store::new());
+    let (s1, s2, s3) = (ImageStore::new("pull"), ImageStore::new("pull"), ImageStore::new("pull"));
     let with = |policy: &'static str| -> Vec<&str> {
         let mut v = ctd_flags.to_vec();
         v.extend(["--pull", policy]);

@@ -69,7 +69,11 @@ impl Registry {
                 .expect("docker-registry (scripts/setup installs it)");
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Our registry's own socket, not just an answer on the port: between
+                // free_port() and the bind another test's registry may take the port; this one
+                // then exits, but a connect would reach the other's, and two tests would push
+                // into one registry's repositories.
+                if super::listening_ports(child.id()).contains(&port) {
                     return Registry { dir, port, child: Some(child) };
                 }
                 if let Ok(Some(_)) = child.try_wait() {
@@ -188,4 +192,42 @@ pub fn available() -> Result<(), String> {
         return Err(format!("{} is missing (run scripts/fixtures images)", layout().display()));
     }
     Ok(())
+}
+
+/// An image store of a test's own, removed on drop: bind it before the workers that use it,
+/// so they drop (and unmount their overlays) first.
+pub struct ImageStore(pub PathBuf);
+
+impl ImageStore {
+    /// A new empty store named after the test binary (`iwtest-<what>-…` under the temp dir).
+    pub fn new(what: &str) -> ImageStore {
+        ImageStore(tempfile::Builder::new().prefix(&format!("iwtest-{what}-")).tempdir().unwrap().keep())
+    }
+
+    /// The `--image-dir` flag of a worker on this store, with `extra` after it.
+    pub fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["--image-dir", self.0.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args
+    }
+}
+
+impl Drop for ImageStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `(hits, misses)` of the image cache in a worker's /metrics: layers reused and unpacked.
+pub fn image_layers(addr: &str) -> (u64, u64) {
+    let value = |name: &str| super::common::metric(addr, &format!("{name}{{cache=\"images\"}}")) as u64;
+    (value("iris_worker_cache_hits_total"), value("iris_worker_cache_misses_total"))
+}
+
+/// Panics, saying why, when the registry or containerd cannot run here (a test that needs
+/// them must not pass without them).
+pub fn require_peers(tests: &str) {
+    if let Err(why) = available() {
+        panic!("the {tests} tests cannot run here: {why}");
+    }
 }

@@ -43,10 +43,7 @@ pub use manifest::{Digest, ImageConfig};
 use source::Sources;
 pub use source::{ContainerdConfig, ImageRef};
 
-/// Where a task's rootfs is mounted, inside its task directory.
-pub const ROOTFS: &str = "rootfs";
-/// The task's upper and work directories, inside its task directory.
-pub const OVERLAY: &str = "overlay";
+pub use crate::runtime::rootfs::{OVERLAY, ROOTFS};
 
 /// Errors of getting an image. Each names the image, layer or source that failed.
 #[derive(Debug, thiserror::Error)]

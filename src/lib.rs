@@ -6,6 +6,7 @@
 //!   the controller (the `iris-controller` crate) shares.
 //! - [`task`]: the TaskManager — states, attempts, concurrency, ports, kill, adoption.
 //! - [`buildkit`]: a BuildKit gRPC client that builds Dockerfiles into root filesystems.
+//! - [`archive`]: the one check of archive entry paths (bundles, image layers, BuildKit).
 //! - [`bundle`]: code bundles fetched from object stores, verified, safely unzipped, cached.
 //! - [`cache`]: what every cache shares: entry kinds, records, sizes, the budget, disk pressure.
 //! - [`janitor`]: one budget over every cache (scan, evict, the janitor loop, `cache ls|prune`).
@@ -24,6 +25,7 @@
 //! Embedding: build a [`task::TaskManager`] with [`task::ManagerConfig`] and call `run`,
 //! or serve it with [`server::serve`]. `examples/run_task.rs` runs a task with no server.
 
+pub mod archive;
 #[cfg(feature = "buildkit")]
 pub mod buildkit;
 pub mod bundle;

@@ -43,13 +43,7 @@ pub async fn serve_with(
     let addr = listener.local_addr().map_err(|source| ServeError::Io { addr: ([0, 0, 0, 0], 0).into(), source })?;
     let web = crate::web::Web::new(service.manager().clone());
     let app = options.gate.protect(router(service, &web)?);
-    let shutdown = async move {
-        shutdown.await;
-        web.close();
-    };
-    crate::rpc::listen::serve(listener, app, options.listen, shutdown)
-        .await
-        .map_err(|source| ServeError::Io { addr, source })
+    serve_app(listener, addr, app, options.listen, web, shutdown).await
 }
 
 /// Serves the newest WorkerService (Connect) and the web pages on `listener` until `shutdown`,
@@ -70,11 +64,22 @@ pub async fn serve_newest(
         .route("/health", axum::routing::get(health))
         .fallback_service(connect_router(service).merge(web.router()));
     let app = options.gate.protect(web.track_rpcs(app));
+    serve_app(listener, addr, app, options.listen, web, shutdown).await
+}
+
+/// Serves `app` on `listener` (at `addr`) until `shutdown` completes; then the web's event
+/// streams end, so open dashboards do not hold the shutdown.
+async fn serve_app(
+    listener: tokio::net::TcpListener,
+    addr: std::net::SocketAddr,
+    app: Router,
+    listen: crate::rpc::listen::ListenOptions,
+    web: crate::web::Web,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let shutdown = async move {
         shutdown.await;
         web.close();
     };
-    crate::rpc::listen::serve(listener, app, options.listen, shutdown)
-        .await
-        .map_err(|source| ServeError::Io { addr, source })
+    crate::rpc::listen::serve(listener, app, listen, shutdown).await.map_err(|source| ServeError::Io { addr, source })
 }

@@ -98,6 +98,14 @@ pub struct DiskEntry {
     pub last_use: SystemTime,
 }
 
+impl DiskEntry {
+    /// The entry on the filesystem `dev`, its lock file at `lock`.
+    pub fn placed(self, dev: u64, lock: PathBuf) -> Entry {
+        let DiskEntry { kind, key, name, bytes, files, last_use } = self;
+        Entry { kind, key, name, bytes, files, last_use, dev, lock }
+    }
+}
+
 /// An entry with where it lives.
 #[derive(Debug, Clone)]
 pub struct Entry {

@@ -184,18 +184,25 @@ pub fn host_metadata(ip_address: &str) -> WorkerMetadata {
     WorkerMetadata { hostname, ip_address: ip_address.to_string(), cpu_count, memory_bytes, ..Default::default() }
 }
 
-/// An attribute value from its text: whole numbers become ints, other numbers floats, the
-/// rest strings (so ordering constraints compare numbers).
+/// An attribute value from its text, as [`typed_attribute`] types it.
 pub fn attribute_value(v: &str) -> crate::proto::AttributeValue {
     use crate::proto::attribute_value::Value;
-    let value = if let Ok(i) = v.parse::<i64>() {
-        Value::IntValue(i)
+    crate::proto::AttributeValue {
+        value: Some(typed_attribute(v, Value::IntValue, Value::FloatValue, Value::StringValue)),
+    }
+}
+
+/// How an attribute's text is typed, on either wire generation (each passes its own value's
+/// constructors): whole numbers become ints, other numbers floats, the rest strings (so
+/// ordering constraints compare numbers).
+pub fn typed_attribute<V>(v: &str, int: fn(i64) -> V, float: fn(f64) -> V, text: fn(String) -> V) -> V {
+    if let Ok(i) = v.parse::<i64>() {
+        int(i)
     } else if let Ok(f) = v.parse::<f64>() {
-        Value::FloatValue(f)
+        float(f)
     } else {
-        Value::StringValue(v.to_string())
-    };
-    crate::proto::AttributeValue { value: Some(value) }
+        text(v.to_string())
+    }
 }
 
 /// Asks the controller (GetTaskStatus) whether the attempt is still the task's current one, on

@@ -53,15 +53,9 @@ pub fn scan(dirs: &CacheDirs, tidy: bool) -> Vec<Entry> {
         Kind::ALL.iter().map(|k| crate::cachelock::EntryLocks::new(&dirs.locks_root(*k))).collect();
     found
         .into_iter()
-        .map(|e| Entry {
-            dev: devs[e.kind.index()],
-            lock: locks[e.kind.index()].path(lock_key(e.kind, &e.key)),
-            kind: e.kind,
-            key: e.key,
-            name: e.name,
-            bytes: e.bytes,
-            files: e.files,
-            last_use: e.last_use,
+        .map(|e| {
+            let (dev, lock) = (devs[e.kind.index()], locks[e.kind.index()].path(lock_key(e.kind, &e.key)));
+            e.placed(dev, lock)
         })
         .collect()
 }

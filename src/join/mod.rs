@@ -201,17 +201,11 @@ fn text(v: &str) -> AttributeValue {
     AttributeValue { value: Some(job::attribute_value::Value::StringValue(v.to_string())) }
 }
 
-/// An attribute from its text, as [`crate::heartbeat::attribute_value`] reads it.
+/// An attribute from its text, typed as on the January wire.
 fn value(v: &str) -> AttributeValue {
     use job::attribute_value::Value;
-    let value = if let Ok(i) = v.parse::<i64>() {
-        Value::IntValue(i)
-    } else if let Ok(f) = v.parse::<f64>() {
-        Value::FloatValue(f)
-    } else {
-        Value::StringValue(v.to_string())
-    };
-    AttributeValue { value: Some(value) }
+    let typed = crate::heartbeat::typed_attribute(v, Value::IntValue, Value::FloatValue, Value::StringValue);
+    AttributeValue { value: Some(typed) }
 }
 
 #[cfg(test)]

@@ -422,15 +422,9 @@ impl ImageStore {
         let locks = crate::cachelock::EntryLocks::new(dir);
         let entries: Vec<crate::cache::Entry> = disk_entries(dir, false)
             .into_iter()
-            .map(|e| crate::cache::Entry {
-                lock: locks.path(&e.key),
-                dev: 0,
-                kind: e.kind,
-                key: e.key,
-                name: e.name,
-                bytes: e.bytes,
-                files: e.files,
-                last_use: e.last_use,
+            .map(|e| {
+                let lock = locks.path(&e.key);
+                e.placed(0, lock)
             })
             .collect();
         let mounted = overlay::lower_dirs_in_use();

@@ -3,8 +3,8 @@
 //! file and its record, in the caches' own on-disk formats, last used over the past three
 //! hours), on the filesystem of `$TMPDIR`. No root needed. Figures:
 //!
-//! 1. the scan: every entry of every kind with its bytes, files and last use (`cache::scan`);
-//! 2. who uses what: `/proc/locks` and the overlay mounts (`cache::InUse::now`);
+//! 1. the scan: every entry of every kind with its bytes, files and last use (`janitor::scan`);
+//! 2. who uses what: `/proc/locks` and the overlay mounts (`janitor::InUse::now`);
 //! 3. choosing what to evict, least recently used first, among the 10,000 (`budget::enforce`,
 //!    without touching the disk);
 //! 4. a janitor pass that evicts 100 entries (scan with tidying, choose, take each entry's
@@ -21,7 +21,8 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{Figure, Row};
-use iris_worker::cache::{self, Amount, CacheDirs, CacheSettings, Janitor, Kind, Limit};
+use iris_worker::cache::{self, Amount, CacheDirs, CacheSettings, Kind, Limit};
+use iris_worker::janitor::{self, Janitor};
 use sha2::Digest;
 
 const BUNDLES: usize = 4_000;
@@ -90,7 +91,7 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let made = populate(&dirs)?;
     eprintln!("cache: {made} entries made in {:.1} s", t.elapsed().as_secs_f64());
-    let entries = cache::scan(&dirs, false);
+    let entries = janitor::scan(&dirs, false);
     anyhow::ensure!(entries.len() == BUNDLES + VENVS + LAYERS, "the scan found {} entries", entries.len());
     let total: u64 = entries.iter().map(|e| e.bytes).sum();
 
@@ -100,11 +101,11 @@ fn main() -> anyhow::Result<()> {
     let mut choose = Figure::new("choose 100 to evict among 10,000 (LRU)");
     for _ in 0..runs {
         let (t, cpu) = (Instant::now(), cpu_time());
-        let found = cache::scan(&dirs, false);
+        let found = janitor::scan(&dirs, false);
         scan.samples.push(t.elapsed());
         scan_cpu.samples.push(cpu_time() - cpu);
         let t = Instant::now();
-        let busy = cache::InUse::now(&dirs);
+        let busy = janitor::InUse::now(&dirs);
         in_use.samples.push(t.elapsed());
         let limit = Limit::bytes("total", &Kind::ALL, total - 100 * FILE as u64);
         let t = Instant::now();

@@ -6,8 +6,10 @@
 //!   the controller (the `iris-controller` crate) shares.
 //! - [`task`]: the TaskManager — states, attempts, concurrency, ports, kill, adoption.
 //! - [`buildkit`]: a BuildKit gRPC client that builds Dockerfiles into root filesystems.
+//! - [`archive`]: the one check of archive entry paths (bundles, image layers, BuildKit).
 //! - [`bundle`]: code bundles fetched from object stores, verified, safely unzipped, cached.
-//! - [`cache`]: one budget over every cache, disk pressure, and the operator's cache tools.
+//! - [`cache`]: what every cache shares: entry kinds, records, sizes, the budget, disk pressure.
+//! - [`janitor`]: one budget over every cache (scan, evict, the janitor loop, `cache ls|prune`).
 //! - [`env`]: a task's Python environment: the venv built for its bundle, pickled entrypoints.
 //! - [`runtime`]: how a task's processes are made (libcontainer container or plain process).
 //! - [`supervisor`]: the per-task process that owns the task's stdio, log and exit record.
@@ -17,11 +19,13 @@
 //! - [`join`]: the worker's side of the newest Iris controller (Register, the keep-alive).
 //! - [`isolation`]: the cgroup connect hook that keeps tasks off the worker's own port.
 //! - [`web`]: the pages and JSON on the same port.
+//! - [`server`]: the one port: [`rpc`]'s WorkerService and [`web`]'s pages together.
 //! - [`cli`]: the `iris-worker` command.
 //!
 //! Embedding: build a [`task::TaskManager`] with [`task::ManagerConfig`] and call `run`,
-//! or serve it with [`rpc::serve`]. `examples/run_task.rs` runs a task with no server.
+//! or serve it with [`server::serve`]. `examples/run_task.rs` runs a task with no server.
 
+pub mod archive;
 #[cfg(feature = "buildkit")]
 pub mod buildkit;
 pub mod bundle;
@@ -32,12 +36,14 @@ pub mod cli;
 pub mod env;
 pub mod heartbeat;
 pub mod isolation;
+pub mod janitor;
 pub mod join;
 pub mod logs;
 /// The wire types of both Iris generations (the `iris-wire` crate's, under their old path).
 pub use iris_wire::proto;
 pub mod rpc;
 pub mod runtime;
+pub mod server;
 pub mod supervisor;
 pub mod task;
 pub mod web;

@@ -2,7 +2,8 @@
 //! directory.
 
 use std::collections::HashMap;
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -15,6 +16,7 @@ use super::progress::{LogLine, Progress};
 use super::proto::control::{ListWorkersRequest, SolveRequest, StatusRequest, control_client::ControlClient};
 use super::session::{Session, SessionDirs};
 use super::{BuildkitError, connect, export};
+use crate::archive::{self, Separators};
 
 /// A connection to one BuildKit daemon.
 #[derive(Clone)]
@@ -238,7 +240,7 @@ fn check_request(req: &BuildRequest) -> Result<(PathBuf, String, String), Buildk
             req.context_dir.display()
         )));
     }
-    if req.dockerfile.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+    if archive::entry_parts(req.dockerfile.as_os_str().as_bytes(), Separators::Slash).is_err() {
         return Err(BuildkitError::BadRequest(format!(
             "the Dockerfile path {} must be relative and inside the context",
             req.dockerfile.display()

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use zip::ZipArchive;
 use zip::result::ZipError;
 
+use crate::archive::{self, EntryPathError, Separators};
+
 /// Bounds on what one bundle may expand to. Every one is checked against what extraction
 /// actually produces, not against the sizes an archive's headers claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,30 +262,20 @@ fn plan<R: Read + Seek>(zip: &mut ZipArchive<R>) -> Result<Vec<Planned>, Extract
     Ok(plan)
 }
 
-/// Splits an entry's name into normal components, rejecting absolute paths and `..`.
-/// Both `/` and `\` separate components (archives made on Windows use `\`).
+/// Splits an entry's name into normal components, rejecting absolute paths and `..` (see
+/// [`crate::archive`]). Both `/` and `\` separate components (archives made on Windows use `\`).
 fn split_name(name: &str) -> Result<Vec<String>, ExtractError> {
     let bad = |reason| ExtractError::BadName { entry: name.to_owned(), reason };
     if name.is_empty() {
         return Err(bad("it is empty"));
     }
-    if name.contains('\0') {
-        return Err(bad("it contains a NUL byte"));
+    match archive::entry_parts(name.as_bytes(), Separators::SlashOrBackslash) {
+        // Split at ASCII separators, the parts of a `str` are `str`s.
+        Ok(parts) => Ok(parts.into_iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect()),
+        Err(EntryPathError::Nul) => Err(bad("it contains a NUL byte")),
+        Err(EntryPathError::Absolute) => Err(ExtractError::AbsolutePath { entry: name.to_owned() }),
+        Err(EntryPathError::ParentDir) => Err(ExtractError::ParentDir { entry: name.to_owned() }),
     }
-    let bytes = name.as_bytes();
-    let drive = bytes.len() >= 2 && bytes[0].is_ascii_alphabetic() && bytes[1] == b':';
-    if name.starts_with('/') || name.starts_with('\\') || drive {
-        return Err(ExtractError::AbsolutePath { entry: name.to_owned() });
-    }
-    let mut parts = Vec::new();
-    for part in name.split(['/', '\\']) {
-        match part {
-            "" | "." => {}
-            ".." => return Err(ExtractError::ParentDir { entry: name.to_owned() }),
-            part => parts.push(part.to_owned()),
-        }
-    }
-    Ok(parts)
 }
 
 const S_IFMT: u32 = 0o170_000;

@@ -77,32 +77,6 @@ impl Held {
     }
 }
 
-/// Who process `pid` is, for an operator: `task j/task-0` for a task's supervisor (or its
-/// environment build's), `worker pid N` for a worker, `pid N` otherwise.
-pub fn describe(pid: i32) -> String {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let args: Vec<String> =
-        cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-    if let Some(i) = args.iter().position(|a| a == "supervise")
-        && let Some(dir) = args.get(i + 1)
-    {
-        let dir = Path::new(dir);
-        // A venv build runs in `<task dir>/build`.
-        for d in [Some(dir), dir.parent()].into_iter().flatten() {
-            if let Ok(Some(meta)) =
-                crate::supervisor::files::read_json::<crate::task::store::TaskMeta>(d, crate::task::store::TASK)
-            {
-                return format!("task {}", meta.task_id);
-            }
-        }
-        return format!("a supervisor (pid {pid})");
-    }
-    if args.iter().any(|a| a == "serve") {
-        return format!("worker pid {pid}");
-    }
-    format!("pid {pid}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,7 +102,6 @@ mod tests {
         let me = std::process::id() as i32;
         assert_eq!(Held::read().pids(&path), vec![me]);
         assert_eq!(Held::read().held_in(&dir.path().join(".locks")), [path.clone()].into());
-        assert!(describe(me).starts_with("pid ") || describe(me).starts_with("worker"), "{}", describe(me));
         drop(lease);
         assert!(!Held::read().holds(&path));
         assert!(!Held::read().holds(&dir.path().join("missing.lock")));

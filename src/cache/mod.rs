@@ -1,30 +1,28 @@
-//! One budget for every cache under the cache directory, and the disk's health.
+//! What every cache under the cache directory shares, and the disk's health: the parts of the
+//! one budget that know no particular cache (the policy over them all is [`crate::janitor`]).
 //!
 //! The caches keep their own formats and locks (see [`crate::cachelock`]): bundles
 //! (`bundle/`), venvs and uv's download cache (`env/venv.rs`), unpacked image layers with their
 //! image records and images built from Dockerfiles (`env/image/`). Each exposes what it has on
-//! disk as [`DiskEntry`]s and evicts one entry by its own protocol, always taking the entry's
-//! exclusive lock with `try_exclusive`, so an entry any process uses is never removed. This
-//! module puts one policy on top of them:
-//! - [`scan`] lists every entry of every kind with its bytes, files and last use (the mtime of
-//!   its record, which each use touches);
+//! disk as [`DiskEntry`]s (of a [`Kind`], with [`Records`] of what it read before and
+//! [`tree_size`]) and evicts one entry by its own protocol, always taking the entry's
+//! exclusive lock with `try_exclusive`, so an entry any process uses is never removed. Here:
 //! - [`budget`] chooses what to evict: least recently used first, until every [`budget::Limit`]
 //!   holds (the total `--cache-size`, per-kind overrides, the space a filesystem under pressure
 //!   needs back);
 //! - [`pressure`] reads free space and inodes of the worker's filesystems against the
 //!   thresholds;
-//! - [`janitor`] runs both off the request path, in the worker, on a tick and when a task has
-//!   just published something;
-//! - [`holders`] says who holds an entry (from `/proc/locks`: a task's supervisor, a worker),
-//!   for `iris-worker cache ls` and the dashboard;
-//! - [`tools`] are `iris-worker cache ls` and `iris-worker cache prune`.
+//! - [`holders`] says which processes hold an entry (from `/proc/locks`), for
+//!   `iris-worker cache ls` and the dashboard;
+//! - [`status`] is what the janitor last saw and the settings it keeps ([`CacheSettings`]).
+//!
+//! The caches sit above this module and use it; none of it calls them.
 
 pub mod budget;
 pub mod holders;
-pub mod janitor;
 pub mod pressure;
 pub mod size;
-pub mod tools;
+pub mod status;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -33,8 +31,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 pub use budget::Limit;
-pub use janitor::{CacheSettings, CacheStatus, Janitor};
 pub use size::{Amount, SizeError};
+pub use status::{CacheSettings, CacheStatus, FsStatus, KindStatus};
 
 /// The kinds of cache entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -73,7 +71,7 @@ impl Kind {
             .ok_or_else(|| format!("{s:?} is not a cache kind (one of {})", Kind::ALL.map(Kind::name).join(", ")))
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
@@ -98,6 +96,14 @@ pub struct DiskEntry {
     pub files: u64,
     /// When a task last used it (the mtime of its record).
     pub last_use: SystemTime,
+}
+
+impl DiskEntry {
+    /// The entry on the filesystem `dev`, its lock file at `lock`.
+    pub fn placed(self, dev: u64, lock: PathBuf) -> Entry {
+        let DiskEntry { kind, key, name, bytes, files, last_use } = self;
+        Entry { kind, key, name, bytes, files, last_use, dev, lock }
+    }
 }
 
 /// An entry with where it lives.
@@ -147,108 +153,11 @@ impl CacheDirs {
     }
 
     /// The directory `kind`'s entries are in (its filesystem is theirs).
-    fn home(&self, kind: Kind) -> PathBuf {
+    pub(crate) fn home(&self, kind: Kind) -> PathBuf {
         match kind {
             Kind::Uv => self.cache.join("uv"),
             other => self.locks_root(other),
         }
-    }
-}
-
-/// Every entry of every cache. With `tidy`, also removes what crashed or interrupted work
-/// left behind where no process holds it (half-made entries, records without their entry,
-/// evicted trees not yet deleted). Blocking: call off the async threads.
-pub fn scan(dirs: &CacheDirs, tidy: bool) -> Vec<Entry> {
-    let mut found: Vec<DiskEntry> = Vec::new();
-    found.extend(crate::bundle::disk_entries(&dirs.bundles(), tidy));
-    found.extend(crate::env::venv::disk_entries(&dirs.venvs(), tidy));
-    found.extend(crate::env::venv::uv_entry(&dirs.cache, tidy));
-    found.extend(crate::env::image::disk_entries(&dirs.images, tidy));
-    let devs: Vec<u64> = Kind::ALL.iter().map(|k| dev_of(&dirs.home(*k))).collect();
-    let locks: Vec<crate::cachelock::EntryLocks> =
-        Kind::ALL.iter().map(|k| crate::cachelock::EntryLocks::new(&dirs.locks_root(*k))).collect();
-    found
-        .into_iter()
-        .map(|e| Entry {
-            dev: devs[e.kind.index()],
-            lock: locks[e.kind.index()].path(lock_key(e.kind, &e.key)),
-            kind: e.kind,
-            key: e.key,
-            name: e.name,
-            bytes: e.bytes,
-            files: e.files,
-            last_use: e.last_use,
-        })
-        .collect()
-}
-
-/// The lock key of an entry (uv's cache is one entry under a fixed name).
-fn lock_key(kind: Kind, key: &str) -> &str {
-    match kind {
-        Kind::Uv => crate::env::venv::UV_LOCK_KEY,
-        _ => key,
-    }
-}
-
-/// What is in use right now, as far as can be seen without taking a lock: entries whose lock
-/// a process holds (`/proc/locks`), and image layers an overlay mount uses. Eviction takes
-/// the exclusive lock anyway; this only lets the budget pass over busy entries.
-pub struct InUse {
-    held: holders::Held,
-    /// The held lock files of the caches' lock directories.
-    held_files: HashSet<PathBuf>,
-    mounted: HashSet<PathBuf>,
-}
-
-impl InUse {
-    /// Reads `/proc/locks`, the caches' lock directories and the overlay mounts now.
-    pub fn now(dirs: &CacheDirs) -> InUse {
-        let held = holders::Held::read();
-        let mut held_files = HashSet::new();
-        for kind in [Kind::Bundles, Kind::Venvs, Kind::Images] {
-            held_files.extend(held.held_in(&dirs.locks_root(kind).join(".locks")));
-        }
-        InUse { held, held_files, mounted: crate::env::image::overlay::lower_dirs_in_use() }
-    }
-
-    /// Whether a process holds `e` or a mount uses it.
-    pub fn contains(&self, dirs: &CacheDirs, e: &Entry) -> bool {
-        self.held_files.contains(&e.lock) || self.mounted_layer(dirs, e)
-    }
-
-    /// Who holds `e` (pids).
-    pub fn pids(&self, e: &Entry) -> Vec<i32> {
-        self.held.pids(&e.lock)
-    }
-
-    /// Whether an overlay mount uses `e` (an image layer).
-    pub fn mounted_layer(&self, dirs: &CacheDirs, e: &Entry) -> bool {
-        matches!(e.kind, Kind::Images | Kind::Built)
-            && self.mounted.contains(&crate::env::image::layer_dir(&dirs.images, &e.key))
-    }
-
-    /// The overlay mounts' lower directories.
-    pub fn mounts(&self) -> &HashSet<PathBuf> {
-        &self.mounted
-    }
-}
-
-/// Evicts `e` by its cache's protocol if no process uses it: `Ok(Some(bytes))` when it is
-/// gone, `Ok(None)` when someone holds it (it stays). Blocking.
-pub fn evict(dirs: &CacheDirs, e: &Entry, mounts: &HashSet<PathBuf>) -> std::io::Result<Option<u64>> {
-    match e.kind {
-        Kind::Bundles => crate::bundle::evict_on_disk(&dirs.bundles(), &e.key),
-        Kind::Venvs => crate::env::venv::evict_on_disk(&dirs.venvs(), &e.key),
-        Kind::Uv => crate::env::venv::evict_uv(&dirs.cache),
-        Kind::Images | Kind::Built => crate::env::image::evict_layer(&dirs.images, &e.key, mounts),
-    }
-}
-
-/// After layers were evicted: image records that name a missing layer go too (the image is
-/// pulled or built again when a task asks for it).
-pub fn after_evictions(dirs: &CacheDirs, kinds: &HashSet<Kind>) {
-    if kinds.contains(&Kind::Images) || kinds.contains(&Kind::Built) {
-        crate::env::image::prune_records(&dirs.images);
     }
 }
 

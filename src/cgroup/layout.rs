@@ -174,7 +174,7 @@ impl Layout {
     pub fn join_unified(&self, path: &str, pid: Pid) -> Result<(), CgroupError> {
         let Layout::V1 { unified: Some(unified), .. } = self else { return Ok(()) };
         let dir = unified.join(relative(path)?);
-        super::parents::create_chain(&dir, false)?;
+        create_chain(&dir, false)?;
         let file = dir.join("cgroup.procs");
         fs::write(&file, pid.to_string()).map_err(io_err("writing", &file))
     }
@@ -257,7 +257,7 @@ impl Layout {
     pub fn create(&self, path: &str) -> Result<Vec<PathBuf>, CgroupError> {
         let mut made = Vec::new();
         for dir in self.dirs(path)? {
-            made.extend(super::parents::create_chain(&dir, !self.is_v2())?);
+            made.extend(create_chain(&dir, !self.is_v2())?);
         }
         Ok(made)
     }
@@ -340,6 +340,63 @@ pub(super) fn remove_dir_retrying(dir: &Path) -> Result<(), CgroupError> {
             Err(e) => return Err(io_err("removing", dir)(e)),
         }
     }
+}
+
+/// Creates `dir` and any missing parents; returns the directories created, outermost first.
+/// A new v1 cpuset cgroup starts with empty `cpus`/`mems` (no task could join it), so on `v1`
+/// those are copied from the parent, as runc does (an empty v2 cpuset uses its parent's).
+pub(super) fn create_chain(dir: &Path, v1: bool) -> Result<Vec<PathBuf>, CgroupError> {
+    let copy_cpuset = |d: &Path| if v1 { copy_cpuset(d) } else { Ok(()) };
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    while !cur.exists() {
+        missing.push(cur.to_path_buf());
+        match cur.parent() {
+            Some(p) => cur = p,
+            None => break,
+        }
+    }
+    missing.reverse();
+    let mut made = Vec::new();
+    for d in missing {
+        // Another worker's release may remove an empty ancestor between our checks: retry.
+        let mut result = fs::create_dir(&d);
+        for _ in 0..3 {
+            match &result {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if let Some(p) = d.parent() {
+                        let _ = fs::create_dir_all(p);
+                        if let Some(pp) = p.parent() {
+                            let _ = copy_cpuset(pp);
+                        }
+                        let _ = copy_cpuset(p);
+                    }
+                    result = fs::create_dir(&d);
+                }
+                _ => break,
+            }
+        }
+        match result {
+            Ok(()) => made.push(d.clone()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("creating", &d)(e)),
+        }
+        copy_cpuset(&d)?;
+    }
+    Ok(made)
+}
+
+fn copy_cpuset(dir: &Path) -> Result<(), CgroupError> {
+    let Some(parent) = dir.parent() else { return Ok(()) };
+    for name in ["cpuset.cpus", "cpuset.mems"] {
+        let file = dir.join(name);
+        let Ok(current) = fs::read_to_string(&file) else { continue };
+        if current.trim().is_empty() {
+            let value = fs::read_to_string(parent.join(name)).map_err(io_err("reading", &parent.join(name)))?;
+            fs::write(&file, value.trim()).map_err(io_err("writing", &file))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

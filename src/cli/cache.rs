@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 
 use crate::cache::size::{human_age, human_bytes, parse_age};
-use crate::cache::tools::{self, PruneRequest};
 use crate::cache::{CacheDirs, Kind};
+use crate::janitor::tools::{self, PruneRequest};
 
 #[derive(Subcommand, Debug)]
 pub enum CacheVerb {
@@ -65,7 +65,7 @@ fn kinds(names: &[String]) -> anyhow::Result<Vec<Kind>> {
 pub fn run(verb: CacheVerb) -> anyhow::Result<()> {
     match verb {
         CacheVerb::Ls { dirs, kinds: names } => {
-            let listed = tools::list(&dirs.dirs(), &kinds(&names)?);
+            let listed = tools::list(&dirs.dirs(), &kinds(&names)?, &describe_holder);
             print!("{}", ls_text(&listed, SystemTime::now()));
             Ok(())
         }
@@ -74,7 +74,8 @@ pub fn run(verb: CacheVerb) -> anyhow::Result<()> {
             if older_than.is_none() && !all {
                 bail!("say what to prune: --older-than AGE or --all (--kind narrows either)");
             }
-            let pruned = tools::prune(&dirs.dirs(), &PruneRequest { kinds: kinds(&names)?, older_than });
+            let pruned =
+                tools::prune(&dirs.dirs(), &PruneRequest { kinds: kinds(&names)?, older_than }, &describe_holder);
             print!("{}", prune_text(&pruned));
             Ok(())
         }
@@ -140,11 +141,44 @@ fn prune_text(p: &tools::Pruned) -> String {
     out
 }
 
+/// Who process `pid` is, for an operator: `task j/task-0` for a task's supervisor (or its
+/// environment build's), `worker pid N` for a worker, `pid N` otherwise.
+pub(crate) fn describe_holder(pid: i32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> =
+        cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    if let Some(i) = args.iter().position(|a| a == "supervise")
+        && let Some(dir) = args.get(i + 1)
+    {
+        let dir = std::path::Path::new(dir);
+        // A venv build runs in `<task dir>/build`.
+        for d in [Some(dir), dir.parent()].into_iter().flatten() {
+            if let Ok(Some(meta)) =
+                crate::supervisor::files::read_json::<crate::task::store::TaskMeta>(d, crate::task::store::TASK)
+            {
+                return format!("task {}", meta.task_id);
+            }
+        }
+        return format!("a supervisor (pid {pid})");
+    }
+    if args.iter().any(|a| a == "serve") {
+        return format!("worker pid {pid}");
+    }
+    format!("pid {pid}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cache::Entry;
     use std::time::Duration;
+
+    #[test]
+    fn a_holder_that_is_no_supervisor_is_named_by_its_pid() {
+        let me = std::process::id() as i32;
+        let d = describe_holder(me);
+        assert!(d.starts_with("pid ") || d.starts_with("worker"), "{d}");
+    }
 
     fn entry(kind: Kind, name: &str, bytes: u64, age_s: u64, now: SystemTime) -> Entry {
         Entry {

@@ -44,7 +44,8 @@ pub fn run(args: CleanupArgs) -> anyhow::Result<()> {
         && cache.exists()
     {
         let images = args.image_dir.unwrap_or_else(|| cache.join("images"));
-        let cleared = crate::cache::tools::clear(&crate::cache::CacheDirs::new(&cache, images));
+        let cleared =
+            crate::janitor::tools::clear(&crate::cache::CacheDirs::new(&cache, images), &super::cache::describe_holder);
         println!(
             "removed {} cache entr{} from {}",
             cleared.removed.len(),

@@ -136,17 +136,19 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Started> {
                 .with_keepalive(keepalive);
         if let Some(client) = controller_client.clone() {
             // Each attempt's lines go to Iris's log service; its end is reported once they are there.
-            let pusher = crate::logs::push::LogPusher::new(manager.clone(), client, config.security.client.clone());
+            let pusher = crate::join::push::LogPusher::new(manager.clone(), client, config.security.client.clone());
             pusher.start();
             service = service.with_terminal_gate(std::sync::Arc::new(pusher));
         }
         tokio::spawn(async move {
-            crate::rpc::newest::serve(listener, service, options, shutdown_signal()).await.map_err(anyhow::Error::from)
+            crate::server::serve_newest(listener, service, options, shutdown_signal())
+                .await
+                .map_err(anyhow::Error::from)
         })
     } else {
         let service = WorkerServiceImpl::new(manager.clone());
         tokio::spawn(async move {
-            crate::rpc::serve_with(listener, service, options, shutdown_signal()).await.map_err(anyhow::Error::from)
+            crate::server::serve_with(listener, service, options, shutdown_signal()).await.map_err(anyhow::Error::from)
         })
     };
     tracing::info!(%addr, worker_id = %config.worker_id, runtime = ?config.runtime, ?generation, "worker serving");

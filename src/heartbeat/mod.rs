@@ -184,8 +184,7 @@ pub fn host_metadata(ip_address: &str) -> WorkerMetadata {
     WorkerMetadata { hostname, ip_address: ip_address.to_string(), cpu_count, memory_bytes, ..Default::default() }
 }
 
-/// An attribute value from its text: whole numbers become ints, other numbers floats, the
-/// rest strings (so ordering constraints compare numbers).
+/// An attribute value from its text, as [`iris_wire::cluster::AttributeText`] reads it.
 pub fn attribute_value(v: &str) -> crate::proto::AttributeValue {
     iris_wire::cluster::AttributeText::parse(v).into()
 }

@@ -5,13 +5,18 @@
 //! elsewhere: every attempt is killed and the worker registers again, as Iris's worker does.
 //! The January generation's side is [`crate::heartbeat`].
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::proto::newest::iris::cluster::controller::{RegisterRequest, RegisterResponse};
 use crate::proto::newest::iris::job::{self, AttributeValue, DeviceConfig, WorkerMetadata};
 use crate::rpc::connect::{ConnectClient, ConnectError, Generation};
 use crate::task::TaskManager;
+
+pub mod push;
+
+/// Kept by the newest wire's Reconcile handler, which touches it (see [`crate::rpc::newest`]).
+pub use crate::rpc::newest::KeepAlive;
 
 const SERVICE: &str = "iris.cluster.ControllerService";
 /// Iris's worker registers every 5 s until accepted.
@@ -111,45 +116,6 @@ pub async fn probe(client: &ConnectClient) -> Option<Generation> {
     }
 }
 
-/// When the controller last spoke to this worker (a Reconcile addressed to it).
-#[derive(Debug)]
-pub struct KeepAlive {
-    last: Mutex<Instant>,
-    timeout: Duration,
-    touched: tokio::sync::Notify,
-}
-
-impl KeepAlive {
-    pub fn new(timeout: Duration) -> Arc<KeepAlive> {
-        Arc::new(KeepAlive { last: Mutex::new(Instant::now()), timeout, touched: tokio::sync::Notify::new() })
-    }
-
-    /// A Reconcile for this worker arrived.
-    pub fn touch(&self) {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        self.touched.notify_waiters();
-    }
-
-    /// When the keep-alive runs out, unless touched before.
-    fn deadline(&self) -> Instant {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) + self.timeout
-    }
-
-    /// Returns once no touch came for the timeout.
-    pub async fn silence(&self) {
-        loop {
-            let deadline = self.deadline();
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline.into()) => {}
-                _ = self.touched.notified() => {}
-            }
-        }
-    }
-}
-
 /// Who this worker is, for Register.
 #[derive(Debug, Clone)]
 pub struct Registration {
@@ -167,7 +133,7 @@ pub fn start(client: ConnectClient, me: Registration, manager: TaskManager, keep
             keepalive.touch();
             keepalive.silence().await;
             tracing::warn!(
-                timeout = ?keepalive.timeout,
+                timeout = ?keepalive.timeout(),
                 "no Reconcile from the controller within the keep-alive: killing every attempt and registering again"
             );
             let _forgotten = manager.reset(manager.fence_mark()).await;
@@ -235,7 +201,7 @@ fn text(v: &str) -> AttributeValue {
     AttributeValue { value: Some(job::attribute_value::Value::StringValue(v.to_string())) }
 }
 
-/// An attribute from its text, as [`crate::heartbeat::attribute_value`] reads it.
+/// An attribute from its text, as [`iris_wire::cluster::AttributeText`] reads it.
 fn value(v: &str) -> AttributeValue {
     iris_wire::cluster::AttributeText::parse(v).into()
 }
@@ -243,6 +209,7 @@ fn value(v: &str) -> AttributeValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[tokio::test]
     async fn without_a_controller_auto_is_january_and_forced_wires_stay() {

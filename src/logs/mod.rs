@@ -14,7 +14,6 @@
 mod error;
 mod format;
 mod lines;
-pub mod push;
 mod reader;
 mod segments;
 mod writer;

@@ -9,7 +9,6 @@
 mod connect_routes;
 mod convert;
 pub mod newest;
-mod server;
 mod service;
 mod status;
 
@@ -21,6 +20,5 @@ pub use convert::{
     decode_run_task, log_entry as log_entry_proto, log_filter, state_from_proto, state_to_proto,
     task_status as task_status_proto,
 };
-pub use server::{serve, serve_with};
 pub use service::WorkerServiceImpl;
 pub use status::to_status;

@@ -8,6 +8,7 @@
 #[cfg(feature = "container")]
 pub mod container;
 pub mod process;
+pub mod rootfs;
 mod spec;
 
 use std::os::fd::OwnedFd;

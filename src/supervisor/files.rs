@@ -209,6 +209,12 @@ pub struct ExitRecord {
     pub disk: Option<(u64, u64)>,
 }
 
+/// The `tasks/` directory of a state root: a directory per attempt, which the worker and the
+/// attempt's supervisor write (here, below both, since the cache janitor watches its disk too).
+pub fn tasks_dir(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("tasks")
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)

@@ -294,11 +294,8 @@ fn release_rootfs(task_dir: &Path, spec: &LaunchSpec) {
     if !spec.rootfs_overlay {
         return;
     }
-    match crate::env::image::unmount(task_dir) {
-        // What the task wrote into its rootfs goes with it (its workdir is elsewhere).
-        Ok(()) => crate::env::image::remove_overlay_dirs(task_dir),
-        Err(e) => tracing::warn!(error = %e, "unmounting the task's rootfs"),
-    }
+    // What the task wrote into its rootfs goes with it (its workdir is elsewhere).
+    runtime::rootfs::release(task_dir);
 }
 
 /// Sends SIGTERM to every process of the task and returns when SIGKILL is due. A container's

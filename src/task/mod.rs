@@ -285,7 +285,7 @@ pub(crate) struct Inner {
     bundles: tokio::sync::OnceCell<BundleCache>,
     images: tokio::sync::OnceCell<crate::env::image::ImageStore>,
     /// Keeps every cache within the budget and watches the disk.
-    janitor: Arc<crate::cache::Janitor>,
+    janitor: Arc<crate::janitor::Janitor>,
     started: Instant,
     /// What keeps tasks off the worker's port (see [`crate::isolation`]).
     isolation: Option<crate::isolation::TaskIsolation>,
@@ -359,7 +359,7 @@ impl TaskManager {
             supervisor_exe: config.supervisor_exe.clone(),
             cgroups: cgroups.clone(),
         });
-        let janitor = crate::cache::Janitor::new(
+        let janitor = crate::janitor::Janitor::new(
             crate::cache::CacheDirs::new(&config.cache_dir, &config.images.dir),
             config.cache.clone(),
             &config.state_dir,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::supervisor::files::tasks_dir;
 use crate::supervisor::files::{self, FileError};
 
 pub const TASK: &str = "task.json";
@@ -93,11 +94,6 @@ pub fn attempt_key(task_id: &str, attempt_id: i32, attempt_uid: Option<&str>) ->
         Some(uid) => format!("{}.{}", task_key(task_id, attempt_id), escape(uid)),
         None => task_key(task_id, attempt_id),
     }
-}
-
-/// The `tasks/` directory of a state root.
-pub fn tasks_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("tasks")
 }
 
 /// Creates an attempt's directory with its `task.json` and `request.pb`, and gives its log

@@ -9,6 +9,7 @@
 //!   `start_line`, the page before that line). Header `X-Iris-Log-Lines`: the log's lines.
 //! - `GET /api/stats/<id>` → the current usage and the resource history (see [`stats`])
 //! - `GET /api/worker` → the worker's and host's figures ([`super::snapshot::WorkerFigures`])
+//! - `GET /api/cache` → the caches and the disk ([`crate::cache::CacheStatus`])
 
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -204,6 +205,14 @@ pub async fn metrics(State(web): State<Web>) -> Response {
     .await;
     match text {
         Ok(t) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], t).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+/// `GET /api/cache`: the caches and the disk as the janitor last saw them (the dashboard's
+/// cache panel): per kind, per filesystem, and why new tasks are refused, while they are.
+pub async fn cache(State(web): State<Web>) -> Response {
+    match serde_json::to_vec(&web.inner.manager.cache_status()) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

@@ -16,10 +16,12 @@
 //! - `cache_hits_total{cache}`, `cache_misses_total{cache}` for `bundles`, `venvs`, `images`,
 //!   `built`: each task's use of a cache entry, found ready or made (images count layers: a
 //!   hit is a layer already unpacked, a miss one pulled and unpacked)
-//! - the caches and the disk (web/cache.rs): `cache_bytes{kind}`, `cache_entries{kind}`,
+//! - the caches and the disk (metrics/cache.rs): `cache_bytes{kind}`, `cache_entries{kind}`,
 //!   `cache_in_use{kind}`, `cache_limit_bytes{limit}`, `cache_evictions_total{kind}`,
 //!   `cache_scan_seconds`, `disk_free_bytes{filesystem}`, `disk_size_bytes{filesystem}`,
 //!   `disk_free_inodes{filesystem}`, `disk_inodes{filesystem}`, `disk_pressure{filesystem}`
+
+mod cache;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -262,7 +264,7 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{cache=\"{cache}\"}} {n}");
             }
         }
-        super::cache::write_metrics(&mut out, caches);
+        cache::write_metrics(&mut out, caches);
         out
     }
 }
@@ -396,12 +398,7 @@ mod tests {
         for cache in CACHES {
             assert!(text.contains(&format!("iris_worker_cache_hits_total{{cache=\"{cache}\"}} 0\n")), "{text}");
         }
-        caches.kinds.push(crate::cache::janitor::KindStatus {
-            kind: "venvs",
-            hits: 2,
-            misses: 1,
-            ..Default::default()
-        });
+        caches.kinds.push(crate::cache::KindStatus { kind: "venvs", hits: 2, misses: 1, ..Default::default() });
         let text = m.render("w", 1, &[], &caches);
         assert!(text.contains("iris_worker_cache_hits_total{cache=\"venvs\"} 2\n"), "{text}");
         assert!(text.contains("iris_worker_cache_misses_total{cache=\"venvs\"} 1\n"), "{text}");

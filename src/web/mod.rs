@@ -17,7 +17,6 @@
 //! task is escaped: server-side with [`escape`], in the pages with `textContent`.
 
 mod api;
-mod cache;
 mod host;
 mod iris;
 mod metrics;
@@ -103,7 +102,7 @@ impl Web {
             .route("/api/logs/{*task_id}", get(api::logs))
             .route("/api/stats/{*task_id}", get(api::stats))
             .route("/api/worker", get(api::worker_figures))
-            .route("/api/cache", get(cache::api))
+            .route("/api/cache", get(api::cache))
             .route("/api/events/tasks", get(sse::tasks))
             .route("/api/events/task/{*task_id}", get(sse::task))
             .with_state(self.clone())

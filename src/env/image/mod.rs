@@ -43,10 +43,7 @@ pub use manifest::{Digest, ImageConfig};
 use source::Sources;
 pub use source::{ContainerdConfig, ImageRef};
 
-/// Where a task's rootfs is mounted, inside its task directory.
-pub const ROOTFS: &str = "rootfs";
-/// The task's upper and work directories, inside its task directory.
-pub const OVERLAY: &str = "overlay";
+pub use crate::runtime::rootfs::{OVERLAY, ROOTFS};
 
 /// Errors of getting an image. Each names the image, layer or source that failed.
 #[derive(Debug, thiserror::Error)]
@@ -425,15 +422,9 @@ impl ImageStore {
         let locks = crate::cachelock::EntryLocks::new(dir);
         let entries: Vec<crate::cache::Entry> = disk_entries(dir, false)
             .into_iter()
-            .map(|e| crate::cache::Entry {
-                lock: locks.path(&e.key),
-                dev: 0,
-                kind: e.kind,
-                key: e.key,
-                name: e.name,
-                bytes: e.bytes,
-                files: e.files,
-                last_use: e.last_use,
+            .map(|e| {
+                let lock = locks.path(&e.key);
+                e.placed(0, lock)
             })
             .collect();
         let mounted = overlay::lower_dirs_in_use();

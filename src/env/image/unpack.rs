@@ -9,14 +9,17 @@
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use nix::sys::stat::{Mode, SFlag, mknod};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
 use sha2::{Digest, Sha256};
 use tar::EntryType;
+
+use crate::archive::{Separators, entry_parts};
 
 /// A layer that is not a well-formed, harmless tar of its own tree.
 #[derive(Debug, thiserror::Error)]
@@ -335,16 +338,8 @@ fn hostile(raw: &Path, reason: &'static str) -> UnpackError {
 
 /// The entry's path relative to the layer's root, or `None` for the root itself.
 fn layer_path(raw: &Path) -> Result<Option<PathBuf>, UnpackError> {
-    let mut rel = PathBuf::new();
-    for c in raw.components() {
-        match c {
-            Component::Normal(part) => rel.push(part),
-            Component::CurDir => {}
-            Component::ParentDir => return Err(hostile(raw, "path contains '..'")),
-            Component::RootDir | Component::Prefix(_) => return Err(hostile(raw, "absolute path")),
-        }
-    }
-    Ok(if rel.as_os_str().is_empty() { None } else { Some(rel) })
+    let parts = entry_parts(raw.as_os_str().as_bytes(), Separators::Slash).map_err(|e| hostile(raw, e.reason()))?;
+    Ok((!parts.is_empty()).then(|| parts.into_iter().map(OsStr::from_bytes).collect()))
 }
 
 /// Makes the directories above an entry, refusing to go through a symlink (an earlier entry

@@ -9,7 +9,10 @@
 //! are not served yet (UNIMPLEMENTED).
 
 pub mod convert;
+mod keepalive;
 pub mod reconcile;
+
+pub use keepalive::KeepAlive;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,7 +21,6 @@ use std::sync::Arc;
 use prost::Message;
 use tonic::{Code, Status};
 
-use crate::join::KeepAlive;
 use crate::proto::newest::iris::cluster::worker::{
     self, AttemptObservation, HealthResponse, ReconcileRequest, ReconcileResponse, WorkerHealth,
 };
@@ -35,7 +37,7 @@ const MIN_DISK_FREE_FRACTION: f64 = 0.05;
 const MIN_DISK_FREE_BYTES: u64 = 10 << 30;
 
 /// Something that may hold back an attempt's terminal observation until its log is pushed
-/// (see [`crate::logs::push`]).
+/// (see `join::push`).
 pub trait TerminalGate: Send + Sync {
     /// Whether the ended attempt `a`'s terminal state may be reported now.
     fn may_report_terminal(&self, a: &crate::task::UidAttempt) -> bool;
@@ -328,35 +330,6 @@ impl ConnectService for NewestService {
             }
         }
     }
-}
-
-/// Serves the newest WorkerService (Connect) and the web pages on `listener` until `shutdown`,
-/// behind `options`' gate, TLS and connection bounds. No gRPC: Iris's newest controller speaks
-/// Connect only.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    service: NewestService,
-    options: crate::rpc::ServeOptions,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), crate::rpc::ServeError> {
-    let addr = listener
-        .local_addr()
-        .map_err(|source| crate::rpc::ServeError::Io { addr: ([0, 0, 0, 0], 0).into(), source })?;
-    let web = crate::web::Web::new(service.manager().clone());
-    // `GET /health` answers as Iris's worker does (bootstrap scripts and load balancers read
-    // it); everything else is the WorkerService and the pages.
-    let health = || async { axum::Json(serde_json::json!({"status": "healthy"})) };
-    let app = axum::Router::new()
-        .route("/health", axum::routing::get(health))
-        .fallback_service(crate::rpc::connect::connect_router(service).merge(web.router()));
-    let app = options.gate.protect(web.track_rpcs(app));
-    let shutdown = async move {
-        shutdown.await;
-        web.close();
-    };
-    crate::rpc::listen::serve(listener, app, options.listen, shutdown)
-        .await
-        .map_err(|source| crate::rpc::ServeError::Io { addr, source })
 }
 
 #[cfg(test)]

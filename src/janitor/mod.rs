@@ -1,15 +1,23 @@
-//! The worker's cache janitor: keeps the caches within their budget and the disk out of
-//! pressure, off the request path.
+//! One budget over every cache: the policy on top of the caches of [`crate::bundle`] and
+//! [`crate::env`] (their shared parts are [`crate::cache`]), above them all so that none of
+//! them names it.
 //!
-//! Every [`TICK`] it reads the filesystems (a few `statvfs` calls). It scans the caches and
-//! evicts when a task has just published something ([`Janitor::kick`]; kicks that come faster
-//! than twenty times what a scan takes wait for the next tick, so scanning costs at most about
-//! 5% of a core however fast tasks start), when a filesystem went below the soft threshold
-//! since the last scan, and at least every [`RESCAN`]. A scan lists every
-//! entry of every kind, then [`super::budget::enforce`] evicts the least recently used entries
-//! nobody uses until the total budget, the per-kind overrides and the space each filesystem
-//! under pressure must give back all hold. Its figures feed `/metrics`, the dashboard,
-//! HealthCheck and the heartbeat.
+//! - [`scan`] lists every entry of every kind with its bytes, files and last use (the mtime of
+//!   its record, which each use touches); [`evict`] removes one by its cache's protocol;
+//!   [`InUse`] is what processes hold and overlay mounts use now;
+//! - [`Janitor`] keeps the caches within their budget and the disk out of pressure, off the
+//!   request path, in the worker;
+//! - [`tools`] are `iris-worker cache ls` and `iris-worker cache prune`.
+//!
+//! The janitor: every [`TICK`] it reads the filesystems (a few `statvfs` calls). It scans the
+//! caches and evicts when a task has just published something ([`Janitor::kick`]; kicks that
+//! come faster than twenty times what a scan takes wait for the next tick, so scanning costs at
+//! most about 5% of a core however fast tasks start), when a filesystem went below the soft
+//! threshold since the last scan, and at least every [`RESCAN`]. A scan lists every entry of
+//! every kind, then [`budget::enforce`] evicts the least recently used entries nobody uses
+//! until the total budget, the per-kind overrides and the space each filesystem under pressure
+//! must give back all hold. Its figures feed `/metrics`, the dashboard, HealthCheck and the
+//! heartbeat.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -18,71 +26,108 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::budget::{self, Limit};
-use super::pressure::{self, Filesystem, Level, Thresholds};
-use super::{Amount, CacheDirs, Counters, Entry, InUse, Kind};
+use crate::cache::budget::{self, Limit};
+use crate::cache::pressure::{self, Filesystem, Level};
+use crate::cache::{
+    CacheDirs, CacheSettings, CacheStatus, Counters, DiskEntry, Entry, FsStatus, Kind, KindStatus, holders,
+};
+
+pub mod tools;
 
 /// How often the filesystems are read.
 pub const TICK: Duration = Duration::from_secs(2);
 /// The longest between two scans.
 pub const RESCAN: Duration = Duration::from_secs(60);
 
-/// The cache budget and the disk thresholds (`serve`'s flags).
-#[derive(Debug, Clone, PartialEq)]
-pub struct CacheSettings {
-    /// `--cache-size`: every kind together, bytes or a share of the cache filesystem.
-    pub size: Amount,
-    /// Overrides for some kinds (`--cache-limit KIND=SIZE`; `--image-cache-size` is images
-    /// and built images together), each bytes or a share of that kind's filesystem.
-    pub limits: Vec<(Vec<Kind>, Amount)>,
-    pub thresholds: Thresholds,
+/// Every entry of every cache. With `tidy`, also removes what crashed or interrupted work
+/// left behind where no process holds it (half-made entries, records without their entry,
+/// evicted trees not yet deleted). Blocking: call off the async threads.
+pub fn scan(dirs: &CacheDirs, tidy: bool) -> Vec<Entry> {
+    let mut found: Vec<DiskEntry> = Vec::new();
+    found.extend(crate::bundle::disk_entries(&dirs.bundles(), tidy));
+    found.extend(crate::env::venv::disk_entries(&dirs.venvs(), tidy));
+    found.extend(crate::env::venv::uv_entry(&dirs.cache, tidy));
+    found.extend(crate::env::image::disk_entries(&dirs.images, tidy));
+    let devs: Vec<u64> = Kind::ALL.iter().map(|k| crate::cache::dev_of(&dirs.home(*k))).collect();
+    let locks: Vec<crate::cachelock::EntryLocks> =
+        Kind::ALL.iter().map(|k| crate::cachelock::EntryLocks::new(&dirs.locks_root(*k))).collect();
+    found
+        .into_iter()
+        .map(|e| {
+            let (dev, lock) = (devs[e.kind.index()], locks[e.kind.index()].path(lock_key(e.kind, &e.key)));
+            e.placed(dev, lock)
+        })
+        .collect()
 }
 
-impl Default for CacheSettings {
-    /// 30% of the cache filesystem, no overrides, [`Thresholds::default`].
-    fn default() -> Self {
-        CacheSettings { size: Amount::Percent(30.0), limits: Vec::new(), thresholds: Thresholds::default() }
+/// The lock key of an entry (uv's cache is one entry under a fixed name).
+fn lock_key(kind: Kind, key: &str) -> &str {
+    match kind {
+        Kind::Uv => crate::env::venv::UV_LOCK_KEY,
+        _ => key,
     }
 }
 
-/// One kind's figures.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct KindStatus {
-    pub kind: &'static str,
-    pub entries: u64,
-    pub bytes: u64,
-    /// Entries a process holds or a mount uses.
-    pub in_use: u64,
-    /// Its own limit, when it has one.
-    pub limit_bytes: Option<u64>,
-    pub hits: u64,
-    pub misses: u64,
-    pub evictions: u64,
+/// What is in use right now, as far as can be seen without taking a lock: entries whose lock
+/// a process holds (`/proc/locks`), and image layers an overlay mount uses. Eviction takes
+/// the exclusive lock anyway; this only lets the budget pass over busy entries.
+pub struct InUse {
+    held: holders::Held,
+    /// The held lock files of the caches' lock directories.
+    held_files: HashSet<PathBuf>,
+    mounted: HashSet<PathBuf>,
 }
 
-/// A filesystem and where it stands.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FsStatus {
-    #[serde(flatten)]
-    pub fs: Filesystem,
-    pub level: Level,
+impl InUse {
+    /// Reads `/proc/locks`, the caches' lock directories and the overlay mounts now.
+    pub fn now(dirs: &CacheDirs) -> InUse {
+        let held = holders::Held::read();
+        let mut held_files = HashSet::new();
+        for kind in [Kind::Bundles, Kind::Venvs, Kind::Images] {
+            held_files.extend(held.held_in(&dirs.locks_root(kind).join(".locks")));
+        }
+        InUse { held, held_files, mounted: crate::env::image::overlay::lower_dirs_in_use() }
+    }
+
+    /// Whether a process holds `e` or a mount uses it.
+    pub fn contains(&self, dirs: &CacheDirs, e: &Entry) -> bool {
+        self.held_files.contains(&e.lock) || self.mounted_layer(dirs, e)
+    }
+
+    /// Who holds `e` (pids).
+    pub fn pids(&self, e: &Entry) -> Vec<i32> {
+        self.held.pids(&e.lock)
+    }
+
+    /// Whether an overlay mount uses `e` (an image layer).
+    pub fn mounted_layer(&self, dirs: &CacheDirs, e: &Entry) -> bool {
+        matches!(e.kind, Kind::Images | Kind::Built)
+            && self.mounted.contains(&crate::env::image::layer_dir(&dirs.images, &e.key))
+    }
+
+    /// The overlay mounts' lower directories.
+    pub fn mounts(&self) -> &HashSet<PathBuf> {
+        &self.mounted
+    }
 }
 
-/// The caches and the disk, as of the last look.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CacheStatus {
-    pub kinds: Vec<KindStatus>,
-    pub total_bytes: u64,
-    pub limit_bytes: u64,
-    pub filesystems: Vec<FsStatus>,
-    /// Why new tasks are refused, while a filesystem is below the hard threshold.
-    pub pressure: Option<String>,
-    /// When the caches were last scanned (Unix ms; 0 = not yet) and what it took.
-    pub scanned_at_ms: i64,
-    pub scan_micros: u64,
+/// Evicts `e` by its cache's protocol if no process uses it: `Ok(Some(bytes))` when it is
+/// gone, `Ok(None)` when someone holds it (it stays). Blocking.
+pub fn evict(dirs: &CacheDirs, e: &Entry, mounts: &HashSet<PathBuf>) -> std::io::Result<Option<u64>> {
+    match e.kind {
+        Kind::Bundles => crate::bundle::evict_on_disk(&dirs.bundles(), &e.key),
+        Kind::Venvs => crate::env::venv::evict_on_disk(&dirs.venvs(), &e.key),
+        Kind::Uv => crate::env::venv::evict_uv(&dirs.cache),
+        Kind::Images | Kind::Built => crate::env::image::evict_layer(&dirs.images, &e.key, mounts),
+    }
+}
+
+/// After layers were evicted: image records that name a missing layer go too (the image is
+/// pulled or built again when a task asks for it).
+pub fn after_evictions(dirs: &CacheDirs, kinds: &HashSet<Kind>) {
+    if kinds.contains(&Kind::Images) || kinds.contains(&Kind::Built) {
+        crate::env::image::prune_records(&dirs.images);
+    }
 }
 
 type AfterScan = Box<dyn Fn(&[Entry]) + Send + Sync>;
@@ -241,7 +286,7 @@ impl Janitor {
     /// give back.
     fn limits(&self, entries: &[Entry], filesystems: &[Filesystem]) -> Vec<Limit> {
         let size_of = |path: &Path| {
-            let dev = super::dev_of(path);
+            let dev = crate::cache::dev_of(path);
             filesystems.iter().find(|f| f.dev == dev).map(|f| f.size_bytes).unwrap_or_else(|| {
                 nix::sys::statvfs::statvfs(path).map(|s| s.blocks() * s.fragment_size()).unwrap_or(u64::MAX)
             })
@@ -272,7 +317,7 @@ impl Janitor {
 
     fn scan_and_evict(&self, filesystems: &[Filesystem]) -> Pass {
         let started = Instant::now();
-        let entries = super::scan(&self.dirs, true);
+        let entries = scan(&self.dirs, true);
         let limits = self.limits(&entries, filesystems);
         let in_use = InUse::now(&self.dirs);
         let mut kinds_evicted = HashSet::new();
@@ -280,7 +325,7 @@ impl Janitor {
             &entries,
             &limits,
             |e| in_use.contains(&self.dirs, e),
-            |e| match super::evict(&self.dirs, e, in_use.mounts()) {
+            |e| match evict(&self.dirs, e, in_use.mounts()) {
                 Ok(Some(_)) => {
                     self.counters.evicted(e.kind);
                     kinds_evicted.insert(e.kind);
@@ -294,7 +339,7 @@ impl Janitor {
                 }
             },
         );
-        super::after_evictions(&self.dirs, &kinds_evicted);
+        after_evictions(&self.dirs, &kinds_evicted);
         if !outcome.still_over.is_empty() {
             tracing::debug!(limits = ?outcome.still_over, "cache limits still over: the rest is in use");
         }
@@ -339,6 +384,7 @@ impl Janitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::Amount;
     use crate::cachelock::EntryLocks;
     use std::time::SystemTime;
 

@@ -1,30 +1,16 @@
-//! The caches and the disk on the web side: their `/metrics` families, and `/api/cache`
-//! (the dashboard's cache panel reads it): per kind its entries, bytes, entries in use, limit,
+//! The caches and the disk in `/metrics`: per kind its entries, bytes, entries in use, limit,
 //! hits, misses and evictions; per filesystem its free space and inodes and where it stands
-//! against the thresholds; and why new tasks are refused, while they are.
+//! against the thresholds.
 
 use std::fmt::Write as _;
 
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-
-use super::Web;
-use super::metrics::{family, label};
+use super::{family, label};
 use crate::cache::CacheStatus;
 use crate::cache::pressure::Level;
 
-/// `GET /api/cache`: the janitor's last look, with this process's counters.
-pub async fn api(State(web): State<Web>) -> Response {
-    match serde_json::to_vec(&web.inner.manager.cache_status()) {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
-}
-
 /// Appends the cache and disk families to `/metrics`.
 pub fn write_metrics(out: &mut String, s: &CacheStatus) {
-    type Get = fn(&crate::cache::janitor::KindStatus) -> u64;
+    type Get = fn(&crate::cache::KindStatus) -> u64;
     let per_kind: [(&str, &str, &str, Get); 4] = [
         ("iris_worker_cache_bytes", "gauge", "Bytes a kind of cache holds.", |k| k.bytes),
         ("iris_worker_cache_entries", "gauge", "Entries a kind of cache holds.", |k| k.entries),
@@ -51,7 +37,7 @@ pub fn write_metrics(out: &mut String, s: &CacheStatus) {
     }
     family(out, "iris_worker_cache_scan_seconds", "gauge", "How long the last scan of every cache took.");
     let _ = writeln!(out, "iris_worker_cache_scan_seconds {}", s.scan_micros as f64 / 1e6);
-    type FsGet = fn(&crate::cache::janitor::FsStatus) -> u64;
+    type FsGet = fn(&crate::cache::FsStatus) -> u64;
     let per_fs: [(&str, &str, FsGet); 5] = [
         ("iris_worker_disk_free_bytes", "Bytes free for the worker's writes.", |f| f.fs.free_bytes),
         ("iris_worker_disk_size_bytes", "The filesystem's size.", |f| f.fs.size_bytes),
@@ -78,8 +64,8 @@ pub fn write_metrics(out: &mut String, s: &CacheStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::janitor::{FsStatus, KindStatus};
     use crate::cache::pressure::Filesystem;
+    use crate::cache::{FsStatus, KindStatus};
 
     #[test]
     fn every_kind_and_filesystem_gets_its_series() {

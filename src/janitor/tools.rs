@@ -6,7 +6,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use super::{CacheDirs, Entry, InUse, Kind};
+use super::{InUse, after_evictions, evict, scan};
+use crate::cache::{CacheDirs, Entry, Kind};
 
 /// An entry and who uses it now.
 #[derive(Debug, Clone)]
@@ -18,25 +19,26 @@ pub struct Listed {
     pub images: Vec<String>,
 }
 
-/// Every entry of `kinds` (all when empty), least recently used first.
-pub fn list(dirs: &CacheDirs, kinds: &[Kind]) -> Vec<Listed> {
+/// Every entry of `kinds` (all when empty), least recently used first, each holder named by
+/// `describe` (a pid → `task j/task-0`: who a supervisor works for is the task layer's to say).
+pub fn list(dirs: &CacheDirs, kinds: &[Kind], describe: &dyn Fn(i32) -> String) -> Vec<Listed> {
     let in_use = InUse::now(dirs);
     let mut entries: Vec<Entry> =
-        super::scan(dirs, false).into_iter().filter(|e| kinds.is_empty() || kinds.contains(&e.kind)).collect();
+        scan(dirs, false).into_iter().filter(|e| kinds.is_empty() || kinds.contains(&e.kind)).collect();
     entries.sort_by_key(|e| e.last_use);
     let references = crate::env::image::layer_references(&dirs.images);
     entries
         .into_iter()
         .map(|entry| {
-            let holders = holders_of(dirs, &in_use, &entry);
+            let holders = holders_of(dirs, &in_use, &entry, describe);
             let images = references.get(&entry.key).cloned().unwrap_or_default();
             Listed { entry, holders, images }
         })
         .collect()
 }
 
-fn holders_of(dirs: &CacheDirs, in_use: &InUse, e: &Entry) -> Vec<String> {
-    let mut who: Vec<String> = in_use.pids(e).into_iter().map(super::holders::describe).collect();
+fn holders_of(dirs: &CacheDirs, in_use: &InUse, e: &Entry, describe: &dyn Fn(i32) -> String) -> Vec<String> {
+    let mut who: Vec<String> = in_use.pids(e).into_iter().map(describe).collect();
     who.sort();
     who.dedup();
     if in_use.mounted_layer(dirs, e) && !who.iter().any(|w| w.starts_with("task ")) {
@@ -76,9 +78,9 @@ impl Pruned {
 }
 
 /// Removes every entry `req` chooses that no process uses, least recently used first.
-pub fn prune(dirs: &CacheDirs, req: &PruneRequest) -> Pruned {
+pub fn prune(dirs: &CacheDirs, req: &PruneRequest, describe: &dyn Fn(i32) -> String) -> Pruned {
     let now = SystemTime::now();
-    let mut chosen: Vec<Entry> = super::scan(dirs, true)
+    let mut chosen: Vec<Entry> = scan(dirs, true)
         .into_iter()
         .filter(|e| req.kinds.is_empty() || req.kinds.contains(&e.kind))
         .filter(|e| req.older_than.is_none_or(|age| now.duration_since(e.last_use).is_ok_and(|d| d >= age)))
@@ -90,7 +92,7 @@ pub fn prune(dirs: &CacheDirs, req: &PruneRequest) -> Pruned {
     for e in chosen {
         let busy = in_use.contains(dirs, &e);
         let gone = !busy
-            && match super::evict(dirs, &e, in_use.mounts()) {
+            && match evict(dirs, &e, in_use.mounts()) {
                 Ok(Some(_)) => true,
                 Ok(None) => false,
                 Err(err) => {
@@ -102,14 +104,14 @@ pub fn prune(dirs: &CacheDirs, req: &PruneRequest) -> Pruned {
             kinds.insert(e.kind);
             out.removed.push(e);
         } else {
-            let mut holders = holders_of(dirs, &InUse::now(dirs), &e);
+            let mut holders = holders_of(dirs, &InUse::now(dirs), &e, describe);
             if holders.is_empty() {
                 holders.push("another process".into());
             }
             out.in_use.push(Listed { entry: e, holders, images: Vec::new() });
         }
     }
-    super::after_evictions(dirs, &kinds);
+    after_evictions(dirs, &kinds);
     out
 }
 
@@ -117,8 +119,8 @@ pub fn prune(dirs: &CacheDirs, req: &PruneRequest) -> Pruned {
 /// [`prune`] does: what a task of any worker uses stays), then the lock files nobody holds, then
 /// the caches' directories that are left empty. What is not a cache's (a rootfs tree an
 /// operator keeps under the cache directory) stays.
-pub fn clear(dirs: &CacheDirs) -> Pruned {
-    let pruned = prune(dirs, &PruneRequest::default());
+pub fn clear(dirs: &CacheDirs, describe: &dyn Fn(i32) -> String) -> Pruned {
+    let pruned = prune(dirs, &PruneRequest::default(), describe);
     for kind in [Kind::Bundles, Kind::Venvs, Kind::Images] {
         let root = dirs.locks_root(kind);
         if let Err(e) = crate::cachelock::EntryLocks::new(&root).remove_unheld() {

@@ -9,16 +9,26 @@
 mod attempt;
 mod dockerfile;
 mod env;
+#[cfg(test)]
+mod fake;
 pub mod history;
+mod kill;
+mod launch;
 pub mod lease;
 mod newest;
 mod ports;
 mod prepare;
+mod recover;
+mod report;
 mod retention;
+mod seams;
 pub mod spec;
 mod state;
 pub mod store;
+#[cfg(test)]
+mod tests;
 mod validate;
+mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::OpenOptionsExt;
@@ -27,13 +37,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::bundle::{BundleCache, BundleConfig, Phase};
 use crate::cgroup::{CgroupError, CgroupStats, Layout};
 use crate::logs::{LogError, LogFilter, LogLine};
 use crate::runtime::{Profile, RuntimeKind};
 use crate::supervisor::files::FileError;
+use seams::Seams;
 
 pub use env::WorkerEnv;
 pub use history::{HistoryView, Sample};
@@ -272,6 +283,8 @@ pub struct TaskManager {
 
 pub(crate) struct Inner {
     config: ManagerConfig,
+    /// The cgroup filesystem, the supervisors and the clock (fakes in unit tests).
+    seams: Seams,
     /// The host's cgroup layout and the worker's parent cgroup path, when cgroups are usable.
     cgroups: Option<(Layout, String)>,
     tasks: Mutex<HashMap<String, Vec<Arc<Attempt>>>>,
@@ -305,6 +318,11 @@ impl TaskManager {
     /// cgroup, and adopts the tasks a previous run left: live supervisors are watched again,
     /// finished tasks keep their real exit, the rest become WORKER_FAILED and are cleaned up.
     pub async fn open(config: ManagerConfig) -> Result<TaskManager, TaskError> {
+        Self::open_with(config, Seams::real()).await
+    }
+
+    /// [`Self::open`] over the given seams (the unit tests' fakes).
+    async fn open_with(config: ManagerConfig, seams: Seams) -> Result<TaskManager, TaskError> {
         let io = |op, path: &Path| {
             let path = path.to_path_buf();
             move |source| TaskError::File(FileError::Io { op, path, source })
@@ -333,11 +351,7 @@ impl TaskManager {
                 reason: "another worker is using this state directory".into(),
             });
         }
-        // The host's shared directory (cgroup ledger, port locks) is root's alone, also when
-        // an older worker left it open: other users could flock its files and stall us.
-        let run_dir = Path::new(crate::cachelock::HOST_RUN_DIR);
-        crate::cachelock::private_host_run_dir().map_err(io("creating", run_dir))?;
-        let cgroups = prepare_cgroups(&config)?;
+        let cgroups = seams.cgroups.prepare_parent(&config)?;
         if let Some((_, parent)) = &cgroups {
             // `cleanup` removes this parent even if no task ever ran.
             crate::supervisor::files::write_private(&config.state_dir.join(PARENT_CGROUP_FILE), parent.as_bytes())
@@ -374,6 +388,7 @@ impl TaskManager {
             slots: Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1))),
             ports: Mutex::new(PortAllocator::new(first, last).with_host_locks(&config.port_lock_dir)),
             cgroups,
+            seams,
             tasks: Mutex::new(HashMap::new()),
             listeners: Mutex::new(Vec::new()),
             started: Instant::now(),
@@ -385,7 +400,7 @@ impl TaskManager {
         });
         let state_dir = inner.config.state_dir.clone();
         tokio::task::spawn_blocking(move || retention::empty_trash(&state_dir));
-        attempt::adopt_all(&inner);
+        recover::adopt_all(&inner);
         lease::spawn_watch(&inner);
         spawn_sampler(&inner);
         retention::spawn_janitor(&inner);
@@ -439,22 +454,20 @@ impl TaskManager {
         if let Some(why) = self.inner.janitor.refusal() {
             return Err(TaskError::DiskPressure(why));
         }
-        attempt::accept(&self.inner, spec)
+        launch::accept(&self.inner, spec)
     }
 
     /// The task's current state and figures.
     pub fn status(&self, task_id: &str) -> Result<TaskView, TaskError> {
         let attempts = self.attempts(task_id)?;
-        attempt::view(&self.inner, &attempts).ok_or_else(|| TaskError::NotFound(task_id.to_string()))
+        report::view(&self.inner, &attempts).ok_or_else(|| TaskError::NotFound(task_id.to_string()))
     }
 
     /// Every task the worker knows, in the order they arrived.
     pub fn list(&self) -> Vec<TaskView> {
         let tasks: Vec<Vec<Arc<Attempt>>> = lock(&self.inner.tasks).values().cloned().collect();
-        let mut views: Vec<(i64, TaskView)> = tasks
-            .iter()
-            .filter_map(|a| Some((a.first()?.meta.created_at_ms, attempt::view(&self.inner, a)?)))
-            .collect();
+        let mut views: Vec<(i64, TaskView)> =
+            tasks.iter().filter_map(|a| Some((a.first()?.meta.created_at_ms, report::view(&self.inner, a)?))).collect();
         views.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.task_id.cmp(&b.1.task_id)));
         views.into_iter().map(|(_, v)| v).collect()
     }
@@ -483,7 +496,7 @@ impl TaskManager {
     pub fn kill(&self, task_id: &str, grace_ms: u64) -> Result<(), TaskError> {
         let grace_ms = if grace_ms == 0 { DEFAULT_GRACE_MS } else { grace_ms };
         self.current(task_id)?
-            .request_kill(grace_ms)
+            .request_kill(&self.inner, grace_ms)
             .map_err(|state| TaskError::AlreadyCompleted { task_id: task_id.to_string(), state })
     }
 
@@ -503,7 +516,7 @@ impl TaskManager {
         let held: Vec<Arc<Attempt>> =
             lock(&self.inner.tasks).values().flatten().filter(|a| a.seq <= fence).cloned().collect();
         for a in &held {
-            let _ended = a.request_kill_for(DEFAULT_GRACE_MS, Some(RESET.to_string()));
+            let _ended = a.request_kill_for(&self.inner, DEFAULT_GRACE_MS, Some(RESET.to_string()));
         }
         let inner = self.inner.clone();
         tokio::spawn(async move {
@@ -600,7 +613,7 @@ impl TaskManager {
             .find(|a| a.meta.attempt_uid.as_deref() == Some(uid))
             .cloned()
             .ok_or_else(|| TaskError::NotFound(uid.to_string()))?;
-        let _already_ended = attempt.request_kill(if grace_ms == 0 { DEFAULT_GRACE_MS } else { grace_ms });
+        let _already_ended = attempt.request_kill(&self.inner, if grace_ms == 0 { DEFAULT_GRACE_MS } else { grace_ms });
         Ok(())
     }
 
@@ -659,33 +672,6 @@ fn private_cache_dirs(config: &ManagerConfig) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = ["bundles", "venvs", "uv"].iter().map(|d| config.cache_dir.join(d)).collect();
     dirs.push(config.images.dir.clone());
     dirs
-}
-
-/// Finds the host's cgroups and creates the worker's parent cgroup
-/// (`<task root>/iris-worker/<worker-id>`, the task root being our own cgroup on v1 and its
-/// parent on v2: see [`Layout::task_root`]). Containers need cgroups; the process runtime runs
-/// without them when the host has none it may use.
-fn prepare_cgroups(config: &ManagerConfig) -> Result<Option<(Layout, String)>, TaskError> {
-    let attempt = || -> Result<(Layout, String), CgroupError> {
-        let layout = Layout::detect()?;
-        let base = layout.task_root()?;
-        let parent = format!(
-            "{}/{}/{}",
-            base.trim_end_matches('/'),
-            crate::cgroup::ROOT_NAME,
-            store::escape(&config.env.worker_id)
-        );
-        layout.prepare_parent(&parent)?;
-        Ok((layout, parent))
-    };
-    match attempt() {
-        Ok(found) => Ok(Some(found)),
-        Err(e) if config.runtime == RuntimeKind::Process => {
-            tracing::warn!(error = %e, "no usable cgroups: tasks run without limits or stats");
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// Samples every RUNNING attempt's cgroup into its history each [`history::SAMPLE_INTERVAL`],
@@ -790,7 +776,7 @@ impl Inner {
 
     fn stats(&self, cgroup: &str) -> Option<CgroupStats> {
         let (layout, _) = self.cgroups.as_ref()?;
-        layout.stats(cgroup).ok()
+        self.seams.cgroups.stats(layout, cgroup)
     }
 }
 
@@ -837,7 +823,7 @@ pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError>
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
-        attempt::remove_leftovers(&dir, meta.cgroup.as_deref());
+        kill::remove_leftovers(&seams::HostCgroups, &dir, meta.cgroup.as_deref());
         if let Some((parent, _)) = meta.cgroup.as_deref().and_then(|c| c.rsplit_once('/')) {
             parents.insert(parent.to_string());
         }
@@ -875,14 +861,4 @@ pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError>
         let _ = std::fs::remove_dir(state_dir);
     }
     Ok(removed)
-}
-
-/// A kill request that arrives before the supervisor can take it is parked here.
-#[derive(Debug, Default)]
-pub(crate) struct KillSwitch {
-    pub(crate) grace_ms: Mutex<Option<u64>>,
-    /// The worker's own reason, when the first kill request was one (the attempt ends
-    /// WORKER_FAILED with it).
-    pub(crate) worker_failure: Mutex<Option<String>>,
-    pub(crate) notify: Notify,
 }

@@ -101,6 +101,15 @@ async fn wait_state(m: &TaskManager, task_id: &str, state: TaskState) -> TaskVie
     wait_until(m, task_id, state.name(), |v| v.state == state).await
 }
 
+/// Lets every task of the test's (single-threaded) runtime run until it waits on something
+/// only the test can give: a driver that could start a supervisor has done so after this.
+/// (The drivers' paths through the fakes never wait on I/O or a blocking thread.)
+async fn settle() {
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// An exit record as a supervisor writes it.
 fn exited(code: i32) -> ExitRecord {
     ExitRecord {
@@ -138,6 +147,7 @@ async fn a_higher_attempt_supersedes_a_running_one() {
     // The old attempt is asked to end, with the default grace; the new one waits for it.
     let kills = fakes.spawner.wait_kills(&old, 1).await;
     assert_eq!(kills, vec![Some(KillRequest { grace_ms: DEFAULT_GRACE_MS, worker_failure: None })]);
+    settle().await;
     let view = m.status("t").unwrap();
     assert_eq!((view.current_attempt_id, view.state), (1, TaskState::Pending));
     assert_eq!(fakes.spawner.spawned().len(), 1, "the new attempt started before the old one ended");
@@ -178,9 +188,7 @@ async fn the_concurrency_limit_keeps_the_next_task_pending() {
     let first = running(&m, &fakes, "a", 1).await;
     running(&m, &fakes, "b", 2).await;
     // Two slots, both taken: the third is accepted and waits, PENDING, with no supervisor.
-    for _ in 0..20 {
-        tokio::task::yield_now().await;
-    }
+    settle().await;
     assert_eq!(m.status("c").unwrap().state, TaskState::Pending);
     assert_eq!(fakes.spawner.spawned().len(), 2);
     assert_eq!(m.health().running_tasks, 2);

@@ -5,14 +5,16 @@
 //! This module decides *what* a Python task runs in; builds run in containers of the same
 //! runtime, each under its own supervisor, and log into the log of the task they build for.
 
-#[cfg(feature = "buildkit")]
-pub mod dockerfile;
 pub mod entrypoint;
+mod environments;
 mod flight;
 pub mod image;
+#[cfg(feature = "buildkit")]
+pub mod image_build;
 pub mod pyproject;
 pub mod venv;
 
+pub use environments::{EnvError, Environments, EnvironmentsConfig, FetchedBundle};
 pub use venv::{PythonEnv, VenvCache, VenvConfig, VenvError, VenvRequest};
 
 /// Where a task's bundle is mounted.

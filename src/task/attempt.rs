@@ -7,16 +7,25 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::history::{History, HistoryView};
-use super::kill::KillSwitch;
 use super::state::TaskState;
 use super::store::{self, TaskMeta};
 use super::{Inner, TaskEvent, lock};
 use crate::cgroup::CgroupStats;
 use crate::supervisor::files::{self, ExitRecord};
 use crate::supervisor::handle::Supervisor;
+
+/// A kill request that arrives before the supervisor can take it is parked here.
+#[derive(Debug, Default)]
+pub(crate) struct KillSwitch {
+    pub(crate) grace_ms: Mutex<Option<u64>>,
+    /// The worker's own reason, when the first kill request was one (the attempt ends
+    /// WORKER_FAILED with it).
+    pub(crate) worker_failure: Mutex<Option<String>>,
+    pub(crate) notify: Notify,
+}
 
 /// The changing part of an attempt.
 #[derive(Debug)]

@@ -6,25 +6,12 @@
 //! and tells the supervisor through [`super::seams::Spawner::deliver_kill`].
 
 use std::path::Path;
-use std::sync::Mutex;
-
-use tokio::sync::Notify;
 
 use super::attempt::Attempt;
 use super::seams::Cgroups;
 use super::state::TaskState;
 use super::{Inner, lock};
 use crate::supervisor::files;
-
-/// A kill request that arrives before the supervisor can take it is parked here.
-#[derive(Debug, Default)]
-pub(crate) struct KillSwitch {
-    pub(crate) grace_ms: Mutex<Option<u64>>,
-    /// The worker's own reason, when the first kill request was one (the attempt ends
-    /// WORKER_FAILED with it).
-    pub(crate) worker_failure: Mutex<Option<String>>,
-    pub(crate) notify: Notify,
-}
 
 impl Attempt {
     /// Ends the attempt: directly through its supervisor once the command runs, otherwise

@@ -115,7 +115,7 @@ pub(super) async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSp
         Err(error) => {
             // An image rootfs may already be mounted when a later step failed.
             release_rootfs(&attempt.dir);
-            attempt.finish(&inner, TaskState::Failed, -1, error, None);
+            attempt.finish(&inner, TaskState::Failed, -1, error.to_string(), None);
             return;
         }
     };

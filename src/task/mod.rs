@@ -7,7 +7,6 @@
 //! The supervisor does the rest; the manager only reads its files.
 
 mod attempt;
-mod dockerfile;
 mod env;
 #[cfg(test)]
 mod fake;
@@ -15,7 +14,6 @@ pub mod history;
 mod kill;
 mod launch;
 pub mod lease;
-mod newest;
 mod ports;
 mod prepare;
 mod recover;
@@ -39,7 +37,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::bundle::{BundleCache, BundleConfig, Phase};
 use crate::cgroup::{CgroupError, CgroupStats, Layout};
 use crate::logs::{LogError, LogFilter, LogLine};
 use crate::runtime::{Profile, RuntimeKind};
@@ -291,12 +288,8 @@ pub(crate) struct Inner {
     slots: Arc<Semaphore>,
     ports: Mutex<PortAllocator>,
     listeners: Mutex<Vec<mpsc::UnboundedSender<TaskEvent>>>,
-    venvs: crate::env::VenvCache,
-    #[cfg(feature = "buildkit")]
-    dockerfile_images: crate::env::dockerfile::DockerfileImages,
-    /// Opened on first use; a failed open is tried again by the next task, never kept.
-    bundles: tokio::sync::OnceCell<BundleCache>,
-    images: tokio::sync::OnceCell<crate::env::image::ImageStore>,
+    /// The caches tasks' environments come from (bundles, venvs, images).
+    envs: crate::env::Environments,
     /// Keeps every cache within the budget and watches the disk.
     janitor: Arc<crate::cache::Janitor>,
     started: Instant,
@@ -361,7 +354,7 @@ impl TaskManager {
         // ever run without the hooks, nor take the port while the worker starts.
         let isolation = config.isolation.as_ref().map(|c| crate::isolation::start(c, cgroups.as_ref()));
         let (first, last) = config.port_range;
-        let venvs = crate::env::VenvCache::new(crate::env::VenvConfig {
+        let venvs = crate::env::VenvConfig {
             python_rootfs: config.python.rootfs.clone(),
             cache_dir: config.cache_dir.clone(),
             find_links: config.python.find_links.clone(),
@@ -372,6 +365,13 @@ impl TaskManager {
             pids_limit: config.bounds.default_pids_limit,
             supervisor_exe: config.supervisor_exe.clone(),
             cgroups: cgroups.clone(),
+        };
+        let envs = crate::env::Environments::new(crate::env::EnvironmentsConfig {
+            venvs,
+            bundle_dir: config.cache_dir.join("bundles"),
+            bundle_sources: config.bundle_sources.clone(),
+            images: config.images.clone(),
+            buildkit: config.buildkit.clone(),
         });
         let janitor = crate::cache::Janitor::new(
             crate::cache::CacheDirs::new(&config.cache_dir, &config.images.dir),
@@ -380,11 +380,7 @@ impl TaskManager {
         );
         let inner = Arc::new(Inner {
             janitor: janitor.clone(),
-            venvs,
-            #[cfg(feature = "buildkit")]
-            dockerfile_images: crate::env::dockerfile::DockerfileImages::new(config.buildkit.clone()),
-            bundles: tokio::sync::OnceCell::new(),
-            images: tokio::sync::OnceCell::new(),
+            envs,
             slots: Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1))),
             ports: Mutex::new(PortAllocator::new(first, last).with_host_locks(&config.port_lock_dir)),
             cgroups,
@@ -408,7 +404,7 @@ impl TaskManager {
         let weak = Arc::downgrade(&inner);
         janitor.after_scan(move |entries| {
             if let Some(inner) = weak.upgrade()
-                && let Some(bundles) = inner.bundles.get()
+                && let Some(bundles) = inner.envs.opened_bundles()
             {
                 let on_disk =
                     entries.iter().filter(|e| e.kind == crate::cache::Kind::Bundles).map(|e| e.key.as_str()).collect();
@@ -439,7 +435,7 @@ impl TaskManager {
     /// What the image store has pulled, unpacked and reused since the worker started (zeros
     /// before the first task with an image).
     pub fn image_counters(&self) -> crate::env::image::ImageCounters {
-        match self.inner.images.get() {
+        match self.inner.envs.opened_images() {
             Some(store) => store.counters(),
             None => Default::default(),
         }
@@ -705,71 +701,6 @@ impl Inner {
         self.accepted.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// The image store, opened on first use (a worker that never runs an image needs none).
-    async fn image_store(&self) -> Result<&crate::env::image::ImageStore, String> {
-        self.images
-            .get_or_try_init(|| async {
-                // It creates directories and removes what crashed unpacks left: off the async threads.
-                let config = self.config.images.clone();
-                tokio::task::spawn_blocking(move || crate::env::image::ImageStore::open(config))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
-            })
-            .await
-    }
-
-    /// The bundle cache, opened on first use: it locks its directory, and workers that never
-    /// fetch a bundle (tests, command-only hosts) need not share or lock it.
-    async fn bundle_cache(&self) -> Result<&BundleCache, String> {
-        self.bundles
-            .get_or_try_init(|| async {
-                let dir = self.config.cache_dir.join("bundles");
-                // The cache budget bounds bundles with the other caches, across processes.
-                let config = BundleConfig {
-                    sources: self.config.bundle_sources.clone(),
-                    max_bytes: u64::MAX,
-                    max_entries: usize::MAX,
-                    ..BundleConfig::new(dir)
-                };
-                // Opening removes what dead processes left (whole extractions): off the async
-                // threads.
-                tokio::task::spawn_blocking(move || BundleCache::new(config))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
-            })
-            .await
-    }
-
-    /// The task's bundle, extracted (phases show in its status message). The attempt holds
-    /// it until it ends, so the cache never evicts a bundle a running task uses.
-    async fn fetch_bundle(&self, attempt: &Attempt, path: &str, sha256: Option<&str>) -> Result<FetchedBundle, String> {
-        let cache = self.bundle_cache().await?;
-        attempt.set(self, TaskState::Building, Phase::Downloading.message());
-        let bundle = cache
-            .get(path, sha256, |phase| attempt.set(self, TaskState::Building, phase.message()))
-            .await
-            .map_err(|e| e.to_string())?;
-        let fetched = FetchedBundle { dir: bundle.path().to_path_buf(), sha256: bundle.sha256().to_string() };
-        // The venv is mounted at /app/.venv over the read-only bundle: it needs a mount point.
-        let _ = std::fs::create_dir_all(fetched.dir.join(".venv"));
-        self.janitor.counters().used(crate::cache::Kind::Bundles, bundle.from_cache());
-        let lease = self.bundle_lease(&bundle);
-        attempt.hold_bundle(bundle, lease);
-        Ok(fetched)
-    }
-
-    /// The lease a task's supervisor holds on `bundle`.
-    fn bundle_lease(&self, bundle: &crate::bundle::Bundle) -> crate::cachelock::Lease {
-        let dir = self.config.cache_dir.join("bundles");
-        crate::cachelock::Lease {
-            record: Some(dir.join(format!("{}.json", bundle.key()))),
-            cache: dir,
-            key: bundle.key().to_string(),
-        }
-    }
-
     fn emit(&self, event: TaskEvent) {
         lock(&self.listeners).retain(|tx| tx.send(event.clone()).is_ok());
     }
@@ -778,12 +709,6 @@ impl Inner {
         let (layout, _) = self.cgroups.as_ref()?;
         self.seams.cgroups.stats(layout, cgroup)
     }
-}
-
-/// A bundle a task holds: where it is extracted, and the sha256 of its archive.
-struct FetchedBundle {
-    dir: PathBuf,
-    sha256: String,
 }
 
 /// Removes what a worker left on this host: every task directory's leftovers (container

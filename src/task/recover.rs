@@ -83,10 +83,10 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
                 // The running task's bundle must not be evicted: hold it again.
                 let (inner, attempt) = (inner.clone(), attempt.clone());
                 tokio::spawn(async move {
-                    match inner.bundle_cache().await {
+                    match inner.envs.bundle_cache().await {
                         Ok(cache) => match cache.get(&path, None, |_| {}).await {
                             Ok(bundle) => {
-                                let lease = inner.bundle_lease(&bundle);
+                                let lease = inner.envs.bundle_lease(&bundle);
                                 attempt.hold_bundle(bundle, lease)
                             }
                             Err(e) => tracing::warn!(%path, error = %e, "holding an adopted task's bundle"),

@@ -64,7 +64,7 @@ pub fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
         return Err(invalid("num_tasks", "must not be negative"));
     }
     if let Some(image) = &spec.image {
-        match super::dockerfile::dockerfile_of(image) {
+        match super::prepare::dockerfile_of(image) {
             // The Dockerfile is read from the bundle: a path inside it, nothing else.
             Some(path) => {
                 let p = Path::new(path);

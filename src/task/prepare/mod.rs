@@ -1,30 +1,91 @@
 //! BUILDING: what a task runs in. A task with a bundle or a pickled entrypoint runs in the
 //! Python environment (the python rootfs, its bundle at /app, a cached venv at /app/.venv);
-//! any other task runs its command in the worker's default rootfs.
+//! any other task runs its command in the worker's default rootfs. Attempts of the newest
+//! wire are laid out as Iris's newest worker does ([`newest`]); images built from the bundle's
+//! Dockerfile are [`from_dockerfile`]'s.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
+
+mod from_dockerfile;
+pub(super) mod newest;
 
 use super::Inner;
 use super::attempt::Attempt;
 use super::spec::TaskSpec;
 use super::state::TaskState;
 use super::store;
+use crate::bundle::Phase;
 use crate::env::{self, VenvRequest, entrypoint};
 use crate::runtime::{LaunchSpec, Mount, RuntimeKind};
 use crate::supervisor::files;
 
+pub(super) use from_dockerfile::dockerfile_of;
+
+/// Why a task's environment could not be prepared. The text is the task's error (FAILED);
+/// some name host paths the operator must fix (a missing root filesystem).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PrepareError {
+    #[error("writing workdir_files: {0}")]
+    WorkdirFiles(crate::supervisor::files::FileError),
+    #[error("the task has neither a command nor an entrypoint")]
+    NoCommand,
+    #[error("the root filesystem {} does not exist (run scripts/fixtures)", .0.display())]
+    NoRootfs(PathBuf),
+    #[error("Python tasks (a bundle or an entrypoint) need the container runtime")]
+    PythonNeedsContainers,
+    #[error("the python root filesystem {} does not exist (run scripts/fixtures python)", .0.display())]
+    NoPythonRootfs(PathBuf),
+    /// The same, for the newest wire's layout (its text names no path).
+    #[error("the python root filesystem does not exist (run scripts/fixtures python)")]
+    NoPythonRootfsForNewest,
+    /// A bundle, the bundle cache or the image store.
+    #[error(transparent)]
+    Env(#[from] crate::env::EnvError),
+    #[error(transparent)]
+    Venv(#[from] crate::env::VenvError),
+    #[error("writing {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("image {0:?}: images need the container runtime")]
+    ImageNeedsContainers(String),
+    #[error("image {reference:?}: {source}")]
+    Image { reference: String, source: crate::env::image::ImageError },
+    /// The image's `User` cannot be found in its rootfs.
+    #[error("image {reference:?}: {reason}")]
+    ImageUser { reference: String, reason: String },
+    #[error("image {0:?} has no Entrypoint or Cmd and the task gives no command")]
+    NoEntrypoint(String),
+    #[cfg(not(feature = "buildkit"))]
+    #[error("image {0:?}: this worker was built without the buildkit feature")]
+    NoBuildkitFeature(String),
+    #[error("image {0:?} is built from the bundle's Dockerfile, but the task has no bundle")]
+    DockerfileWithoutBundle(String),
+    #[cfg(feature = "buildkit")]
+    #[error(transparent)]
+    Dockerfile(#[from] crate::env::image_build::DockerfileError),
+    #[error("the task has no run_command")]
+    NoRunCommand,
+    #[error("the task's run_command has no argv")]
+    EmptyRunCommand,
+    #[error("workdir_file_refs[{rel:?}]: {reason}")]
+    WorkdirFileRef { rel: String, reason: String },
+    #[error("copying the bundle: {0}")]
+    CopyingBundle(tokio::task::JoinError),
+    #[error("copying the bundle into the workdir: {0}")]
+    CopyBundle(std::io::Error),
+}
+
 /// Makes the task's launch spec: environment, rootfs, mounts, limits, cgroup.
-pub(super) async fn prepare(inner: &Inner, attempt: &Attempt, spec: &TaskSpec) -> Result<LaunchSpec, String> {
+pub(super) async fn prepare(inner: &Inner, attempt: &Attempt, spec: &TaskSpec) -> Result<LaunchSpec, PrepareError> {
     let workdir = attempt.dir.join(files::WORKDIR);
-    store::write_workdir_files(&workdir, &spec.workdir_files).map_err(|e| format!("writing workdir_files: {e}"))?;
+    store::write_workdir_files(&workdir, &spec.workdir_files).map_err(PrepareError::WorkdirFiles)?;
     if spec.attempt_uid.is_some() {
-        return super::newest::prepare(inner, attempt, spec, workdir).await;
+        return newest::prepare(inner, attempt, spec, workdir).await;
     }
     if let Some(image) = &spec.image
-        && let Some(dockerfile) = super::dockerfile::dockerfile_of(image)
+        && let Some(dockerfile) = from_dockerfile::dockerfile_of(image)
     {
-        return super::dockerfile::prepare(inner, attempt, spec, workdir, dockerfile).await;
+        return from_dockerfile::prepare(inner, attempt, spec, workdir, dockerfile).await;
     }
     if let Some(image) = &spec.image {
         return prepare_image(inner, attempt, spec, workdir, image).await;
@@ -34,7 +95,7 @@ pub(super) async fn prepare(inner: &Inner, attempt: &Attempt, spec: &TaskSpec) -
     }
     let config = &inner.config;
     let Some(command) = &spec.command else {
-        return Err("the task has neither a command nor an entrypoint".into());
+        return Err(PrepareError::NoCommand);
     };
     let (cwd, mounts, rootfs) = match config.runtime {
         RuntimeKind::Container => (
@@ -45,7 +106,7 @@ pub(super) async fn prepare(inner: &Inner, attempt: &Attempt, spec: &TaskSpec) -
         RuntimeKind::Process => (workdir.to_string_lossy().into_owned(), vec![], PathBuf::from("/")),
     };
     if config.runtime == RuntimeKind::Container && !rootfs.join("bin").exists() {
-        return Err(format!("the root filesystem {} does not exist (run scripts/fixtures)", rootfs.display()));
+        return Err(PrepareError::NoRootfs(rootfs));
     }
     let env = super::env::task_env(spec, &config.env, &attempt.meta.ports, &cwd);
     Ok(launch_spec(inner, attempt, spec, command.to_argv(), env, cwd, rootfs, mounts))
@@ -57,20 +118,17 @@ async fn prepare_python(
     attempt: &Attempt,
     spec: &TaskSpec,
     workdir: PathBuf,
-) -> Result<LaunchSpec, String> {
+) -> Result<LaunchSpec, PrepareError> {
     if inner.config.runtime != RuntimeKind::Container {
-        return Err("Python tasks (a bundle or an entrypoint) need the container runtime".into());
+        return Err(PrepareError::PythonNeedsContainers);
     }
-    let venvs = &inner.venvs;
+    let venvs = inner.envs.venvs();
     let python_rootfs = venvs.config().python_rootfs.clone();
     if !python_rootfs.join("usr/bin/python3").exists() {
-        return Err(format!(
-            "the python root filesystem {} does not exist (run scripts/fixtures python)",
-            python_rootfs.display()
-        ));
+        return Err(PrepareError::NoPythonRootfs(python_rootfs));
     }
     let bundle = match &spec.bundle_gcs_path {
-        Some(path) => Some(inner.fetch_bundle(attempt, path, spec.bundle_sha256.as_deref()).await?),
+        Some(path) => Some(fetch_bundle(inner, attempt, path, spec.bundle_sha256.as_deref()).await?),
         None => None,
     };
     let bundle_dir: Option<PathBuf> = bundle.as_ref().map(|b| b.dir.clone());
@@ -85,8 +143,7 @@ async fn prepare_python(
             task_dir: &attempt.dir,
             task_key: &key,
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     inner.janitor.counters().used(crate::cache::Kind::Venvs, venv.from_cache);
     attempt.set_build(&venv, venvs.lease_of(&venv.key));
 
@@ -101,10 +158,10 @@ async fn prepare_python(
         (Some(command), _) => command.to_argv(),
         (None, Some(pickle)) => {
             let path = workdir.join(entrypoint::PICKLE);
-            std::fs::write(&path, pickle).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            std::fs::write(&path, pickle).map_err(|source| PrepareError::Write { path: path.clone(), source })?;
             entrypoint::argv(&format!("{}/bin/python", env::VENV))
         }
-        (None, None) => return Err("the task has neither a command nor an entrypoint".into()),
+        (None, None) => return Err(PrepareError::NoCommand),
     };
     let mut env = super::env::task_env(spec, &inner.config.env, &attempt.meta.ports, "/workdir");
     for var in env.iter_mut() {
@@ -120,6 +177,31 @@ async fn prepare_python(
     Ok(launch_spec(inner, attempt, spec, argv, env, cwd, python_rootfs, mounts))
 }
 
+/// A bundle a task holds: where it is extracted, and the sha256 of its archive.
+pub(super) struct FetchedBundle {
+    pub(super) dir: PathBuf,
+    pub(super) sha256: String,
+}
+
+/// The task's bundle, extracted (phases show in its status message). The attempt holds it
+/// until it ends, so the cache never evicts a bundle a running task uses.
+async fn fetch_bundle(
+    inner: &Inner,
+    attempt: &Attempt,
+    path: &str,
+    sha256: Option<&str>,
+) -> Result<FetchedBundle, PrepareError> {
+    let building = |message: &str| attempt.set(inner, TaskState::Building, message);
+    let fetched = inner
+        .envs
+        .fetch_bundle(path, sha256, || building(Phase::Downloading.message()), |phase| building(phase.message()))
+        .await?;
+    let held = FetchedBundle { dir: fetched.dir(), sha256: fetched.sha256().to_string() };
+    inner.janitor.counters().used(crate::cache::Kind::Bundles, fetched.bundle.from_cache());
+    attempt.hold_bundle(fetched.bundle, fetched.lease);
+    Ok(held)
+}
+
 /// A task in an OCI image: the image's layers under the task's own overlay, its config's
 /// Env, WorkingDir, Entrypoint/Cmd and User applied where the request says nothing.
 async fn prepare_image(
@@ -128,15 +210,18 @@ async fn prepare_image(
     spec: &TaskSpec,
     workdir: PathBuf,
     reference: &str,
-) -> Result<LaunchSpec, String> {
+) -> Result<LaunchSpec, PrepareError> {
     if inner.config.runtime != RuntimeKind::Container {
-        return Err(format!("image {reference:?}: images need the container runtime"));
+        return Err(PrepareError::ImageNeedsContainers(reference.to_string()));
     }
-    let store = inner.image_store().await.map_err(|e| format!("opening the image store: {e}"))?;
+    let store = inner.envs.image_store().await?;
     attempt.set(inner, TaskState::Building, &format!("pulling image {reference}"));
-    let image = store.pull(reference).await.map_err(|e| format!("image {reference:?}: {e}"))?;
+    let image = store
+        .pull(reference)
+        .await
+        .map_err(|source| PrepareError::Image { reference: reference.to_string(), source })?;
     let bundle_dir: Option<PathBuf> = match &spec.bundle_gcs_path {
-        Some(path) => Some(inner.fetch_bundle(attempt, path, spec.bundle_sha256.as_deref()).await?.dir),
+        Some(path) => Some(fetch_bundle(inner, attempt, path, spec.bundle_sha256.as_deref()).await?.dir),
         None => None,
     };
     launch_in_image(inner, attempt, spec, workdir, store, &image, reference, bundle_dir)
@@ -155,8 +240,10 @@ pub(super) fn launch_in_image(
     image: &crate::env::image::Image,
     reference: &str,
     bundle_dir: Option<PathBuf>,
-) -> Result<LaunchSpec, String> {
-    let rootfs = store.mount(image, &attempt.dir).map_err(|e| format!("image {reference:?}: {e}"))?;
+) -> Result<LaunchSpec, PrepareError> {
+    let rootfs = store
+        .mount(image, &attempt.dir)
+        .map_err(|source| PrepareError::Image { reference: reference.to_string(), source })?;
     attempt.hold_image(image);
     let config = &image.config;
     let user = match config.user.as_str() {
@@ -165,7 +252,7 @@ pub(super) fn launch_in_image(
             Ok(user) => Some(user),
             Err(e) => {
                 let _ = crate::env::image::unmount(&attempt.dir);
-                return Err(format!("image {reference:?}: {e}"));
+                return Err(PrepareError::ImageUser { reference: reference.to_string(), reason: e });
             }
         },
     };
@@ -176,7 +263,7 @@ pub(super) fn launch_in_image(
         (Some(c), _) => (config.cmd.clone(), c.setup_commands.clone()),
         (None, Some(pickle)) => {
             let path = workdir.join(entrypoint::PICKLE);
-            std::fs::write(&path, pickle).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            std::fs::write(&path, pickle).map_err(|source| PrepareError::Write { path: path.clone(), source })?;
             (entrypoint::argv("python3"), vec![])
         }
         (None, None) => (config.cmd.clone(), vec![]),
@@ -186,7 +273,7 @@ pub(super) fn launch_in_image(
     let argv = crate::task::Command { argv, setup_commands: setup }.to_argv();
     if argv.is_empty() {
         let _ = crate::env::image::unmount(&attempt.dir);
-        return Err(format!("image {reference:?} has no Entrypoint or Cmd and the task gives no command"));
+        return Err(PrepareError::NoEntrypoint(reference.to_string()));
     }
     // The image's variables first, then the request's, then IRIS_* (task_env's order).
     let mut env: Vec<String> = config.env.clone();

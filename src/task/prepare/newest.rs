@@ -12,11 +12,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::Inner;
-use super::attempt::Attempt;
-use super::spec::TaskSpec;
-use super::state::TaskState;
 use crate::runtime::{LaunchSpec, Mount, RuntimeKind};
+use crate::task::Inner;
+use crate::task::attempt::Attempt;
+use crate::task::spec::TaskSpec;
+use crate::task::state::TaskState;
 
 /// Where the workdir is in the task (Iris's `/app`).
 pub const WORKDIR_IN_TASK: &str = "/app";
@@ -39,7 +39,7 @@ fn run_script(setup: &[String]) -> String {
 /// put there: the task's id with its attempt, uid, token, ...), then what the worker knows.
 pub(super) fn task_env(
     spec: &TaskSpec,
-    worker: &super::WorkerEnv,
+    worker: &crate::task::WorkerEnv,
     ports: &BTreeMap<String, u16>,
     workdir: &str,
     python: &str,
@@ -78,12 +78,12 @@ pub(super) async fn prepare(
     attempt: &Attempt,
     spec: &TaskSpec,
     workdir: PathBuf,
-) -> Result<LaunchSpec, String> {
+) -> Result<LaunchSpec, super::PrepareError> {
     let Some(command) = &spec.command else {
-        return Err("the task has no run_command".into());
+        return Err(super::PrepareError::NoRunCommand);
     };
     if command.argv.is_empty() {
-        return Err("the task's run_command has no argv".into());
+        return Err(super::PrepareError::EmptyRunCommand);
     }
     if !spec.workdir_file_refs.is_empty() {
         attempt.set(inner, TaskState::Building, "downloading workdir files");
@@ -92,22 +92,22 @@ pub(super) async fn prepare(
         }
     }
     if let Some(url) = &spec.bundle_gcs_path {
-        let bundle = inner.fetch_bundle(attempt, url, spec.bundle_sha256.as_deref()).await?;
+        let bundle = super::fetch_bundle(inner, attempt, url, spec.bundle_sha256.as_deref()).await?;
         attempt.set(inner, TaskState::Building, "unpacking the bundle into the workdir");
         let (from, to) = (bundle.dir.clone(), workdir.clone());
         tokio::task::spawn_blocking(move || copy_tree(&from, &to))
             .await
-            .map_err(|e| format!("copying the bundle: {e}"))?
-            .map_err(|e| format!("copying the bundle into the workdir: {e}"))?;
+            .map_err(super::PrepareError::CopyingBundle)?
+            .map_err(super::PrepareError::CopyBundle)?;
     }
     let config = &inner.config;
     let mut argv = vec!["bash".to_string(), "-c".to_string(), run_script(&command.setup_commands), "iris-run".into()];
     argv.extend(command.argv.iter().cloned());
     let (rootfs, mounts, cwd, python) = match config.runtime {
         RuntimeKind::Container => {
-            let rootfs = inner.venvs.config().python_rootfs.clone();
+            let rootfs = inner.envs.venvs().config().python_rootfs.clone();
             if !rootfs.join("bin/bash").exists() && !rootfs.join("usr/bin/bash").exists() {
-                return Err("the python root filesystem does not exist (run scripts/fixtures python)".to_string());
+                return Err(super::PrepareError::NoPythonRootfsForNewest);
             }
             let mounts = vec![Mount { host: workdir.clone(), target: WORKDIR_IN_TASK.into(), read_only: false }];
             (rootfs, mounts, WORKDIR_IN_TASK.to_string(), "python3")
@@ -115,13 +115,19 @@ pub(super) async fn prepare(
         RuntimeKind::Process => (PathBuf::from("/"), vec![], workdir.to_string_lossy().into_owned(), "python3"),
     };
     let env = task_env(spec, &config.env, &attempt.meta.ports, &cwd, python);
-    Ok(super::prepare::launch_spec(inner, attempt, spec, argv, env, cwd, rootfs, mounts))
+    Ok(super::launch_spec(inner, attempt, spec, argv, env, cwd, rootfs, mounts))
 }
 
 /// A workdir file the controller keeps as a blob (Iris offloads those over 10 KiB): fetched
 /// from `url` (the controller, a trusted source) into `workdir/rel`, its sha256 checked.
-async fn fetch_ref(inner: &Inner, workdir: &Path, rel: &str, url: &str, sha256: &str) -> Result<(), String> {
-    let failed = |why: String| format!("workdir_file_refs[{rel:?}]: {why}");
+async fn fetch_ref(
+    inner: &Inner,
+    workdir: &Path,
+    rel: &str,
+    url: &str,
+    sha256: &str,
+) -> Result<(), super::PrepareError> {
+    let failed = |reason: String| super::PrepareError::WorkdirFileRef { rel: rel.to_string(), reason };
     let location =
         crate::bundle::fetch::locate(url, &inner.config.bundle_sources).map_err(|e| failed(e.to_string()))?;
     let path = workdir.join(rel);
@@ -219,7 +225,7 @@ mod tests {
             env_vars: [("IRIS_WORKDIR".to_string(), "/forged".to_string()), ("A".into(), "b".into())].into(),
             ..Default::default()
         };
-        let worker = super::super::WorkerEnv {
+        let worker = crate::task::WorkerEnv {
             worker_id: "w".into(),
             controller_address: Some("http://c:1".into()),
             bind_host: "127.0.0.1".into(),

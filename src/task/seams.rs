@@ -2,8 +2,9 @@
 //! filesystem ([`Cgroups`]), the supervisor processes ([`Spawner`]) and time ([`Clock`]).
 //!
 //! The manager holds one `Arc<dyn …>` of each ([`Seams`]); production uses [`Seams::real`],
-//! whose methods are the calls the manager made directly before (one vtable call more, no
-//! extra syscall). The unit tests of the state machine (`task::tests`) swap in the in-memory
+//! whose methods are the calls the manager made directly before: no extra syscall, a vtable
+//! call each, and per attempt two small boxed futures (the supervisor's ready and exit waits,
+//! next to a fork and exec). The unit tests of the state machine (`task::tests`) swap in the in-memory
 //! fakes of `task::fake`, as youki's unit tests go through its `Syscall` trait; the same paths
 //! run for real in tests/containers.rs (limits, kills, timeouts, adoption), tests/shared_host.rs
 //! (kill -9 and restart in each state) and tests/cluster.rs.

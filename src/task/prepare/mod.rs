@@ -58,6 +58,7 @@ pub(crate) enum PrepareError {
     #[cfg(not(feature = "buildkit"))]
     #[error("image {0:?}: this worker was built without the buildkit feature")]
     NoBuildkitFeature(String),
+    #[cfg(feature = "buildkit")]
     #[error("image {0:?} is built from the bundle's Dockerfile, but the task has no bundle")]
     DockerfileWithoutBundle(String),
     #[cfg(feature = "buildkit")]

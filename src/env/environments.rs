@@ -1,4 +1,5 @@
-//! The caches a task's environment comes from, owned in one place: the venvs, the images built
+//! The caches a task's environment comes from, owned in one place (preparing a task over them
+//! is [`super::prepare`]): the venvs, the images built
 //! from Dockerfiles, and the bundle cache and image store, each opened on first use (a worker
 //! that never fetches a bundle or runs an image neither creates nor locks them). The task
 //! manager asks it for a task's bundle and the store to pull its image from.
@@ -10,11 +11,25 @@ use tokio::sync::OnceCell;
 use super::image::{ImageError, ImageStore, ImageStoreConfig};
 use super::{VenvCache, VenvConfig};
 use crate::bundle::{Bundle, BundleCache, BundleConfig, BundleError, Phase, SourcePolicy};
+use crate::runtime::{Profile, RuntimeKind};
 
-/// Errors of getting what a task's environment is made of. Their texts are the task's error
-/// when its preparation fails.
+/// Why a task's environment could not be prepared. The text is the task's error (FAILED);
+/// some name host paths the operator must fix (a missing root filesystem).
 #[derive(Debug, thiserror::Error)]
 pub enum EnvError {
+    #[error("writing workdir_files: {0}")]
+    WorkdirFiles(crate::supervisor::files::FileError),
+    #[error("the task has neither a command nor an entrypoint")]
+    NoCommand,
+    #[error("the root filesystem {} does not exist (run scripts/fixtures)", .0.display())]
+    NoRootfs(PathBuf),
+    #[error("Python tasks (a bundle or an entrypoint) need the container runtime")]
+    PythonNeedsContainers,
+    #[error("the python root filesystem {} does not exist (run scripts/fixtures python)", .0.display())]
+    NoPythonRootfs(PathBuf),
+    /// The same, for the newest wire's layout (its text names no path).
+    #[error("the python root filesystem does not exist (run scripts/fixtures python)")]
+    NoPythonRootfsForNewest,
     /// Opening the bundle cache, or fetching and extracting a bundle.
     #[error(transparent)]
     Bundle(#[from] BundleError),
@@ -22,10 +37,59 @@ pub enum EnvError {
     #[error("{0}")]
     OpeningBundles(tokio::task::JoinError),
     #[error("opening the image store: {0}")]
-    ImageStore(#[from] ImageError),
+    ImageStore(ImageError),
     /// The thread that opened the image store failed.
     #[error("opening the image store: {0}")]
     OpeningImages(tokio::task::JoinError),
+    #[error(transparent)]
+    Venv(#[from] super::VenvError),
+    #[error("writing {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("image {0:?}: images need the container runtime")]
+    ImageNeedsContainers(String),
+    #[error("image {reference:?}: {source}")]
+    Image { reference: String, source: ImageError },
+    /// The image's `User` cannot be found in its rootfs.
+    #[error("image {reference:?}: {reason}")]
+    ImageUser { reference: String, reason: String },
+    #[error("image {0:?} has no Entrypoint or Cmd and the task gives no command")]
+    NoEntrypoint(String),
+    #[cfg(not(feature = "buildkit"))]
+    #[error("image {0:?}: this worker was built without the buildkit feature")]
+    NoBuildkitFeature(String),
+    #[cfg(feature = "buildkit")]
+    #[error("image {0:?} is built from the bundle's Dockerfile, but the task has no bundle")]
+    DockerfileWithoutBundle(String),
+    #[cfg(feature = "buildkit")]
+    #[error(transparent)]
+    Dockerfile(#[from] super::image_build::DockerfileError),
+    #[error("the task has no run_command")]
+    NoRunCommand,
+    #[error("the task's run_command has no argv")]
+    EmptyRunCommand,
+    #[error("workdir_file_refs[{rel:?}]: {reason}")]
+    WorkdirFileRef { rel: String, reason: String },
+    #[error("copying the bundle: {0}")]
+    CopyingBundle(tokio::task::JoinError),
+    #[error("copying the bundle into the workdir: {0}")]
+    CopyBundle(std::io::Error),
+}
+
+/// What preparation needs to know of the worker.
+#[derive(Debug, Clone)]
+pub struct PrepareConfig {
+    pub runtime: RuntimeKind,
+    pub profile: Profile,
+    /// The root filesystem of tasks that name no image.
+    pub rootfs: PathBuf,
+    /// What goes into every task's environment.
+    pub env: super::WorkerEnv,
+    /// `pids.max` of a task whose request sets none.
+    pub default_pids_limit: Option<i64>,
+    /// Size of /dev/shm when the request gives no memory limit.
+    pub shm_bytes: u64,
+    /// The host's cgroup layout, when tasks get cgroups.
+    pub cgroups: Option<crate::cgroup::Layout>,
 }
 
 /// Where the environments' caches are.
@@ -41,6 +105,8 @@ pub struct EnvironmentsConfig {
     pub images: ImageStoreConfig,
     /// The BuildKit that builds `image = "dockerfile[:PATH]"` tasks; `None` fails them.
     pub buildkit: Option<String>,
+    /// What preparing a task needs to know of the worker.
+    pub prepare: PrepareConfig,
 }
 
 /// A bundle fetched for a task: held (the cache keeps it while the holder lives), with the
@@ -64,6 +130,7 @@ impl FetchedBundle {
 
 /// The caches of tasks' environments.
 pub struct Environments {
+    pub(super) config: PrepareConfig,
     venvs: VenvCache,
     #[cfg(feature = "buildkit")]
     built: super::image_build::DockerfileImages,
@@ -71,7 +138,7 @@ pub struct Environments {
     bundles: OnceCell<BundleCache>,
     images: OnceCell<ImageStore>,
     bundle_dir: PathBuf,
-    bundle_sources: SourcePolicy,
+    pub(super) bundle_sources: SourcePolicy,
     image_config: ImageStoreConfig,
 }
 
@@ -80,6 +147,7 @@ impl Environments {
         #[cfg(not(feature = "buildkit"))]
         let _ = &config.buildkit;
         Environments {
+            config: config.prepare,
             venvs: VenvCache::new(config.venvs),
             #[cfg(feature = "buildkit")]
             built: super::image_build::DockerfileImages::new(config.buildkit),
@@ -118,9 +186,10 @@ impl Environments {
             .get_or_try_init(|| async {
                 // It creates directories and removes what crashed unpacks left: off the async threads.
                 let config = self.image_config.clone();
-                Ok(tokio::task::spawn_blocking(move || ImageStore::open(config))
+                tokio::task::spawn_blocking(move || ImageStore::open(config))
                     .await
-                    .map_err(EnvError::OpeningImages)??)
+                    .map_err(EnvError::OpeningImages)?
+                    .map_err(EnvError::ImageStore)
             })
             .await
     }

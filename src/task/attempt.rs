@@ -148,7 +148,6 @@ impl Attempt {
     }
 
     /// The attempt's environment is an image built from a Dockerfile (`tag` names it).
-    #[cfg(feature = "buildkit")]
     pub(super) fn set_image_build(&self, from_cache: bool, tag: String) {
         *lock(&self.build) = Some((from_cache, tag));
     }

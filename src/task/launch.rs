@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use super::attempt::Attempt;
 use super::kill::release_rootfs;
-use super::spec::TaskSpec;
 use super::state::TaskState;
 use super::store::{self, TaskMeta};
 use super::watch::watch_until_exit;
 use super::{DEFAULT_GRACE_MS, Inner, TaskError, lock};
+use crate::env::{Preparing, TaskSpec};
 use crate::supervisor::files;
 use crate::supervisor::handle::Ready;
 
@@ -107,7 +107,11 @@ pub(super) async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSp
         return;
     }
     attempt.set(&inner, TaskState::Building, "preparing the environment");
-    let prepared = super::prepare::prepare(&inner, &attempt, &spec).await;
+    let workdir = attempt.dir.join(files::WORKDIR);
+    let prepared = match store::write_workdir_files(&workdir, &spec.workdir_files) {
+        Ok(()) => inner.envs.prepare(&spec, &Preparation { inner: &inner, attempt: &attempt }).await,
+        Err(e) => Err(crate::env::EnvError::WorkdirFiles(e)),
+    };
     // Whatever the task fetched, built or pulled is in the caches now: the budget looks.
     inner.janitor.kick();
     let launch = match prepared {
@@ -215,5 +219,63 @@ async fn admit(inner: &Inner, attempt: &Attempt, lease: &super::lease::Lease) ->
                 }
             }
         }
+    }
+}
+
+/// The attempt as [`crate::env::Environments::prepare`] sees it: its progress shows in its
+/// status, and what it is given is held until it ends.
+struct Preparation<'a> {
+    inner: &'a Inner,
+    attempt: &'a Attempt,
+}
+
+impl Preparing for Preparation<'_> {
+    fn dir(&self) -> &std::path::Path {
+        &self.attempt.dir
+    }
+
+    fn id(&self) -> String {
+        let meta = &self.attempt.meta;
+        store::attempt_key(&meta.task_id, meta.attempt_id, meta.attempt_uid.as_deref())
+    }
+
+    fn venv_key(&self) -> String {
+        store::task_key(&self.attempt.meta.task_id, self.attempt.meta.attempt_id)
+    }
+
+    fn ports(&self) -> &std::collections::BTreeMap<String, u16> {
+        &self.attempt.meta.ports
+    }
+
+    fn cgroup(&self) -> Option<&str> {
+        self.attempt.meta.cgroup.as_deref()
+    }
+
+    fn progress(&self, message: &str) {
+        self.attempt.set(self.inner, TaskState::Building, message);
+    }
+
+    fn used(&self, kind: crate::cache::Kind, from_cache: bool) {
+        self.inner.janitor.counters().used(kind, from_cache);
+    }
+
+    fn hold_bundle(&self, bundle: crate::bundle::Bundle, lease: crate::cachelock::Lease) {
+        self.attempt.hold_bundle(bundle, lease);
+    }
+
+    fn hold_image(&self, image: &crate::env::image::Image) {
+        self.attempt.hold_image(image);
+    }
+
+    fn hold_venv(&self, venv: &crate::env::PythonEnv, lease: crate::cachelock::Lease) {
+        self.attempt.set_build(venv, lease);
+    }
+
+    fn built_image(&self, from_cache: bool, tag: String) {
+        self.attempt.set_image_build(from_cache, tag);
+    }
+
+    fn leases(&self) -> Vec<crate::cachelock::Lease> {
+        self.attempt.leases()
     }
 }

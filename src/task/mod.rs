@@ -7,7 +7,6 @@
 //! The supervisor does the rest; the manager only reads its files.
 
 mod attempt;
-mod env;
 #[cfg(test)]
 mod fake;
 pub mod history;
@@ -15,12 +14,10 @@ mod kill;
 mod launch;
 pub mod lease;
 mod ports;
-mod prepare;
 mod recover;
 mod report;
 mod retention;
 mod seams;
-pub mod spec;
 mod state;
 pub mod store;
 #[cfg(test)]
@@ -43,10 +40,9 @@ use crate::runtime::{Profile, RuntimeKind};
 use crate::supervisor::files::FileError;
 use seams::Seams;
 
-pub use env::WorkerEnv;
+pub use crate::env::{Command, TaskSpec, WorkerEnv};
 pub use history::{HistoryView, Sample};
 pub use ports::{DEFAULT_PORT_LOCKS, remove_unheld_locks as remove_unheld_port_locks};
-pub use spec::{Command, TaskSpec};
 pub use state::TaskState;
 pub use validate::{is_env_name, short};
 
@@ -372,6 +368,15 @@ impl TaskManager {
             bundle_sources: config.bundle_sources.clone(),
             images: config.images.clone(),
             buildkit: config.buildkit.clone(),
+            prepare: crate::env::PrepareConfig {
+                runtime: config.runtime,
+                profile: config.profile,
+                rootfs: config.rootfs.clone(),
+                env: config.env.clone(),
+                default_pids_limit: config.bounds.default_pids_limit,
+                shm_bytes: config.shm_bytes,
+                cgroups: cgroups.as_ref().map(|(layout, _)| layout.clone()),
+            },
         });
         let janitor = crate::cache::Janitor::new(
             crate::cache::CacheDirs::new(&config.cache_dir, &config.images.dir),

@@ -12,11 +12,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::{Environments, Preparing};
+use crate::env::spec::TaskSpec;
 use crate::runtime::{LaunchSpec, Mount, RuntimeKind};
-use crate::task::Inner;
-use crate::task::attempt::Attempt;
-use crate::task::spec::TaskSpec;
-use crate::task::state::TaskState;
 
 /// Where the workdir is in the task (Iris's `/app`).
 pub const WORKDIR_IN_TASK: &str = "/app";
@@ -39,7 +37,7 @@ fn run_script(setup: &[String]) -> String {
 /// put there: the task's id with its attempt, uid, token, ...), then what the worker knows.
 pub(super) fn task_env(
     spec: &TaskSpec,
-    worker: &crate::task::WorkerEnv,
+    worker: &crate::env::WorkerEnv,
     ports: &BTreeMap<String, u16>,
     workdir: &str,
     python: &str,
@@ -74,62 +72,61 @@ pub(super) fn task_env(
 
 /// Makes the launch spec of a newest-wire attempt (the workdir files are written already).
 pub(super) async fn prepare(
-    inner: &Inner,
-    attempt: &Attempt,
+    envs: &Environments,
+    task: &dyn Preparing,
     spec: &TaskSpec,
     workdir: PathBuf,
-) -> Result<LaunchSpec, super::PrepareError> {
+) -> Result<LaunchSpec, crate::env::EnvError> {
     let Some(command) = &spec.command else {
-        return Err(super::PrepareError::NoRunCommand);
+        return Err(crate::env::EnvError::NoRunCommand);
     };
     if command.argv.is_empty() {
-        return Err(super::PrepareError::EmptyRunCommand);
+        return Err(crate::env::EnvError::EmptyRunCommand);
     }
     if !spec.workdir_file_refs.is_empty() {
-        attempt.set(inner, TaskState::Building, "downloading workdir files");
+        task.progress("downloading workdir files");
         for (rel, url, sha256) in &spec.workdir_file_refs {
-            fetch_ref(inner, &workdir, rel, url, sha256).await?;
+            fetch_ref(envs, &workdir, rel, url, sha256).await?;
         }
     }
     if let Some(url) = &spec.bundle_gcs_path {
-        let bundle = super::fetch_bundle(inner, attempt, url, spec.bundle_sha256.as_deref()).await?;
-        attempt.set(inner, TaskState::Building, "unpacking the bundle into the workdir");
+        let bundle = super::fetch_bundle(envs, task, url, spec.bundle_sha256.as_deref()).await?;
+        task.progress("unpacking the bundle into the workdir");
         let (from, to) = (bundle.dir.clone(), workdir.clone());
         tokio::task::spawn_blocking(move || copy_tree(&from, &to))
             .await
-            .map_err(super::PrepareError::CopyingBundle)?
-            .map_err(super::PrepareError::CopyBundle)?;
+            .map_err(crate::env::EnvError::CopyingBundle)?
+            .map_err(crate::env::EnvError::CopyBundle)?;
     }
-    let config = &inner.config;
+    let config = &envs.config;
     let mut argv = vec!["bash".to_string(), "-c".to_string(), run_script(&command.setup_commands), "iris-run".into()];
     argv.extend(command.argv.iter().cloned());
     let (rootfs, mounts, cwd, python) = match config.runtime {
         RuntimeKind::Container => {
-            let rootfs = inner.envs.venvs().config().python_rootfs.clone();
+            let rootfs = envs.venvs().config().python_rootfs.clone();
             if !rootfs.join("bin/bash").exists() && !rootfs.join("usr/bin/bash").exists() {
-                return Err(super::PrepareError::NoPythonRootfsForNewest);
+                return Err(crate::env::EnvError::NoPythonRootfsForNewest);
             }
             let mounts = vec![Mount { host: workdir.clone(), target: WORKDIR_IN_TASK.into(), read_only: false }];
             (rootfs, mounts, WORKDIR_IN_TASK.to_string(), "python3")
         }
         RuntimeKind::Process => (PathBuf::from("/"), vec![], workdir.to_string_lossy().into_owned(), "python3"),
     };
-    let env = task_env(spec, &config.env, &attempt.meta.ports, &cwd, python);
-    Ok(super::launch_spec(inner, attempt, spec, argv, env, cwd, rootfs, mounts))
+    let env = task_env(spec, &config.env, task.ports(), &cwd, python);
+    Ok(super::launch_spec(envs, task, spec, argv, env, cwd, rootfs, mounts))
 }
 
 /// A workdir file the controller keeps as a blob (Iris offloads those over 10 KiB): fetched
 /// from `url` (the controller, a trusted source) into `workdir/rel`, its sha256 checked.
 async fn fetch_ref(
-    inner: &Inner,
+    envs: &Environments,
     workdir: &Path,
     rel: &str,
     url: &str,
     sha256: &str,
-) -> Result<(), super::PrepareError> {
-    let failed = |reason: String| super::PrepareError::WorkdirFileRef { rel: rel.to_string(), reason };
-    let location =
-        crate::bundle::fetch::locate(url, &inner.config.bundle_sources).map_err(|e| failed(e.to_string()))?;
+) -> Result<(), crate::env::EnvError> {
+    let failed = |reason: String| crate::env::EnvError::WorkdirFileRef { rel: rel.to_string(), reason };
+    let location = crate::bundle::fetch::locate(url, &envs.bundle_sources).map_err(|e| failed(e.to_string()))?;
     let path = workdir.join(rel);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| failed(format!("creating its directory: {e}")))?;
@@ -225,7 +222,7 @@ mod tests {
             env_vars: [("IRIS_WORKDIR".to_string(), "/forged".to_string()), ("A".into(), "b".into())].into(),
             ..Default::default()
         };
-        let worker = crate::task::WorkerEnv {
+        let worker = crate::env::WorkerEnv {
             worker_id: "w".into(),
             controller_address: Some("http://c:1".into()),
             bind_host: "127.0.0.1".into(),

@@ -1,10 +1,13 @@
 //! The TaskManager: accepts tasks, moves each attempt through its states, holds the
 //! concurrency limit and the host ports, and finds tasks again after a restart.
 //!
-//! Each attempt is driven by one tokio task ([`attempt`]): wait for a slot (PENDING), prepare
-//! the environment (BUILDING), start a supervisor and wait for it to say the command runs
-//! (RUNNING), then wait for the supervisor to exit and read its `exit.json` (terminal).
-//! The supervisor does the rest; the manager only reads its files.
+//! Each attempt (its record: `attempt`) is driven by one tokio task (`launch`): wait for a
+//! slot (PENDING), prepare the environment once through [`crate::env::Environments::prepare`]
+//! (BUILDING), start a supervisor and wait for it to say the command runs (RUNNING), then
+//! (`watch`) wait for the supervisor to exit and read its `exit.json` (terminal). The
+//! supervisor does the rest; the manager only reads its files. Kills are `kill`, status views
+//! `report`, a restart's adoption `recover`; the host is reached through `seams` (fakes in
+//! the unit tests, `tests`).
 
 mod attempt;
 #[cfg(test)]

@@ -18,11 +18,7 @@ const KNOWN: &[(&str, &str, &str)] = &[];
 
 /// Modules whose sibling files still use each other in a circle, each with who removes it. The
 /// test fails when one of them has none left too.
-const KNOWN_SIBLING_CYCLES: &[(&str, &str)] = &[
-    // attempt ↔ prepare ↔ dockerfile ↔ newest ↔ validate: taskfsm splits attempt.rs by verb and
-    // moves preparation into env::Environments::prepare (#15 step 2).
-    ("task", "taskfsm: the attempt.rs split and env::Environments::prepare"),
-];
+const KNOWN_SIBLING_CYCLES: &[(&str, &str)] = &[];
 
 #[derive(Debug)]
 struct Rules {

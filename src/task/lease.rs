@@ -126,7 +126,7 @@ pub(super) fn spawn_watch(inner: &Arc<Inner>) {
                     tracing::warn!(tasks = held.len(), "{error}: ending this worker's tasks");
                 }
                 for a in held {
-                    let _ended = a.request_kill_for(grace_ms, Some(error.clone()));
+                    let _ended = a.request_kill_for(&inner, grace_ms, Some(error.clone()));
                 }
             }
             if rx.changed().await.is_err() {

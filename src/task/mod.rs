@@ -1,24 +1,32 @@
 //! The TaskManager: accepts tasks, moves each attempt through its states, holds the
 //! concurrency limit and the host ports, and finds tasks again after a restart.
 //!
-//! Each attempt is driven by one tokio task ([`attempt`]): wait for a slot (PENDING), prepare
-//! the environment (BUILDING), start a supervisor and wait for it to say the command runs
-//! (RUNNING), then wait for the supervisor to exit and read its `exit.json` (terminal).
-//! The supervisor does the rest; the manager only reads its files.
+//! Each attempt (its record: `attempt`) is driven by one tokio task (`launch`): wait for a
+//! slot (PENDING), prepare the environment once through [`crate::env::Environments::prepare`]
+//! (BUILDING), start a supervisor and wait for it to say the command runs (RUNNING), then
+//! (`watch`) wait for the supervisor to exit and read its `exit.json` (terminal). The
+//! supervisor does the rest; the manager only reads its files. Kills are `kill`, status views
+//! `report`, a restart's adoption `recover`; the host is reached through `seams` (fakes in
+//! the unit tests, `tests`).
 
 mod attempt;
-mod dockerfile;
-mod env;
+#[cfg(test)]
+mod fake;
 pub mod history;
+mod kill;
+mod launch;
 pub mod lease;
-mod newest;
 mod ports;
-mod prepare;
+mod recover;
+mod report;
 mod retention;
-pub mod spec;
+mod seams;
 mod state;
 pub mod store;
+#[cfg(test)]
+mod tests;
 mod validate;
+mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::OpenOptionsExt;
@@ -27,18 +35,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 
-use crate::bundle::{BundleCache, BundleConfig, Phase};
 use crate::cgroup::{CgroupError, CgroupStats, Layout};
 use crate::logs::{LogError, LogFilter, LogLine};
 use crate::runtime::{Profile, RuntimeKind};
 use crate::supervisor::files::FileError;
+use seams::Seams;
 
-pub use env::WorkerEnv;
+pub use crate::env::{Command, TaskSpec, WorkerEnv};
 pub use history::{HistoryView, Sample};
 pub use ports::{DEFAULT_PORT_LOCKS, remove_unheld_locks as remove_unheld_port_locks};
-pub use spec::{Command, TaskSpec};
 pub use state::TaskState;
 pub use validate::{is_env_name, short};
 
@@ -272,18 +279,16 @@ pub struct TaskManager {
 
 pub(crate) struct Inner {
     config: ManagerConfig,
+    /// The cgroup filesystem, the supervisors and the clock (fakes in unit tests).
+    seams: Seams,
     /// The host's cgroup layout and the worker's parent cgroup path, when cgroups are usable.
     cgroups: Option<(Layout, String)>,
     tasks: Mutex<HashMap<String, Vec<Arc<Attempt>>>>,
     slots: Arc<Semaphore>,
     ports: Mutex<PortAllocator>,
     listeners: Mutex<Vec<mpsc::UnboundedSender<TaskEvent>>>,
-    venvs: crate::env::VenvCache,
-    #[cfg(feature = "buildkit")]
-    dockerfile_images: crate::env::dockerfile::DockerfileImages,
-    /// Opened on first use; a failed open is tried again by the next task, never kept.
-    bundles: tokio::sync::OnceCell<BundleCache>,
-    images: tokio::sync::OnceCell<crate::env::image::ImageStore>,
+    /// The caches tasks' environments come from (bundles, venvs, images).
+    envs: crate::env::Environments,
     /// Keeps every cache within the budget and watches the disk.
     janitor: Arc<crate::janitor::Janitor>,
     started: Instant,
@@ -305,6 +310,11 @@ impl TaskManager {
     /// cgroup, and adopts the tasks a previous run left: live supervisors are watched again,
     /// finished tasks keep their real exit, the rest become WORKER_FAILED and are cleaned up.
     pub async fn open(config: ManagerConfig) -> Result<TaskManager, TaskError> {
+        Self::open_with(config, Seams::real()).await
+    }
+
+    /// [`Self::open`] over the given seams (the unit tests' fakes).
+    async fn open_with(config: ManagerConfig, seams: Seams) -> Result<TaskManager, TaskError> {
         let io = |op, path: &Path| {
             let path = path.to_path_buf();
             move |source| TaskError::File(FileError::Io { op, path, source })
@@ -333,11 +343,7 @@ impl TaskManager {
                 reason: "another worker is using this state directory".into(),
             });
         }
-        // The host's shared directory (cgroup ledger, port locks) is root's alone, also when
-        // an older worker left it open: other users could flock its files and stall us.
-        let run_dir = Path::new(crate::cachelock::HOST_RUN_DIR);
-        crate::cachelock::private_host_run_dir().map_err(io("creating", run_dir))?;
-        let cgroups = prepare_cgroups(&config)?;
+        let cgroups = seams.cgroups.prepare_parent(&config)?;
         if let Some((_, parent)) = &cgroups {
             // `cleanup` removes this parent even if no task ever ran.
             crate::supervisor::files::write_private(&config.state_dir.join(PARENT_CGROUP_FILE), parent.as_bytes())
@@ -347,7 +353,7 @@ impl TaskManager {
         // ever run without the hooks, nor take the port while the worker starts.
         let isolation = config.isolation.as_ref().map(|c| crate::isolation::start(c, cgroups.as_ref()));
         let (first, last) = config.port_range;
-        let venvs = crate::env::VenvCache::new(crate::env::VenvConfig {
+        let venvs = crate::env::VenvConfig {
             python_rootfs: config.python.rootfs.clone(),
             cache_dir: config.cache_dir.clone(),
             find_links: config.python.find_links.clone(),
@@ -358,6 +364,22 @@ impl TaskManager {
             pids_limit: config.bounds.default_pids_limit,
             supervisor_exe: config.supervisor_exe.clone(),
             cgroups: cgroups.clone(),
+        };
+        let envs = crate::env::Environments::new(crate::env::EnvironmentsConfig {
+            venvs,
+            bundle_dir: config.cache_dir.join("bundles"),
+            bundle_sources: config.bundle_sources.clone(),
+            images: config.images.clone(),
+            buildkit: config.buildkit.clone(),
+            prepare: crate::env::PrepareConfig {
+                runtime: config.runtime,
+                profile: config.profile,
+                rootfs: config.rootfs.clone(),
+                env: config.env.clone(),
+                default_pids_limit: config.bounds.default_pids_limit,
+                shm_bytes: config.shm_bytes,
+                cgroups: cgroups.as_ref().map(|(layout, _)| layout.clone()),
+            },
         });
         let janitor = crate::janitor::Janitor::new(
             crate::cache::CacheDirs::new(&config.cache_dir, &config.images.dir),
@@ -366,14 +388,11 @@ impl TaskManager {
         );
         let inner = Arc::new(Inner {
             janitor: janitor.clone(),
-            venvs,
-            #[cfg(feature = "buildkit")]
-            dockerfile_images: crate::env::dockerfile::DockerfileImages::new(config.buildkit.clone()),
-            bundles: tokio::sync::OnceCell::new(),
-            images: tokio::sync::OnceCell::new(),
+            envs,
             slots: Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1))),
             ports: Mutex::new(PortAllocator::new(first, last).with_host_locks(&config.port_lock_dir)),
             cgroups,
+            seams,
             tasks: Mutex::new(HashMap::new()),
             listeners: Mutex::new(Vec::new()),
             started: Instant::now(),
@@ -385,7 +404,7 @@ impl TaskManager {
         });
         let state_dir = inner.config.state_dir.clone();
         tokio::task::spawn_blocking(move || retention::empty_trash(&state_dir));
-        attempt::adopt_all(&inner);
+        recover::adopt_all(&inner);
         lease::spawn_watch(&inner);
         spawn_sampler(&inner);
         retention::spawn_janitor(&inner);
@@ -393,7 +412,7 @@ impl TaskManager {
         let weak = Arc::downgrade(&inner);
         janitor.after_scan(move |entries| {
             if let Some(inner) = weak.upgrade()
-                && let Some(bundles) = inner.bundles.get()
+                && let Some(bundles) = inner.envs.opened_bundles()
             {
                 let on_disk =
                     entries.iter().filter(|e| e.kind == crate::cache::Kind::Bundles).map(|e| e.key.as_str()).collect();
@@ -424,7 +443,7 @@ impl TaskManager {
     /// What the image store has pulled, unpacked and reused since the worker started (zeros
     /// before the first task with an image).
     pub fn image_counters(&self) -> crate::env::image::ImageCounters {
-        match self.inner.images.get() {
+        match self.inner.envs.opened_images() {
             Some(store) => store.counters(),
             None => Default::default(),
         }
@@ -439,22 +458,20 @@ impl TaskManager {
         if let Some(why) = self.inner.janitor.refusal() {
             return Err(TaskError::DiskPressure(why));
         }
-        attempt::accept(&self.inner, spec)
+        launch::accept(&self.inner, spec)
     }
 
     /// The task's current state and figures.
     pub fn status(&self, task_id: &str) -> Result<TaskView, TaskError> {
         let attempts = self.attempts(task_id)?;
-        attempt::view(&self.inner, &attempts).ok_or_else(|| TaskError::NotFound(task_id.to_string()))
+        report::view(&self.inner, &attempts).ok_or_else(|| TaskError::NotFound(task_id.to_string()))
     }
 
     /// Every task the worker knows, in the order they arrived.
     pub fn list(&self) -> Vec<TaskView> {
         let tasks: Vec<Vec<Arc<Attempt>>> = lock(&self.inner.tasks).values().cloned().collect();
-        let mut views: Vec<(i64, TaskView)> = tasks
-            .iter()
-            .filter_map(|a| Some((a.first()?.meta.created_at_ms, attempt::view(&self.inner, a)?)))
-            .collect();
+        let mut views: Vec<(i64, TaskView)> =
+            tasks.iter().filter_map(|a| Some((a.first()?.meta.created_at_ms, report::view(&self.inner, a)?))).collect();
         views.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.task_id.cmp(&b.1.task_id)));
         views.into_iter().map(|(_, v)| v).collect()
     }
@@ -483,7 +500,7 @@ impl TaskManager {
     pub fn kill(&self, task_id: &str, grace_ms: u64) -> Result<(), TaskError> {
         let grace_ms = if grace_ms == 0 { DEFAULT_GRACE_MS } else { grace_ms };
         self.current(task_id)?
-            .request_kill(grace_ms)
+            .request_kill(&self.inner, grace_ms)
             .map_err(|state| TaskError::AlreadyCompleted { task_id: task_id.to_string(), state })
     }
 
@@ -503,7 +520,7 @@ impl TaskManager {
         let held: Vec<Arc<Attempt>> =
             lock(&self.inner.tasks).values().flatten().filter(|a| a.seq <= fence).cloned().collect();
         for a in &held {
-            let _ended = a.request_kill_for(DEFAULT_GRACE_MS, Some(RESET.to_string()));
+            let _ended = a.request_kill_for(&self.inner, DEFAULT_GRACE_MS, Some(RESET.to_string()));
         }
         let inner = self.inner.clone();
         tokio::spawn(async move {
@@ -600,7 +617,7 @@ impl TaskManager {
             .find(|a| a.meta.attempt_uid.as_deref() == Some(uid))
             .cloned()
             .ok_or_else(|| TaskError::NotFound(uid.to_string()))?;
-        let _already_ended = attempt.request_kill(if grace_ms == 0 { DEFAULT_GRACE_MS } else { grace_ms });
+        let _already_ended = attempt.request_kill(&self.inner, if grace_ms == 0 { DEFAULT_GRACE_MS } else { grace_ms });
         Ok(())
     }
 
@@ -661,33 +678,6 @@ fn private_cache_dirs(config: &ManagerConfig) -> Vec<PathBuf> {
     dirs
 }
 
-/// Finds the host's cgroups and creates the worker's parent cgroup
-/// (`<task root>/iris-worker/<worker-id>`, the task root being our own cgroup on v1 and its
-/// parent on v2: see [`Layout::task_root`]). Containers need cgroups; the process runtime runs
-/// without them when the host has none it may use.
-fn prepare_cgroups(config: &ManagerConfig) -> Result<Option<(Layout, String)>, TaskError> {
-    let attempt = || -> Result<(Layout, String), CgroupError> {
-        let layout = Layout::detect()?;
-        let base = layout.task_root()?;
-        let parent = format!(
-            "{}/{}/{}",
-            base.trim_end_matches('/'),
-            crate::cgroup::ROOT_NAME,
-            store::escape(&config.env.worker_id)
-        );
-        layout.prepare_parent(&parent)?;
-        Ok((layout, parent))
-    };
-    match attempt() {
-        Ok(found) => Ok(Some(found)),
-        Err(e) if config.runtime == RuntimeKind::Process => {
-            tracing::warn!(error = %e, "no usable cgroups: tasks run without limits or stats");
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Samples every RUNNING attempt's cgroup into its history each [`history::SAMPLE_INTERVAL`],
 /// until the manager is dropped.
 fn spawn_sampler(inner: &Arc<Inner>) {
@@ -719,85 +709,14 @@ impl Inner {
         self.accepted.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// The image store, opened on first use (a worker that never runs an image needs none).
-    async fn image_store(&self) -> Result<&crate::env::image::ImageStore, String> {
-        self.images
-            .get_or_try_init(|| async {
-                // It creates directories and removes what crashed unpacks left: off the async threads.
-                let config = self.config.images.clone();
-                tokio::task::spawn_blocking(move || crate::env::image::ImageStore::open(config))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
-            })
-            .await
-    }
-
-    /// The bundle cache, opened on first use: it locks its directory, and workers that never
-    /// fetch a bundle (tests, command-only hosts) need not share or lock it.
-    async fn bundle_cache(&self) -> Result<&BundleCache, String> {
-        self.bundles
-            .get_or_try_init(|| async {
-                let dir = self.config.cache_dir.join("bundles");
-                // The cache budget bounds bundles with the other caches, across processes.
-                let config = BundleConfig {
-                    sources: self.config.bundle_sources.clone(),
-                    max_bytes: u64::MAX,
-                    max_entries: usize::MAX,
-                    ..BundleConfig::new(dir)
-                };
-                // Opening removes what dead processes left (whole extractions): off the async
-                // threads.
-                tokio::task::spawn_blocking(move || BundleCache::new(config))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
-            })
-            .await
-    }
-
-    /// The task's bundle, extracted (phases show in its status message). The attempt holds
-    /// it until it ends, so the cache never evicts a bundle a running task uses.
-    async fn fetch_bundle(&self, attempt: &Attempt, path: &str, sha256: Option<&str>) -> Result<FetchedBundle, String> {
-        let cache = self.bundle_cache().await?;
-        attempt.set(self, TaskState::Building, Phase::Downloading.message());
-        let bundle = cache
-            .get(path, sha256, |phase| attempt.set(self, TaskState::Building, phase.message()))
-            .await
-            .map_err(|e| e.to_string())?;
-        let fetched = FetchedBundle { dir: bundle.path().to_path_buf(), sha256: bundle.sha256().to_string() };
-        // The venv is mounted at /app/.venv over the read-only bundle: it needs a mount point.
-        let _ = std::fs::create_dir_all(fetched.dir.join(".venv"));
-        self.janitor.counters().used(crate::cache::Kind::Bundles, bundle.from_cache());
-        let lease = self.bundle_lease(&bundle);
-        attempt.hold_bundle(bundle, lease);
-        Ok(fetched)
-    }
-
-    /// The lease a task's supervisor holds on `bundle`.
-    fn bundle_lease(&self, bundle: &crate::bundle::Bundle) -> crate::cachelock::Lease {
-        let dir = self.config.cache_dir.join("bundles");
-        crate::cachelock::Lease {
-            record: Some(dir.join(format!("{}.json", bundle.key()))),
-            cache: dir,
-            key: bundle.key().to_string(),
-        }
-    }
-
     fn emit(&self, event: TaskEvent) {
         lock(&self.listeners).retain(|tx| tx.send(event.clone()).is_ok());
     }
 
     fn stats(&self, cgroup: &str) -> Option<CgroupStats> {
         let (layout, _) = self.cgroups.as_ref()?;
-        layout.stats(cgroup).ok()
+        self.seams.cgroups.stats(layout, cgroup)
     }
-}
-
-/// A bundle a task holds: where it is extracted, and the sha256 of its archive.
-struct FetchedBundle {
-    dir: PathBuf,
-    sha256: String,
 }
 
 /// Removes what a worker left on this host: every task directory's leftovers (container
@@ -837,7 +756,7 @@ pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError>
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
-        attempt::remove_leftovers(&dir, meta.cgroup.as_deref());
+        kill::remove_leftovers(&seams::HostCgroups, &dir, meta.cgroup.as_deref());
         if let Some((parent, _)) = meta.cgroup.as_deref().and_then(|c| c.rsplit_once('/')) {
             parents.insert(parent.to_string());
         }
@@ -875,14 +794,4 @@ pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError>
         let _ = std::fs::remove_dir(state_dir);
     }
     Ok(removed)
-}
-
-/// A kill request that arrives before the supervisor can take it is parked here.
-#[derive(Debug, Default)]
-pub(crate) struct KillSwitch {
-    pub(crate) grace_ms: Mutex<Option<u64>>,
-    /// The worker's own reason, when the first kill request was one (the attempt ends
-    /// WORKER_FAILED with it).
-    pub(crate) worker_failure: Mutex<Option<String>>,
-    pub(crate) notify: Notify,
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::path::{Component, Path};
 
 use super::TaskError;
-use super::spec::TaskSpec;
+use crate::env::TaskSpec;
 
 /// The most memory a task may ask for (1 PiB): more is a unit mistake, not a request.
 const MAX_MEMORY: u64 = 1 << 50;
@@ -64,7 +64,7 @@ pub fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
         return Err(invalid("num_tasks", "must not be negative"));
     }
     if let Some(image) = &spec.image {
-        match super::dockerfile::dockerfile_of(image) {
+        match crate::env::dockerfile_of(image) {
             // The Dockerfile is read from the bundle: a path inside it, nothing else.
             Some(path) => {
                 let p = Path::new(path);
@@ -151,7 +151,7 @@ pub fn validate(spec: &TaskSpec) -> Result<(), TaskError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::spec::Command;
+    use crate::env::Command;
 
     fn good() -> TaskSpec {
         TaskSpec {

@@ -584,17 +584,6 @@ pub fn unmount(task_dir: &Path) -> Result<(), ImageError> {
     overlay::unmount(&task_dir.join(ROOTFS))
 }
 
-/// Removes a task's overlay upper and work dirs (after [`unmount`]): what the task wrote
-/// into its rootfs.
-pub fn remove_overlay_dirs(task_dir: &Path) {
-    let dir = task_dir.join(OVERLAY);
-    if let Err(e) = std::fs::remove_dir_all(&dir)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(dir = %dir.display(), error = %e, "removing a task's overlay dirs");
-    }
-}
-
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
     // A name of this process's and thread's own: another writer of the same record (another
     // worker on the store, another task's pull) has its own.

@@ -38,7 +38,7 @@ fn job_and_index(task_id: &str) -> (String, i32) {
 
 /// A RunTaskRequest (from a Reconcile's AttemptSpec) as a TaskSpec of the newest layout. The
 /// IRIS_* variables the request determines go into the spec's variables, after the request's
-/// own (they win); the worker adds its own at launch (`task/newest.rs`).
+/// own (they win); the worker adds its own at launch (`env/prepare/newest.rs`).
 pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSpec, TaskError> {
     if req.task_id.is_empty() {
         return Err(invalid("task_id", "must not be empty"));

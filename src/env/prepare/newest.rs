@@ -12,10 +12,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::Inner;
-use super::attempt::Attempt;
-use super::spec::TaskSpec;
-use super::state::TaskState;
+use super::{Environments, Preparing};
+use crate::env::spec::TaskSpec;
 use crate::runtime::{LaunchSpec, Mount, RuntimeKind};
 
 /// Where the workdir is in the task (Iris's `/app`).
@@ -39,7 +37,7 @@ fn run_script(setup: &[String]) -> String {
 /// put there: the task's id with its attempt, uid, token, ...), then what the worker knows.
 pub(super) fn task_env(
     spec: &TaskSpec,
-    worker: &super::WorkerEnv,
+    worker: &crate::env::WorkerEnv,
     ports: &BTreeMap<String, u16>,
     workdir: &str,
     python: &str,
@@ -74,56 +72,61 @@ pub(super) fn task_env(
 
 /// Makes the launch spec of a newest-wire attempt (the workdir files are written already).
 pub(super) async fn prepare(
-    inner: &Inner,
-    attempt: &Attempt,
+    envs: &Environments,
+    task: &dyn Preparing,
     spec: &TaskSpec,
     workdir: PathBuf,
-) -> Result<LaunchSpec, String> {
+) -> Result<LaunchSpec, crate::env::EnvError> {
     let Some(command) = &spec.command else {
-        return Err("the task has no run_command".into());
+        return Err(crate::env::EnvError::NoRunCommand);
     };
     if command.argv.is_empty() {
-        return Err("the task's run_command has no argv".into());
+        return Err(crate::env::EnvError::EmptyRunCommand);
     }
     if !spec.workdir_file_refs.is_empty() {
-        attempt.set(inner, TaskState::Building, "downloading workdir files");
+        task.progress("downloading workdir files");
         for (rel, url, sha256) in &spec.workdir_file_refs {
-            fetch_ref(inner, &workdir, rel, url, sha256).await?;
+            fetch_ref(envs, &workdir, rel, url, sha256).await?;
         }
     }
     if let Some(url) = &spec.bundle_gcs_path {
-        let bundle = inner.fetch_bundle(attempt, url, spec.bundle_sha256.as_deref()).await?;
-        attempt.set(inner, TaskState::Building, "unpacking the bundle into the workdir");
+        let bundle = super::fetch_bundle(envs, task, url, spec.bundle_sha256.as_deref()).await?;
+        task.progress("unpacking the bundle into the workdir");
         let (from, to) = (bundle.dir.clone(), workdir.clone());
         tokio::task::spawn_blocking(move || copy_tree(&from, &to))
             .await
-            .map_err(|e| format!("copying the bundle: {e}"))?
-            .map_err(|e| format!("copying the bundle into the workdir: {e}"))?;
+            .map_err(crate::env::EnvError::CopyingBundle)?
+            .map_err(crate::env::EnvError::CopyBundle)?;
     }
-    let config = &inner.config;
+    let config = &envs.config;
     let mut argv = vec!["bash".to_string(), "-c".to_string(), run_script(&command.setup_commands), "iris-run".into()];
     argv.extend(command.argv.iter().cloned());
     let (rootfs, mounts, cwd, python) = match config.runtime {
         RuntimeKind::Container => {
-            let rootfs = inner.venvs.config().python_rootfs.clone();
+            let rootfs = envs.venvs().config().python_rootfs.clone();
             if !rootfs.join("bin/bash").exists() && !rootfs.join("usr/bin/bash").exists() {
-                return Err("the python root filesystem does not exist (run scripts/fixtures python)".to_string());
+                return Err(crate::env::EnvError::NoPythonRootfsForNewest);
             }
             let mounts = vec![Mount { host: workdir.clone(), target: WORKDIR_IN_TASK.into(), read_only: false }];
             (rootfs, mounts, WORKDIR_IN_TASK.to_string(), "python3")
         }
         RuntimeKind::Process => (PathBuf::from("/"), vec![], workdir.to_string_lossy().into_owned(), "python3"),
     };
-    let env = task_env(spec, &config.env, &attempt.meta.ports, &cwd, python);
-    Ok(super::prepare::launch_spec(inner, attempt, spec, argv, env, cwd, rootfs, mounts))
+    let env = task_env(spec, &config.env, task.ports(), &cwd, python);
+    Ok(super::launch_spec(envs, task, spec, argv, env, cwd, rootfs, mounts))
 }
 
 /// A workdir file the controller keeps as a blob (Iris offloads those over 10 KiB): fetched
 /// from `url` (the controller, a trusted source) into `workdir/rel`, its sha256 checked.
-async fn fetch_ref(inner: &Inner, workdir: &Path, rel: &str, url: &str, sha256: &str) -> Result<(), String> {
-    let failed = |why: String| format!("workdir_file_refs[{rel:?}]: {why}");
-    let location =
-        crate::bundle::fetch::locate(url, &inner.config.bundle_sources).map_err(|e| failed(e.to_string()))?;
+async fn fetch_ref(
+    envs: &Environments,
+    workdir: &Path,
+    rel: &str,
+    url: &str,
+    sha256: &str,
+) -> Result<(), crate::env::EnvError> {
+    let failed = |reason: String| crate::env::EnvError::WorkdirFileRef { rel: rel.to_string(), reason };
+    let location = crate::bundle::fetch::locate(url, &envs.bundle_sources).map_err(|e| failed(e.to_string()))?;
     let path = workdir.join(rel);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| failed(format!("creating its directory: {e}")))?;
@@ -219,7 +222,7 @@ mod tests {
             env_vars: [("IRIS_WORKDIR".to_string(), "/forged".to_string()), ("A".into(), "b".into())].into(),
             ..Default::default()
         };
-        let worker = super::super::WorkerEnv {
+        let worker = crate::env::WorkerEnv {
             worker_id: "w".into(),
             controller_address: Some("http://c:1".into()),
             bind_host: "127.0.0.1".into(),

@@ -42,7 +42,7 @@ pub struct TaskSpec {
     /// The request as received, kept in the task directory.
     pub raw_request: Vec<u8>,
     /// The newest Iris wire's identity of the attempt (16 hex characters from the controller):
-    /// such a task runs in Iris's newest layout (see `task/newest.rs`), and the same task and
+    /// such a task runs in Iris's newest layout (see `env/prepare/newest.rs`), and the same task and
     /// attempt id may come back under a fresh uid.
     pub attempt_uid: Option<String>,
     /// The newest wire's large workdir files, fetched at start: (relative path, URL, sha256).

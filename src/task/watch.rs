@@ -1,0 +1,73 @@
+//! RUNNING to the end: wait for the supervisor to exit, then read how the task ended from its
+//! `exit.json` (or record that the supervisor died without saying); sample the running
+//! task's cgroup for its history.
+
+use std::sync::Arc;
+
+use super::attempt::Attempt;
+use super::kill::remove_leftovers;
+use super::state::{TaskState, outcome};
+use super::{Inner, lock};
+use crate::supervisor::files::{self, ExitRecord};
+use crate::supervisor::handle::Supervisor;
+
+impl Attempt {
+    pub(super) fn finish_from_exit(&self, inner: &Inner) {
+        match files::read_json::<ExitRecord>(&self.dir, files::EXIT) {
+            Ok(Some(exit)) => {
+                let mut o = outcome(&exit, self.meta.timeout_s);
+                // A later kill request may have replaced kill.json before the supervisor read it.
+                if o.state == TaskState::Killed
+                    && let Some(cause) = self.kill_cause()
+                {
+                    (o.state, o.error) = (TaskState::WorkerFailed, cause);
+                }
+                // A pickled entrypoint that raised left its exception's summary behind.
+                let raised = self.dir.join(files::WORKDIR).join(crate::env::entrypoint::ERROR);
+                if o.state == TaskState::Failed
+                    && let Ok(summary) = std::fs::read_to_string(&raised)
+                {
+                    o.error = format!("{}: {}", o.error, summary.trim());
+                }
+                self.finish(inner, o.state, o.exit_code, o.error, Some(&exit));
+            }
+            other => {
+                let why = match other {
+                    Err(e) => format!("the task's exit record is unreadable: {e}"),
+                    _ => "the task's supervisor died without recording how the task ended".to_string(),
+                };
+                remove_leftovers(inner.seams.cgroups.as_ref(), &self.dir, self.meta.cgroup.as_deref());
+                self.finish(inner, TaskState::WorkerFailed, -1, why, None);
+            }
+        }
+    }
+
+    /// Takes one sample of a RUNNING attempt's cgroup into its history (the sampler's tick).
+    pub(crate) fn sample(&self, inner: &Inner) {
+        let started_at_ms = {
+            let st = lock(&self.status);
+            if st.state != TaskState::Running {
+                return;
+            }
+            st.started_at_ms
+        };
+        let Some(stats) = self.meta.cgroup.as_deref().and_then(|cg| inner.stats(cg)) else { return };
+        let clock = &inner.seams.clock;
+        lock(&self.history).observe(&stats, clock.now(), clock.now_ms(), started_at_ms);
+    }
+}
+
+/// Waits for the supervisor's exit, ends the attempt as its exit record says, and gives the
+/// slot back.
+pub(super) async fn watch_until_exit(
+    inner: Arc<Inner>,
+    attempt: Arc<Attempt>,
+    sup: Supervisor,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    if let Err(e) = inner.seams.spawner.wait_exit(sup).await {
+        tracing::warn!(task_id = %attempt.meta.task_id, error = %e, "waiting for the supervisor");
+    }
+    attempt.finish_from_exit(&inner);
+    drop(permit);
+}

@@ -5,11 +5,12 @@
 //! Reconcile is a thin shell over the pure [`reconcile::reconcile`]: the identity guard and the
 //! keep-alive here, the rules there, the actions applied to the task manager, and the reply
 //! built from in-memory state (the controller gives up after 3 s). GetTaskStatus, ListTasks and
-//! HealthCheck answer from the task manager. ExecInContainer, ProfileTask and GetProcessStatus
-//! are not served yet (UNIMPLEMENTED).
+//! HealthCheck answer from the task manager, GetProcessStatus from the worker's own /proc
+//! ([`process`]). ExecInContainer and ProfileTask are not served yet (UNIMPLEMENTED).
 
 pub mod convert;
 mod keepalive;
+mod process;
 pub mod reconcile;
 
 pub use keepalive::KeepAlive;
@@ -54,6 +55,7 @@ pub struct NewestService {
     /// The cache volume whose free space says healthy or not.
     cache_dir: std::path::PathBuf,
     gate: Option<Arc<dyn TerminalGate>>,
+    cpu: Arc<process::CpuSampler>,
 }
 
 impl NewestService {
@@ -68,6 +70,7 @@ impl NewestService {
             keepalive: None,
             cache_dir,
             gate: None,
+            cpu: Arc::default(),
         }
     }
 
@@ -321,7 +324,19 @@ impl ConnectService for NewestService {
                 )
                 .await
             }
-            "ExecInContainer" | "ProfileTask" | "GetProcessStatus" => Err(Status::new(
+            "GetProcessStatus" => {
+                unary(
+                    codec,
+                    "iris.job.GetProcessStatusRequest",
+                    "iris.job.GetProcessStatusResponse",
+                    &body,
+                    |r: job::GetProcessStatusRequest| async move {
+                        s.cpu.status(&r, &s.worker_id, s.manager.health().uptime_ms)
+                    },
+                )
+                .await
+            }
+            "ExecInContainer" | "ProfileTask" => Err(Status::new(
                 Code::Unimplemented,
                 format!("{method} is not served by this worker yet (newest wire)"),
             )),

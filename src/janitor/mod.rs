@@ -423,7 +423,16 @@ mod tests {
         let newer_bundle = entry(&dirs, Kind::Bundles, 4, 200);
         let newest_venv = entry(&dirs, Kind::Venvs, 5, 100);
         // Room for two entries; the oldest venv but one is held by a "task" of another process.
-        let settings = CacheSettings { size: Amount::Bytes(2 * 4096), ..CacheSettings::default() };
+        // No disk thresholds: on a host whose disk is nearly full the soft one would evict more
+        // than the budget does, and this test is about the budget.
+        let none = Amount::Bytes(0);
+        let thresholds = crate::cache::pressure::Thresholds {
+            min_free: none,
+            soft_free: none,
+            target_free: none,
+            min_free_inodes: none,
+        };
+        let settings = CacheSettings { size: Amount::Bytes(2 * 4096), limits: Vec::new(), thresholds };
         let janitor = Janitor::new(dirs.clone(), settings, &tmp.path().join("state"));
         let lease = EntryLocks::new(&dirs.venvs()).shared(&held_venv).unwrap();
         let pass = janitor.pass(true);

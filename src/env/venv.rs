@@ -885,21 +885,30 @@ mod tests {
     }
 
     /// The key walks the whole bundle: not on a runtime thread, where it would hold up every
-    /// other task's RPCs and logs (review of #13, finding 21). On a one-thread runtime, `get`
-    /// is still pending after its first poll, even when the key then fails at once.
-    #[tokio::test]
-    async fn the_key_is_computed_off_the_runtime_threads() {
-        let dir = tempfile::tempdir().unwrap();
-        let bundle = dir.path().join("bundle");
-        std::fs::create_dir_all(bundle.join("pkg")).unwrap();
-        std::fs::write(bundle.join("pyproject.toml"), "[project]\nname = \"a\"\n").unwrap();
-        // A python rootfs that is not there: the key fails once the walk is done.
-        let cache = VenvCache::new(config(&dir.path().join("cache"), &dir.path().join("rootfs")));
-        let req = VenvRequest { bundle_dir: Some(&bundle), ..request(dir.path()) };
-        let mut get = std::pin::pin!(cache.get(&req));
-        assert!(futures::poll!(get.as_mut()).is_pending(), "the bundle was walked on the runtime thread");
-        let err = get.await.unwrap_err().to_string();
-        assert!(err.starts_with("resolving the python root filesystem: "), "{err}");
+    /// other task's RPCs and logs (review of #13, finding 21). The runtime's only blocking
+    /// thread is kept busy first, so work handed to it cannot finish before `get` is polled:
+    /// `get` is pending after its first poll (done on the runtime thread, it would have failed
+    /// at once), and fails once the blocking thread is free.
+    #[test]
+    fn the_key_is_computed_off_the_runtime_threads() {
+        let rt = tokio::runtime::Builder::new_current_thread().max_blocking_threads(1).build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let bundle = dir.path().join("bundle");
+            std::fs::create_dir_all(bundle.join("pkg")).unwrap();
+            std::fs::write(bundle.join("pyproject.toml"), "[project]\nname = \"a\"\n").unwrap();
+            // A python rootfs that is not there: the key fails once the walk is done.
+            let cache = VenvCache::new(config(&dir.path().join("cache"), &dir.path().join("rootfs")));
+            let req = VenvRequest { bundle_dir: Some(&bundle), ..request(dir.path()) };
+            let (release, wait) = std::sync::mpsc::channel::<()>();
+            let busy = tokio::task::spawn_blocking(move || wait.recv());
+            let mut get = std::pin::pin!(cache.get(&req));
+            assert!(futures::poll!(get.as_mut()).is_pending(), "the bundle was walked on the runtime thread");
+            release.send(()).unwrap();
+            busy.await.unwrap().unwrap();
+            let err = get.await.unwrap_err().to_string();
+            assert!(err.starts_with("resolving the python root filesystem: "), "{err}");
+        });
     }
 
     #[tokio::test]

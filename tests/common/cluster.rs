@@ -297,6 +297,7 @@ impl NsWorker {
             // Its own port locks: tests leave the host's alone.
             .arg("--port-lock-dir")
             .arg(self.state.path().join("port-locks"))
+            .args(crate::common::disk_flags(&self.extra))
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

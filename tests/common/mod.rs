@@ -171,6 +171,7 @@ impl Worker {
                 .arg(self.state_dir())
                 .args(rootfs_flag)
                 .args(port_lock_flag)
+                .args(disk_flags(&self.extra))
                 .arg("--worker-id")
                 .arg(&self.name)
                 .args(&self.extra)
@@ -380,4 +381,17 @@ pub fn metric(addr: &str, series: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
+}
+
+/// The disk thresholds a test worker runs with unless the test sets one itself: none. A
+/// worker's defaults are shares of the host's filesystem (refuse below 5 % free, evict below
+/// 10 %), so on a nearly full CI disk every test would fail or lose its caches for the host's
+/// sake; the tests of the thresholds (tests/disk.rs, tests/caches.rs) give their own on small
+/// filesystems of their own.
+pub fn disk_flags<S: AsRef<str>>(extra: &[S]) -> Vec<&'static str> {
+    const FLAGS: [&str; 4] = ["--min-free-disk", "--soft-free-disk", "--target-free-disk", "--min-free-inodes"];
+    if extra.iter().any(|a| FLAGS.contains(&a.as_ref())) {
+        return Vec::new();
+    }
+    FLAGS.iter().flat_map(|f| [*f, "0"]).collect()
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{TEST_PREFIX, exe, free_port, listening_ports, rootfs};
+use crate::common::{TEST_PREFIX, disk_flags, exe, free_port, listening_ports, rootfs};
 
 /// A worker or controller process with its own flags; ready once it listens on its port.
 pub struct Server {
@@ -55,7 +55,8 @@ impl Server {
                 cmd.arg("serve")
                     .arg("--rootfs")
                     .arg(rootfs())
-                    .args(["--worker-id", &format!("{TEST_PREFIX}{name}-{}", std::process::id())]);
+                    .args(["--worker-id", &format!("{TEST_PREFIX}{name}-{}", std::process::id())])
+                    .args(disk_flags(extra));
             } else {
                 cmd.args(["controller", "serve"]);
             }

@@ -26,6 +26,7 @@
 //! or serve it with [`server::serve`]. `examples/run_task.rs` runs a task with no server.
 
 pub mod archive;
+pub mod background;
 #[cfg(feature = "buildkit")]
 pub mod buildkit;
 pub mod bundle;
@@ -47,3 +48,6 @@ pub mod server;
 pub mod supervisor;
 pub mod task;
 pub mod web;
+pub mod worker;
+
+pub use worker::{Worker, WorkerBuilder, WorkerConfig, WorkerError};

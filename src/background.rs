@@ -34,16 +34,6 @@ impl Background {
         })
     }
 
-    /// Whether shutdown has begun.
-    pub fn is_stopping(&self) -> bool {
-        self.token.is_cancelled()
-    }
-
-    /// Resolves when shutdown begins.
-    pub async fn stopping(&self) {
-        self.token.cancelled().await;
-    }
-
     /// The loops still running.
     pub fn len(&self) -> usize {
         self.tracker.len()

@@ -20,19 +20,20 @@
 //! - [`isolation`]: the cgroup connect hook that keeps tasks off the worker's own port.
 //! - [`web`]: the pages and JSON on the same port.
 //! - [`server`]: the one port: [`rpc`]'s WorkerService and [`web`]'s pages together.
-//! - [`cli`]: the `iris-worker` command.
+//! - [`worker`]: the front door, `Worker::builder(config).build().await?.run(shutdown)`.
 //!
-//! Embedding: build a [`task::TaskManager`] with [`task::ManagerConfig`] and call `run`,
-//! or serve it with [`server::serve`]. `examples/run_task.rs` runs a task with no server.
+//! Embedding: a whole worker through [`Worker::builder`] and a plain [`WorkerConfig`]
+//! (`examples/embed.rs`), or a bare [`task::TaskManager`] with [`task::ManagerConfig`] and no
+//! server (`examples/run_task.rs`).
 
 pub mod archive;
+pub mod background;
 #[cfg(feature = "buildkit")]
 pub mod buildkit;
 pub mod bundle;
 pub mod cache;
 pub mod cachelock;
 pub mod cgroup;
-pub mod cli;
 pub mod env;
 pub mod heartbeat;
 pub mod isolation;
@@ -47,3 +48,6 @@ pub mod server;
 pub mod supervisor;
 pub mod task;
 pub mod web;
+pub mod worker;
+
+pub use worker::{Worker, WorkerBuilder, WorkerConfig, WorkerError};

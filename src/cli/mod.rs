@@ -18,8 +18,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use config::ServeConfig;
-
 /// A daemonless OCI worker for the Iris cluster.
 #[derive(Parser, Debug)]
 #[command(name = "iris-worker", version, about, long_about = None)]

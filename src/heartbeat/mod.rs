@@ -12,7 +12,7 @@ use crate::task::{TaskEvent, TaskManager, TaskState};
 const SERVICE: &str = "iris.cluster.ControllerService";
 /// Iris workers register every 5 s until accepted, then heartbeat every 10 s.
 const REGISTER_EVERY: Duration = Duration::from_secs(5);
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -27,7 +27,8 @@ pub struct WorkerIdentity {
     pub metadata: WorkerMetadata,
 }
 
-/// Starts the heartbeat and the state reporter; they run until the runtime stops.
+/// Starts the heartbeat and the state reporter; they run until the manager shuts down
+/// ([`TaskManager::shutdown`]).
 pub fn start(manager: TaskManager, controller: &str, me: WorkerIdentity) {
     start_every(manager, controller, me, HEARTBEAT_EVERY);
 }
@@ -42,8 +43,9 @@ pub fn start_every(manager: TaskManager, controller: &str, me: WorkerIdentity, e
 pub fn start_with_client(manager: TaskManager, client: ConnectClient, me: WorkerIdentity, every: Duration) {
     manager.set_controller_check(controller_check(client.clone(), me.worker_id.clone()));
     let events = manager.subscribe();
-    tokio::spawn(report_states(client.clone(), me.worker_id.clone(), events));
-    tokio::spawn(heartbeat(client, manager, me, every));
+    let background = manager.background().clone();
+    background.spawn(report_states(client.clone(), me.worker_id.clone(), events));
+    background.spawn(heartbeat(client, manager, me, every));
 }
 
 async fn heartbeat(client: ConnectClient, manager: TaskManager, me: WorkerIdentity, every: Duration) {

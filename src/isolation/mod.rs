@@ -180,7 +180,11 @@ impl TaskIsolation {
 /// Sets up what `config` asks for on the tasks' parent cgroup `cgroups` (layout, path), before
 /// any task runs: attaches the hooks, checks them once, and keeps them current and checked
 /// from a task of the current tokio runtime. Never fails: what went wrong is the status.
-pub fn start(config: &IsolationConfig, cgroups: Option<&(crate::cgroup::Layout, String)>) -> TaskIsolation {
+pub fn start(
+    config: &IsolationConfig,
+    cgroups: Option<&(crate::cgroup::Layout, String)>,
+    background: &crate::background::Background,
+) -> TaskIsolation {
     let dir = cgroups.ok_or(IsolationError::NoCgroup).and_then(|(layout, parent)| cgroup_dir(layout, parent));
     if !config.enabled {
         // Hooks an earlier worker attached would keep fencing the port off: the operator
@@ -216,7 +220,7 @@ pub fn start(config: &IsolationConfig, cgroups: Option<&(crate::cgroup::Layout, 
     match install() {
         Ok(isolation) => {
             isolation.check();
-            isolation.clone().watch(config.check_every);
+            isolation.clone().watch(config.check_every, background);
             TaskIsolation::Hooked(isolation)
         }
         Err(e) => TaskIsolation::Not(IsolationStatus::Unavailable(e.to_string())),
@@ -419,11 +423,11 @@ impl Isolation {
         }
     }
 
-    /// Keeps the maps current and checked for as long as the runtime runs: the maps on every
+    /// Keeps the maps current and checked until the worker shuts down: the maps on every
     /// rtnetlink address event and every [`RESCAN_EVERY`] (in case an event was missed), the
     /// self-test every `check_every`.
-    pub fn watch(self: Arc<Self>, check_every: Duration) {
-        tokio::spawn(async move {
+    pub fn watch(self: Arc<Self>, check_every: Duration, background: &crate::background::Background) {
+        background.spawn(async move {
             let events = address_events().map_err(|e| tracing::warn!(error = %e, "watching address changes")).ok();
             let mut rescan = tokio::time::interval(RESCAN_EVERY);
             let mut check = tokio::time::interval(check_every.max(Duration::from_millis(100)));

@@ -177,12 +177,13 @@ impl Janitor {
         })
     }
 
-    /// Runs the janitor on this tokio runtime until the janitor is dropped.
-    pub fn start(self: &Arc<Self>) {
+    /// Runs the janitor on this tokio runtime until the janitor is dropped or `background`
+    /// shuts down.
+    pub fn start(self: &Arc<Self>, background: &crate::background::Background) {
         let weak: Weak<Janitor> = Arc::downgrade(self);
         let kick = self.kick.clone();
         self.kick();
-        tokio::spawn(async move {
+        background.spawn(async move {
             loop {
                 // Only the notifier is held while waiting: a dropped janitor ends the loop.
                 let kicked = tokio::select! {

@@ -125,9 +125,11 @@ pub struct Registration {
     pub metadata: WorkerMetadata,
 }
 
-/// Registers, then watches the keep-alive; runs until the runtime stops.
+/// Registers, then watches the keep-alive; runs until the manager shuts down
+/// ([`TaskManager::shutdown`]).
 pub fn start(client: ConnectClient, me: Registration, manager: TaskManager, keepalive: Arc<KeepAlive>) {
-    tokio::spawn(async move {
+    let background = manager.background().clone();
+    background.spawn(async move {
         loop {
             register(&client, &me).await;
             keepalive.touch();

@@ -146,10 +146,10 @@ impl LogPusher {
         }
     }
 
-    /// Runs the pusher until the runtime stops.
+    /// Runs the pusher until its manager shuts down ([`TaskManager::shutdown`]).
     pub fn start(&self) {
         let this = self.clone();
-        tokio::spawn(async move {
+        self.inner.manager.background().spawn(async move {
             let mut backoff = TICK;
             loop {
                 tokio::time::sleep(backoff).await;

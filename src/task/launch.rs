@@ -88,7 +88,7 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
         let _ended = prev.request_kill(inner, DEFAULT_GRACE_MS);
     }
     attempt.emit(inner);
-    tokio::spawn(drive(inner.clone(), attempt, spec, previous));
+    inner.background.spawn(drive(inner.clone(), attempt, spec, previous));
     Ok(TaskState::Pending)
 }
 

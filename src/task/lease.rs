@@ -101,7 +101,7 @@ pub(super) fn spawn_watch(inner: &Arc<Inner>) {
     // The supervisors' own grace: a kill from here must not end a task later than theirs.
     let grace_ms = fence::kill_grace(lease.length).as_millis() as u64;
     let weak = Arc::downgrade(inner);
-    tokio::spawn(async move {
+    inner.background.spawn(async move {
         let mut ended_at = 0;
         loop {
             let expires = *rx.borrow_and_update();

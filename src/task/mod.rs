@@ -297,6 +297,8 @@ pub(crate) struct Inner {
     /// Attempts accepted (or adopted) so far: each attempt's `seq`.
     accepted: AtomicU64,
     lease: Option<lease::Lease>,
+    /// The manager's loops and drivers, stopped by [`TaskManager::shutdown`].
+    background: crate::background::Background,
     _lock: std::fs::File,
 }
 
@@ -351,7 +353,8 @@ impl TaskManager {
         }
         // Before any task is adopted or run again, and before the port is bound: no task may
         // ever run without the hooks, nor take the port while the worker starts.
-        let isolation = config.isolation.as_ref().map(|c| crate::isolation::start(c, cgroups.as_ref()));
+        let background = crate::background::Background::new();
+        let isolation = config.isolation.as_ref().map(|c| crate::isolation::start(c, cgroups.as_ref(), &background));
         let (first, last) = config.port_range;
         let venvs = crate::env::VenvConfig {
             python_rootfs: config.python.rootfs.clone(),
@@ -399,6 +402,7 @@ impl TaskManager {
             isolation,
             accepted: AtomicU64::new(0),
             lease: config.lease.map(|length| lease::Lease::open(&config.state_dir, length)),
+            background,
             config,
             _lock: lock_file,
         });
@@ -419,7 +423,7 @@ impl TaskManager {
                 bundles.forget_missing(&on_disk);
             }
         });
-        janitor.start();
+        janitor.start(&inner.background);
         Ok(TaskManager { inner })
     }
 
@@ -523,7 +527,7 @@ impl TaskManager {
             let _ended = a.request_kill_for(&self.inner, DEFAULT_GRACE_MS, Some(RESET.to_string()));
         }
         let inner = self.inner.clone();
-        tokio::spawn(async move {
+        self.inner.background.spawn(async move {
             for a in &held {
                 a.wait_done().await;
             }
@@ -637,6 +641,18 @@ impl TaskManager {
         rx
     }
 
+    /// Where the worker's loops are spawned: [`Self::shutdown`] stops them.
+    pub fn background(&self) -> &crate::background::Background {
+        &self.inner.background
+    }
+
+    /// Stops the manager's drivers and loops (and whatever else was spawned on
+    /// [`Self::background`]) and waits for them. Tasks keep running under their supervisors;
+    /// a manager opened again on the state directory adopts them.
+    pub async fn shutdown(&self) {
+        self.inner.background.shutdown().await;
+    }
+
     /// The worker id tasks see as IRIS_WORKER_ID.
     pub fn worker_id(&self) -> &str {
         &self.inner.config.env.worker_id
@@ -682,7 +698,7 @@ fn private_cache_dirs(config: &ManagerConfig) -> Vec<PathBuf> {
 /// until the manager is dropped.
 fn spawn_sampler(inner: &Arc<Inner>) {
     let weak = Arc::downgrade(inner);
-    tokio::spawn(async move {
+    inner.background.spawn(async move {
         let mut tick = tokio::time::interval(history::SAMPLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

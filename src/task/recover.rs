@@ -82,7 +82,7 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
             if let Some(path) = attempt.meta.bundle.clone() {
                 // The running task's bundle must not be evicted: hold it again.
                 let (inner, attempt) = (inner.clone(), attempt.clone());
-                tokio::spawn(async move {
+                inner.background.clone().spawn(async move {
                     match inner.envs.bundle_cache().await {
                         Ok(cache) => match cache.get(&path, None, |_| {}).await {
                             Ok(bundle) => {
@@ -95,12 +95,16 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
                     }
                 });
             }
-            tokio::spawn(watch_until_exit(inner.clone(), attempt, sup, permit));
+            inner.background.spawn(watch_until_exit(inner.clone(), attempt, sup, permit));
         } else if !attempt.dir.join(files::PID).exists() && kill_requested {
             // Killed while PENDING or BUILDING, before the end was recorded: KillTask was
             // answered, so it stays killed (or WORKER_FAILED, for the worker's own reasons).
             attempt.finish_unstarted(inner);
-            tokio::spawn(clear_unstarted(inner.seams.clone(), attempt.dir.clone(), attempt.meta.cgroup.clone()));
+            inner.background.spawn(clear_unstarted(
+                inner.seams.clone(),
+                attempt.dir.clone(),
+                attempt.meta.cgroup.clone(),
+            ));
         } else if !attempt.dir.join(files::PID).exists() {
             // Accepted, PENDING or BUILDING: no supervisor ever ran the task. Its request is
             // on disk: it runs after all.
@@ -165,7 +169,7 @@ fn run_again(inner: &Arc<Inner>, attempt: Arc<Attempt>) {
     attempt.uses(lock(&inner.ports).leases(attempt.meta.ports.values().copied()));
     tracing::info!(task_id = %attempt.meta.task_id, attempt = attempt.meta.attempt_id, "running a task accepted before the restart");
     let inner = inner.clone();
-    tokio::spawn(async move {
+    inner.background.clone().spawn(async move {
         clear_unstarted(inner.seams.clone(), attempt.dir.clone(), attempt.meta.cgroup.clone()).await;
         drive(inner, attempt, spec, previous).await;
     });

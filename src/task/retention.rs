@@ -31,7 +31,7 @@ pub(super) fn spawn_janitor(inner: &Arc<Inner>) {
     let period =
         shortest.map_or(Duration::from_secs(1), |d| d / 4).clamp(Duration::from_millis(200), Duration::from_secs(60));
     let weak = Arc::downgrade(inner);
-    tokio::spawn(async move {
+    inner.background.spawn(async move {
         loop {
             tokio::time::sleep(period).await;
             let Some(inner) = weak.upgrade() else { return };

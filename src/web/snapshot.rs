@@ -130,7 +130,7 @@ pub async fn subscribe(web: &Web) -> watch::Receiver<Arc<Snapshot>> {
     *slot = Some(rx.clone());
     drop(slot);
     let w = web.clone();
-    tokio::spawn(async move {
+    web.inner.manager.background().spawn(async move {
         let mut idle = 0;
         let mut tick = tokio::time::interval(INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

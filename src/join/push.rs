@@ -337,19 +337,7 @@ mod tests {
         let record = crate::logs::LogRecord { ts_ms: 1, source: Source::Stdout, data: b"last words" };
         crate::logs::LogWriter::open(&logs).unwrap().append(&[record]).unwrap();
         let now = crate::supervisor::files::now_ms();
-        let ended = |finished_at_ms| UidAttempt {
-            attempt_uid: "u".into(),
-            task_id: "/j/0".into(),
-            attempt_id: 0,
-            state: crate::task::TaskState::Succeeded,
-            status_message: String::new(),
-            exit_code: 0,
-            error: String::new(),
-            started_at_ms: 1,
-            finished_at_ms,
-            container_id: String::new(),
-            dir: dir.path().to_path_buf(),
-        };
+        let ended = |finished_at_ms| UidAttempt::succeeded_for_test(finished_at_ms, dir.path().to_path_buf());
         assert!(!may_report_end(&ended(now)), "its line is not pushed yet");
         let long_ago = now - HOLD_AT_MOST.as_millis() as i64 - 1;
         assert!(may_report_end(&ended(long_ago)), "held at most HOLD_AT_MOST");

@@ -246,6 +246,27 @@ pub struct UidAttempt {
     pub dir: PathBuf,
 }
 
+#[cfg(test)]
+impl UidAttempt {
+    /// Attempt `u` (0) of task `/j/0`, succeeded at `finished_at_ms`, in `dir`: the ended
+    /// attempt the newest wire's reporting tests start from.
+    pub(crate) fn succeeded_for_test(finished_at_ms: i64, dir: PathBuf) -> UidAttempt {
+        UidAttempt {
+            attempt_uid: "u".into(),
+            task_id: "/j/0".into(),
+            attempt_id: 0,
+            state: TaskState::Succeeded,
+            status_message: String::new(),
+            exit_code: 0,
+            error: String::new(),
+            started_at_ms: 1,
+            finished_at_ms,
+            container_id: "c-u".into(),
+            dir,
+        }
+    }
+}
+
 /// A state change, for the controller reporter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskEvent {

@@ -277,9 +277,7 @@ where
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<Resp, Status>>,
 {
-    let req: Req = codec.decode_in(Generation::Newest, req_name, body).map_err(Status::invalid_argument)?;
-    let resp = call(req).await?;
-    codec.encode_in(Generation::Newest, resp_name, &resp).map_err(Status::internal)
+    iris_wire::connect::unary_in(Generation::Newest, codec, req_name, resp_name, body, call).await
 }
 
 impl ConnectService for NewestService {
@@ -392,19 +390,7 @@ mod tests {
 
     #[test]
     fn a_terminal_attempt_with_unpushed_lines_is_reported_running() {
-        let local = crate::task::UidAttempt {
-            attempt_uid: "u".into(),
-            task_id: "/j/0".into(),
-            attempt_id: 0,
-            state: crate::task::TaskState::Succeeded,
-            status_message: String::new(),
-            exit_code: 0,
-            error: String::new(),
-            started_at_ms: 1,
-            finished_at_ms: 2,
-            container_id: "c".into(),
-            dir: Default::default(),
-        };
+        let local = crate::task::UidAttempt::succeeded_for_test(2, Default::default());
         let mut observed = vec![reconcile::observe(&local), reconcile::missing("other")];
         hold_back_unpushed(&mut observed, std::slice::from_ref(&local), &Never);
         assert_eq!(observed[0].state, WireState::Running as i32);

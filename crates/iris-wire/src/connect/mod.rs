@@ -12,7 +12,7 @@ mod server;
 
 pub use client::{ConnectClient, ConnectError};
 pub use codec::{Codec, Generation};
-pub use server::{CallCode, ConnectService, MAX_BODY, ReadTimeout, connect_router, error_response, unary};
+pub use server::{CallCode, ConnectService, MAX_BODY, ReadTimeout, connect_router, error_response, unary, unary_in};
 
 use tonic::Code;
 

@@ -13,7 +13,7 @@ use axum::routing::post;
 use prost::Message;
 use tonic::{Code, Request, Status};
 
-use super::codec::{Codec, gunzip};
+use super::codec::{Codec, Generation, gunzip};
 use super::{code_name, http_status};
 
 /// Largest request body accepted (as sent, and after inflating): RunTask carries workdir
@@ -145,7 +145,7 @@ async fn read_body(body: Body, timeout: Duration) -> Result<Bytes, Response> {
 }
 
 /// Decodes a request of `req_name`, runs `call` (a tonic service method) and encodes its
-/// response as `resp_name`.
+/// response as `resp_name`: a January-wire method over Connect.
 pub async fn unary<Req, Resp, F, Fut>(
     codec: Codec,
     req_name: &str,
@@ -159,7 +159,29 @@ where
     F: FnOnce(Request<Req>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
 {
-    let req: Req = codec.decode(req_name, body).map_err(Status::invalid_argument)?;
-    let resp = call(Request::new(req)).await?.into_inner();
-    codec.encode(resp_name, &resp).map_err(Status::internal)
+    unary_in(Generation::January, codec, req_name, resp_name, body, |req| async move {
+        call(Request::new(req)).await.map(tonic::Response::into_inner)
+    })
+    .await
+}
+
+/// Decodes a request of `req_name` with `generation`'s descriptors, runs `call` and encodes
+/// its answer as `resp_name`.
+pub async fn unary_in<Req, Resp, F, Fut>(
+    generation: Generation,
+    codec: Codec,
+    req_name: &str,
+    resp_name: &str,
+    body: &[u8],
+    call: F,
+) -> Result<Vec<u8>, Status>
+where
+    Req: Message + Default,
+    Resp: Message,
+    F: FnOnce(Req) -> Fut,
+    Fut: Future<Output = Result<Resp, Status>>,
+{
+    let req: Req = codec.decode_in(generation, req_name, body).map_err(Status::invalid_argument)?;
+    let resp = call(req).await?;
+    codec.encode_in(generation, resp_name, &resp).map_err(Status::internal)
 }

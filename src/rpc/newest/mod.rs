@@ -16,10 +16,8 @@ pub mod reconcile;
 pub use keepalive::KeepAlive;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 
-use prost::Message;
 use tonic::{Code, Status};
 
 use crate::proto::newest::iris::cluster::worker::{
@@ -27,7 +25,7 @@ use crate::proto::newest::iris::cluster::worker::{
 };
 use crate::proto::newest::iris::job::{self, TaskState as WireState};
 use crate::proto::newest::iris::time::{Duration as WireDuration, Timestamp};
-use crate::rpc::connect::{Codec, ConnectService, Generation};
+use crate::rpc::connect::{Codec, ConnectService, Generation, unary_in};
 use crate::task::{DEFAULT_GRACE_MS, TaskError, TaskManager};
 
 pub use reconcile::{Action, KillReason};
@@ -262,24 +260,6 @@ fn meminfo() -> Option<(u64, u64)> {
     Some((field("MemTotal:")?, field("MemAvailable:")?))
 }
 
-/// Decodes a request of `req_name` with the newest descriptors, runs `call` and encodes its
-/// answer as `resp_name`.
-async fn unary<Req, Resp, F, Fut>(
-    codec: Codec,
-    req_name: &str,
-    resp_name: &str,
-    body: &[u8],
-    call: F,
-) -> Result<Vec<u8>, Status>
-where
-    Req: Message + Default,
-    Resp: Message,
-    F: FnOnce(Req) -> Fut,
-    Fut: Future<Output = Result<Resp, Status>>,
-{
-    iris_wire::connect::unary_in(Generation::Newest, codec, req_name, resp_name, body, call).await
-}
-
 impl ConnectService for NewestService {
     const NAME: &'static str = "iris.cluster.WorkerService";
 
@@ -287,7 +267,8 @@ impl ConnectService for NewestService {
         let s = self;
         match method {
             "Reconcile" => {
-                unary(
+                unary_in(
+                    Generation::Newest,
                     codec,
                     "iris.cluster.Worker.ReconcileRequest",
                     "iris.cluster.Worker.ReconcileResponse",
@@ -297,13 +278,19 @@ impl ConnectService for NewestService {
                 .await
             }
             "GetTaskStatus" => {
-                unary(codec, "iris.cluster.Worker.GetTaskStatusRequest", "iris.job.TaskStatus", &body, |r| async move {
-                    s.get_task_status(r)
-                })
+                unary_in(
+                    Generation::Newest,
+                    codec,
+                    "iris.cluster.Worker.GetTaskStatusRequest",
+                    "iris.job.TaskStatus",
+                    &body,
+                    |r| async move { s.get_task_status(r) },
+                )
                 .await
             }
             "ListTasks" => {
-                unary(
+                unary_in(
+                    Generation::Newest,
                     codec,
                     "iris.cluster.Worker.ListTasksRequest",
                     "iris.cluster.Worker.ListTasksResponse",
@@ -313,7 +300,8 @@ impl ConnectService for NewestService {
                 .await
             }
             "HealthCheck" => {
-                unary(
+                unary_in(
+                    Generation::Newest,
                     codec,
                     "iris.job.Empty",
                     "iris.cluster.Worker.HealthResponse",
@@ -323,7 +311,8 @@ impl ConnectService for NewestService {
                 .await
             }
             "GetProcessStatus" => {
-                unary(
+                unary_in(
+                    Generation::Newest,
                     codec,
                     "iris.job.GetProcessStatusRequest",
                     "iris.job.GetProcessStatusResponse",

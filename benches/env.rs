@@ -94,7 +94,7 @@ struct ServerFigures {
 async fn server_figures(exe: &Path, work: &Path, n: usize) -> anyhow::Result<ServerFigures> {
     let python = cache().join("rootfs/python");
     let uv = python.join("usr/local/bin/uv");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = common::worker_port()?;
     let state = work.join("server-state");
     let worker_cache = work.join("server-cache");
     let mut child = Command::new(exe)

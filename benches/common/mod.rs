@@ -234,7 +234,7 @@ impl Server {
     pub fn start(work: &std::path::Path, worker_id: &str, extra: &[&std::ffi::OsStr]) -> anyhow::Result<Server> {
         use anyhow::Context;
         let exe = exe()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = worker_port()?;
         let state = work.join(format!("state-{worker_id}"));
         let child = std::process::Command::new(&exe)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--worker-id", worker_id])
@@ -352,4 +352,16 @@ pub fn runc_bundle(
 pub fn pss_kib(pid: i32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     text.lines().find_map(|l| l.strip_prefix("Pss:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// A port free now for a worker to listen on, above the default task port range
+/// (30000-39999): a worker refuses a `--port-range` that holds its own port, and the kernel's
+/// ephemeral ports (from 32768) fall inside that range.
+pub fn worker_port() -> anyhow::Result<u16> {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if port >= 40_000 {
+            return Ok(port);
+        }
+    }
 }

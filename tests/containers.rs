@@ -304,9 +304,17 @@ fn no_process_in(cgroup_key: &str) -> bool {
 async fn a_task_that_traps_sigterm_is_sigkilled_after_the_grace_and_reported_killed_when_empty() {
     let w = Worker::start("kill", &[]).await;
     let mut c = w.client().await;
-    let script = "trap 'echo got TERM' TERM; (trap '' TERM; sleep 1000) & while true; do sleep 0.05; done";
+    let script =
+        "trap 'echo got TERM' TERM; (trap '' TERM; sleep 1000) & echo trapped; while true; do sleep 0.05; done";
     c.run_task(sh("kill/task-0", script)).await.unwrap();
     wait_for(&mut c, "kill/task-0", LONG, |s| state_of(s) == TaskState::Running).await;
+    // RUNNING means the command started, not that the shell has set its trap yet: a SIGTERM
+    // before that ends the shell at once (seen once in CI: KILLED 29 ms after the request).
+    let deadline = Instant::now() + LONG;
+    while !lines_of(&all_logs(&mut c, "kill/task-0").await, "stdout").contains(&"trapped".to_string()) {
+        assert!(Instant::now() < deadline, "the task never said its trap was set");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let asked = Instant::now();
     c.kill_task(worker::KillTaskRequest { task_id: "kill/task-0".into(), term_timeout_ms: 700 }).await.unwrap();
     let s = wait_end(&mut c, "kill/task-0", LONG).await;

@@ -16,8 +16,26 @@ pub struct Held {
 
 impl Held {
     /// Reads `/proc/locks` (empty when it cannot be read).
+    ///
+    /// The kernel lists it a page at a time, each page under the lock table's lock but not the
+    /// whole: a lock taken or released between two pages shifts the rest, and a lock held all
+    /// along can be skipped. Two listings in a row that agree were not disturbed, so it is read
+    /// until two do (at most five times; under constant churn, what any listing saw — the
+    /// answer is advisory, eviction takes the entry's lock anyway).
     pub fn read() -> Held {
-        Held::parse(&std::fs::read_to_string("/proc/locks").unwrap_or_default())
+        let mut seen = Held::default();
+        let mut last: Option<String> = None;
+        for _ in 0..5 {
+            let text = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+            if last.as_deref() == Some(text.as_str()) {
+                return Held::parse(&text);
+            }
+            for (file, pids) in Held::parse(&text).by_file {
+                seen.by_file.entry(file).or_default().extend(pids);
+            }
+            last = Some(text);
+        }
+        seen
     }
 
     /// Parses `/proc/locks` text: `1: FLOCK  ADVISORY  READ  1234 fd:01:5678 0 EOF`; lines of

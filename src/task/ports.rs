@@ -186,15 +186,7 @@ impl PortAllocator {
                 continue;
             }
             let Some(path) = self.locks.as_ref().map(|l| l.path(&key(p))) else { continue };
-            // /proc/locks is listed in pieces and can skip a lock while others change: the
-            // lock is held (the claim failed), so a listing without it is read again.
-            let mut holders = crate::cache::holders::Held::read().pids(&path);
-            for _ in 0..3 {
-                if !holders.is_empty() {
-                    break;
-                }
-                holders = crate::cache::holders::Held::read().pids(&path);
-            }
+            let holders = crate::cache::holders::Held::read().pids(&path);
             let only_the_task = !holders.is_empty() && supervisor.is_some_and(|s| holders.iter().all(|h| *h == s));
             if only_the_task && let Some(locks) = &self.locks {
                 match locks.try_shared(&key(p)) {

@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::WorkerConfig;
 use crate::runtime::{Profile, RuntimeKind};
 
 /// Every address of both families on one dual-stack socket: no other process can take the
 /// port on the family the worker would not listen on (see `serve::listen`).
 pub const DEFAULT_LISTEN: &str = "[::]:8080";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/iris-worker";
-pub const DEFAULT_CACHE_DIR: &str = "/var/cache/iris-worker";
+pub use iris_worker::worker::DEFAULT_CACHE_DIR;
 pub const DEFAULT_PORT_RANGE: &str = "30000-39999";
 pub const DEFAULT_MAX_CONCURRENT: usize = 64;
 /// The controller lease in seconds: well under a controller's default dead-worker timeout
@@ -21,10 +22,12 @@ pub const DEFAULT_LEASE: f64 = 30.0;
 
 /// Settings of `serve` (and `demo`). Every flag also reads IRIS_WORKER_<NAME> and the TOML
 /// file's `<name>` key.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServeArgs {
     /// TOML file with any of the settings below (keys in snake_case).
     #[arg(long, env = "IRIS_WORKER_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Address for gRPC, Connect and the dashboard; `[::]` takes IPv4 too [default: [::]:8080].
     #[arg(long, env = "IRIS_WORKER_LISTEN")]
@@ -254,177 +257,128 @@ pub struct ServeArgs {
     pub retain_for: Option<String>,
 }
 
-/// The TOML file: the same settings, all optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    state_dir: Option<PathBuf>,
-    cache_dir: Option<PathBuf>,
-    rootfs: Option<PathBuf>,
-    python_rootfs: Option<PathBuf>,
-    uv_find_links: Option<PathBuf>,
-    uv_offline: Option<bool>,
-    ca_bundle: Option<String>,
-    build_env: Option<Vec<String>>,
-    build_memory: Option<String>,
-    workdir_retention: Option<u64>,
-    runtime: Option<RuntimeKind>,
-    profile: Option<Profile>,
-    max_concurrent_tasks: Option<usize>,
-    port_range: Option<String>,
-    port_lock_dir: Option<PathBuf>,
-    controller: Option<String>,
-    iris_wire: Option<crate::join::IrisWire>,
-    worker_id: Option<String>,
-    advertise_host: Option<String>,
-    bind_host: Option<String>,
-    log_format: Option<String>,
-    heartbeat_interval: Option<f64>,
-    lease: Option<f64>,
-    attributes: Option<Vec<String>>,
-    buildkit: Option<String>,
-    image_dir: Option<PathBuf>,
-    image_cache_size: Option<String>,
-    cache_size: Option<String>,
-    cache_limits: Option<Vec<String>>,
-    min_free_disk: Option<String>,
-    soft_free_disk: Option<String>,
-    target_free_disk: Option<String>,
-    min_free_inodes: Option<String>,
-    pull: Option<crate::env::image::PullPolicy>,
-    insecure_registries: Option<Vec<String>>,
-    registry_auth: Option<PathBuf>,
-    containerd_socket: Option<PathBuf>,
-    containerd_namespace: Option<String>,
-    task_isolation: Option<bool>,
-    isolate_remote_workers: Option<bool>,
-    isolation_check_interval: Option<f64>,
-    isolate_controller: Option<bool>,
-    auth_token_file: Option<PathBuf>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    tls_client_ca: Option<PathBuf>,
-    tls_ca: Option<PathBuf>,
-    allowed_hosts: Option<Vec<String>>,
-    max_connections: Option<usize>,
-    read_timeout: Option<f64>,
-    allow_bundle_paths: Option<Vec<PathBuf>>,
-    allow_private_bundle_hosts: Option<bool>,
-    default_pids_limit: Option<u64>,
-    max_log_bytes: Option<String>,
-    retain_finished: Option<usize>,
-    retain_for: Option<String>,
-}
-
-/// Settings after merging.
+/// Settings after merging: the library's [`WorkerConfig`], and what only the binary uses.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    pub listen: SocketAddr,
-    pub state_dir: PathBuf,
-    pub cache_dir: PathBuf,
-    pub rootfs: PathBuf,
-    pub python_rootfs: PathBuf,
-    pub uv_find_links: Option<PathBuf>,
-    pub uv_offline: bool,
-    pub ca_bundle: Option<PathBuf>,
-    /// Build variables as NAME=VALUE.
-    pub build_env: Vec<String>,
-    pub build_memory_bytes: u64,
-    pub workdir_retention: Option<std::time::Duration>,
-    pub runtime: RuntimeKind,
-    pub profile: Profile,
-    pub max_concurrent_tasks: usize,
-    pub port_range: (u16, u16),
-    pub port_lock_dir: PathBuf,
-    pub controller: Option<String>,
-    /// The wire generation asked for (`Auto` is settled against the controller at start).
-    pub iris_wire: crate::join::IrisWire,
-    pub worker_id: String,
-    pub advertise_host: String,
-    pub bind_host: String,
+    pub worker: WorkerConfig,
     pub log_json: bool,
-    pub heartbeat_interval: std::time::Duration,
-    /// The controller lease; `None` without a controller or with `lease = 0`.
-    pub lease: Option<std::time::Duration>,
-    /// Attributes as KEY=VALUE pairs.
-    pub attributes: Vec<(String, String)>,
-    pub buildkit: Option<String>,
-    pub images: crate::env::image::ImageStoreConfig,
-    /// Whether tasks are kept off the worker's port (see [`crate::isolation`]).
-    pub task_isolation: bool,
-    /// ... on every address, other hosts' included (all workers share the port).
-    pub isolate_remote_workers: bool,
-    /// How often the isolation self-test runs.
-    pub isolation_check_interval: std::time::Duration,
-    /// ... and off the controller's, when it is on this host.
-    pub isolate_controller: bool,
-    /// What callers must present, and what the worker presents to its controller.
-    pub security: super::security::ServerSecurity,
-    /// Where bundles may come from.
-    pub bundle_sources: crate::bundle::SourcePolicy,
-    /// The pids limit of tasks whose request sets none.
-    pub default_pids_limit: Option<i64>,
-    /// The cap of a task's log on disk.
-    pub max_log_bytes: Option<u64>,
-    /// Finished tasks kept, by count and by age.
-    pub retain_finished: Option<usize>,
-    pub retain_for: Option<std::time::Duration>,
-    /// The cache budget and the disk thresholds.
-    pub cache: crate::cache::CacheSettings,
+    /// Said at start when the port is open to other hosts without a token.
+    pub exposed_warning: Option<String>,
 }
 
 impl ServeArgs {
-    /// Merges flags/env with the TOML file and the defaults.
-    pub fn resolve(self) -> anyhow::Result<ServeConfig> {
-        let file: FileConfig = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
-            }
-            None => FileConfig::default(),
-        };
-        let cache_dir = self.cache_dir.or(file.cache_dir).unwrap_or_else(|| DEFAULT_CACHE_DIR.into());
-        let port_range = self.port_range.or(file.port_range).unwrap_or_else(|| DEFAULT_PORT_RANGE.into());
-        let log_format = self.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
-        if log_format != "text" && log_format != "json" {
-            bail!("log_format must be text or json, not {log_format:?}");
+    /// These settings (flags and environment) over the TOML file's: what is given here wins,
+    /// a list given here replaces the file's.
+    fn over(self, file: ServeArgs) -> ServeArgs {
+        fn list<T>(given: Vec<T>, file: Vec<T>) -> Vec<T> {
+            if given.is_empty() { file } else { given }
         }
-        let max = self.max_concurrent_tasks.or(file.max_concurrent_tasks).unwrap_or(DEFAULT_MAX_CONCURRENT);
-        if max == 0 {
-            bail!("max_concurrent_tasks must be at least 1");
-        }
-        let listen = match self.listen.or(file.listen) {
-            Some(l) => l,
-            None => DEFAULT_LISTEN.parse().context("the default listen address")?,
-        };
-        let buildkit = self.buildkit.or(file.buildkit).filter(|b| !b.is_empty());
-        let uv_find_links = self.uv_find_links.or(file.uv_find_links);
-        let controller = self.controller.or(file.controller).filter(|c| !c.is_empty());
-        let advertise_host = match self.advertise_host.or(file.advertise_host) {
-            Some(host) => host,
-            None => default_advertise_host(listen, controller.as_deref()),
-        };
-        let tls_ca = self.tls_ca.clone().or_else(|| file.tls_ca.clone());
-        let security = super::security::ServerSecuritySettings {
+        ServeArgs {
+            config: self.config,
+            listen: self.listen.or(file.listen),
+            state_dir: self.state_dir.or(file.state_dir),
+            cache_dir: self.cache_dir.or(file.cache_dir),
+            rootfs: self.rootfs.or(file.rootfs),
+            python_rootfs: self.python_rootfs.or(file.python_rootfs),
+            uv_find_links: self.uv_find_links.or(file.uv_find_links),
+            uv_offline: self.uv_offline.or(file.uv_offline),
+            ca_bundle: self.ca_bundle.or(file.ca_bundle),
+            build_env: list(self.build_env, file.build_env),
+            build_memory: self.build_memory.or(file.build_memory),
+            workdir_retention: self.workdir_retention.or(file.workdir_retention),
+            runtime: self.runtime.or(file.runtime),
+            profile: self.profile.or(file.profile),
+            max_concurrent_tasks: self.max_concurrent_tasks.or(file.max_concurrent_tasks),
+            port_range: self.port_range.or(file.port_range),
+            port_lock_dir: self.port_lock_dir.or(file.port_lock_dir),
+            controller: self.controller.or(file.controller),
+            iris_wire: self.iris_wire.or(file.iris_wire),
+            worker_id: self.worker_id.or(file.worker_id),
+            advertise_host: self.advertise_host.or(file.advertise_host),
+            bind_host: self.bind_host.or(file.bind_host),
+            log_format: self.log_format.or(file.log_format),
+            heartbeat_interval: self.heartbeat_interval.or(file.heartbeat_interval),
+            lease: self.lease.or(file.lease),
+            attributes: list(self.attributes, file.attributes),
+            buildkit: self.buildkit.or(file.buildkit),
+            image_dir: self.image_dir.or(file.image_dir),
+            image_cache_size: self.image_cache_size.or(file.image_cache_size),
+            cache_size: self.cache_size.or(file.cache_size),
+            cache_limits: list(self.cache_limits, file.cache_limits),
+            min_free_disk: self.min_free_disk.or(file.min_free_disk),
+            soft_free_disk: self.soft_free_disk.or(file.soft_free_disk),
+            target_free_disk: self.target_free_disk.or(file.target_free_disk),
+            min_free_inodes: self.min_free_inodes.or(file.min_free_inodes),
+            pull: self.pull.or(file.pull),
+            insecure_registries: list(self.insecure_registries, file.insecure_registries),
+            registry_auth: self.registry_auth.or(file.registry_auth),
+            containerd_socket: self.containerd_socket.or(file.containerd_socket),
+            containerd_namespace: self.containerd_namespace.or(file.containerd_namespace),
+            task_isolation: self.task_isolation.or(file.task_isolation),
+            isolate_remote_workers: self.isolate_remote_workers.or(file.isolate_remote_workers),
+            isolation_check_interval: self.isolation_check_interval.or(file.isolation_check_interval),
+            isolate_controller: self.isolate_controller.or(file.isolate_controller),
             auth_token_file: self.auth_token_file.or(file.auth_token_file),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
             tls_ca: self.tls_ca.or(file.tls_ca),
-            allowed_hosts: if self.allowed_hosts.is_empty() {
-                file.allowed_hosts.unwrap_or_default()
-            } else {
-                self.allowed_hosts
-            },
+            allowed_hosts: list(self.allowed_hosts, file.allowed_hosts),
             max_connections: self.max_connections.or(file.max_connections),
             read_timeout: self.read_timeout.or(file.read_timeout),
+            allow_bundle_paths: list(self.allow_bundle_paths, file.allow_bundle_paths),
+            allow_private_bundle_hosts: self.allow_private_bundle_hosts.or(file.allow_private_bundle_hosts),
+            default_pids_limit: self.default_pids_limit.or(file.default_pids_limit),
+            max_log_bytes: self.max_log_bytes.or(file.max_log_bytes),
+            retain_finished: self.retain_finished.or(file.retain_finished),
+            retain_for: self.retain_for.or(file.retain_for),
         }
-        .resolve(listen, &[&advertise_host])?;
+    }
+
+    /// Merges flags/env with the TOML file and the defaults into the worker's config.
+    pub fn resolve(self) -> anyhow::Result<ServeConfig> {
+        let file: ServeArgs = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => ServeArgs::default(),
+        };
+        let a = self.over(file);
+        let cache_dir = a.cache_dir.unwrap_or_else(|| DEFAULT_CACHE_DIR.into());
+        let log_format = a.log_format.unwrap_or_else(|| "text".into());
+        if log_format != "text" && log_format != "json" {
+            bail!("log_format must be text or json, not {log_format:?}");
+        }
+        let mut w = WorkerConfig::new(a.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()));
+        w.max_concurrent_tasks = a.max_concurrent_tasks.unwrap_or(DEFAULT_MAX_CONCURRENT);
+        if w.max_concurrent_tasks == 0 {
+            bail!("max_concurrent_tasks must be at least 1");
+        }
+        w.listen = match a.listen {
+            Some(l) => l,
+            None => DEFAULT_LISTEN.parse().context("the default listen address")?,
+        };
+        w.controller = a.controller.filter(|c| !c.is_empty());
+        w.advertise_host = match a.advertise_host {
+            Some(host) => host,
+            None => default_advertise_host(w.listen, w.controller.as_deref()),
+        };
+        let security = super::security::ServerSecuritySettings {
+            auth_token_file: a.auth_token_file,
+            tls_cert: a.tls_cert,
+            tls_key: a.tls_key,
+            tls_client_ca: a.tls_client_ca,
+            tls_ca: a.tls_ca.clone(),
+            allowed_hosts: a.allowed_hosts,
+            max_connections: a.max_connections,
+            read_timeout: a.read_timeout,
+        }
+        .resolve(w.listen, &[&w.advertise_host])?;
         // The controller's own bundles (Iris's inline ones) come from it with our token and CA.
-        let bundle_controller = match &controller {
+        let bundle_controller = match &w.controller {
             Some(url) => {
-                let ca_pem = match &tls_ca {
+                let ca_pem = match &a.tls_ca {
                     Some(p) => Some(std::fs::read(p).with_context(|| format!("reading tls_ca {}", p.display()))?),
                     None => None,
                 };
@@ -433,77 +387,69 @@ impl ServeArgs {
             }
             None => None,
         };
-        let default_pids_limit = match self.default_pids_limit.or(file.default_pids_limit).unwrap_or(4096) {
+        w.bounds.default_pids_limit = match a.default_pids_limit.unwrap_or(4096) {
             0 => None,
             n => Some(i64::try_from(n).context("default_pids_limit is too large")?),
         };
-        let max_log_bytes = match parse_size(&self.max_log_bytes.or(file.max_log_bytes).unwrap_or_else(|| "1G".into()))
-            .context("max_log_bytes")?
-        {
-            0 => None,
-            n if n < crate::logs::MIN_CAP => {
-                bail!("max_log_bytes must be 0 (no cap) or at least {} KiB, not {n}", crate::logs::MIN_CAP >> 10)
-            }
-            n => Some(n),
-        };
-        let retain_for = match parse_duration(&self.retain_for.or(file.retain_for).unwrap_or_else(|| "7d".into()))
-            .context("retain_for")?
-        {
-            d if d.is_zero() => None,
-            d => Some(d),
-        };
-        let retain_finished = match self.retain_finished.or(file.retain_finished).unwrap_or(1000) {
+        w.bounds.max_log_bytes =
+            match parse_size(&a.max_log_bytes.unwrap_or_else(|| "1G".into())).context("max_log_bytes")? {
+                0 => None,
+                n if n < crate::logs::MIN_CAP => {
+                    bail!("max_log_bytes must be 0 (no cap) or at least {} KiB, not {n}", crate::logs::MIN_CAP >> 10)
+                }
+                n => Some(n),
+            };
+        w.bounds.retain_for =
+            match parse_duration(&a.retain_for.unwrap_or_else(|| "7d".into())).context("retain_for")? {
+                d if d.is_zero() => None,
+                d => Some(d),
+            };
+        w.bounds.retain_finished = match a.retain_finished.unwrap_or(1000) {
             0 => None,
             n => Some(n),
         };
-        let heartbeat_interval = {
-            let secs = self.heartbeat_interval.or(file.heartbeat_interval).unwrap_or(10.0);
+        w.heartbeat_interval = {
+            let secs = a.heartbeat_interval.unwrap_or(10.0);
             if !(secs > 0.0 && secs < 86_400.0) {
                 bail!("heartbeat_interval must be between 0 and 86400 seconds, not {secs}");
             }
             std::time::Duration::from_secs_f64(secs)
         };
-        let lease = {
-            let secs = self.lease.or(file.lease).unwrap_or(DEFAULT_LEASE);
+        w.lease = {
+            let secs = a.lease.unwrap_or(DEFAULT_LEASE);
             if !(0.0..86_400.0).contains(&secs) {
                 bail!("lease must be between 0 and 86400 seconds, not {secs}");
             }
             let lease = std::time::Duration::from_secs_f64(secs);
             // A lease must outlive a lost heartbeat or two, or a worker would kill its tasks
             // while the controller still counts it alive.
-            if secs > 0.0 && lease < heartbeat_interval * 2 {
+            if secs > 0.0 && lease < w.heartbeat_interval * 2 {
                 bail!(
                     "lease ({secs} s) must be at least twice heartbeat_interval ({} s)",
-                    heartbeat_interval.as_secs_f64()
+                    w.heartbeat_interval.as_secs_f64()
                 );
             }
-            (secs > 0.0 && controller.is_some()).then_some(lease)
+            (secs > 0.0 && w.controller.is_some()).then_some(lease)
         };
+        w.buildkit = a.buildkit.filter(|b| !b.is_empty());
         #[cfg(feature = "buildkit")]
-        if let Some(addr) = &buildkit {
+        if let Some(addr) = &w.buildkit {
             crate::buildkit::connect::Address::parse(addr).context("buildkit")?;
         }
-        let cache = cache_settings(&CacheFlags {
-            size: self.cache_size.or(file.cache_size),
-            limits: if self.cache_limits.is_empty() {
-                file.cache_limits.unwrap_or_default()
-            } else {
-                self.cache_limits
-            },
-            image_cache_size: self.image_cache_size.or(file.image_cache_size),
-            min_free_disk: self.min_free_disk.or(file.min_free_disk),
-            soft_free_disk: self.soft_free_disk.or(file.soft_free_disk),
-            target_free_disk: self.target_free_disk.or(file.target_free_disk),
-            min_free_inodes: self.min_free_inodes.or(file.min_free_inodes),
+        w.cache = cache_settings(&CacheFlags {
+            size: a.cache_size,
+            limits: a.cache_limits,
+            image_cache_size: a.image_cache_size,
+            min_free_disk: a.min_free_disk,
+            soft_free_disk: a.soft_free_disk,
+            target_free_disk: a.target_free_disk,
+            min_free_inodes: a.min_free_inodes,
         })?;
-        Ok(ServeConfig {
-            listen,
-            state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-            rootfs: self.rootfs.or(file.rootfs).unwrap_or_else(|| cache_dir.join("rootfs/busybox")),
-            python_rootfs: self.python_rootfs.or(file.python_rootfs).unwrap_or_else(|| cache_dir.join("rootfs/python")),
-            uv_find_links: uv_find_links.clone(),
-            uv_offline: self.uv_offline.or(file.uv_offline).unwrap_or(false),
-            ca_bundle: match self.ca_bundle.or(file.ca_bundle) {
+        w.rootfs = a.rootfs.unwrap_or_else(|| cache_dir.join("rootfs/busybox"));
+        w.python = crate::task::PythonConfig {
+            rootfs: a.python_rootfs.unwrap_or_else(|| cache_dir.join("rootfs/python")),
+            offline: a.uv_offline.unwrap_or(false),
+            ca_bundle: match a.ca_bundle {
                 Some(v) if v == "none" || v.is_empty() => None,
                 Some(v) => {
                     let path = PathBuf::from(v);
@@ -514,119 +460,80 @@ impl ServeArgs {
                 }
                 None => Some(PathBuf::from(HOST_CA_BUNDLE)).filter(|p| p.is_file()),
             },
-            build_env: build_env(
-                if self.build_env.is_empty() { file.build_env.unwrap_or_default() } else { self.build_env },
-                |name| std::env::var(name).ok(),
-                uv_find_links.is_some(),
-            )?,
-            workdir_retention: match self.workdir_retention.or(file.workdir_retention).unwrap_or(86_400) {
-                0 => None,
-                s => Some(std::time::Duration::from_secs(s)),
-            },
-            build_memory_bytes: parse_size(&self.build_memory.or(file.build_memory).unwrap_or_else(|| "4G".into()))
-                .context("build_memory")?,
-            cache_dir: cache_dir.clone(),
-            runtime: self.runtime.or(file.runtime).unwrap_or_default(),
-            profile: self.profile.or(file.profile).unwrap_or_default(),
-            max_concurrent_tasks: max,
-            port_range: {
-                let (first, last) = parse_port_range(&port_range)?;
-                if (first..=last).contains(&listen.port()) {
-                    bail!(
-                        "port_range {first}-{last} contains the listen port {}: a task could be handed the worker's \
-                         own port",
-                        listen.port()
-                    );
+            build_env: build_env(a.build_env, |name| std::env::var(name).ok(), a.uv_find_links.is_some())?,
+            find_links: a.uv_find_links,
+            build_memory_bytes: parse_size(&a.build_memory.unwrap_or_else(|| "4G".into())).context("build_memory")?,
+        };
+        w.workdir_retention = match a.workdir_retention.unwrap_or(86_400) {
+            0 => None,
+            s => Some(std::time::Duration::from_secs(s)),
+        };
+        w.runtime = a.runtime.unwrap_or_default();
+        w.profile = a.profile.unwrap_or_default();
+        w.port_range = {
+            let (first, last) = parse_port_range(&a.port_range.unwrap_or_else(|| DEFAULT_PORT_RANGE.into()))?;
+            if (first..=last).contains(&w.listen.port()) {
+                bail!(
+                    "port_range {first}-{last} contains the listen port {}: a task could be handed the worker's own \
+                     port",
+                    w.listen.port()
+                );
+            }
+            (first, last)
+        };
+        w.port_lock_dir = a.port_lock_dir.unwrap_or_else(|| crate::task::DEFAULT_PORT_LOCKS.into());
+        w.iris_wire = a.iris_wire.unwrap_or_default();
+        if let Some(id) = a.worker_id {
+            w.worker_id = id;
+        }
+        w.bind_host = a.bind_host.unwrap_or_else(|| "127.0.0.1".into());
+        w.attributes = a
+            .attributes
+            .iter()
+            .map(|attribute| {
+                let (k, v) = attribute
+                    .split_once('=')
+                    .filter(|(k, _)| !k.is_empty())
+                    .with_context(|| format!("attribute {attribute:?} is not KEY=VALUE"))?;
+                if k == crate::heartbeat::DISK_PRESSURE_ATTRIBUTE {
+                    bail!("attribute {k:?} is the worker's own (it reports disk pressure)");
                 }
-                (first, last)
-            },
-            port_lock_dir: self
-                .port_lock_dir
-                .or(file.port_lock_dir)
-                .unwrap_or_else(|| crate::task::DEFAULT_PORT_LOCKS.into()),
-            controller,
-            iris_wire: self.iris_wire.or(file.iris_wire).unwrap_or_default(),
-            worker_id: match self.worker_id.or(file.worker_id) {
-                Some(id) => id,
-                None => nix::unistd::gethostname()
-                    .ok()
-                    .and_then(|h| h.into_string().ok())
-                    .unwrap_or_else(|| "iris-worker".into()),
-            },
-            advertise_host,
-            bind_host: self.bind_host.or(file.bind_host).unwrap_or_else(|| "127.0.0.1".into()),
-            log_json: log_format == "json",
-            heartbeat_interval,
-            lease,
-            attributes: {
-                let list =
-                    if self.attributes.is_empty() { file.attributes.unwrap_or_default() } else { self.attributes };
-                list.iter()
-                    .map(|a| {
-                        let (k, v) = a
-                            .split_once('=')
-                            .filter(|(k, _)| !k.is_empty())
-                            .with_context(|| format!("attribute {a:?} is not KEY=VALUE"))?;
-                        if k == crate::heartbeat::DISK_PRESSURE_ATTRIBUTE {
-                            bail!("attribute {k:?} is the worker's own (it reports disk pressure)");
-                        }
-                        Ok((k.to_string(), v.to_string()))
-                    })
-                    .collect::<anyhow::Result<_>>()?
-            },
-            buildkit,
-            default_pids_limit,
-            max_log_bytes,
-            retain_finished,
-            retain_for,
-            images: crate::env::image::ImageStoreConfig {
-                dir: self.image_dir.or(file.image_dir).unwrap_or_else(|| cache_dir.join("images")),
-                insecure_registries: if self.insecure_registries.is_empty() {
-                    file.insecure_registries.unwrap_or_default()
-                } else {
-                    self.insecure_registries
-                },
-                auth_file: self.registry_auth.or(file.registry_auth),
-                containerd: self.containerd_socket.or(file.containerd_socket).map(|socket| {
-                    crate::env::image::ContainerdConfig {
-                        socket,
-                        namespace: self
-                            .containerd_namespace
-                            .or(file.containerd_namespace)
-                            .unwrap_or_else(|| "default".into()),
-                    }
-                }),
-                // The cache budget evicts layers with the other caches (--image-cache-size is
-                // one of its limits).
-                max_bytes: u64::MAX,
-                devices: self.profile.or(file.profile).unwrap_or_default() == Profile::Privileged,
-                pull: self.pull.or(file.pull).unwrap_or_default(),
-            },
-            task_isolation: self.task_isolation.or(file.task_isolation).unwrap_or(true),
-            isolate_remote_workers: self.isolate_remote_workers.or(file.isolate_remote_workers).unwrap_or(true),
-            isolation_check_interval: {
-                let secs = self.isolation_check_interval.or(file.isolation_check_interval).unwrap_or(60.0);
-                if !(0.1..=86_400.0).contains(&secs) {
-                    bail!("isolation_check_interval must be between 0.1 and 86400 seconds, not {secs}");
-                }
-                std::time::Duration::from_secs_f64(secs)
-            },
-            isolate_controller: self.isolate_controller.or(file.isolate_controller).unwrap_or(false),
-            security,
-            bundle_sources: crate::bundle::SourcePolicy {
-                allowed_dirs: if self.allow_bundle_paths.is_empty() {
-                    file.allow_bundle_paths.unwrap_or_default()
-                } else {
-                    self.allow_bundle_paths
-                },
-                allow_private_hosts: self
-                    .allow_private_bundle_hosts
-                    .or(file.allow_private_bundle_hosts)
-                    .unwrap_or(false),
-                controller: bundle_controller,
-            },
-            cache,
-        })
+                Ok((k.to_string(), v.to_string()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        w.images = crate::env::image::ImageStoreConfig {
+            dir: a.image_dir.unwrap_or_else(|| cache_dir.join("images")),
+            insecure_registries: a.insecure_registries,
+            auth_file: a.registry_auth,
+            containerd: a.containerd_socket.map(|socket| crate::env::image::ContainerdConfig {
+                socket,
+                namespace: a.containerd_namespace.unwrap_or_else(|| "default".into()),
+            }),
+            // The cache budget evicts layers with the other caches (--image-cache-size is one
+            // of its limits).
+            max_bytes: u64::MAX,
+            devices: w.profile == Profile::Privileged,
+            pull: a.pull.unwrap_or_default(),
+        };
+        w.task_isolation = a.task_isolation.unwrap_or(true);
+        w.isolate_remote_workers = a.isolate_remote_workers.unwrap_or(true);
+        w.isolation_check_interval = {
+            let secs = a.isolation_check_interval.unwrap_or(60.0);
+            if !(0.1..=86_400.0).contains(&secs) {
+                bail!("isolation_check_interval must be between 0.1 and 86400 seconds, not {secs}");
+            }
+            std::time::Duration::from_secs_f64(secs)
+        };
+        w.isolate_controller = a.isolate_controller.unwrap_or(false);
+        w.bundle_sources = crate::bundle::SourcePolicy {
+            allowed_dirs: a.allow_bundle_paths,
+            allow_private_hosts: a.allow_private_bundle_hosts.unwrap_or(false),
+            controller: bundle_controller,
+        };
+        w.serve = security.serve;
+        w.client = security.client;
+        w.cache_dir = cache_dir;
+        Ok(ServeConfig { worker: w, log_json: log_format == "json", exposed_warning: security.exposed_warning })
     }
 }
 
@@ -827,10 +734,10 @@ mod tests {
             .unwrap();
         let args = ServeArgs { config: Some(file), max_concurrent_tasks: Some(7), ..Default::default() };
         let c = args.resolve().unwrap();
-        assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
-        assert_eq!(c.max_concurrent_tasks, 7);
-        assert_eq!(c.port_range, (100, 200));
-        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.worker.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.worker.max_concurrent_tasks, 7);
+        assert_eq!(c.worker.port_range, (100, 200));
+        assert_eq!(c.worker.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
     }
 
     #[test]
@@ -848,7 +755,7 @@ mod tests {
             assert!(err.starts_with("--build-env "), "{bad}: {err}");
         }
         let none = ServeArgs { ca_bundle: Some("none".into()), ..Default::default() }.resolve().unwrap();
-        assert_eq!(none.ca_bundle, None);
+        assert_eq!(none.worker.python.ca_bundle, None);
         let missing = ServeArgs { ca_bundle: Some("/nonexistent/ca.pem".into()), ..Default::default() }.resolve();
         assert!(missing.unwrap_err().to_string().contains("ca_bundle"));
     }
@@ -866,7 +773,10 @@ mod tests {
     #[test]
     fn a_build_env_value_is_taken_whole_commas_and_all() {
         let args = parse(&["--build-env", "NO_PROXY=localhost,10.0.0.0/8,.corp", "--build-env", "UV_HTTP_TIMEOUT=60"]);
-        assert_eq!(args.resolve().unwrap().build_env, ["NO_PROXY=localhost,10.0.0.0/8,.corp", "UV_HTTP_TIMEOUT=60"]);
+        assert_eq!(
+            args.resolve().unwrap().worker.python.build_env,
+            ["NO_PROXY=localhost,10.0.0.0/8,.corp", "UV_HTTP_TIMEOUT=60"]
+        );
     }
 
     #[test]
@@ -905,16 +815,16 @@ mod tests {
             advertise_host: Some("w1.example".into()),
             ..Default::default()
         };
-        assert_eq!(flag.resolve().unwrap().advertise_host, "w1.example");
+        assert_eq!(flag.resolve().unwrap().worker.advertise_host, "w1.example");
     }
 
     #[test]
     fn resource_bounds_have_their_defaults_and_0_turns_them_off() {
         let c = ServeArgs::default().resolve().unwrap();
-        assert_eq!(c.default_pids_limit, Some(4096));
-        assert_eq!(c.max_log_bytes, Some(1 << 30));
-        assert_eq!(c.retain_finished, Some(1000));
-        assert_eq!(c.retain_for, Some(std::time::Duration::from_secs(7 * 86_400)));
+        assert_eq!(c.worker.bounds.default_pids_limit, Some(4096));
+        assert_eq!(c.worker.bounds.max_log_bytes, Some(1 << 30));
+        assert_eq!(c.worker.bounds.retain_finished, Some(1000));
+        assert_eq!(c.worker.bounds.retain_for, Some(std::time::Duration::from_secs(7 * 86_400)));
         let off = ServeArgs {
             default_pids_limit: Some(0),
             max_log_bytes: Some("0".into()),
@@ -923,7 +833,15 @@ mod tests {
             ..Default::default()
         };
         let c = off.resolve().unwrap();
-        assert_eq!((c.default_pids_limit, c.max_log_bytes, c.retain_finished, c.retain_for), (None, None, None, None));
+        assert_eq!(
+            (
+                c.worker.bounds.default_pids_limit,
+                c.worker.bounds.max_log_bytes,
+                c.worker.bounds.retain_finished,
+                c.worker.bounds.retain_for
+            ),
+            (None, None, None, None)
+        );
         assert_eq!(parse_duration("90").unwrap().as_secs(), 90);
         assert_eq!(parse_duration("30m").unwrap().as_secs(), 1800);
         assert_eq!(parse_duration("12h").unwrap().as_secs(), 43_200);
@@ -937,8 +855,8 @@ mod tests {
     fn cache_flags_become_the_budget_and_the_thresholds() {
         use crate::cache::{Amount, Kind};
         let c = ServeArgs::default().resolve().unwrap();
-        assert_eq!(c.cache, crate::cache::CacheSettings::default());
-        assert_eq!(c.images.pull, crate::env::image::PullPolicy::Missing);
+        assert_eq!(c.worker.cache, crate::cache::CacheSettings::default());
+        assert_eq!(c.worker.images.pull, crate::env::image::PullPolicy::Missing);
         let c = ServeArgs {
             cache_size: Some("50G".into()),
             cache_limits: vec!["venvs=10G".into(), "uv=5%".into()],
@@ -951,17 +869,17 @@ mod tests {
         }
         .resolve()
         .unwrap();
-        assert_eq!(c.cache.size, Amount::Bytes(50 << 30));
+        assert_eq!(c.worker.cache.size, Amount::Bytes(50 << 30));
         assert_eq!(
-            c.cache.limits,
+            c.worker.cache.limits,
             vec![
                 (vec![Kind::Images, Kind::Built], Amount::Bytes(20 << 30)),
                 (vec![Kind::Venvs], Amount::Bytes(10 << 30)),
                 (vec![Kind::Uv], Amount::Percent(5.0)),
             ]
         );
-        assert_eq!(c.cache.thresholds.min_free, Amount::Bytes(1 << 30));
-        assert_eq!(c.images.pull, crate::env::image::PullPolicy::Always);
+        assert_eq!(c.worker.cache.thresholds.min_free, Amount::Bytes(1 << 30));
+        assert_eq!(c.worker.images.pull, crate::env::image::PullPolicy::Always);
         let refused = |args: ServeArgs, name: &str| {
             let e = format!("{:#}", args.resolve().unwrap_err());
             assert!(e.contains(name), "{e}");
@@ -979,8 +897,8 @@ mod tests {
         assert!(err.to_string().contains("contains the listen port 30005"), "{err}");
         assert!(parse(&["--listen", "127.0.0.1:30011", "--port-range", "30000-30010"]).resolve().is_ok());
         let c = ServeArgs::default().resolve().unwrap();
-        assert_eq!(c.listen.to_string(), "[::]:8080");
-        assert!(c.task_isolation && c.isolate_remote_workers);
+        assert_eq!(c.worker.listen.to_string(), "[::]:8080");
+        assert!(c.worker.task_isolation && c.worker.isolate_remote_workers);
     }
 
     #[test]
@@ -1002,14 +920,14 @@ mod tests {
             heartbeat_interval: heartbeat,
             ..Default::default()
         };
-        assert_eq!(with(None, None, None).resolve().unwrap().lease, None);
+        assert_eq!(with(None, None, None).resolve().unwrap().worker.lease, None);
         let c = with(Some("http://c:10000"), None, None).resolve().unwrap();
-        assert_eq!(c.lease, Some(std::time::Duration::from_secs(30)));
-        assert_eq!(with(Some("http://c:10000"), Some(0.0), None).resolve().unwrap().lease, None);
+        assert_eq!(c.worker.lease, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(with(Some("http://c:10000"), Some(0.0), None).resolve().unwrap().worker.lease, None);
         let err = with(Some("http://c:10000"), Some(15.0), None).resolve().unwrap_err();
         assert!(err.to_string().contains("twice heartbeat_interval"), "{err}");
         assert!(with(Some("http://c:10000"), Some(-1.0), None).resolve().is_err());
         let c = with(Some("http://c:10000"), Some(1.5), Some(0.3)).resolve().unwrap();
-        assert_eq!(c.lease, Some(std::time::Duration::from_millis(1500)));
+        assert_eq!(c.worker.lease, Some(std::time::Duration::from_millis(1500)));
     }
 }

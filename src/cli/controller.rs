@@ -21,10 +21,12 @@ pub enum ControllerVerb {
 
 /// Settings of `controller serve`. Every flag also reads IRIS_CONTROLLER_<NAME> and the TOML
 /// file's `<name>` key.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ControllerArgs {
     /// TOML file with any of the settings below (keys in snake_case).
     #[arg(long, env = "IRIS_CONTROLLER_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Address for gRPC, Connect and the pages [default: 0.0.0.0:10000].
     #[arg(long, env = "IRIS_CONTROLLER_LISTEN")]
@@ -78,26 +80,8 @@ pub struct ControllerArgs {
     /// Test seam only: hold every RegisterWorker answer back this many ms (see
     /// `ControllerConfig::register_reply_delay`).
     #[arg(long, hide = true)]
+    #[serde(skip)]
     pub test_register_reply_delay_ms: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    state_dir: Option<PathBuf>,
-    worker_timeout: Option<f64>,
-    max_parallel_dispatch: Option<usize>,
-    log_format: Option<String>,
-    advertise_url: Option<String>,
-    auth_token_file: Option<PathBuf>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    tls_client_ca: Option<PathBuf>,
-    tls_ca: Option<PathBuf>,
-    allowed_hosts: Option<Vec<String>>,
-    max_connections: Option<usize>,
-    read_timeout: Option<f64>,
 }
 
 /// Settings after merging.
@@ -111,35 +95,58 @@ pub struct ControllerSettings {
 }
 
 impl ControllerArgs {
+    /// These settings (flags and environment) over the TOML file's: what is given here wins.
+    fn over(self, file: ControllerArgs) -> ControllerArgs {
+        ControllerArgs {
+            config: self.config,
+            listen: self.listen.or(file.listen),
+            state_dir: self.state_dir.or(file.state_dir),
+            worker_timeout: self.worker_timeout.or(file.worker_timeout),
+            max_parallel_dispatch: self.max_parallel_dispatch.or(file.max_parallel_dispatch),
+            log_format: self.log_format.or(file.log_format),
+            advertise_url: self.advertise_url.or(file.advertise_url),
+            auth_token_file: self.auth_token_file.or(file.auth_token_file),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
+            tls_ca: self.tls_ca.or(file.tls_ca),
+            allowed_hosts: if self.allowed_hosts.is_empty() { file.allowed_hosts } else { self.allowed_hosts },
+            max_connections: self.max_connections.or(file.max_connections),
+            read_timeout: self.read_timeout.or(file.read_timeout),
+            test_register_reply_delay_ms: self.test_register_reply_delay_ms,
+        }
+    }
+
+    /// Merges flags/env with the TOML file and the defaults.
     pub fn resolve(self) -> anyhow::Result<ControllerSettings> {
-        let file: FileConfig = match &self.config {
+        let file: ControllerArgs = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
                 toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
             }
-            None => FileConfig::default(),
+            None => ControllerArgs::default(),
         };
-        let listen = match self.listen.or(file.listen) {
+        let a = self.over(file);
+        let listen = match a.listen {
             Some(l) => l,
             None => DEFAULT_LISTEN.parse().context("the default listen address")?,
         };
-        let timeout = self.worker_timeout.or(file.worker_timeout).unwrap_or(60.0);
+        let timeout = a.worker_timeout.unwrap_or(60.0);
         if !(timeout > 0.0 && timeout < 86_400.0) {
             bail!("worker_timeout must be between 0 and 86400 seconds, not {timeout}");
         }
-        let parallel = self.max_parallel_dispatch.or(file.max_parallel_dispatch).unwrap_or(64);
+        let parallel = a.max_parallel_dispatch.unwrap_or(64);
         if parallel == 0 {
             bail!("max_parallel_dispatch must be at least 1");
         }
-        let log_format = self.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
+        let log_format = a.log_format.unwrap_or_else(|| "text".into());
         if log_format != "text" && log_format != "json" {
             bail!("log_format must be text or json, not {log_format:?}");
         }
-        let mut controller =
-            ControllerConfig::new(self.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()));
+        let mut controller = ControllerConfig::new(a.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()));
         controller.worker_timeout = Duration::from_secs_f64(timeout);
         controller.max_parallel_dispatch = parallel;
-        controller.advertise_url = self.advertise_url.or(file.advertise_url).unwrap_or_default();
+        controller.advertise_url = a.advertise_url.unwrap_or_default();
         let mut advertised = String::new();
         if !controller.advertise_url.is_empty() {
             let u = url::Url::parse(&controller.advertise_url).context("advertise_url")?;
@@ -148,20 +155,16 @@ impl ControllerArgs {
             }
             advertised = u.host_str().unwrap_or_default().to_string();
         }
-        controller.register_reply_delay = Duration::from_millis(self.test_register_reply_delay_ms.unwrap_or(0));
+        controller.register_reply_delay = Duration::from_millis(a.test_register_reply_delay_ms.unwrap_or(0));
         let security = super::security::ServerSecuritySettings {
-            auth_token_file: self.auth_token_file.or(file.auth_token_file),
-            tls_cert: self.tls_cert.or(file.tls_cert),
-            tls_key: self.tls_key.or(file.tls_key),
-            tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
-            tls_ca: self.tls_ca.or(file.tls_ca),
-            allowed_hosts: if self.allowed_hosts.is_empty() {
-                file.allowed_hosts.unwrap_or_default()
-            } else {
-                self.allowed_hosts
-            },
-            max_connections: self.max_connections.or(file.max_connections),
-            read_timeout: self.read_timeout.or(file.read_timeout),
+            auth_token_file: a.auth_token_file,
+            tls_cert: a.tls_cert,
+            tls_key: a.tls_key,
+            tls_client_ca: a.tls_client_ca,
+            tls_ca: a.tls_ca,
+            allowed_hosts: a.allowed_hosts,
+            max_connections: a.max_connections,
+            read_timeout: a.read_timeout,
         }
         .resolve(listen, &[&advertised])?;
         controller.workers = security.client.clone();

@@ -22,15 +22,15 @@ echo done"#;
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
     super::init_logging(config.log_json);
-    if !config.rootfs.join("bin/sh").exists() {
+    if !config.worker.rootfs.join("bin/sh").exists() {
         bail!(
             "the demo's root filesystem {} is missing: run scripts/setup (or scripts/fixtures busybox)",
-            config.rootfs.display()
+            config.worker.rootfs.display()
         );
     }
     let started = serve::start(&config).await?;
     let addr = format!("127.0.0.1:{}", started.addr.port());
-    let mut client = connect_with(&addr, &config.security.client).await?;
+    let mut client = connect_with(&addr, &config.worker.client).await?;
     let task_id = format!("demo-{}/task-0", crate::supervisor::files::now_ms());
     let req = worker::RunTaskRequest {
         job_id: task_id.split('/').next().unwrap_or("demo").to_string(),
@@ -75,7 +75,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     // The token is shown here, on the operator's terminal, so the dashboard can be opened;
     // it is never logged.
-    let security = &config.security.serve;
+    let security = &config.worker.serve;
     let scheme = if security.listen.tls.is_some() { "https" } else { "http" };
     let token = security
         .gate

@@ -75,12 +75,8 @@ pub struct LaunchArgs {
     /// Number of tasks.
     #[arg(long, default_value_t = 1)]
     pub replicas: i32,
-    /// CPU per task in millicores (1000 = one core).
-    #[arg(long)]
-    pub cpu_millicores: Option<i32>,
-    /// Memory per task in bytes, or with a K/M/G suffix.
-    #[arg(long)]
-    pub memory: Option<String>,
+    #[command(flatten)]
+    pub shape: super::shape::TaskShape,
     /// OCI image reference of the tasks' root filesystem [default: the worker's rootfs].
     #[arg(long)]
     pub image: Option<String>,
@@ -103,15 +99,6 @@ pub struct LaunchArgs {
     /// Seconds a task may wait for a worker before the job is UNSCHEDULABLE (0 = forever).
     #[arg(long, default_value_t = 0)]
     pub scheduling_timeout: i32,
-    /// Kill a task after this many seconds.
-    #[arg(long)]
-    pub timeout: Option<i32>,
-    /// A named host port per task (IRIS_PORT_<NAME>); repeatable.
-    #[arg(long = "port")]
-    pub ports: Vec<String>,
-    /// KEY=VALUE in the tasks' environment; repeatable.
-    #[arg(long = "env")]
-    pub env: Vec<String>,
     /// Parent job (terminated with it).
     #[arg(long)]
     pub parent: Option<String>,
@@ -202,30 +189,18 @@ pub fn parse_constraint(s: &str) -> anyhow::Result<Constraint> {
 }
 
 fn launch_request(a: &LaunchArgs) -> anyhow::Result<pc::LaunchJobRequest> {
-    let memory_bytes = match &a.memory {
-        Some(m) => i64::try_from(super::config::parse_size(m).context("--memory")?).context("--memory is too large")?,
-        None => 0,
-    };
-    let env_vars = a
-        .env
-        .iter()
-        .map(|e| {
-            e.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .with_context(|| format!("--env {e:?} is not KEY=VALUE"))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let env_vars = a.shape.env_vars()?;
     Ok(pc::LaunchJobRequest {
         name: a.name.clone().unwrap_or_default(),
         resources: Some(ResourceSpecProto {
             replicas: a.replicas,
-            cpu_millicores: a.cpu_millicores.unwrap_or(0),
-            memory_bytes,
+            cpu_millicores: a.shape.cpu_millicores.unwrap_or(0),
+            memory_bytes: a.shape.memory_bytes()?,
             ..Default::default()
         }),
         environment: Some(EnvironmentConfig { env_vars, ..Default::default() }),
         scheduling_timeout_seconds: a.scheduling_timeout,
-        ports: a.ports.clone(),
+        ports: a.shape.ports.clone(),
         parent_job_id: a.parent.clone().unwrap_or_default(),
         max_task_failures: a.max_task_failures,
         max_retries_failure: a.max_retries,
@@ -234,7 +209,7 @@ fn launch_request(a: &LaunchArgs) -> anyhow::Result<pc::LaunchJobRequest> {
         coscheduling: a.coschedule_by.clone().map(|group_by| CoschedulingConfig { group_by }),
         command: Some(CommandEntrypoint { argv: a.argv.clone(), setup_commands: vec![] }),
         image: a.image.clone().unwrap_or_default(),
-        timeout_seconds: a.timeout.unwrap_or(0),
+        timeout_seconds: a.shape.timeout.unwrap_or(0),
         ..Default::default()
     })
 }

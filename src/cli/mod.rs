@@ -10,6 +10,7 @@ mod demo;
 mod jobs;
 mod security;
 mod serve;
+mod shape;
 mod task;
 
 use std::os::unix::fs::OpenOptionsExt;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use super::client::{WorkerClient, connect_with};
+use super::shape::parse_bytes;
 use crate::proto::{CommandEntrypoint, EnvironmentConfig, ResourceSpecProto, TaskStatus, worker};
 use crate::rpc::connect::Codec;
 use crate::rpc::state_from_proto;
@@ -67,27 +68,14 @@ pub struct RunArgs {
     pub index: i32,
     #[arg(long, default_value_t = 0)]
     pub attempt: i32,
-    /// Memory limit in bytes, or with a K/M/G suffix.
-    #[arg(long)]
-    pub memory: Option<String>,
-    /// CPU limit in millicores (1000 = one core).
-    #[arg(long)]
-    pub cpu_millicores: Option<i32>,
+    #[command(flatten)]
+    pub shape: super::shape::TaskShape,
     /// Most processes the task may have.
     #[arg(long)]
     pub pids: Option<i64>,
     /// Most disk the workdir and /tmp may hold together, in bytes or with a K/M/G suffix.
     #[arg(long)]
     pub disk: Option<String>,
-    /// Kill the task after this many seconds.
-    #[arg(long)]
-    pub timeout: Option<i32>,
-    /// A named host port to allocate (IRIS_PORT_<NAME>); repeatable.
-    #[arg(long = "port")]
-    pub ports: Vec<String>,
-    /// KEY=VALUE in the task's environment; repeatable.
-    #[arg(long = "env")]
-    pub env: Vec<String>,
     /// DEST=LOCAL_FILE: copy a local file to the task's workdir; repeatable.
     #[arg(long = "file")]
     pub files: Vec<String>,
@@ -189,19 +177,10 @@ fn state_name(s: i32) -> &'static str {
     state_from_proto(s).map(|s| s.name()).unwrap_or("UNKNOWN")
 }
 
-/// Parses `64M`, `1G`, `512K` or plain bytes, as the wire's int64.
-pub fn parse_bytes(s: &str) -> anyhow::Result<i64> {
-    i64::try_from(super::config::parse_size(s)?).with_context(|| format!("{s:?} is too large"))
-}
-
 async fn run_task(a: RunArgs) -> anyhow::Result<()> {
     let job = a.job.clone().unwrap_or_else(|| format!("cli-{}", crate::supervisor::files::now_ms()));
     let task_id = a.id.clone().unwrap_or_else(|| format!("{job}/task-{}", a.index));
-    let mut env_vars = HashMap::new();
-    for kv in &a.env {
-        let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?} is not KEY=VALUE"))?;
-        env_vars.insert(k.to_string(), v.to_string());
-    }
+    let env_vars = a.shape.env_vars()?;
     let mut workdir_files = HashMap::new();
     for f in &a.files {
         let (dest, src) = f.split_once('=').with_context(|| format!("--file {f:?} is not DEST=LOCAL_FILE"))?;
@@ -216,14 +195,14 @@ async fn run_task(a: RunArgs) -> anyhow::Result<()> {
         attempt_id: a.attempt,
         environment: Some(EnvironmentConfig { env_vars, ..Default::default() }),
         resources: Some(ResourceSpecProto {
-            memory_bytes: a.memory.as_deref().map(parse_bytes).transpose()?.unwrap_or(0),
-            cpu_millicores: a.cpu_millicores.unwrap_or(0),
+            memory_bytes: a.shape.memory_bytes()?,
+            cpu_millicores: a.shape.cpu_millicores.unwrap_or(0),
             pids_limit: a.pids.unwrap_or(0),
             disk_bytes: a.disk.as_deref().map(parse_bytes).transpose()?.unwrap_or(0),
             ..Default::default()
         }),
-        timeout_seconds: a.timeout.unwrap_or(0),
-        ports: a.ports.clone(),
+        timeout_seconds: a.shape.timeout.unwrap_or(0),
+        ports: a.shape.ports.clone(),
         command: Some(CommandEntrypoint { argv: a.argv.clone(), setup_commands: vec![] }),
         image: a.image.clone().unwrap_or_default(),
         workdir_files,
@@ -373,15 +352,4 @@ pub fn describe(s: &TaskStatus) -> String {
         out.push_str(&format!("duration   {} ms\n", s.finished_at_ms - s.started_at_ms));
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes_parse_with_suffixes() {
-        assert_eq!(super::parse_bytes("64M").unwrap(), 64 << 20);
-        assert_eq!(super::parse_bytes("1g").unwrap(), 1 << 30);
-        assert_eq!(super::parse_bytes("4096").unwrap(), 4096);
-        assert!(super::parse_bytes("lots").is_err());
-    }
 }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::figures::{WireBuild, WireUsage};
 use crate::logs::{LogFilter, LogLine, Source};
 use crate::proto::{self, worker};
 use crate::task::{Command, TaskError, TaskSpec, TaskState, TaskView};
@@ -105,7 +106,7 @@ pub fn decode_run_task(raw: &[u8]) -> Result<TaskSpec, TaskError> {
 }
 
 pub fn task_status(v: TaskView) -> proto::TaskStatus {
-    const MB: u64 = 1 << 20;
+    let build = WireBuild::of(&v);
     proto::TaskStatus {
         task_id: v.task_id,
         job_id: v.job_id,
@@ -118,22 +119,19 @@ pub fn task_status(v: TaskView) -> proto::TaskStatus {
         started_at_ms: v.started_at_ms,
         finished_at_ms: v.finished_at_ms,
         ports: v.ports.into_iter().map(|(k, p)| (k, i32::from(p))).collect(),
-        resource_usage: v.usage.map(|u| proto::ResourceUsage {
-            memory_mb: (u.memory_bytes / MB) as i64,
-            disk_mb: (u.disk_bytes / MB) as i64,
-            cpu_millicores: (u.cpu_percent * 10.0).round() as i32,
-            memory_peak_mb: (u.memory_peak_bytes / MB) as i64,
-            cpu_percent: u.cpu_percent.round() as i32,
-            process_count: u.processes as i32,
+        resource_usage: v.usage.as_ref().map(WireUsage::from).map(|u| proto::ResourceUsage {
+            memory_mb: u.memory_mb,
+            disk_mb: u.disk_mb,
+            cpu_millicores: u.cpu_millicores,
+            memory_peak_mb: u.memory_peak_mb,
+            cpu_percent: u.cpu_percent,
+            process_count: u.process_count,
         }),
-        build_metrics: (v.build_started_ms > 0).then(|| {
-            let (from_cache, image_tag) = v.build.clone().unwrap_or_default();
-            proto::BuildMetrics {
-                build_started_ms: v.build_started_ms,
-                build_finished_ms: v.build_finished_ms,
-                from_cache,
-                image_tag,
-            }
+        build_metrics: build.map(|b| proto::BuildMetrics {
+            build_started_ms: b.started_ms,
+            build_finished_ms: b.finished_ms,
+            from_cache: b.from_cache,
+            image_tag: b.image_tag,
         }),
         current_attempt_id: v.current_attempt_id,
         attempts: v

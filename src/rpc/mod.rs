@@ -8,6 +8,7 @@
 
 mod connect_routes;
 mod convert;
+mod figures;
 pub mod newest;
 mod service;
 mod status;

@@ -11,6 +11,8 @@ use super::{Web, escape};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const TASK_HTML: &str = include_str!("assets/task.html");
+/// The bar at the top of both pages.
+const HEADER_HTML: &str = include_str!("assets/header.html");
 
 /// (name, content type, content) of each asset under `/assets/`.
 const ASSETS: [(&str, &str, &str); 5] = [
@@ -35,6 +37,7 @@ fn html(status: StatusCode, body: String) -> Response {
 
 fn fill(template: &str, worker_id: &str, task_id: &str) -> String {
     template
+        .replace("{{header}}\n", HEADER_HTML)
         .replace("{{version}}", env!("CARGO_PKG_VERSION"))
         .replace("{{worker_id}}", &escape(worker_id))
         .replace("{{task_id}}", &escape(task_id))

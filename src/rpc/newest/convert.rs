@@ -7,6 +7,7 @@ use prost::Message;
 
 use crate::proto::newest::iris::job::{self, RunTaskRequest};
 use crate::proto::newest::iris::time::Timestamp;
+use crate::rpc::figures::{WireBuild, WireUsage};
 use crate::task::{Command, TaskError, TaskSpec, TaskView};
 
 fn invalid(field: &str, reason: impl Into<String>) -> TaskError {
@@ -154,7 +155,17 @@ fn ts(ms: i64) -> Option<Timestamp> {
 /// A task as the newest TaskStatus (what Iris's worker fills: not worker_id, not
 /// status_message).
 pub fn task_status(v: TaskView) -> job::TaskStatus {
-    const MB: u64 = 1 << 20;
+    let build = WireBuild::of(&v);
+    let attempts = v.attempts.into_iter().map(|a| job::TaskAttempt {
+        attempt_id: a.attempt_id,
+        state: super::reconcile::wire_state(a.state) as i32,
+        exit_code: a.exit_code,
+        error: a.error,
+        started_at: ts(a.started_at_ms),
+        finished_at: ts(a.finished_at_ms),
+        is_worker_failure: a.is_worker_failure,
+        ..Default::default()
+    });
     job::TaskStatus {
         task_id: v.task_id,
         state: super::reconcile::wire_state(v.state) as i32,
@@ -163,37 +174,21 @@ pub fn task_status(v: TaskView) -> job::TaskStatus {
         started_at: ts(v.started_at_ms),
         finished_at: ts(v.finished_at_ms),
         ports: v.ports.into_iter().map(|(k, p)| (k, i32::from(p))).collect(),
-        resource_usage: v.usage.map(|u| job::ResourceUsage {
-            memory_mb: (u.memory_bytes / MB) as i64,
-            disk_mb: (u.disk_bytes / MB) as i64,
-            cpu_millicores: (u.cpu_percent * 10.0).round() as i32,
-            memory_peak_mb: (u.memory_peak_bytes / MB) as i64,
-            process_count: u.processes as i32,
+        resource_usage: v.usage.as_ref().map(WireUsage::from).map(|u| job::ResourceUsage {
+            memory_mb: u.memory_mb,
+            disk_mb: u.disk_mb,
+            cpu_millicores: u.cpu_millicores,
+            memory_peak_mb: u.memory_peak_mb,
+            process_count: u.process_count,
         }),
-        build_metrics: (v.build_started_ms > 0).then(|| {
-            let (from_cache, image_tag) = v.build.clone().unwrap_or_default();
-            job::BuildMetrics {
-                build_started: ts(v.build_started_ms),
-                build_finished: ts(v.build_finished_ms),
-                from_cache,
-                image_tag,
-            }
+        build_metrics: build.map(|b| job::BuildMetrics {
+            build_started: ts(b.started_ms),
+            build_finished: ts(b.finished_ms),
+            from_cache: b.from_cache,
+            image_tag: b.image_tag,
         }),
         current_attempt_id: v.current_attempt_id,
-        attempts: v
-            .attempts
-            .into_iter()
-            .map(|a| job::TaskAttempt {
-                attempt_id: a.attempt_id,
-                state: super::reconcile::wire_state(a.state) as i32,
-                exit_code: a.exit_code,
-                error: a.error,
-                started_at: ts(a.started_at_ms),
-                finished_at: ts(a.finished_at_ms),
-                is_worker_failure: a.is_worker_failure,
-                ..Default::default()
-            })
-            .collect(),
+        attempts: attempts.collect(),
         ..Default::default()
     }
 }

@@ -93,8 +93,8 @@ async fn ingest(server: &Server, work: &Path, rounds: usize) -> anyhow::Result<I
         // The round's log is measured: free its space.
         let task_dir =
             iris_worker::task::store::tasks_dir(&server.state).join(iris_worker::task::store::task_key(&task_id, 0));
-        std::fs::remove_dir_all(task_dir.join(iris_worker::supervisor::files::LOGS))?;
-        let _ = std::fs::remove_file(task_dir.join(iris_worker::supervisor::files::WORKDIR).join("block"));
+        std::fs::remove_dir_all(task_dir.join(iris_worker::taskdir::LOGS))?;
+        let _ = std::fs::remove_file(task_dir.join(iris_worker::taskdir::WORKDIR).join("block"));
 
         // The peer: the same printer, its block made before the clock starts.
         let dir = work.join("peer");
@@ -187,7 +187,7 @@ async fn tail(server: &Server, work: &Path, reads: usize) -> anyhow::Result<Tail
     common::run(&mut client, common::command_task(task_id, &["echo", "first line"])).await?;
     let dir = iris_worker::task::store::tasks_dir(&server.state)
         .join(iris_worker::task::store::task_key(task_id, 0))
-        .join(iris_worker::supervisor::files::LOGS);
+        .join(iris_worker::taskdir::LOGS);
     let text = work.join("tail.txt");
     let t = Instant::now();
     let lines = grow(&dir, &text, bytes)?;

@@ -47,6 +47,7 @@ pub mod runtime;
 pub mod server;
 pub mod supervisor;
 pub mod task;
+pub mod taskdir;
 pub mod web;
 pub mod worker;
 

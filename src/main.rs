@@ -9,6 +9,7 @@ mod cli;
 use iris_worker::buildkit;
 use iris_worker::{
     Worker, WorkerConfig, bundle, cache, env, heartbeat, janitor, join, logs, proto, rpc, runtime, supervisor, task,
+    taskdir,
 };
 
 fn main() -> std::process::ExitCode {

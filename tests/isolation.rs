@@ -595,7 +595,7 @@ async fn a_restarted_worker_fences_tasks_off_before_it_runs_any_or_binds_its_por
     std::fs::write(&release, b"").unwrap();
     let exit = w.state_dir().join("tasks").join(iris_worker::task::store::task_key("isolation-order/task-0", 0));
     let deadline = Instant::now() + WITHIN;
-    while !exit.join(iris_worker::supervisor::files::EXIT).exists() {
+    while !exit.join(iris_worker::taskdir::EXIT).exists() {
         assert!(Instant::now() < deadline, "task-0 did not end");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -69,7 +69,7 @@ pub enum Level {
 pub fn watched(state_dir: &Path, cache_dir: &Path, image_dir: &Path) -> Vec<(&'static str, PathBuf)> {
     vec![
         ("state", state_dir.to_path_buf()),
-        ("workdirs", crate::supervisor::files::tasks_dir(state_dir)),
+        ("workdirs", crate::taskdir::tasks_dir(state_dir)),
         ("cache", cache_dir.to_path_buf()),
         ("images", image_dir.to_path_buf()),
     ]

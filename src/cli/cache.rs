@@ -154,7 +154,7 @@ pub(crate) fn describe_holder(pid: i32) -> String {
         // A venv build runs in `<task dir>/build`.
         for d in [Some(dir), dir.parent()].into_iter().flatten() {
             if let Ok(Some(meta)) =
-                crate::supervisor::files::read_json::<crate::task::store::TaskMeta>(d, crate::task::store::TASK)
+                crate::taskdir::read_json::<crate::task::store::TaskMeta>(d, crate::task::store::TASK)
             {
                 return format!("task {}", meta.task_id);
             }

@@ -31,7 +31,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let started = serve::start(&config).await?;
     let addr = format!("127.0.0.1:{}", started.addr.port());
     let mut client = connect_with(&addr, &config.worker.client).await?;
-    let task_id = format!("demo-{}/task-0", crate::supervisor::files::now_ms());
+    let task_id = format!("demo-{}/task-0", iris_wire::clock::now_ms());
     let req = worker::RunTaskRequest {
         job_id: task_id.split('/').next().unwrap_or("demo").to_string(),
         task_id: task_id.clone(),

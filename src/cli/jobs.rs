@@ -319,7 +319,7 @@ pub async fn run_endpoint(verb: EndpointVerb) -> anyhow::Result<()> {
 
 pub async fn run_worker(verb: WorkerVerb) -> anyhow::Result<()> {
     let WorkerVerb::List(a) = verb;
-    let now = crate::supervisor::files::now_ms();
+    let now = iris_wire::clock::now_ms();
     for w in a.cluster()?.workers().await? {
         println!(
             "{}  {}  last heartbeat {:.1} s ago  jobs [{}]",

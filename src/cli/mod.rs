@@ -125,8 +125,8 @@ fn supervise(task_dir: &std::path::Path, ready_fd: Option<i32>) -> ExitCode {
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(crate::supervisor::files::PRIVATE_FILE_MODE)
-        .open(task_dir.join(crate::supervisor::files::SUPERVISOR_LOG));
+        .mode(crate::taskdir::PRIVATE_FILE_MODE)
+        .open(task_dir.join(crate::taskdir::SUPERVISOR_LOG));
     if let Ok(file) = log {
         let _ = tracing_subscriber::fmt()
             .with_writer(std::sync::Mutex::new(file))

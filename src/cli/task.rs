@@ -178,7 +178,7 @@ fn state_name(s: i32) -> &'static str {
 }
 
 async fn run_task(a: RunArgs) -> anyhow::Result<()> {
-    let job = a.job.clone().unwrap_or_else(|| format!("cli-{}", crate::supervisor::files::now_ms()));
+    let job = a.job.clone().unwrap_or_else(|| format!("cli-{}", iris_wire::clock::now_ms()));
     let task_id = a.id.clone().unwrap_or_else(|| format!("{job}/task-{}", a.index));
     let env_vars = a.shape.env_vars()?;
     let mut workdir_files = HashMap::new();

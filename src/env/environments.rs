@@ -18,7 +18,7 @@ use crate::runtime::{Profile, RuntimeKind};
 #[derive(Debug, thiserror::Error)]
 pub enum EnvError {
     #[error("writing workdir_files: {0}")]
-    WorkdirFiles(crate::supervisor::files::FileError),
+    WorkdirFiles(crate::taskdir::FileError),
     #[error("the task has neither a command nor an entrypoint")]
     NoCommand,
     #[error("the root filesystem {} does not exist (run scripts/fixtures)", .0.display())]

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::image::{self, Image, ImageStore};
 use crate::buildkit::{self, BuildRequest};
 use crate::logs::{LogRecord, LogWriter, Source};
-use crate::supervisor::files;
+use crate::taskdir;
 
 /// The longest a build may take.
 const BUILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
@@ -136,7 +136,7 @@ impl DockerfileImages {
         let build_err = |source| DockerfileError::Build { dockerfile: dockerfile.to_string(), source };
         let store_err = |source| DockerfileError::Store { dockerfile: dockerfile.to_string(), source };
         let staging = store.staging_dir().map_err(store_err)?;
-        let log_dir = task_dir.join(files::LOGS);
+        let log_dir = task_dir.join(taskdir::LOGS);
         let mut log = LogWriter::open(&log_dir).ok();
         let mut write = |ts_ms: i64, text: &str| {
             if let Some(w) = log.as_mut()
@@ -145,7 +145,7 @@ impl DockerfileImages {
                 tracing::warn!("writing the build log in {}: {e}", log_dir.display());
             }
         };
-        write(files::now_ms(), &format!("building {dockerfile} through BuildKit at {addr}"));
+        write(iris_wire::clock::now_ms(), &format!("building {dockerfile} through BuildKit at {addr}"));
         let result = async {
             let client = buildkit::Client::connect(addr).await.map_err(build_err)?;
             let req = BuildRequest {
@@ -166,7 +166,7 @@ impl DockerfileImages {
         let out = match result {
             Ok(out) => out,
             Err(e) => {
-                write(files::now_ms(), &e.to_string());
+                write(iris_wire::clock::now_ms(), &e.to_string());
                 return Err(e);
             }
         };

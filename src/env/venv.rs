@@ -14,8 +14,9 @@ use super::{APP, VENV};
 use crate::cgroup::{Layout, Limits};
 use crate::logs::{LogFilter, Source};
 use crate::runtime::{LaunchSpec, Mount, Profile, RuntimeKind};
-use crate::supervisor::files::{self, FileError, now_ms};
 use crate::supervisor::handle;
+use crate::taskdir::{self, FileError};
+use iris_wire::clock::now_ms;
 
 /// Marks a venv directory as complete (written last, after the rename).
 const COMPLETE: &str = ".iris-complete";
@@ -294,14 +295,14 @@ impl VenvCache {
         touch_uv_record(&venvs);
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io("creating", format!("the build directory of venv {key}"), &tmp))?;
-        let step = req.task_dir.join("build");
+        let step = req.task_dir.join(taskdir::BUILD);
         let _ = std::fs::remove_dir_all(&step);
         std::fs::create_dir_all(&step).map_err(io("creating", "the build's task directory", &step))?;
 
         let scratch = step.join("app");
         std::fs::create_dir_all(&scratch).map_err(io("creating", "the build's copy of the bundle", &scratch))?;
         let spec = self.build_spec(req, &tmp, &scratch)?;
-        files::write_json(&step, files::SPEC, &spec).map_err(|e| file_error("the build's spec", e))?;
+        taskdir::write_json(&step, taskdir::SPEC, &spec).map_err(|e| file_error("the build's spec", e))?;
         let exit = handle::run_to_exit(&self.config.supervisor_exe, &step).await;
         // The copy of the project was only for uv to write into.
         let _ = std::fs::remove_dir_all(&scratch);
@@ -325,7 +326,7 @@ impl VenvCache {
                     "the build's supervisor failed; the worker's log says why".into()
                 }
             };
-            return Err(VenvError::BuildFailed { status, detail: build_log_tail(&req.task_dir.join(files::LOGS)) });
+            return Err(VenvError::BuildFailed { status, detail: build_log_tail(&req.task_dir.join(taskdir::LOGS)) });
         }
         // Published whole: the marker is inside before the rename makes it visible. The
         // caller holds the venv's exclusive lock, so what is at `dest` without a marker is an
@@ -412,7 +413,7 @@ impl VenvCache {
                 .as_ref()
                 .map(|(layout, parent)| (layout.clone(), format!("{parent}/{}.build", req.task_key))),
             timeout_ms: Some(BUILD_TIMEOUT_MS),
-            log_dir: Some(req.task_dir.join(files::LOGS)),
+            log_dir: Some(req.task_dir.join(taskdir::LOGS)),
             log_source: Some(Source::Build),
             rootfs_overlay: false,
             user: None,

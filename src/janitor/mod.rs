@@ -372,7 +372,7 @@ impl Janitor {
         status.total_bytes = kinds.iter().map(|k| k.bytes).sum();
         status.limit_bytes = limits[0].max_bytes;
         status.kinds = kinds;
-        status.scanned_at_ms = crate::supervisor::files::now_ms();
+        status.scanned_at_ms = iris_wire::clock::now_ms();
         status.scan_micros = started.elapsed().as_micros() as u64;
         Pass {
             scanned: true,

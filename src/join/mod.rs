@@ -41,8 +41,7 @@ pub enum IrisWire {
     Auto,
 }
 
-/// The file in the state directory that records the generation a controller last answered.
-pub const RECORDED: &str = "iris-wire";
+pub use crate::taskdir::IRIS_WIRE as RECORDED;
 
 /// Settles `wire` against the controller: `Auto` asks it; the others are taken as they are.
 /// Without a controller `Auto` is January. A controller that cannot be asked (it is down while
@@ -92,7 +91,7 @@ pub fn record(state_dir: &std::path::Path, generation: Generation) -> std::io::R
         Generation::Newest => "newest",
     };
     let tmp = state_dir.join(format!("{RECORDED}.tmp"));
-    crate::supervisor::files::write_private(&tmp, name.as_bytes())?;
+    crate::taskdir::write_private(&tmp, name.as_bytes())?;
     std::fs::rename(tmp, state_dir.join(RECORDED))
 }
 

@@ -42,8 +42,7 @@ pub const HOLD_AT_MOST: Duration = Duration::from_secs(30);
 /// push the killed worker had in flight lands a moment after it died (within about a second
 /// here; the rest is margin for a loaded host).
 pub const RESUME_SETTLE: Duration = Duration::from_secs(5);
-/// The cursor file in an attempt's directory.
-pub const CURSOR: &str = "log.pushed";
+pub use crate::taskdir::LOG_PUSHED as CURSOR;
 /// Iris's name of its log server's endpoint.
 pub const LOG_SERVER_ENDPOINT: &str = "/system/log-server";
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,13 +55,13 @@ pub fn cursor(task_dir: &Path) -> u64 {
 
 fn write_cursor(task_dir: &Path, lines: u64) -> std::io::Result<()> {
     let tmp = task_dir.join(format!("{CURSOR}.tmp"));
-    crate::supervisor::files::write_private(&tmp, lines.to_string().as_bytes())?;
+    crate::taskdir::write_private(&tmp, lines.to_string().as_bytes())?;
     std::fs::rename(&tmp, task_dir.join(CURSOR))
 }
 
 /// Whether every line of the attempt's log is acknowledged.
 pub fn fully_pushed(task_dir: &Path) -> bool {
-    let count = crate::logs::line_count(&task_dir.join(crate::supervisor::files::LOGS)).unwrap_or(0);
+    let count = crate::logs::line_count(&task_dir.join(crate::taskdir::LOGS)).unwrap_or(0);
     cursor(task_dir) >= count
 }
 
@@ -293,7 +292,7 @@ impl LogPusher {
 /// The lines from `from` on, at most a batch.
 fn read_batch(task_dir: &Path, from: u64) -> Vec<LogLine> {
     let filter = LogFilter { start_line: from as i64, max_lines: BATCH_LINES, ..Default::default() };
-    let mut lines = match crate::logs::read(&task_dir.join(crate::supervisor::files::LOGS), &filter) {
+    let mut lines = match crate::logs::read(&task_dir.join(crate::taskdir::LOGS), &filter) {
         Ok(lines) => lines,
         Err(e) => {
             // Tried again next tick; the cursor stays where it is.
@@ -316,7 +315,7 @@ fn read_batch(task_dir: &Path, from: u64) -> Vec<LogLine> {
 /// Whether an ended attempt may be reported ended: its lines are all pushed, or it ended more
 /// than [`HOLD_AT_MOST`] ago.
 pub fn may_report_end(a: &UidAttempt) -> bool {
-    let ended_long_ago = crate::supervisor::files::now_ms() - a.finished_at_ms > HOLD_AT_MOST.as_millis() as i64;
+    let ended_long_ago = iris_wire::clock::now_ms() - a.finished_at_ms > HOLD_AT_MOST.as_millis() as i64;
     ended_long_ago || fully_pushed(&a.dir)
 }
 
@@ -333,10 +332,10 @@ mod tests {
     #[test]
     fn an_ended_attempt_is_reported_once_pushed_or_after_the_hold() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = dir.path().join(crate::supervisor::files::LOGS);
+        let logs = dir.path().join(crate::taskdir::LOGS);
         let record = crate::logs::LogRecord { ts_ms: 1, source: Source::Stdout, data: b"last words" };
         crate::logs::LogWriter::open(&logs).unwrap().append(&[record]).unwrap();
-        let now = crate::supervisor::files::now_ms();
+        let now = iris_wire::clock::now_ms();
         let ended = |finished_at_ms| UidAttempt::succeeded_for_test(finished_at_ms, dir.path().to_path_buf());
         assert!(!may_report_end(&ended(now)), "its line is not pushed yet");
         let long_ago = now - HOLD_AT_MOST.as_millis() as i64 - 1;
@@ -366,7 +365,7 @@ mod tests {
     #[test]
     fn batches_resume_at_the_cursor_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = dir.path().join(crate::supervisor::files::LOGS);
+        let logs = dir.path().join(crate::taskdir::LOGS);
         let mut w = crate::logs::LogWriter::open(&logs).unwrap();
         let texts: Vec<String> = (0..5).map(|i| format!("line-{i}")).collect();
         let records: Vec<crate::logs::LogRecord<'_>> = texts

@@ -2,8 +2,8 @@
 
 use tonic::{Code, Status};
 
-use crate::supervisor::files::FileError;
 use crate::task::{TaskError, short};
+use crate::taskdir::FileError;
 
 /// The status for `err`: bad input → INVALID_ARGUMENT naming the field, unknown task →
 /// NOT_FOUND, a duplicate attempt → ALREADY_EXISTS, no free port or a full disk →

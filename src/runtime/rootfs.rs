@@ -7,10 +7,7 @@ use std::path::Path;
 
 use nix::mount::MntFlags;
 
-/// Where a task's rootfs is mounted, inside its task directory.
-pub const ROOTFS: &str = "rootfs";
-/// The task's upper and work directories, inside its task directory.
-pub const OVERLAY: &str = "overlay";
+pub use crate::taskdir::{OVERLAY, ROOTFS};
 
 /// Unmounts the rootfs of the task at `task_dir`, if one is mounted (idempotent).
 pub fn unmount(task_dir: &Path) -> std::io::Result<()> {

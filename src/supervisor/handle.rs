@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use super::files::{self, ExitRecord, FileError, KillRequest, ProcessId};
+use crate::taskdir::{self, ExitRecord, FileError, KillRequest, ProcessId};
 
 /// The descriptor number the supervisor finds its ready pipe on.
 pub const READY_FD: i32 = 3;
@@ -88,7 +88,7 @@ pub async fn wait_ready(pipe: tokio::net::unix::pipe::Receiver) -> Ready {
 impl Supervisor {
     /// The supervisor recorded in `task_dir`, if that exact process is still alive.
     pub fn find(task_dir: &Path) -> Option<Supervisor> {
-        let id: ProcessId = files::read_json(task_dir, files::PID).ok().flatten()?;
+        let id: ProcessId = taskdir::read_json(task_dir, taskdir::PID).ok().flatten()?;
         id.is_alive().then_some(Supervisor { id })
     }
 
@@ -106,7 +106,7 @@ impl Supervisor {
         worker_failure: Option<&str>,
     ) -> Result<(), FileError> {
         let request = KillRequest { grace_ms, worker_failure: worker_failure.map(str::to_string) };
-        files::write_json(task_dir, files::KILL, &request)?;
+        taskdir::write_json(task_dir, taskdir::KILL, &request)?;
         self.deliver_kill();
         Ok(())
     }
@@ -161,7 +161,7 @@ pub async fn run_to_exit(exe: &Path, dir: &Path) -> Result<ExitRecord, FileError
     let (sup, ready) = spawn(exe, dir).map_err(io_err)?;
     let _ = wait_ready(ready).await;
     sup.wait_exit().await.map_err(io_err)?;
-    files::read_json(dir, files::EXIT)?.ok_or_else(|| FileError::Io {
+    taskdir::read_json(dir, taskdir::EXIT)?.ok_or_else(|| FileError::Io {
         op: "reading the exit record in",
         path: dir.to_path_buf(),
         source: io::Error::other("the supervisor recorded no exit"),

@@ -20,12 +20,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::files::{self, FileError};
+use crate::taskdir::{self, FileError};
 
-/// The lease file in the worker's state directory.
-pub const LEASE: &str = "lease.json";
-/// The file in a task directory that puts the task under a lease.
-pub const FENCE: &str = "fence.json";
+pub use crate::taskdir::{FENCE, LEASE};
 
 /// Added to the fence for the supervisor's own latency (waking up, reading the file, the
 /// cgroup kill).
@@ -116,7 +113,7 @@ pub fn boot_id() -> String {
 /// Reads a lease file; `None` when it is missing, unreadable or of another boot.
 pub fn read(path: &Path) -> Option<LeaseRecord> {
     let (dir, name) = (path.parent()?, path.file_name()?.to_str()?);
-    let record: LeaseRecord = files::read_json(dir, name).ok().flatten()?;
+    let record: LeaseRecord = taskdir::read_json(dir, name).ok().flatten()?;
     (record.boot_id == boot_id()).then_some(record)
 }
 
@@ -124,7 +121,7 @@ pub fn read(path: &Path) -> Option<LeaseRecord> {
 pub fn write(path: &Path, record: &LeaseRecord) -> Result<(), FileError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or(LEASE);
-    files::write_json(dir, name, record)
+    taskdir::write_json(dir, name, record)
 }
 
 /// A lease that expired: what to record and how long the task gets after SIGTERM.
@@ -144,7 +141,7 @@ pub struct Watch {
 impl Watch {
     /// The watch of a fenced task (`None`: the task has no lease, e.g. a standalone worker's).
     pub fn open(task_dir: &Path) -> Option<Watch> {
-        let fence: FenceRecord = files::read_json(task_dir, FENCE).ok().flatten()?;
+        let fence: FenceRecord = taskdir::read_json(task_dir, FENCE).ok().flatten()?;
         // Checked at once: a lease that expired before the task started ends it right away.
         Some(Watch { lease_file: fence.lease_file, check_at: Instant::now() })
     }
@@ -184,7 +181,7 @@ mod tests {
         let task = dir.path().join("task");
         std::fs::create_dir(&task).unwrap();
         assert!(Watch::open(&task).is_none(), "no fence.json: no lease");
-        files::write_json(&task, FENCE, &FenceRecord { lease_file: lease_file.clone() }).unwrap();
+        taskdir::write_json(&task, FENCE, &FenceRecord { lease_file: lease_file.clone() }).unwrap();
         let mut w = Watch::open(&task).unwrap();
         // No lease file at all: nobody renews it.
         assert!(w.poll(Instant::now()).is_some());

@@ -8,7 +8,6 @@
 //! It is the only writer of the task's log and exit record; the worker only reads them.
 
 mod disk;
-pub mod files;
 pub mod handle;
 pub mod lease;
 mod oom;
@@ -29,7 +28,9 @@ use nix::unistd::{Pid, pipe2};
 
 use crate::logs::LogWriter;
 use crate::runtime::{self, LaunchSpec, RuntimeError, TaskIo};
-use files::{ExitRecord, FileError, KillReason, KillRequest, ProcessId, Started, now_ms};
+use crate::taskdir;
+use crate::taskdir::{ExitRecord, FileError, KillReason, KillRequest, ProcessId, Started};
+use iris_wire::clock::now_ms;
 use pump::Pump;
 
 /// Grace between SIGTERM and SIGKILL when a task times out.
@@ -69,11 +70,11 @@ pub fn handled_signals() -> SigSet {
 /// `started` once the command runs, or `failed` if it never will.
 pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorError> {
     let spec: LaunchSpec =
-        files::read_json(task_dir, files::SPEC)?.ok_or_else(|| SupervisorError::NoSpec(task_dir.into()))?;
+        taskdir::read_json(task_dir, taskdir::SPEC)?.ok_or_else(|| SupervisorError::NoSpec(task_dir.into()))?;
     // Room for the records the worker must get, before the task can fill the disk: how the
     // task ended is written even then.
-    for (name, bytes) in [(files::EXIT, files::EXIT_RESERVE), (files::STARTED, files::SMALL_RESERVE)] {
-        if let Err(e) = files::reserve(task_dir, name, bytes) {
+    for (name, bytes) in [(taskdir::EXIT, taskdir::EXIT_RESERVE), (taskdir::STARTED, taskdir::SMALL_RESERVE)] {
+        if let Err(e) = taskdir::reserve(task_dir, name, bytes) {
             tracing::warn!(file = name, error = %e, "setting room aside for a record");
         }
     }
@@ -90,7 +91,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
         std::thread::sleep(Duration::from_millis(ms));
     }
     if let Some(me) = ProcessId::of(std::process::id() as i32) {
-        files::write_json(task_dir, files::PID, &me)?;
+        taskdir::write_json(task_dir, taskdir::PID, &me)?;
     }
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(sys("signalfd"))?;
 
@@ -101,7 +102,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
         nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(fd), nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))
             .map_err(sys("fcntl"))?;
     }
-    let log_dir = spec.log_dir.clone().unwrap_or_else(|| task_dir.join(files::LOGS));
+    let log_dir = spec.log_dir.clone().unwrap_or_else(|| task_dir.join(taskdir::LOGS));
     let log = LogWriter::open(&log_dir)?;
     let mut pump = Pump::new(log, out_r, err_r, spec.log_source);
     let mut ready = ready.map(File::from);
@@ -145,7 +146,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
             }
         })
         .collect();
-    files::write_json(task_dir, files::STARTED, &Started { pid: pid.as_raw(), started_at_ms })?;
+    taskdir::write_json(task_dir, taskdir::STARTED, &Started { pid: pid.as_raw(), started_at_ms })?;
     notify(&mut ready, "started");
     drop(ready);
 
@@ -195,7 +196,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
                     && exit.killed.is_none()
                     && status.is_none()
                 {
-                    let request = files::read_json::<KillRequest>(task_dir, files::KILL).ok().flatten();
+                    let request = taskdir::read_json::<KillRequest>(task_dir, taskdir::KILL).ok().flatten();
                     let grace = request.as_ref().map(|k| Duration::from_millis(k.grace_ms)).unwrap_or(TIMEOUT_GRACE);
                     exit.killed = Some(KillReason::Requested);
                     exit.worker_failure = request.and_then(|k| k.worker_failure);
@@ -278,7 +279,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
     // Nothing runs in the rootfs any more (the cgroup is empty); unmounted before the exit is
     // recorded, so whoever reads exit.json finds no mount left.
     release_rootfs(task_dir, &spec);
-    files::write_json(task_dir, files::EXIT, &exit)?;
+    taskdir::write_json(task_dir, taskdir::EXIT, &exit)?;
     if let Err(e) = runtime.remove() {
         tracing::warn!(error = %e, "removing the task's container");
         kill_cgroup(&spec);
@@ -343,7 +344,7 @@ fn fail_to_start(
     kill_cgroup(spec);
     release_rootfs(task_dir, spec);
     let record = ExitRecord { error: Some(e.to_string()), finished_at_ms: now_ms(), ..Default::default() };
-    files::write_json(task_dir, files::EXIT, &record)?;
+    taskdir::write_json(task_dir, taskdir::EXIT, &record)?;
     notify(ready, "failed");
     Ok(())
 }

@@ -7,7 +7,7 @@ use nix::poll::{PollFd, PollFlags};
 
 use crate::logs::{LineAssembler, LogRecord, LogWriter, Source};
 
-use super::files::now_ms;
+use iris_wire::clock::now_ms;
 
 /// Longest line kept whole; longer output is cut into lines of this size.
 const MAX_LINE: usize = 64 * 1024;

@@ -14,8 +14,8 @@ use super::state::TaskState;
 use super::store::{self, TaskMeta};
 use super::{Inner, TaskEvent, lock};
 use crate::cgroup::CgroupStats;
-use crate::supervisor::files::{self, ExitRecord};
 use crate::supervisor::handle::Supervisor;
+use crate::taskdir::{self, ExitRecord};
 
 /// A kill request that arrives before the supervisor can take it is parked here.
 #[derive(Debug, Default)]
@@ -248,7 +248,7 @@ impl Attempt {
             used.touch();
         }
         // No kill request will come any more: its room goes back.
-        files::release(&self.dir, files::KILL);
+        taskdir::release(&self.dir, taskdir::KILL);
         tracing::info!(task_id = %self.meta.task_id, attempt = self.meta.attempt_id, state = state.name(), "task ended");
         self.emit(inner);
         let _ = self.done.0.send(true);

@@ -19,8 +19,8 @@ use tokio::sync::{oneshot, watch};
 use super::seams::{BoxFuture, Cgroups, Clock, Seams, Spawner};
 use super::{ManagerConfig, TaskError};
 use crate::cgroup::{CgroupStats, Layout};
-use crate::supervisor::files::{self, ExitRecord, KillRequest, ProcessId};
 use crate::supervisor::handle::{Ready, Supervisor};
+use crate::taskdir::{self, ExitRecord, KillRequest, ProcessId};
 
 /// Fake pids start above the kernel's largest pid (2^22), so none is a real process.
 const FIRST_PID: i32 = 1 << 24;
@@ -176,8 +176,8 @@ impl FakeSpawner {
     /// The supervisor of `dir` records that the command runs (at the clock's start) and says
     /// so on its ready pipe.
     pub(crate) fn start(&self, dir: &Path) {
-        let started = files::Started { pid: 1, started_at_ms: EPOCH_MS };
-        files::write_json(dir, files::STARTED, &started).unwrap();
+        let started = taskdir::Started { pid: 1, started_at_ms: EPOCH_MS };
+        taskdir::write_json(dir, taskdir::STARTED, &started).unwrap();
         let ready = self.sup_of(dir, |s| s.ready.take());
         if let Some(tx) = ready.flatten() {
             let _ = tx.send(Ready::Started);
@@ -187,7 +187,7 @@ impl FakeSpawner {
     /// The supervisor of `dir` records `exit` and exits (`None`: it dies without a record).
     pub(crate) fn exit(&self, dir: &Path, exit: Option<ExitRecord>) {
         if let Some(exit) = exit {
-            files::write_json(dir, files::EXIT, &exit).unwrap();
+            taskdir::write_json(dir, taskdir::EXIT, &exit).unwrap();
         }
         let mut st = self.state.lock().unwrap();
         let pid = st.sups.iter().find(|(_, s)| s.dir == dir).map(|(p, _)| *p).expect("no supervisor for the dir");
@@ -207,7 +207,7 @@ impl Spawner for FakeSpawner {
         let (tx, rx) = oneshot::channel();
         let sup = self.register(dir, Some(tx));
         // A supervisor records itself first thing.
-        files::write_json(dir, files::PID, &sup.id).map_err(io::Error::other)?;
+        taskdir::write_json(dir, taskdir::PID, &sup.id).map_err(io::Error::other)?;
         self.state.lock().unwrap().spawned.push(dir.to_path_buf());
         self.changed.notify_waiters();
         // A supervisor that goes away without a word failed to start the command.
@@ -225,7 +225,7 @@ impl Spawner for FakeSpawner {
     fn deliver_kill(&self, sup: &Supervisor) {
         let mut st = self.state.lock().unwrap();
         if let Some(dir) = st.sups.get(&sup.id.pid).map(|s| s.dir.clone()) {
-            let request = files::read_json::<KillRequest>(&dir, files::KILL).ok().flatten();
+            let request = taskdir::read_json::<KillRequest>(&dir, taskdir::KILL).ok().flatten();
             st.kills.push((dir, request));
         }
         drop(st);

@@ -11,7 +11,7 @@ use super::attempt::Attempt;
 use super::seams::Cgroups;
 use super::state::TaskState;
 use super::{Inner, lock};
-use crate::supervisor::files;
+use crate::taskdir;
 
 impl Attempt {
     /// Ends the attempt: directly through its supervisor once the command runs, otherwise
@@ -47,8 +47,8 @@ impl Attempt {
             *grace = Some(grace_ms);
             cause.clone()
         };
-        let request = files::KillRequest { grace_ms, worker_failure: cause };
-        if let Err(e) = files::write_json(&self.dir, files::KILL, &request) {
+        let request = taskdir::KillRequest { grace_ms, worker_failure: cause };
+        if let Err(e) = taskdir::write_json(&self.dir, taskdir::KILL, &request) {
             tracing::warn!(task_id = %self.meta.task_id, error = %e, "recording a kill request");
         }
         if let (Some(sup), true) = (st.supervisor, st.started) {

@@ -12,8 +12,8 @@ use super::store::{self, TaskMeta};
 use super::watch::watch_until_exit;
 use super::{DEFAULT_GRACE_MS, Inner, TaskError, lock};
 use crate::env::{Preparing, TaskSpec};
-use crate::supervisor::files;
 use crate::supervisor::handle::Ready;
+use crate::taskdir;
 
 /// Registers a new attempt and starts its driver.
 pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, TaskError> {
@@ -69,9 +69,7 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
             return Err(match e {
                 // The attempt's directory is still there (its record was removed, its files
                 // could not be): the attempt exists, as far as this worker can tell.
-                crate::supervisor::files::FileError::Io { source, .. }
-                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
-                {
+                crate::taskdir::FileError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists => {
                     TaskError::AlreadyExists { task_id: spec.task_id, attempt_id: spec.attempt_id }
                 }
                 e => e.into(),
@@ -107,7 +105,7 @@ pub(super) async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSp
         return;
     }
     attempt.set(&inner, TaskState::Building, "preparing the environment");
-    let workdir = attempt.dir.join(files::WORKDIR);
+    let workdir = attempt.dir.join(taskdir::WORKDIR);
     let prepared = match store::write_workdir_files(&workdir, &spec.workdir_files) {
         Ok(()) => inner.envs.prepare(&spec, &Preparation { inner: &inner, attempt: &attempt }).await,
         Err(e) => Err(crate::env::EnvError::WorkdirFiles(e)),
@@ -123,7 +121,7 @@ pub(super) async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSp
             return;
         }
     };
-    if let Err(e) = files::write_json(&attempt.dir, files::SPEC, &launch) {
+    if let Err(e) = taskdir::write_json(&attempt.dir, taskdir::SPEC, &launch) {
         release_rootfs(&attempt.dir);
         attempt.finish(&inner, TaskState::Failed, -1, format!("writing the launch spec: {e}"), None);
         return;
@@ -136,7 +134,7 @@ pub(super) async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSp
             attempt.finish(&inner, TaskState::WorkerFailed, 0, error, None);
             return;
         }
-        if let Err(e) = files::write_json(&attempt.dir, crate::supervisor::lease::FENCE, &lease.fence_record()) {
+        if let Err(e) = taskdir::write_json(&attempt.dir, crate::supervisor::lease::FENCE, &lease.fence_record()) {
             release_rootfs(&attempt.dir);
             attempt.finish(&inner, TaskState::Failed, -1, format!("writing the task's fence: {e}"), None);
             return;
@@ -166,8 +164,8 @@ pub(super) async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSp
         attempt.set(&inner, TaskState::Running, "");
         // A kill that came while the supervisor was starting the task is delivered now.
         if let Some(grace) = attempt.kill_requested() {
-            let request = files::KillRequest { grace_ms: grace, worker_failure: attempt.kill_cause() };
-            if files::write_json(&attempt.dir, files::KILL, &request).is_ok() {
+            let request = taskdir::KillRequest { grace_ms: grace, worker_failure: attempt.kill_cause() };
+            if taskdir::write_json(&attempt.dir, taskdir::KILL, &request).is_ok() {
                 inner.seams.spawner.deliver_kill(&sup);
             }
         }

@@ -14,8 +14,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{Inner, lock};
-use crate::supervisor::files::FileError;
 use crate::supervisor::lease::{self as fence, FenceRecord, LeaseRecord};
+use crate::taskdir::FileError;
 
 /// Which attempt a [`ControllerCheck`] asks about.
 #[derive(Debug, Clone, PartialEq, Eq)]

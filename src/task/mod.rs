@@ -40,7 +40,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::cgroup::{CgroupError, CgroupStats, Layout};
 use crate::logs::{LogError, LogFilter, LogLine};
 use crate::runtime::{Profile, RuntimeKind};
-use crate::supervisor::files::FileError;
+use crate::taskdir::FileError;
 use seams::Seams;
 
 pub use crate::env::{Command, TaskSpec, WorkerEnv};
@@ -52,8 +52,7 @@ pub use validate::{is_env_name, short};
 use attempt::Attempt;
 use ports::PortAllocator;
 
-/// The file in the state root that names the worker's parent cgroup.
-const PARENT_CGROUP_FILE: &str = "cgroup-parent";
+use crate::taskdir::PARENT_CGROUP as PARENT_CGROUP_FILE;
 
 /// The grace between SIGTERM and SIGKILL when none is given (Iris's KillTask default).
 pub const DEFAULT_GRACE_MS: u64 = 5000;
@@ -347,17 +346,17 @@ impl TaskManager {
         // (bundles, image layers, which may carry setuid files).
         let tasks_dir = store::tasks_dir(&config.state_dir);
         for dir in [&config.state_dir, &tasks_dir] {
-            crate::supervisor::files::make_private_dir(dir).map_err(io("creating", dir))?;
+            crate::taskdir::make_private_dir(dir).map_err(io("creating", dir))?;
         }
         for dir in private_cache_dirs(&config) {
-            crate::supervisor::files::make_private_dir(&dir).map_err(io("creating", &dir))?;
+            crate::taskdir::make_private_dir(&dir).map_err(io("creating", &dir))?;
         }
-        let lock_path = config.state_dir.join("worker.lock");
+        let lock_path = config.state_dir.join(crate::taskdir::STATE_LOCK);
         let lock_file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .mode(crate::supervisor::files::PRIVATE_FILE_MODE)
+            .mode(crate::taskdir::PRIVATE_FILE_MODE)
             .open(&lock_path)
             .map_err(io("opening", &lock_path))?;
         if !lock_exclusive(&lock_file, LOCK_PATIENCE) {
@@ -369,7 +368,7 @@ impl TaskManager {
         let cgroups = seams.cgroups.prepare_parent(&config)?;
         if let Some((_, parent)) = &cgroups {
             // `cleanup` removes this parent even if no task ever ran.
-            crate::supervisor::files::write_private(&config.state_dir.join(PARENT_CGROUP_FILE), parent.as_bytes())
+            crate::taskdir::write_private(&config.state_dir.join(PARENT_CGROUP_FILE), parent.as_bytes())
                 .map_err(io("writing", &config.state_dir.join(PARENT_CGROUP_FILE)))?;
         }
         // Before any task is adopted or run again, and before the port is bound: no task may
@@ -503,7 +502,7 @@ impl TaskManager {
 
     /// The current attempt's log lines that pass `filter`.
     pub async fn logs(&self, task_id: &str, filter: LogFilter) -> Result<Vec<LogLine>, TaskError> {
-        let dir = self.current(task_id)?.dir.join(crate::supervisor::files::LOGS);
+        let dir = self.current(task_id)?.dir.join(crate::taskdir::LOGS);
         let lines = tokio::task::spawn_blocking(move || crate::logs::read(&dir, &filter)).await.map_err(|e| {
             TaskError::Logs(LogError::ReadData {
                 path: PathBuf::from("log reader task"),
@@ -652,7 +651,7 @@ impl TaskManager {
             .values()
             .flatten()
             .find(|a| a.meta.attempt_uid.as_deref() == Some(uid))
-            .map(|a| a.dir.join(crate::supervisor::files::LOGS))
+            .map(|a| a.dir.join(crate::taskdir::LOGS))
     }
 
     /// Receives every state change from now on.
@@ -760,7 +759,7 @@ impl Inner {
 /// state, cgroups), the worker's parent cgroups, and, with `remove_state`, the task
 /// directories themselves. Refuses while a worker holds the state directory.
 pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError> {
-    let lock_path = state_dir.join("worker.lock");
+    let lock_path = state_dir.join(crate::taskdir::STATE_LOCK);
     let held = std::fs::File::open(&lock_path).ok();
     if let Some(f) = &held
         && !lock_exclusive(f, LOCK_PATIENCE)
@@ -776,7 +775,7 @@ pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError>
     // yet: give it a moment, or its container would appear after we looked.
     let deadline = Instant::now() + std::time::Duration::from_secs(5);
     for (pid, dir) in crate::supervisor::handle::running_under(&store::tasks_dir(state_dir)) {
-        while !dir.join(crate::supervisor::files::PID).exists()
+        while !dir.join(crate::taskdir::PID).exists()
             && std::path::Path::new(&format!("/proc/{pid}")).exists()
             && Instant::now() < deadline
         {
@@ -824,7 +823,7 @@ pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError>
             }
         };
         remove(store::tasks_dir(state_dir))?;
-        remove(state_dir.join(retention::TRASH))?;
+        remove(state_dir.join(crate::taskdir::TRASH))?;
         remove(state_dir.join(PARENT_CGROUP_FILE))?;
         remove(lock_path)?;
         // Not an error when something else is left in it (an operator's file).

@@ -14,8 +14,8 @@ use super::state::TaskState;
 use super::store;
 use super::watch::watch_until_exit;
 use super::{DEFAULT_GRACE_MS, Inner, lock};
-use crate::supervisor::files;
 use crate::supervisor::handle::Supervisor;
+use crate::taskdir;
 
 /// Takes over the attempts a previous run of the worker left in the state directory.
 pub(super) fn adopt_all(inner: &Arc<Inner>) {
@@ -23,7 +23,9 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
     // found by its command line, and given a moment to (it does so first thing).
     let deadline = Instant::now() + std::time::Duration::from_secs(5);
     for (pid, dir) in inner.seams.spawner.running_under(&store::tasks_dir(&inner.config.state_dir)) {
-        while !dir.join(files::PID).exists() && Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline
+        while !dir.join(taskdir::PID).exists()
+            && Path::new(&format!("/proc/{pid}")).exists()
+            && Instant::now() < deadline
         {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -32,16 +34,16 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
     for (dir, meta) in store::scan(&inner.config.state_dir) {
         let task_id = meta.task_id.clone();
         let attempt = Attempt::new(meta, dir, TaskState::Pending, inner.next_seq());
-        let exit_recorded = attempt.dir.join(files::EXIT).exists();
+        let exit_recorded = attempt.dir.join(taskdir::EXIT).exists();
         let ended = if exit_recorded { None } else { store::recorded_end(&attempt.dir) };
         let live = if exit_recorded || ended.is_some() { None } else { inner.seams.spawner.find(&attempt.dir) };
-        let kill_request: Option<files::KillRequest> = files::read_json(&attempt.dir, files::KILL).ok().flatten();
+        let kill_request: Option<taskdir::KillRequest> = taskdir::read_json(&attempt.dir, taskdir::KILL).ok().flatten();
         if let Some(k) = &kill_request {
             // The kill as it was asked for: its grace, and a worker failure's reason.
             *lock(&attempt.kill.grace_ms) = Some(k.grace_ms);
             *lock(&attempt.kill.worker_failure) = k.worker_failure.clone();
         }
-        let kill_requested = kill_request.is_some() || attempt.dir.join(files::KILL).exists();
+        let kill_requested = kill_request.is_some() || attempt.dir.join(taskdir::KILL).exists();
         if kill_requested && kill_request.is_none() {
             *lock(&attempt.kill.grace_ms) = Some(DEFAULT_GRACE_MS);
         }
@@ -54,7 +56,7 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
             // as it was reported.
             attempt.finish_recorded(inner, record);
         } else if let Some(sup) = live {
-            let started: Option<files::Started> = files::read_json(&attempt.dir, files::STARTED).ok().flatten();
+            let started: Option<taskdir::Started> = taskdir::read_json(&attempt.dir, taskdir::STARTED).ok().flatten();
             {
                 let mut st = lock(&attempt.status);
                 st.supervisor = Some(sup);
@@ -69,7 +71,7 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
             }
             // Its supervisor holds the cache entries (and ports) it uses; they are marked used
             // when it ends.
-            if let Ok(Some(spec)) = files::read_json::<crate::runtime::LaunchSpec>(&attempt.dir, files::SPEC) {
+            if let Ok(Some(spec)) = taskdir::read_json::<crate::runtime::LaunchSpec>(&attempt.dir, taskdir::SPEC) {
                 attempt.uses(spec.leases);
             }
             let permit = inner.slots.clone().try_acquire_owned().ok();
@@ -96,7 +98,7 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
                 });
             }
             inner.background.spawn(watch_until_exit(inner.clone(), attempt, sup, permit));
-        } else if !attempt.dir.join(files::PID).exists() && kill_requested {
+        } else if !attempt.dir.join(taskdir::PID).exists() && kill_requested {
             // Killed while PENDING or BUILDING, before the end was recorded: KillTask was
             // answered, so it stays killed (or WORKER_FAILED, for the worker's own reasons).
             attempt.finish_unstarted(inner);
@@ -105,7 +107,7 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
                 attempt.dir.clone(),
                 attempt.meta.cgroup.clone(),
             ));
-        } else if !attempt.dir.join(files::PID).exists() {
+        } else if !attempt.dir.join(taskdir::PID).exists() {
             // Accepted, PENDING or BUILDING: no supervisor ever ran the task. Its request is
             // on disk: it runs after all.
             again.push(attempt);
@@ -180,12 +182,11 @@ fn run_again(inner: &Arc<Inner>, attempt: Arc<Attempt>) {
 /// container state and cgroup, and what the preparation wrote.
 async fn clear_unstarted(seams: Seams, dir: PathBuf, cgroup: Option<String>) {
     for (pid, build_dir) in seams.spawner.running_under(&dir) {
-        let sup = seams
-            .spawner
-            .find(&build_dir)
-            .unwrap_or(Supervisor { id: files::ProcessId::of(pid).unwrap_or(files::ProcessId { pid, start_time: 0 }) });
-        let request = files::KillRequest { grace_ms: 0, worker_failure: None };
-        if files::write_json(&build_dir, files::KILL, &request).is_ok() {
+        let sup = seams.spawner.find(&build_dir).unwrap_or(Supervisor {
+            id: taskdir::ProcessId::of(pid).unwrap_or(taskdir::ProcessId { pid, start_time: 0 }),
+        });
+        let request = taskdir::KillRequest { grace_ms: 0, worker_failure: None };
+        if taskdir::write_json(&build_dir, taskdir::KILL, &request).is_ok() {
             seams.spawner.deliver_kill(&sup);
         }
         let _ = seams.spawner.wait_exit(sup).await;
@@ -193,24 +194,7 @@ async fn clear_unstarted(seams: Seams, dir: PathBuf, cgroup: Option<String>) {
     let cgroups = seams.cgroups;
     let _ = tokio::task::spawn_blocking(move || {
         remove_leftovers(cgroups.as_ref(), &dir, cgroup.as_deref());
-        clear_preparation(&dir);
+        taskdir::clear_preparation(&dir);
     })
     .await;
-}
-
-/// Removes what preparing a task wrote into its directory (its launch spec, container
-/// config, build step, rootfs dirs, and the workdir's files), keeping its record, request and
-/// log, so that it can be prepared again.
-fn clear_preparation(dir: &Path) {
-    for name in [files::SPEC, "config.json"] {
-        let _ = std::fs::remove_file(dir.join(name));
-    }
-    for name in ["runtime", "build", "tmp", crate::env::image::ROOTFS, crate::env::image::OVERLAY] {
-        let _ = std::fs::remove_dir_all(dir.join(name));
-    }
-    let workdir = dir.join(files::WORKDIR);
-    let _ = std::fs::remove_dir_all(&workdir);
-    if let Err(e) = std::fs::create_dir_all(&workdir) {
-        tracing::warn!(dir = %workdir.display(), error = %e, "recreating a task's workdir");
-    }
 }

@@ -7,7 +7,7 @@ use super::attempt::Attempt;
 use super::state::TaskState;
 use super::store;
 use super::{AttemptView, Inner, TaskView, Usage, lock};
-use crate::supervisor::files;
+use crate::taskdir;
 
 /// Workdir files beyond this many entries are not counted for disk use.
 const DISK_SCAN_LIMIT: usize = 10_000;
@@ -87,7 +87,7 @@ impl Attempt {
         let build = (st.build_started_ms, st.build_finished_ms);
         drop(st);
         let usage = usage.map(|mut u| {
-            u.disk_bytes = store::disk_usage(&self.dir.join(files::WORKDIR), DISK_SCAN_LIMIT);
+            u.disk_bytes = store::disk_usage(&self.dir.join(taskdir::WORKDIR), DISK_SCAN_LIMIT);
             u
         });
         (view, message, usage, build)

@@ -13,12 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::{Inner, lock};
-use crate::supervisor::files::{self, now_ms};
+use crate::taskdir;
+use iris_wire::clock::now_ms;
 
-/// Where a removed task's directories wait to be deleted: out of `tasks/`, so that a new
-/// attempt with the same key never meets the old one's files, and a restart mid-delete never
-/// adopts them.
-pub(super) const TRASH: &str = "trash";
+use crate::taskdir::TRASH;
 
 /// Starts the janitor, when something is to be removed at all.
 pub(super) fn spawn_janitor(inner: &Arc<Inner>) {
@@ -63,7 +61,7 @@ fn due_workdirs(inner: &Inner) -> Vec<PathBuf> {
         .values()
         .flatten()
         .filter(|a| a.finished_at_ms().is_some_and(|t| t <= cutoff))
-        .map(|a| a.dir.join(files::WORKDIR))
+        .map(|a| a.dir.join(taskdir::WORKDIR))
         .filter(|w| w.exists())
         .collect()
 }
@@ -103,7 +101,7 @@ fn remove_finished_tasks(inner: &Inner) -> Vec<PathBuf> {
         return Vec::new();
     }
     let trash_root = inner.config.state_dir.join(TRASH);
-    if let Err(e) = files::make_private_dir(&trash_root) {
+    if let Err(e) = taskdir::make_private_dir(&trash_root) {
         tracing::warn!(dir = %trash_root.display(), error = %e, "creating the trash");
         return Vec::new();
     }
@@ -179,7 +177,7 @@ mod tests {
     fn a_trash_name_is_short_and_unique_whatever_the_task_key() {
         let state = tempfile::tempdir().unwrap();
         let trash = state.path().join(TRASH);
-        files::make_private_dir(&trash).unwrap();
+        taskdir::make_private_dir(&trash).unwrap();
         // The longest key validation allows: 255 bytes.
         let key = format!("{}.0", "k".repeat(253));
         let mut moved = Vec::new();

@@ -92,11 +92,7 @@ impl Cgroups for HostCgroups {
         // an older worker left it open: other users could flock its files and stall us.
         let run_dir = Path::new(crate::cachelock::HOST_RUN_DIR);
         crate::cachelock::private_host_run_dir().map_err(|source| {
-            TaskError::File(crate::supervisor::files::FileError::Io {
-                op: "creating",
-                path: run_dir.to_path_buf(),
-                source,
-            })
+            TaskError::File(crate::taskdir::FileError::Io { op: "creating", path: run_dir.to_path_buf(), source })
         })?;
         let attempt = || -> Result<(Layout, String), CgroupError> {
             let layout = Layout::detect()?;
@@ -168,7 +164,7 @@ pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        crate::supervisor::files::now_ms()
+        iris_wire::clock::now_ms()
     }
 
     fn now(&self) -> Instant {

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::supervisor::files::{ExitRecord, KillReason};
+use crate::taskdir::{ExitRecord, KillReason};
 
 /// The life of a task attempt: PENDING → BUILDING → RUNNING → one terminal state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -7,14 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::supervisor::files::tasks_dir;
-use crate::supervisor::files::{self, FileError};
+pub use crate::taskdir::tasks_dir;
+use crate::taskdir::{self, FileError};
 
-pub const TASK: &str = "task.json";
-pub const REQUEST: &str = "request.pb";
-/// The worker's record of an attempt that ended with no `exit.json` behind it (see
-/// [`EndRecord`]).
-pub const ENDED: &str = "ended.json";
+pub use crate::taskdir::{ENDED, REQUEST, TASK};
 
 /// What the worker records about an attempt when it accepts it (read back after a restart).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -53,13 +49,13 @@ pub struct EndRecord {
 /// Writes `dir/ended.json` (atomically, root's only), in the room a kill request left unused
 /// when there is some: the end of an attempt is recorded even on a full disk.
 pub fn record_end(dir: &Path, record: &EndRecord) -> Result<(), FileError> {
-    files::move_reservation(dir, files::KILL, ENDED);
-    files::write_json(dir, ENDED, record)
+    taskdir::move_reservation(dir, taskdir::KILL, ENDED);
+    taskdir::write_json(dir, ENDED, record)
 }
 
 /// The end the worker recorded for the attempt in `dir`, if it did.
 pub fn recorded_end(dir: &Path) -> Option<EndRecord> {
-    match files::read_json::<EndRecord>(dir, ENDED) {
+    match taskdir::read_json::<EndRecord>(dir, ENDED) {
         Ok(found) => found,
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "reading a task's end record");
@@ -107,34 +103,23 @@ pub fn create(
     raw_request: &[u8],
     log_cap: Option<u64>,
 ) -> Result<PathBuf, FileError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let dir = tasks_dir(state_dir).join(attempt_key(&meta.task_id, meta.attempt_id, meta.attempt_uid.as_deref()));
-    let io = |op, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| FileError::Io { op, path, source }
-    };
-    // The task's directory is root's alone (see files::PRIVATE_DIR_MODE); its workdir keeps the
-    // usual 0755, which is what the task sees at /workdir.
-    fs::DirBuilder::new().mode(files::PRIVATE_DIR_MODE).create(&dir).map_err(io("creating", &dir))?;
-    let made = fs::set_permissions(&dir, fs::Permissions::from_mode(files::PRIVATE_DIR_MODE))
-        .and_then(|()| fs::create_dir(dir.join(files::WORKDIR)))
-        .map_err(io("creating", &dir))
-        .and_then(|()| files::write_private(&dir.join(REQUEST), raw_request).map_err(io("writing", &dir.join(REQUEST))))
-        .and_then(|()| match log_cap {
-            Some(cap) => crate::logs::set_cap(&dir.join(files::LOGS), cap).map_err(|e| FileError::Io {
-                op: "writing the log's cap in",
-                path: dir.join(files::LOGS),
-                source: std::io::Error::other(e.to_string()),
-            }),
-            None => Ok(()),
-        })
-        .and_then(|()| files::write_json(&dir, TASK, meta));
+    taskdir::create(&dir, raw_request)?;
+    let made = match log_cap {
+        Some(cap) => crate::logs::set_cap(&dir.join(taskdir::LOGS), cap).map_err(|e| FileError::Io {
+            op: "writing the log's cap in",
+            path: dir.join(taskdir::LOGS),
+            source: std::io::Error::other(e.to_string()),
+        }),
+        None => Ok(()),
+    }
+    .and_then(|()| taskdir::write_json(&dir, TASK, meta));
     if let Err(e) = made {
         let _ = fs::remove_dir_all(&dir);
         return Err(e);
     }
     // A kill request must reach the supervisor even after the task filled the disk.
-    if let Err(e) = files::reserve(&dir, files::KILL, files::SMALL_RESERVE) {
+    if let Err(e) = taskdir::reserve(&dir, taskdir::KILL, taskdir::SMALL_RESERVE) {
         tracing::warn!(dir = %dir.display(), error = %e, "setting room aside for a kill request");
     }
     Ok(dir)
@@ -147,7 +132,7 @@ pub fn scan(state_dir: &Path) -> Vec<(PathBuf, TaskMeta)> {
         .flatten()
         .filter_map(|e| {
             let dir = e.path();
-            match files::read_json::<TaskMeta>(&dir, TASK) {
+            match taskdir::read_json::<TaskMeta>(&dir, TASK) {
                 Ok(Some(meta)) => Some((dir, meta)),
                 Ok(None) => None,
                 Err(err) => {
@@ -235,11 +220,11 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         fs::create_dir(tasks_dir(state.path())).unwrap();
         let dir = create(state.path(), &meta("j/t"), b"first", None).unwrap();
-        fs::write(dir.join(files::WORKDIR).join("out"), "the first attempt's").unwrap();
+        fs::write(dir.join(taskdir::WORKDIR).join("out"), "the first attempt's").unwrap();
         let err = create(state.path(), &meta("j/t"), b"second", None).unwrap_err();
         assert!(matches!(&err, FileError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists));
         assert_eq!(fs::read(dir.join(REQUEST)).unwrap(), b"first");
-        assert_eq!(fs::read_to_string(dir.join(files::WORKDIR).join("out")).unwrap(), "the first attempt's");
+        assert_eq!(fs::read_to_string(dir.join(taskdir::WORKDIR).join("out")).unwrap(), "the first attempt's");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::fake::{self, CgroupCall, Fakes};
 use super::*;
-use crate::supervisor::files::{self, ExitRecord, KillReason, KillRequest};
+use crate::taskdir::{self, ExitRecord, KillReason, KillRequest};
 
 /// A manager over `fakes` in `state`, running at most `slots` tasks at once.
 async fn open(state: &Path, fakes: &Fakes, slots: usize) -> TaskManager {
@@ -206,7 +206,7 @@ async fn a_timeout_ends_the_task_failed_with_its_limit() {
     m.run(TaskSpec { timeout: Some(Duration::from_secs(3)), ..spec("t", 0) }).unwrap();
     let dir = running(&m, &fakes, "t", 1).await;
     // The supervisor enforces the timeout: the manager hands it over in the launch spec.
-    let launch: crate::runtime::LaunchSpec = files::read_json(&dir, files::SPEC).unwrap().unwrap();
+    let launch: crate::runtime::LaunchSpec = taskdir::read_json(&dir, taskdir::SPEC).unwrap().unwrap();
     assert_eq!(launch.timeout_ms, Some(3000));
 
     fakes.spawner.exit(&dir, Some(killed(KillReason::Timeout)));
@@ -312,7 +312,7 @@ fn a_restarted_worker_recovers_each_state() {
         wait_state(&m, "killed", TaskState::Killed).await;
         m.run(spec("kill-asked", 0)).unwrap();
         let kill_asked = m.inner.tasks.lock().unwrap()["kill-asked"][0].dir.clone();
-        files::write_json(&kill_asked, files::KILL, &KillRequest { grace_ms: 100, worker_failure: None }).unwrap();
+        taskdir::write_json(&kill_asked, taskdir::KILL, &KillRequest { grace_ms: 100, worker_failure: None }).unwrap();
         m.run(spec("pending", 0)).unwrap();
         assert_eq!(m.status("pending").unwrap().state, TaskState::Pending);
         (running_dir, building_dir)

@@ -8,12 +8,12 @@ use super::attempt::Attempt;
 use super::kill::remove_leftovers;
 use super::state::{TaskState, outcome};
 use super::{Inner, lock};
-use crate::supervisor::files::{self, ExitRecord};
 use crate::supervisor::handle::Supervisor;
+use crate::taskdir::{self, ExitRecord};
 
 impl Attempt {
     pub(super) fn finish_from_exit(&self, inner: &Inner) {
-        match files::read_json::<ExitRecord>(&self.dir, files::EXIT) {
+        match taskdir::read_json::<ExitRecord>(&self.dir, taskdir::EXIT) {
             Ok(Some(exit)) => {
                 let mut o = outcome(&exit, self.meta.timeout_s);
                 // A later kill request may have replaced kill.json before the supervisor read it.
@@ -23,7 +23,7 @@ impl Attempt {
                     (o.state, o.error) = (TaskState::WorkerFailed, cause);
                 }
                 // A pickled entrypoint that raised left its exception's summary behind.
-                let raised = self.dir.join(files::WORKDIR).join(crate::env::entrypoint::ERROR);
+                let raised = self.dir.join(taskdir::WORKDIR).join(crate::env::entrypoint::ERROR);
                 if o.state == TaskState::Failed
                     && let Ok(summary) = std::fs::read_to_string(&raised)
                 {

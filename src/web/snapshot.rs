@@ -69,7 +69,7 @@ pub fn worker_figures(web: &Web, tasks: &[TaskView]) -> WorkerFigures {
     WorkerFigures {
         worker_id: m.worker_id().to_string(),
         version: env!("CARGO_PKG_VERSION"),
-        now_ms: crate::supervisor::files::now_ms(),
+        now_ms: iris_wire::clock::now_ms(),
         uptime_ms: m.health().uptime_ms,
         task_isolation: m.health().task_isolation,
         tasks: TaskState::ALL.iter().map(|s| (s.name(), tasks.iter().filter(|t| t.state == *s).count())).collect(),

@@ -136,7 +136,7 @@ fn status_json(v: &TaskView, history: Option<&HistoryJson>, log_lines: u64) -> S
         usage: v.usage.as_ref().map(api::usage_json),
         sample: history.and_then(|h| h.recent.last().or(h.life.last()).copied()),
         log_lines,
-        now_ms: crate::supervisor::files::now_ms(),
+        now_ms: iris_wire::clock::now_ms(),
     }
 }
 

@@ -155,8 +155,7 @@ impl Cluster {
     pub async fn launch(&self, req: &pc::LaunchJobRequest) -> Result<String, ClusterError> {
         let named;
         let req = if req.name.is_empty() {
-            let ms =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+            let ms = iris_wire::clock::now_ms();
             named = pc::LaunchJobRequest { name: format!("job-{ms}-{:08x}", random_u64() as u32), ..req.clone() };
             &named
         } else {

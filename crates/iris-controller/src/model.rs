@@ -9,10 +9,7 @@ use serde::{Deserialize, Serialize};
 use iris_wire::proto::controller::LaunchJobRequest;
 use iris_wire::proto::{JobState, TaskState, WorkerMetadata};
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub use iris_wire::clock::now_ms;
 
 /// Whether a task state is final.
 pub fn task_terminal(s: TaskState) -> bool {

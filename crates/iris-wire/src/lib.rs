@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod clock;
 pub mod cluster;
 pub mod connect;
 pub mod listen;

@@ -18,7 +18,7 @@ use crate::bundle::{Bundle, Phase};
 use crate::cachelock::Lease;
 use crate::env;
 use crate::runtime::{LaunchSpec, Mount, RuntimeKind};
-use crate::supervisor::files;
+use crate::taskdir;
 
 pub use from_dockerfile::dockerfile_of;
 
@@ -63,7 +63,7 @@ impl Environments {
 
 /// Makes the task's launch spec: environment, rootfs, mounts, limits, cgroup.
 async fn prepare(envs: &Environments, task: &dyn Preparing, spec: &TaskSpec) -> Result<LaunchSpec, EnvError> {
-    let workdir = task.dir().join(files::WORKDIR);
+    let workdir = task.dir().join(taskdir::WORKDIR);
     if spec.attempt_uid.is_some() {
         return newest::prepare(envs, task, spec, workdir).await;
     }
@@ -299,11 +299,11 @@ pub(super) fn launch_spec(
     let mut limits = spec.limits.clone();
     // Iris never sends a pids limit: the worker's default is what keeps a fork bomb in.
     limits.pids = limits.pids.or(config.default_pids_limit);
-    let mut disk_paths = vec![task.dir().join(files::WORKDIR)];
+    let mut disk_paths = vec![task.dir().join(taskdir::WORKDIR)];
     if config.runtime == RuntimeKind::Process {
         // No mount namespace to give it a /tmp of its own: a directory of the task's, which
         // counts toward its disk limit and goes with its directory.
-        let tmp = task.dir().join(TMP);
+        let tmp = task.dir().join(taskdir::TMP);
         match std::fs::DirBuilder::new().mode(0o700).create(&tmp) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
                 tracing::warn!(dir = %tmp.display(), error = %e, "creating the task's TMPDIR")
@@ -339,9 +339,6 @@ pub(super) fn launch_spec(
         leases: task.leases(),
     }
 }
-
-/// The process runtime's /tmp, in the task's directory.
-const TMP: &str = "tmp";
 
 /// A hostname from the task id: letters, digits and '-', at most 63 characters.
 fn hostname_for(task_id: &str) -> String {

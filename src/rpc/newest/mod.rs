@@ -147,7 +147,7 @@ impl NewestService {
                     state: WireState::Failed as i32,
                     exit_code: -1,
                     error: error.clone(),
-                    finished_at: Some(Timestamp { epoch_ms: crate::supervisor::files::now_ms() }),
+                    finished_at: Some(Timestamp { epoch_ms: iris_wire::clock::now_ms() }),
                     ..Default::default()
                 };
             } else if let Some(a) = now.get(&o.attempt_uid) {
@@ -164,7 +164,7 @@ impl NewestService {
     fn health(&self) -> WorkerHealth {
         let running = self.manager.uid_attempts().iter().filter(|a| a.state == crate::task::TaskState::Running).count();
         let mut snapshot = job::WorkerResourceSnapshot {
-            timestamp: Some(Timestamp { epoch_ms: crate::supervisor::files::now_ms() }),
+            timestamp: Some(Timestamp { epoch_ms: iris_wire::clock::now_ms() }),
             running_task_count: running as i32,
             ..Default::default()
         };

@@ -41,14 +41,14 @@ fn lc_err(op: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerErro
 
 /// The directory libcontainer keeps its state in, below the task directory.
 pub fn state_root(task_dir: &Path) -> PathBuf {
-    task_dir.join("runtime")
+    task_dir.join(crate::taskdir::RUNTIME_STATE)
 }
 
 impl Runtime for ContainerRuntime {
     fn create(&mut self, spec: &LaunchSpec, task_dir: &Path, io: TaskIo) -> Result<Pid, RuntimeError> {
         net_hierarchies::hide_net_hierarchies()?;
         let config = oci::build(spec)?;
-        let config_path = task_dir.join("config.json");
+        let config_path = task_dir.join(crate::taskdir::OCI_CONFIG);
         config.save(&config_path).map_err(|e| RuntimeError::Spec(format!("writing {}: {e}", config_path.display())))?;
         let root = state_root(task_dir);
         self.state_dir = Some(root.join(&spec.id));

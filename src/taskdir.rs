@@ -1,8 +1,40 @@
-//! The files of a task directory that the supervisor and the worker exchange.
+//! The state directory's layout on disk, and the one way its files are written.
 //!
-//! The supervisor is the only writer of `supervisor.pid`, `started.json` and `exit.json`; the
-//! worker is the only writer of `spec.json` and `kill.json`. Every file is written to a temp
-//! name and renamed, so a reader never sees half a file, even if the writer is killed.
+//! ```text
+//! <state-dir>/                 0700   one worker per state directory
+//!   worker.lock                       held (flock) by the worker that owns the directory
+//!   cgroup-parent                     the cgroup the worker's task cgroups are made below
+//!   lease.json                        the controller lease, renewed by the worker
+//!   iris-wire                         the wire generation the controller last answered
+//!   trash/                            removed tasks' directories, deleted in the background
+//!   tasks/                     0700   a directory per attempt (the key: task/store.rs)
+//!     <attempt-key>/           0700
+//!       task.json              0600   the worker's record of the attempt (task::store)
+//!       request.pb             0600   the request as received: a restarted worker runs it
+//!       spec.json              0600   how to launch it (runtime::LaunchSpec), for the supervisor
+//!       supervisor.pid                the supervisor's ProcessId
+//!       started.json                  Started: the task's command runs
+//!       kill.json              0600   KillRequest, from the worker (then SIGUSR1)
+//!       exit.json              0600   ExitRecord, from the supervisor, once
+//!       ended.json             0600   the worker's EndRecord of an attempt no supervisor ended
+//!       fence.json                    the lease the task is under (with a controller)
+//!       log.pushed                    newest wire: lines Iris's log service acknowledged
+//!       .<name>.tmp                   room set aside for a record (see [`reserve`])
+//!       supervisor.log                the supervisor's own diagnostics
+//!       logs/                         the task's log and its line index; with a cap: cap,
+//!                                     dropped, tail.<first line>.{bin,idx} (format: `logs`)
+//!       workdir/               0755   the task's /workdir
+//!       tmp/                          the process runtime's /tmp
+//!       build/                        a venv build step's own task directory
+//!       config.json                   the OCI config of the container
+//!       runtime/                      libcontainer's state
+//!       rootfs/, overlay/             the image rootfs mount and its upper/work dirs
+//! ```
+//!
+//! Each name is written here once, and each file has one writer: the supervisor writes
+//! `supervisor.pid`, `started.json` and `exit.json`; the worker writes `spec.json`,
+//! `kill.json`, `task.json`, `request.pb` and `ended.json`. Every record is written to a
+//! temp name and renamed, so a reader never sees half a file, even if the writer is killed.
 
 use std::fs;
 use std::io::{self, Write};
@@ -14,6 +46,26 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::CgroupStats;
 
+/// The lock of the worker that owns a state directory.
+pub const STATE_LOCK: &str = "worker.lock";
+/// The state directory's file naming the worker's parent cgroup.
+pub const PARENT_CGROUP: &str = "cgroup-parent";
+/// The state directory's controller lease, renewed by the worker.
+pub const LEASE: &str = "lease.json";
+/// The state directory's record of the wire generation the controller last answered.
+pub const IRIS_WIRE: &str = "iris-wire";
+/// Where a removed task's directories wait to be deleted: out of `tasks/`, so that a new
+/// attempt with the same key never meets the old one's files, and a restart mid-delete never
+/// adopts them.
+pub const TRASH: &str = "trash";
+/// The file in a task directory that puts the task under the lease.
+pub const FENCE: &str = "fence.json";
+/// Newest wire: the log lines of the attempt Iris's log service acknowledged.
+pub const LOG_PUSHED: &str = "log.pushed";
+pub const TASK: &str = "task.json";
+pub const REQUEST: &str = "request.pb";
+/// The worker's record of an attempt that ended with no `exit.json` behind it.
+pub const ENDED: &str = "ended.json";
 pub const SPEC: &str = "spec.json";
 pub const PID: &str = "supervisor.pid";
 pub const STARTED: &str = "started.json";
@@ -22,6 +74,18 @@ pub const EXIT: &str = "exit.json";
 pub const LOGS: &str = "logs";
 pub const WORKDIR: &str = "workdir";
 pub const SUPERVISOR_LOG: &str = "supervisor.log";
+/// The process runtime's /tmp.
+pub const TMP: &str = "tmp";
+/// A venv build step's own task directory.
+pub const BUILD: &str = "build";
+/// The container's OCI config.
+pub const OCI_CONFIG: &str = "config.json";
+/// libcontainer's state.
+pub const RUNTIME_STATE: &str = "runtime";
+/// Where a task's image rootfs is mounted.
+pub const ROOTFS: &str = "rootfs";
+/// The rootfs overlay's upper and work directories.
+pub const OVERLAY: &str = "overlay";
 
 /// Errors reading or writing the task directory's files.
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +224,7 @@ pub enum KillReason {
     /// The task kept more on disk than its `resources.disk_bytes`.
     Disk,
     /// The worker lost contact with its controller for longer than its lease
-    /// ([`super::lease`]): the supervisor fenced the task off on its own.
+    /// (`supervisor::lease`): the supervisor fenced the task off on its own.
     Fenced,
 }
 
@@ -209,13 +273,45 @@ pub struct ExitRecord {
     pub disk: Option<(u64, u64)>,
 }
 
+/// Makes an attempt's directory: root's alone, with an empty workdir (0755: what the task
+/// sees at /workdir) and `request.pb`. An existing directory is refused (`AlreadyExists`),
+/// never reused: it holds another attempt's files. On failure nothing is left behind.
+pub fn create(dir: &Path, raw_request: &[u8]) -> Result<(), FileError> {
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FileError::Io { op, path, source }
+    };
+    fs::DirBuilder::new().mode(PRIVATE_DIR_MODE).create(dir).map_err(io("creating", dir))?;
+    let request = dir.join(REQUEST);
+    let made = fs::set_permissions(dir, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+        .and_then(|()| fs::create_dir(dir.join(WORKDIR)))
+        .map_err(io("creating", dir))
+        .and_then(|()| write_private(&request, raw_request).map_err(io("writing", &request)));
+    if made.is_err() {
+        let _ = fs::remove_dir_all(dir);
+    }
+    made
+}
+
+/// Removes what preparing a task wrote into its directory (its launch spec, container
+/// config and state, build step, rootfs dirs, /tmp, and the workdir's files), keeping its
+/// record, request and log, so that it can be prepared again.
+pub fn clear_preparation(dir: &Path) {
+    for name in [SPEC, OCI_CONFIG] {
+        let _ = fs::remove_file(dir.join(name));
+    }
+    for name in [RUNTIME_STATE, BUILD, TMP, ROOTFS, OVERLAY] {
+        let _ = fs::remove_dir_all(dir.join(name));
+    }
+    let workdir = dir.join(WORKDIR);
+    let _ = fs::remove_dir_all(&workdir);
+    if let Err(e) = fs::create_dir_all(&workdir) {
+        tracing::warn!(dir = %workdir.display(), error = %e, "recreating a task's workdir");
+    }
+}
+
 /// The `tasks/` directory of a state root: a directory per attempt, which the worker and the
 /// attempt's supervisor write (here, below both, since the cache janitor watches its disk too).
 pub fn tasks_dir(state_dir: &Path) -> std::path::PathBuf {
     state_dir.join("tasks")
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -10,6 +10,8 @@
 //! export goes through the `tar` crate's `unpack_in`, which refuses the same paths and never
 //! writes through a symlink out of the root.
 
+#![warn(missing_docs)]
+
 use std::fmt;
 
 /// Why an entry's path may not be used.

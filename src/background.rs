@@ -3,6 +3,8 @@
 //! and wait until each has stopped (see [`crate::worker`]). Tasks themselves are not touched:
 //! they run under their supervisors, and the next worker on the state directory adopts them.
 
+#![warn(missing_docs)]
+
 use std::future::Future;
 
 use tokio::task::JoinHandle;
@@ -18,6 +20,7 @@ pub struct Background {
 }
 
 impl Background {
+    /// A set with nothing running, not shut down.
     pub fn new() -> Background {
         Background::default()
     }
@@ -39,6 +42,7 @@ impl Background {
         self.tracker.len()
     }
 
+    /// No loop is running.
     pub fn is_empty(&self) -> bool {
         self.tracker.is_empty()
     }

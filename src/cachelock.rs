@@ -19,6 +19,8 @@
 //! symlink): any user who could open a lock file could `flock` it and stall every maker,
 //! evictor and port allocation on the host.
 
+#![warn(missing_docs)]
+
 use std::fs::{self, File, TryLockError};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -83,6 +85,7 @@ pub struct EntryLock {
 pub struct Lease {
     /// The cache directory whose `.locks/` has the entry's lock.
     pub cache: PathBuf,
+    /// The entry's key in that cache.
     pub key: String,
     /// The entry's record, whose modification time is its last use.
     #[serde(default)]

@@ -4,6 +4,8 @@
 //! middleware counts the WorkerService's calls for `/metrics`, and its event streams end when
 //! the server shuts down.
 
+#![warn(missing_docs)]
+
 use std::future::Future;
 
 use axum::Router;

@@ -36,6 +36,8 @@
 //! `kill.json`, `task.json`, `request.pb` and `ended.json`. Every record is written to a
 //! temp name and renamed, so a reader never sees half a file, even if the writer is killed.
 
+#![warn(missing_docs)]
+
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -62,17 +64,27 @@ pub const TRASH: &str = "trash";
 pub const FENCE: &str = "fence.json";
 /// Newest wire: the log lines of the attempt Iris's log service acknowledged.
 pub const LOG_PUSHED: &str = "log.pushed";
+/// The worker's record of the attempt (`task::store::TaskMeta`).
 pub const TASK: &str = "task.json";
+/// The request as received: a restarted worker prepares an accepted task from it.
 pub const REQUEST: &str = "request.pb";
 /// The worker's record of an attempt that ended with no `exit.json` behind it.
 pub const ENDED: &str = "ended.json";
+/// How to launch the task (`runtime::LaunchSpec`), from the worker for the supervisor.
 pub const SPEC: &str = "spec.json";
+/// The supervisor's [`ProcessId`].
 pub const PID: &str = "supervisor.pid";
+/// [`Started`]: the task's command runs.
 pub const STARTED: &str = "started.json";
+/// [`KillRequest`], from the worker.
 pub const KILL: &str = "kill.json";
+/// [`ExitRecord`], from the supervisor, once.
 pub const EXIT: &str = "exit.json";
+/// The task's log directory (its format: `logs`).
 pub const LOGS: &str = "logs";
+/// The task's /workdir.
 pub const WORKDIR: &str = "workdir";
+/// The supervisor's own diagnostics.
 pub const SUPERVISOR_LOG: &str = "supervisor.log";
 /// The process runtime's /tmp.
 pub const TMP: &str = "tmp";
@@ -90,10 +102,24 @@ pub const OVERLAY: &str = "overlay";
 /// Errors reading or writing the task directory's files.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
+    /// A file or directory could not be read, written or made.
     #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        /// What was being done, e.g. "writing".
+        op: &'static str,
+        /// To which path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A record is not the JSON its reader expects (or could not be serialised).
     #[error("parsing {path}: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        /// The record.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
 }
 
 /// Room set aside for the exit record (an error message and the final figures fit easily).
@@ -188,7 +214,9 @@ pub fn read_json<T: DeserializeOwned>(dir: &Path, name: &str) -> Result<Option<T
 /// since boot (field 22 of /proc/<pid>/stat).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ProcessId {
+    /// The pid.
     pub pid: i32,
+    /// Its start time in clock ticks since boot.
     pub start_time: u64,
 }
 
@@ -242,7 +270,9 @@ pub struct KillRequest {
 /// `started.json`: the task's command is running.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Started {
+    /// The task's first process, as the host sees it.
     pub pid: i32,
+    /// When the command started (Unix ms).
     pub started_at_ms: i64,
 }
 
@@ -250,7 +280,9 @@ pub struct Started {
 /// is empty and before the cgroup is removed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ExitRecord {
+    /// When the command started (Unix ms), if it did.
     pub started_at_ms: Option<i64>,
+    /// When the task's cgroup was found empty (Unix ms).
     pub finished_at_ms: i64,
     /// The exit status, when the task exited.
     pub exit_code: Option<i32>,
@@ -258,6 +290,7 @@ pub struct ExitRecord {
     pub signal: Option<i32>,
     /// Why the task never ran (the runtime's error), when it did not.
     pub error: Option<String>,
+    /// Why the supervisor killed the task, when it did.
     pub killed: Option<KillReason>,
     /// Why the task was killed for a reason of the worker's, not the task's or a user's (lost
     /// contact with the controller, a controller reset): the attempt is WORKER_FAILED.

@@ -18,6 +18,8 @@
 //! cancelled and awaited. Tasks are not touched: their supervisors keep them running, and the
 //! next worker on the same state directory adopts them.
 
+#![warn(missing_docs)]
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,8 +53,11 @@ pub struct WorkerConfig {
     pub python: PythonConfig,
     /// How long a finished task's workdir is kept; `None` keeps it until `cleanup`.
     pub workdir_retention: Option<Duration>,
+    /// How tasks run: containers, or plain processes.
     pub runtime: RuntimeKind,
+    /// The security profile of containers.
     pub profile: Profile,
+    /// Tasks running at once; more wait in PENDING.
     pub max_concurrent_tasks: usize,
     /// The host ports tasks are given, inclusive.
     pub port_range: (u16, u16),
@@ -69,6 +74,7 @@ pub struct WorkerConfig {
     pub advertise_host: String,
     /// The address tasks bind their ports on.
     pub bind_host: String,
+    /// Time between heartbeats to a January controller.
     pub heartbeat_interval: Duration,
     /// The controller lease (see [`crate::supervisor::lease`]); `None`: none.
     pub lease: Option<Duration>,
@@ -76,6 +82,7 @@ pub struct WorkerConfig {
     pub attributes: Vec<(String, String)>,
     /// The BuildKit for Dockerfile images; `None` fails such tasks.
     pub buildkit: Option<String>,
+    /// The image store: where layers are unpacked, registries, credentials, pull policy.
     pub images: crate::env::image::ImageStoreConfig,
     /// Keep tasks off the worker's port (see [`crate::isolation`]) ...
     pub task_isolation: bool,
@@ -190,12 +197,26 @@ impl std::fmt::Debug for WorkerConfig {
 /// [`source`](std::error::Error::source) (print the chain, as `iris-worker` does).
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    /// The supervisors run as `<this program> supervise`, and its path could not be read.
     #[error("finding this program's path (for the supervisors)")]
     CurrentExe(#[source] std::io::Error),
+    /// The task manager could not open (or lock) the state directory.
     #[error("opening the state directory {}", state_dir.display())]
-    Open { state_dir: PathBuf, source: TaskError },
+    Open {
+        /// The directory.
+        state_dir: PathBuf,
+        /// Why.
+        source: TaskError,
+    },
+    /// The port could not be bound.
     #[error("listening on {addr}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Setting up or running the server failed (TLS material, the accept loop).
     #[error(transparent)]
     Serve(#[from] crate::rpc::ServeError),
 }

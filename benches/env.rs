@@ -188,7 +188,7 @@ fn big_zip(path: &Path, mb: usize) -> anyhow::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let hex = b"0123456789abcdef";
     for i in 0..mb {
-        for b in buf.iter_mut() {
+        for b in &mut buf {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
@@ -239,7 +239,7 @@ fn main() -> anyhow::Result<()> {
     let s = rt.block_on(server_figures(&exe, work.path(), n))?;
     let (ours, unzip, bytes) = rt.block_on(bundle_figures(work.path(), n))?;
 
-    let mb_s = |f: &Figure| bytes as f64 / (1 << 20) as f64 / (f.pct(0.5) / 1e3);
+    let mb_s = |f: &Figure| bytes as f64 / f64::from(1 << 20) / (f.pct(0.5) / 1e3);
     let build_ratio = s.worker_build.pct(0.5) / s.uv_build.pct(0.5);
     let added = s.cache_hit.pct(0.5) - s.no_bundle.pct(0.5);
     let unzip_ratio = unzip.pct(0.5) / ours.pct(0.5);

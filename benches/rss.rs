@@ -153,7 +153,7 @@ fn main() -> anyhow::Result<()> {
     let (idle, after, per) = rt.block_on(measure(work.path()))?;
     let peers = peers(work.path())?;
     let median = |mut v: Vec<u64>| {
-        v.sort();
+        v.sort_unstable();
         (v[v.len() / 2], v.last().copied().unwrap_or(0))
     };
     let (rss, rss_max) = median(per.iter().map(|p| p.0).collect());

@@ -26,7 +26,6 @@
 //! (`examples/embed.rs`), or a bare [`task::TaskManager`] with [`task::ManagerConfig`] and no
 //! server (`examples/run_task.rs`).
 
-
 pub mod archive;
 pub mod background;
 #[cfg(feature = "buildkit")]

@@ -193,9 +193,9 @@ async fn constraints_pick_the_zone_and_coscheduled_tasks_share_one_or_wait() {
     let s = c.wait(&job_id, JOB).await.unwrap();
     assert_eq!(job_state(&s), JobState::Succeeded, "{s:#?}");
     let mut on: Vec<&str> = s.tasks.iter().map(|t| t.worker_id.as_str()).collect();
-    on.sort();
+    on.sort_unstable();
     let mut want = vec![a1.name.as_str(), a2.name.as_str()];
-    want.sort();
+    want.sort_unstable();
     assert_eq!(on, want, "both in zone a, one per worker");
 
     // What no registered worker could ever satisfy waits, as in Iris (an autoscaler may bring

@@ -165,9 +165,7 @@ async fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>)
         if let Some(v) = f() {
             return v;
         }
-        if Instant::now() > deadline {
-            panic!("{what}: not within {within:?}");
-        }
+        assert!(Instant::now() <= deadline, "{what}: not within {within:?}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

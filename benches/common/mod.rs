@@ -69,7 +69,7 @@ pub async fn run(client: &mut WorkerServiceClient<Channel>, req: worker::RunTask
             .await?
             .into_inner();
         let state = iris_worker::rpc::state_from_proto(s.state);
-        if running.is_none() && matches!(state, Some(TaskState::Running) | Some(TaskState::Succeeded)) {
+        if running.is_none() && matches!(state, Some(TaskState::Running | TaskState::Succeeded)) {
             running = Some(t.elapsed());
         }
         if state.is_some_and(|s| s.is_terminal()) {

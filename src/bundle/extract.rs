@@ -178,7 +178,7 @@ pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<Ex
     }
     let plan = plan(&mut zip)?;
     let mut writer = Writer::new(dest, limits);
-    for entry in plan.iter() {
+    for entry in &plan {
         match &entry.kind {
             Kind::Dir => writer.make_dirs(&entry.name, &entry.parts)?,
             Kind::File { executable } => {
@@ -189,7 +189,7 @@ pub fn extract(archive: &Path, dest: &Path, limits: &ExtractLimits) -> Result<Ex
             Kind::Symlink { .. } => {}
         }
     }
-    for entry in plan.iter() {
+    for entry in &plan {
         if let Kind::Symlink { target } = &entry.kind {
             writer.make_symlink(entry, target)?;
         }
@@ -229,7 +229,7 @@ fn plan<R: Read + Seek>(zip: &mut ZipArchive<R>) -> Result<Vec<Planned>, Extract
     }
     // Symlink targets are the entries' contents: read them (bounded) now, so that every check
     // is done before the first byte is written.
-    for entry in plan.iter_mut() {
+    for entry in &mut plan {
         if let Kind::Symlink { target } = &mut entry.kind {
             let file = zip.by_index(entry.index).map_err(|e| ExtractError::entry(&entry.name, e))?;
             file.take(MAX_LINK_TARGET + 1)

@@ -451,7 +451,7 @@ async fn run(inner: Arc<Inner>, job: Job, tx: watch::Sender<Flight>) {
     };
     match &result {
         Ok(entry) => {
-            tracing::info!(bundle = %job.path, dir = %entry.dir.display(), bytes = entry.bytes, "bundle ready")
+            tracing::info!(bundle = %job.path, dir = %entry.dir.display(), bytes = entry.bytes, "bundle ready");
         }
         Err(e) => tracing::warn!(bundle = %job.path, error = %e, "bundle failed"),
     }

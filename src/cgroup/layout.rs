@@ -87,10 +87,10 @@ impl Layout {
                 _ => {}
             }
         }
-        if !v1.is_empty() {
-            Some(Layout::V1 { hierarchies: v1, unified: v2 })
-        } else {
+        if v1.is_empty() {
             v2.map(|root| Layout::V2 { root })
+        } else {
+            Some(Layout::V1 { hierarchies: v1, unified: v2 })
         }
     }
 

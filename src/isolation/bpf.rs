@@ -202,9 +202,9 @@ fn sys_bpf<T: Copy>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> 
     // write results within the union's size, which the buffer covers. Pointers inside `attr`
     // point to memory that outlives the call.
     let r = unsafe {
-        std::ptr::copy_nonoverlapping(attr as *const T as *const u8, buffer.as_mut_ptr() as *mut u8, size);
+        std::ptr::copy_nonoverlapping(std::ptr::from_ref(attr).cast::<u8>(), buffer.as_mut_ptr().cast::<u8>(), size);
         let r = libc::syscall(libc::SYS_bpf, cmd, buffer.as_mut_ptr(), size);
-        std::ptr::copy_nonoverlapping(buffer.as_ptr() as *const u8, attr as *mut T as *mut u8, size);
+        std::ptr::copy_nonoverlapping(buffer.as_ptr().cast::<u8>(), std::ptr::from_mut(attr).cast::<u8>(), size);
         r
     };
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
@@ -356,7 +356,7 @@ pub fn program(hook: Hook, map_fd: i32) -> Vec<Insn> {
     let mut p = vec![
         load_u32(R2, R1, CTX_USER_PORT),
         // The full length: port, padding and address.
-        store_imm_u32(R10, key, (8 * (key_len - 4)) as i32),
+        store_imm_u32(R10, key, i32::from(8 * (key_len - 4))),
         store_u16(R10, key + 4, R2),
         store_imm_u16(R10, key + 6, 0),
     ];
@@ -372,7 +372,7 @@ pub fn program(hook: Hook, map_fd: i32) -> Vec<Insn> {
     p.extend(load_map(R1, map_fd));
     p.extend([
         mov(R2, R10),
-        add_imm(R2, key as i32),
+        add_imm(R2, i32::from(key)),
         call(HELPER_MAP_LOOKUP_ELEM),
         // Not in the map: allow (1). In it: refuse (0: connect() or bind() fails with EPERM).
         jeq_imm(R0, 0, 2),

@@ -58,7 +58,7 @@ fn raw(addr: &SocketAddr) -> Raw {
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast::<libc::sockaddr_in>(), sin) };
             (std::mem::size_of::<libc::sockaddr_in>(), libc::AF_INET)
         }
         SocketAddr::V6(a) => {
@@ -70,7 +70,7 @@ fn raw(addr: &SocketAddr) -> Raw {
                 sin6_scope_id: 0,
             };
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast::<libc::sockaddr_in6>(), sin6) };
             (std::mem::size_of::<libc::sockaddr_in6>(), libc::AF_INET6)
         }
     };
@@ -207,7 +207,7 @@ unsafe fn child(procs_fd: i32, out_fd: i32, raws: &[Raw], binds: &[bool]) -> ! {
                 errnos[i] = *libc::__errno_location();
                 continue;
             }
-            let addr = &r.storage as *const libc::sockaddr_storage as *const libc::sockaddr;
+            let addr = std::ptr::from_ref(&r.storage).cast::<libc::sockaddr>();
             let rc = if binds[i] {
                 if r.family == libc::AF_INET6 {
                     // [::] alone: a dual-stack bind could fail on the IPv4 side for another

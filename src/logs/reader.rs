@@ -367,7 +367,7 @@ impl Scanner<'_> {
         }
         // Keep the newest lines within the budget, then restore line order.
         let mut out = Vec::new();
-        'outer: for chunk in chunks.iter_mut() {
+        'outer: for chunk in &mut chunks {
             while let Some(line) = chunk.pop() {
                 if !budget.take(line.data.len()) {
                     break 'outer;

@@ -156,12 +156,9 @@ impl Walk {
                 }
                 continue;
             };
-            let entry = match top.next() {
-                Some(Ok(entry)) => entry,
-                None | Some(Err(_)) => {
-                    self.stack.pop();
-                    continue;
-                }
+            let Some(Ok(entry)) = top.next() else {
+                self.stack.pop();
+                continue;
             };
             seen += 1;
             let name = entry.file_name();

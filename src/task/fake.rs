@@ -167,9 +167,10 @@ impl FakeSpawner {
             if let Some(t) = done(&self.state.lock().unwrap()) {
                 return t;
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("the fake supervisors saw no {what} within 5 s");
-            }
+            assert!(
+                tokio::time::timeout_at(deadline, notified).await.is_ok(),
+                "the fake supervisors saw no {what} within 5 s"
+            );
         }
     }
 

@@ -89,7 +89,7 @@ pub(super) fn adopt_all(inner: &Arc<Inner>) {
                         Ok(cache) => match cache.get(&path, None, |_| {}).await {
                             Ok(bundle) => {
                                 let lease = inner.envs.bundle_lease(&bundle);
-                                attempt.hold_bundle(bundle, lease)
+                                attempt.hold_bundle(bundle, lease);
                             }
                             Err(e) => tracing::warn!(%path, error = %e, "holding an adopted task's bundle"),
                         },

@@ -296,9 +296,10 @@ pub async fn wait_for(
         if pred(&s) {
             return s;
         }
-        if Instant::now() > deadline {
-            panic!("task {task_id} did not reach the expected state within {within:?}; last status: {s:?}");
-        }
+        assert!(
+            Instant::now() <= deadline,
+            "task {task_id} did not reach the expected state within {within:?}; last status: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

@@ -48,7 +48,7 @@ pub fn run(c: Controller, effect: Effect) {
     tokio::spawn(async move {
         match effect {
             Effect::Dispatch { task_id, attempt_id, worker_id, address, request } => {
-                dispatch(c, task_id, attempt_id, worker_id, address, *request).await
+                dispatch(c, task_id, attempt_id, worker_id, address, *request).await;
             }
             Effect::Kill { worker_id, address, task_id } => {
                 let client = c.inner.calls.client(&address);

@@ -301,8 +301,8 @@ fn unpack_tar(tar: &mut dyn Read, dest: &Path, devices: bool, out: &mut Unpacked
                     out.skipped_devices += 1;
                     continue;
                 }
-                let major = header.device_major().ok().flatten().unwrap_or(0) as u64;
-                let minor = header.device_minor().ok().flatten().unwrap_or(0) as u64;
+                let major = u64::from(header.device_major().ok().flatten().unwrap_or(0));
+                let minor = u64::from(header.device_minor().ok().flatten().unwrap_or(0));
                 let kind = if kind == EntryType::Char { SFlag::S_IFCHR } else { SFlag::S_IFBLK };
                 remove_existing(&path)?;
                 mknod(&path, kind, Mode::from_bits_truncate(mode), nix::sys::stat::makedev(major, minor)).map_err(

@@ -149,7 +149,7 @@ async fn prepare_python(
         (None, None) => return Err(EnvError::NoCommand),
     };
     let mut env = super::variables::task_env(spec, &envs.config.env, task.ports(), "/workdir");
-    for var in env.iter_mut() {
+    for var in &mut env {
         if let Some(path) = var.strip_prefix("PATH=") {
             *var = format!("PATH={}/bin:{path}", env::VENV);
         }
@@ -306,7 +306,7 @@ pub(super) fn launch_spec(
         let tmp = task.dir().join(taskdir::TMP);
         match std::fs::DirBuilder::new().mode(0o700).create(&tmp) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                tracing::warn!(dir = %tmp.display(), error = %e, "creating the task's TMPDIR")
+                tracing::warn!(dir = %tmp.display(), error = %e, "creating the task's TMPDIR");
             }
             _ => {}
         }

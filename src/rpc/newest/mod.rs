@@ -140,7 +140,7 @@ impl NewestService {
         } else {
             self.manager.uid_attempts().into_iter().map(|a| (a.attempt_uid.clone(), a)).collect()
         };
-        for o in observed.iter_mut() {
+        for o in &mut observed {
             if let Some(error) = refused.get(&o.attempt_uid) {
                 *o = AttemptObservation {
                     attempt_uid: o.attempt_uid.clone(),

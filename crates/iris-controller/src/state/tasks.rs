@@ -313,7 +313,7 @@ impl State {
         match state {
             TaskState::Building | TaskState::Running => self.set_running(&r.task_id, state, now),
             TaskState::Succeeded | TaskState::Failed | TaskState::Killed => {
-                self.end_attempt(&r.task_id, state, r.exit_code, r.error.clone(), false, now)
+                self.end_attempt(&r.task_id, state, r.exit_code, r.error.clone(), false, now);
             }
             TaskState::WorkerFailed => self.end_attempt(&r.task_id, state, r.exit_code, r.error.clone(), true, now),
             _ => {}
@@ -330,7 +330,14 @@ impl State {
         }
         match v {
             Verified::NotFound => {
-                self.end_attempt(id, TaskState::WorkerFailed, 0, format!("worker {worker_id} lost the task"), true, now)
+                self.end_attempt(
+                    id,
+                    TaskState::WorkerFailed,
+                    0,
+                    format!("worker {worker_id} lost the task"),
+                    true,
+                    now,
+                );
             }
             Verified::Status { attempt_id: theirs, .. } if theirs < attempt_id => self.end_attempt(
                 id,

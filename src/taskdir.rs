@@ -223,21 +223,15 @@ pub struct ProcessId {
 impl ProcessId {
     /// The identity of `pid` now, if it exists.
     pub fn of(pid: i32) -> Option<ProcessId> {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let start_time = rest.split(' ').nth(19)?.parse().ok()?;
-        Some(ProcessId { pid, start_time })
+        let stat = procfs::process::Process::new(pid).and_then(|p| p.stat()).ok()?;
+        Some(ProcessId { pid, start_time: stat.starttime })
     }
 
     /// True if this exact process still exists (and is not a zombie).
     pub fn is_alive(&self) -> bool {
-        let Ok(stat) = fs::read_to_string(format!("/proc/{}/stat", self.pid)) else { return false };
-        let Some(close) = stat.rfind(')') else { return false };
-        let mut fields = stat[close + 2..].split(' ');
-        let state = fields.next().unwrap_or("Z");
-        let start: Option<u64> = fields.nth(18).and_then(|s| s.parse().ok());
-        state != "Z" && state != "X" && start == Some(self.start_time)
+        procfs::process::Process::new(self.pid)
+            .and_then(|p| p.stat())
+            .is_ok_and(|s| !matches!(s.state, 'Z' | 'X') && s.starttime == self.start_time)
     }
 }
 

@@ -148,10 +148,7 @@ impl Supervisor {
 }
 
 fn is_zombie_child(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
-        .unwrap_or(false)
+    procfs::process::Process::new(pid).and_then(|p| p.stat()).is_ok_and(|s| s.state == 'Z')
 }
 
 /// Runs the launch spec already written in `dir` to its end under a new supervisor and

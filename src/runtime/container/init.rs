@@ -166,11 +166,8 @@ const INIT_NAME: &[u8] = b"iris-init";
 /// Records where this process's arguments are, for [`hide_host_details`] in a later fork.
 /// Call at the supervisor's start, on the host's /proc.
 pub fn record_arg_area() {
-    let area = std::fs::read_to_string("/proc/self/stat").ok().and_then(|stat| {
-        // Fields 48 and 49; the command name (field 2) may contain spaces: skip past its ')'.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let mut fields = rest.split(' ').skip(45);
-        Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+    let area = procfs::process::Process::myself().and_then(|p| p.stat()).ok().and_then(|stat| {
+        Some((usize::try_from(stat.arg_start?).ok()?, usize::try_from(stat.arg_end?).ok()?))
     });
     if let Some(area) = area {
         let _ = ARG_AREA.set(area);

@@ -29,6 +29,7 @@
 //!       config.json                   the OCI config of the container
 //!       runtime/                      libcontainer's state
 //!       rootfs/, overlay/             the image rootfs mount and its upper/work dirs
+//!       run/rigging/secrets/   0700   newest wire: the task's secrets (0600 files), its /run
 //! ```
 //!
 //! Each name is written here once, and each file has one writer: the supervisor writes
@@ -98,6 +99,11 @@ pub const RUNTIME_STATE: &str = "runtime";
 pub const ROOTFS: &str = "rootfs";
 /// The rootfs overlay's upper and work directories.
 pub const OVERLAY: &str = "overlay";
+/// The task's `/run` when it has secrets: `rigging/secrets/<name>` files, root's only.
+pub const RUN: &str = "run";
+/// Where the secrets are below [`RUN`] (and below `/run` in the task: Iris's
+/// `RIGGING_SECRETS_DIR`).
+pub const SECRETS_BELOW_RUN: &str = "rigging/secrets";
 
 /// Errors reading or writing the task directory's files.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +126,16 @@ pub enum FileError {
         /// Why.
         source: serde_json::Error,
     },
+}
+
+impl FileError {
+    /// What went wrong, without the path: for messages that leave the host (a task's error).
+    pub fn reason(&self) -> String {
+        match self {
+            FileError::Io { op, source, .. } => format!("{op}: {source}"),
+            FileError::Parse { source, .. } => format!("parsing: {source}"),
+        }
+    }
 }
 
 /// Room set aside for the exit record (an error message and the final figures fit easily).
@@ -320,6 +336,27 @@ pub fn create(dir: &Path, raw_request: &[u8]) -> Result<(), FileError> {
     made
 }
 
+/// Writes a task's secrets as files in `dir/run/rigging/secrets/`, directories 0700 and files
+/// 0600, root's only (the task reads them as root in its container). Returns the `run`
+/// directory. The names are file names (the wire layer checked them).
+pub fn write_secrets<'a>(
+    dir: &Path,
+    secrets: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<PathBuf, FileError> {
+    let run = dir.join(RUN);
+    let secrets_dir = run.join(SECRETS_BELOW_RUN);
+    make_private_dir(&secrets_dir).map_err(|source| FileError::Io {
+        op: "creating",
+        path: secrets_dir.clone(),
+        source,
+    })?;
+    for (name, value) in secrets {
+        let path = secrets_dir.join(name);
+        write_private(&path, value.as_bytes()).map_err(|source| FileError::Io { op: "writing", path, source })?;
+    }
+    Ok(run)
+}
+
 /// Removes what preparing a task wrote into its directory (its launch spec, container
 /// config and state, build step, rootfs dirs, /tmp, and the workdir's files), keeping its
 /// record, request and log, so that it can be prepared again.
@@ -327,7 +364,7 @@ pub fn clear_preparation(dir: &Path) {
     for name in [SPEC, OCI_CONFIG] {
         let _ = fs::remove_file(dir.join(name));
     }
-    for name in [RUNTIME_STATE, BUILD, TMP, ROOTFS, OVERLAY] {
+    for name in [RUNTIME_STATE, BUILD, TMP, ROOTFS, OVERLAY, RUN] {
         let _ = fs::remove_dir_all(dir.join(name));
     }
     let workdir = dir.join(WORKDIR);

@@ -144,7 +144,7 @@ mod reconcile {
         StopReason, desired_attempt::Intent,
     };
     use iris_worker::proto::newest::iris::job::{
-        CommandEntrypoint, Empty, RunTaskRequest, RuntimeEntrypoint, TaskState,
+        CommandEntrypoint, Empty, EnvironmentConfig, RunTaskRequest, RuntimeEntrypoint, TaskState,
     };
     use iris_worker::rpc::connect::ConnectClient;
 
@@ -161,9 +161,15 @@ mod reconcile {
 
     impl NewestWorker {
         async fn start() -> NewestWorker {
+            NewestWorker::start_as("newest").await
+        }
+
+        /// A worker whose id has `name` in it: tests of this binary run at once, and a worker's
+        /// id names its cgroups.
+        async fn start_as(name: &str) -> NewestWorker {
             let mut w = NewestWorker {
                 // The leftover check of the suite looks for this prefix.
-                id: format!("iwtest-newest-{}", std::process::id()),
+                id: format!("iwtest-{name}-{}", std::process::id()),
                 state: tempfile::Builder::new().prefix("iris-worker-test-").tempdir().unwrap(),
                 child: None,
                 client: ConnectClient::new("http://127.0.0.1:1"),
@@ -356,5 +362,53 @@ mod reconcile {
         let health = w.get("/health");
         assert!(health.starts_with("HTTP/1.1 200"), "{health}");
         assert!(health.ends_with(r#"{"status":"healthy"}"#), "{health}");
+    }
+
+    #[tokio::test]
+    #[ignore = "root: the attempt runs in a container with cgroups"]
+    async fn secrets_reach_the_task_as_root_only_files_and_nowhere_else() {
+        use std::os::unix::fs::PermissionsExt;
+        const VALUE: &str = "s3cr3t-v4lue-9f1c";
+        let w = NewestWorker::start_as("secrets").await;
+        // The task reads the secret where Iris puts it, and cannot change it.
+        let script = r#"test "$RIGGING_SECRETS_DIR" = /run/rigging/secrets || exit 10
+            cat "$RIGGING_SECRETS_DIR/hf-token" > /app/seen || exit 11
+            if echo x > "$RIGGING_SECRETS_DIR/hf-token"; then exit 12; fi"#;
+        let mut with_secret = spec("/t/secret/0", 0, "sec0", script);
+        with_secret.environment = Some(EnvironmentConfig {
+            secrets: [("hf-token".to_string(), VALUE.to_string())].into(),
+            ..Default::default()
+        });
+        let done = w
+            .until(&[run("sec0", Some(with_secret))], "sec0", |s| matches!(s, TaskState::Succeeded | TaskState::Failed))
+            .await;
+        assert_eq!(done.state(), TaskState::Succeeded, "{done:?}\n{}", w.logs());
+        let dirs: Vec<_> =
+            std::fs::read_dir(w.state.path().join("tasks")).unwrap().flatten().map(|e| e.path()).collect();
+        assert_eq!(dirs.len(), 1, "{dirs:?}");
+        let dir = &dirs[0];
+        assert_eq!(std::fs::read_to_string(dir.join("workdir/seen")).unwrap(), VALUE);
+        // On the host: root's only.
+        let mode = |p: std::path::PathBuf| std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dir.join("run/rigging/secrets/hf-token")), 0o600);
+        assert_eq!(mode(dir.join("run/rigging/secrets")), 0o700);
+        // Never in the clear in what the worker and the supervisor write about the task.
+        for (what, text) in [
+            ("the worker's log", w.logs()),
+            ("spec.json", std::fs::read_to_string(dir.join("spec.json")).unwrap_or_default()),
+            ("supervisor.log", std::fs::read_to_string(dir.join("supervisor.log")).unwrap_or_default()),
+            ("task.json", std::fs::read_to_string(dir.join("task.json")).unwrap_or_default()),
+        ] {
+            assert!(!text.contains(VALUE), "the secret is in {what}: {text}");
+        }
+        // A name that is a path is refused, naming the field.
+        let mut bad = spec("/t/secret/1", 0, "sec1", "true");
+        bad.environment = Some(EnvironmentConfig {
+            secrets: [("../escape".to_string(), VALUE.to_string())].into(),
+            ..Default::default()
+        });
+        let refused = w.until(&[run("sec1", Some(bad))], "sec1", |s| s == TaskState::Failed).await;
+        assert!(refused.error.contains("environment.secrets"), "{refused:?}");
+        assert!(!refused.error.contains(VALUE), "{refused:?}");
     }
 }

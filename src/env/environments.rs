@@ -17,8 +17,12 @@ use crate::runtime::{Profile, RuntimeKind};
 /// some name host paths the operator must fix (a missing root filesystem).
 #[derive(Debug, thiserror::Error)]
 pub enum EnvError {
-    #[error("writing workdir_files: {0}")]
+    /// The message names no host path: it reaches the controller.
+    #[error("writing workdir_files: {}", .0.reason())]
     WorkdirFiles(crate::taskdir::FileError),
+    /// Writing the newest wire's secrets files failed.
+    #[error("writing the task's secrets: {}", .0.reason())]
+    Secrets(crate::taskdir::FileError),
     #[error("the task has neither a command nor an entrypoint")]
     NoCommand,
     #[error("the root filesystem {} does not exist (run scripts/fixtures)", .0.display())]

@@ -47,6 +47,20 @@ pub struct TaskSpec {
     pub attempt_uid: Option<String>,
     /// The newest wire's large workdir files, fetched at start: (relative path, URL, sha256).
     pub workdir_file_refs: Vec<(String, String, String)>,
+    /// The newest wire's secrets (`environment.secrets`): delivered to the task as files.
+    pub secrets: Secrets,
+}
+
+/// Secrets by file name. They reach the task only as root-only files (see
+/// `env/prepare/newest.rs`); their `Debug` shows the names, never the values, so a logged spec
+/// cannot leak them.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secrets(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// An argv with optional shell lines to run before it.

@@ -5,6 +5,10 @@
 //! `IRIS_*` environment. The root filesystem is the python rootfs (bash and python3, as Iris's
 //! default task image has them).
 //!
+//! Secrets (`environment.secrets`) are files, as Iris delivers them: `$RIGGING_SECRETS_DIR`
+//! (`/run/rigging/secrets`) holds one root-only file per secret, read-only; in a container the
+//! task's `/run` is that directory tree (the shared rootfs has no `/run/rigging` to mount on).
+//!
 //! Not yet as Iris does it (docs/ARCHITECTURE.md, "Wire generations"): the setup commands run
 //! in the task's own container before its command (Iris runs them in a separate, memory-bound
 //! build container), and `task_image` is not honoured yet.
@@ -41,6 +45,7 @@ pub(super) fn task_env(
     ports: &BTreeMap<String, u16>,
     workdir: &str,
     python: &str,
+    secrets_dir: Option<&str>,
 ) -> Vec<String> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     env.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
@@ -66,6 +71,9 @@ pub(super) fn task_env(
     }
     for (name, port) in ports {
         set(&format!("IRIS_PORT_{}", name.to_ascii_uppercase()), port.to_string());
+    }
+    if let Some(dir) = secrets_dir {
+        set("RIGGING_SECRETS_DIR", dir.to_string());
     }
     env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
@@ -98,6 +106,13 @@ pub(super) async fn prepare(
             .map_err(crate::env::EnvError::CopyingBundle)?
             .map_err(crate::env::EnvError::CopyBundle)?;
     }
+    // Secrets: root-only files in the task directory; in a container they are its /run,
+    // read-only (the shared rootfs has no /run/rigging to mount on).
+    let secrets_run = if spec.secrets.0.is_empty() {
+        None
+    } else {
+        Some(crate::taskdir::write_secrets(task.dir(), &spec.secrets.0).map_err(crate::env::EnvError::Secrets)?)
+    };
     let config = &envs.config;
     let mut argv = vec!["bash".to_string(), "-c".to_string(), run_script(&command.setup_commands), "iris-run".into()];
     argv.extend(command.argv.iter().cloned());
@@ -107,12 +122,19 @@ pub(super) async fn prepare(
             if !rootfs.join("bin/bash").exists() && !rootfs.join("usr/bin/bash").exists() {
                 return Err(crate::env::EnvError::NoPythonRootfsForNewest);
             }
-            let mounts = vec![Mount { host: workdir.clone(), target: WORKDIR_IN_TASK.into(), read_only: false }];
+            let mut mounts = vec![Mount { host: workdir.clone(), target: WORKDIR_IN_TASK.into(), read_only: false }];
+            if let Some(run) = &secrets_run {
+                mounts.push(Mount { host: run.clone(), target: "/run".into(), read_only: true });
+            }
             (rootfs, mounts, WORKDIR_IN_TASK.to_string(), "python3")
         }
         RuntimeKind::Process => (PathBuf::from("/"), vec![], workdir.to_string_lossy().into_owned(), "python3"),
     };
-    let env = task_env(spec, &config.env, task.ports(), &cwd, python);
+    let secrets_dir = secrets_run.map(|run| match config.runtime {
+        RuntimeKind::Container => format!("/run/{}", crate::taskdir::SECRETS_BELOW_RUN),
+        RuntimeKind::Process => run.join(crate::taskdir::SECRETS_BELOW_RUN).to_string_lossy().into_owned(),
+    });
+    let env = task_env(spec, &config.env, task.ports(), &cwd, python, secrets_dir.as_deref());
     Ok(super::launch_spec(envs, task, spec, argv, env, cwd, rootfs, mounts))
 }
 
@@ -228,7 +250,7 @@ mod tests {
             bind_host: "127.0.0.1".into(),
             advertise_host: "10.0.0.1".into(),
         };
-        let env = task_env(&spec, &worker, &[("http".to_string(), 12000)].into(), "/app", "python3");
+        let env = task_env(&spec, &worker, &[("http".to_string(), 12000)].into(), "/app", "python3", None);
         for want in [
             "IRIS_WORKDIR=/app",
             "A=b",

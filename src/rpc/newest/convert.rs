@@ -50,9 +50,12 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
     let raw_request = req.encode_to_vec();
     let entrypoint = req.entrypoint.unwrap_or_default();
     let environment = req.environment.unwrap_or_default();
-    if !environment.secrets.is_empty() {
-        // Running without them would be wrong; writing them needs care (never world-readable).
-        return Err(invalid("environment.secrets", "are not supported by this worker yet"));
+    for name in environment.secrets.keys() {
+        // Each becomes a file of that name: a path could write anywhere.
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) || name.len() > 255 {
+            let field = format!("environment.secrets[{:?}]", crate::task::short(name));
+            return Err(invalid(&field, "must be a file name (no '/', not '.' or '..', at most 255 bytes)"));
+        }
     }
     if !req.task_image.is_empty() {
         return Err(invalid("task_image", "is not supported by this worker yet (tasks run in its python rootfs)"));
@@ -137,6 +140,7 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
         raw_request,
         attempt_uid: Some(req.attempt_uid),
         workdir_file_refs: refs,
+        secrets: crate::env::spec::Secrets(environment.secrets.into_iter().collect()),
         ..Default::default()
     };
     spec.limits.cpu_millicores = (res.cpu_millicores > 0).then_some(res.cpu_millicores as u32);
@@ -264,8 +268,8 @@ mod tests {
             }),
             ("bundle_id", |r| r.bundle_id = "../../etc".into()),
             ("task_image", |r| r.task_image = "ghcr.io/x:1".into()),
-            ("environment.secrets", |r| {
-                r.environment.as_mut().unwrap().secrets.insert("K".into(), "v".into());
+            ("environment.secrets[\"../K\"]", |r| {
+                r.environment.as_mut().unwrap().secrets.insert("../K".into(), "v".into());
             }),
         ];
         for (field, break_it) in cases {

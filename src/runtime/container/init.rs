@@ -166,9 +166,10 @@ const INIT_NAME: &[u8] = b"iris-init";
 /// Records where this process's arguments are, for [`hide_host_details`] in a later fork.
 /// Call at the supervisor's start, on the host's /proc.
 pub fn record_arg_area() {
-    let area = procfs::process::Process::myself().and_then(|p| p.stat()).ok().and_then(|stat| {
-        Some((usize::try_from(stat.arg_start?).ok()?, usize::try_from(stat.arg_end?).ok()?))
-    });
+    let area = procfs::process::Process::myself()
+        .and_then(|p| p.stat())
+        .ok()
+        .and_then(|stat| Some((usize::try_from(stat.arg_start?).ok()?, usize::try_from(stat.arg_end?).ok()?)));
     if let Some(area) = area {
         let _ = ARG_AREA.set(area);
     }

@@ -33,6 +33,12 @@ use crate::rpc::{ClientSecurity, ServeOptions, WorkerServiceImpl};
 use crate::runtime::{Profile, RuntimeKind};
 use crate::task::{Bounds, ManagerConfig, PythonConfig, TaskError, TaskManager, WorkerEnv};
 
+/// The ports a worker gives tasks on the January wire unless told otherwise.
+pub const JANUARY_PORT_RANGE: (u16, u16) = (30_000, 39_999);
+/// The ports a worker gives tasks on the newest wire unless told otherwise: Iris's worker's
+/// `DEFAULT_TASK_PORT_RANGE` (12000 up to, not including, 14000).
+pub const NEWEST_PORT_RANGE: (u16, u16) = (12_000, 13_999);
+
 /// The cache root of a worker built with [`WorkerConfig::new`].
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/iris-worker";
 
@@ -59,8 +65,9 @@ pub struct WorkerConfig {
     pub profile: Profile,
     /// Tasks running at once; more wait in PENDING.
     pub max_concurrent_tasks: usize,
-    /// The host ports tasks are given, inclusive.
-    pub port_range: (u16, u16),
+    /// The host ports tasks are given, inclusive; `None`: the wire generation's default
+    /// ([`JANUARY_PORT_RANGE`], or Iris's own [`NEWEST_PORT_RANGE`] on the newest wire).
+    pub port_range: Option<(u16, u16)>,
     /// Where the host's workers lock the ports they hand out (the same for every worker).
     pub port_lock_dir: PathBuf,
     /// The controller (`host:port` or a URL); `None`: a standalone worker.
@@ -131,7 +138,7 @@ impl WorkerConfig {
             runtime: RuntimeKind::default(),
             profile: Profile::default(),
             max_concurrent_tasks: 64,
-            port_range: (30_000, 39_999),
+            port_range: None,
             port_lock_dir: crate::task::DEFAULT_PORT_LOCKS.into(),
             controller: None,
             iris_wire: IrisWire::default(),
@@ -216,6 +223,18 @@ pub enum WorkerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The task port range holds the worker's own port: a task could be handed it.
+    #[error(
+        "the task port range {first}-{last} contains the listen port {port}: a task could be handed the worker's own port"
+    )]
+    PortRange {
+        /// The range's first port.
+        first: u16,
+        /// Its last.
+        last: u16,
+        /// The listen port.
+        port: u16,
+    },
     /// Setting up or running the server failed (TLS material, the accept loop).
     #[error(transparent)]
     Serve(#[from] crate::rpc::ServeError),
@@ -256,6 +275,10 @@ impl WorkerBuilder {
         let (generation, answered) =
             crate::join::generation(config.iris_wire, controller_client.as_ref(), &config.state_dir).await;
         let newest = generation == Generation::Newest;
+        let port_range = config.port_range.unwrap_or(if newest { NEWEST_PORT_RANGE } else { JANUARY_PORT_RANGE });
+        if (port_range.0..=port_range.1).contains(&config.listen.port()) {
+            return Err(WorkerError::PortRange { first: port_range.0, last: port_range.1, port: config.listen.port() });
+        }
         if newest && let Some(url) = &controller_url {
             crate::rpc::newest::convert::set_controller(url);
         }
@@ -265,7 +288,7 @@ impl WorkerBuilder {
             profile: config.profile,
             rootfs: config.rootfs.clone(),
             max_concurrent_tasks: config.max_concurrent_tasks,
-            port_range: config.port_range,
+            port_range,
             port_lock_dir: config.port_lock_dir.clone(),
             env: WorkerEnv {
                 worker_id: config.worker_id.clone(),

@@ -411,4 +411,17 @@ mod reconcile {
         assert!(refused.error.contains("environment.secrets"), "{refused:?}");
         assert!(!refused.error.contains(VALUE), "{refused:?}");
     }
+
+    #[tokio::test]
+    #[ignore = "root: the attempt runs in a container with cgroups"]
+    async fn a_newest_worker_hands_out_irises_own_port_range() {
+        let w = NewestWorker::start_as("ports").await;
+        let mut with_port =
+            spec("/t/port/0", 0, "p0", r#"[ "$IRIS_PORT_HTTP" -ge 12000 ] && [ "$IRIS_PORT_HTTP" -le 13999 ]"#);
+        with_port.ports = vec!["http".into()];
+        let done = w
+            .until(&[run("p0", Some(with_port))], "p0", |s| matches!(s, TaskState::Succeeded | TaskState::Failed))
+            .await;
+        assert_eq!(done.state(), TaskState::Succeeded, "IRIS_PORT_HTTP outside 12000-13999: {done:?}");
+    }
 }

@@ -14,7 +14,6 @@ use crate::runtime::{Profile, RuntimeKind};
 pub const DEFAULT_LISTEN: &str = "[::]:8080";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/iris-worker";
 pub use iris_worker::worker::DEFAULT_CACHE_DIR;
-pub const DEFAULT_PORT_RANGE: &str = "30000-39999";
 pub const DEFAULT_MAX_CONCURRENT: usize = 64;
 /// The controller lease in seconds: well under a controller's default dead-worker timeout
 /// (60 s), so the lease and its kill are over before the controller runs the tasks elsewhere.
@@ -81,7 +80,7 @@ pub struct ServeArgs {
     #[arg(long, env = "IRIS_WORKER_MAX_CONCURRENT_TASKS")]
     pub max_concurrent_tasks: Option<usize>,
     /// Host ports handed to tasks, as FIRST-LAST; may not contain the --listen port
-    /// [default: 30000-39999].
+    /// [default: 30000-39999 on the January wire; Iris's 12000-13999 on the newest].
     #[arg(long, env = "IRIS_WORKER_PORT_RANGE")]
     pub port_range: Option<String>,
     /// Where the host's workers lock the ports they hand out; every worker of a host must use
@@ -470,16 +469,20 @@ impl ServeArgs {
         };
         w.runtime = a.runtime.unwrap_or_default();
         w.profile = a.profile.unwrap_or_default();
-        w.port_range = {
-            let (first, last) = parse_port_range(&a.port_range.unwrap_or_else(|| DEFAULT_PORT_RANGE.into()))?;
-            if (first..=last).contains(&w.listen.port()) {
-                bail!(
-                    "port_range {first}-{last} contains the listen port {}: a task could be handed the worker's own \
-                     port",
-                    w.listen.port()
-                );
+        // Without one, the wire generation's (settled when the worker is built).
+        w.port_range = match a.port_range {
+            Some(range) => {
+                let (first, last) = parse_port_range(&range)?;
+                if (first..=last).contains(&w.listen.port()) {
+                    bail!(
+                        "port_range {first}-{last} contains the listen port {}: a task could be handed the worker's \
+                         own port",
+                        w.listen.port()
+                    );
+                }
+                Some((first, last))
             }
-            (first, last)
+            None => None,
         };
         w.port_lock_dir = a.port_lock_dir.unwrap_or_else(|| crate::task::DEFAULT_PORT_LOCKS.into());
         w.iris_wire = a.iris_wire.unwrap_or_default();
@@ -736,7 +739,7 @@ mod tests {
         let c = args.resolve().unwrap();
         assert_eq!(c.worker.listen.to_string(), "127.0.0.1:9000");
         assert_eq!(c.worker.max_concurrent_tasks, 7);
-        assert_eq!(c.worker.port_range, (100, 200));
+        assert_eq!(c.worker.port_range, Some((100, 200)));
         assert_eq!(c.worker.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
     }
 

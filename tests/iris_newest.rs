@@ -77,12 +77,12 @@ fn run_harness(extra: &[&str]) -> HarnessRun {
 fn harness_checks_against_iris_own_worker() {
     let run = run_harness(&[]);
     assert_eq!(run.failed, ["exec_env", "worker_restart"], "{}", run.report);
-    assert_eq!(run.checks.iter().filter(|c| c.1).count(), 9, "{}", run.report);
+    assert_eq!(run.checks.iter().filter(|c| c.1).count(), 10, "{}", run.report);
 }
 
 /// The checks iris-worker passes against Iris's newest controller, started with nothing but
 /// `serve --controller --worker-id --listen --state-dir` (it finds the wire generation itself).
-const SERVED: [&str; 8] = [
+const SERVED: [&str; 9] = [
     "echo_logs",
     "exit_code",
     "cancel",
@@ -91,6 +91,7 @@ const SERVED: [&str; 8] = [
     "large_workdir_file",
     "worker_restart",
     "process_status",
+    "worker_log",
 ];
 /// Not served yet, each for a reason (docs/ARCHITECTURE.md, "Wire generations"):
 /// - callable: the task needs the client's Python (3.12) with cloudpickle; tasks without a

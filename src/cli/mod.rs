@@ -152,6 +152,12 @@ fn supervise(task_dir: &std::path::Path, ready_fd: Option<i32>) -> ExitCode {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IRIS_WORKER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libcontainer=warn,libcgroups=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let stderr = if json { stderr.json().boxed() } else { stderr.boxed() };
+    // The worker's own lines also go to Iris's log service on the newest wire.
+    let _ =
+        tracing_subscriber::registry().with(filter).with(stderr).with(crate::join::worker_log::CaptureLayer).try_init();
 }

@@ -147,6 +147,7 @@ impl LogPusher {
 
     /// Runs the pusher until its manager shuts down ([`TaskManager::shutdown`]).
     pub fn start(&self) {
+        super::worker_log::global().enable();
         let this = self.clone();
         self.inner.manager.background().spawn(async move {
             let mut backoff = TICK;
@@ -251,7 +252,54 @@ impl LogPusher {
                 tracing::debug!(%key, from, to = last + 1, "pushed");
             }
         }
+        self.push_worker_log().await
+    }
+
+    /// The worker's own log lines (see [`super::worker_log`]) under `/system/worker/<id>`, a
+    /// few batches a pass: the attempts' lines come first.
+    async fn push_worker_log(&self) -> Result<(), String> {
+        let log = super::worker_log::global();
+        let key = worker_key(self.inner.manager.worker_id());
+        for _ in 0..4 {
+            let batch = log.peek(BATCH_LINES as usize);
+            if batch.lines.is_empty() {
+                break;
+            }
+            let entries = batch.lines.iter().map(|l| worker_entry(l, &key)).collect();
+            let req = PushLogsRequest { key: key.clone(), entries, cluster: String::new() };
+            let service = self.service().await?;
+            service
+                .call::<_, PushLogsResponse>("finelog.logging.LogService", "PushLogs", &req, CALL_TIMEOUT)
+                .await
+                .map_err(|e| format!("PushLogs of {key}: {e}"))?;
+            log.consumed(&batch);
+        }
         Ok(())
+    }
+}
+
+/// The log key of a worker's own log (Iris's `cluster/log_keys.py`).
+pub fn worker_key(worker_id: &str) -> String {
+    format!("/system/worker/{worker_id}")
+}
+
+/// A line of the worker's own log as a finelog entry (source `stderr`, where the worker writes
+/// its log; the level is the line's own).
+fn worker_entry(line: &super::worker_log::WorkerLine, key: &str) -> LogEntry {
+    let level = match line.level {
+        tracing::Level::ERROR => LogLevel::Error,
+        tracing::Level::WARN => LogLevel::Warning,
+        tracing::Level::INFO => LogLevel::Info,
+        _ => LogLevel::Debug,
+    };
+    LogEntry {
+        timestamp: Some(Timestamp { epoch_ms: line.epoch_ms }),
+        source: "stderr".into(),
+        data: line.text.clone(),
+        attempt_id: 0,
+        level: level as i32,
+        key: key.to_string(),
+        seq: 0,
     }
 }
 

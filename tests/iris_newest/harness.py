@@ -35,6 +35,7 @@ The checks (names for --only), each through Iris's client against the controller
   exec              ExecInContainer through the controller: stdout, stderr, exit code
   exec_env          ... and the exec runs in the task's environment (IRIS_TASK_ID set)
   process_status    GetProcessStatus of the worker through the controller
+  worker_log        the worker's own log lines in the log service under /system/worker/<id>
   worker_restart    (run mode only: the harness owns the worker) SIGKILL of the worker
                     while an attempt runs, worker restarted: the same attempt (0) finishes
                     SUCCEEDED and all its 40 lines are in the log service
@@ -68,6 +69,7 @@ from pathlib import Path
 
 from rigging.timing import Duration
 
+from finelog.rpc import logging_pb2
 from iris.client.client import IrisClient
 from iris.cluster.backends.rpc.backend import RpcTaskBackend, RpcWorkerStubFactory
 from iris.cluster.bundle import BundleStore
@@ -466,6 +468,28 @@ def check_process_status(ctx: Ctx) -> str:
     return f"GetProcessStatus through the controller: worker {worker_id} pid {info.pid}, rss {info.memory_rss_bytes}"
 
 
+def check_worker_log(ctx: Ctx) -> str:
+    with _controller_stub(ctx) as stub:
+        workers = [w for w in stub.list_workers(controller_pb2.Controller.ListWorkersRequest()).workers if w.healthy]
+    _expect(bool(workers), "no healthy worker")
+    worker_id = ctx.worker_id or workers[0].worker_id
+    key = f"/system/worker/{worker_id}"
+    entries: list = []
+
+    def probe():
+        nonlocal entries
+        # What Iris's client does for a task's logs, with the worker's key.
+        response = ctx.client()._cluster_client.fetch_logs(key, match_scope=logging_pb2.MATCH_SCOPE_EXACT)
+        entries = list(response.entries)
+        return bool(entries)
+
+    try:
+        _poll(f"lines under {key}", probe, deadline_s=30)
+    except TimeoutError as e:
+        raise CheckFailed(str(e)) from None
+    return f"{len(entries)} lines of the worker's own log under {key}, the first {entries[0].data[:80]!r}"
+
+
 def check_worker_restart(ctx: Ctx) -> str:
     if ctx.restart_worker is None:
         raise CheckFailed("needs `run` mode (the harness must own the worker)")
@@ -496,6 +520,7 @@ CHECKS: dict[str, Callable[[Ctx], str]] = {
     "exec": check_exec,
     "exec_env": check_exec_env,
     "process_status": check_process_status,
+    "worker_log": check_worker_log,
     "worker_restart": check_worker_restart,
 }
 

@@ -6,9 +6,11 @@
 //! keep-alive here, the rules there, the actions applied to the task manager, and the reply
 //! built from in-memory state (the controller gives up after 3 s). GetTaskStatus, ListTasks and
 //! HealthCheck answer from the task manager, GetProcessStatus from the worker's own /proc
-//! ([`process`]). ExecInContainer and ProfileTask are not served yet (UNIMPLEMENTED).
+//! ([`process`]), ExecInContainer runs a command inside the task ([`exec`]). ProfileTask is not
+//! served yet (UNIMPLEMENTED).
 
 pub mod convert;
+mod exec;
 mod keepalive;
 mod process;
 pub mod reconcile;
@@ -323,7 +325,18 @@ impl ConnectService for NewestService {
                 )
                 .await
             }
-            "ExecInContainer" | "ProfileTask" => Err(Status::new(
+            "ExecInContainer" => {
+                unary_in(
+                    Generation::Newest,
+                    codec,
+                    "iris.cluster.Worker.ExecInContainerRequest",
+                    "iris.cluster.Worker.ExecInContainerResponse",
+                    &body,
+                    |r| async move { exec::exec_in_container(&s.manager, r).await },
+                )
+                .await
+            }
+            "ProfileTask" => Err(Status::new(
                 Code::Unimplemented,
                 format!("{method} is not served by this worker yet (newest wire)"),
             )),

@@ -1,0 +1,367 @@
+//! ExecInContainer on the newest Iris wire, against a real worker (`serve --iris-wire newest`)
+//! running a real container: the command runs inside the task — its filesystem, pid, mount,
+//! ipc and uts namespaces, its cgroup, user, capabilities and seccomp filter, its environment
+//! and workdir — with Iris's answers for exit codes, stderr, timeouts, unknown tasks and an
+//! empty command.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use iris_worker::proto::newest::iris::cluster::worker::{
+    self, AttemptSpec, DesiredAttempt, ExecInContainerRequest, ExecInContainerResponse, ReconcileRequest,
+    ReconcileResponse, desired_attempt::Intent,
+};
+use iris_worker::proto::newest::iris::job::{self, CommandEntrypoint, RunTaskRequest, RuntimeEntrypoint};
+use iris_worker::rpc::connect::ConnectClient;
+
+const SERVICE: &str = "iris.cluster.WorkerService";
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_iris-worker")
+}
+
+fn cache() -> PathBuf {
+    std::env::var_os("IRIS_CACHE_DIR").map_or_else(|| PathBuf::from("/var/cache/iris-worker"), PathBuf::from)
+}
+
+/// A worker on the newest wire (Connect only, no controller), removed with everything it left
+/// when dropped.
+struct NewestWorker {
+    id: String,
+    state: tempfile::TempDir,
+    _cache: tempfile::TempDir,
+    ports: tempfile::TempDir,
+    child: Option<Child>,
+    client: ConnectClient,
+}
+
+impl NewestWorker {
+    async fn start(name: &str, extra: &[&str]) -> NewestWorker {
+        let state = tempfile::Builder::new().prefix("iris-worker-test-").tempdir().unwrap();
+        let own_cache = tempfile::Builder::new().prefix("iris-worker-test-cache-").tempdir().unwrap();
+        let ports = tempfile::Builder::new().prefix("iris-worker-test-ports-").tempdir().unwrap();
+        let id = format!("iwtest-{name}-{}", std::process::id());
+        let port = loop {
+            let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            if p >= 40_000 {
+                break p;
+            }
+        };
+        let log = std::fs::File::create(state.path().join("worker.log")).unwrap();
+        let rootfs = std::env::var_os("IRIS_TEST_ROOTFS").map_or_else(|| cache().join("rootfs/busybox"), PathBuf::from);
+        let child = Command::new(exe())
+            .args(["serve", "--iris-wire", "newest", "--listen", &format!("127.0.0.1:{port}"), "--worker-id", &id])
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("--cache-dir")
+            .arg(own_cache.path())
+            .arg("--rootfs")
+            .arg(rootfs)
+            .arg("--python-rootfs")
+            .arg(cache().join("rootfs/python"))
+            .arg("--port-lock-dir")
+            .arg(ports.path())
+            .args([
+                "--min-free-disk",
+                "0",
+                "--soft-free-disk",
+                "0",
+                "--target-free-disk",
+                "0",
+                "--min-free-inodes",
+                "0",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut w = NewestWorker {
+            id,
+            state,
+            _cache: own_cache,
+            ports,
+            child: Some(child),
+            client: ConnectClient::new(&format!("http://127.0.0.1:{port}")),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let health: Result<worker::HealthResponse, _> =
+                w.client.call(SERVICE, "HealthCheck", &job::Empty {}, Duration::from_secs(2)).await;
+            if health.is_ok() {
+                return w;
+            }
+            assert!(Instant::now() < deadline, "the worker did not answer: {}", w.log());
+            if let Some(Some(status)) = w.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
+                panic!("the worker exited {status}: {}", w.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("worker.log")).unwrap_or_default()
+    }
+
+    async fn reconcile(&self, desired: Vec<DesiredAttempt>) -> ReconcileResponse {
+        let req = ReconcileRequest { worker_id: self.id.clone(), desired };
+        self.client.call(SERVICE, "Reconcile", &req, Duration::from_secs(10)).await.unwrap()
+    }
+
+    async fn exec(&self, task_id: &str, command: &[&str], timeout_seconds: i32) -> ExecInContainerResponse {
+        self.try_exec(task_id, command, timeout_seconds).await.unwrap()
+    }
+
+    async fn try_exec(
+        &self,
+        task_id: &str,
+        command: &[&str],
+        timeout_seconds: i32,
+    ) -> Result<ExecInContainerResponse, iris_worker::rpc::connect::ConnectError> {
+        let req = ExecInContainerRequest {
+            task_id: task_id.into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            timeout_seconds,
+        };
+        self.client.call(SERVICE, "ExecInContainer", &req, Duration::from_secs(120)).await
+    }
+
+    async fn task_state(&self, task_id: &str) -> i32 {
+        let req = worker::GetTaskStatusRequest { task_id: task_id.into() };
+        let status: job::TaskStatus =
+            self.client.call(SERVICE, "GetTaskStatus", &req, Duration::from_secs(10)).await.unwrap();
+        status.state
+    }
+}
+
+impl Drop for NewestWorker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new(exe())
+            .arg("cleanup")
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .arg("--all")
+            .arg("--port-lock-dir")
+            .arg(self.ports.path())
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+fn run(uid: &str, task_id: &str, script: &str) -> DesiredAttempt {
+    let request = RunTaskRequest {
+        task_id: task_id.into(),
+        num_tasks: 1,
+        attempt_uid: uid.into(),
+        entrypoint: Some(RuntimeEntrypoint {
+            run_command: Some(CommandEntrypoint { argv: vec!["bash".into(), "-c".into(), script.into()] }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    DesiredAttempt { attempt_uid: uid.into(), intent: Some(Intent::Run(AttemptSpec { request: Some(request) })) }
+}
+
+/// Host pids of processes whose command line is exactly `argv`.
+fn pids_with_cmdline(argv: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+async fn poll<T>(what: &str, within: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn status_line(pid: i32, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines().find(|l| l.starts_with(key)).unwrap_or_default().to_string()
+}
+
+fn ns(pid: &str, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap().to_string_lossy().into_owned()
+}
+
+#[tokio::test]
+#[ignore = "root: the task runs in a container with cgroups; the exec enters it"]
+async fn exec_runs_inside_the_task_container() {
+    let w = NewestWorker::start("exec", &[]).await;
+    let task = "/test/exec/0";
+    // A marker the task writes in its workdir, and a command line no other process has.
+    let nap = "987.654";
+    let resp = w
+        .reconcile(vec![run("00000000000000e1", task, &format!("echo written-by-task > marker.txt; exec sleep {nap}"))])
+        .await;
+    assert_eq!(resp.observed.len(), 1, "{resp:?}");
+    poll("the task RUNNING", Duration::from_secs(60), async || {
+        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
+    })
+    .await;
+    let task_pid =
+        poll("the task's sleep", Duration::from_secs(30), async || pids_with_cmdline(&["sleep", nap]).pop()).await;
+
+    // The task's filesystem, from its workdir: the file the task wrote.
+    let r = poll("the marker file", Duration::from_secs(30), async || {
+        let r = w.exec(task, &["cat", "marker.txt"], 0).await;
+        (r.exit_code == 0).then_some(r)
+    })
+    .await;
+    assert_eq!((r.stdout.as_str(), r.error.as_str()), ("written-by-task\n", ""), "{r:?}");
+    let r = w.exec(task, &["pwd"], 0).await;
+    assert_eq!(r.stdout, "/app\n", "the task's workdir: {r:?}");
+
+    // Its pid namespace: pid 1 is the task's init, and the task's command is there.
+    let r = w.exec(task, &["cat", "/proc/1/cmdline"], 0).await;
+    assert_eq!(r.stdout.trim_end_matches('\0'), "iris-init", "{r:?}");
+    let r = w.exec(task, &["bash", "-c", "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done"], 0).await;
+    assert!(r.stdout.lines().any(|l| l.trim() == format!("sleep {nap}")), "the task's command among {:?}", r.stdout);
+    // Every namespace the task has, and not the host's.
+    let r = w.exec(task, &["bash", "-c", "for n in mnt pid ipc uts net; do readlink /proc/self/ns/$n; done"], 0).await;
+    let seen: Vec<&str> = r.stdout.lines().collect();
+    for (i, kind) in ["mnt", "pid", "ipc", "uts", "net"].iter().enumerate() {
+        assert_eq!(seen.get(i).copied(), Some(ns(&task_pid.to_string(), kind).as_str()), "{kind}: {r:?}");
+    }
+    assert_ne!(seen[0], ns("self", "mnt"), "not the host's mount namespace");
+    // The task's environment.
+    let r = w.exec(task, &["bash", "-c", "echo $IRIS_TASK_ID"], 0).await;
+    assert_eq!(r.stdout, format!("{task}:0\n"));
+
+    // The task's user, capabilities, no-new-privileges and seccomp filter.
+    let r = w
+        .exec(
+            task,
+            &["bash", "-c", "id -u; id -g; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status"],
+            0,
+        )
+        .await;
+    let want: Vec<String> =
+        ["CapEff:", "CapBnd:", "NoNewPrivs:", "Seccomp:"].iter().map(|k| status_line(task_pid, k)).collect();
+    let mut lines = r.stdout.lines();
+    assert_eq!((lines.next(), lines.next()), (Some("0"), Some("0")), "{r:?}");
+    let got: Vec<String> = lines.map(str::to_string).collect();
+    assert_eq!(got, want, "the task's credentials and filter");
+    assert!(want[3].ends_with('2'), "the task runs under a seccomp filter: {want:?}");
+
+    // The task's cgroup, in every hierarchy, while the exec runs.
+    let long = "321.5";
+    let sleep_argv = ["sleep", long];
+    let pending = w.exec(task, &sleep_argv, 30);
+    let check = async {
+        let pid =
+            poll("the exec'd sleep", Duration::from_secs(30), async || pids_with_cmdline(&["sleep", long]).pop()).await;
+        let cgroups = |p: i32| std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap();
+        assert_eq!(cgroups(pid), cgroups(task_pid), "the exec is in the task's cgroups");
+        let memory = cgroups(pid).lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()));
+        if let Some(path) = memory {
+            let procs = std::fs::read_to_string(format!("/sys/fs/cgroup/memory{path}/cgroup.procs")).unwrap();
+            assert!(procs.lines().any(|l| l == pid.to_string()), "{pid} in the task's cgroup.procs: {procs}");
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    };
+    let (r, ()) = tokio::join!(pending, check);
+    assert_eq!(r.exit_code, 128 + 9, "killed by SIGKILL: {r:?}");
+
+    // Exit codes and stderr.
+    let r = w.exec(task, &["bash", "-c", "echo out; echo err >&2; exit 7"], 0).await;
+    assert_eq!((r.exit_code, r.stdout.as_str(), r.stderr.as_str(), r.error.as_str()), (7, "out\n", "err\n", ""));
+    let r = w.exec(task, &["no-such-command"], 0).await;
+    assert_eq!(r.exit_code, 127, "{r:?}");
+    assert!(r.stderr.contains("no-such-command"), "{r:?}");
+
+    // Output is capped at 1 MiB per stream, with a marker.
+    let r = w.exec(task, &["bash", "-c", "head -c 3000000 /dev/zero | tr '\\0' a"], 0).await;
+    assert_eq!(r.exit_code, 0);
+    assert!(r.stdout.starts_with(&"a".repeat(1 << 20)), "{}", r.stdout.len());
+    assert!(
+        r.stdout.ends_with(
+            "[iris-worker: 1951424 more bytes of output dropped: an exec returns at most 1 MiB per stream]\n"
+        )
+    );
+
+    // A timeout kills the command and what it started.
+    let started = Instant::now();
+    let r = w.exec(task, &["bash", "-c", "sleep 555.1 & sleep 555.2; echo never"], 1).await;
+    assert!(r.error.contains("did not finish within 1 s"), "{r:?}");
+    assert_eq!(r.exit_code, 128 + 9, "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    for nap in ["555.1", "555.2"] {
+        poll("the timed-out session gone", Duration::from_secs(10), async || {
+            pids_with_cmdline(&["sleep", nap]).is_empty().then_some(())
+        })
+        .await;
+    }
+
+    // Unknown task: HTTP 200, exit code 0, the error. Empty command: INVALID_ARGUMENT.
+    let r = w.exec("/test/no-such/0", &["true"], 0).await;
+    assert_eq!((r.exit_code, r.error.as_str()), (0, "Task /test/no-such/0 not found"), "{r:?}");
+    match w.try_exec(task, &[], 0).await {
+        Err(iris_worker::rpc::connect::ConnectError::Status { code, message, .. }) => {
+            assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+            assert!(message.contains("command"), "{message}");
+        }
+        other => panic!("an empty command: {other:?}"),
+    }
+
+    // A task that is no longer running.
+    w.reconcile(vec![DesiredAttempt {
+        attempt_uid: "00000000000000e1".into(),
+        intent: Some(Intent::Stop(worker::StopReason::Cancelled as i32)),
+    }])
+    .await;
+    poll("the task ended", Duration::from_secs(30), async || {
+        (w.task_state(task).await == job::TaskState::Killed as i32).then_some(())
+    })
+    .await;
+    let r = w.exec(task, &["true"], 0).await;
+    assert_eq!((r.exit_code, r.error.as_str()), (0, "Task /test/exec/0 is not running (state=TASK_STATE_KILLED)"));
+}
+
+#[tokio::test]
+#[ignore = "root: the process runtime's task runs in its own cgroup; the exec joins it"]
+async fn exec_beside_a_process_runtime_task_joins_its_cgroup_and_workdir() {
+    let w = NewestWorker::start("exec-process", &["--runtime", "process"]).await;
+    let task = "/test/exec-process/0";
+    let nap = "987.655";
+    w.reconcile(vec![run("00000000000000e2", task, &format!("echo written-by-task > marker.txt; exec sleep {nap}"))])
+        .await;
+    poll("the task RUNNING", Duration::from_secs(60), async || {
+        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
+    })
+    .await;
+    let task_pid =
+        poll("the task's sleep", Duration::from_secs(30), async || pids_with_cmdline(&["sleep", nap]).pop()).await;
+    let r = poll("the marker file", Duration::from_secs(30), async || {
+        let r = w.exec(task, &["cat", "marker.txt"], 0).await;
+        (r.exit_code == 0).then_some(r)
+    })
+    .await;
+    assert_eq!(r.stdout, "written-by-task\n", "{r:?}");
+    // Its workdir (a host path: the process runtime has no mount namespace) and environment.
+    let r = w.exec(task, &["bash", "-c", "pwd; echo $IRIS_TASK_ID"], 0).await;
+    let cwd = std::fs::read_link(format!("/proc/{task_pid}/cwd")).unwrap();
+    assert_eq!(r.stdout, format!("{}\n{task}:0\n", cwd.display()), "{r:?}");
+    // Its cgroups, in every hierarchy.
+    let r = w.exec(task, &["cat", "/proc/self/cgroup"], 0).await;
+    let task_cgroups = std::fs::read_to_string(format!("/proc/{task_pid}/cgroup")).unwrap();
+    assert_eq!(r.stdout, task_cgroups, "{r:?}");
+    assert!(task_cgroups.contains(&w.id), "the task's own cgroup: {task_cgroups}");
+}

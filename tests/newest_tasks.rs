@@ -1,8 +1,11 @@
-//! ExecInContainer on the newest Iris wire, against a real worker (`serve --iris-wire newest`)
-//! running a real container: the command runs inside the task — its filesystem, pid, mount,
-//! ipc and uts namespaces, its cgroup, user, capabilities and seccomp filter, its environment
-//! and workdir — with Iris's answers for exit codes, stderr, timeouts, unknown tasks and an
-//! empty command.
+//! Tasks of the newest Iris wire against a real worker (`serve --iris-wire newest`, driven over
+//! Connect as Iris's controller drives it) running real containers:
+//! - ExecInContainer: the command runs inside the task — its filesystem, pid, mount, ipc and
+//!   uts namespaces, its cgroup, user, capabilities and seccomp filter, its environment and
+//!   workdir — with Iris's answers for exit codes, stderr, timeouts, unknown tasks and an empty
+//!   command; beside a process-runtime task, in its cgroup and workdir;
+//! - container profiles: each one's capabilities, filter and network, read from the task's own
+//!   /proc entries.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -155,7 +158,12 @@ impl Drop for NewestWorker {
 }
 
 fn run(uid: &str, task_id: &str, script: &str) -> DesiredAttempt {
+    run_as(uid, task_id, script, job::ContainerProfile::Unspecified)
+}
+
+fn run_as(uid: &str, task_id: &str, script: &str, profile: job::ContainerProfile) -> DesiredAttempt {
     let request = RunTaskRequest {
+        container_profile: profile as i32,
         task_id: task_id.into(),
         num_tasks: 1,
         attempt_uid: uid.into(),
@@ -364,4 +372,80 @@ async fn exec_beside_a_process_runtime_task_joins_its_cgroup_and_workdir() {
     let task_cgroups = std::fs::read_to_string(format!("/proc/{task_pid}/cgroup")).unwrap();
     assert_eq!(r.stdout, task_cgroups, "{r:?}");
     assert!(task_cgroups.contains(&w.id), "the task's own cgroup: {task_cgroups}");
+}
+
+/// (CapEff, NoNewPrivs, Seccomp) of a task started with `profile`, its network interfaces and
+/// network namespace, read from the host's /proc.
+async fn task_under(
+    w: &NewestWorker,
+    profile: job::ContainerProfile,
+    n: u32,
+) -> (String, String, String, Vec<String>, String) {
+    let task = format!("/test/profile-{n}/0");
+    let nap = format!("876.{n}");
+    w.reconcile(vec![run_as(&format!("00000000000000f{n}"), &task, &format!("exec sleep {nap}"), profile)]).await;
+    let pid = poll("the task's sleep", Duration::from_secs(60), async || {
+        let req = worker::GetTaskStatusRequest { task_id: task.clone() };
+        let s: job::TaskStatus = w.client.call(SERVICE, "GetTaskStatus", &req, Duration::from_secs(10)).await.unwrap();
+        assert!(s.state <= job::TaskState::Running as i32, "{profile:?}: {s:?}");
+        pids_with_cmdline(&["sleep", &nap]).pop()
+    })
+    .await;
+    let net = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+    // Two header lines, then "  name: counters".
+    let interfaces = net.lines().skip(2).filter_map(|l| l.split(':').next()).map(|s| s.trim().to_string()).collect();
+    let value = |k: &str| status_line(pid, k).split_whitespace().nth(1).unwrap_or_default().to_string();
+    (value("CapEff:"), value("NoNewPrivs:"), value("Seccomp:"), interfaces, ns(&pid.to_string(), "net"))
+}
+
+#[tokio::test]
+#[ignore = "root: tasks run in containers with cgroups, one per container profile"]
+async fn container_profiles_set_capabilities_filter_and_network() {
+    use job::ContainerProfile as P;
+    let w = NewestWorker::start("profiles", &[]).await;
+    let host_net = ns("self", "net");
+    let own_caps = status_line(std::process::id() as i32, "CapEff:").split_whitespace().nth(1).unwrap().to_string();
+    const PTRACE: &str = "0000000000080000"; // CAP_SYS_PTRACE alone (bit 19)
+    const NONE: &str = "0000000000000000";
+
+    let (caps, nnp, seccomp, _, net) = task_under(&w, P::Restricted, 1).await;
+    assert_eq!((caps.as_str(), nnp.as_str(), seccomp.as_str()), (NONE, "1", "2"), "RESTRICTED");
+    assert_eq!(net, host_net, "RESTRICTED shares the host's network");
+    for (n, profile) in [(2, P::Default), (3, P::Unspecified)] {
+        let (caps, nnp, seccomp, _, _) = task_under(&w, profile, n).await;
+        assert_eq!((caps.as_str(), nnp.as_str(), seccomp.as_str()), (PTRACE, "1", "2"), "{profile:?}");
+    }
+    let (caps, nnp, seccomp, _, _) = task_under(&w, P::Privileged, 4).await;
+    assert_eq!((caps.as_str(), nnp.as_str(), seccomp.as_str()), (own_caps.as_str(), "0", "0"), "PRIVILEGED");
+    let (caps, nnp, seccomp, interfaces, net) = task_under(&w, P::Sandbox, 5).await;
+    assert_eq!((caps.as_str(), nnp.as_str(), seccomp.as_str()), (PTRACE, "1", "2"), "SANDBOX");
+    assert_eq!(interfaces, ["lo"], "SANDBOX sees only lo");
+    assert_ne!(net, host_net, "SANDBOX has a network namespace of its own");
+
+    // GVISOR: refused at once, the error naming runsc.
+    let resp = w.reconcile(vec![run_as("00000000000000f6", "/test/profile-6/0", "true", P::Gvisor)]).await;
+    let o = &resp.observed[0];
+    assert_eq!(o.state, job::TaskState::Failed as i32, "{o:?}");
+    assert!(o.error.contains("GVISOR") && o.error.contains("runsc"), "{o:?}");
+
+    // DOCKER_ACCESS: the host's Docker socket when there is one, refused when there is none.
+    use std::os::unix::fs::FileTypeExt;
+    let socket = std::fs::metadata("/var/run/docker.sock").is_ok_and(|m| m.file_type().is_socket());
+    if socket {
+        let (caps, ..) = task_under(&w, P::DockerAccess, 7).await;
+        assert_eq!(caps, PTRACE, "DOCKER_ACCESS");
+    } else {
+        let task = "/test/profile-7/0";
+        w.reconcile(vec![run_as("00000000000000f7", task, "true", P::DockerAccess)]).await;
+        poll("DOCKER_ACCESS refused", Duration::from_secs(60), async || {
+            let req = worker::GetTaskStatusRequest { task_id: task.into() };
+            let s: job::TaskStatus =
+                w.client.call(SERVICE, "GetTaskStatus", &req, Duration::from_secs(10)).await.unwrap();
+            (s.state == job::TaskState::Failed as i32).then_some(s)
+        })
+        .await;
+        let req = worker::GetTaskStatusRequest { task_id: task.into() };
+        let s: job::TaskStatus = w.client.call(SERVICE, "GetTaskStatus", &req, Duration::from_secs(10)).await.unwrap();
+        assert!(s.error.contains("DOCKER_ACCESS") && s.error.contains("Docker socket"), "{s:?}");
+    }
 }

@@ -449,3 +449,113 @@ async fn container_profiles_set_capabilities_filter_and_network() {
         assert!(s.error.contains("DOCKER_ACCESS") && s.error.contains("Docker socket"), "{s:?}");
     }
 }
+
+#[tokio::test]
+#[ignore = "root: the task runs in a container; ProfileTask execs py-spy into it"]
+async fn profile_task_answers_every_failure_in_its_error() {
+    use job::{ProfileTaskRequest, ProfileTaskResponse, ProfileType, ThreadsProfile, profile_type::Profiler};
+    let w = NewestWorker::start("profile", &[]).await;
+    let task = "/test/profile/0";
+    w.reconcile(vec![run("00000000000000d1", task, "exec sleep 765.4")]).await;
+    poll("the task RUNNING", Duration::from_secs(60), async || {
+        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
+    })
+    .await;
+    let ask = async |target: &str, profiler: Option<Profiler>| -> ProfileTaskResponse {
+        let req = ProfileTaskRequest {
+            target: target.into(),
+            duration_seconds: 0,
+            profile_type: profiler.map(|p| ProfileType { profiler: Some(p) }),
+        };
+        w.client.call(SERVICE, "ProfileTask", &req, Duration::from_secs(60)).await.unwrap()
+    };
+    let threads = || Some(Profiler::Threads(ThreadsProfile { locals: false, native: false }));
+    assert_eq!(ask(task, None).await.error, "profile_type is required");
+    assert_eq!(ask("/test/nope/0", threads()).await.error, "Task /test/nope/0 not found");
+    let r = ask(&format!("{task}:1"), threads()).await;
+    assert!(r.error.contains("not its current attempt"), "{r:?}");
+    let r = ask(task, Some(Profiler::Cpu(Default::default()))).await;
+    assert!(r.error.contains("only threads"), "{r:?}");
+    // The python rootfs has no py-spy, and the task no venv: said so, from inside the task.
+    let r = ask(&format!("{task}:0"), threads()).await;
+    assert!(r.error.contains("py-spy is not installed in the task"), "{r:?}");
+    assert!(r.profile_data.is_empty());
+}
+
+/// py-spy's binary, from its wheel in the fixtures (`scripts/fixtures wheels`).
+fn py_spy_binary() -> Vec<u8> {
+    let mut dirs = vec![cache().join("wheels")];
+    // Another checkout's fixtures may point `wheels` at its own set: any set with py-spy will do.
+    dirs.extend(
+        std::fs::read_dir(cache())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("wheels-"))),
+    );
+    let wheel = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten().map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("py_spy-")))
+        .expect("no py-spy wheel in the fixtures: run scripts/fixtures wheels");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+             n = next(n for n in z.namelist() if n.endswith('/scripts/py-spy')); sys.stdout.buffer.write(z.read(n))",
+        )
+        .arg(&wheel)
+        .output()
+        .unwrap();
+    assert!(out.status.success() && !out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+#[tokio::test]
+#[ignore = "root: the task runs in a container; ProfileTask runs py-spy inside it"]
+async fn profile_task_dumps_the_task_threads_with_its_venv_py_spy() {
+    use job::{ProfileTaskRequest, ProfileTaskResponse, ProfileType, ThreadsProfile, profile_type::Profiler};
+    let w = NewestWorker::start("pyspy", &[]).await;
+    let task = "/test/pyspy/0";
+    let script = "import time\ndef napping_function():\n    time.sleep(600)\nnapping_function()\n";
+    let request = RunTaskRequest {
+        task_id: task.into(),
+        num_tasks: 1,
+        attempt_uid: "00000000000000d2".into(),
+        entrypoint: Some(RuntimeEntrypoint {
+            setup_commands: vec!["chmod +x .venv/bin/py-spy".into()],
+            run_command: Some(CommandEntrypoint { argv: vec!["python3".into(), "-c".into(), script.into()] }),
+            workdir_files: [(".venv/bin/py-spy".to_string(), py_spy_binary())].into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let desired = DesiredAttempt {
+        attempt_uid: "00000000000000d2".into(),
+        intent: Some(Intent::Run(AttemptSpec { request: Some(request) })),
+    };
+    w.reconcile(vec![desired]).await;
+    poll("the task RUNNING", Duration::from_secs(60), async || {
+        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
+    })
+    .await;
+    let req = ProfileTaskRequest {
+        target: task.into(),
+        duration_seconds: 0,
+        profile_type: Some(ProfileType { profiler: Some(Profiler::Threads(ThreadsProfile::default())) }),
+    };
+    // The interpreter may still be starting: poll until the function is on its stack.
+    let r = poll("a dump with the task's function", Duration::from_secs(60), async || {
+        let r: ProfileTaskResponse =
+            w.client.call(SERVICE, "ProfileTask", &req, Duration::from_secs(60)).await.unwrap();
+        String::from_utf8_lossy(&r.profile_data).contains("napping_function").then_some(r)
+    })
+    .await;
+    assert_eq!(r.error, "");
+    // Every process of the task runs again after the dump (py-spy stops them while it reads).
+    let pid = pids_with_cmdline(&["python3", "-c", script]).pop().expect("the task's python");
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let state = state.rsplit(')').next().unwrap().split_whitespace().next().unwrap().to_string();
+    assert_ne!(state, "T", "the task is left stopped");
+}

@@ -645,12 +645,12 @@ impl TaskManager {
         Ok(())
     }
 
-    /// The current attempt of `task_id` (its latest), for an exec into it: its state and its
-    /// task directory (see [`crate::exec`]).
-    pub fn exec_target(&self, task_id: &str) -> Result<(TaskState, PathBuf), TaskError> {
+    /// The current attempt of `task_id` (its latest), for an exec into it: its attempt id,
+    /// state and task directory (see [`crate::exec`]).
+    pub fn exec_target(&self, task_id: &str) -> Result<(i32, TaskState, PathBuf), TaskError> {
         let attempt = self.current(task_id)?;
         let state = attempt.state();
-        Ok((state, attempt.dir.clone()))
+        Ok((attempt.meta.attempt_id, state, attempt.dir.clone()))
     }
 
     /// This program, run as `<exe> supervise <dir>` for each task and `<exe> exec <dir>` for

@@ -33,7 +33,7 @@ pub async fn exec_in_container(
         return Err(Status::new(Code::InvalidArgument, "invalid command: is required (an argv of at least one word)"));
     }
     let refused = |error: String| Ok(ExecInContainerResponse { error, ..Default::default() });
-    let (state, dir) = match manager.exec_target(&req.task_id) {
+    let (_, state, dir) = match manager.exec_target(&req.task_id) {
         Ok(target) => target,
         Err(TaskError::NotFound(_)) => return refused(format!("Task {} not found", short(&req.task_id))),
         Err(e) => return Err(crate::rpc::to_status(e)),

@@ -249,6 +249,11 @@ async fn exec_runs_inside_the_task_container() {
         assert_eq!(seen.get(i).copied(), Some(ns(&task_pid.to_string(), kind).as_str()), "{kind}: {r:?}");
     }
     assert_ne!(seen[0], ns("self", "mnt"), "not the host's mount namespace");
+    // The hooks that keep tasks off the worker's port hold for the exec too (it is in the
+    // task's unified cgroup, where they are attached).
+    let port = w.client.base().rsplit(':').next().unwrap().to_string();
+    let r = w.exec(task, &["bash", "-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")], 0).await;
+    assert!(r.exit_code != 0 && r.stderr.contains("Operation not permitted"), "the worker's port: {r:?}");
     // The task's environment.
     let r = w.exec(task, &["bash", "-c", "echo $IRIS_TASK_ID"], 0).await;
     assert_eq!(r.stdout, format!("{task}:0\n"));

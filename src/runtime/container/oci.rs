@@ -236,8 +236,8 @@ fn host_devices() -> Vec<oci_spec::runtime::LinuxDevice> {
             let mut d = oci_spec::runtime::LinuxDevice::default();
             d.set_path(path);
             d.set_typ(typ);
-            d.set_major(libc::major(meta.rdev()) as i64);
-            d.set_minor(libc::minor(meta.rdev()) as i64);
+            d.set_major(i64::from(libc::major(meta.rdev())));
+            d.set_minor(i64::from(libc::minor(meta.rdev())));
             d.set_file_mode(Some(meta.mode() & 0o7777));
             d.set_uid(Some(meta.uid()));
             d.set_gid(Some(meta.gid()));

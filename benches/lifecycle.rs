@@ -49,6 +49,7 @@ fn library_lifecycle(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, 
         user: None,
         disk_limit: None,
         leases: vec![],
+        own_network: false,
     };
     let t = Instant::now();
     let mut rt = runtime::for_kind(RuntimeKind::Container)?;

@@ -13,6 +13,7 @@
 //! - [`env`]: a task's Python environment: the venv built for its bundle, pickled entrypoints.
 //! - [`runtime`]: how a task's processes are made (libcontainer container or plain process).
 //! - [`supervisor`]: the per-task process that owns the task's stdio, log and exit record.
+//! - [`exec`]: a command run inside a running task (its container's namespaces and cgroup).
 //! - [`logs`]: the append-only, indexed log of each task, and its filters.
 //! - [`cgroup`]: cgroup v2/v1 paths, limits, kills and the stats read from them.
 //! - [`heartbeat`]: the worker's side of a controller (RegisterWorker, ReportTaskState).
@@ -35,6 +36,7 @@ pub mod cache;
 pub mod cachelock;
 pub mod cgroup;
 pub mod env;
+pub mod exec;
 pub mod heartbeat;
 pub mod isolation;
 pub mod janitor;

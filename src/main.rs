@@ -8,8 +8,8 @@ mod cli;
 #[cfg(feature = "buildkit")]
 use iris_worker::buildkit;
 use iris_worker::{
-    Worker, WorkerConfig, bundle, cache, env, heartbeat, janitor, join, logs, proto, rpc, runtime, supervisor, task,
-    taskdir,
+    Worker, WorkerConfig, bundle, cache, env, exec, heartbeat, janitor, join, logs, proto, rpc, runtime, supervisor,
+    task, taskdir,
 };
 
 fn main() -> std::process::ExitCode {

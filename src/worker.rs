@@ -109,9 +109,10 @@ pub struct WorkerConfig {
     pub bounds: Bounds,
     /// The cache budget and the disk thresholds.
     pub cache: crate::cache::CacheSettings,
-    /// The program run as `<exe> supervise <dir>` for each task; `None`: this program (an
-    /// embedder whose binary does not dispatch `supervise` to [`crate::supervisor`] points this
-    /// at an `iris-worker` binary).
+    /// The program run as `<exe> supervise <dir>` for each task, and as `<exe> exec <dir>` for
+    /// each exec of the newest wire; `None`: this program (an embedder whose binary does not
+    /// dispatch `supervise` to [`crate::supervisor`] and `exec` to [`crate::exec::helper`]
+    /// points this at an `iris-worker` binary).
     pub supervisor_exe: Option<PathBuf>,
     /// Size of a task's /dev/shm when its request gives no memory limit.
     pub shm_bytes: u64,

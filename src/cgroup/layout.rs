@@ -179,6 +179,20 @@ impl Layout {
         fs::write(&file, pid.to_string()).map_err(io_err("writing", &file))
     }
 
+    /// On a hybrid host: moves `pid` into `path`'s existing directory of the unified tree and
+    /// returns the unified cgroup `pid` was in before (`None` on v2 or v1 alone, where there is
+    /// nothing to do). Unlike [`Self::join_unified`] it never creates the directory: an exec
+    /// into a task must not bring back a cgroup the task's supervisor just removed.
+    pub fn enter_unified(&self, path: &str, pid: Pid) -> Result<Option<String>, CgroupError> {
+        let Layout::V1 { unified: Some(unified), .. } = self else { return Ok(None) };
+        let own = Path::new("/proc/self/cgroup");
+        let text = fs::read_to_string(own).map_err(io_err("reading", own))?;
+        let before = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").to_string();
+        let file = unified.join(relative(path)?).join("cgroup.procs");
+        fs::write(&file, pid.to_string()).map_err(io_err("writing", &file))?;
+        Ok(Some(before))
+    }
+
     /// The directory of `path` in the hierarchy of `controller` (v1), or the unified one.
     pub fn dir_for(&self, controller: &str, path: &str) -> Result<Option<PathBuf>, CgroupError> {
         let rel = relative(path)?;

@@ -66,6 +66,17 @@ enum Verb {
         #[arg(long)]
         ready_fd: Option<i32>,
     },
+    /// (internal) One command run inside a running task, started by the worker for the newest
+    /// wire's ExecInContainer; prints its outcome as JSON.
+    #[command(hide = true)]
+    Exec {
+        task_dir: PathBuf,
+        /// Kill the command (and its session) after this many milliseconds.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 /// Runs the command line; returns the process exit code.
@@ -74,6 +85,21 @@ pub fn main() -> ExitCode {
     // The supervisor must stay single-threaded (libcontainer forks): no tokio runtime here.
     if let Verb::Supervise { task_dir, ready_fd } = &cli.command {
         return supervise(task_dir, *ready_fd);
+    }
+    // So must an exec's helper.
+    if let Verb::Exec { task_dir, timeout_ms, command } = &cli.command {
+        let timeout = timeout_ms.map(std::time::Duration::from_millis);
+        let outcome = crate::exec::helper::run(task_dir, command, timeout);
+        return match serde_json::to_string(&outcome) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("iris-worker exec: encoding the outcome: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -94,7 +120,7 @@ pub fn main() -> ExitCode {
             Verb::Endpoint(verb) => jobs::run_endpoint(verb).await,
             Verb::Worker(verb) => jobs::run_worker(verb).await,
             Verb::Cluster(verb) => cluster::run(verb).await,
-            Verb::Supervise { .. } => Ok(()),
+            Verb::Supervise { .. } | Verb::Exec { .. } => Ok(()),
         }
     });
     match result {

@@ -31,6 +31,9 @@ pub enum EnvError {
     PythonNeedsContainers,
     #[error("the python root filesystem {} does not exist (run scripts/fixtures python)", .0.display())]
     NoPythonRootfs(PathBuf),
+    /// The newest wire's container profile cannot be given here (its text names no path).
+    #[error("container_profile {profile}: {reason}")]
+    ContainerProfile { profile: &'static str, reason: &'static str },
     /// The same, for the newest wire's layout (its text names no path).
     #[error("the python root filesystem does not exist (run scripts/fixtures python)")]
     NoPythonRootfsForNewest,

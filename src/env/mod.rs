@@ -21,7 +21,7 @@ pub mod venv;
 
 pub use environments::{EnvError, Environments, EnvironmentsConfig, FetchedBundle, PrepareConfig};
 pub use prepare::{Preparing, dockerfile_of};
-pub use spec::{Command, TaskSpec};
+pub use spec::{Command, ContainerProfile, TaskSpec};
 pub use variables::{WorkerEnv, task_env};
 pub use venv::{PythonEnv, VenvCache, VenvConfig, VenvError, VenvRequest};
 

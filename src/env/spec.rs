@@ -49,6 +49,9 @@ pub struct TaskSpec {
     pub workdir_file_refs: Vec<(String, String, String)>,
     /// The newest wire's secrets (`environment.secrets`): delivered to the task as files.
     pub secrets: Secrets,
+    /// The newest wire's container profile (the controller authorized it); `None`: the
+    /// worker's `--profile`.
+    pub container_profile: Option<ContainerProfile>,
 }
 
 /// Secrets by file name. They reach the task only as root-only files (see
@@ -61,6 +64,22 @@ impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_set().entries(self.0.keys()).finish()
     }
+}
+
+/// Iris's container profiles (the newest wire's `ContainerProfile`), as this worker serves
+/// them (docs/ARCHITECTURE.md has the table). GVISOR is refused when the request is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerProfile {
+    /// No capability, no-new-privileges, the seccomp filter.
+    Restricted,
+    /// RESTRICTED plus CAP_SYS_PTRACE (UNSPECIFIED means this).
+    Default,
+    /// DEFAULT plus the host's Docker socket at `/var/run/docker.sock`.
+    DockerAccess,
+    /// Every capability, no seccomp filter, the host's devices.
+    Privileged,
+    /// DEFAULT in a network namespace of its own with nothing but `lo`.
+    Sandbox,
 }
 
 /// An argv with optional shell lines to run before it.

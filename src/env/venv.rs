@@ -423,6 +423,7 @@ impl VenvCache {
                 key: UV_LOCK_KEY.to_string(),
                 record: Some(c.cache_dir.join("venvs").join(UV_RECORD)),
             }],
+            own_network: false,
         })
     }
 }

@@ -81,6 +81,24 @@ pub fn for_kind(kind: RuntimeKind) -> Result<Box<dyn Runtime>, RuntimeError> {
     }
 }
 
+/// Starts `argv` inside the running task of `spec` (its task directory `task_dir`), with `io`
+/// as its stdout and stderr: in the task's container (its namespaces, cgroup, user,
+/// capabilities, seccomp filter; see [`container::exec`]) or beside a process-runtime task (its
+/// cgroup, cwd, environment and user; see [`process::enter`]). Returns the pid, a child of the
+/// caller. Call only from a single-threaded process.
+pub fn exec_in(spec: &LaunchSpec, task_dir: &Path, argv: &[String], io: TaskIo) -> Result<Pid, RuntimeError> {
+    match spec.runtime {
+        #[cfg(feature = "container")]
+        RuntimeKind::Container => container::exec::enter(spec, task_dir, argv, io),
+        #[cfg(not(feature = "container"))]
+        RuntimeKind::Container => {
+            let _ = (task_dir, argv, io);
+            Err(RuntimeError::Unavailable(RuntimeKind::Container))
+        }
+        RuntimeKind::Process => process::enter(spec, argv, io),
+    }
+}
+
 /// Gives SIGPIPE its default action back, in the task's process just before it execs. Rust's
 /// runtime ignores SIGPIPE in the supervisor, and an ignored signal stays ignored across exec:
 /// without this, `yes | head` in a task never ends (yes gets EPIPE forever instead of dying).

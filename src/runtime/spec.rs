@@ -26,6 +26,17 @@ pub enum Profile {
     Restricted,
     /// For TPU/GPU hosts: all capabilities, host devices, no seccomp, unlimited memlock.
     Privileged,
+    /// The newest Iris wire's RESTRICTED: as `Restricted`, but no capability at all (Docker's
+    /// `--cap-drop ALL`). Not a worker-wide choice: a request's.
+    #[value(skip)]
+    #[serde(rename = "no-capabilities")]
+    NoCapabilities,
+    /// The newest Iris wire's DEFAULT: as `NoCapabilities`, plus CAP_SYS_PTRACE and the
+    /// tracing syscalls the seccomp filter refuses otherwise (`--cap-drop ALL --cap-add
+    /// SYS_PTRACE`, so that py-spy can read a task's own processes).
+    #[value(skip)]
+    #[serde(rename = "ptrace-only")]
+    PtraceOnly,
 }
 
 /// A bind mount of a host path into the task.
@@ -80,6 +91,10 @@ pub struct LaunchSpec {
     /// task runs, even across a worker restart.
     #[serde(default)]
     pub leases: Vec<crate::cachelock::Lease>,
+    /// A network namespace of its own, empty but for `lo` (the newest wire's SANDBOX); the
+    /// task shares the host's network otherwise.
+    #[serde(default)]
+    pub own_network: bool,
 }
 
 /// The most the task may keep on disk: the files below `paths` (its workdir, its rootfs'

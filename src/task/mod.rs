@@ -645,6 +645,20 @@ impl TaskManager {
         Ok(())
     }
 
+    /// The current attempt of `task_id` (its latest), for an exec into it: its attempt id,
+    /// state and task directory (see [`crate::exec`]).
+    pub fn exec_target(&self, task_id: &str) -> Result<(i32, TaskState, PathBuf), TaskError> {
+        let attempt = self.current(task_id)?;
+        let state = attempt.state();
+        Ok((attempt.meta.attempt_id, state, attempt.dir.clone()))
+    }
+
+    /// This program, run as `<exe> supervise <dir>` for each task and `<exe> exec <dir>` for
+    /// each exec.
+    pub fn helper_exe(&self) -> &Path {
+        &self.inner.config.supervisor_exe
+    }
+
     /// The directory of the log of attempt `uid` (the newest wire's log pusher reads it).
     pub fn uid_log_dir(&self, uid: &str) -> Option<PathBuf> {
         lock(&self.inner.tasks)

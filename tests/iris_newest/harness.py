@@ -424,7 +424,9 @@ def _exec_in_task(ctx: Ctx, check: str, command: list[str]):
     """Runs `command` in a running task through the controller's ExecInContainer."""
     job = _submit(ctx, check, Entrypoint.from_command("bash", "-c", "exec sleep 600"))
     try:
-        _poll("the job RUNNING", lambda: job.state is JobState.RUNNING)
+        # The task, not the job: a job is RUNNING while its task is still BUILDING, and Iris's
+        # worker (as iris-worker) refuses an exec into a task that is not RUNNING yet.
+        _poll("the task RUNNING", lambda: job.task(0).status().state is TaskState.RUNNING)
         with _controller_stub(ctx) as stub:
             response = stub.exec_in_container(
                 controller_pb2.Controller.ExecInContainerRequest(

@@ -337,6 +337,7 @@ pub(super) fn launch_spec(
         user: None,
         disk_limit: spec.disk_bytes.map(|bytes| crate::runtime::DiskLimit { bytes, paths: disk_paths }),
         leases: task.leases(),
+        own_network: false,
     }
 }
 

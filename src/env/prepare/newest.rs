@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::{Environments, Preparing};
-use crate::env::spec::TaskSpec;
-use crate::runtime::{LaunchSpec, Mount, RuntimeKind};
+use crate::env::spec::{ContainerProfile, TaskSpec};
+use crate::runtime::{LaunchSpec, Mount, Profile, RuntimeKind};
 
 /// Where the workdir is in the task (Iris's `/app`).
 pub const WORKDIR_IN_TASK: &str = "/app";
@@ -134,8 +134,64 @@ pub(super) async fn prepare(
         RuntimeKind::Container => format!("/run/{}", crate::taskdir::SECRETS_BELOW_RUN),
         RuntimeKind::Process => run.join(crate::taskdir::SECRETS_BELOW_RUN).to_string_lossy().into_owned(),
     });
-    let env = task_env(spec, &config.env, task.ports(), &cwd, python, secrets_dir.as_deref());
-    Ok(super::launch_spec(envs, task, spec, argv, env, cwd, rootfs, mounts))
+    let mut env = task_env(spec, &config.env, task.ports(), &cwd, python, secrets_dir.as_deref());
+    if spec.container_profile == Some(ContainerProfile::Sandbox) {
+        // As Iris's sandbox: no way back to the cluster from an untrusted task.
+        env.retain(|v| !SANDBOX_WITHHELD.iter().any(|k| v.starts_with(&format!("{k}="))));
+    }
+    let mut launch = super::launch_spec(envs, task, spec, argv, env, cwd, rootfs, mounts);
+    if let Some(profile) = spec.container_profile {
+        apply_profile(&mut launch, profile)?;
+    }
+    Ok(launch)
+}
+
+/// What a SANDBOX task does not get (Iris's `task_isolation`): the controller and the task's
+/// credential.
+const SANDBOX_WITHHELD: &[&str] = &["IRIS_CONTROLLER_ADDRESS", "IRIS_CONTROLLER_URL", "IRIS_TASK_TOKEN"];
+
+/// The host's Docker socket, which a DOCKER_ACCESS task gets at the same path.
+const DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// Maps the newest wire's container profile onto the launch spec (docs/ARCHITECTURE.md has the
+/// table). The process runtime has no capabilities or namespaces to set: it runs every profile
+/// as the task's plain process, except SANDBOX, whose promise (no network) it cannot keep.
+fn apply_profile(launch: &mut LaunchSpec, profile: ContainerProfile) -> Result<(), crate::env::EnvError> {
+    let refused = |reason: &'static str| crate::env::EnvError::ContainerProfile { profile: name(profile), reason };
+    if launch.runtime == RuntimeKind::Process {
+        return match profile {
+            ContainerProfile::Sandbox => Err(refused("needs the container runtime (a network namespace of its own)")),
+            _ => Ok(()),
+        };
+    }
+    launch.profile = match profile {
+        ContainerProfile::Restricted => Profile::NoCapabilities,
+        ContainerProfile::Privileged => Profile::Privileged,
+        ContainerProfile::Default | ContainerProfile::DockerAccess | ContainerProfile::Sandbox => Profile::PtraceOnly,
+    };
+    match profile {
+        ContainerProfile::Sandbox => launch.own_network = true,
+        ContainerProfile::DockerAccess => {
+            use std::os::unix::fs::FileTypeExt;
+            let socket = std::fs::metadata(DOCKER_SOCKET).is_ok_and(|m| m.file_type().is_socket());
+            if !socket {
+                return Err(refused("needs the host's Docker socket, and this host has none"));
+            }
+            launch.mounts.push(Mount { host: DOCKER_SOCKET.into(), target: DOCKER_SOCKET.into(), read_only: false });
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn name(profile: ContainerProfile) -> &'static str {
+    match profile {
+        ContainerProfile::Restricted => "RESTRICTED",
+        ContainerProfile::Default => "DEFAULT",
+        ContainerProfile::DockerAccess => "DOCKER_ACCESS",
+        ContainerProfile::Privileged => "PRIVILEGED",
+        ContainerProfile::Sandbox => "SANDBOX",
+    }
 }
 
 /// A workdir file the controller keeps as a blob (Iris offloads those over 10 KiB): fetched

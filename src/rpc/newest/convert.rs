@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 
 use prost::Message;
 
+use crate::env::ContainerProfile;
 use crate::proto::newest::iris::job::{self, RunTaskRequest};
 use crate::proto::newest::iris::time::Timestamp;
 use crate::rpc::figures::{WireBuild, WireUsage};
@@ -27,6 +28,34 @@ pub fn set_controller(url: &str) {
 pub fn decode_request(raw: &[u8]) -> Result<TaskSpec, TaskError> {
     let req = RunTaskRequest::decode(raw).map_err(|e| invalid("request", format!("cannot be decoded: {e}")))?;
     task_spec(req, CONTROLLER.get().map(String::as_str))
+}
+
+/// The request's `container_profile` (already authorized by the controller). GVISOR is refused:
+/// this worker does not run tasks under gVisor's `runsc`.
+fn container_profile(value: i32) -> Result<ContainerProfile, TaskError> {
+    use job::ContainerProfile as Wire;
+    match Wire::try_from(value) {
+        Ok(Wire::Unspecified | Wire::Default) => Ok(ContainerProfile::Default),
+        Ok(Wire::Restricted) => Ok(ContainerProfile::Restricted),
+        Ok(Wire::DockerAccess) => Ok(ContainerProfile::DockerAccess),
+        Ok(Wire::Privileged) => Ok(ContainerProfile::Privileged),
+        Ok(Wire::Sandbox) => Ok(ContainerProfile::Sandbox),
+        Ok(Wire::Gvisor) => Err(invalid(
+            "container_profile",
+            if runsc_installed() {
+                "GVISOR is not supported by this worker: it does not run tasks under gVisor's runsc (installed \
+                 here, but not integrated)"
+            } else {
+                "GVISOR is not supported by this worker: it needs gVisor's runsc, which is not installed here"
+            },
+        )),
+        Err(_) => Err(invalid("container_profile", format!("{value} is not a ContainerProfile"))),
+    }
+}
+
+/// Whether gVisor's `runsc` is on this worker's PATH.
+fn runsc_installed() -> bool {
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("runsc").is_file()))
 }
 
 /// `/user/job/0` → (`/user/job`, 0).
@@ -60,6 +89,7 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
     if !req.task_image.is_empty() {
         return Err(invalid("task_image", "is not supported by this worker yet (tasks run in its python rootfs)"));
     }
+    let container_profile = container_profile(req.container_profile)?;
     let res = req.resources.unwrap_or_default();
     for (field, value) in [("resources.memory_bytes", res.memory_bytes), ("resources.disk_bytes", res.disk_bytes)] {
         if value < 0 {
@@ -141,6 +171,7 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
         attempt_uid: Some(req.attempt_uid),
         workdir_file_refs: refs,
         secrets: crate::env::spec::Secrets(environment.secrets.into_iter().collect()),
+        container_profile: Some(container_profile),
         ..Default::default()
     };
     spec.limits.cpu_millicores = (res.cpu_millicores > 0).then_some(res.cpu_millicores as u32);

@@ -6,11 +6,14 @@
 //! keep-alive here, the rules there, the actions applied to the task manager, and the reply
 //! built from in-memory state (the controller gives up after 3 s). GetTaskStatus, ListTasks and
 //! HealthCheck answer from the task manager, GetProcessStatus from the worker's own /proc
-//! ([`process`]). ExecInContainer and ProfileTask are not served yet (UNIMPLEMENTED).
+//! ([`process`]), ExecInContainer runs a command inside the task ([`exec`]), ProfileTask a
+//! `py-spy dump` there ([`profile`]).
 
 pub mod convert;
+mod exec;
 mod keepalive;
 mod process;
+mod profile;
 pub mod reconcile;
 
 pub use keepalive::KeepAlive;
@@ -323,10 +326,28 @@ impl ConnectService for NewestService {
                 )
                 .await
             }
-            "ExecInContainer" | "ProfileTask" => Err(Status::new(
-                Code::Unimplemented,
-                format!("{method} is not served by this worker yet (newest wire)"),
-            )),
+            "ExecInContainer" => {
+                unary_in(
+                    Generation::Newest,
+                    codec,
+                    "iris.cluster.Worker.ExecInContainerRequest",
+                    "iris.cluster.Worker.ExecInContainerResponse",
+                    &body,
+                    |r| async move { exec::exec_in_container(&s.manager, r).await },
+                )
+                .await
+            }
+            "ProfileTask" => {
+                unary_in(
+                    Generation::Newest,
+                    codec,
+                    "iris.job.ProfileTaskRequest",
+                    "iris.job.ProfileTaskResponse",
+                    &body,
+                    |r| async move { Ok(profile::profile_task(&s.manager, r).await) },
+                )
+                .await
+            }
             other => {
                 Err(Status::new(Code::Unimplemented, format!("no method {other:?} in iris.cluster.WorkerService")))
             }

@@ -5,6 +5,7 @@
 //! `build` and `start` chdir the whole process and fork: never call them from a
 //! multi-threaded process.
 
+pub mod exec;
 mod init;
 pub use init::record_arg_area;
 mod net_hierarchies;

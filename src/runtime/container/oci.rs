@@ -1,7 +1,7 @@
 //! The OCI runtime configuration of a task: our security defaults made concrete.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     Capability, LinuxCapabilities, LinuxCpu, LinuxMemory, LinuxNamespace, LinuxNamespaceType, LinuxPids,
@@ -70,8 +70,12 @@ pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
         u.set_additional_gids(Some(user.additional_gids.clone()));
         process.set_user(u);
     }
-    let caps: HashSet<Capability> =
-        if privileged { all_capabilities() } else { DEFAULT_CAPABILITIES.iter().copied().collect() };
+    let caps: HashSet<Capability> = match spec.profile {
+        Profile::Privileged => all_capabilities(),
+        Profile::Restricted => DEFAULT_CAPABILITIES.iter().copied().collect(),
+        Profile::NoCapabilities => HashSet::new(),
+        Profile::PtraceOnly => [Capability::SysPtrace].into_iter().collect(),
+    };
     let mut capabilities = LinuxCapabilities::default();
     capabilities.set_bounding(Some(caps.clone()));
     capabilities.set_effective(Some(caps.clone()));
@@ -85,7 +89,16 @@ pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
         .unwrap_or(1024);
     let mut rlimits = vec![rlimit(PosixRlimitType::RlimitNofile, nofile)];
     if privileged {
-        rlimits.push(rlimit(PosixRlimitType::RlimitMemlock, u64::MAX));
+        // Unlimited when this host lets us raise it (CAP_SYS_RESOURCE); as much as we have
+        // otherwise (asking for more would fail the container's creation).
+        let memlock = if bounding_set() & (1 << 24) != 0
+        /* CAP_SYS_RESOURCE */
+        {
+            u64::MAX
+        } else {
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK).map_or(0, |(_, hard)| hard)
+        };
+        rlimits.push(rlimit(PosixRlimitType::RlimitMemlock, memlock));
     }
     process.set_rlimits(Some(rlimits));
 
@@ -114,9 +127,6 @@ pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
         opts.push(if m.read_only { "ro" } else { "rw" });
         mounts.push(mount(&m.target, "bind", &m.host.to_string_lossy(), &opts));
     }
-    if privileged {
-        mounts.push(mount("/dev", "bind", "/dev", &["rbind", "nosuid"]));
-    }
 
     let mut resources = LinuxResources::default();
     if let Some(bytes) = spec.limits.memory_bytes {
@@ -139,17 +149,34 @@ pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
         resources.set_pids(Some(pids));
     }
 
-    let namespaces =
-        [LinuxNamespaceType::Pid, LinuxNamespaceType::Mount, LinuxNamespaceType::Ipc, LinuxNamespaceType::Uts]
-            .into_iter()
-            .map(|typ| {
-                let mut ns = LinuxNamespace::default();
-                ns.set_typ(typ);
-                ns
-            })
-            .collect::<Vec<_>>();
+    let mut kinds =
+        vec![LinuxNamespaceType::Pid, LinuxNamespaceType::Mount, LinuxNamespaceType::Ipc, LinuxNamespaceType::Uts];
+    if spec.own_network {
+        // A new, empty network namespace: no interface but `lo`, no route anywhere.
+        kinds.push(LinuxNamespaceType::Network);
+    }
+    let namespaces = kinds
+        .into_iter()
+        .map(|typ| {
+            let mut ns = LinuxNamespace::default();
+            ns.set_typ(typ);
+            ns
+        })
+        .collect::<Vec<_>>();
 
     let mut linux = oci_spec::runtime::Linux::default();
+    if privileged {
+        // The host's devices, as `docker run --privileged` gives them: each one made in the
+        // container's own /dev, and every device allowed by the devices cgroup. Never the
+        // host's /dev itself: libcontainer writes its default links and nodes into the
+        // container's /dev, which would then be the host's.
+        linux.set_devices(Some(host_devices()));
+        let mut all = oci_spec::runtime::LinuxDeviceCgroup::default();
+        all.set_allow(true);
+        all.set_typ(Some(oci_spec::runtime::LinuxDeviceType::A));
+        all.set_access(Some("rwm".to_string()));
+        resources.set_devices(Some(vec![all]));
+    }
     linux.set_namespaces(Some(namespaces));
     linux.set_resources(Some(resources));
     linux.set_cgroups_path(spec.cgroup.as_ref().map(|(_, path)| PathBuf::from(path)));
@@ -159,7 +186,8 @@ pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
     } else {
         linux.set_masked_paths(Some(MASKED_PATHS.iter().map(|s| s.to_string()).collect()));
         linux.set_readonly_paths(Some(READONLY_PATHS.iter().map(|s| s.to_string()).collect()));
-        linux.set_seccomp(Some(seccomp::default_profile().map_err(spec_err)?));
+        let tracing = caps_allow_tracing(spec.profile);
+        linux.set_seccomp(Some(seccomp::default_profile(tracing).map_err(spec_err)?));
     }
 
     let mut out = Spec::default();
@@ -171,11 +199,75 @@ pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
     Ok(out)
 }
 
+/// Whether a profile's tasks hold CAP_SYS_PTRACE (and so may make the tracing syscalls).
+fn caps_allow_tracing(profile: Profile) -> bool {
+    matches!(profile, Profile::PtraceOnly | Profile::Privileged)
+}
+
 fn rlimit(typ: PosixRlimitType, value: u64) -> PosixRlimit {
     PosixRlimitBuilder::default().typ(typ).hard(value).soft(value).build().unwrap_or_default()
 }
 
+/// The character and block devices below the host's /dev (its pts, shm and mqueue mounts
+/// aside: the container has its own), as OCI devices to create in a privileged container.
+fn host_devices() -> Vec<oci_spec::runtime::LinuxDevice> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::from("/dev")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+            let kind = meta.file_type();
+            if kind.is_dir() {
+                if !["/dev/pts", "/dev/shm", "/dev/mqueue"].iter().any(|p| path == Path::new(p)) {
+                    stack.push(path);
+                }
+                continue;
+            }
+            let typ = if kind.is_char_device() {
+                oci_spec::runtime::LinuxDeviceType::C
+            } else if kind.is_block_device() {
+                oci_spec::runtime::LinuxDeviceType::B
+            } else {
+                continue;
+            };
+            let mut d = oci_spec::runtime::LinuxDevice::default();
+            d.set_path(path);
+            d.set_typ(typ);
+            d.set_major(i64::from(libc::major(meta.rdev())));
+            d.set_minor(i64::from(libc::minor(meta.rdev())));
+            d.set_file_mode(Some(meta.mode() & 0o7777));
+            d.set_uid(Some(meta.uid()));
+            d.set_gid(Some(meta.gid()));
+            out.push(d);
+        }
+    }
+    out
+}
+
+/// This process's capability bounding set (`CapBnd` of /proc/self/status): what any process it
+/// starts can hold at most. Everything when it cannot be read.
+fn bounding_set() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("CapBnd:"))?;
+            u64::from_str_radix(line.split_whitespace().nth(1)?, 16).ok()
+        })
+        .unwrap_or(u64::MAX)
+}
+
+/// Every capability this host can grant: the known ones within our bounding set (a host may
+/// withhold some, e.g. CAP_SYS_RESOURCE, and asking for one it withholds fails the container).
 fn all_capabilities() -> HashSet<Capability> {
+    use libcontainer::capabilities::CapabilityExt;
+    let bounding = bounding_set();
+    known_capabilities().into_iter().filter(|c| bounding & (1u64 << c.to_cap().index()) != 0).collect()
+}
+
+fn known_capabilities() -> HashSet<Capability> {
     use Capability::*;
     [
         AuditControl,

@@ -76,10 +76,21 @@ pub const DENIED_SYSCALLS: &[&str] = &[
 /// CLONE_NEWUSER: a new user namespace is how unprivileged code gets capabilities back.
 const CLONE_NEWUSER: u64 = 0x1000_0000;
 
-pub(super) fn default_profile() -> Result<LinuxSeccomp, OciSpecError> {
+/// The calls a task granted CAP_SYS_PTRACE may make (Docker's default profile allows them with
+/// that capability): without them the capability would be of no use to a profiler.
+const TRACING_SYSCALLS: &[&str] = &["ptrace", "process_vm_readv", "process_vm_writev", "kcmp"];
+
+/// The filter of a non-privileged task; `allow_tracing` when it holds CAP_SYS_PTRACE.
+pub(super) fn default_profile(allow_tracing: bool) -> Result<LinuxSeccomp, OciSpecError> {
     let eperm = libc::EPERM as u32;
     let denied = LinuxSyscallBuilder::default()
-        .names(DENIED_SYSCALLS.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .names(
+            DENIED_SYSCALLS
+                .iter()
+                .filter(|s| !(allow_tracing && TRACING_SYSCALLS.contains(s)))
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+        )
         .action(LinuxSeccompAction::ScmpActErrno)
         .errno_ret(eperm)
         .build()?;
@@ -108,4 +119,21 @@ pub(super) fn default_profile() -> Result<LinuxSeccomp, OciSpecError> {
         .architectures(vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32])
         .syscalls(vec![denied, clone_userns, clone3])
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    fn denied(allow_tracing: bool) -> Vec<String> {
+        let profile = super::default_profile(allow_tracing).unwrap();
+        profile.syscalls().as_ref().unwrap()[0].names().clone()
+    }
+
+    #[test]
+    fn tracing_calls_are_allowed_only_with_cap_sys_ptrace() {
+        for call in super::TRACING_SYSCALLS {
+            assert!(denied(false).iter().any(|d| d == call), "{call} denied without SYS_PTRACE");
+            assert!(!denied(true).iter().any(|d| d == call), "{call} allowed with SYS_PTRACE");
+        }
+        assert!(denied(true).iter().any(|d| d == "mount"), "the rest stays denied");
+    }
 }

@@ -1,0 +1,566 @@
+//! Tasks of the newest Iris wire against a real worker (`serve --iris-wire newest`, driven over
+//! Connect as Iris's controller drives it) running real containers:
+//! - ExecInContainer: the command runs inside the task — its filesystem, pid, mount, ipc and
+//!   uts namespaces, its cgroup, user, capabilities and seccomp filter, its environment and
+//!   workdir — with Iris's answers for exit codes, stderr, timeouts, unknown tasks and an empty
+//!   command; beside a process-runtime task, in its cgroup and workdir;
+//! - container profiles: each one's capabilities, filter and network, read from the task's own
+//!   /proc entries.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use iris_worker::proto::newest::iris::cluster::worker::{
+    self, AttemptSpec, DesiredAttempt, ExecInContainerRequest, ExecInContainerResponse, ReconcileRequest,
+    ReconcileResponse, desired_attempt::Intent,
+};
+use iris_worker::proto::newest::iris::job::{self, CommandEntrypoint, RunTaskRequest, RuntimeEntrypoint};
+use iris_worker::rpc::connect::ConnectClient;
+
+const SERVICE: &str = "iris.cluster.WorkerService";
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_iris-worker")
+}
+
+fn cache() -> PathBuf {
+    std::env::var_os("IRIS_CACHE_DIR").map_or_else(|| PathBuf::from("/var/cache/iris-worker"), PathBuf::from)
+}
+
+/// A worker on the newest wire (Connect only, no controller), removed with everything it left
+/// when dropped.
+struct NewestWorker {
+    id: String,
+    state: tempfile::TempDir,
+    _cache: tempfile::TempDir,
+    ports: tempfile::TempDir,
+    child: Option<Child>,
+    client: ConnectClient,
+}
+
+impl NewestWorker {
+    async fn start(name: &str, extra: &[&str]) -> NewestWorker {
+        let state = tempfile::Builder::new().prefix("iris-worker-test-").tempdir().unwrap();
+        let own_cache = tempfile::Builder::new().prefix("iris-worker-test-cache-").tempdir().unwrap();
+        let ports = tempfile::Builder::new().prefix("iris-worker-test-ports-").tempdir().unwrap();
+        let id = format!("iwtest-{name}-{}", std::process::id());
+        let port = loop {
+            let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            if p >= 40_000 {
+                break p;
+            }
+        };
+        let log = std::fs::File::create(state.path().join("worker.log")).unwrap();
+        let rootfs = std::env::var_os("IRIS_TEST_ROOTFS").map_or_else(|| cache().join("rootfs/busybox"), PathBuf::from);
+        let child = Command::new(exe())
+            .args(["serve", "--iris-wire", "newest", "--listen", &format!("127.0.0.1:{port}"), "--worker-id", &id])
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("--cache-dir")
+            .arg(own_cache.path())
+            .arg("--rootfs")
+            .arg(rootfs)
+            .arg("--python-rootfs")
+            .arg(cache().join("rootfs/python"))
+            .arg("--port-lock-dir")
+            .arg(ports.path())
+            .args([
+                "--min-free-disk",
+                "0",
+                "--soft-free-disk",
+                "0",
+                "--target-free-disk",
+                "0",
+                "--min-free-inodes",
+                "0",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut w = NewestWorker {
+            id,
+            state,
+            _cache: own_cache,
+            ports,
+            child: Some(child),
+            client: ConnectClient::new(&format!("http://127.0.0.1:{port}")),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let health: Result<worker::HealthResponse, _> =
+                w.client.call(SERVICE, "HealthCheck", &job::Empty {}, Duration::from_secs(2)).await;
+            if health.is_ok() {
+                return w;
+            }
+            assert!(Instant::now() < deadline, "the worker did not answer: {}", w.log());
+            if let Some(Some(status)) = w.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
+                panic!("the worker exited {status}: {}", w.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("worker.log")).unwrap_or_default()
+    }
+
+    async fn reconcile(&self, desired: Vec<DesiredAttempt>) -> ReconcileResponse {
+        let req = ReconcileRequest { worker_id: self.id.clone(), desired };
+        self.client.call(SERVICE, "Reconcile", &req, Duration::from_secs(10)).await.unwrap()
+    }
+
+    async fn exec(&self, task_id: &str, command: &[&str], timeout_seconds: i32) -> ExecInContainerResponse {
+        self.try_exec(task_id, command, timeout_seconds).await.unwrap()
+    }
+
+    async fn try_exec(
+        &self,
+        task_id: &str,
+        command: &[&str],
+        timeout_seconds: i32,
+    ) -> Result<ExecInContainerResponse, iris_worker::rpc::connect::ConnectError> {
+        let req = ExecInContainerRequest {
+            task_id: task_id.into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            timeout_seconds,
+        };
+        self.client.call(SERVICE, "ExecInContainer", &req, Duration::from_secs(120)).await
+    }
+
+    async fn task_state(&self, task_id: &str) -> i32 {
+        let req = worker::GetTaskStatusRequest { task_id: task_id.into() };
+        let status: job::TaskStatus =
+            self.client.call(SERVICE, "GetTaskStatus", &req, Duration::from_secs(10)).await.unwrap();
+        status.state
+    }
+}
+
+impl Drop for NewestWorker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new(exe())
+            .arg("cleanup")
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .arg("--all")
+            .arg("--port-lock-dir")
+            .arg(self.ports.path())
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+fn run(uid: &str, task_id: &str, script: &str) -> DesiredAttempt {
+    run_as(uid, task_id, script, job::ContainerProfile::Unspecified)
+}
+
+fn run_as(uid: &str, task_id: &str, script: &str, profile: job::ContainerProfile) -> DesiredAttempt {
+    let request = RunTaskRequest {
+        container_profile: profile as i32,
+        task_id: task_id.into(),
+        num_tasks: 1,
+        attempt_uid: uid.into(),
+        entrypoint: Some(RuntimeEntrypoint {
+            run_command: Some(CommandEntrypoint { argv: vec!["bash".into(), "-c".into(), script.into()] }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    DesiredAttempt { attempt_uid: uid.into(), intent: Some(Intent::Run(AttemptSpec { request: Some(request) })) }
+}
+
+/// Host pids of processes whose command line is exactly `argv`.
+fn pids_with_cmdline(argv: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+async fn poll<T>(what: &str, within: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn status_line(pid: i32, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines().find(|l| l.starts_with(key)).unwrap_or_default().to_string()
+}
+
+fn ns(pid: &str, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap().to_string_lossy().into_owned()
+}
+
+#[tokio::test]
+#[ignore = "root: the task runs in a container with cgroups; the exec enters it"]
+async fn exec_runs_inside_the_task_container() {
+    let w = NewestWorker::start("exec", &[]).await;
+    let task = "/test/exec/0";
+    // A marker the task writes in its workdir, and a command line no other process has.
+    let nap = "987.654";
+    let resp = w
+        .reconcile(vec![run("00000000000000e1", task, &format!("echo written-by-task > marker.txt; exec sleep {nap}"))])
+        .await;
+    assert_eq!(resp.observed.len(), 1, "{resp:?}");
+    poll("the task RUNNING", Duration::from_secs(60), async || {
+        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
+    })
+    .await;
+    let task_pid =
+        poll("the task's sleep", Duration::from_secs(30), async || pids_with_cmdline(&["sleep", nap]).pop()).await;
+
+    // The task's filesystem, from its workdir: the file the task wrote.
+    let r = poll("the marker file", Duration::from_secs(30), async || {
+        let r = w.exec(task, &["cat", "marker.txt"], 0).await;
+        (r.exit_code == 0).then_some(r)
+    })
+    .await;
+    assert_eq!((r.stdout.as_str(), r.error.as_str()), ("written-by-task\n", ""), "{r:?}");
+    let r = w.exec(task, &["pwd"], 0).await;
+    assert_eq!(r.stdout, "/app\n", "the task's workdir: {r:?}");
+
+    // Its pid namespace: pid 1 is the task's init, and the task's command is there.
+    let r = w.exec(task, &["cat", "/proc/1/cmdline"], 0).await;
+    assert_eq!(r.stdout.trim_end_matches('\0'), "iris-init", "{r:?}");
+    let r = w.exec(task, &["bash", "-c", "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done"], 0).await;
+    assert!(r.stdout.lines().any(|l| l.trim() == format!("sleep {nap}")), "the task's command among {:?}", r.stdout);
+    // Every namespace the task has, and not the host's.
+    let r = w.exec(task, &["bash", "-c", "for n in mnt pid ipc uts net; do readlink /proc/self/ns/$n; done"], 0).await;
+    let seen: Vec<&str> = r.stdout.lines().collect();
+    for (i, kind) in ["mnt", "pid", "ipc", "uts", "net"].iter().enumerate() {
+        assert_eq!(seen.get(i).copied(), Some(ns(&task_pid.to_string(), kind).as_str()), "{kind}: {r:?}");
+    }
+    assert_ne!(seen[0], ns("self", "mnt"), "not the host's mount namespace");
+    // The hooks that keep tasks off the worker's port hold for the exec too (it is in the
+    // task's unified cgroup, where they are attached).
+    let port = w.client.base().rsplit(':').next().unwrap().to_string();
+    let r = w.exec(task, &["bash", "-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")], 0).await;
+    assert!(r.exit_code != 0 && r.stderr.contains("Operation not permitted"), "the worker's port: {r:?}");
+    // The task's environment.
+    let r = w.exec(task, &["bash", "-c", "echo $IRIS_TASK_ID"], 0).await;
+    assert_eq!(r.stdout, format!("{task}:0\n"));
+
+    // The task's user, capabilities, no-new-privileges and seccomp filter.
+    let r = w
+        .exec(
+            task,
+            &["bash", "-c", "id -u; id -g; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status"],
+            0,
+        )
+        .await;
+    let want: Vec<String> =
+        ["CapEff:", "CapBnd:", "NoNewPrivs:", "Seccomp:"].iter().map(|k| status_line(task_pid, k)).collect();
+    let mut lines = r.stdout.lines();
+    assert_eq!((lines.next(), lines.next()), (Some("0"), Some("0")), "{r:?}");
+    let got: Vec<String> = lines.map(str::to_string).collect();
+    assert_eq!(got, want, "the task's credentials and filter");
+    assert!(want[3].ends_with('2'), "the task runs under a seccomp filter: {want:?}");
+
+    // The task's cgroup, in every hierarchy, while the exec runs.
+    let long = "321.5";
+    let sleep_argv = ["sleep", long];
+    let pending = w.exec(task, &sleep_argv, 30);
+    let check = async {
+        let pid =
+            poll("the exec'd sleep", Duration::from_secs(30), async || pids_with_cmdline(&["sleep", long]).pop()).await;
+        let cgroups = |p: i32| std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap();
+        assert_eq!(cgroups(pid), cgroups(task_pid), "the exec is in the task's cgroups");
+        let memory = cgroups(pid).lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()));
+        if let Some(path) = memory {
+            let procs = std::fs::read_to_string(format!("/sys/fs/cgroup/memory{path}/cgroup.procs")).unwrap();
+            assert!(procs.lines().any(|l| l == pid.to_string()), "{pid} in the task's cgroup.procs: {procs}");
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    };
+    let (r, ()) = tokio::join!(pending, check);
+    assert_eq!(r.exit_code, 128 + 9, "killed by SIGKILL: {r:?}");
+
+    // Exit codes and stderr.
+    let r = w.exec(task, &["bash", "-c", "echo out; echo err >&2; exit 7"], 0).await;
+    assert_eq!((r.exit_code, r.stdout.as_str(), r.stderr.as_str(), r.error.as_str()), (7, "out\n", "err\n", ""));
+    let r = w.exec(task, &["no-such-command"], 0).await;
+    assert_eq!(r.exit_code, 127, "{r:?}");
+    assert!(r.stderr.contains("no-such-command"), "{r:?}");
+
+    // Output is capped at 1 MiB per stream, with a marker.
+    let r = w.exec(task, &["bash", "-c", "head -c 3000000 /dev/zero | tr '\\0' a"], 0).await;
+    assert_eq!(r.exit_code, 0);
+    assert!(r.stdout.starts_with(&"a".repeat(1 << 20)), "{}", r.stdout.len());
+    assert!(
+        r.stdout.ends_with(
+            "[iris-worker: 1951424 more bytes of output dropped: an exec returns at most 1 MiB per stream]\n"
+        )
+    );
+
+    // A timeout kills the command and what it started.
+    let started = Instant::now();
+    let r = w.exec(task, &["bash", "-c", "sleep 555.1 & sleep 555.2; echo never"], 1).await;
+    assert!(r.error.contains("did not finish within 1 s"), "{r:?}");
+    assert_eq!(r.exit_code, 128 + 9, "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    for nap in ["555.1", "555.2"] {
+        poll("the timed-out session gone", Duration::from_secs(10), async || {
+            pids_with_cmdline(&["sleep", nap]).is_empty().then_some(())
+        })
+        .await;
+    }
+
+    // Unknown task: HTTP 200, exit code 0, the error. Empty command: INVALID_ARGUMENT.
+    let r = w.exec("/test/no-such/0", &["true"], 0).await;
+    assert_eq!((r.exit_code, r.error.as_str()), (0, "Task /test/no-such/0 not found"), "{r:?}");
+    match w.try_exec(task, &[], 0).await {
+        Err(iris_worker::rpc::connect::ConnectError::Status { code, message, .. }) => {
+            assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+            assert!(message.contains("command"), "{message}");
+        }
+        other => panic!("an empty command: {other:?}"),
+    }
+
+    // A task that is no longer running.
+    w.reconcile(vec![DesiredAttempt {
+        attempt_uid: "00000000000000e1".into(),
+        intent: Some(Intent::Stop(worker::StopReason::Cancelled as i32)),
+    }])
+    .await;
+    poll("the task ended", Duration::from_secs(30), async || {
+        (w.task_state(task).await == job::TaskState::Killed as i32).then_some(())
+    })
+    .await;
+    let r = w.exec(task, &["true"], 0).await;
+    assert_eq!((r.exit_code, r.error.as_str()), (0, "Task /test/exec/0 is not running (state=TASK_STATE_KILLED)"));
+}
+
+#[tokio::test]
+#[ignore = "root: the process runtime's task runs in its own cgroup; the exec joins it"]
+async fn exec_beside_a_process_runtime_task_joins_its_cgroup_and_workdir() {
+    let w = NewestWorker::start("exec-process", &["--runtime", "process"]).await;
+    let task = "/test/exec-process/0";
+    let nap = "987.655";
+    w.reconcile(vec![run("00000000000000e2", task, &format!("echo written-by-task > marker.txt; exec sleep {nap}"))])
+        .await;
+    poll("the task RUNNING", Duration::from_secs(60), async || {
+        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
+    })
+    .await;
+    let task_pid =
+        poll("the task's sleep", Duration::from_secs(30), async || pids_with_cmdline(&["sleep", nap]).pop()).await;
+    let r = poll("the marker file", Duration::from_secs(30), async || {
+        let r = w.exec(task, &["cat", "marker.txt"], 0).await;
+        (r.exit_code == 0).then_some(r)
+    })
+    .await;
+    assert_eq!(r.stdout, "written-by-task\n", "{r:?}");
+    // Its workdir (a host path: the process runtime has no mount namespace) and environment.
+    let r = w.exec(task, &["bash", "-c", "pwd; echo $IRIS_TASK_ID"], 0).await;
+    let cwd = std::fs::read_link(format!("/proc/{task_pid}/cwd")).unwrap();
+    assert_eq!(r.stdout, format!("{}\n{task}:0\n", cwd.display()), "{r:?}");
+    // Its cgroups, in every hierarchy.
+    let r = w.exec(task, &["cat", "/proc/self/cgroup"], 0).await;
+    let task_cgroups = std::fs::read_to_string(format!("/proc/{task_pid}/cgroup")).unwrap();
+    assert_eq!(r.stdout, task_cgroups, "{r:?}");
+    assert!(task_cgroups.contains(&w.id), "the task's own cgroup: {task_cgroups}");
+}
+
+/// (CapEff, NoNewPrivs, Seccomp) of a task started with `profile`, its network interfaces and
+/// network namespace, read from the host's /proc.
+async fn task_under(
+    w: &NewestWorker,
+    profile: job::ContainerProfile,
+    n: u32,
+) -> (String, String, String, Vec<String>, String) {
+    let task = format!("/test/profile-{n}/0");
+    let nap = format!("876.{n}");
+    w.reconcile(vec![run_as(&format!("00000000000000f{n}"), &task, &format!("exec sleep {nap}"), profile)]).await;
+    let pid = poll("the task's sleep", Duration::from_secs(60), async || {
+        let req = worker::GetTaskStatusRequest { task_id: task.clone() };
+        let s: job::TaskStatus = w.client.call(SERVICE, "GetTaskStatus", &req, Duration::from_secs(10)).await.unwrap();
+        assert!(s.state <= job::TaskState::Running as i32, "{profile:?}: {s:?}");
+        pids_with_cmdline(&["sleep", &nap]).pop()
+    })
+    .await;
+    let net = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+    // Two header lines, then "  name: counters".
+    let interfaces = net.lines().skip(2).filter_map(|l| l.split(':').next()).map(|s| s.trim().to_string()).collect();
+    let value = |k: &str| status_line(pid, k).split_whitespace().nth(1).unwrap_or_default().to_string();
+    (value("CapEff:"), value("NoNewPrivs:"), value("Seccomp:"), interfaces, ns(&pid.to_string(), "net"))
+}
+
+#[tokio::test]
+#[ignore = "root: tasks run in containers with cgroups, one per container profile"]
+async fn container_profiles_set_capabilities_filter_and_network() {
+    use job::ContainerProfile as P;
+    let w = NewestWorker::start("profiles", &[]).await;
+    let host_net = ns("self", "net");
+    let own_caps = status_line(std::process::id() as i32, "CapEff:").split_whitespace().nth(1).unwrap().to_string();
+    const PTRACE: &str = "0000000000080000"; // CAP_SYS_PTRACE alone (bit 19)
+    const NONE: &str = "0000000000000000";
+
+    let (caps, nnp, seccomp, _, net) = task_under(&w, P::Restricted, 1).await;
+    assert_eq!((caps.as_str(), nnp.as_str(), seccomp.as_str()), (NONE, "1", "2"), "RESTRICTED");
+    assert_eq!(net, host_net, "RESTRICTED shares the host's network");
+    for (n, profile) in [(2, P::Default), (3, P::Unspecified)] {
+        let (caps, nnp, seccomp, _, _) = task_under(&w, profile, n).await;
+        assert_eq!((caps.as_str(), nnp.as_str(), seccomp.as_str()), (PTRACE, "1", "2"), "{profile:?}");
+    }
+    let (caps, nnp, seccomp, _, _) = task_under(&w, P::Privileged, 4).await;
+    assert_eq!((caps.as_str(), nnp.as_str(), seccomp.as_str()), (own_caps.as_str(), "0", "0"), "PRIVILEGED");
+    let (caps, nnp, seccomp, interfaces, net) = task_under(&w, P::Sandbox, 5).await;
+    assert_eq!((caps.as_str(), nnp.as_str(), seccomp.as_str()), (PTRACE, "1", "2"), "SANDBOX");
+    assert_eq!(interfaces, ["lo"], "SANDBOX sees only lo");
+    assert_ne!(net, host_net, "SANDBOX has a network namespace of its own");
+
+    // GVISOR: refused at once, the error naming runsc.
+    let resp = w.reconcile(vec![run_as("00000000000000f6", "/test/profile-6/0", "true", P::Gvisor)]).await;
+    let o = &resp.observed[0];
+    assert_eq!(o.state, job::TaskState::Failed as i32, "{o:?}");
+    assert!(o.error.contains("GVISOR") && o.error.contains("runsc"), "{o:?}");
+
+    // DOCKER_ACCESS: the host's Docker socket when there is one, refused when there is none.
+    use std::os::unix::fs::FileTypeExt;
+    let socket = std::fs::metadata("/var/run/docker.sock").is_ok_and(|m| m.file_type().is_socket());
+    if socket {
+        let (caps, ..) = task_under(&w, P::DockerAccess, 7).await;
+        assert_eq!(caps, PTRACE, "DOCKER_ACCESS");
+    } else {
+        let task = "/test/profile-7/0";
+        w.reconcile(vec![run_as("00000000000000f7", task, "true", P::DockerAccess)]).await;
+        poll("DOCKER_ACCESS refused", Duration::from_secs(60), async || {
+            let req = worker::GetTaskStatusRequest { task_id: task.into() };
+            let s: job::TaskStatus =
+                w.client.call(SERVICE, "GetTaskStatus", &req, Duration::from_secs(10)).await.unwrap();
+            (s.state == job::TaskState::Failed as i32).then_some(s)
+        })
+        .await;
+        let req = worker::GetTaskStatusRequest { task_id: task.into() };
+        let s: job::TaskStatus = w.client.call(SERVICE, "GetTaskStatus", &req, Duration::from_secs(10)).await.unwrap();
+        assert!(s.error.contains("DOCKER_ACCESS") && s.error.contains("Docker socket"), "{s:?}");
+    }
+}
+
+#[tokio::test]
+#[ignore = "root: the task runs in a container; ProfileTask execs py-spy into it"]
+async fn profile_task_answers_every_failure_in_its_error() {
+    use job::{ProfileTaskRequest, ProfileTaskResponse, ProfileType, ThreadsProfile, profile_type::Profiler};
+    let w = NewestWorker::start("profile", &[]).await;
+    let task = "/test/profile/0";
+    w.reconcile(vec![run("00000000000000d1", task, "exec sleep 765.4")]).await;
+    poll("the task RUNNING", Duration::from_secs(60), async || {
+        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
+    })
+    .await;
+    let ask = async |target: &str, profiler: Option<Profiler>| -> ProfileTaskResponse {
+        let req = ProfileTaskRequest {
+            target: target.into(),
+            duration_seconds: 0,
+            profile_type: profiler.map(|p| ProfileType { profiler: Some(p) }),
+        };
+        w.client.call(SERVICE, "ProfileTask", &req, Duration::from_secs(60)).await.unwrap()
+    };
+    let threads = || Some(Profiler::Threads(ThreadsProfile { locals: false, native: false }));
+    assert_eq!(ask(task, None).await.error, "profile_type is required");
+    assert_eq!(ask("/test/nope/0", threads()).await.error, "Task /test/nope/0 not found");
+    let r = ask(&format!("{task}:1"), threads()).await;
+    assert!(r.error.contains("not its current attempt"), "{r:?}");
+    let r = ask(task, Some(Profiler::Cpu(Default::default()))).await;
+    assert!(r.error.contains("only threads"), "{r:?}");
+    // The python rootfs has no py-spy, and the task no venv: said so, from inside the task.
+    let r = ask(&format!("{task}:0"), threads()).await;
+    assert!(r.error.contains("py-spy is not installed in the task"), "{r:?}");
+    assert!(r.profile_data.is_empty());
+}
+
+/// py-spy's binary, from its wheel in the fixtures (`scripts/fixtures wheels`).
+fn py_spy_binary() -> Vec<u8> {
+    let mut dirs = vec![cache().join("wheels")];
+    // Another checkout's fixtures may point `wheels` at its own set: any set with py-spy will do.
+    dirs.extend(
+        std::fs::read_dir(cache())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("wheels-"))),
+    );
+    let wheel = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten().map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("py_spy-")))
+        .expect("no py-spy wheel in the fixtures: run scripts/fixtures wheels");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+             n = next(n for n in z.namelist() if n.endswith('/scripts/py-spy')); sys.stdout.buffer.write(z.read(n))",
+        )
+        .arg(&wheel)
+        .output()
+        .unwrap();
+    assert!(out.status.success() && !out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+#[tokio::test]
+#[ignore = "root: the task runs in a container; ProfileTask runs py-spy inside it"]
+async fn profile_task_dumps_the_task_threads_with_its_venv_py_spy() {
+    use job::{ProfileTaskRequest, ProfileTaskResponse, ProfileType, ThreadsProfile, profile_type::Profiler};
+    let w = NewestWorker::start("pyspy", &[]).await;
+    let task = "/test/pyspy/0";
+    let script = "import time\ndef napping_function():\n    time.sleep(600)\nnapping_function()\n";
+    let request = RunTaskRequest {
+        task_id: task.into(),
+        num_tasks: 1,
+        attempt_uid: "00000000000000d2".into(),
+        entrypoint: Some(RuntimeEntrypoint {
+            setup_commands: vec!["chmod +x .venv/bin/py-spy".into()],
+            run_command: Some(CommandEntrypoint { argv: vec!["python3".into(), "-c".into(), script.into()] }),
+            workdir_files: [(".venv/bin/py-spy".to_string(), py_spy_binary())].into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let desired = DesiredAttempt {
+        attempt_uid: "00000000000000d2".into(),
+        intent: Some(Intent::Run(AttemptSpec { request: Some(request) })),
+    };
+    w.reconcile(vec![desired]).await;
+    poll("the task RUNNING", Duration::from_secs(60), async || {
+        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
+    })
+    .await;
+    let req = ProfileTaskRequest {
+        target: task.into(),
+        duration_seconds: 0,
+        profile_type: Some(ProfileType { profiler: Some(Profiler::Threads(ThreadsProfile::default())) }),
+    };
+    // The interpreter may still be starting: poll until the function is on its stack.
+    let r = poll("a dump with the task's function", Duration::from_secs(60), async || {
+        let r: ProfileTaskResponse =
+            w.client.call(SERVICE, "ProfileTask", &req, Duration::from_secs(60)).await.unwrap();
+        String::from_utf8_lossy(&r.profile_data).contains("napping_function").then_some(r)
+    })
+    .await;
+    assert_eq!(r.error, "");
+    // Every process of the task runs again after the dump (py-spy stops them while it reads).
+    let pid = pids_with_cmdline(&["python3", "-c", script]).pop().expect("the task's python");
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let state = state.rsplit(')').next().unwrap().split_whitespace().next().unwrap().to_string();
+    assert_ne!(state, "T", "the task is left stopped");
+}

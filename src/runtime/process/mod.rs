@@ -28,6 +28,29 @@ fn cstrings(items: &[String], what: &str) -> Result<Vec<CString>, RuntimeError> 
         .collect()
 }
 
+/// In a forked child: the signals the supervisor blocks unblocked (they must not stay blocked
+/// in the task), SIGPIPE at its default, stdout and stderr to the task's log pipes, stdin from
+/// /dev/null.
+///
+/// # Safety
+/// Only async-signal-safe calls: callable between fork and exec.
+unsafe fn child_signals_and_stdio(io: &TaskIo) {
+    // SAFETY: the caller is the forked child; every call here is async-signal-safe, and
+    // `empty` is initialised by sigemptyset before use.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        crate::runtime::restore_sigpipe();
+        libc::dup2(io.stdout.as_raw_fd(), 1);
+        libc::dup2(io.stderr.as_raw_fd(), 2);
+        let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+        if devnull >= 0 {
+            libc::dup2(devnull, 0);
+        }
+    }
+}
+
 impl Runtime for ProcessRuntime {
     fn create(&mut self, spec: &LaunchSpec, _task_dir: &Path, io: TaskIo) -> Result<Pid, RuntimeError> {
         let argv = cstrings(&spec.argv, "argv")?;
@@ -59,20 +82,10 @@ impl Runtime for ProcessRuntime {
                     // handlers or destructors.
                     unsafe { libc::_exit(127) };
                 }
-                // SAFETY: async-signal-safe calls on descriptors and C strings prepared before
-                // the fork; `empty` is initialised by sigemptyset before use.
+                // SAFETY: the forked child, before exec: async-signal-safe calls on descriptors
+                // and a C string prepared before the fork.
                 unsafe {
-                    // The supervisor's blocked signals must not stay blocked in the task.
-                    let mut empty: libc::sigset_t = std::mem::zeroed();
-                    libc::sigemptyset(&mut empty);
-                    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                    crate::runtime::restore_sigpipe();
-                    libc::dup2(io.stdout.as_raw_fd(), 1);
-                    libc::dup2(io.stderr.as_raw_fd(), 2);
-                    let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
-                    if devnull >= 0 {
-                        libc::dup2(devnull, 0);
-                    }
+                    child_signals_and_stdio(&io);
                     libc::chdir(cwd.as_ptr());
                 }
                 let _ = nix::unistd::execvpe(&argv0, &argv, &env);
@@ -144,16 +157,7 @@ pub fn enter(spec: &LaunchSpec, argv: &[String], io: TaskIo) -> Result<Pid, Runt
             // SAFETY: async-signal-safe calls on values prepared before the fork.
             unsafe {
                 libc::setsid();
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                crate::runtime::restore_sigpipe();
-                libc::dup2(io.stdout.as_raw_fd(), 1);
-                libc::dup2(io.stderr.as_raw_fd(), 2);
-                let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
-                if devnull >= 0 {
-                    libc::dup2(devnull, 0);
-                }
+                child_signals_and_stdio(&io);
                 if let Some(u) = &user
                     && (libc::setgroups(gids.len(), gids.as_ptr()) != 0
                         || libc::setgid(u.gid) != 0

@@ -12,7 +12,7 @@ mod parents;
 mod stats;
 
 pub use layout::{CgroupError, Layout, Limits, V1_NET_CONTROLLERS};
-pub use stats::CgroupStats;
+pub use stats::{CgroupStats, StatsCache, StatsFiles};
 
 /// The cgroup directory name below the worker's own cgroup that holds all workers' tasks.
 pub const ROOT_NAME: &str = "iris-worker";

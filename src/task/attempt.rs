@@ -59,6 +59,8 @@ pub(crate) struct Attempt {
     pub(super) kill: KillSwitch,
     done: (watch::Sender<bool>, watch::Receiver<bool>),
     pub(super) history: Mutex<History>,
+    /// The running task's cgroup figure files, kept open between readings (closed at its end).
+    pub(super) stats_files: crate::cgroup::StatsCache,
     /// The environment's identity and whether it came from the cache (BuildMetrics).
     build: Mutex<Option<(bool, String)>>,
     /// The bundle the attempt runs from, held so the cache keeps it while the task runs.
@@ -95,6 +97,7 @@ impl Attempt {
             kill: KillSwitch::default(),
             done: watch::channel(false),
             history: Mutex::new(History::default()),
+            stats_files: Default::default(),
             build: Mutex::new(None),
             bundle: Mutex::new(None),
             leases: Mutex::new(Vec::new()),
@@ -224,6 +227,7 @@ impl Attempt {
             tracing::warn!(task_id = %self.meta.task_id, error = %e, "recording how the task ended");
         }
         let store::EndRecord { state, exit_code, error, finished_at_ms } = record;
+        self.stats_files.close();
         st.state = state;
         st.exit_code = exit_code;
         st.error = error;

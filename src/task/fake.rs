@@ -80,7 +80,7 @@ impl Cgroups for FakeCgroups {
         Ok(Some((Layout::V2 { root: PathBuf::from("/nonexistent/fake-cgroupfs") }, PARENT.to_string())))
     }
 
-    fn stats(&self, _: &Layout, path: &str) -> Option<CgroupStats> {
+    fn stats(&self, _: &Layout, path: &str, _: &crate::cgroup::StatsCache) -> Option<CgroupStats> {
         self.stats.lock().unwrap().get(path).cloned()
     }
 

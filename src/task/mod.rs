@@ -763,9 +763,9 @@ impl Inner {
         lock(&self.listeners).retain(|tx| tx.send(event.clone()).is_ok());
     }
 
-    fn stats(&self, cgroup: &str) -> Option<CgroupStats> {
+    fn stats(&self, cgroup: &str, kept: &crate::cgroup::StatsCache) -> Option<CgroupStats> {
         let (layout, _) = self.cgroups.as_ref()?;
-        self.seams.cgroups.stats(layout, cgroup)
+        self.seams.cgroups.stats(layout, cgroup, kept)
     }
 }
 

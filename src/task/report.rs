@@ -37,7 +37,7 @@ impl Attempt {
     fn view(&self, inner: &Inner) -> (AttemptView, String, Option<Usage>, (i64, i64)) {
         let st = lock(&self.status);
         let usage = match (st.state, &self.meta.cgroup) {
-            (TaskState::Running, Some(cg)) => inner.stats(cg).map(|s| {
+            (TaskState::Running, Some(cg)) => inner.stats(cg, &self.stats_files).map(|s| {
                 let cpu_ns = s.cpu_usage_ns.unwrap_or(0);
                 // The sampler's figure over its last interval; the life average until it has one.
                 let cpu_percent = match lock(&self.history).latest(inner.seams.clock.now_ms(), 3 * SAMPLE_MS) {

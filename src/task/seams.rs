@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{ManagerConfig, TaskError, store};
-use crate::cgroup::{CgroupError, CgroupStats, Layout};
+use crate::cgroup::{CgroupError, CgroupStats, Layout, StatsCache};
 use crate::runtime::RuntimeKind;
 use crate::supervisor::handle::{self as supervise, Ready, Supervisor};
 
@@ -30,8 +30,9 @@ pub(crate) trait Cgroups: Send + Sync {
     /// Prepares the host's shared directory (cgroup ledger, port locks) and creates the
     /// worker's parent cgroup; `None` when tasks run without cgroups.
     fn prepare_parent(&self, config: &ManagerConfig) -> Result<Option<(Layout, String)>, TaskError>;
-    /// A reading of the task cgroup `path` of `layout`, if it can be read.
-    fn stats(&self, layout: &Layout, path: &str) -> Option<CgroupStats>;
+    /// A reading of the task cgroup `path` of `layout`, if it can be read, through the
+    /// attempt's `kept` files (opened at its first reading).
+    fn stats(&self, layout: &Layout, path: &str, kept: &StatsCache) -> Option<CgroupStats>;
     /// Kills every process in the task cgroup `path` (a dead supervisor's leftovers).
     fn kill_all(&self, path: &str);
     /// Removes the (empty) task cgroup `path`.
@@ -116,8 +117,8 @@ impl Cgroups for HostCgroups {
         }
     }
 
-    fn stats(&self, layout: &Layout, path: &str) -> Option<CgroupStats> {
-        layout.stats(path).ok()
+    fn stats(&self, layout: &Layout, path: &str, kept: &StatsCache) -> Option<CgroupStats> {
+        kept.read(layout, path).ok().flatten()
     }
 
     fn kill_all(&self, path: &str) {

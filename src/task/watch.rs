@@ -51,7 +51,7 @@ impl Attempt {
             }
             st.started_at_ms
         };
-        let Some(stats) = self.meta.cgroup.as_deref().and_then(|cg| inner.stats(cg)) else { return };
+        let Some(stats) = self.meta.cgroup.as_deref().and_then(|cg| inner.stats(cg, &self.stats_files)) else { return };
         let clock = &inner.seams.clock;
         lock(&self.history).observe(&stats, clock.now(), clock.now_ms(), started_at_ms);
     }

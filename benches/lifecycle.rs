@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use common::{Figure, run};
 use iris_worker::cgroup::Layout;
-use iris_worker::runtime::{self, LaunchSpec, Profile, RuntimeKind, TaskIo};
+use iris_worker::runtime::{self, LaunchSpec, Profile, RuntimeKind, TaskIo, phases};
 use nix::sys::wait::waitpid;
 
 fn devnull() -> anyhow::Result<OwnedFd> {
@@ -27,8 +27,10 @@ fn devnull() -> anyhow::Result<OwnedFd> {
 
 /// One create → start → exit → reaped → removed cycle through the container runtime.
 fn library_lifecycle(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, i: usize) -> anyhow::Result<Duration> {
+    phases::mark("bench: begin");
     let dir = work.join(format!("lib-{i}"));
     std::fs::create_dir_all(&dir)?;
+    phases::mark("bench: task dir made");
     let spec = LaunchSpec {
         runtime: RuntimeKind::Container,
         profile: Profile::Restricted,
@@ -54,16 +56,12 @@ fn library_lifecycle(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, 
     let t = Instant::now();
     let mut rt = runtime::for_kind(RuntimeKind::Container)?;
     let pid = rt.create(&spec, &dir, TaskIo { stdout: devnull()?, stderr: devnull()? })?;
-    let t1 = t.elapsed();
     rt.start()?;
-    let t2 = t.elapsed();
     waitpid(pid, None)?;
-    let t3 = t.elapsed();
+    phases::mark("bench: reaped");
     rt.remove()?;
     let took = t.elapsed();
-    if std::env::var_os("IRIS_BENCH_PHASES").is_some() {
-        eprintln!("create {t1:?} start {:?} wait {:?} remove {:?}", t2 - t1, t3 - t2, took - t3);
-    }
+    phases::mark("bench: removed");
     std::fs::remove_dir_all(&dir)?;
     Ok(took)
 }
@@ -181,6 +179,98 @@ fn measure_lifecycles(
     Ok(f)
 }
 
+/// A step's name for the table: the event's text with what changes from run to run (pids,
+/// numbers) left out, and long Debug dumps cut.
+fn step_name(event: &str) -> String {
+    let event = event.strip_prefix("iris_phase: ").unwrap_or(event);
+    // libcontainer::rootfs::mount: … → mount: …
+    let event = match event.split_once(": ") {
+        Some((target, rest)) if target.contains("::") => {
+            let module = target.rsplit("::").next().unwrap_or(target);
+            return step_name(&format!("{module}: {rest}"));
+        }
+        _ => event,
+    };
+    let mut name: String = event.chars().map(|c| if c.is_ascii_digit() { '#' } else { c }).collect();
+    // A Debug dump (a mount, a namespace): its destination or type names it.
+    for field in ["destination: ", "typ: "] {
+        if let Some(at) = name.find(field) {
+            let what: String = name[at + field.len()..].chars().take_while(|c| *c != ',').collect();
+            // What comes before the dump, less the dumped type's name.
+            let head = name.split('{').next().unwrap_or_default().trim_end();
+            let head = head.rsplit_once(' ').map_or(head, |(h, _)| h).to_string();
+            name = format!("{head} {what}");
+            break;
+        }
+    }
+    // Sets print in no fixed order.
+    if let Some(at) = name.find(" {") {
+        name.truncate(at);
+    }
+    name
+}
+
+/// `s` cut to `n` characters.
+fn cut(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+/// `--phases`: `n` library lifecycles recorded by the runtime's phase recorder; prints, for
+/// each step in order, the median and p90 of the time since the step before it (over the
+/// runs), and its share of the median lifecycle.
+fn phase_profile(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, n: usize) -> anyhow::Result<()> {
+    let log = work.join("phases.log");
+    std::fs::File::create(&log)?;
+    anyhow::ensure!(phases::install(&log), "could not install the phase recorder");
+    let mut order: Vec<String> = Vec::new();
+    let mut steps: std::collections::HashMap<String, Vec<Duration>> = Default::default();
+    let mut totals = Vec::new();
+    for i in 0..n + 3 {
+        std::fs::OpenOptions::new().write(true).open(&log)?.set_len(0)?;
+        library_lifecycle(rootfs, work, layout, parent, i)?;
+        let text = std::fs::read_to_string(&log)?;
+        let mut events: Vec<(i128, String)> =
+            text.lines().filter_map(phases::parse_line).map(|(ns, _, e)| (ns, step_name(e))).collect();
+        events.sort_by_key(|e| e.0);
+        let (Some(first), Some(last)) = (events.first(), events.last()) else { bail!("no phase recorded") };
+        if i < 3 {
+            continue; // warm-up
+        }
+        totals.push(Duration::from_nanos((last.0 - first.0) as u64));
+        // The k-th occurrence of a step in a run is its own row.
+        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+        for w in events.windows(2) {
+            let step = format!("{} → {}", cut(&w[0].1, 44), cut(&w[1].1, 44));
+            let k = seen.entry(step.clone()).or_default();
+            *k += 1;
+            let key = if *k > 1 { format!("{step} ({k})") } else { step };
+            if !steps.contains_key(&key) {
+                order.push(key.clone());
+            }
+            steps.entry(key).or_default().push(Duration::from_nanos((w[1].0 - w[0].0) as u64));
+        }
+    }
+    let total = Figure { name: "lifecycle (first to last event)", samples: totals };
+    let total_ms = total.pct(0.5);
+    println!(
+        "{:<66} {:>9} {:>9} {:>6} {:>5}",
+        "step (time since the step before)", "p50 µs", "p90 µs", "share", "runs"
+    );
+    for key in &order {
+        let f = Figure { name: "", samples: steps.remove(key).unwrap_or_default() };
+        let p50 = f.pct(0.5) * 1e3;
+        println!(
+            "{key:<92} {p50:>9.0} {:>9.0} {:>5.1}% {:>5}",
+            f.pct(0.9) * 1e3,
+            p50 / (total_ms * 10.0),
+            f.samples.len()
+        );
+    }
+    println!("{:<92} {:>9.0} {:>9.0} {:>6} {:>5}", total.name, total_ms * 1e3, total.pct(0.9) * 1e3, "", n);
+    println!("(load average: {})", std::fs::read_to_string("/proc/loadavg")?.trim());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let n = common::runs(50);
     // runc wants the real path of the rootfs, not a symlink to it.
@@ -193,6 +283,11 @@ fn main() -> anyhow::Result<()> {
     // Where the worker would put its tasks: our own cgroup on v1, its parent on v2.
     let parent = format!("{}/iris-worker/iris-bench-{}", layout.task_root()?.trim_end_matches('/'), std::process::id());
     layout.prepare_parent(&parent)?;
+    if std::env::args().any(|a| a == "--phases") {
+        let profiled = phase_profile(&rootfs, work.path(), &layout, &parent, n);
+        let _ = layout.release_parent(&parent);
+        return profiled;
+    }
     let measured = measure_lifecycles(&rootfs, work.path(), &layout, &parent, n);
     // The parent cgroups go whatever happened.
     let _ = layout.release_parent(&parent);

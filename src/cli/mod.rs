@@ -153,7 +153,9 @@ fn supervise(task_dir: &std::path::Path, ready_fd: Option<i32>) -> ExitCode {
         .truncate(true)
         .mode(crate::taskdir::PRIVATE_FILE_MODE)
         .open(task_dir.join(crate::taskdir::SUPERVISOR_LOG));
-    if let Ok(file) = log {
+    if crate::runtime::phases::install_from_env() {
+        // Profiling (scripts/bench lifecycle --phases): the phases file takes the events.
+    } else if let Ok(file) = log {
         let _ = tracing_subscriber::fmt()
             .with_writer(std::sync::Mutex::new(file))
             .with_ansi(false)

@@ -7,6 +7,7 @@
 
 #[cfg(feature = "container")]
 pub mod container;
+pub mod phases;
 pub mod process;
 pub mod rootfs;
 mod spec;

@@ -69,6 +69,7 @@ pub fn handled_signals() -> SigSet {
 /// Runs the supervisor for `task_dir` to the end. `ready` (the worker's pipe) hears
 /// `started` once the command runs, or `failed` if it never will.
 pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorError> {
+    runtime::phases::mark("supervisor: begin");
     let spec: LaunchSpec =
         taskdir::read_json(task_dir, taskdir::SPEC)?.ok_or_else(|| SupervisorError::NoSpec(task_dir.into()))?;
     // Room for the records the worker must get, before the task can fill the disk: how the
@@ -148,6 +149,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
         .collect();
     taskdir::write_json(task_dir, taskdir::STARTED, &Started { pid: pid.as_raw(), started_at_ms })?;
     notify(&mut ready, "started");
+    runtime::phases::mark("supervisor: started.json written, worker told");
     drop(ready);
 
     let mut exit = ExitRecord { started_at_ms: Some(started_at_ms), ..Default::default() };
@@ -209,6 +211,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
             match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(ws) if ws.pid() == Some(pid) => {
+                    runtime::phases::mark("supervisor: reaped");
                     status = Some(ws);
                     // The init is gone; whatever is left of the task dies with it.
                     kill_cgroup(&spec);
@@ -280,6 +283,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
     // recorded, so whoever reads exit.json finds no mount left.
     release_rootfs(task_dir, &spec);
     taskdir::write_json(task_dir, taskdir::EXIT, &exit)?;
+    runtime::phases::mark("supervisor: exit.json written");
     if let Err(e) = runtime.remove() {
         tracing::warn!(error = %e, "removing the task's container");
         kill_cgroup(&spec);

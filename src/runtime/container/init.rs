@@ -98,6 +98,7 @@ pub(super) struct InitExecutor {
 
 impl Executor for InitExecutor {
     fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
+        crate::runtime::phases::mark("init: set up (rootfs, capabilities, seccomp)");
         let waited = wait_set();
         // Blocked before the fork, so a SIGCHLD of a command that ends at once is not lost
         // (it stays pending until the loop waits for it).
@@ -146,6 +147,7 @@ fn run_command(spec: &oci_spec::runtime::Spec, status_fd: RawFd) -> ! {
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
     }
     crate::runtime::restore_sigpipe();
+    crate::runtime::phases::mark("command: exec");
     let result = libcontainer::workload::default::get_executor().exec(spec);
     if let Err(e) = &result {
         // The task's stderr is the log: say there why the command never ran.

@@ -47,10 +47,13 @@ pub fn state_root(task_dir: &Path) -> PathBuf {
 
 impl Runtime for ContainerRuntime {
     fn create(&mut self, spec: &LaunchSpec, task_dir: &Path, io: TaskIo) -> Result<Pid, RuntimeError> {
+        super::phases::mark("create: begin");
         net_hierarchies::hide_net_hierarchies()?;
+        super::phases::mark("net hierarchies hidden");
         let config = oci::build(spec)?;
         let config_path = task_dir.join(crate::taskdir::OCI_CONFIG);
         config.save(&config_path).map_err(|e| RuntimeError::Spec(format!("writing {}: {e}", config_path.display())))?;
+        super::phases::mark("config.json written");
         let root = state_root(task_dir);
         self.state_dir = Some(root.join(&spec.id));
         let mut status = init::StatusPipe::new()
@@ -67,6 +70,7 @@ impl Runtime for ContainerRuntime {
             .with_systemd(false)
             .with_detach(true)
             .build();
+        super::phases::mark("built: init waits");
         // The init has its copy of the write end now; ours would keep the pipe from ever
         // reading as empty.
         status.close_write();
@@ -90,6 +94,7 @@ impl Runtime for ContainerRuntime {
             // the worker's connect hook is attached above (see crate::isolation).
             self.cgroup = Some((layout.clone(), path.clone()));
             layout.join_unified(path, pid)?;
+            super::phases::mark("joined the unified cgroup");
         }
         Ok(pid)
     }
@@ -98,7 +103,10 @@ impl Runtime for ContainerRuntime {
         let Some(container) = self.container.as_mut() else {
             return Err(RuntimeError::Container { op: "starting", message: "not created".into() });
         };
-        container.start().map_err(lc_err("starting"))
+        super::phases::mark("start: begin");
+        let started = container.start().map_err(lc_err("starting"));
+        super::phases::mark("started");
+        started
     }
 
     fn command_status(&mut self, init: WaitStatus) -> WaitStatus {
@@ -114,9 +122,11 @@ impl Runtime for ContainerRuntime {
             Some(container) => container.delete(true).map_err(lc_err("deleting"))?,
             None => self.remove_leftovers(),
         }
+        super::phases::mark("container deleted");
         // libcontainer removed the v1 directories; what remains is the unified one, if any.
         if let Some((layout, path)) = self.cgroup.take() {
             layout.remove(&path)?;
+            super::phases::mark("unified cgroup removed");
         }
         Ok(())
     }

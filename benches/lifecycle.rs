@@ -370,8 +370,14 @@ fn cgroup_steps(layout: &Layout, parent: &str, n: usize) -> anyhow::Result<()> {
     println!("{:<40} {:>10} {:>10} {:>10}", "cgroup steps per hierarchy (µs, p50)", "create", "join", "remove");
     let (mut sum_c, mut sum_j, mut sum_r) = (0.0, 0.0, 0.0);
     for (dir, t) in dirs.iter().zip(&times) {
-        let name = dir.strip_prefix("/sys/fs/cgroup").unwrap_or(dir).components().next();
-        let name = name.map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
+        // A v1 hierarchy's (or the hybrid host's unified) mount point names it.
+        let name = match layout {
+            Layout::V2 { .. } => "the v2 tree".to_string(),
+            Layout::V1 { .. } => {
+                let first = dir.strip_prefix("/sys/fs/cgroup").unwrap_or(dir).components().next();
+                first.map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default()
+            }
+        };
         let [c, j, r] = [t[0].pct(0.5) * 1e3, t[1].pct(0.5) * 1e3, t[2].pct(0.5) * 1e3];
         (sum_c, sum_j, sum_r) = (sum_c + c, sum_j + j, sum_r + r);
         println!("{name:<40} {c:>10.0} {j:>10.0} {r:>10.0}");

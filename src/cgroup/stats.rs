@@ -149,7 +149,7 @@ fn read_at_start<'b>(file: &File, buf: &'b mut [u8]) -> io::Result<Option<&'b [u
             Ok(0) => break,
             Ok(n) => len += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV) | Some(libc::ENOENT)) => return Ok(None),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOENT)) => return Ok(None),
             Err(e) => return Err(e),
         }
     }

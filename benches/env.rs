@@ -110,6 +110,10 @@ async fn server_figures(exe: &Path, work: &Path, n: usize) -> anyhow::Result<Ser
         .arg("--uv-find-links")
         .arg(cache().join("wheels"))
         .args(["--uv-offline", "true"])
+        // The projects are file:// bundles in the work dir: a worker reads those only below a
+        // directory it is given.
+        .arg("--allow-bundle-path")
+        .arg(work)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -209,7 +213,9 @@ async fn bundle_figures(work: &Path, n: usize) -> anyhow::Result<(Figure, Figure
     let mut unzip = Figure::new("200 MB bundle, unzip -q");
     for i in 0..n {
         let dir = work.join(format!("bundles-{i}"));
-        let cache = BundleCache::new(BundleConfig::new(&dir))?;
+        let mut config = BundleConfig::new(&dir);
+        config.sources.allowed_dirs = vec![work.to_path_buf()];
+        let cache = BundleCache::new(config)?;
         let t = Instant::now();
         let b = cache.get(&url, None, |_| {}).await?;
         ours.samples.push(t.elapsed());

@@ -426,4 +426,51 @@ mod reconcile {
             .await;
         assert_eq!(done.state(), TaskState::Succeeded, "IRIS_PORT_HTTP outside 12000-13999: {done:?}");
     }
+
+    #[tokio::test]
+    #[ignore = "root: the attempts and their setup steps run in containers with cgroups"]
+    async fn setup_commands_run_first_in_a_step_of_their_own_logged_as_build() {
+        let w = NewestWorker::start_as("setup").await;
+        let with_setup = |uid: &str, task: &str, setup: &[&str], script: &str| {
+            let mut s = spec(task, 0, uid, script);
+            if let Some(e) = s.entrypoint.as_mut() {
+                e.setup_commands = setup.iter().map(|c| c.to_string()).collect();
+            }
+            s
+        };
+        // The steps run in order in the workdir, before the command, which sees what they left.
+        let ok = with_setup(
+            "st0",
+            "/t/setup/0",
+            &["echo first > /app/order", "echo second >> /app/order"],
+            "cat /app/order",
+        );
+        let done =
+            w.until(&[run("st0", Some(ok))], "st0", |s| matches!(s, TaskState::Succeeded | TaskState::Failed)).await;
+        assert_eq!(done.state(), TaskState::Succeeded, "{done:?}\n{}", w.logs());
+        let dirs: Vec<_> =
+            std::fs::read_dir(w.state.path().join("tasks")).unwrap().flatten().map(|e| e.path()).collect();
+        assert_eq!(dirs.len(), 1, "{dirs:?}");
+        let lines = iris_worker::logs::read(&dirs[0].join("logs"), &Default::default()).unwrap();
+        let text: Vec<(String, String)> =
+            lines.iter().map(|l| (l.source.as_str().to_string(), l.data.clone())).collect();
+        let build: Vec<&str> = text.iter().filter(|(s, _)| s == "build").map(|(_, d)| d.as_str()).collect();
+        assert_eq!(build, ["[iris setup] step 1/2", "[iris setup] step 2/2"], "{text:?}");
+        let out: Vec<&str> = text.iter().filter(|(s, _)| s == "stdout").map(|(_, d)| d.as_str()).collect();
+        assert_eq!(out, ["first", "second"], "{text:?}");
+
+        // A failing step fails the task with its last lines, and the command never runs.
+        let bad = with_setup("st1", "/t/setup/1", &["echo about-to-fail; exit 4"], "touch /app/ran");
+        let failed =
+            w.until(&[run("st1", Some(bad))], "st1", |s| matches!(s, TaskState::Succeeded | TaskState::Failed)).await;
+        assert_eq!(failed.state(), TaskState::Failed, "{failed:?}");
+        assert!(failed.error.contains("exit code 4") && failed.error.contains("about-to-fail"), "{failed:?}");
+        let dir = std::fs::read_dir(w.state.path().join("tasks"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p != &dirs[0])
+            .unwrap();
+        assert!(!dir.join("workdir/ran").exists(), "the command ran after a failed setup");
+    }
 }

@@ -72,6 +72,14 @@ pub enum EnvError {
     Dockerfile(#[from] super::image_build::DockerfileError),
     #[error("the task has no run_command")]
     NoRunCommand,
+    /// The newest wire's setup commands failed: how, and the last lines they printed.
+    #[error("setup commands failed ({status}): {detail}")]
+    SetupFailed {
+        /// Exit code, signal, or why they could not run.
+        status: String,
+        /// Their last lines of output.
+        detail: String,
+    },
     #[error("the task's run_command has no argv")]
     EmptyRunCommand,
     #[error("workdir_file_refs[{rel:?}]: {reason}")]

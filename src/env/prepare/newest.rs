@@ -1,17 +1,17 @@
 //! BUILDING for an attempt of the newest Iris wire (a spec with an attempt uid), laid out as
 //! Iris's newest worker lays it out: the bundle unpacked into the task's workdir and the
 //! entrypoint's workdir files beside it, the workdir at `/app` (= `$IRIS_WORKDIR`, read-write),
-//! the setup commands run in order, then the run command, in the workdir, with the newest
-//! `IRIS_*` environment. The root filesystem is the python rootfs (bash and python3, as Iris's
+//! the setup commands run in order in a step of their own (a throw-away container with a
+//! memory floor, logged as `build`; a failure fails the task with their last lines), then the
+//! run command, in the workdir, with the newest `IRIS_*` environment. The root filesystem is the python rootfs (bash and python3, as Iris's
 //! default task image has them).
 //!
 //! Secrets (`environment.secrets`) are files, as Iris delivers them: `$RIGGING_SECRETS_DIR`
 //! (`/run/rigging/secrets`) holds one root-only file per secret, read-only; in a container the
 //! task's `/run` is that directory tree (the shared rootfs has no `/run/rigging` to mount on).
 //!
-//! Not yet as Iris does it (docs/ARCHITECTURE.md, "Wire generations"): the setup commands run
-//! in the task's own container before its command (Iris runs them in a separate, memory-bound
-//! build container), and `task_image` is not honoured yet.
+//! Not yet as Iris does it (docs/ARCHITECTURE.md, "Wire generations"): `task_image` is not
+//! honoured yet.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,14 +23,11 @@ use crate::runtime::{LaunchSpec, Mount, Profile, RuntimeKind};
 /// Where the workdir is in the task (Iris's `/app`).
 pub const WORKDIR_IN_TASK: &str = "/app";
 
-/// The script that runs the setup commands and then the command (passed as `"$@"`): Iris's
-/// `_run.sh` (cd into the workdir, the venv's activate when there is one, exec).
-fn run_script(setup: &[String]) -> String {
+/// The script that runs the command (passed as `"$@"`): Iris's `_run.sh` (cd into the
+/// workdir, the venv's activate when there is one, exec). The setup commands ran before, in a
+/// step of their own ([`setup_spec`]).
+fn run_script() -> String {
     let mut s = String::from("set -e\n");
-    for step in setup {
-        s.push_str(step);
-        s.push('\n');
-    }
     s.push_str(
         "cd \"$IRIS_WORKDIR\"\nif [ -f \"$IRIS_VENV/bin/activate\" ]; then . \"$IRIS_VENV/bin/activate\"; fi\nexec \"$@\"",
     );
@@ -114,7 +111,7 @@ pub(super) async fn prepare(
         Some(crate::taskdir::write_secrets(task.dir(), &spec.secrets.0).map_err(crate::env::EnvError::Secrets)?)
     };
     let config = &envs.config;
-    let mut argv = vec!["bash".to_string(), "-c".to_string(), run_script(&command.setup_commands), "iris-run".into()];
+    let mut argv = vec!["bash".to_string(), "-c".to_string(), run_script(), "iris-run".into()];
     argv.extend(command.argv.iter().cloned());
     let (rootfs, mounts, cwd, python) = match config.runtime {
         RuntimeKind::Container => {
@@ -143,8 +140,89 @@ pub(super) async fn prepare(
     if let Some(profile) = spec.container_profile {
         apply_profile(&mut launch, profile)?;
     }
+    if !command.setup_commands.is_empty() {
+        task.progress("syncing dependencies");
+        let logs = task.dir().join(crate::taskdir::LOGS);
+        run_setup(envs, task, setup_spec(&launch, &command.setup_commands, logs)).await?;
+    }
     Ok(launch)
 }
+
+/// A setup step's memory limit at least (Iris's build container: max(32 GiB, the task's)).
+const SETUP_MEMORY_FLOOR: u64 = 32 << 30;
+
+/// The setup commands' own step, as Iris runs them: a throw-away container like the task's
+/// (same rootfs, mounts, environment, workdir, profile) but its own cgroup beside the task's,
+/// a memory limit of at least [`SETUP_MEMORY_FLOOR`], no devices, its output logged as `build`;
+/// each command run by bash in order, announced as `[iris setup] step i/N`, stopping at the
+/// first that fails.
+fn setup_spec(task: &LaunchSpec, steps: &[String], task_logs: PathBuf) -> LaunchSpec {
+    let mut s = task.clone();
+    s.id = format!("{}.setup", task.id);
+    s.argv = vec![
+        "bash".into(),
+        "-c".into(),
+        "set -e; n=$#; i=0; for step in \"$@\"; do i=$((i+1)); echo \"[iris setup] step $i/$n\"; bash -c \"$step\"; done"
+            .into(),
+        "iris-setup".into(),
+    ];
+    s.argv.extend(steps.iter().cloned());
+    s.limits.memory_bytes = Some(task.limits.memory_bytes.unwrap_or(0).max(SETUP_MEMORY_FLOOR));
+    s.cgroup = task.cgroup.as_ref().map(|(layout, path)| (layout.clone(), format!("{path}.setup")));
+    // Into the task's log (its supervisor would otherwise write one of its own in `build/`).
+    s.log_dir = Some(task_logs);
+    s.log_source = Some(crate::logs::Source::Build);
+    if s.profile == crate::runtime::Profile::Privileged {
+        s.profile = crate::runtime::Profile::default();
+    }
+    s
+}
+
+/// Runs the setup step under a supervisor of its own in the task's `build/` directory (where
+/// a kill of a BUILDING task reaches it) and waits for it; a failure fails the task with the
+/// step's last lines.
+async fn run_setup(envs: &Environments, task: &dyn Preparing, setup: LaunchSpec) -> Result<(), crate::env::EnvError> {
+    use crate::env::EnvError;
+    let step = task.dir().join(crate::taskdir::BUILD);
+    let could_not = |why: String| EnvError::SetupFailed { status: "they could not start".into(), detail: why };
+    let _ = std::fs::remove_dir_all(&step);
+    std::fs::create_dir_all(&step).map_err(|e| could_not(format!("making their directory: {}", e.kind())))?;
+    crate::taskdir::write_json(&step, crate::taskdir::SPEC, &setup).map_err(|e| could_not(e.reason()))?;
+    let exit = crate::supervisor::handle::run_to_exit(&envs.venvs().config().supervisor_exe, &step).await;
+    let status = match &exit {
+        Ok(e) if e.exit_code == Some(0) => return Ok(()),
+        Ok(e) => match (&e.error, e.exit_code, e.signal) {
+            (Some(err), _, _) => {
+                // Its message names host paths (mounts, the rootfs): the worker's log has it.
+                tracing::warn!(task = %task.id(), error = %err, "the setup step could not start");
+                "they could not start; the worker's log says why".into()
+            }
+            (None, Some(code), _) => format!("exit code {code}"),
+            (None, None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "no exit status".into(),
+        },
+        Err(e) => {
+            tracing::warn!(task = %task.id(), error = %e, "the setup step's supervisor failed");
+            "their supervisor failed; the worker's log says why".into()
+        }
+    };
+    Err(EnvError::SetupFailed { status, detail: setup_log_tail(&task.dir().join(crate::taskdir::LOGS)) })
+}
+
+/// The last [`SETUP_TAIL`] lines the setup step printed, joined with ` | `.
+fn setup_log_tail(log_dir: &std::path::Path) -> String {
+    let filter = crate::logs::LogFilter {
+        start_line: -(SETUP_TAIL as i64),
+        source: Some(crate::logs::Source::Build),
+        ..Default::default()
+    };
+    let lines = crate::logs::read(log_dir, &filter).unwrap_or_default();
+    let text: Vec<&str> = lines.iter().map(|l| l.data.trim()).filter(|l| !l.is_empty()).collect();
+    if text.is_empty() { "no output".into() } else { text.join(" | ") }
+}
+
+/// How many of the setup step's last lines a failure reports (Iris reports 50).
+const SETUP_TAIL: usize = 50;
 
 /// What a SANDBOX task does not get (Iris's `task_isolation`): the controller and the task's
 /// credential.
@@ -272,10 +350,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_run_script_runs_setup_then_execs_the_command_in_the_workdir() {
-        let s = run_script(&["echo one".into(), "echo two".into()]);
-        assert!(s.starts_with("set -e\necho one\necho two\ncd \"$IRIS_WORKDIR\""));
+    fn the_run_script_execs_the_command_in_the_workdir() {
+        let s = run_script();
+        assert!(s.starts_with("set -e\ncd \"$IRIS_WORKDIR\""));
         assert!(s.ends_with("exec \"$@\""));
+    }
+
+    #[test]
+    fn the_setup_step_is_the_task_in_its_own_cgroup_with_a_memory_floor_logged_as_build() {
+        let task = LaunchSpec {
+            runtime: RuntimeKind::Container,
+            profile: crate::runtime::Profile::Privileged,
+            id: "t.0".into(),
+            argv: vec!["bash".into()],
+            env: vec!["A=1".into()],
+            cwd_in_task: WORKDIR_IN_TASK.into(),
+            hostname: "h".into(),
+            rootfs: "/r".into(),
+            mounts: vec![],
+            limits: crate::cgroup::Limits { memory_bytes: Some(1 << 30), ..Default::default() },
+            shm_bytes: 0,
+            cgroup: Some((crate::cgroup::Layout::V2 { root: "/sys/fs/cgroup".into() }, "w/t.0".into())),
+            timeout_ms: None,
+            log_dir: None,
+            log_source: None,
+            rootfs_overlay: false,
+            user: None,
+            disk_limit: None,
+            leases: vec![],
+            own_network: false,
+        };
+        let s = setup_spec(&task, &["echo one".into(), "exit 4".into()], "/t/logs".into());
+        assert_eq!(s.id, "t.0.setup");
+        assert_eq!(s.argv[3..], ["iris-setup", "echo one", "exit 4"]);
+        assert_eq!(s.limits.memory_bytes, Some(SETUP_MEMORY_FLOOR), "at least 32 GiB, as Iris");
+        assert_eq!(s.cgroup.as_ref().map(|c| c.1.as_str()), Some("w/t.0.setup"));
+        assert_eq!((s.log_source, s.log_dir.as_deref()), (Some(crate::logs::Source::Build), Some("/t/logs".as_ref())));
+        assert_ne!(s.profile, crate::runtime::Profile::Privileged, "no devices for the setup step");
+        assert_eq!((s.env, s.cwd_in_task, s.rootfs), (task.env.clone(), task.cwd_in_task.clone(), task.rootfs.clone()));
+        let big =
+            LaunchSpec { limits: crate::cgroup::Limits { memory_bytes: Some(64 << 30), ..Default::default() }, ..task };
+        assert_eq!(setup_spec(&big, &[], "/t/logs".into()).limits.memory_bytes, Some(64 << 30));
     }
 
     #[test]

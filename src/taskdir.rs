@@ -26,6 +26,7 @@
 //!       workdir/               0755   the task's /workdir
 //!       tmp/                          the process runtime's /tmp
 //!       build/                        a venv build step's own task directory
+//!       setup/                        the newest wire's setup step's own task directory
 //!       config.json                   the OCI config of the container
 //!       runtime/                      libcontainer's state
 //!       rootfs/, overlay/             the image rootfs mount and its upper/work dirs
@@ -91,6 +92,8 @@ pub const SUPERVISOR_LOG: &str = "supervisor.log";
 pub const TMP: &str = "tmp";
 /// A venv build step's own task directory.
 pub const BUILD: &str = "build";
+/// The newest wire's setup step's own task directory.
+pub const SETUP: &str = "setup";
 /// The container's OCI config.
 pub const OCI_CONFIG: &str = "config.json";
 /// libcontainer's state.
@@ -364,7 +367,7 @@ pub fn clear_preparation(dir: &Path) {
     for name in [SPEC, OCI_CONFIG] {
         let _ = fs::remove_file(dir.join(name));
     }
-    for name in [RUNTIME_STATE, BUILD, TMP, ROOTFS, OVERLAY, RUN] {
+    for name in [RUNTIME_STATE, BUILD, SETUP, TMP, ROOTFS, OVERLAY, RUN] {
         let _ = fs::remove_dir_all(dir.join(name));
     }
     let workdir = dir.join(WORKDIR);

@@ -472,5 +472,28 @@ mod reconcile {
             .find(|p| p != &dirs[0])
             .unwrap();
         assert!(!dir.join("workdir/ran").exists(), "the command ran after a failed setup");
+
+        // A stop while the setup step runs ends it at once: KILLED, not after its sleep.
+        let slow = with_setup("st2", "/t/setup/2", &["echo setting-up; exec sleep 600"], "true");
+        w.until(&[run("st2", Some(slow))], "st2", |s| s == TaskState::Building).await;
+        let dir = std::fs::read_dir(w.state.path().join("tasks"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(".st2"))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !iris_worker::logs::read(&dir.join("logs"), &Default::default())
+            .unwrap_or_default()
+            .iter()
+            .any(|l| l.data == "setting-up")
+        {
+            assert!(Instant::now() < deadline, "the setup step never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let asked = Instant::now();
+        let killed = w.until(&[stop("st2")], "st2", |s| matches!(s, TaskState::Killed | TaskState::Failed)).await;
+        assert_eq!(killed.state(), TaskState::Killed, "{killed:?}");
+        assert!(asked.elapsed() < Duration::from_secs(30), "the stop waited for the setup step: {:?}", asked.elapsed());
     }
 }

@@ -53,6 +53,16 @@ impl Attempt {
         }
         if let (Some(sup), true) = (st.supervisor, st.started) {
             inner.seams.spawner.deliver_kill(&sup);
+        } else if !st.started {
+            // The newest wire's setup step runs under a supervisor of its own: it ends now,
+            // not when its commands are done (a venv build is left to finish: other tasks may
+            // wait for the same venv).
+            let setup = self.dir.join(taskdir::SETUP);
+            if let Some(sup) = inner.seams.spawner.find(&setup)
+                && taskdir::write_json(&setup, taskdir::KILL, &request).is_ok()
+            {
+                inner.seams.spawner.deliver_kill(&sup);
+            }
         }
         drop(st);
         self.kill.notify.notify_one();

@@ -117,7 +117,12 @@ pub(super) async fn drive(inner: Arc<Inner>, attempt: Arc<Attempt>, spec: TaskSp
         Err(error) => {
             // An image rootfs may already be mounted when a later step failed.
             release_rootfs(&attempt.dir);
-            attempt.finish(&inner, TaskState::Failed, -1, error.to_string(), None);
+            if attempt.kill_requested().is_some() {
+                // Killed while preparing (a setup step ended by the kill fails on its way out).
+                attempt.finish_unstarted(&inner);
+            } else {
+                attempt.finish(&inner, TaskState::Failed, -1, error.to_string(), None);
+            }
             return;
         }
     };

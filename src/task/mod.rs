@@ -788,12 +788,26 @@ pub fn cleanup(state_dir: &Path, remove_state: bool) -> Result<usize, TaskError>
     // A supervisor the worker started just before it stopped may not have recorded itself
     // yet: give it a moment, or its container would appear after we looked.
     let deadline = Instant::now() + std::time::Duration::from_secs(5);
-    for (pid, dir) in crate::supervisor::handle::running_under(&store::tasks_dir(state_dir)) {
+    let tasks_dir = store::tasks_dir(state_dir);
+    let running = crate::supervisor::handle::running_under(&tasks_dir);
+    for (pid, dir) in &running {
         while !dir.join(crate::taskdir::PID).exists()
             && std::path::Path::new(&format!("/proc/{pid}")).exists()
             && Instant::now() < deadline
         {
             std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    // A step of a task's preparation (a venv build, the newest wire's setup commands) runs
+    // under a supervisor of its own in a directory below the task's: it ends too.
+    for (pid, dir) in running.iter().filter(|(_, d)| d.parent().and_then(Path::parent) == Some(tasks_dir.as_path())) {
+        let sup = crate::supervisor::handle::Supervisor::find(dir).unwrap_or(crate::supervisor::handle::Supervisor {
+            id: crate::taskdir::ProcessId::of(*pid).unwrap_or(crate::taskdir::ProcessId { pid: *pid, start_time: 0 }),
+        });
+        sup.request_kill(dir, 0)?;
+        let deadline = Instant::now() + std::time::Duration::from_secs(15);
+        while sup.id.is_alive() && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
     for (dir, meta) in store::scan(state_dir) {

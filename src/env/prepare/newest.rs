@@ -178,12 +178,12 @@ fn setup_spec(task: &LaunchSpec, steps: &[String], task_logs: PathBuf) -> Launch
     s
 }
 
-/// Runs the setup step under a supervisor of its own in the task's `build/` directory (where
-/// a kill of a BUILDING task reaches it) and waits for it; a failure fails the task with the
+/// Runs the setup step under a supervisor of its own in the task's `setup/` directory (where
+/// a kill of the BUILDING task reaches it) and waits for it; a failure fails the task with the
 /// step's last lines.
 async fn run_setup(envs: &Environments, task: &dyn Preparing, setup: LaunchSpec) -> Result<(), crate::env::EnvError> {
     use crate::env::EnvError;
-    let step = task.dir().join(crate::taskdir::BUILD);
+    let step = task.dir().join(crate::taskdir::SETUP);
     let could_not = |why: String| EnvError::SetupFailed { status: "they could not start".into(), detail: why };
     let _ = std::fs::remove_dir_all(&step);
     std::fs::create_dir_all(&step).map_err(|e| could_not(format!("making their directory: {}", e.kind())))?;

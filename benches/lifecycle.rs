@@ -262,8 +262,8 @@ fn cut(s: &str, n: usize) -> String {
 }
 
 /// `--phases`: `n` library lifecycles recorded by the runtime's phase recorder; prints, for
-/// each step in order, the median and p90 of the time since the step before it (over the
-/// runs), and its share of the median lifecycle.
+/// each pair of consecutive events (`from → to`) in order, the median and p90 of the time
+/// between them (over the runs), and its share of the median lifecycle.
 fn phase_profile(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, n: usize) -> anyhow::Result<()> {
     let log = work.join("phases.log");
     std::fs::File::create(&log)?;
@@ -300,7 +300,7 @@ fn phase_profile(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, n: u
     let total_ms = total.pct(0.5);
     println!(
         "{:<66} {:>9} {:>9} {:>6} {:>5}",
-        "step (time since the step before)", "p50 µs", "p90 µs", "share", "runs"
+        "step (from one event → to the next)", "p50 µs", "p90 µs", "share", "runs"
     );
     for key in &order {
         let f = Figure { name: "", samples: steps.remove(key).unwrap_or_default() };

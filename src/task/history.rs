@@ -28,9 +28,11 @@ pub const LIFE_POINTS: usize = 240;
 pub struct Sample {
     /// When it was taken (Unix epoch ms); for a merged point, its last sample's time.
     pub at_ms: i64,
+    /// Memory its cgroup used then, in bytes.
     pub memory_bytes: u64,
     /// CPU use since the previous sample, 100 = one core.
     pub cpu_percent: f64,
+    /// Processes in its cgroup then.
     pub processes: u64,
 }
 

@@ -20,9 +20,13 @@ use crate::taskdir::FileError;
 /// Which attempt a [`ControllerCheck`] asks about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptOf {
+    /// The job the task belongs to.
     pub job_id: String,
+    /// The task's index within its job.
     pub task_index: i32,
+    /// The task's id (the wire's `task_id`).
     pub task_id: String,
+    /// The attempt's number: a higher one supersedes a lower.
     pub attempt_id: i32,
 }
 

@@ -9,6 +9,8 @@
 //! `report`, a restart's adoption `recover`; the host is reached through `seams` (fakes in
 //! the unit tests, `tests`).
 
+#![warn(missing_docs)]
+
 mod attempt;
 #[cfg(test)]
 mod fake;
@@ -65,28 +67,69 @@ const RESET: &str = "the controller reset this worker (it did not know it)";
 pub enum TaskError {
     /// A request field is wrong.
     #[error("invalid {field}: {reason}")]
-    Invalid { field: String, reason: String },
+    Invalid {
+        /// The field, as the wire names it.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No task of that id.
     #[error("task {0:?} not found")]
     NotFound(String),
+    /// The same attempt of the task was sent again.
     #[error("task {task_id:?} attempt {attempt_id} already exists")]
-    AlreadyExists { task_id: String, attempt_id: i32 },
+    AlreadyExists {
+        /// The task.
+        task_id: String,
+        /// The attempt sent again.
+        attempt_id: i32,
+    },
     /// A request for an attempt older than the one the worker has.
     #[error("attempt {attempt_id} of task {task_id:?} is older than its current attempt {current}")]
-    StaleAttempt { task_id: String, attempt_id: i32, current: i32 },
+    StaleAttempt {
+        /// The task.
+        task_id: String,
+        /// The attempt asked for.
+        attempt_id: i32,
+        /// The worker's current attempt.
+        current: i32,
+    },
     /// KillTask of a task whose current attempt already ended (Iris's worker answers
     /// FAILED_PRECONDITION with these words).
     #[error("Task {task_id} already completed with state TASK_STATE_{}", state.name())]
-    AlreadyCompleted { task_id: String, state: TaskState },
+    AlreadyCompleted {
+        /// The task.
+        task_id: String,
+        /// How it ended.
+        state: TaskState,
+    },
+    /// The task asked for more host ports than the range has free.
     #[error("no free host ports: {wanted} asked, none left in {first}-{last}")]
-    PortsExhausted { wanted: usize, first: u16, last: u16 },
+    PortsExhausted {
+        /// How many it asked for.
+        wanted: usize,
+        /// The range's first port.
+        first: u16,
+        /// Its last.
+        last: u16,
+    },
+    /// Reading or writing the task directory's files.
     #[error(transparent)]
     File(#[from] FileError),
+    /// Reading the task's log.
     #[error(transparent)]
     Logs(#[from] LogError),
+    /// Setting up the task's cgroups.
     #[error("setting up cgroups: {0}")]
     Cgroup(#[from] CgroupError),
+    /// The state directory is another worker's (or could not be locked).
     #[error("locking the state directory {path}: {reason}")]
-    Locked { path: PathBuf, reason: String },
+    Locked {
+        /// Its lock file.
+        path: PathBuf,
+        /// Why it could not be taken.
+        reason: String,
+    },
     /// A filesystem the worker writes to is below the hard threshold (`--min-free-disk`): no
     /// new task until space returns. The message names the filesystem by role, not by path.
     #[error("{0}")]
@@ -98,15 +141,20 @@ pub enum TaskError {
 pub struct ManagerConfig {
     /// The state root: `tasks/`, `worker.lock`.
     pub state_dir: PathBuf,
+    /// How tasks run: containers or plain processes.
     pub runtime: RuntimeKind,
+    /// The security profile of containers.
     pub profile: Profile,
     /// The root filesystem of tasks that name no image.
     pub rootfs: PathBuf,
+    /// Tasks running at once; more wait in PENDING.
     pub max_concurrent_tasks: usize,
+    /// The host ports tasks are given, inclusive.
     pub port_range: (u16, u16),
     /// Where the host's workers lock the ports they hand out ([`DEFAULT_PORT_LOCKS`]): every
     /// worker of a host must use the same directory.
     pub port_lock_dir: PathBuf,
+    /// What goes into every task's environment.
     pub env: WorkerEnv,
     /// The binary to run as `<exe> supervise <dir>` (this program by default).
     pub supervisor_exe: PathBuf,
@@ -156,6 +204,7 @@ pub struct Bounds {
     pub max_log_bytes: Option<u64>,
     /// Finished tasks kept at most (the oldest go first), and how long one is kept.
     pub retain_finished: Option<usize>,
+    /// How long a finished task is kept; `None`: no age limit.
     pub retain_for: Option<std::time::Duration>,
 }
 
@@ -179,65 +228,100 @@ pub struct PythonConfig {
 /// A task's resource figures, read on demand.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Usage {
+    /// Memory its cgroup uses now, in bytes.
     pub memory_bytes: u64,
+    /// Its highest memory use, in bytes.
     pub memory_peak_bytes: u64,
     /// CPU use over the last sampling interval ([`history::SAMPLE_INTERVAL`]; over the task's
     /// life before the first sample and at the end), 100 = one core.
     pub cpu_percent: f64,
     /// CPU time used so far, in nanoseconds.
     pub cpu_usage_ns: u64,
+    /// Processes in its cgroup.
     pub processes: u64,
+    /// Bytes it keeps in its workdir (and /tmp).
     pub disk_bytes: u64,
+    /// CFS periods in which its CPU limit throttled it.
     pub cpu_throttled_periods: u64,
 }
 
 /// One attempt as seen from outside.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptView {
+    /// The attempt's number: a higher one supersedes a lower.
     pub attempt_id: i32,
+    /// Its state.
     pub state: TaskState,
+    /// The command's exit code, when it exited.
     pub exit_code: i32,
+    /// Why it failed or was killed, for people.
     pub error: String,
+    /// When its command started (Unix ms; 0 before).
     pub started_at_ms: i64,
+    /// When it ended (Unix ms; 0 while it lasts).
     pub finished_at_ms: i64,
+    /// It ended by the worker's doing, not the task's.
     pub is_worker_failure: bool,
 }
 
 /// A task as seen from outside: its current attempt's figures plus every attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskView {
+    /// The task's id (the wire's `task_id`).
     pub task_id: String,
+    /// The job the task belongs to.
     pub job_id: String,
+    /// The task's index within its job.
     pub task_index: i32,
+    /// Its state.
     pub state: TaskState,
+    /// What the attempt is doing now (while BUILDING, say).
     pub status_message: String,
+    /// The command's exit code, when it exited.
     pub exit_code: i32,
+    /// Why it failed or was killed, for people.
     pub error: String,
+    /// When its command started (Unix ms; 0 before).
     pub started_at_ms: i64,
+    /// When it ended (Unix ms; 0 while it lasts).
     pub finished_at_ms: i64,
+    /// The host ports allocated to it, by name.
     pub ports: BTreeMap<String, u16>,
+    /// Its resource figures, while it runs and at its end.
     pub usage: Option<Usage>,
     /// When the current attempt entered BUILDING and left it (Unix ms; 0 = not yet).
     pub build_started_ms: i64,
+    /// When it left BUILDING (Unix ms; 0 = not yet).
     pub build_finished_ms: i64,
     /// The environment built or reused for the task: (from the cache, identifier such as
     /// `venv:<hash>`), for tasks that have one.
     pub build: Option<(bool, String)>,
+    /// The attempt the figures above are of.
     pub current_attempt_id: i32,
+    /// Every attempt the worker keeps, oldest first.
     pub attempts: Vec<AttemptView>,
 }
 
 /// An attempt of the newest wire, by its uid (see [`TaskManager::uid_attempts`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UidAttempt {
+    /// The newest wire's uid of the attempt.
     pub attempt_uid: String,
+    /// The task's id (the wire's `task_id`).
     pub task_id: String,
+    /// The attempt's number: a higher one supersedes a lower.
     pub attempt_id: i32,
+    /// Its state.
     pub state: TaskState,
+    /// What the attempt is doing now (while BUILDING, say).
     pub status_message: String,
+    /// The command's exit code, when it exited.
     pub exit_code: i32,
+    /// Why it failed or was killed, for people.
     pub error: String,
+    /// When its command started (Unix ms; 0 before).
     pub started_at_ms: i64,
+    /// When it ended (Unix ms; 0 while it lasts).
     pub finished_at_ms: i64,
     /// The attempt's directory name, which is also its container's id.
     pub container_id: String,
@@ -269,20 +353,30 @@ impl UidAttempt {
 /// A state change, for the controller reporter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskEvent {
+    /// The task's id (the wire's `task_id`).
     pub task_id: String,
+    /// The job the task belongs to.
     pub job_id: String,
+    /// The task's index within its job.
     pub task_index: i32,
+    /// The attempt's number: a higher one supersedes a lower.
     pub attempt_id: i32,
+    /// Its state.
     pub state: TaskState,
+    /// The command's exit code, when it exited.
     pub exit_code: i32,
+    /// Why it failed or was killed, for people.
     pub error: String,
+    /// When it ended (Unix ms; 0 while it lasts).
     pub finished_at_ms: i64,
 }
 
 /// Worker-wide figures for HealthCheck.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
+    /// Milliseconds since the task manager opened.
     pub uptime_ms: i64,
+    /// Attempts RUNNING now.
     pub running_tasks: usize,
     /// Whether tasks can reach the worker's port (see [`crate::isolation`]); empty until the
     /// server set it up.

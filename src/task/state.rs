@@ -7,12 +7,19 @@ use crate::taskdir::{ExitRecord, KillReason};
 /// The life of a task attempt: PENDING → BUILDING → RUNNING → one terminal state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TaskState {
+    /// Accepted, waiting for a slot (the concurrency limit).
     Pending,
+    /// Its environment is being prepared (bundle, venv, image, setup).
     Building,
+    /// Its command runs.
     Running,
+    /// It exited 0.
     Succeeded,
+    /// It exited non-zero, or could not be prepared or started.
     Failed,
+    /// It was killed on request (or at its timeout).
     Killed,
+    /// It ended by the worker's doing (a lost lease, a controller reset).
     WorkerFailed,
 }
 
@@ -28,6 +35,7 @@ impl TaskState {
         TaskState::WorkerFailed,
     ];
 
+    /// Whether the state is final.
     pub fn is_terminal(self) -> bool {
         matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Killed | TaskState::WorkerFailed)
     }

@@ -15,13 +15,21 @@ pub use crate::taskdir::{ENDED, REQUEST, TASK};
 /// What the worker records about an attempt when it accepts it (read back after a restart).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TaskMeta {
+    /// The task's id (the wire's `task_id`).
     pub task_id: String,
+    /// The job the task belongs to.
     pub job_id: String,
+    /// The task's index within its job.
     pub task_index: i32,
+    /// How many tasks its job has.
     pub num_tasks: i32,
+    /// The attempt's number: a higher one supersedes a lower.
     pub attempt_id: i32,
+    /// The host ports allocated to it, by name.
     pub ports: BTreeMap<String, u16>,
+    /// Seconds it may run, if limited.
     pub timeout_s: Option<u64>,
+    /// When the worker accepted the attempt (Unix ms).
     pub created_at_ms: i64,
     /// The cgroup path of the task (stats are read from it while it runs).
     pub cgroup: Option<String>,
@@ -40,9 +48,13 @@ pub struct TaskMeta {
 /// never started, and run it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EndRecord {
+    /// Its state.
     pub state: super::TaskState,
+    /// The command's exit code, when it exited.
     pub exit_code: i32,
+    /// Why it failed or was killed, for people.
     pub error: String,
+    /// When it ended (Unix ms; 0 while it lasts).
     pub finished_at_ms: i64,
 }
 

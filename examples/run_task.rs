@@ -34,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
         rootfs: std::env::var_os("IRIS_WORKER_ROOTFS")
             .map(PathBuf::from)
             .unwrap_or_else(|| "/var/cache/iris-worker/rootfs/busybox".into()),
+        default_task_image: None,
         max_concurrent_tasks: 1,
         port_range: (30000, 30099),
         port_lock_dir: iris_worker::task::DEFAULT_PORT_LOCKS.into(),

@@ -55,6 +55,10 @@ pub struct WorkerConfig {
     pub cache_dir: PathBuf,
     /// The root filesystem of tasks that name no image.
     pub rootfs: PathBuf,
+    /// The image of the newest wire's attempts whose request names no `task_image` (Iris's
+    /// `defaults.default_task_image`: a reference the image store pulls, e.g. a registry's
+    /// or `oci:<layout>`); `None`: they run in the python rootfs.
+    pub default_task_image: Option<String>,
     /// How Python tasks get their environment.
     pub python: PythonConfig,
     /// How long a finished task's workdir is kept; `None` keeps it until `cleanup`.
@@ -127,6 +131,7 @@ impl WorkerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             state_dir: state_dir.into(),
             rootfs: cache_dir.join("rootfs/busybox"),
+            default_task_image: None,
             python: PythonConfig {
                 rootfs: cache_dir.join("rootfs/python"),
                 find_links: None,
@@ -288,6 +293,7 @@ impl WorkerBuilder {
             runtime: config.runtime,
             profile: config.profile,
             rootfs: config.rootfs.clone(),
+            default_task_image: config.default_task_image.clone(),
             max_concurrent_tasks: config.max_concurrent_tasks,
             port_range,
             port_lock_dir: config.port_lock_dir.clone(),

@@ -11,8 +11,15 @@
 //! The reference needs no root; iris-worker does (containers). The venv scripts/setup builds is
 //! needed (the test says so when it is missing).
 
+mod common;
+#[path = "common/registry.rs"]
+mod registry;
+
 use std::path::PathBuf;
 use std::process::Command;
+
+use common::listening_ports; // the registry helper finds its port with it
+use registry::{ImageStore, Registry};
 
 /// A port free now, above the default task port range (30000-39999): a worker refuses a
 /// --port-range holding its own port.
@@ -81,8 +88,12 @@ fn harness_checks_against_iris_own_worker() {
 }
 
 /// The checks iris-worker passes against Iris's newest controller, started with nothing but
-/// `serve --controller --worker-id --listen --state-dir` (it finds the wire generation itself).
-const SERVED: [&str; 11] = [
+/// `serve --controller --worker-id --listen --state-dir` (it finds the wire generation itself)
+/// and, as a cluster configures its workers, a default task image: the client's Python (3.12)
+/// with cloudpickle, as Iris's task image has them (the `python312` test image), pulled from a
+/// registry.
+const SERVED: [&str; 12] = [
+    "callable",
     "echo_logs",
     "exit_code",
     "cancel",
@@ -95,11 +106,8 @@ const SERVED: [&str; 11] = [
     "exec_env",
     "worker_log",
 ];
-/// Not served yet, each for a reason (docs/ARCHITECTURE.md, "Wire generations"):
-/// - callable: the task needs the client's Python (3.12) with cloudpickle; tasks without a
-///   `task_image` run in the python rootfs (Debian's 3.11, no cloudpickle), and `task_image` is
-///   not honoured yet.
-const NOT_YET: [&str; 1] = ["callable"];
+/// Not served yet, each for a reason (docs/ARCHITECTURE.md, "Wire generations"): none.
+const NOT_YET: [&str; 0] = [];
 
 #[test]
 #[ignore = "root: iris-worker runs the harness's tasks in containers with cgroups"]
@@ -107,9 +115,14 @@ fn harness_checks_against_iris_worker() {
     let exe = env!("CARGO_BIN_EXE_iris-worker");
     // The port: above the default task port range, which a worker refuses to overlap.
     let port = free_port();
+    let reg = Registry::start();
+    let image = reg.push("python312", "iris-task");
+    let store = ImageStore::new("harness-images");
     let worker = format!(
         "{exe} serve --controller {{controller}} --worker-id {{worker_id}} --listen 127.0.0.1:{port} \
-         --state-dir {{state_dir}}"
+         --state-dir {{state_dir}} --default-task-image {image} --insecure-registry {} --image-dir {}",
+        reg.host(),
+        store.0.display()
     );
     // Whatever the checks leave (a task a failed check did not end) goes with the worker;
     // its directories go with the temp dir.
@@ -159,6 +172,8 @@ mod reconcile {
         state: tempfile::TempDir,
         child: Option<Child>,
         client: ConnectClient,
+        /// More flags of `serve`.
+        extra: Vec<String>,
     }
 
     impl NewestWorker {
@@ -169,12 +184,17 @@ mod reconcile {
         /// A worker whose id has `name` in it: tests of this binary run at once, and a worker's
         /// id names its cgroups.
         async fn start_as(name: &str) -> NewestWorker {
+            NewestWorker::start_with(name, &[]).await
+        }
+
+        async fn start_with(name: &str, extra: &[&str]) -> NewestWorker {
             let mut w = NewestWorker {
                 // The leftover check of the suite looks for this prefix.
                 id: format!("iwtest-{name}-{}", std::process::id()),
                 state: tempfile::Builder::new().prefix("iris-worker-test-").tempdir().unwrap(),
                 child: None,
                 client: ConnectClient::new("http://127.0.0.1:1"),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
             };
             w.spawn().await;
             w
@@ -189,6 +209,7 @@ mod reconcile {
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--state-dir")
                 .arg(self.state.path())
+                .args(&self.extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -364,6 +385,56 @@ mod reconcile {
         let health = w.get("/health");
         assert!(health.starts_with("HTTP/1.1 200"), "{health}");
         assert!(health.ends_with(r#"{"status":"healthy"}"#), "{health}");
+    }
+
+    /// The stdout lines of the one task directory whose name ends with `.<uid>`.
+    fn stdout_of(w: &NewestWorker, uid: &str) -> Vec<String> {
+        let dir = std::fs::read_dir(w.state.path().join("tasks"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(&format!(".{uid}")))
+            .unwrap_or_else(|| panic!("no task directory of {uid}"));
+        let lines = iris_worker::logs::read(&dir.join("logs"), &Default::default()).unwrap();
+        lines.into_iter().filter(|l| l.source.as_str() == "stdout").map(|l| l.data).collect()
+    }
+
+    #[tokio::test]
+    #[ignore = "root: the attempts run in containers with image overlays and cgroups"]
+    async fn task_image_or_the_default_task_image_is_the_attempts_root_filesystem() {
+        let reg = super::Registry::start();
+        let default = reg.push("python312", "iris-task");
+        let python = reg.push("python", "other");
+        let store = super::ImageStore::new("newest-images");
+        let insecure = reg.host();
+        let flags = store.args(&["--insecure-registry", &insecure, "--default-task-image", &default]);
+        let w = NewestWorker::start_with("images", &flags).await;
+        let finished = |s| matches!(s, TaskState::Succeeded | TaskState::Failed);
+
+        // No task_image: the worker's default image, its variables, Iris's IRIS_PYTHON.
+        let script = "cat /etc/image-marker; echo \"$IMAGE_VAR $IRIS_PYTHON\"; \
+                      $IRIS_PYTHON -c 'import sys, cloudpickle; print(sys.version_info >= (3, 12))'";
+        let d = spec("/t/img/0", 0, "im0", script);
+        let done = w.until(&[run("im0", Some(d))], "im0", finished).await;
+        assert_eq!(done.state(), TaskState::Succeeded, "{done:?}\n{}", w.logs());
+        let out = stdout_of(&w, "im0");
+        assert!(out[0].starts_with("python3."), "not the default image: {out:?}");
+        assert_eq!(out[1..], ["from-python312 python", "True"], "{out:?}");
+
+        // The request's task_image wins over the default.
+        let mut own = spec("/t/img/1", 0, "im1", "cat /etc/image-marker");
+        own.task_image = python;
+        let done = w.until(&[run("im1", Some(own))], "im1", finished).await;
+        assert_eq!(done.state(), TaskState::Succeeded, "{done:?}\n{}", w.logs());
+        assert_eq!(stdout_of(&w, "im1"), ["python"]);
+
+        // An image the registry does not have: FAILED, naming the image, no host path.
+        let mut gone = spec("/t/img/2", 0, "im2", "true");
+        gone.task_image = format!("{insecure}/nothing:here");
+        let failed = w.until(&[run("im2", Some(gone))], "im2", finished).await;
+        assert_eq!(failed.state(), TaskState::Failed, "{failed:?}");
+        assert!(failed.error.contains("nothing:here"), "{failed:?}");
+        assert!(!failed.error.contains(&*store.0.to_string_lossy()), "a host path in {failed:?}");
     }
 
     #[tokio::test]

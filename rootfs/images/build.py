@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Writes the test images as one OCI image layout: scripts/fixtures images runs this.
 
-usage: build.py OUT BUSYBOX_ROOTFS PYTHON_ROOTFS
+usage: build.py OUT BUSYBOX_ROOTFS PYTHON_ROOTFS PYTHON312
 
-OUT/layout is an OCI image layout with three tags (see README.md). Layers are made with GNU tar
+OUT/layout is an OCI image layout with four tags (see README.md). PYTHON312 is the interpreter
+of the newest-Iris venv (Python >= 3.12 with cloudpickle), whose installation the `python312`
+tag carries: what Iris's task image gives a pickled callable of Iris's newest client. Layers are made with GNU tar
 (sorted, mtime 0, numeric root owner) so the same inputs give the same digests; gzip layers
 carry no name or time, and one layer is zstd to exercise that decoder.
 """
@@ -109,8 +111,32 @@ def write(path, text, mode=0o644):
     os.chmod(path, mode)
 
 
+def add_interpreter(tree, python):
+    """Copies the installation of `python` (a Python >= 3.12 with cloudpickle) into `tree` at
+    its own absolute prefix (a pyenv build finds its libpython there; a python-build-standalone
+    one is relocatable anyway), without its tests, caches, headers and packages but cloudpickle,
+    and links /usr/local/bin/python to it."""
+    probe = subprocess.run(
+        [python, "-c", "import sys, os, cloudpickle; print(sys.base_prefix); "
+         "print(f'{sys.version_info[0]}.{sys.version_info[1]}'); print(os.path.dirname(cloudpickle.__file__))"],
+        check=True, capture_output=True, text=True,
+    ).stdout.split("\n")
+    prefix, version, cloudpickle = probe[0], probe[1], probe[2]
+    dest = os.path.join(tree, prefix.lstrip("/"))
+    skip = shutil.ignore_patterns("test", "tests", "__pycache__", "idlelib", "tkinter", "turtledemo",
+                                  "ensurepip", "site-packages", "config-*", "*.a", "lib2to3")
+    shutil.copytree(os.path.join(prefix, "lib"), os.path.join(dest, "lib"), symlinks=True, ignore=skip)
+    os.makedirs(os.path.join(dest, "bin"))
+    shutil.copy2(os.path.join(prefix, "bin", f"python{version}"), os.path.join(dest, "bin", f"python{version}"))
+    site = os.path.join(dest, "lib", f"python{version}", "site-packages")
+    shutil.copytree(cloudpickle, os.path.join(site, "cloudpickle"), ignore=shutil.ignore_patterns("__pycache__"))
+    os.makedirs(os.path.join(tree, "usr/local/bin"), exist_ok=True)
+    os.symlink(os.path.join(prefix, "bin", f"python{version}"), os.path.join(tree, "usr/local/bin/python"))
+    write(os.path.join(tree, "etc/image-marker"), f"python{version}\n")
+
+
 def main():
-    out, busybox, python = sys.argv[1:4]
+    out, busybox, python, python312 = sys.argv[1:5]
     layout = Layout(os.path.join(out, "layout"))
     with tempfile.TemporaryDirectory(dir=out) as work:
         # The shared base: busybox plus the files the upper layers hide.
@@ -146,9 +172,17 @@ def main():
 
         python_top = os.path.join(work, "python-top")
         write(os.path.join(python_top, "etc/image-marker"), "python\n")
-        layout.image("python", [layout.layer(python, "gzip", work), layout.layer(python_top, "gzip", work)], {
+        python_base = layout.layer(python, "gzip", work)
+        layout.image("python", [python_base, layout.layer(python_top, "gzip", work)], {
             "Env": [PATH, "LANG=C.UTF-8"],
             "Cmd": ["python3"],
+        })
+
+        newer = os.path.join(work, "python312-top")
+        add_interpreter(newer, python312)
+        layout.image("python312", [python_base, layout.layer(newer, "gzip", work)], {
+            "Env": [PATH, "LANG=C.UTF-8", "IMAGE_VAR=from-python312"],
+            "Cmd": ["python"],
         })
     layout.finish()
 

@@ -44,6 +44,11 @@ pub struct ServeArgs {
     /// [default: <cache-dir>/rootfs/python].
     #[arg(long, env = "IRIS_WORKER_PYTHON_ROOTFS")]
     pub python_rootfs: Option<PathBuf>,
+    /// Image of the newest Iris wire's attempts whose request names no task_image (Iris's
+    /// defaults.default_task_image): a registry reference, `oci:<layout>[:tag]` or
+    /// `containerd:<name>` [default: none: they run in the python rootfs].
+    #[arg(long, env = "IRIS_WORKER_DEFAULT_TASK_IMAGE")]
+    pub default_task_image: Option<String>,
     /// A directory of wheels uv may install from (`--find-links`) [default: none].
     #[arg(long, env = "IRIS_WORKER_UV_FIND_LINKS")]
     pub uv_find_links: Option<PathBuf>,
@@ -279,6 +284,7 @@ impl ServeArgs {
             cache_dir: self.cache_dir.or(file.cache_dir),
             rootfs: self.rootfs.or(file.rootfs),
             python_rootfs: self.python_rootfs.or(file.python_rootfs),
+            default_task_image: self.default_task_image.or(file.default_task_image),
             uv_find_links: self.uv_find_links.or(file.uv_find_links),
             uv_offline: self.uv_offline.or(file.uv_offline),
             ca_bundle: self.ca_bundle.or(file.ca_bundle),
@@ -445,6 +451,13 @@ impl ServeArgs {
             min_free_inodes: a.min_free_inodes,
         })?;
         w.rootfs = a.rootfs.unwrap_or_else(|| cache_dir.join("rootfs/busybox"));
+        w.default_task_image = match a.default_task_image {
+            Some(image) if !image.is_empty() => {
+                crate::env::image::ImageRef::parse(&image).map_err(|e| anyhow::anyhow!("--default-task-image: {e}"))?;
+                Some(image)
+            }
+            _ => None,
+        };
         w.python = crate::task::PythonConfig {
             rootfs: a.python_rootfs.unwrap_or_else(|| cache_dir.join("rootfs/python")),
             offline: a.uv_offline.unwrap_or(false),

@@ -52,6 +52,9 @@ pub enum EnvError {
     Venv(#[from] super::VenvError),
     #[error("writing {}: {source}", path.display())]
     Write { path: PathBuf, source: std::io::Error },
+    /// The newest wire runs its commands with bash, as Iris's task images have it.
+    #[error("image {0:?} has no bash (the newest Iris wire runs its commands with bash)")]
+    NoBashInImage(String),
     #[error("image {0:?}: images need the container runtime")]
     ImageNeedsContainers(String),
     #[error("image {reference:?}: {source}")]
@@ -97,6 +100,9 @@ pub struct PrepareConfig {
     pub profile: Profile,
     /// The root filesystem of tasks that name no image.
     pub rootfs: PathBuf,
+    /// The image of the newest wire's attempts whose request names no `task_image` (Iris's
+    /// `defaults.default_task_image`); `None`: the python rootfs.
+    pub default_task_image: Option<String>,
     /// What goes into every task's environment.
     pub env: super::WorkerEnv,
     /// `pids.max` of a task whose request sets none.

@@ -147,6 +147,9 @@ pub struct ManagerConfig {
     pub profile: Profile,
     /// The root filesystem of tasks that name no image.
     pub rootfs: PathBuf,
+    /// The image of the newest wire's attempts whose request names no `task_image`; `None`:
+    /// the python rootfs.
+    pub default_task_image: Option<String>,
     /// Tasks running at once; more wait in PENDING.
     pub max_concurrent_tasks: usize,
     /// The host ports tasks are given, inclusive.
@@ -492,6 +495,7 @@ impl TaskManager {
                 runtime: config.runtime,
                 profile: config.profile,
                 rootfs: config.rootfs.clone(),
+                default_task_image: config.default_task_image.clone(),
                 env: config.env.clone(),
                 default_pids_limit: config.bounds.default_pids_limit,
                 shm_bytes: config.shm_bytes,

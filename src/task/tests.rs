@@ -23,6 +23,7 @@ fn config(state: &Path, slots: usize) -> ManagerConfig {
         runtime: RuntimeKind::Process,
         profile: Profile::default(),
         rootfs: PathBuf::from("/"),
+        default_task_image: None,
         max_concurrent_tasks: slots,
         port_range: (20000, 20009),
         port_lock_dir: state.join("ports"),

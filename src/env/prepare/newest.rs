@@ -3,15 +3,16 @@
 //! entrypoint's workdir files beside it, the workdir at `/app` (= `$IRIS_WORKDIR`, read-write),
 //! the setup commands run in order in a step of their own (a throw-away container with a
 //! memory floor, logged as `build`; a failure fails the task with their last lines), then the
-//! run command, in the workdir, with the newest `IRIS_*` environment. The root filesystem is the python rootfs (bash and python3, as Iris's
-//! default task image has them).
+//! run command, in the workdir, with the newest `IRIS_*` environment.
+//!
+//! The root filesystem: the request's `task_image`, else the worker's default task image
+//! (Iris's `defaults.default_task_image`), each pulled through the image store (no Docker) and
+//! mounted as the attempt's own overlay, with the image's variables and user; without either,
+//! the python rootfs (bash and python3, as Iris's task image has them).
 //!
 //! Secrets (`environment.secrets`) are files, as Iris delivers them: `$RIGGING_SECRETS_DIR`
 //! (`/run/rigging/secrets`) holds one root-only file per secret, read-only; in a container the
 //! task's `/run` is that directory tree (the shared rootfs has no `/run/rigging` to mount on).
-//!
-//! Not yet as Iris does it (docs/ARCHITECTURE.md, "Wire generations"): `task_image` is not
-//! honoured yet.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -113,30 +114,60 @@ pub(super) async fn prepare(
     let config = &envs.config;
     let mut argv = vec!["bash".to_string(), "-c".to_string(), run_script(), "iris-run".into()];
     argv.extend(command.argv.iter().cloned());
+    let image = spec.image.as_ref().or(config.default_task_image.as_ref());
+    let mut in_image = None;
     let (rootfs, mounts, cwd, python) = match config.runtime {
         RuntimeKind::Container => {
-            let rootfs = envs.venvs().config().python_rootfs.clone();
-            if !rootfs.join("bin/bash").exists() && !rootfs.join("usr/bin/bash").exists() {
-                return Err(crate::env::EnvError::NoPythonRootfsForNewest);
+            let rootfs = match image {
+                Some(reference) => {
+                    let (rootfs, image) = mount_image(envs, task, reference).await?;
+                    in_image = Some(image);
+                    rootfs
+                }
+                None => envs.venvs().config().python_rootfs.clone(),
+            };
+            let has_bash = rootfs.join("bin/bash").exists() || rootfs.join("usr/bin/bash").exists();
+            match image {
+                Some(reference) if !has_bash => return Err(crate::env::EnvError::NoBashInImage(reference.clone())),
+                None if !has_bash => return Err(crate::env::EnvError::NoPythonRootfsForNewest),
+                _ => {}
             }
             let mut mounts = vec![Mount { host: workdir.clone(), target: WORKDIR_IN_TASK.into(), read_only: false }];
             if let Some(run) = &secrets_run {
                 mounts.push(Mount { host: run.clone(), target: "/run".into(), read_only: true });
             }
-            (rootfs, mounts, WORKDIR_IN_TASK.to_string(), "python3")
+            // Iris's `python` in a task image; Debian's python rootfs has only `python3`.
+            let python = if image.is_some() { "python" } else { "python3" };
+            (rootfs, mounts, WORKDIR_IN_TASK.to_string(), python)
         }
-        RuntimeKind::Process => (PathBuf::from("/"), vec![], workdir.to_string_lossy().into_owned(), "python3"),
+        RuntimeKind::Process => {
+            if let Some(reference) = image {
+                return Err(crate::env::EnvError::ImageNeedsContainers(reference.clone()));
+            }
+            (PathBuf::from("/"), vec![], workdir.to_string_lossy().into_owned(), "python3")
+        }
     };
     let secrets_dir = secrets_run.map(|run| match config.runtime {
         RuntimeKind::Container => format!("/run/{}", crate::taskdir::SECRETS_BELOW_RUN),
         RuntimeKind::Process => run.join(crate::taskdir::SECRETS_BELOW_RUN).to_string_lossy().into_owned(),
     });
     let mut env = task_env(spec, &config.env, task.ports(), &cwd, python, secrets_dir.as_deref());
+    if let Some(image) = &in_image {
+        env = with_image_env(&image.config.env, env, spec.env_vars.contains_key("PATH"));
+    }
     if spec.container_profile == Some(ContainerProfile::Sandbox) {
         // As Iris's sandbox: no way back to the cluster from an untrusted task.
         env.retain(|v| !SANDBOX_WITHHELD.iter().any(|k| v.starts_with(&format!("{k}="))));
     }
     let mut launch = super::launch_spec(envs, task, spec, argv, env, cwd, rootfs, mounts);
+    if let Some(image) = &in_image {
+        launch.rootfs_overlay = true;
+        launch.user = image.user.clone();
+        if let Some(disk) = launch.disk_limit.as_mut() {
+            // What the task writes into its rootfs lands in its overlay's upper layer.
+            disk.paths.push(task.dir().join(crate::env::image::OVERLAY).join("upper"));
+        }
+    }
     if let Some(profile) = spec.container_profile {
         apply_profile(&mut launch, profile)?;
     }
@@ -146,6 +177,54 @@ pub(super) async fn prepare(
         run_setup(envs, task, setup_spec(&launch, &command.setup_commands, logs)).await?;
     }
     Ok(launch)
+}
+
+/// The attempt's image, mounted as its own overlay rootfs.
+struct InImage {
+    config: crate::env::image::ImageConfig,
+    user: Option<crate::runtime::TaskUser>,
+}
+
+/// Pulls `reference` through the image store (no Docker) and mounts it as the task's own
+/// rootfs; the task holds its layers until it ends. A failure after the mount leaves it to the
+/// task manager, which releases a prepared rootfs whatever failed.
+async fn mount_image(
+    envs: &Environments,
+    task: &dyn Preparing,
+    reference: &str,
+) -> Result<(PathBuf, InImage), crate::env::EnvError> {
+    use crate::env::EnvError;
+    let failed = |source| EnvError::Image { reference: reference.to_string(), source };
+    let store = envs.image_store().await?;
+    task.progress(&format!("pulling image {reference}"));
+    let image = store.pull(reference).await.map_err(failed)?;
+    let rootfs = store.mount(&image, task.dir()).map_err(failed)?;
+    task.hold_image(&image);
+    let user = match image.config.user.as_str() {
+        "" | "root" | "0" | "0:0" => None,
+        u => Some(
+            crate::env::image::user::resolve(u, &rootfs)
+                .map_err(|reason| EnvError::ImageUser { reference: reference.to_string(), reason })?,
+        ),
+    };
+    Ok((rootfs, InImage { config: image.config.clone(), user }))
+}
+
+/// The image's variables under the task's: a task variable wins, except PATH, which the image
+/// knows best (where its programs are) unless the request sets it.
+fn with_image_env(image: &[String], task: Vec<String>, request_sets_path: bool) -> Vec<String> {
+    let key = |v: &str| v.split('=').next().unwrap_or_default().to_string();
+    let image_path = image.iter().any(|v| key(v) == "PATH");
+    let mut env: Vec<String> = image.to_vec();
+    for var in task {
+        let k = key(&var);
+        if k == "PATH" && image_path && !request_sets_path {
+            continue;
+        }
+        env.retain(|e| key(e) != k);
+        env.push(var);
+    }
+    env
 }
 
 /// A setup step's memory limit at least (Iris's build container: max(32 GiB, the task's)).

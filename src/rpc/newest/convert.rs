@@ -86,9 +86,16 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
             return Err(invalid(&field, "must be a file name (no '/', not '.' or '..', at most 255 bytes)"));
         }
     }
-    if !req.task_image.is_empty() {
-        return Err(invalid("task_image", "is not supported by this worker yet (tasks run in its python rootfs)"));
-    }
+    // Iris's task images are registry references; a local layout or the host's containerd is
+    // the operator's to name (`--default-task-image`), not a request's.
+    let task_image = match req.task_image.as_str() {
+        "" => None,
+        image => match crate::env::image::ImageRef::parse(image) {
+            Ok(crate::env::image::ImageRef::Registry(_)) => Some(image.to_string()),
+            Ok(_) => return Err(invalid("task_image", "must be a registry reference (registry/repository:tag)")),
+            Err(e) => return Err(invalid("task_image", e.to_string())),
+        },
+    };
     let container_profile = container_profile(req.container_profile)?;
     let res = req.resources.unwrap_or_default();
     for (field, value) in [("resources.memory_bytes", res.memory_bytes), ("resources.disk_bytes", res.disk_bytes)] {
@@ -172,6 +179,7 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
         workdir_file_refs: refs,
         secrets: crate::env::spec::Secrets(environment.secrets.into_iter().collect()),
         container_profile: Some(container_profile),
+        image: task_image,
         ..Default::default()
     };
     spec.limits.cpu_millicores = (res.cpu_millicores > 0).then_some(res.cpu_millicores as u32);
@@ -287,9 +295,17 @@ mod tests {
     }
 
     #[test]
-    fn what_this_worker_cannot_do_yet_is_refused_naming_the_field() {
+    fn a_task_image_is_the_attempts_image() {
+        let mut req = request();
+        req.task_image = "ghcr.io/marin/iris-task:1".into();
+        assert_eq!(task_spec(req, Some("http://c")).unwrap().image.as_deref(), Some("ghcr.io/marin/iris-task:1"));
+        assert_eq!(task_spec(request(), Some("http://c")).unwrap().image, None);
+    }
+
+    #[test]
+    fn what_this_worker_refuses_is_refused_naming_the_field() {
         type Break = fn(&mut RunTaskRequest);
-        let cases: [(&str, Break); 6] = [
+        let cases: [(&str, Break); 7] = [
             ("attempt_uid", |r| r.attempt_uid.clear()),
             ("entrypoint.workdir_file_refs[\"../x\"]", |r| {
                 r.entrypoint.as_mut().unwrap().workdir_file_refs.insert("../x".into(), "ab".repeat(32));
@@ -298,7 +314,8 @@ mod tests {
                 r.entrypoint.as_mut().unwrap().workdir_file_refs.insert("y".into(), "not-a-sha".into());
             }),
             ("bundle_id", |r| r.bundle_id = "../../etc".into()),
-            ("task_image", |r| r.task_image = "ghcr.io/x:1".into()),
+            ("task_image", |r| r.task_image = "oci:/var/lib/layout:x".into()),
+            ("task_image", |r| r.task_image = "Not A Reference".into()),
             ("environment.secrets[\"../K\"]", |r| {
                 r.environment.as_mut().unwrap().secrets.insert("../K".into(), "v".into());
             }),

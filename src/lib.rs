@@ -35,6 +35,7 @@ pub mod bundle;
 pub mod cache;
 pub mod cachelock;
 pub mod cgroup;
+pub mod devices;
 pub mod env;
 pub mod exec;
 pub mod heartbeat;

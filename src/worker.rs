@@ -120,6 +120,9 @@ pub struct WorkerConfig {
     pub supervisor_exe: Option<PathBuf>,
     /// Size of a task's /dev/shm when its request gives no memory limit.
     pub shm_bytes: u64,
+    /// The TPU devices whose holders outside this worker's tasks make it unhealthy on the
+    /// newest wire (see [`crate::devices`]); `None`: the host's own ([`crate::devices::tpu_devices`]).
+    pub tpu_devices: Option<Vec<PathBuf>>,
 }
 
 impl WorkerConfig {
@@ -188,6 +191,7 @@ impl WorkerConfig {
             cache: Default::default(),
             supervisor_exe: None,
             shm_bytes: 64 << 20,
+            tpu_devices: None,
             cache_dir,
         }
     }
@@ -423,7 +427,11 @@ impl Worker {
         let served = if newest {
             let mut service =
                 crate::rpc::newest::NewestService::new(manager.clone(), config.controller.clone(), config.cache_dir)
-                    .with_keepalive(keepalive);
+                    .with_keepalive(keepalive)
+                    .with_tpu_watch(crate::devices::TpuWatch::new(
+                        config.tpu_devices.unwrap_or_else(crate::devices::tpu_devices),
+                        format!("/iris-worker/{}/", config.worker_id),
+                    ));
             if let Some(client) = controller_client {
                 // Each attempt's lines go to Iris's log service; its end is reported once they
                 // are there.

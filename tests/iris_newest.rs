@@ -439,6 +439,91 @@ mod reconcile {
 
     #[tokio::test]
     #[ignore = "root: the attempt runs in a container with cgroups"]
+    async fn a_tpu_held_by_another_process_makes_the_worker_unhealthy_naming_it() {
+        // No TPU here: a file stands in for /dev/vfio/0 (`--tpu-device`); who holds it open
+        // is read from the real /proc of a real process.
+        let dir = tempfile::Builder::new().prefix("iris-worker-test-tpu-").tempdir().unwrap();
+        let device = dir.path().join("0");
+        std::fs::write(&device, "").unwrap();
+        let w = NewestWorker::start_with("tpu", &["--tpu-device", device.to_str().unwrap()]).await;
+        let health = |r: &ReconcileResponse| r.health.clone().unwrap_or_default();
+        let first = w.reconcile(&w.id, vec![]).await;
+        assert!(health(&first).healthy, "{first:?}");
+
+        let mut holder = Command::new("sh")
+            .args(["-c", &format!("exec 3<'{}'; exec sleep 600", device.display())])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = holder.id();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let unhealthy = loop {
+            let r = w.reconcile(&w.id, vec![]).await;
+            if !health(&r).healthy {
+                break health(&r);
+            }
+            assert!(Instant::now() < deadline, "still healthy while pid {pid} holds the TPU: {r:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert!(unhealthy.health_error.contains(&format!("held by pid {pid} (sleep)")), "{unhealthy:?}");
+        assert!(!unhealthy.health_error.contains(&*dir.path().to_string_lossy()), "a host path: {unhealthy:?}");
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let r = w.reconcile(&w.id, vec![]).await;
+            if health(&r).healthy {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still unhealthy with the holder gone: {r:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "root: the attempts run in containers with cgroups"]
+    async fn a_tpu_attempt_runs_privileged_and_a_bad_node_failure_is_the_workers() {
+        use iris_worker::proto::newest::iris::job::{DeviceConfig, ResourceSpecProto, TpuDevice, device_config};
+        let w = NewestWorker::start_as("tpu-run").await;
+        let with_tpu = |uid: &str, task: &str, script: &str| {
+            let mut s = spec(task, 0, uid, script);
+            s.resources = Some(ResourceSpecProto {
+                memory_bytes: 512 << 20,
+                device: Some(DeviceConfig {
+                    device: Some(device_config::Device::Tpu(TpuDevice {
+                        variant: "v5litepod-8".into(),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            });
+            s
+        };
+        let finished = |s| matches!(s, TaskState::Succeeded | TaskState::Failed | TaskState::WorkerFailed);
+        // Privileged, /dev/shm its memory limit, JAX's TPU platform.
+        let probe = "grep CapEff /proc/self/status; df -k /dev/shm | tail -1; echo \"$PJRT_DEVICE\"";
+        let done = w.until(&[run("tp0", Some(with_tpu("tp0", "/t/tpu/0", probe)))], "tp0", finished).await;
+        assert_eq!(done.state(), TaskState::Succeeded, "{done:?}\n{}", w.logs());
+        let out = stdout_of(&w, "tp0");
+        // Every capability the host can grant: this host's bounding set (it may withhold some).
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let bounding = status.lines().find_map(|l| l.strip_prefix("CapBnd:")).unwrap().trim();
+        assert_eq!(out[0], format!("CapEff:\t{bounding}"), "not privileged: {out:?}");
+        assert_eq!(out[1].split_whitespace().nth(1), Some("524288"), "/dev/shm is not its memory: {out:?}");
+        assert_eq!(out[2], "TPU", "{out:?}");
+
+        // A TPU that cannot be opened: the host's failure (WORKER_FAILED), not the task's.
+        let bad = "echo \"E1207 Couldn't open iommu group /dev/vfio/0: Device or resource busy\" >&2; exit 1";
+        let failed = w.until(&[run("tp1", Some(with_tpu("tp1", "/t/tpu/1", bad)))], "tp1", finished).await;
+        assert_eq!(failed.state(), TaskState::WorkerFailed, "{failed:?}");
+        assert!(failed.error.contains("Couldn't open iommu group"), "{failed:?}");
+        // The same exit without a TPU, or without the signature, is the task's own failure.
+        let plain = w.until(&[run("tp2", Some(spec("/t/tpu/2", 0, "tp2", bad)))], "tp2", finished).await;
+        assert_eq!(plain.state(), TaskState::Failed, "{plain:?}");
+    }
+
+    #[tokio::test]
+    #[ignore = "root: the attempt runs in a container with cgroups"]
     async fn secrets_reach_the_task_as_root_only_files_and_nowhere_else() {
         use std::os::unix::fs::PermissionsExt;
         const VALUE: &str = "s3cr3t-v4lue-9f1c";

@@ -49,6 +49,11 @@ pub struct ServeArgs {
     /// `containerd:<name>` [default: none: they run in the python rootfs].
     #[arg(long, env = "IRIS_WORKER_DEFAULT_TASK_IMAGE")]
     pub default_task_image: Option<String>,
+    /// A TPU device whose holder, when not one of this worker's tasks, makes the worker
+    /// unhealthy on the newest wire (repeatable) [default: the host's /dev/vfio/N and
+    /// /dev/accelN].
+    #[arg(long = "tpu-device", env = "IRIS_WORKER_TPU_DEVICES", value_delimiter = ',')]
+    pub tpu_devices: Vec<PathBuf>,
     /// A directory of wheels uv may install from (`--find-links`) [default: none].
     #[arg(long, env = "IRIS_WORKER_UV_FIND_LINKS")]
     pub uv_find_links: Option<PathBuf>,
@@ -285,6 +290,7 @@ impl ServeArgs {
             rootfs: self.rootfs.or(file.rootfs),
             python_rootfs: self.python_rootfs.or(file.python_rootfs),
             default_task_image: self.default_task_image.or(file.default_task_image),
+            tpu_devices: list(self.tpu_devices, file.tpu_devices),
             uv_find_links: self.uv_find_links.or(file.uv_find_links),
             uv_offline: self.uv_offline.or(file.uv_offline),
             ca_bundle: self.ca_bundle.or(file.ca_bundle),
@@ -451,6 +457,7 @@ impl ServeArgs {
             min_free_inodes: a.min_free_inodes,
         })?;
         w.rootfs = a.rootfs.unwrap_or_else(|| cache_dir.join("rootfs/busybox"));
+        w.tpu_devices = (!a.tpu_devices.is_empty()).then_some(a.tpu_devices);
         w.default_task_image = match a.default_task_image {
             Some(image) if !image.is_empty() => {
                 crate::env::image::ImageRef::parse(&image).map_err(|e| anyhow::anyhow!("--default-task-image: {e}"))?;

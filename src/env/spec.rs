@@ -52,6 +52,10 @@ pub struct TaskSpec {
     /// The newest wire's container profile (the controller authorized it); `None`: the
     /// worker's `--profile`.
     pub container_profile: Option<ContainerProfile>,
+    /// The newest wire's attempt asks for a TPU (`resources.device.tpu`): as Iris runs one, it
+    /// is privileged whatever its profile (the device needs it), with memlock raised and a
+    /// /dev/shm of its memory limit (100 GiB without one).
+    pub tpu: bool,
 }
 
 /// Secrets by file name. They reach the task only as root-only files (see

@@ -56,6 +56,7 @@ pub(super) fn accept(inner: &Arc<Inner>, spec: TaskSpec) -> Result<TaskState, Ta
         cgroup: inner.cgroups.as_ref().map(|(_, parent)| format!("{parent}/{key}")),
         bundle: spec.bundle_gcs_path.clone(),
         attempt_uid: spec.attempt_uid.clone(),
+        tpu: spec.tpu,
     };
     // A request may lower the worker's cap of its log, never raise it.
     let log_cap = match (spec.max_log_bytes, inner.config.bounds.max_log_bytes) {

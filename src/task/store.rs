@@ -39,6 +39,9 @@ pub struct TaskMeta {
     /// The newest Iris wire's attempt uid: a restarted worker finds the attempt by it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt_uid: Option<String>,
+    /// The attempt has a TPU: a failure with a bad-node signature is the host's, not the task's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tpu: bool,
 }
 
 /// How an attempt ended that no supervisor recorded: killed while PENDING or BUILDING, its
@@ -224,6 +227,7 @@ mod tests {
             cgroup: None,
             bundle: None,
             attempt_uid: None,
+            tpu: false,
         }
     }
 

@@ -29,6 +29,15 @@ impl Attempt {
                 {
                     o.error = format!("{}: {}", o.error, summary.trim());
                 }
+                if o.state == TaskState::Failed
+                    && self.meta.tpu
+                    && let Some(signature) = self.tpu_bad_node_signature()
+                {
+                    // As Iris's worker: the TPU host is bad, not the task; the controller may
+                    // run it elsewhere.
+                    o.state = TaskState::WorkerFailed;
+                    o.error = format!("TPU bad-node signature {signature:?} in the task's stderr ({})", o.error);
+                }
                 self.finish(inner, o.state, o.exit_code, o.error, Some(&exit));
             }
             other => {
@@ -40,6 +49,18 @@ impl Attempt {
                 self.finish(inner, TaskState::WorkerFailed, -1, why, None);
             }
         }
+    }
+
+    /// The TPU initialisation failure in the last [`TPU_STDERR_TAIL`] lines of the attempt's
+    /// stderr, if any.
+    fn tpu_bad_node_signature(&self) -> Option<&'static str> {
+        let tail = crate::logs::LogFilter {
+            start_line: -TPU_STDERR_TAIL,
+            source: Some(crate::logs::Source::Stderr),
+            ..Default::default()
+        };
+        let lines = crate::logs::read(&self.dir.join(taskdir::LOGS), &tail).ok()?;
+        crate::devices::tpu_init_failure(lines.iter().map(|l| l.data.as_str()))
     }
 
     /// Takes one sample of a RUNNING attempt's cgroup into its history (the sampler's tick).
@@ -56,6 +77,9 @@ impl Attempt {
         lock(&self.history).observe(&stats, clock.now(), clock.now_ms(), started_at_ms);
     }
 }
+
+/// How much of a TPU attempt's log is searched for a bad-node signature (Iris: 200 lines).
+const TPU_STDERR_TAIL: i64 = 200;
 
 /// Waits for the supervisor's exit, ends the attempt as its exit record says, and gives the
 /// slot back.

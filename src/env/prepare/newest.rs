@@ -171,6 +171,9 @@ pub(super) async fn prepare(
     if let Some(profile) = spec.container_profile {
         apply_profile(&mut launch, profile)?;
     }
+    if spec.tpu {
+        for_tpu(&mut launch);
+    }
     if !command.setup_commands.is_empty() {
         task.progress("syncing dependencies");
         let logs = task.dir().join(crate::taskdir::LOGS);
@@ -341,6 +344,22 @@ fn apply_profile(launch: &mut LaunchSpec, profile: ContainerProfile) -> Result<(
     Ok(())
 }
 
+/// /dev/shm of a TPU task without a memory limit (Iris's accelerator fallback).
+const TPU_SHM_FALLBACK: u64 = 100 << 30;
+
+/// A TPU attempt as Iris's Docker runtime runs it: privileged whatever its profile (VFIO needs
+/// the device and the capabilities), on the host's network, memlock raised (the privileged
+/// profile does), /dev/shm as large as its memory limit, or 100 GiB without one. The process
+/// runtime has nothing to change.
+fn for_tpu(launch: &mut LaunchSpec) {
+    if launch.runtime == RuntimeKind::Process {
+        return;
+    }
+    launch.profile = Profile::Privileged;
+    launch.own_network = false;
+    launch.shm_bytes = launch.limits.memory_bytes.unwrap_or(TPU_SHM_FALLBACK);
+}
+
 fn name(profile: ContainerProfile) -> &'static str {
     match profile {
         ContainerProfile::Restricted => "RESTRICTED",
@@ -435,9 +454,8 @@ mod tests {
         assert!(s.ends_with("exec \"$@\""));
     }
 
-    #[test]
-    fn the_setup_step_is_the_task_in_its_own_cgroup_with_a_memory_floor_logged_as_build() {
-        let task = LaunchSpec {
+    fn a_task() -> LaunchSpec {
+        LaunchSpec {
             runtime: RuntimeKind::Container,
             profile: crate::runtime::Profile::Privileged,
             id: "t.0".into(),
@@ -458,7 +476,26 @@ mod tests {
             disk_limit: None,
             leases: vec![],
             own_network: false,
-        };
+        }
+    }
+
+    #[test]
+    fn a_tpu_attempt_is_privileged_on_the_host_network_with_shm_as_large_as_its_memory() {
+        let sandboxed = LaunchSpec { profile: Profile::PtraceOnly, own_network: true, ..a_task() };
+        let mut tpu = sandboxed.clone();
+        for_tpu(&mut tpu);
+        assert_eq!((tpu.profile, tpu.own_network, tpu.shm_bytes), (Profile::Privileged, false, 1 << 30));
+        let mut unbounded = LaunchSpec { limits: Default::default(), ..sandboxed };
+        for_tpu(&mut unbounded);
+        assert_eq!(unbounded.shm_bytes, 100 << 30, "Iris's accelerator fallback");
+        let mut plain = LaunchSpec { runtime: RuntimeKind::Process, profile: Profile::PtraceOnly, ..a_task() };
+        for_tpu(&mut plain);
+        assert_eq!(plain.profile, Profile::PtraceOnly, "the process runtime has nothing to change");
+    }
+
+    #[test]
+    fn the_setup_step_is_the_task_in_its_own_cgroup_with_a_memory_floor_logged_as_build() {
+        let task = LaunchSpec { profile: crate::runtime::Profile::Privileged, ..a_task() };
         let s = setup_spec(&task, &["echo one".into(), "exit 4".into()], "/t/logs".into());
         assert_eq!(s.id, "t.0.setup");
         assert_eq!(s.argv[3..], ["iris-setup", "echo one", "exit 4"]);

@@ -155,6 +155,13 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
     set("IRIS_JOB_SETUP_SCRIPTS", serde_json::Value::from(environment.setup_scripts.clone()).to_string());
     set("IRIS_JOB_ENV", serde_json::to_string(&user_env).unwrap_or_else(|_| "{}".into()));
     set("UV_LINK_MODE", "copy".into());
+    let tpu = res.device.as_ref().is_some_and(|d| matches!(d.device, Some(job::device_config::Device::Tpu(_))));
+    if tpu {
+        // JAX's platform for a TPU task, as Iris sets it; the request's own values win.
+        for (k, v) in [("JAX_PLATFORMS", "tpu,cpu"), ("PJRT_DEVICE", "TPU"), ("JAX_FORCE_TPU_INIT", "1")] {
+            env_vars.entry(k.to_string()).or_insert_with(|| v.to_string());
+        }
+    }
     let (job_id, task_index) = job_and_index(&req.task_id);
     let mut spec = TaskSpec {
         task_id: req.task_id,
@@ -180,6 +187,7 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
         secrets: crate::env::spec::Secrets(environment.secrets.into_iter().collect()),
         container_profile: Some(container_profile),
         image: task_image,
+        tpu,
         ..Default::default()
     };
     spec.limits.cpu_millicores = (res.cpu_millicores > 0).then_some(res.cpu_millicores as u32);
@@ -292,6 +300,27 @@ mod tests {
         );
         again.raw_request = spec.raw_request.clone();
         assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn a_tpu_request_is_marked_and_gets_jax_tpu_variables_unless_it_sets_them() {
+        let mut req = request();
+        req.resources = Some(job::ResourceSpecProto {
+            device: Some(job::DeviceConfig {
+                device: Some(job::device_config::Device::Tpu(job::TpuDevice {
+                    variant: "v5litepod-8".into(),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        });
+        req.environment.get_or_insert_default().env_vars.insert("JAX_PLATFORMS".into(), "tpu".into());
+        let spec = task_spec(req, Some("http://c")).unwrap();
+        assert!(spec.tpu);
+        assert_eq!(spec.env_vars["JAX_PLATFORMS"], "tpu", "the request's own value wins");
+        assert_eq!((spec.env_vars["PJRT_DEVICE"].as_str(), spec.env_vars["JAX_FORCE_TPU_INIT"].as_str()), ("TPU", "1"));
+        let plain = task_spec(request(), Some("http://c")).unwrap();
+        assert!(!plain.tpu && !plain.env_vars.contains_key("PJRT_DEVICE"));
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct NewestService {
     cache_dir: std::path::PathBuf,
     gate: Option<Arc<dyn TerminalGate>>,
     cpu: Arc<process::CpuSampler>,
+    /// Who holds the host's TPU devices (none watched: never unhealthy for it).
+    tpu: Option<Arc<crate::devices::TpuWatch>>,
 }
 
 impl NewestService {
@@ -72,12 +74,19 @@ impl NewestService {
             cache_dir,
             gate: None,
             cpu: Arc::default(),
+            tpu: None,
         }
     }
 
     /// Each Reconcile addressed to this worker resets `keepalive`.
     pub fn with_keepalive(mut self, keepalive: Arc<KeepAlive>) -> NewestService {
         self.keepalive = Some(keepalive);
+        self
+    }
+
+    /// A TPU held by a process that is not one of this worker's tasks makes it unhealthy.
+    pub fn with_tpu_watch(mut self, watch: crate::devices::TpuWatch) -> NewestService {
+        self.tpu = Some(Arc::new(watch));
         self
     }
 
@@ -185,6 +194,12 @@ impl NewestService {
                 disk_health(free, total)
             }
             Err(e) => (false, format!("reading the cache volume's free space: {e}")),
+        };
+        let tpu = self.tpu.as_ref().and_then(|w| w.unhealthy());
+        let (healthy, health_error) = match tpu {
+            Some(why) if healthy => (false, why),
+            Some(why) => (false, format!("{health_error}; {why}")),
+            None => (healthy, health_error),
         };
         WorkerHealth { healthy, health_error, resources: Some(snapshot) }
     }

@@ -479,8 +479,8 @@ async fn profile_task_answers_every_failure_in_its_error() {
     assert_eq!(ask("/test/nope/0", threads()).await.error, "Task /test/nope/0 not found");
     let r = ask(&format!("{task}:1"), threads()).await;
     assert!(r.error.contains("not its current attempt"), "{r:?}");
-    let r = ask(task, Some(Profiler::Cpu(Default::default()))).await;
-    assert!(r.error.contains("only threads"), "{r:?}");
+    let r = ask(task, Some(Profiler::Memory(Default::default()))).await;
+    assert!(r.error.contains("memory profiles (memray) are not supported"), "{r:?}");
     // The python rootfs has no py-spy, and the task no venv: said so, from inside the task.
     let r = ask(&format!("{task}:0"), threads()).await;
     assert!(r.error.contains("py-spy is not installed in the task"), "{r:?}");
@@ -523,7 +523,10 @@ async fn profile_task_dumps_the_task_threads_with_its_venv_py_spy() {
     use job::{ProfileTaskRequest, ProfileTaskResponse, ProfileType, ThreadsProfile, profile_type::Profiler};
     let w = NewestWorker::start("pyspy", &[]).await;
     let task = "/test/pyspy/0";
-    let script = "import time\ndef napping_function():\n    time.sleep(600)\nnapping_function()\n";
+    // A thread that works (py-spy record samples busy threads) beside one that sleeps.
+    let script = "import threading, time\ndef spinning_function():\n    while True:\n        sum(range(10000))\n\
+                  threading.Thread(target=spinning_function, daemon=True).start()\n\
+                  def napping_function():\n    time.sleep(600)\nnapping_function()\n";
     let request = RunTaskRequest {
         task_id: task.into(),
         num_tasks: 1,
@@ -534,6 +537,8 @@ async fn profile_task_dumps_the_task_threads_with_its_venv_py_spy() {
             workdir_files: [(".venv/bin/py-spy".to_string(), py_spy_binary())].into(),
             ..Default::default()
         }),
+        // A fifth of a core: the spinning thread shares the machine.
+        resources: Some(job::ResourceSpecProto { cpu_millicores: 200, ..Default::default() }),
         ..Default::default()
     };
     let desired = DesiredAttempt {
@@ -563,4 +568,46 @@ async fn profile_task_dumps_the_task_threads_with_its_venv_py_spy() {
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let state = state.rsplit(')').next().unwrap().split_whitespace().next().unwrap().to_string();
     assert_ne!(state, "T", "the task is left stopped");
+
+    // A CPU profile: py-spy record for the window asked, in the format asked, read back whole.
+    let cpu = |format: job::cpu_profile::Format| ProfileTaskRequest {
+        target: task.into(),
+        duration_seconds: 1,
+        profile_type: Some(ProfileType {
+            profiler: Some(Profiler::Cpu(job::CpuProfile { format: format as i32, rate_hz: 50, native: Some(false) })),
+        }),
+    };
+    let r: ProfileTaskResponse = w
+        .client
+        .call(SERVICE, "ProfileTask", &cpu(job::cpu_profile::Format::Speedscope), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(r.error, "");
+    let profile: serde_json::Value = serde_json::from_slice(&r.profile_data).expect("speedscope JSON");
+    assert!(profile["$schema"].as_str().is_some_and(|s| s.contains("speedscope")), "{profile}");
+    assert!(String::from_utf8_lossy(&r.profile_data).contains("spinning_function"), "{profile}");
+    let r: ProfileTaskResponse = w
+        .client
+        .call(SERVICE, "ProfileTask", &cpu(job::cpu_profile::Format::Flamegraph), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(r.error, "");
+    assert!(String::from_utf8_lossy(&r.profile_data).contains("<svg"), "not a flamegraph SVG");
+    // Nothing of it is left in the task's workdir.
+    let workdir = w.state.path().join("tasks");
+    let left: Vec<_> = walk(&workdir).into_iter().filter(|p| p.to_string_lossy().contains(".iris-profile-")).collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Every path below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
 }

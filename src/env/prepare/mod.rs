@@ -21,6 +21,7 @@ use crate::runtime::{LaunchSpec, Mount, RuntimeKind};
 use crate::taskdir;
 
 pub use from_dockerfile::dockerfile_of;
+pub use newest::WORKDIR_IN_TASK;
 
 /// The attempt being prepared, as preparation sees it: where it lives, what it is called, and
 /// where its progress and what it holds go. The task manager gives its attempt (what it is

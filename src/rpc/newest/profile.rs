@@ -2,33 +2,47 @@
 //! answer's `error` with HTTP 200, never an RPC error. The target is a task id, optionally with
 //! `:<attempt id>` (which must be the current attempt), and the attempt must be RUNNING.
 //!
-//! Served: `threads`, a `py-spy dump` (with `--locals`, `--native` when asked) run inside the
-//! task through the exec helper ([`crate::exec`]): in its namespaces, cgroup, user and
-//! capabilities, so it needs CAP_SYS_PTRACE (the DEFAULT container profile has it, RESTRICTED
-//! not, as in Iris). py-spy is the task venv's (`$IRIS_VENV/bin/py-spy`) or the one on the
+//! Served: `threads`, a `py-spy dump` (with `--locals`, `--native` when asked), and `cpu`, a
+//! `py-spy record` of `duration_seconds` (0: 10 s) in Iris's formats (flamegraph SVG, the
+//! default; speedscope JSON; raw text), rate (0: 20 Hz) and `--native` unless asked not to,
+//! with `--subprocesses`, written into the task's workdir under a random name and read back by
+//! the worker without following links. Each runs inside the task through the exec helper
+//! ([`crate::exec`]): in its namespaces, cgroup, user and capabilities, so it needs
+//! CAP_SYS_PTRACE (the DEFAULT container profile has it, RESTRICTED not, as in Iris). py-spy is the task venv's (`$IRIS_VENV/bin/py-spy`) or the one on the
 //! task's PATH. Its target is the task's command: the child of the container's pid 1, which is
 //! our init (non-dumpable, and not Python), not pid 1 as under Docker. Afterwards every process
 //! of the task is sent SIGCONT (py-spy stops them while it reads, and a killed py-spy would
-//! leave them stopped), as Iris's worker sweeps. Not served: `cpu` and `memory` profiles, the
-//! worker itself (`/system/process`: this worker is no Python process), tasks of the process
+//! leave them stopped), as Iris's worker sweeps. Not served: `memory` profiles (memray attaches
+//! through a debugger the task's image would need), the worker itself (`/system/process`: this worker is no Python process), tasks of the process
 //! runtime (no pid namespace to find the task's command in).
 
 use std::time::Duration;
 
-use crate::proto::newest::iris::job::{ProfileTaskRequest, ProfileTaskResponse, profile_type::Profiler};
+use crate::proto::newest::iris::job::{self, ProfileTaskRequest, ProfileTaskResponse, profile_type::Profiler};
 use crate::task::{TaskError, TaskManager, TaskState, short};
 
 /// How long a dump may take (py-spy reads every thread's stack once).
 const DUMP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs py-spy inside the task (`$1` onwards: py-spy's extra flags); exit 127 with a message when
-/// there is no py-spy, 125 outside a container.
-const DUMP_SCRIPT: &str = r#"
+/// A CPU profile's sampling window when the request leaves it 0 (Iris's default).
+const DEFAULT_DURATION_S: u64 = 10;
+/// The longest sampling window served: the exec holds a helper and py-spy for that long.
+const MAX_DURATION_S: u64 = 600;
+/// Time py-spy has beyond the window to write its output (Iris gives it the same).
+const WRITE_HEADROOM: Duration = Duration::from_secs(30);
+/// The largest profile read back.
+const MAX_PROFILE_BYTES: u64 = 64 << 20;
+
+/// Runs py-spy inside the task (`$1`: `dump` or `record`, then py-spy's flags); exit 127 with
+/// a message when there is no py-spy, 125 outside a container.
+const SPY_SCRIPT: &str = r#"
 [ "$(cat /proc/1/comm 2>/dev/null)" = iris-init ] || { echo "the task runs without a pid namespace of its own (process runtime): profiling needs the container runtime" >&2; exit 125; }
 spy="${IRIS_VENV:-/app/.venv}/bin/py-spy"
 [ -x "$spy" ] || spy=$(command -v py-spy) || { echo "py-spy is not installed in the task (neither \$IRIS_VENV/bin/py-spy nor on its PATH)" >&2; exit 127; }
 pid=$(cut -d' ' -f1 /proc/1/task/1/children 2>/dev/null)
-"$spy" dump --pid "${pid:-2}" "$@"
+verb=$1
+shift
+"$spy" "$verb" --pid "${pid:-2}" "$@"
 status=$?
 kill -CONT -1 2>/dev/null
 exit $status
@@ -65,33 +79,109 @@ async fn profile(manager: &TaskManager, req: ProfileTaskRequest) -> Result<Vec<u
     if state != TaskState::Running {
         return Err(format!("Task {} is not running (state=TASK_STATE_{})", short(task_id), state.name()));
     }
-    let flags = match profiler {
+    match profiler {
         Profiler::Threads(t) => {
-            let mut flags = Vec::new();
+            let mut flags = vec!["dump".to_string()];
             if t.locals {
                 flags.push("--locals".to_string());
             }
             if t.native {
                 flags.push("--native".to_string());
             }
-            flags
+            let outcome = spy(manager, &dir, flags, DUMP_TIMEOUT).await?;
+            Ok(outcome.stdout.into_bytes())
         }
-        Profiler::Cpu(_) | Profiler::Memory(_) => {
-            return Err("only threads profiles (py-spy dump) are supported by this worker".into());
+        Profiler::Cpu(cpu) => {
+            let duration = match u64::try_from(req.duration_seconds) {
+                Ok(0) | Err(_) => DEFAULT_DURATION_S,
+                Ok(s) => s.min(MAX_DURATION_S),
+            };
+            let (format, ext) = match job::cpu_profile::Format::try_from(cpu.format) {
+                Ok(job::cpu_profile::Format::Speedscope) => ("speedscope", "json"),
+                Ok(job::cpu_profile::Format::Raw) => ("raw", "txt"),
+                _ => ("flamegraph", "svg"),
+            };
+            let rate = if cpu.rate_hz > 0 { cpu.rate_hz } else { 20 };
+            // py-spy writes into the workdir (the task's own, at /app), where the worker reads
+            // it back: a name the task cannot guess ahead.
+            let name = format!(".iris-profile-{:016x}.{ext}", rand_u64());
+            let mut flags: Vec<String> = ["record", "--duration", &duration.to_string(), "--rate", &rate.to_string()]
+                .into_iter()
+                .map(String::from)
+                .collect();
+            flags.extend(["--format".into(), format.into(), "--subprocesses".into(), "--output".into()]);
+            flags.push(format!("{}/{name}", crate::env::WORKDIR_IN_TASK));
+            if cpu.native.unwrap_or(true) {
+                flags.push("--native".to_string());
+            }
+            let host = dir.join(crate::taskdir::WORKDIR).join(&name);
+            let recorded = spy(manager, &dir, flags, Duration::from_secs(duration) + WRITE_HEADROOM).await;
+            let read = recorded.and_then(|_| read_profile(&host));
+            let _ = std::fs::remove_file(&host);
+            read
         }
-    };
-    let mut argv = vec!["sh".to_string(), "-c".to_string(), DUMP_SCRIPT.to_string(), "iris-profile".to_string()];
+        Profiler::Memory(_) => Err("memory profiles (memray) are not supported by this worker: only threads \
+                                    (py-spy dump) and cpu (py-spy record)"
+            .into()),
+    }
+}
+
+/// Runs py-spy in the task with `flags` (its verb first), at most `timeout`.
+async fn spy(
+    manager: &TaskManager,
+    dir: &std::path::Path,
+    flags: Vec<String>,
+    timeout: Duration,
+) -> Result<crate::exec::ExecOutcome, String> {
+    let verb = flags.first().cloned().unwrap_or_default();
+    let mut argv = vec!["sh".to_string(), "-c".to_string(), SPY_SCRIPT.to_string(), "iris-profile".to_string()];
     argv.extend(flags);
-    let outcome =
-        crate::exec::run(manager.helper_exe(), &dir, &argv, Some(DUMP_TIMEOUT)).await.map_err(|e| e.to_string())?;
+    let outcome = crate::exec::run(manager.helper_exe(), dir, &argv, Some(timeout)).await.map_err(|e| e.to_string())?;
     if !outcome.error.is_empty() {
         return Err(outcome.error);
     }
     if outcome.exit_code != 0 {
         let why = outcome.stderr.trim();
-        return Err(format!("py-spy dump failed (exit code {}): {why}", outcome.exit_code));
+        return Err(format!("py-spy {verb} failed (exit code {}): {why}", outcome.exit_code));
     }
-    Ok(outcome.stdout.into_bytes())
+    Ok(outcome)
+}
+
+/// The profile py-spy wrote into the task's workdir: a regular file (never through a link the
+/// task planted in its place), at most [`MAX_PROFILE_BYTES`].
+fn read_profile(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("py-spy wrote no profile: {}", e.kind()))?;
+    let meta = file.metadata().map_err(|e| format!("reading the profile: {}", e.kind()))?;
+    if !meta.is_file() {
+        return Err("the profile is not a regular file".into());
+    }
+    if meta.len() > MAX_PROFILE_BYTES {
+        return Err(format!(
+            "the profile is {} MiB, over the {} MiB served",
+            meta.len() >> 20,
+            MAX_PROFILE_BYTES >> 20
+        ));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_PROFILE_BYTES).read_to_end(&mut data).map_err(|e| format!("reading the profile: {}", e.kind()))?;
+    Ok(data)
+}
+
+/// A random number for a file name the task cannot predict (the time, were the kernel's
+/// generator unreadable: a weaker name, and the read refuses links anyway).
+fn rand_u64() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u64::from_ne_bytes(b),
+        Err(_) => iris_wire::clock::now_ms() as u64,
+    }
 }
 
 /// `/user/job/0` or `/user/job/0:2` → (task id, attempt id).

@@ -6,6 +6,7 @@
 //!   cgroup-parent                     the cgroup the worker's task cgroups are made below
 //!   lease.json                        the controller lease, renewed by the worker
 //!   iris-wire                         the wire generation the controller last answered
+//!   credentials/worker.jwt 0700/0600  newest wire: the worker token as last renewed (join::token)
 //!   trash/                            removed tasks' directories, deleted in the background
 //!   tasks/                     0700   a directory per attempt (the key: task/store.rs)
 //!     <attempt-key>/           0700
@@ -58,6 +59,10 @@ pub const PARENT_CGROUP: &str = "cgroup-parent";
 pub const LEASE: &str = "lease.json";
 /// The state directory's record of the wire generation the controller last answered.
 pub const IRIS_WIRE: &str = "iris-wire";
+/// The state directory's credentials kept by the worker (newest wire).
+pub const CREDENTIALS: &str = "credentials";
+/// ... the worker token as last renewed, in [`CREDENTIALS`].
+pub const WORKER_TOKEN: &str = "worker.jwt";
 /// Where a removed task's directories wait to be deleted: out of `tasks/`, so that a new
 /// attempt with the same key never meets the old one's files, and a restart mid-delete never
 /// adopts them.

@@ -278,6 +278,12 @@ impl WorkerBuilder {
             local_ports: controller_port.into_iter().collect(),
             check_every: config.isolation_check_interval,
         };
+        if controller_url.is_some()
+            && let Some(token) = &config.client.token
+        {
+            // A token renewed by an earlier run (the newest wire's) outlasts the one given.
+            crate::join::token::adopt_cached(token, &config.state_dir);
+        }
         let controller_client =
             controller_url.as_deref().map(|url| crate::rpc::connect::ConnectClient::with_security(url, &config.client));
         // Before the state directory is opened: a task accepted before a restart is read back
@@ -410,6 +416,11 @@ impl Worker {
                 address: format!("{}:{}", config.advertise_host, addr.port()),
                 metadata: crate::join::host_metadata(&config.advertise_host, &config.cache_dir, &config.attributes),
             };
+            if let Some(token) = config.client.token.clone() {
+                // Every client of the worker shares the token it renews.
+                let renewing = crate::join::token::keep_renewed(client.clone(), token, config.state_dir.clone());
+                manager.background().spawn(renewing);
+            }
             crate::join::start(client, me, manager.clone(), keepalive.clone());
         } else if let Some(client) = controller_client.clone() {
             let mut metadata = heartbeat::host_metadata(&config.advertise_host);

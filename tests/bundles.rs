@@ -836,7 +836,7 @@ async fn special_purpose_and_tunnelled_addresses_and_the_controllers_other_paths
     let moved = format!("/bundles/{}.zip", "0".repeat(64));
     controller.redirects.lock().unwrap().insert(moved.clone(), format!("http://localhost:{}/b.zip", other.port()));
     let policy = SourcePolicy {
-        controller: ControllerSource::new(&format!("http://{addr}"), Some("Bearer t".into()), None),
+        controller: ControllerSource::new(&format!("http://{addr}"), iris_wire::auth::AuthToken::new("t"), None),
         ..Default::default()
     };
     let cache = BundleCache::new(BundleConfig { sources: policy, ..BundleConfig::new(work.path().join("controller")) })

@@ -145,6 +145,111 @@ fn harness_checks_against_iris_worker() {
     );
 }
 
+/// Iris's controller (the harness's, null-auth on loopback, its embedded log server) as a child
+/// process, killed by its pid when dropped.
+struct IrisController {
+    child: std::process::Child,
+    url: String,
+    _state: tempfile::TempDir,
+}
+
+impl IrisController {
+    fn start() -> IrisController {
+        use std::io::BufRead;
+        let state = tempfile::Builder::new().prefix("iris-worker-test-controller-").tempdir().unwrap();
+        let mut child = Command::new(newest_python())
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/iris_newest/harness.py"))
+            .arg("controller")
+            .arg("--state-dir")
+            .arg(state.path().join("controller"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(state.path().join("controller.log")).unwrap())
+            .spawn()
+            .unwrap();
+        // Its first line says where it listens (EOF: it died; its log says why).
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| v["controller"].as_str().map(String::from))
+            .unwrap_or_else(|| {
+                let log = std::fs::read_to_string(state.path().join("controller.log")).unwrap_or_default();
+                panic!("Iris's controller did not start: {line:?}\n{log}")
+            });
+        IrisController { child, url, _state: state }
+    }
+}
+
+impl Drop for IrisController {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A JWT of the shape Iris's controller mints for workers, expiring at `exp` (its signature is
+/// not the controller's: a null-auth controller on loopback does not check it).
+fn worker_jwt(exp: u64) -> String {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let claims =
+        format!(r#"{{"sub":"system:worker","role":"worker","iss":"iris-newest-harness","aud":"iris","exp":{exp}}}"#);
+    format!("{}.{}.bm90LXNpZ25lZA", b64(r#"{"alg":"EdDSA","typ":"JWT"}"#), b64(&claims))
+}
+
+fn jwt_claims(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+#[test]
+#[ignore = "root: iris-worker serves with a cgroup of its own"]
+fn a_worker_token_near_its_expiry_is_renewed_through_irises_controller_and_kept() {
+    use std::os::unix::fs::PermissionsExt;
+    let controller = IrisController::start();
+    let dir = tempfile::Builder::new().prefix("iris-worker-test-token-").tempdir().unwrap();
+    let state = dir.path().join("state");
+    let token_file = dir.path().join("token");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    // An hour left: inside Iris's one-day margin, so the worker renews at once.
+    let given = worker_jwt(now + 3600);
+    std::fs::write(&token_file, &given).unwrap();
+    let worker_id = format!("iwtest-token-{}", std::process::id());
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_iris-worker"))
+        .args(["serve", "--controller", &controller.url, "--worker-id", &worker_id])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--auth-token-file")
+        .arg(&token_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("worker.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let kept = state.join("credentials/worker.jwt");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !kept.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let _ = Command::new(env!("CARGO_BIN_EXE_iris-worker")).arg("cleanup").arg("--state-dir").arg(&state).status();
+    let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+    assert!(kept.exists(), "no renewed token kept\n{log}");
+    let renewed = std::fs::read_to_string(&kept).unwrap();
+    assert_ne!(renewed, given);
+    let claims = jwt_claims(&renewed);
+    // Iris's controller mints 30-day worker tokens, signed by its own key.
+    assert_eq!(claims["iss"], "iris-newest-harness", "{claims}");
+    assert_eq!(claims["sub"], "system:worker", "{claims}");
+    assert!(claims["exp"].as_u64().unwrap() > now + 29 * 86_400, "{claims}");
+    assert_eq!(std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(log.contains("renewed the worker token"), "{log}");
+    assert!(!log.contains(&renewed) && !log.contains(&given), "a token in the worker's log");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reconcile's rules against a real worker (`serve --iris-wire newest`, no controller), over
 // Connect as Iris's controller calls it. The rules themselves are unit-tested without root in

@@ -77,9 +77,9 @@ pub(crate) fn locate(path: &str, policy: &SourcePolicy) -> Result<Location, Bund
             let trusted = policy.controller.as_ref().filter(|c| c.serves(&url));
             if let Some(controller) = trusted {
                 // Our own controller: its token and its CA go with the request.
-                if let Some(auth) = &controller.authorization {
+                if let Some(token) = &controller.authorization {
                     let mut headers = http::HeaderMap::new();
-                    let value = http::HeaderValue::from_str(auth).map_err(|e| bad(e.to_string()))?;
+                    let value = http::HeaderValue::from_str(&token.bearer()).map_err(|e| bad(e.to_string()))?;
                     headers.insert(http::header::AUTHORIZATION, value);
                     options = options.with_default_headers(headers);
                 }

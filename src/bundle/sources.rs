@@ -47,8 +47,8 @@ pub struct ControllerSource {
     pub host: String,
     pub port: u16,
     pub addresses: Vec<IpAddr>,
-    /// `Bearer <token>`, when the worker has a token.
-    pub authorization: Option<String>,
+    /// The worker's token, when it has one (sent as `Bearer <token>`; renewed in place).
+    pub authorization: Option<iris_wire::auth::AuthToken>,
     /// PEM roots for an https controller (the worker's `--tls-ca`).
     pub ca_pem: Option<Vec<u8>>,
 }
@@ -65,7 +65,11 @@ impl std::fmt::Debug for ControllerSource {
 
 impl ControllerSource {
     /// The controller at `url` (`http(s)://host:port` or `host:port`); its host resolved now.
-    pub fn new(url: &str, authorization: Option<String>, ca_pem: Option<Vec<u8>>) -> Option<ControllerSource> {
+    pub fn new(
+        url: &str,
+        authorization: Option<iris_wire::auth::AuthToken>,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Option<ControllerSource> {
         let url = url::Url::parse(url)
             .ok()
             .filter(|u| u.host_str().is_some())
@@ -455,8 +459,11 @@ mod tests {
             assert_eq!(with_ctl.check_url(&url::Url::parse(&url).unwrap()).is_ok(), ok, "{url}");
         }
         assert!(
-            !format!("{:?}", ControllerSource { authorization: Some("Bearer s3cret".into()), ..Default::default() })
-                .contains("s3cret")
+            !format!(
+                "{:?}",
+                ControllerSource { authorization: iris_wire::auth::AuthToken::new("s3cret"), ..Default::default() }
+            )
+            .contains("s3cret")
         );
         let mixed = vec!["127.0.0.1:80".parse().unwrap(), "8.8.8.8:80".parse().unwrap()];
         assert_eq!(SourcePolicy::default().filter_resolved("h", mixed).unwrap(), vec!["8.8.8.8:80".parse().unwrap()]);

@@ -393,8 +393,7 @@ impl ServeArgs {
                     Some(p) => Some(std::fs::read(p).with_context(|| format!("reading tls_ca {}", p.display()))?),
                     None => None,
                 };
-                let authorization = security.client.token.as_ref().map(|t| t.bearer());
-                crate::bundle::sources::ControllerSource::new(url, authorization, ca_pem)
+                crate::bundle::sources::ControllerSource::new(url, security.client.token.clone(), ca_pem)
             }
             None => None,
         };

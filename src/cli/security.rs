@@ -117,7 +117,10 @@ impl ServerSecuritySettings {
             cert: self.tls_cert.clone().filter(|_| self.tls_ca.is_some()),
             key: self.tls_key.clone().filter(|_| self.tls_ca.is_some()),
         };
-        let client = ClientSecurity::new(token.clone(), &client_files).context("TLS of calls to peers")?;
+        // The calls' token is its own copy: renewing it (the newest wire's worker token) does
+        // not change what this server demands.
+        let client = ClientSecurity::new(token.as_ref().map(AuthToken::detached), &client_files)
+            .context("TLS of calls to peers")?;
         Ok(ServerSecurity {
             serve: ServeOptions {
                 gate: Gate { token, hosts, tls: tls.is_some(), sessions: Default::default() },

@@ -14,6 +14,7 @@ use crate::rpc::connect::{ConnectClient, ConnectError, Generation};
 use crate::task::TaskManager;
 
 pub mod push;
+pub mod token;
 pub mod worker_log;
 
 /// Kept by the newest wire's Reconcile handler, which touches it (see [`crate::rpc::newest`]).

@@ -56,11 +56,25 @@ pub enum AuthError {
 }
 
 /// A shared secret: what clients send and servers check. Its `Debug` shows nothing of it.
+/// Clones share it: a token renewed ([`AuthToken::replace`]) is what every client holding a
+/// clone sends from then on.
 #[derive(Clone)]
 pub struct AuthToken {
+    current: Arc<std::sync::RwLock<Secret>>,
+}
+
+struct Secret {
     value: Arc<str>,
     digest: [u8; 32],
 }
+
+impl PartialEq for AuthToken {
+    fn eq(&self, other: &AuthToken) -> bool {
+        self.secret().digest == other.secret().digest
+    }
+}
+
+impl Eq for AuthToken {}
 
 impl std::fmt::Debug for AuthToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,22 +107,44 @@ impl AuthToken {
         if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
             return None;
         }
-        Some(AuthToken { value: token.into(), digest: sha256(&[token.as_bytes()]) })
+        let secret = Secret { value: token.into(), digest: sha256(&[token.as_bytes()]) };
+        Some(AuthToken { current: Arc::new(std::sync::RwLock::new(secret)) })
+    }
+
+    fn secret(&self) -> std::sync::RwLockReadGuard<'_, Secret> {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The token itself, for clients to send.
-    pub fn value(&self) -> &str {
-        &self.value
+    pub fn value(&self) -> Arc<str> {
+        self.secret().value.clone()
     }
 
     /// `Bearer <token>`.
     pub fn bearer(&self) -> String {
-        format!("Bearer {}", self.value)
+        format!("Bearer {}", self.secret().value)
     }
 
     /// Whether `presented` is the token, in time independent of both.
     pub fn matches(&self, presented: &[u8]) -> bool {
-        bool::from(sha256(&[presented]).ct_eq(&self.digest))
+        bool::from(sha256(&[presented]).ct_eq(&self.secret().digest))
+    }
+
+    /// A copy of its own: a [`AuthToken::replace`] of either leaves the other as it is (what a
+    /// server demands must not change when its client's credential is renewed).
+    pub fn detached(&self) -> AuthToken {
+        let secret = self.secret();
+        let copy = Secret { value: secret.value.clone(), digest: secret.digest };
+        AuthToken { current: Arc::new(std::sync::RwLock::new(copy)) }
+    }
+
+    /// Makes `token` the one this token and every clone of it sends (a renewed credential);
+    /// `false`, changing nothing, when it is not a valid token.
+    pub fn replace(&self, token: &str) -> bool {
+        let Some(new) = AuthToken::new(token) else { return false };
+        let secret = Secret { value: new.value(), digest: new.secret().digest };
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = secret;
+        true
     }
 }
 
@@ -369,6 +405,17 @@ mod tests {
         assert!(!Sessions::default().valid(id.as_bytes()), "known to the worker that opened it only");
         assert!(AuthToken::new("two words").is_none());
         assert!(AuthToken::new("").is_none());
+    }
+
+    #[test]
+    fn a_replaced_token_is_what_every_clone_sends_but_not_a_detached_copy() {
+        let t = AuthToken::new("old").unwrap();
+        let (clone, copy) = (t.clone(), t.detached());
+        assert!(t.replace("new"));
+        assert_eq!((clone.bearer(), copy.bearer()), ("Bearer new".to_string(), "Bearer old".to_string()));
+        assert!(clone.matches(b"new") && copy.matches(b"old") && !copy.matches(b"new"));
+        assert!(!t.replace("not a token"), "refused, and nothing changed");
+        assert_eq!(&*t.value(), "new");
     }
 
     #[test]

@@ -51,8 +51,9 @@ fn code_of_http(status: hyper::StatusCode) -> Code {
 pub struct ConnectClient {
     base: String,
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
-    /// `Bearer <token>`, sent with every call.
-    authorization: Option<String>,
+    /// Sent with every call as `Bearer <token>` (read at each call: a renewed token is sent
+    /// from the next call on).
+    token: Option<crate::auth::AuthToken>,
     /// Request bodies go zstd-compressed (`Content-Encoding: zstd`): for servers known to take
     /// it (Iris's log service, whose own clients send so).
     zstd_requests: bool,
@@ -71,7 +72,7 @@ impl ConnectClient {
         ConnectClient {
             base: security.url(base),
             http: Client::builder(TokioExecutor::new()).build(connector),
-            authorization: security.token.as_ref().map(|t| t.bearer()),
+            token: security.token.clone(),
             zstd_requests: false,
         }
     }
@@ -97,8 +98,8 @@ impl ConnectClient {
     ) -> Result<Resp, ConnectError> {
         let url = format!("{}/{service}/{method}", self.base);
         let mut request = hyper::Request::post(&url);
-        if let Some(auth) = &self.authorization {
-            request = request.header("authorization", auth);
+        if let Some(token) = &self.token {
+            request = request.header("authorization", token.bearer());
         }
         let mut body = req.encode_to_vec();
         if self.zstd_requests {

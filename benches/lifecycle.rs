@@ -52,9 +52,10 @@ fn library_lifecycle(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, 
         disk_limit: None,
         leases: vec![],
         own_network: false,
+        gvisor: None,
     };
     let t = Instant::now();
-    let mut rt = runtime::for_kind(RuntimeKind::Container)?;
+    let mut rt = runtime::for_spec(&spec)?;
     let pid = rt.create(&spec, &dir, TaskIo { stdout: devnull()?, stderr: devnull()? })?;
     rt.start()?;
     waitpid(pid, None)?;

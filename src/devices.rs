@@ -159,12 +159,9 @@ mod tests {
         std::fs::write(&device, "").unwrap();
         let other = dir.path().join("1");
         std::fs::write(&other, "").unwrap();
-        let script = format!("exec 3<'{}'; echo open; exec sleep 60", device.display());
-        let mut child =
-            Command::new("sh").args(["-c", &script]).stdout(Stdio::piped()).stdin(Stdio::null()).spawn().unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-        assert_eq!(line.trim(), "open");
+        // Its stdin: held from the moment it runs (spawn returns once it has exec'd).
+        let held = std::fs::File::open(&device).unwrap();
+        let mut child = Command::new("sleep").arg("60").stdin(Stdio::from(held)).spawn().unwrap();
         let pid = child.id() as i32;
 
         let found = holders(&[device.clone(), other.clone()], |_| false);

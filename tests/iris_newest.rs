@@ -555,11 +555,8 @@ mod reconcile {
         let first = w.reconcile(&w.id, vec![]).await;
         assert!(health(&first).healthy, "{first:?}");
 
-        let mut holder = Command::new("sh")
-            .args(["-c", &format!("exec 3<'{}'; exec sleep 600", device.display())])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+        // The device is its stdin, held from its exec on (spawn returns after it).
+        let mut holder = Command::new("sleep").arg("600").stdin(std::fs::File::open(&device).unwrap()).spawn().unwrap();
         let pid = holder.id();
         let deadline = Instant::now() + Duration::from_secs(40);
         let unhealthy = loop {

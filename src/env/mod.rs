@@ -20,7 +20,7 @@ mod variables;
 pub mod venv;
 
 pub use environments::{EnvError, Environments, EnvironmentsConfig, FetchedBundle, PrepareConfig};
-pub use prepare::{Preparing, WORKDIR_IN_TASK, dockerfile_of};
+pub use prepare::{Preparing, WORKDIR_IN_TASK, dockerfile_of, find_runsc};
 pub use spec::{Command, ContainerProfile, TaskSpec};
 pub use variables::{WorkerEnv, task_env};
 pub use venv::{PythonEnv, VenvCache, VenvConfig, VenvError, VenvRequest};

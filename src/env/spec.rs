@@ -71,7 +71,8 @@ impl std::fmt::Debug for Secrets {
 }
 
 /// Iris's container profiles (the newest wire's `ContainerProfile`), as this worker serves
-/// them (docs/ARCHITECTURE.md has the table). GVISOR is refused when the request is read.
+/// them (docs/ARCHITECTURE.md has the table). GVISOR is refused when the request is read on a
+/// host without gVisor's `runsc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContainerProfile {
     /// No capability, no-new-privileges, the seccomp filter.
@@ -84,6 +85,9 @@ pub enum ContainerProfile {
     Privileged,
     /// DEFAULT in a network namespace of its own with nothing but `lo`.
     Sandbox,
+    /// The container under gVisor's `runsc` with the default capabilities, on the host's
+    /// network.
+    Gvisor,
 }
 
 /// An argv with optional shell lines to run before it.

@@ -424,6 +424,7 @@ impl VenvCache {
                 record: Some(c.cache_dir.join("venvs").join(UV_RECORD)),
             }],
             own_network: false,
+            gvisor: None,
         })
     }
 }

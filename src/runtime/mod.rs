@@ -71,13 +71,16 @@ pub trait Runtime {
     fn remove(&mut self) -> Result<(), RuntimeError>;
 }
 
-/// The runtime for `kind`.
-pub fn for_kind(kind: RuntimeKind) -> Result<Box<dyn Runtime>, RuntimeError> {
-    match kind {
+/// The runtime of `spec`: its kind's, or gVisor's for a container it names `runsc` for.
+pub fn for_spec(spec: &LaunchSpec) -> Result<Box<dyn Runtime>, RuntimeError> {
+    match spec.runtime {
         #[cfg(feature = "container")]
-        RuntimeKind::Container => Ok(Box::new(container::ContainerRuntime::default())),
+        RuntimeKind::Container => match &spec.gvisor {
+            Some(runsc) => Ok(Box::new(container::gvisor::GvisorRuntime::new(runsc.clone()))),
+            None => Ok(Box::new(container::ContainerRuntime::default())),
+        },
         #[cfg(not(feature = "container"))]
-        RuntimeKind::Container => Err(RuntimeError::Unavailable(kind)),
+        RuntimeKind::Container => Err(RuntimeError::Unavailable(spec.runtime)),
         RuntimeKind::Process => Ok(Box::new(process::ProcessRuntime::default())),
     }
 }
@@ -90,7 +93,10 @@ pub fn for_kind(kind: RuntimeKind) -> Result<Box<dyn Runtime>, RuntimeError> {
 pub fn exec_in(spec: &LaunchSpec, task_dir: &Path, argv: &[String], io: TaskIo) -> Result<Pid, RuntimeError> {
     match spec.runtime {
         #[cfg(feature = "container")]
-        RuntimeKind::Container => container::exec::enter(spec, task_dir, argv, io),
+        RuntimeKind::Container => match &spec.gvisor {
+            Some(runsc) => container::gvisor::enter(spec, task_dir, runsc, argv, io),
+            None => container::exec::enter(spec, task_dir, argv, io),
+        },
         #[cfg(not(feature = "container"))]
         RuntimeKind::Container => {
             let _ = (task_dir, argv, io);

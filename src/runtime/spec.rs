@@ -95,6 +95,10 @@ pub struct LaunchSpec {
     /// task shares the host's network otherwise.
     #[serde(default)]
     pub own_network: bool,
+    /// Run the container under gVisor: the `runsc` to run it with (the newest wire's GVISOR
+    /// profile); libcontainer otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gvisor: Option<std::path::PathBuf>,
 }
 
 /// The most the task may keep on disk: the files below `paths` (its workdir, its rootfs'

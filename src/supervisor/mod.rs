@@ -107,7 +107,7 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
     let log = LogWriter::open(&log_dir)?;
     let mut pump = Pump::new(log, out_r, err_r, spec.log_source);
     let mut ready = ready.map(File::from);
-    let mut runtime = match runtime::for_kind(spec.runtime) {
+    let mut runtime = match runtime::for_spec(&spec) {
         Ok(r) => r,
         Err(e) => return fail_to_start(task_dir, &spec, e, &mut ready),
     };

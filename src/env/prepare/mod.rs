@@ -21,7 +21,7 @@ use crate::runtime::{LaunchSpec, Mount, RuntimeKind};
 use crate::taskdir;
 
 pub use from_dockerfile::dockerfile_of;
-pub use newest::WORKDIR_IN_TASK;
+pub use newest::{WORKDIR_IN_TASK, find_runsc};
 
 /// The attempt being prepared, as preparation sees it: where it lives, what it is called, and
 /// where its progress and what it holds go. The task manager gives its attempt (what it is
@@ -339,6 +339,7 @@ pub(super) fn launch_spec(
         disk_limit: spec.disk_bytes.map(|bytes| crate::runtime::DiskLimit { bytes, paths: disk_paths }),
         leases: task.leases(),
         own_network: false,
+        gvisor: None,
     }
 }
 

@@ -321,6 +321,7 @@ fn apply_profile(launch: &mut LaunchSpec, profile: ContainerProfile) -> Result<(
     if launch.runtime == RuntimeKind::Process {
         return match profile {
             ContainerProfile::Sandbox => Err(refused("needs the container runtime (a network namespace of its own)")),
+            ContainerProfile::Gvisor => Err(refused("needs the container runtime (gVisor runs containers)")),
             _ => Ok(()),
         };
     }
@@ -328,9 +329,16 @@ fn apply_profile(launch: &mut LaunchSpec, profile: ContainerProfile) -> Result<(
         ContainerProfile::Restricted => Profile::NoCapabilities,
         ContainerProfile::Privileged => Profile::Privileged,
         ContainerProfile::Default | ContainerProfile::DockerAccess | ContainerProfile::Sandbox => Profile::PtraceOnly,
+        // As Iris's runsc containers: the default capabilities, which gVisor's kernel keeps
+        // from the host's.
+        ContainerProfile::Gvisor => Profile::Restricted,
     };
     match profile {
         ContainerProfile::Sandbox => launch.own_network = true,
+        ContainerProfile::Gvisor => match find_runsc() {
+            Some(runsc) => launch.gvisor = Some(runsc),
+            None => return Err(refused("needs gVisor's runsc, which is not installed on this worker")),
+        },
         ContainerProfile::DockerAccess => {
             use std::os::unix::fs::FileTypeExt;
             let socket = std::fs::metadata(DOCKER_SOCKET).is_ok_and(|m| m.file_type().is_socket());
@@ -357,7 +365,15 @@ fn for_tpu(launch: &mut LaunchSpec) {
     }
     launch.profile = Profile::Privileged;
     launch.own_network = false;
+    // gVisor passes no accelerator through: a TPU runs in a plain container, as under Iris.
+    launch.gvisor = None;
     launch.shm_bytes = launch.limits.memory_bytes.unwrap_or(TPU_SHM_FALLBACK);
+}
+
+/// gVisor's `runsc` on this worker's PATH.
+pub fn find_runsc() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join("runsc")).find(|p| p.is_file())
 }
 
 fn name(profile: ContainerProfile) -> &'static str {
@@ -367,6 +383,7 @@ fn name(profile: ContainerProfile) -> &'static str {
         ContainerProfile::DockerAccess => "DOCKER_ACCESS",
         ContainerProfile::Privileged => "PRIVILEGED",
         ContainerProfile::Sandbox => "SANDBOX",
+        ContainerProfile::Gvisor => "GVISOR",
     }
 }
 
@@ -476,6 +493,7 @@ mod tests {
             disk_limit: None,
             leases: vec![],
             own_network: false,
+            gvisor: None,
         }
     }
 

@@ -40,22 +40,13 @@ fn container_profile(value: i32) -> Result<ContainerProfile, TaskError> {
         Ok(Wire::DockerAccess) => Ok(ContainerProfile::DockerAccess),
         Ok(Wire::Privileged) => Ok(ContainerProfile::Privileged),
         Ok(Wire::Sandbox) => Ok(ContainerProfile::Sandbox),
+        Ok(Wire::Gvisor) if crate::env::find_runsc().is_some() => Ok(ContainerProfile::Gvisor),
         Ok(Wire::Gvisor) => Err(invalid(
             "container_profile",
-            if runsc_installed() {
-                "GVISOR is not supported by this worker: it does not run tasks under gVisor's runsc (installed \
-                 here, but not integrated)"
-            } else {
-                "GVISOR is not supported by this worker: it needs gVisor's runsc, which is not installed here"
-            },
+            "GVISOR needs gVisor's runsc, which is not installed on this worker (Debian: apt-get install runsc)",
         )),
         Err(_) => Err(invalid("container_profile", format!("{value} is not a ContainerProfile"))),
     }
-}
-
-/// Whether gVisor's `runsc` is on this worker's PATH.
-fn runsc_installed() -> bool {
-    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("runsc").is_file()))
 }
 
 /// `/user/job/0` → (`/user/job`, 0).

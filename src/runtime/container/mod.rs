@@ -6,6 +6,7 @@
 //! multi-threaded process.
 
 pub mod exec;
+pub mod gvisor;
 mod init;
 pub use init::record_arg_area;
 mod net_hierarchies;

@@ -392,9 +392,22 @@ async fn task_under(
     profile: job::ContainerProfile,
     n: u32,
 ) -> (String, String, String, Vec<String>, String) {
+    task_with_egress(w, profile, job::EgressPolicy::Unspecified, n).await
+}
+
+async fn task_with_egress(
+    w: &NewestWorker,
+    profile: job::ContainerProfile,
+    egress: job::EgressPolicy,
+    n: u32,
+) -> (String, String, String, Vec<String>, String) {
     let task = format!("/test/profile-{n}/0");
     let nap = format!("876.{n}");
-    w.reconcile(vec![run_as(&format!("00000000000000f{n}"), &task, &format!("exec sleep {nap}"), profile)]).await;
+    let mut desired = run_as(&format!("00000000000000f{n}"), &task, &format!("exec sleep {nap}"), profile);
+    if let Some(Intent::Run(AttemptSpec { request: Some(r) })) = desired.intent.as_mut() {
+        r.egress_policy = egress as i32;
+    }
+    w.reconcile(vec![desired]).await;
     let pid = poll("the task's sleep", Duration::from_secs(60), async || {
         let req = worker::GetTaskStatusRequest { task_id: task.clone() };
         let s: job::TaskStatus = w.client.call(SERVICE, "GetTaskStatus", &req, Duration::from_secs(10)).await.unwrap();
@@ -432,6 +445,21 @@ async fn container_profiles_set_capabilities_filter_and_network() {
     assert_eq!((caps.as_str(), nnp.as_str(), seccomp.as_str()), (PTRACE, "1", "2"), "SANDBOX");
     assert_eq!(interfaces, ["lo"], "SANDBOX sees only lo");
     assert_ne!(net, host_net, "SANDBOX has a network namespace of its own");
+    // egress_policy NONE: any profile without a network.
+    let (caps, _, _, interfaces, net) = task_with_egress(&w, P::Default, job::EgressPolicy::None, 8).await;
+    assert_eq!((caps.as_str(), interfaces.as_slice(), net != host_net), (PTRACE, &["lo".to_string()][..], true));
+    // INTERNET (public addresses only) is refused, naming the field.
+    let resp = w
+        .reconcile(vec![{
+            let mut d = run_as("00000000000000f9", "/test/profile-9/0", "true", P::Default);
+            if let Some(Intent::Run(AttemptSpec { request: Some(r) })) = d.intent.as_mut() {
+                r.egress_policy = job::EgressPolicy::Internet as i32;
+            }
+            d
+        }])
+        .await;
+    let o = &resp.observed[0];
+    assert!(o.state == job::TaskState::Failed as i32 && o.error.contains("egress_policy"), "{o:?}");
 
     // DOCKER_ACCESS: the host's Docker socket when there is one, refused when there is none.
     use std::os::unix::fs::FileTypeExt;

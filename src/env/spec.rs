@@ -56,6 +56,9 @@ pub struct TaskSpec {
     /// is privileged whatever its profile (the device needs it), with memlock raised and a
     /// /dev/shm of its memory limit (100 GiB without one).
     pub tpu: bool,
+    /// The newest wire's attempt has no network (`egress_policy` NONE, or SANDBOX's default):
+    /// a network namespace of its own with nothing but `lo`.
+    pub no_network: bool,
 }
 
 /// Secrets by file name. They reach the task only as root-only files (see

@@ -174,6 +174,12 @@ pub(super) async fn prepare(
     if spec.tpu {
         for_tpu(&mut launch);
     }
+    if spec.no_network {
+        if launch.runtime == RuntimeKind::Process {
+            return Err(crate::env::EnvError::NoNetworkNeedsContainers);
+        }
+        launch.own_network = true;
+    }
     if !command.setup_commands.is_empty() {
         task.progress("syncing dependencies");
         let logs = task.dir().join(crate::taskdir::LOGS);
@@ -356,7 +362,7 @@ fn apply_profile(launch: &mut LaunchSpec, profile: ContainerProfile) -> Result<(
 const TPU_SHM_FALLBACK: u64 = 100 << 30;
 
 /// A TPU attempt as Iris's Docker runtime runs it: privileged whatever its profile (VFIO needs
-/// the device and the capabilities), on the host's network, memlock raised (the privileged
+/// the device and the capabilities), its network as its egress policy says, memlock raised (the privileged
 /// profile does), /dev/shm as large as its memory limit, or 100 GiB without one. The process
 /// runtime has nothing to change.
 fn for_tpu(launch: &mut LaunchSpec) {
@@ -364,7 +370,6 @@ fn for_tpu(launch: &mut LaunchSpec) {
         return;
     }
     launch.profile = Profile::Privileged;
-    launch.own_network = false;
     // gVisor passes no accelerator through: a TPU runs in a plain container, as under Iris.
     launch.gvisor = None;
     launch.shm_bytes = launch.limits.memory_bytes.unwrap_or(TPU_SHM_FALLBACK);
@@ -498,11 +503,11 @@ mod tests {
     }
 
     #[test]
-    fn a_tpu_attempt_is_privileged_on_the_host_network_with_shm_as_large_as_its_memory() {
+    fn a_tpu_attempt_is_privileged_with_shm_as_large_as_its_memory_and_keeps_its_network() {
         let sandboxed = LaunchSpec { profile: Profile::PtraceOnly, own_network: true, ..a_task() };
         let mut tpu = sandboxed.clone();
         for_tpu(&mut tpu);
-        assert_eq!((tpu.profile, tpu.own_network, tpu.shm_bytes), (Profile::Privileged, false, 1 << 30));
+        assert_eq!((tpu.profile, tpu.own_network, tpu.shm_bytes), (Profile::Privileged, true, 1 << 30));
         let mut unbounded = LaunchSpec { limits: Default::default(), ..sandboxed };
         for_tpu(&mut unbounded);
         assert_eq!(unbounded.shm_bytes, 100 << 30, "Iris's accelerator fallback");

@@ -49,6 +49,30 @@ fn container_profile(value: i32) -> Result<ContainerProfile, TaskError> {
     }
 }
 
+/// Whether the attempt gets no network, from its `egress_policy` as Iris resolves it
+/// (UNSPECIFIED is CLUSTER, SANDBOX's is INTERNET; SANDBOX may not have CLUSTER). INTERNET —
+/// public addresses only, the cluster's and the metadata server's refused — needs a filtered
+/// egress network this worker does not make: refused, rather than given more or less than
+/// asked; SANDBOX's default is served as NONE, which promises less.
+fn no_network(value: i32, profile: ContainerProfile) -> Result<bool, TaskError> {
+    use job::EgressPolicy as Wire;
+    let sandbox = profile == ContainerProfile::Sandbox;
+    match Wire::try_from(value) {
+        Ok(Wire::Unspecified) => Ok(sandbox),
+        Ok(Wire::Cluster) if sandbox => {
+            Err(invalid("egress_policy", "CLUSTER is not allowed with container_profile SANDBOX"))
+        }
+        Ok(Wire::Cluster) => Ok(false),
+        Ok(Wire::None) => Ok(true),
+        Ok(Wire::Internet) => Err(invalid(
+            "egress_policy",
+            "INTERNET (public addresses only) is not served by this worker: it has no filtered egress network; \
+             ask for NONE or CLUSTER",
+        )),
+        Err(_) => Err(invalid("egress_policy", format!("{value} is not an EgressPolicy"))),
+    }
+}
+
 /// `/user/job/0` → (`/user/job`, 0).
 fn job_and_index(task_id: &str) -> (String, i32) {
     match task_id.rsplit_once('/') {
@@ -88,6 +112,7 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
         },
     };
     let container_profile = container_profile(req.container_profile)?;
+    let no_network = no_network(req.egress_policy, container_profile)?;
     let res = req.resources.unwrap_or_default();
     for (field, value) in [("resources.memory_bytes", res.memory_bytes), ("resources.disk_bytes", res.disk_bytes)] {
         if value < 0 {
@@ -179,6 +204,7 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
         container_profile: Some(container_profile),
         image: task_image,
         tpu,
+        no_network,
         ..Default::default()
     };
     spec.limits.cpu_millicores = (res.cpu_millicores > 0).then_some(res.cpu_millicores as u32);
@@ -312,6 +338,28 @@ mod tests {
         assert_eq!((spec.env_vars["PJRT_DEVICE"].as_str(), spec.env_vars["JAX_FORCE_TPU_INIT"].as_str()), ("TPU", "1"));
         let plain = task_spec(request(), Some("http://c")).unwrap();
         assert!(!plain.tpu && !plain.env_vars.contains_key("PJRT_DEVICE"));
+    }
+
+    #[test]
+    fn the_egress_policy_decides_the_network_as_iris_resolves_it() {
+        use job::{ContainerProfile as P, EgressPolicy as E};
+        let network = |profile: P, egress: E| {
+            let mut req = request();
+            req.container_profile = profile as i32;
+            req.egress_policy = egress as i32;
+            task_spec(req, Some("http://c")).map(|s| s.no_network)
+        };
+        assert_eq!(network(P::Default, E::Unspecified).unwrap(), false, "CLUSTER: the host's network");
+        assert_eq!(network(P::Default, E::Cluster).unwrap(), false);
+        assert_eq!(network(P::Default, E::None).unwrap(), true);
+        assert_eq!(network(P::Sandbox, E::Unspecified).unwrap(), true, "SANDBOX's default, served as NONE");
+        assert_eq!(network(P::Sandbox, E::None).unwrap(), true);
+        for (profile, egress) in [(P::Sandbox, E::Cluster), (P::Default, E::Internet), (P::Sandbox, E::Internet)] {
+            match network(profile, egress) {
+                Err(TaskError::Invalid { field, .. }) => assert_eq!(field, "egress_policy"),
+                other => panic!("{profile:?} {egress:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -163,6 +163,14 @@ pub fn run(task_dir: &Path, ready: Option<OwnedFd>) -> Result<(), SupervisorErro
     let container_init = runtime.signals_through_init().then_some(pid);
     // The controller lease, when the task has one: see `lease`.
     let mut fence = lease::Watch::open(task_dir);
+    // A kill asked for before this supervisor could be found (its pid not yet recorded, so no
+    // signal came) is in its directory already: acted on now, as the signal would have been.
+    if let Ok(Some(request)) = taskdir::read_json::<KillRequest>(task_dir, taskdir::KILL) {
+        exit.killed = Some(KillReason::Requested);
+        exit.worker_failure = request.worker_failure;
+        sigkill_at =
+            Some(terminate(&spec, pid, runtime.signals_through_init(), Duration::from_millis(request.grace_ms)));
+    }
 
     loop {
         if status.is_some() && (pump.is_done() || drain_until.is_some_and(|d| Instant::now() >= d)) {

@@ -57,9 +57,12 @@ impl Attempt {
             // The newest wire's setup step runs under a supervisor of its own: it ends now,
             // not when its commands are done (a venv build is left to finish: other tasks may
             // wait for the same venv).
+            // The request is left in its directory even before its supervisor can be found
+            // (it reads it once it runs); the signal goes to one that can.
             let setup = self.dir.join(taskdir::SETUP);
-            if let Some(sup) = inner.seams.spawner.find(&setup)
+            if setup.is_dir()
                 && taskdir::write_json(&setup, taskdir::KILL, &request).is_ok()
+                && let Some(sup) = inner.seams.spawner.find(&setup)
             {
                 inner.seams.spawner.deliver_kill(&sup);
             }

@@ -259,6 +259,10 @@ impl Preparing for Preparation<'_> {
         self.attempt.set(self.inner, TaskState::Building, message);
     }
 
+    fn killed(&self) -> bool {
+        self.attempt.kill_requested().is_some()
+    }
+
     fn used(&self, kind: crate::cache::Kind, from_cache: bool) {
         self.inner.janitor.counters().used(kind, from_cache);
     }

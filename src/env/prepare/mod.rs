@@ -51,6 +51,8 @@ pub trait Preparing: Sync {
     fn built_image(&self, from_cache: bool, tag: String);
     /// Every cache entry (and host port) the attempt uses, for its supervisor to hold.
     fn leases(&self) -> Vec<Lease>;
+    /// A kill of the attempt was asked for: preparation starts nothing more.
+    fn killed(&self) -> bool;
 }
 
 impl Environments {

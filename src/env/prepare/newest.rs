@@ -276,6 +276,14 @@ async fn run_setup(envs: &Environments, task: &dyn Preparing, setup: LaunchSpec)
     let _ = std::fs::remove_dir_all(&step);
     std::fs::create_dir_all(&step).map_err(|e| could_not(format!("making their directory: {}", e.kind())))?;
     crate::taskdir::write_json(&step, crate::taskdir::SPEC, &setup).map_err(|e| could_not(e.reason()))?;
+    // A kill from here on finds the step's directory and leaves its request there, which the
+    // step's supervisor reads once it runs; one asked for before is seen now.
+    if task.killed() {
+        return Err(EnvError::SetupFailed {
+            status: "the attempt was killed".into(),
+            detail: "before they ran".into(),
+        });
+    }
     let exit = crate::supervisor::handle::run_to_exit(&envs.venvs().config().supervisor_exe, &step).await;
     let status = match &exit {
         Ok(e) if e.exit_code == Some(0) => return Ok(()),

@@ -29,6 +29,7 @@
 //!       build/                        a venv build step's own task directory
 //!       setup/                        the newest wire's setup step's own task directory
 //!       config.json                   the OCI config of the container
+//!       hosts                         the container's /etc/hosts (localhost, its hostname)
 //!       runtime/                      libcontainer's state
 //!       rootfs/, overlay/             the image rootfs mount and its upper/work dirs
 //!       run/rigging/secrets/   0700   newest wire: the task's secrets (0600 files), its /run
@@ -101,6 +102,8 @@ pub const BUILD: &str = "build";
 pub const SETUP: &str = "setup";
 /// The container's OCI config.
 pub const OCI_CONFIG: &str = "config.json";
+/// The container's `/etc/hosts`, bound read-only.
+pub const HOSTS: &str = "hosts";
 /// libcontainer's state.
 pub const RUNTIME_STATE: &str = "runtime";
 /// Where a task's image rootfs is mounted.

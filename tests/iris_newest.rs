@@ -547,6 +547,49 @@ mod reconcile {
     }
 
     #[tokio::test]
+    #[ignore = "root: the attempt runs in a container; ProfileTask runs memray (and its gdb) inside it"]
+    async fn profile_task_memory_attaches_memray_inside_the_task() {
+        use iris_worker::proto::newest::iris::job::{
+            MemoryProfile, ProfileTaskRequest, ProfileTaskResponse, ProfileType, memory_profile, profile_type::Profiler,
+        };
+        // The python312-lldb test image has what this takes: memray in the task's Python, and
+        // a debugger for `memray attach` to drive (lldb: gdb 13 cannot call into a process on
+        // this host's kernel).
+        let reg = super::Registry::start();
+        let image = reg.push("python312-lldb", "iris-task");
+        let store = super::ImageStore::new("newest-memray");
+        let insecure = reg.host();
+        let w = NewestWorker::start_with("memray", &store.args(&["--insecure-registry", &insecure])).await;
+        let script = "import time\nkeep = []\ndef allocating_function():\n    while True:\n        \
+                      keep.append(bytearray(100000))\n        del keep[:-50]\n        time.sleep(0.005)\n\
+                      allocating_function()\n";
+        let mut s = spec("/t/memray/0", 0, "mr0", "");
+        s.task_image = image;
+        if let Some(e) = s.entrypoint.as_mut() {
+            e.run_command = Some(CommandEntrypoint { argv: vec!["python".into(), "-c".into(), script.into()] });
+        }
+        w.until(&[run("mr0", Some(s))], "mr0", |st| st == TaskState::Running).await;
+        let ask = async |format: memory_profile::Format| -> ProfileTaskResponse {
+            let req = ProfileTaskRequest {
+                target: "/t/memray/0".into(),
+                duration_seconds: 2,
+                profile_type: Some(ProfileType {
+                    profiler: Some(Profiler::Memory(MemoryProfile { format: format as i32, leaks: false })),
+                }),
+            };
+            w.client.call(SERVICE, "ProfileTask", &req, Duration::from_secs(120)).await.unwrap()
+        };
+        let stats = ask(memory_profile::Format::Stats).await;
+        assert_eq!(stats.error, "", "{}", w.logs());
+        let json: serde_json::Value = serde_json::from_slice(&stats.profile_data).expect("memray stats JSON");
+        assert!(json.to_string().contains("allocating_function"), "{json}");
+        let flame = ask(memory_profile::Format::Flamegraph).await;
+        assert_eq!(flame.error, "");
+        let html = String::from_utf8_lossy(&flame.profile_data);
+        assert!(html.contains("<html") && html.contains("allocating_function"), "not a flamegraph of the task");
+    }
+
+    #[tokio::test]
     #[ignore = "root: the attempt runs in a container with cgroups"]
     async fn a_tpu_held_by_another_process_makes_the_worker_unhealthy_naming_it() {
         // No TPU here: a file stands in for /dev/vfio/0 (`--tpu-device`); who holds it open

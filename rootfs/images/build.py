@@ -135,6 +135,63 @@ def add_interpreter(tree, python):
     write(os.path.join(tree, "etc/image-marker"), f"python{version}\n")
 
 
+MEMRAY = "memray==1.20.0"
+
+
+def add_memray(tree, python):
+    """memray (with what its CLI imports) into the interpreter's site-packages."""
+    prefix, version = subprocess.run(
+        [python, "-c", "import sys; print(sys.base_prefix); print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+        check=True, capture_output=True, text=True).stdout.split()
+    site = os.path.join(tree, prefix.lstrip("/"), "lib", f"python{version}", "site-packages")
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
+                    "--only-binary=:all:", "--target", site, MEMRAY], check=True)
+
+
+def add_lldb(tree, base_rootfs):
+    """The host's lldb (Debian's lldb-14, what `memray attach` drives: gdb 13 cannot call into
+    a process on this kernel), its server and Python module, and the libraries they need that
+    the base rootfs lacks (the host is the same Debian release as the python rootfs)."""
+    lldb = shutil.which("lldb")
+    if lldb is None:
+        sys.exit("build.py: no lldb on this host (scripts/setup installs it)")
+    llvm_bin = os.path.dirname(os.path.realpath(lldb))
+    # lldb finds its server by its version's name (lldb-server-14.0.6) beside itself.
+    programs = sorted(os.path.join(llvm_bin, p) for p in os.listdir(llvm_bin)
+                      if p.startswith(("lldb-server", "lldb-argdumper")) or p == "lldb")
+    for program in programs:
+        copy_file(os.path.realpath(program), tree, as_path=program)
+    os.makedirs(os.path.join(tree, "usr/bin"), exist_ok=True)
+    os.symlink(os.path.join(llvm_bin, "lldb"), os.path.join(tree, "usr/bin/lldb"))
+    module = os.path.realpath("/usr/lib/python3/dist-packages/lldb")
+    shutil.copytree(module, os.path.join(tree, module.lstrip("/")), symlinks=True)
+    os.makedirs(os.path.join(tree, "usr/lib/python3/dist-packages"), exist_ok=True)
+    os.symlink(os.path.relpath(module, "/usr/lib/python3/dist-packages"),
+               os.path.join(tree, "usr/lib/python3/dist-packages/lldb"))
+    # The module's native part links liblldb; lldb-server's closure is lldb's.
+    needed = programs + [os.path.join(module, f) for f in os.listdir(module) if f.endswith(".so")]
+    for binary in needed:
+        libs = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+        for line in libs.splitlines():
+            parts = line.split("=>")
+            if len(parts) != 2 or not parts[1].strip().startswith("/"):
+                continue
+            lib = parts[1].split()[0]
+            # Under its soname, in the directory the loader found it in, that directory's links
+            # resolved (/lib is a link to usr/lib here, and a real /lib in a layer would hide
+            # the base's link).
+            named = os.path.join(os.path.realpath(os.path.dirname(lib)), os.path.basename(lib))
+            if not os.path.lexists(os.path.join(base_rootfs, named.lstrip("/"))) \
+                    and not os.path.lexists(os.path.join(tree, named.lstrip("/"))):
+                copy_file(os.path.realpath(lib), tree, as_path=named)
+
+
+def copy_file(path, tree, as_path=None):
+    dest = os.path.join(tree, (as_path or path).lstrip("/"))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.copy2(path, dest)
+
+
 def main():
     out, busybox, python, python312 = sys.argv[1:5]
     layout = Layout(os.path.join(out, "layout"))
@@ -180,7 +237,16 @@ def main():
 
         newer = os.path.join(work, "python312-top")
         add_interpreter(newer, python312)
-        layout.image("python312", [python_base, layout.layer(newer, "gzip", work)], {
+        add_memray(newer, python312)
+        newer_layer = layout.layer(newer, "gzip", work)
+        layout.image("python312", [python_base, newer_layer], {
+            "Env": [PATH, "LANG=C.UTF-8", "IMAGE_VAR=from-python312"],
+            "Cmd": ["python"],
+        })
+
+        debugger = os.path.join(work, "lldb")
+        add_lldb(debugger, python)
+        layout.image("python312-lldb", [python_base, newer_layer, layout.layer(debugger, "gzip", work)], {
             "Env": [PATH, "LANG=C.UTF-8", "IMAGE_VAR=from-python312"],
             "Cmd": ["python"],
         })

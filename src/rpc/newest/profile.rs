@@ -12,8 +12,10 @@
 //! task's PATH. Its target is the task's command: the child of the container's pid 1, which is
 //! our init (non-dumpable, and not Python), not pid 1 as under Docker. Afterwards every process
 //! of the task is sent SIGCONT (py-spy stops them while it reads, and a killed py-spy would
-//! leave them stopped), as Iris's worker sweeps. Not served: `memory` profiles (memray attaches
-//! through a debugger the task's image would need), the worker itself (`/system/process`: this worker is no Python process), tasks of the process
+//! leave them stopped), as Iris's worker sweeps. `memory`: `memray attach --native` for the
+//! window (`--aggregate` for leaks), then rendered as Iris renders it (flamegraph HTML, table,
+//! stats JSON, or the raw trace), memray and the debugger it drives (gdb or lldb) being the
+//! task's own, as under Iris. Not served: the worker itself (`/system/process`: this worker is no Python process), tasks of the process
 //! runtime (no pid namespace to find the task's command in).
 
 use std::time::Duration;
@@ -30,6 +32,8 @@ const DEFAULT_DURATION_S: u64 = 10;
 const MAX_DURATION_S: u64 = 600;
 /// Time py-spy has beyond the window to write its output (Iris gives it the same).
 const WRITE_HEADROOM: Duration = Duration::from_secs(30);
+/// How long rendering a memray trace may take (Iris gives it 30 s).
+const TRANSFORM_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest profile read back.
 const MAX_PROFILE_BYTES: u64 = 64 << 20;
 
@@ -46,6 +50,32 @@ shift
 status=$?
 kill -CONT -1 2>/dev/null
 exit $status
+"#;
+
+/// Runs memray inside the task: attaches to the task's command for `$4` seconds (`$5` = 1:
+/// leaks, aggregated) writing the trace `$1`, then renders it as reporter `$3` into `$2`
+/// (`raw`: the trace itself). memray is the task venv's, the one on its PATH, or the module of
+/// its Python; `memray attach` drives gdb or lldb, which the task's image must have, as under
+/// Iris.
+const MEMRAY_SCRIPT: &str = r#"
+[ "$(cat /proc/1/comm 2>/dev/null)" = iris-init ] || { echo "the task runs without a pid namespace of its own (process runtime): profiling needs the container runtime" >&2; exit 125; }
+bin="${IRIS_VENV:-/app/.venv}/bin/memray"
+[ -x "$bin" ] || bin=$(command -v memray) || bin=
+py="${IRIS_PYTHON:-python3}"
+if [ -z "$bin" ] && ! "$py" -c 'import memray' 2>/dev/null; then echo "memray is not installed in the task (neither \$IRIS_VENV/bin/memray, nor on its PATH, nor a module of its Python)" >&2; exit 127; fi
+mr() { if [ -n "$bin" ]; then "$bin" "$@"; else "$py" -m memray "$@"; fi; }
+pid=$(cut -d' ' -f1 /proc/1/task/1/children 2>/dev/null)
+trace=$1 out=$2 reporter=$3 duration=$4 leaks=$5
+if [ "$leaks" = 1 ]; then aggregate=--aggregate; leak=--leaks; else aggregate=; leak=; fi
+mr attach --native "${pid:-2}" --duration "$duration" --force --output "$trace" $aggregate || exit
+# memray tracks in the background of the task's process for the window, then detaches.
+sleep $((duration + 1))
+case $reporter in
+  raw) ;;
+  flamegraph) mr flamegraph $leak --force --output "$out" "$trace" ;;
+  table) mr table --force --output "$out" "$trace" ;;
+  stats) mr stats --json --force --output "$out" "$trace" ;;
+esac
 "#;
 
 /// Answers one ProfileTask request.
@@ -92,10 +122,7 @@ async fn profile(manager: &TaskManager, req: ProfileTaskRequest) -> Result<Vec<u
             Ok(outcome.stdout.into_bytes())
         }
         Profiler::Cpu(cpu) => {
-            let duration = match u64::try_from(req.duration_seconds) {
-                Ok(0) | Err(_) => DEFAULT_DURATION_S,
-                Ok(s) => s.min(MAX_DURATION_S),
-            };
+            let duration = window(req.duration_seconds);
             let (format, ext) = match job::cpu_profile::Format::try_from(cpu.format) {
                 Ok(job::cpu_profile::Format::Speedscope) => ("speedscope", "json"),
                 Ok(job::cpu_profile::Format::Raw) => ("raw", "txt"),
@@ -120,9 +147,37 @@ async fn profile(manager: &TaskManager, req: ProfileTaskRequest) -> Result<Vec<u
             let _ = std::fs::remove_file(&host);
             read
         }
-        Profiler::Memory(_) => Err("memory profiles (memray) are not supported by this worker: only threads \
-                                    (py-spy dump) and cpu (py-spy record)"
-            .into()),
+        Profiler::Memory(memory) => {
+            let duration = window(req.duration_seconds);
+            let (reporter, ext) = match job::memory_profile::Format::try_from(memory.format) {
+                Ok(job::memory_profile::Format::Table) => ("table", "html"),
+                Ok(job::memory_profile::Format::Stats) => ("stats", "json"),
+                Ok(job::memory_profile::Format::Raw) => ("raw", "bin"),
+                _ => ("flamegraph", "html"),
+            };
+            let stem = format!(".iris-profile-{:016x}", rand_u64());
+            let workdir = dir.join(crate::taskdir::WORKDIR);
+            let (trace, out) = (format!("{stem}.bin"), format!("{stem}.out.{ext}"));
+            let in_task = |name: &str| format!("{}/{name}", crate::env::WORKDIR_IN_TASK);
+            let mut argv = vec!["sh".to_string(), "-c".to_string(), MEMRAY_SCRIPT.to_string(), "iris-profile".into()];
+            argv.extend([in_task(&trace), in_task(&out), reporter.to_string(), duration.to_string()]);
+            argv.push(if memory.leaks { "1" } else { "0" }.to_string());
+            let timeout = Duration::from_secs(duration) + WRITE_HEADROOM + TRANSFORM_TIMEOUT;
+            let ran = in_task_checked(manager, &dir, argv, timeout, "memray").await;
+            let read = ran.and_then(|_| read_profile(&workdir.join(if reporter == "raw" { &trace } else { &out })));
+            let _ = std::fs::remove_file(workdir.join(&trace));
+            let _ = std::fs::remove_file(workdir.join(&out));
+            read
+        }
+    }
+}
+
+/// The sampling window asked for: 0 (unset) is [`DEFAULT_DURATION_S`], at most
+/// [`MAX_DURATION_S`].
+fn window(duration_seconds: i32) -> u64 {
+    match u64::try_from(duration_seconds) {
+        Ok(0) | Err(_) => DEFAULT_DURATION_S,
+        Ok(s) => s.min(MAX_DURATION_S),
     }
 }
 
@@ -133,16 +188,28 @@ async fn spy(
     flags: Vec<String>,
     timeout: Duration,
 ) -> Result<crate::exec::ExecOutcome, String> {
-    let verb = flags.first().cloned().unwrap_or_default();
+    let what = format!("py-spy {}", flags.first().map_or("", String::as_str));
     let mut argv = vec!["sh".to_string(), "-c".to_string(), SPY_SCRIPT.to_string(), "iris-profile".to_string()];
     argv.extend(flags);
+    in_task_checked(manager, dir, argv, timeout, &what).await
+}
+
+/// Runs `argv` in the task through the exec helper, at most `timeout`; a failure is said with
+/// `what` and the command's stderr.
+async fn in_task_checked(
+    manager: &TaskManager,
+    dir: &std::path::Path,
+    argv: Vec<String>,
+    timeout: Duration,
+    what: &str,
+) -> Result<crate::exec::ExecOutcome, String> {
     let outcome = crate::exec::run(manager.helper_exe(), dir, &argv, Some(timeout)).await.map_err(|e| e.to_string())?;
     if !outcome.error.is_empty() {
         return Err(outcome.error);
     }
     if outcome.exit_code != 0 {
         let why = outcome.stderr.trim();
-        return Err(format!("py-spy {verb} failed (exit code {}): {why}", outcome.exit_code));
+        return Err(format!("{what} failed (exit code {}): {why}", outcome.exit_code));
     }
     Ok(outcome)
 }

@@ -64,6 +64,7 @@ fn write_bundle(spec: &LaunchSpec, task_dir: &Path) -> Result<(), RuntimeError> 
     };
     std::fs::create_dir_all(bundle.join(STATE)).map_err(io("creating"))?;
     let mut config = super::oci::build(spec)?;
+    super::oci::add_hosts_file(&mut config, task_dir, &spec.hostname)?;
     if let Some(linux) = config.linux_mut() {
         linux.set_seccomp(None);
         linux.set_cgroups_path(None);

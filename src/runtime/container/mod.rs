@@ -51,7 +51,8 @@ impl Runtime for ContainerRuntime {
         super::phases::mark("create: begin");
         net_hierarchies::hide_net_hierarchies()?;
         super::phases::mark("net hierarchies hidden");
-        let config = oci::build(spec)?;
+        let mut config = oci::build(spec)?;
+        oci::add_hosts_file(&mut config, task_dir, &spec.hostname)?;
         let config_path = task_dir.join(crate::taskdir::OCI_CONFIG);
         config.save(&config_path).map_err(|e| RuntimeError::Spec(format!("writing {}: {e}", config_path.display())))?;
         super::phases::mark("config.json written");

@@ -54,6 +54,20 @@ fn spec_err(e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Spec(e.to_string())
 }
 
+/// Gives the container an `/etc/hosts` of its own, as Docker does: `localhost` and its hostname
+/// resolve whatever its root filesystem has (a minimal one has no `/etc/hosts`, and a program
+/// that binds `localhost` — memray, a distributed trainer's rendezvous — fails). Written into
+/// the task directory and bound read-only.
+pub(super) fn add_hosts_file(config: &mut Spec, task_dir: &Path, hostname: &str) -> Result<(), RuntimeError> {
+    let path = task_dir.join(crate::taskdir::HOSTS);
+    let text = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n");
+    std::fs::write(&path, text).map_err(|source| RuntimeError::Io { op: "writing", path: path.clone(), source })?;
+    let mut mounts = config.mounts().clone().unwrap_or_default();
+    mounts.push(mount("/etc/hosts", "bind", &path.to_string_lossy(), &["rbind", "ro", "nosuid", "nodev", "noexec"]));
+    config.set_mounts(Some(mounts));
+    Ok(())
+}
+
 /// Builds the OCI configuration for `spec`.
 pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
     let privileged = spec.profile == Profile::Privileged;

@@ -73,6 +73,20 @@ fn no_network(value: i32, profile: ContainerProfile) -> Result<bool, TaskError> 
     }
 }
 
+/// The VMs (hosts) of one slice of TPU `variant`, by Google Cloud's published shapes: v4 and
+/// v5p are named by TensorCores (two a chip, four chips a VM), v5litepod (v5e) and v6e by chips
+/// (up to eight on one VM, four a VM beyond). `None` for a variant not of these families.
+fn vms_per_slice(variant: &str) -> Option<i32> {
+    let (family, size) = variant.rsplit_once('-')?;
+    let size: i32 = size.parse().ok().filter(|s| *s > 0)?;
+    match family {
+        "v4" | "v5p" => Some((size / 8).max(1)),
+        "v5litepod" | "v6e" if size <= 8 => Some(1),
+        "v5litepod" | "v6e" => Some(size / 4),
+        _ => None,
+    }
+}
+
 /// `/user/job/0` → (`/user/job`, 0).
 fn job_and_index(task_id: &str) -> (String, i32) {
     match task_id.rsplit_once('/') {
@@ -171,11 +185,30 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
     set("IRIS_JOB_SETUP_SCRIPTS", serde_json::Value::from(environment.setup_scripts.clone()).to_string());
     set("IRIS_JOB_ENV", serde_json::to_string(&user_env).unwrap_or_else(|_| "{}".into()));
     set("UV_LINK_MODE", "copy".into());
-    let tpu = res.device.as_ref().is_some_and(|d| matches!(d.device, Some(job::device_config::Device::Tpu(_))));
-    if tpu {
+    let tpu_device = match res.device.as_ref().and_then(|d| d.device.as_ref()) {
+        Some(job::device_config::Device::Tpu(t)) => Some(t),
+        _ => None,
+    };
+    let tpu = tpu_device.is_some();
+    if let Some(device) = tpu_device {
         // JAX's platform for a TPU task, as Iris sets it; the request's own values win.
         for (k, v) in [("JAX_PLATFORMS", "tpu,cpu"), ("PJRT_DEVICE", "TPU"), ("JAX_FORCE_TPU_INIT", "1")] {
             env_vars.entry(k.to_string()).or_insert_with(|| v.to_string());
+        }
+        // A job over several slices learns their number and size, as Iris tells it.
+        if let Some(per_slice) = vms_per_slice(&device.variant)
+            && req.num_tasks > 1
+        {
+            if req.num_tasks % per_slice != 0 {
+                let why =
+                    format!("{} tasks do not fill whole {} slices of {per_slice} VMs", req.num_tasks, device.variant);
+                return Err(invalid("resources.device.tpu", &why));
+            }
+            let slices = req.num_tasks / per_slice;
+            if slices > 1 {
+                env_vars.entry("IRIS_SLICE_COUNT".into()).or_insert_with(|| slices.to_string());
+                env_vars.entry("IRIS_TASKS_PER_SLICE".into()).or_insert_with(|| per_slice.to_string());
+            }
         }
     }
     let (job_id, task_index) = job_and_index(&req.task_id);
@@ -360,6 +393,35 @@ mod tests {
                 other => panic!("{profile:?} {egress:?}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_multi_slice_tpu_job_learns_its_slices() {
+        assert_eq!(
+            ["v4-8", "v4-32", "v5p-128", "v5litepod-8", "v5litepod-16", "v6e-256", "v6e-1", "h100-8", "v4"]
+                .map(vms_per_slice),
+            [Some(1), Some(4), Some(16), Some(1), Some(4), Some(64), Some(1), None, None]
+        );
+        let tpu = |variant: &str, num_tasks: i32| {
+            let mut req = request();
+            req.num_tasks = num_tasks;
+            req.resources = Some(job::ResourceSpecProto {
+                device: Some(job::DeviceConfig {
+                    device: Some(job::device_config::Device::Tpu(job::TpuDevice {
+                        variant: variant.into(),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            });
+            task_spec(req, Some("http://c"))
+        };
+        let two_slices = tpu("v5litepod-16", 8).unwrap().env_vars;
+        assert_eq!((two_slices["IRIS_SLICE_COUNT"].as_str(), two_slices["IRIS_TASKS_PER_SLICE"].as_str()), ("2", "4"));
+        assert!(!tpu("v5litepod-16", 4).unwrap().env_vars.contains_key("IRIS_SLICE_COUNT"), "one slice");
+        assert!(
+            matches!(tpu("v5litepod-16", 6), Err(TaskError::Invalid { field, .. }) if field == "resources.device.tpu")
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! 1. a cold venv build (the task's build phase, from its build metrics) vs bare `uv venv` +
 //!    `uv pip install -r pyproject.toml` on the same project with a warm uv cache of its own;
-//! 2. RunTask → RUNNING of a Python task whose venv is cached vs a command task with no bundle;
+//! 2. RunTask → RUNNING of a Python task whose venv is cached vs a command task with no bundle,
+//!    and RunTask → the first line of its function vs `python3 -c` of the same function in the
+//!    same root filesystem outside any container (`chroot`), until its line is read;
 //! 3. bundle fetch + extract (`BundleCache::get`, file://, fresh cache) of a ~200 MB zip vs
 //!    `unzip -q`.
 //!
@@ -34,6 +36,82 @@ fn noop_pickle() -> anyhow::Result<Vec<u8>> {
         bail!("making the pickle: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(out.stdout)
+}
+
+/// What the timed function prints.
+const FIRST_LINE: &str = "iris-bench-first-line";
+
+/// The function the first-line figure times, as a Python definition and call.
+fn first_line_function() -> String {
+    format!("def fn():\n    print({FIRST_LINE:?}, flush=True)\n")
+}
+
+/// `cloudpickle.dumps((fn, (), {}))` of [`first_line_function`].
+fn first_line_pickle() -> anyhow::Result<Vec<u8>> {
+    let program = format!(
+        "import sys, cloudpickle\n{}sys.stdout.buffer.write(cloudpickle.dumps((fn, (), {{}})))\n",
+        first_line_function()
+    );
+    let out = Command::new("python3").arg("-c").arg(program).output().context("running python3")?;
+    if !out.status.success() {
+        bail!("making the pickle: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out.stdout)
+}
+
+/// `chroot <rootfs> python3 -c` of the same function, until its line is read from its stdout.
+fn python_c_first_line(rootfs: &Path) -> anyhow::Result<Duration> {
+    use std::io::BufRead;
+    let t = Instant::now();
+    let mut child = Command::new("chroot")
+        .arg(rootfs)
+        .args(["/usr/bin/python3", "-c", &format!("{}fn()\n", first_line_function())])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("chroot python3")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let took = t.elapsed();
+    child.wait()?;
+    if line.trim() != FIRST_LINE {
+        bail!("python3 -c printed {line:?}");
+    }
+    Ok(took)
+}
+
+/// RunTask of `req` until its log has the function's line (polled over FetchTaskLogs).
+async fn first_line(
+    client: &mut iris_worker::proto::worker_service_client::WorkerServiceClient<tonic::transport::Channel>,
+    req: worker::RunTaskRequest,
+) -> anyhow::Result<Duration> {
+    let task_id = req.task_id.clone();
+    let t = Instant::now();
+    client.run_task(req).await?;
+    let want = worker::FetchTaskLogsRequest {
+        task_id: task_id.clone(),
+        filter: Some(worker::FetchLogsFilter { regex: FIRST_LINE.into(), max_lines: 1, ..Default::default() }),
+    };
+    loop {
+        if !client.fetch_task_logs(want.clone()).await?.into_inner().logs.is_empty() {
+            let took = t.elapsed();
+            // Ended before the next task, as every figure's task is.
+            loop {
+                let status = worker::GetTaskStatusRequest { task_id: task_id.clone(), include_result: false };
+                let s = client.get_task_status(status).await?.into_inner();
+                match iris_worker::rpc::state_from_proto(s.state) {
+                    Some(iris_worker::task::TaskState::Succeeded) => return Ok(took),
+                    Some(state) if state.is_terminal() => bail!("{task_id} ended {state:?}: {}", s.error),
+                    _ => tokio::task::yield_now().await,
+                }
+            }
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("{task_id} printed no first line within 60 s");
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
 /// A uv project named `name` whose dependencies are among the fixture wheels (cloudpickle too,
@@ -89,6 +167,8 @@ struct ServerFigures {
     uv_build: Figure,
     no_bundle: Figure,
     cache_hit: Figure,
+    first_line: Figure,
+    python_c: Figure,
 }
 
 async fn server_figures(exe: &Path, work: &Path, n: usize) -> anyhow::Result<ServerFigures> {
@@ -128,7 +208,10 @@ async fn server_figures(exe: &Path, work: &Path, n: usize) -> anyhow::Result<Ser
             uv_build: Figure::new("cold venv build, bare uv venv + pip install"),
             no_bundle: Figure::new("RunTask → RUNNING, command task, no bundle"),
             cache_hit: Figure::new("RunTask → RUNNING, Python task, venv cached"),
+            first_line: Figure::new("RunTask → first line of the function, Python task, venv cached"),
+            python_c: Figure::new("python3 -c of the same function, chroot into the same rootfs"),
         };
+        let first_pickle = first_line_pickle()?;
         // Round 0 warms both uv caches and is not counted.
         for i in 0..=n {
             let name = format!("p{i}");
@@ -162,6 +245,15 @@ async fn server_figures(exe: &Path, work: &Path, n: usize) -> anyhow::Result<Ser
                 },
             )
             .await?;
+            let first = first_line(
+                &mut client,
+                worker::RunTaskRequest {
+                    serialized_entrypoint: first_pickle.clone(),
+                    ..python_task(format!("bench/first-{i}"))
+                },
+            )
+            .await?;
+            let peer_first = python_c_first_line(&python)?;
             let dir = work.join(format!("peer-{i}"));
             std::fs::create_dir_all(&dir)?;
             std::fs::write(dir.join("pyproject.toml"), pyproject(&name))?;
@@ -172,6 +264,8 @@ async fn server_figures(exe: &Path, work: &Path, n: usize) -> anyhow::Result<Ser
                 f.uv_build.samples.push(peer);
                 f.cache_hit.samples.push(hit.running);
                 f.no_bundle.samples.push(plain.running);
+                f.first_line.samples.push(first);
+                f.python_c.samples.push(peer_first);
             }
         }
         Ok(f)
@@ -248,6 +342,7 @@ fn main() -> anyhow::Result<()> {
     let mb_s = |f: &Figure| bytes as f64 / f64::from(1 << 20) / (f.pct(0.5) / 1e3);
     let build_ratio = s.worker_build.pct(0.5) / s.uv_build.pct(0.5);
     let added = s.cache_hit.pct(0.5) - s.no_bundle.pct(0.5);
+    let first_ratio = s.first_line.pct(0.5) / s.python_c.pct(0.5);
     let unzip_ratio = unzip.pct(0.5) / ours.pct(0.5);
     let rows = vec![
         Row::timed(&s.worker_build, "ms")
@@ -260,6 +355,11 @@ fn main() -> anyhow::Result<()> {
             .vs(format!("{added:+.2} ms over no bundle"))
             .with("added_over_no_bundle_ms", added)
             .goal_text("≤ 5 ms over no bundle", added <= 5.0),
+        Row::timed(&s.first_line, "ms")
+            .vs(format!("this/python -c {first_ratio:.2}x"))
+            .with("this_over_python_c", first_ratio)
+            .goal_text("≤ 1.2x python -c", first_ratio <= 1.2),
+        Row::timed(&s.python_c, "ms"),
         Row::timed(&ours, "ms")
             .vs(format!("{:.0} MB/s; unzip/this {unzip_ratio:.2}x", mb_s(&ours)))
             .with("mb_per_s", mb_s(&ours))

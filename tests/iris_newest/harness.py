@@ -71,6 +71,7 @@ from rigging.timing import Duration
 
 from finelog.rpc import logging_pb2
 from iris.client.client import IrisClient
+from iris.cluster.client.remote_client import RemoteClusterClient
 from iris.cluster.backends.rpc.backend import RpcTaskBackend, RpcWorkerStubFactory
 from iris.cluster.bundle import BundleStore
 from iris.cluster.controller.auth import create_controller_auth
@@ -478,10 +479,13 @@ def check_worker_log(ctx: Ctx) -> str:
     key = f"/system/worker/{worker_id}"
     entries: list = []
 
+    # Iris's cluster client (its public ClusterClient protocol), as Iris's CLI reads a worker's
+    # log, with the worker's key.
+    cluster = RemoteClusterClient(ctx.controller)
+
     def probe():
         nonlocal entries
-        # What Iris's client does for a task's logs, with the worker's key.
-        response = ctx.client()._cluster_client.fetch_logs(key, match_scope=logging_pb2.MATCH_SCOPE_EXACT)
+        response = cluster.fetch_logs(key, match_scope=logging_pb2.MATCH_SCOPE_EXACT)
         entries = list(response.entries)
         return bool(entries)
 
@@ -489,6 +493,8 @@ def check_worker_log(ctx: Ctx) -> str:
         _poll(f"lines under {key}", probe, deadline_s=30)
     except TimeoutError as e:
         raise CheckFailed(str(e)) from None
+    finally:
+        cluster.shutdown()
     return f"{len(entries)} lines of the worker's own log under {key}, the first {entries[0].data[:80]!r}"
 
 

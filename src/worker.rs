@@ -441,7 +441,8 @@ impl Worker {
                     .with_keepalive(keepalive)
                     .with_tpu_watch(crate::devices::TpuWatch::new(
                         config.tpu_devices.unwrap_or_else(crate::devices::tpu_devices),
-                        format!("/iris-worker/{}/", config.worker_id),
+                        // The tasks' cgroups are named by the escaped worker id (task/seams.rs).
+                        format!("/{}/{}/", crate::cgroup::ROOT_NAME, crate::task::store::escape(&config.worker_id)),
                     ));
             if let Some(client) = controller_client {
                 // Each attempt's lines go to Iris's log service; its end is reported once they

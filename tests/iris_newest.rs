@@ -770,6 +770,8 @@ mod reconcile {
         // then the task's status read without asking again.
         let asked = Instant::now();
         w.reconcile(&w.id, vec![stop("rc0")]).await;
+        // The stop was taken (the Reconcile returns after it) before the supervisor was known.
+        assert!(!step.join("supervisor.pid").exists(), "the window closed during the stop: the seam did not hold");
         let req =
             iris_worker::proto::newest::iris::cluster::worker::GetTaskStatusRequest { task_id: "/t/race/0".into() };
         loop {

@@ -508,6 +508,9 @@ async fn gvisor_runs_the_task_on_gvisors_kernel_and_exec_reaches_it_there() {
     assert!(pids_with_cmdline(&["sleep", marker]).is_empty(), "the task's command runs on the host's kernel");
     let r = w.exec(task, &["uname", "-r"], 30).await;
     assert_eq!((r.exit_code, r.stdout.trim()), (0, printed.trim()), "the exec is not in the sandbox: {r:?}");
+    // ... with the task's environment, which no host command line carries.
+    let r = w.exec(task, &["sh", "-c", "echo $IRIS_TASK_ID"], 30).await;
+    assert_eq!(r.stdout.trim(), format!("{task}:0"), "{r:?}");
 
     // A stop ends it, runsc's own processes with it.
     w.reconcile(vec![DesiredAttempt {

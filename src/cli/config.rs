@@ -458,6 +458,9 @@ impl ServeArgs {
         w.rootfs = a.rootfs.unwrap_or_else(|| cache_dir.join("rootfs/busybox"));
         w.tpu_devices = (!a.tpu_devices.is_empty()).then_some(a.tpu_devices);
         w.default_task_image = match a.default_task_image {
+            Some(image) if !image.is_empty() && a.runtime == Some(RuntimeKind::Process) => {
+                bail!("--default-task-image {image}: images need the container runtime, not --runtime process")
+            }
             Some(image) if !image.is_empty() => {
                 crate::env::image::ImageRef::parse(&image).map_err(|e| anyhow::anyhow!("--default-task-image: {e}"))?;
                 Some(image)

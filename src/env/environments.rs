@@ -55,9 +55,6 @@ pub enum EnvError {
     /// `egress_policy` NONE cannot be kept by the process runtime.
     #[error("egress_policy NONE needs the container runtime (a network namespace of its own)")]
     NoNetworkNeedsContainers,
-    /// The newest wire runs its commands with bash, as Iris's task images have it.
-    #[error("image {0:?} has no bash (the newest Iris wire runs its commands with bash)")]
-    NoBashInImage(String),
     #[error("image {0:?}: images need the container runtime")]
     ImageNeedsContainers(String),
     #[error("image {reference:?}: {source}")]

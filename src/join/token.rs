@@ -111,8 +111,11 @@ async fn renew(client: &ConnectClient, token: &AuthToken, old: &Claims, state_di
     let Some(new) = Claims::of(&resp.token) else {
         return Err("the controller's answer is no JWT with an expiry".into());
     };
-    if new.exp <= old.exp {
-        return Err(format!("the controller's token expires no later ({}) than the current one", new.exp));
+    // A token that would be due again at once (a host clock far ahead, a short-lived issuer)
+    // is refused: the retry waits a minute rather than ask again in a loop.
+    let due_now = iris_wire::clock::now_ms() / 1000 + RENEW_MARGIN.as_secs() as i64;
+    if new.exp <= old.exp.max(due_now) {
+        return Err(format!("the controller's token expires too soon ({}) to be of use", new.exp));
     }
     if !token.replace(&resp.token) {
         return Err("the controller's token is not a valid header value".into());

@@ -51,16 +51,18 @@ impl Attempt {
         }
     }
 
-    /// The TPU initialisation failure in the last [`TPU_STDERR_TAIL`] lines of the attempt's
-    /// stderr, if any.
+    /// The TPU initialisation failure in the last [`TPU_STDERR_TAIL`] stderr lines of the
+    /// attempt (those among the log's last [`TPU_LOG_WINDOW`] lines: the stdout printed after
+    /// the error does not hide it, and a huge log is not read whole), if any.
     fn tpu_bad_node_signature(&self) -> Option<&'static str> {
-        let tail = crate::logs::LogFilter {
-            start_line: -TPU_STDERR_TAIL,
+        let window = crate::logs::LogFilter {
+            start_line: -TPU_LOG_WINDOW,
             source: Some(crate::logs::Source::Stderr),
             ..Default::default()
         };
-        let lines = crate::logs::read(&self.dir.join(taskdir::LOGS), &tail).ok()?;
-        crate::devices::tpu_init_failure(lines.iter().map(|l| l.data.as_str()))
+        let lines = crate::logs::read(&self.dir.join(taskdir::LOGS), &window).ok()?;
+        let tail = &lines[lines.len().saturating_sub(TPU_STDERR_TAIL)..];
+        crate::devices::tpu_init_failure(tail.iter().map(|l| l.data.as_str()))
     }
 
     /// Takes one sample of a RUNNING attempt's cgroup into its history (the sampler's tick).
@@ -78,8 +80,11 @@ impl Attempt {
     }
 }
 
-/// How much of a TPU attempt's log is searched for a bad-node signature (Iris: 200 lines).
-const TPU_STDERR_TAIL: i64 = 200;
+/// How many of a TPU attempt's last stderr lines are searched for a bad-node signature (Iris's
+/// 200)...
+const TPU_STDERR_TAIL: usize = 200;
+/// ... among the last lines of its log, stdout's and the build's included.
+const TPU_LOG_WINDOW: i64 = 5000;
 
 /// Waits for the supervisor's exit, ends the attempt as its exit record says, and gives the
 /// slot back.

@@ -126,11 +126,11 @@ pub(super) async fn prepare(
                 }
                 None => envs.venvs().config().python_rootfs.clone(),
             };
-            let has_bash = rootfs.join("bin/bash").exists() || rootfs.join("usr/bin/bash").exists();
-            match image {
-                Some(reference) if !has_bash => return Err(crate::env::EnvError::NoBashInImage(reference.clone())),
-                None if !has_bash => return Err(crate::env::EnvError::NoPythonRootfsForNewest),
-                _ => {}
+            // The python rootfs is the worker's own, checked here; an image is not looked into
+            // from the host (its links may point anywhere there): one without bash fails at
+            // exec, exit 127.
+            if image.is_none() && !rootfs.join("bin/bash").exists() && !rootfs.join("usr/bin/bash").exists() {
+                return Err(crate::env::EnvError::NoPythonRootfsForNewest);
             }
             let mut mounts = vec![Mount { host: workdir.clone(), target: WORKDIR_IN_TASK.into(), read_only: false }];
             if let Some(run) = &secrets_run {
@@ -378,7 +378,8 @@ fn for_tpu(launch: &mut LaunchSpec) {
         return;
     }
     launch.profile = Profile::Privileged;
-    // gVisor passes no accelerator through: a TPU runs in a plain container, as under Iris.
+    // gVisor passes no accelerator through (the wire refuses a sandboxed TPU task; this holds
+    // whatever asked).
     launch.gvisor = None;
     launch.shm_bytes = launch.limits.memory_bytes.unwrap_or(TPU_SHM_FALLBACK);
 }

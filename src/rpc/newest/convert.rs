@@ -52,8 +52,10 @@ fn container_profile(value: i32) -> Result<ContainerProfile, TaskError> {
 /// Whether the attempt gets no network, from its `egress_policy` as Iris resolves it
 /// (UNSPECIFIED is CLUSTER, SANDBOX's is INTERNET; SANDBOX may not have CLUSTER). INTERNET —
 /// public addresses only, the cluster's and the metadata server's refused — needs a filtered
-/// egress network this worker does not make: refused, rather than given more or less than
-/// asked; SANDBOX's default is served as NONE, which promises less.
+/// egress network this worker does not make. For SANDBOX (whose every job Iris's controller
+/// sends as INTERNET when it names none) it is served as NONE, which promises less and keeps
+/// the sandbox's point, no way back to the cluster; for any other profile it is refused,
+/// rather than given more or less than asked.
 fn no_network(value: i32, profile: ContainerProfile) -> Result<bool, TaskError> {
     use job::EgressPolicy as Wire;
     let sandbox = profile == ContainerProfile::Sandbox;
@@ -64,6 +66,7 @@ fn no_network(value: i32, profile: ContainerProfile) -> Result<bool, TaskError> 
         }
         Ok(Wire::Cluster) => Ok(false),
         Ok(Wire::None) => Ok(true),
+        Ok(Wire::Internet) if sandbox => Ok(true),
         Ok(Wire::Internet) => Err(invalid(
             "egress_policy",
             "INTERNET (public addresses only) is not served by this worker: it has no filtered egress network; \
@@ -190,6 +193,11 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
         _ => None,
     };
     let tpu = tpu_device.is_some();
+    if tpu && matches!(container_profile, ContainerProfile::Sandbox | ContainerProfile::Gvisor) {
+        // A TPU needs a privileged container; a sandbox must not be one (Iris's controller
+        // refuses this pair too: its sandboxes are CPU-only).
+        return Err(invalid("container_profile", "SANDBOX and GVISOR are CPU-only: a TPU task cannot run in one"));
+    }
     if let Some(device) = tpu_device {
         // JAX's platform for a TPU task, as Iris sets it; the request's own values win.
         for (k, v) in [("JAX_PLATFORMS", "tpu,cpu"), ("PJRT_DEVICE", "TPU"), ("JAX_FORCE_TPU_INIT", "1")] {
@@ -205,9 +213,12 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
                 return Err(invalid("resources.device.tpu", &why));
             }
             let slices = req.num_tasks / per_slice;
+            // Iris's own values replace the request's.
+            env_vars.remove("IRIS_SLICE_COUNT");
+            env_vars.remove("IRIS_TASKS_PER_SLICE");
             if slices > 1 {
-                env_vars.entry("IRIS_SLICE_COUNT".into()).or_insert_with(|| slices.to_string());
-                env_vars.entry("IRIS_TASKS_PER_SLICE".into()).or_insert_with(|| per_slice.to_string());
+                env_vars.insert("IRIS_SLICE_COUNT".into(), slices.to_string());
+                env_vars.insert("IRIS_TASKS_PER_SLICE".into(), per_slice.to_string());
             }
         }
     }
@@ -371,6 +382,19 @@ mod tests {
         assert_eq!((spec.env_vars["PJRT_DEVICE"].as_str(), spec.env_vars["JAX_FORCE_TPU_INIT"].as_str()), ("TPU", "1"));
         let plain = task_spec(request(), Some("http://c")).unwrap();
         assert!(!plain.tpu && !plain.env_vars.contains_key("PJRT_DEVICE"));
+        for profile in [job::ContainerProfile::Sandbox, job::ContainerProfile::Gvisor] {
+            let mut sandboxed = request();
+            sandboxed.resources = Some(job::ResourceSpecProto {
+                device: Some(job::DeviceConfig { device: Some(job::device_config::Device::Tpu(Default::default())) }),
+                ..Default::default()
+            });
+            sandboxed.container_profile = profile as i32;
+            // GVISOR is refused first where runsc is missing; either way, by container_profile.
+            assert!(
+                matches!(task_spec(sandboxed, Some("http://c")), Err(TaskError::Invalid { field, .. }) if field == "container_profile"),
+                "{profile:?}"
+            );
+        }
     }
 
     #[test]
@@ -387,7 +411,8 @@ mod tests {
         assert!(network(P::Default, E::None).unwrap());
         assert!(network(P::Sandbox, E::Unspecified).unwrap(), "SANDBOX's default, served as NONE");
         assert!(network(P::Sandbox, E::None).unwrap());
-        for (profile, egress) in [(P::Sandbox, E::Cluster), (P::Default, E::Internet), (P::Sandbox, E::Internet)] {
+        assert!(network(P::Sandbox, E::Internet).unwrap(), "what Iris's controller sends a SANDBOX job: no network");
+        for (profile, egress) in [(P::Sandbox, E::Cluster), (P::Default, E::Internet)] {
             match network(profile, egress) {
                 Err(TaskError::Invalid { field, .. }) => assert_eq!(field, "egress_policy"),
                 other => panic!("{profile:?} {egress:?}: {other:?}"),

@@ -38,18 +38,16 @@ const TRANSFORM_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_PROFILE_BYTES: u64 = 64 << 20;
 
 /// Runs py-spy inside the task (`$1`: `dump` or `record`, then py-spy's flags); exit 127 with
-/// a message when there is no py-spy, 125 outside a container.
+/// a message when there is no py-spy, 125 outside a container. The worker resumes the task's
+/// processes afterwards ([`resume`]), whatever became of the script.
 const SPY_SCRIPT: &str = r#"
-[ "$(cat /proc/1/comm 2>/dev/null)" = iris-init ] || { echo "the task runs without a pid namespace of its own (process runtime): profiling needs the container runtime" >&2; exit 125; }
+[ "$(cat /proc/1/comm 2>/dev/null)" = iris-init ] || { echo "the task does not run under this worker's init (the process runtime, or gVisor): profiling needs a libcontainer container" >&2; exit 125; }
 spy="${IRIS_VENV:-/app/.venv}/bin/py-spy"
 [ -x "$spy" ] || spy=$(command -v py-spy) || { echo "py-spy is not installed in the task (neither \$IRIS_VENV/bin/py-spy nor on its PATH)" >&2; exit 127; }
 pid=$(cut -d' ' -f1 /proc/1/task/1/children 2>/dev/null)
 verb=$1
 shift
 "$spy" "$verb" --pid "${pid:-2}" "$@"
-status=$?
-kill -CONT -1 2>/dev/null
-exit $status
 "#;
 
 /// Runs memray inside the task: attaches to the task's command for `$4` seconds (`$5` = 1:
@@ -58,7 +56,7 @@ exit $status
 /// its Python; `memray attach` drives gdb or lldb, which the task's image must have, as under
 /// Iris.
 const MEMRAY_SCRIPT: &str = r#"
-[ "$(cat /proc/1/comm 2>/dev/null)" = iris-init ] || { echo "the task runs without a pid namespace of its own (process runtime): profiling needs the container runtime" >&2; exit 125; }
+[ "$(cat /proc/1/comm 2>/dev/null)" = iris-init ] || { echo "the task does not run under this worker's init (the process runtime, or gVisor): profiling needs a libcontainer container" >&2; exit 125; }
 bin="${IRIS_VENV:-/app/.venv}/bin/memray"
 [ -x "$bin" ] || bin=$(command -v memray) || bin=
 py="${IRIS_PYTHON:-python3}"
@@ -203,7 +201,9 @@ async fn in_task_checked(
     timeout: Duration,
     what: &str,
 ) -> Result<crate::exec::ExecOutcome, String> {
-    let outcome = crate::exec::run(manager.helper_exe(), dir, &argv, Some(timeout)).await.map_err(|e| e.to_string())?;
+    let outcome = crate::exec::run(manager.helper_exe(), dir, &argv, Some(timeout)).await.map_err(|e| e.to_string());
+    resume(dir);
+    let outcome = outcome?;
     if !outcome.error.is_empty() {
         return Err(outcome.error);
     }
@@ -212,6 +212,18 @@ async fn in_task_checked(
         return Err(format!("{what} failed (exit code {}): {why}", outcome.exit_code));
     }
     Ok(outcome)
+}
+
+/// Sends SIGCONT to every process of the task, whatever became of the profiler: a profiler
+/// stops what it reads, and one killed at its deadline (its script with it) would leave the
+/// task stopped. Iris's worker does the same after each profile.
+fn resume(dir: &std::path::Path) {
+    let spec = crate::taskdir::read_json::<crate::runtime::LaunchSpec>(dir, crate::taskdir::SPEC);
+    if let Ok(Some(crate::runtime::LaunchSpec { cgroup: Some((layout, path)), .. })) = spec
+        && let Err(e) = layout.signal_all_but(&path, nix::sys::signal::Signal::SIGCONT, None)
+    {
+        tracing::warn!(error = %e, "resuming the task's processes after a profile");
+    }
 }
 
 /// The profile py-spy wrote into the task's workdir: a regular file (never through a link the
@@ -223,7 +235,7 @@ fn read_profile(path: &std::path::Path) -> Result<Vec<u8>, String> {
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| format!("py-spy wrote no profile: {}", e.kind()))?;
+        .map_err(|e| format!("the profiler wrote no profile: {}", e.kind()))?;
     let meta = file.metadata().map_err(|e| format!("reading the profile: {}", e.kind()))?;
     if !meta.is_file() {
         return Err("the profile is not a regular file".into());

@@ -58,10 +58,8 @@ fn run_argv(runsc: &Path, spec: &LaunchSpec, task_dir: &Path) -> Vec<String> {
 /// Writes the OCI bundle of `spec` for runsc into `task_dir/gvisor/`.
 fn write_bundle(spec: &LaunchSpec, task_dir: &Path) -> Result<(), RuntimeError> {
     let bundle = task_dir.join(BUNDLE);
-    let io = |op| {
-        let path = bundle.clone();
-        move |source| RuntimeError::Io { op, path, source }
-    };
+    // Errors name the task directory's entries, never a host path.
+    let io = |op| move |source| RuntimeError::Io { op, path: PathBuf::from(BUNDLE), source };
     std::fs::create_dir_all(bundle.join(STATE)).map_err(io("creating"))?;
     let mut config = super::oci::build(spec)?;
     super::oci::add_hosts_file(&mut config, task_dir, &spec.hostname)?;
@@ -71,7 +69,7 @@ fn write_bundle(spec: &LaunchSpec, task_dir: &Path) -> Result<(), RuntimeError> 
         linux.set_resources(None);
     }
     let path = bundle.join(crate::taskdir::OCI_CONFIG);
-    config.save(&path).map_err(|e| RuntimeError::Spec(format!("writing {}: {e}", path.display())))
+    config.save(&path).map_err(|_| RuntimeError::Spec(format!("writing {BUNDLE}/{}", crate::taskdir::OCI_CONFIG)))
 }
 
 impl Runtime for GvisorRuntime {
@@ -114,7 +112,9 @@ impl Runtime for GvisorRuntime {
 }
 
 /// Starts `argv` in the running gVisor container of `spec` (`runsc exec`), as the process
-/// runtime starts an exec: in the task's cgroup, a session of its own.
+/// runtime starts an exec: in the task's cgroup, a session of its own. The command gets the
+/// container's own process settings (environment, cwd, user, capabilities) through a
+/// root-only process file: never on a command line, which any host user may read.
 pub fn enter(
     spec: &LaunchSpec,
     task_dir: &Path,
@@ -122,24 +122,33 @@ pub fn enter(
     argv: &[String],
     io: TaskIo,
 ) -> Result<Pid, RuntimeError> {
-    let mut exec = vec![
+    let bundle = task_dir.join(BUNDLE);
+    let config_path = bundle.join(crate::taskdir::OCI_CONFIG);
+    let unreadable = |why: String| RuntimeError::Spec(format!("the container's config: {why}"));
+    let config: serde_json::Value = std::fs::read(&config_path)
+        .map_err(|e| unreadable(e.kind().to_string()))
+        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| unreadable(e.to_string())))?;
+    let mut process = config.get("process").cloned().ok_or_else(|| unreadable("no process".into()))?;
+    process["args"] = serde_json::json!(argv);
+    process["terminal"] = serde_json::json!(false);
+    // The exec helper's pid names it: one helper runs one exec.
+    let name = format!("exec-{}.json", std::process::id());
+    let file = bundle.join(&name);
+    let bytes = serde_json::to_vec(&process).map_err(|e| RuntimeError::Spec(e.to_string()))?;
+    crate::taskdir::write_private(&file, &bytes).map_err(|source| RuntimeError::Io {
+        op: "writing",
+        path: PathBuf::from(&name),
+        source,
+    })?;
+    let exec = vec![
         runsc.to_string_lossy().into_owned(),
         "--root".into(),
-        task_dir.join(BUNDLE).join(STATE).to_string_lossy().into_owned(),
+        bundle.join(STATE).to_string_lossy().into_owned(),
         "exec".into(),
-        "--cwd".into(),
-        spec.cwd_in_task.clone(),
+        "--process".into(),
+        file.to_string_lossy().into_owned(),
+        spec.id.clone(),
     ];
-    if let Some(user) = &spec.user {
-        exec.push("--user".into());
-        exec.push(format!("{}:{}", user.uid, user.gid));
-    }
-    for var in &spec.env {
-        exec.push("--env".into());
-        exec.push(var.clone());
-    }
-    exec.push(spec.id.clone());
-    exec.extend(argv.iter().cloned());
     let runner = LaunchSpec {
         runtime: RuntimeKind::Process,
         cwd_in_task: task_dir.to_string_lossy().into_owned(),

@@ -61,7 +61,11 @@ fn spec_err(e: impl std::fmt::Display) -> RuntimeError {
 pub(super) fn add_hosts_file(config: &mut Spec, task_dir: &Path, hostname: &str) -> Result<(), RuntimeError> {
     let path = task_dir.join(crate::taskdir::HOSTS);
     let text = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n");
-    std::fs::write(&path, text).map_err(|source| RuntimeError::Io { op: "writing", path: path.clone(), source })?;
+    std::fs::write(&path, text).map_err(|source| RuntimeError::Io {
+        op: "writing",
+        path: crate::taskdir::HOSTS.into(),
+        source,
+    })?;
     let mut mounts = config.mounts().clone().unwrap_or_default();
     mounts.push(mount("/etc/hosts", "bind", &path.to_string_lossy(), &["rbind", "ro", "nosuid", "nodev", "noexec"]));
     config.set_mounts(Some(mounts));

@@ -30,7 +30,8 @@
 //!       setup/                        the newest wire's setup step's own task directory
 //!       config.json                   the OCI config of the container
 //!       hosts                         the container's /etc/hosts (localhost, its hostname)
-//!       runtime/                      libcontainer's state
+//!       runtime/                      libcontainer's state, when the host has no tmpfs for it
+//!                                     (runtime::container::state_root)
 //!       rootfs/, overlay/             the image rootfs mount and its upper/work dirs
 //!       run/rigging/secrets/   0700   newest wire: the task's secrets (0600 files), its /run
 //! ```

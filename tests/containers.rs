@@ -346,6 +346,30 @@ async fn a_timeout_kills_the_task_and_fails_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: runs containers"]
+async fn a_containers_state_is_kept_in_memory_while_it_runs_and_goes_with_it() {
+    use iris_worker::runtime::container::{memory_state_base, state_root};
+    // Where this host keeps containers' state: a tmpfs (/run or /dev/shm) when it has one.
+    let Some(base) = memory_state_base() else { panic!("no tmpfs on /run or /dev/shm: this host has one") };
+    let w = Worker::start("memstate", &[]).await;
+    let mut c = w.client().await;
+    c.run_task(sh("memstate/task-0", "sleep 1000")).await.unwrap();
+    wait_for(&mut c, "memstate/task-0", LONG, |s| state_of(s) == TaskState::Running).await;
+    let task_dir = w.state_dir().join("tasks/memstate_2ftask-0.0");
+    let root = state_root(&task_dir);
+    assert_eq!(root.parent(), Some(base), "the state root {root:?} is in {base:?}");
+    let containers: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(containers.len(), 1, "one container's state in {root:?}: {containers:?}");
+    assert!(containers[0].join("state.json").is_file(), "libcontainer's state.json in {:?}", containers[0]);
+    assert!(!task_dir.join("runtime").exists(), "nothing of the container's state on disk");
+
+    c.kill_task(worker::KillTaskRequest { task_id: "memstate/task-0".into(), term_timeout_ms: 100 }).await.unwrap();
+    let s = wait_end(&mut c, "memstate/task-0", LONG).await;
+    assert_eq!(state_of(&s), TaskState::Killed, "{s:?}");
+    assert!(!root.exists(), "the container's state in memory went with it: {root:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
 async fn a_restarted_worker_adopts_running_tasks_and_loses_no_line() {
     let mut w = Worker::start("adopt", &[]).await;
     let mut c = w.client().await;
@@ -389,6 +413,8 @@ async fn a_restarted_worker_adopts_running_tasks_and_loses_no_line() {
     let orphan = status(&mut c, "adopt/orphan").await;
     assert_eq!(state_of(&orphan), TaskState::WorkerFailed, "{orphan:?}");
     assert!(cgroups_named("adopt_2forphan").is_empty(), "the orphan's container was cleaned up");
+    let orphan_state = iris_worker::runtime::container::state_root(&tasks.join("adopt_2forphan.0"));
+    assert!(!orphan_state.exists(), "and its state, in memory or on disk: {orphan_state:?}");
 
     let s = wait_end(&mut c, "adopt/counter", LONG).await;
     assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}");

@@ -41,9 +41,76 @@ fn lc_err(op: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerErro
     move |e| RuntimeError::Container { op, message: e.to_string() }
 }
 
-/// The directory libcontainer keeps its state in, below the task directory.
+/// The directory libcontainer keeps a task's container state in (its `state.json`, the
+/// copy of its config, its notify socket): in memory when the host has a tmpfs for it
+/// ([`memory_state_base`]), as runc keeps its state in `/run/runc`; in the task directory
+/// (`runtime/`) otherwise. The state lives only as long as the container, so a disk gains
+/// nothing from holding it and costs the creation, rewrites and removal of five inodes per
+/// task: on a loaded disk the removal alone took ~5 ms of a lifecycle (docs/ARCHITECTURE.md,
+/// Performance). Derived from the task directory alone, so that the supervisor, an exec into the task and
+/// a later worker's clean-up all find it.
 pub fn state_root(task_dir: &Path) -> PathBuf {
+    match memory_state_base() {
+        Some(base) => memory_state_root(base, task_dir),
+        None => disk_state_root(task_dir),
+    }
+}
+
+fn disk_state_root(task_dir: &Path) -> PathBuf {
     task_dir.join(crate::taskdir::RUNTIME_STATE)
+}
+
+/// `<base>/<first 16 hex digits of the SHA-256 of the task directory's canonical path>`: one
+/// directory per task directory (a task's environment build and setup steps have their own),
+/// however its path was spelled.
+fn memory_state_root(base: &Path, task_dir: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let canonical = std::fs::canonicalize(task_dir).unwrap_or_else(|_| task_dir.to_path_buf());
+    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    base.join(hex::encode(&digest[..8]))
+}
+
+/// The name of the directory of containers' state on a tmpfs.
+const MEMORY_STATE_DIR: &str = "iris-worker-containers";
+
+/// The tmpfs directory containers' state goes to on this host, decided once per process:
+/// `/run/iris-worker-containers` when `/run` is a tmpfs (systemd hosts), else
+/// `/dev/shm/iris-worker-containers`; `None` (the task directory then) when neither is a
+/// tmpfs, or the directory is not one only this user can enter — `/dev/shm` is writable by
+/// every user, and one of them may have made the name first.
+pub fn memory_state_base() -> Option<&'static Path> {
+    static BASE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    BASE.get_or_init(|| {
+        ["/run", "/dev/shm"]
+            .iter()
+            .map(Path::new)
+            .filter(|p| is_tmpfs(p))
+            .find_map(|p| private_dir(&p.join(MEMORY_STATE_DIR)))
+    })
+    .as_deref()
+}
+
+fn is_tmpfs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// `dir`, made if missing, when it is a real directory (no symlink) of this user that no one
+/// else may read, write or enter.
+fn private_dir(dir: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(dir)
+        && e.kind() != std::io::ErrorKind::AlreadyExists
+    {
+        return None;
+    }
+    let meta = std::fs::symlink_metadata(dir).ok()?;
+    // The group's and others' permission bits.
+    let shared = meta.mode() & 0o077;
+    let ours = meta.file_type().is_dir() && meta.uid() == nix::unistd::geteuid().as_raw() && shared == 0;
+    if !ours {
+        tracing::warn!(dir = %dir.display(), "not a private directory of this user: containers' state stays on disk");
+    }
+    ours.then(|| dir.to_path_buf())
 }
 
 impl Runtime for ContainerRuntime {
@@ -120,10 +187,17 @@ impl Runtime for ContainerRuntime {
     }
 
     fn remove(&mut self) -> Result<(), RuntimeError> {
-        match self.container.as_mut() {
-            Some(container) => container.delete(true).map_err(lc_err("deleting"))?,
-            None => self.remove_leftovers(),
+        let deleted = match self.container.as_mut() {
+            Some(container) => container.delete(true).map_err(lc_err("deleting")),
+            None => {
+                self.remove_leftovers();
+                Ok(())
+            }
+        };
+        if let Some(dir) = &self.state_dir {
+            remove_memory_state(dir);
         }
+        deleted?;
         super::phases::mark("container deleted");
         // libcontainer removed the v1 directories; what remains is the unified one, if any.
         if let Some((layout, path)) = self.cgroup.take() {
@@ -136,21 +210,44 @@ impl Runtime for ContainerRuntime {
 
 impl ContainerRuntime {
     fn remove_leftovers(&mut self) {
-        if let Some(dir) = &self.state_dir
-            && let Ok(mut c) = Container::load(dir.clone())
-        {
-            let _ = c.delete(true);
+        if let Some(dir) = &self.state_dir {
+            if let Ok(mut c) = Container::load(dir.clone()) {
+                let _ = c.delete(true);
+            }
+            remove_memory_state(dir);
         }
     }
 }
 
-/// Removes a container a dead supervisor left behind (its state under `task_dir`). Safe to
-/// call from the worker: deleting does not fork.
+/// Removes a container a dead supervisor left behind (its state in the tmpfs or under
+/// `task_dir`: both are looked at, in case the host's tmpfs changed since). Safe to call from
+/// the worker: deleting does not fork.
 pub fn remove_leftover(task_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(state_root(task_dir)) else { return };
-    for entry in entries.flatten() {
-        if let Ok(mut c) = Container::load(entry.path()) {
-            let _ = c.delete(true);
+    let memory = memory_state_base().map(|base| memory_state_root(base, task_dir));
+    for root in memory.iter().cloned().chain([disk_state_root(task_dir)]) {
+        let Ok(entries) = std::fs::read_dir(&root) else { continue };
+        for entry in entries.flatten() {
+            if let Ok(mut c) = Container::load(entry.path()) {
+                let _ = c.delete(true);
+            } else if memory.as_ref() == Some(&root) {
+                // Half made (the supervisor died before libcontainer wrote its state): in
+                // memory nothing else would ever remove it.
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
+    }
+    if let Some(root) = memory {
+        let _ = std::fs::remove_dir(root);
+    }
+}
+
+/// Removes what is left of a container's state (`container_dir`) when it is in the tmpfs,
+/// and its task's directory there: nothing else would (on disk, it goes with the task
+/// directory). libcontainer's delete has removed `container_dir` already, unless it failed.
+fn remove_memory_state(container_dir: &Path) {
+    let Some(root) = container_dir.parent() else { return };
+    if memory_state_base().is_some_and(|base| root.parent() == Some(base)) {
+        let _ = std::fs::remove_dir_all(container_dir);
+        let _ = std::fs::remove_dir(root);
     }
 }

@@ -2,10 +2,8 @@
 //! task, and wait for it to exit (also for supervisors adopted after a restart).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -37,42 +35,99 @@ pub enum Ready {
 
 /// Starts `exe supervise <task_dir>` in its own session, with stdio on /dev/null (the
 /// supervisor logs to a file, the task's output goes through its own pipes).
+///
+/// Through `posix_spawn` (glibc's is a `CLONE_VM | CLONE_VFORK` child that execs at once),
+/// not `fork`: a fork copies the worker's page tables — tens of MB mapped, many threads —
+/// only for the exec to throw them away, which was ~5% of the CPU a short task costs
+/// (docs/ARCHITECTURE.md, Performance). `std::process::Command` would fork here, since the
+/// child needs a session of its own and the ready pipe at [`READY_FD`].
 pub fn spawn(exe: &Path, task_dir: &Path) -> io::Result<(Supervisor, tokio::net::unix::pipe::Receiver)> {
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let ready_w_raw = ready_w.as_raw_fd();
-    let mut cmd = Command::new(exe);
-    cmd.arg("supervise").arg(task_dir).arg("--ready-fd").arg(READY_FD.to_string());
     // The worker's environment may hold cloud credentials and whatever its operator exported;
     // a supervisor needs none of it (a task's environment comes from its spec), so it starts
     // with only what [`SUPERVISOR_ENV`] keeps, as containerd starts its shims.
-    cmd.env_clear();
-    for name in SUPERVISOR_ENV {
-        if let Some(value) = std::env::var_os(name) {
-            cmd.env(name, value);
-        }
-    }
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    // SAFETY: setsid and dup2 are async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::dup2(ready_w_raw, READY_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn()?;
+    let env: Vec<(&str, std::ffi::OsString)> =
+        SUPERVISOR_ENV.iter().filter_map(|name| std::env::var_os(name).map(|v| (*name, v))).collect();
+    let args = [
+        exe.as_os_str(),
+        std::ffi::OsStr::new("supervise"),
+        task_dir.as_os_str(),
+        std::ffi::OsStr::new("--ready-fd"),
+        std::ffi::OsStr::new("3"),
+    ];
+    let pid = spawn_in_session(exe, &args, &env, ready_w.as_fd())?;
     drop(ready_w);
-    let pid = child.id() as i32;
-    // The child is reaped by `wait_exit`; std's handle is not needed (dropping it neither
-    // kills nor waits).
-    drop(child);
     let id = ProcessId::of(pid).unwrap_or(ProcessId { pid, start_time: 0 });
     let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_r)?;
     Ok((Supervisor { id }, receiver))
+}
+
+/// `posix_spawn`s `exe` with `args` (the first is its name) and only `env`, in a new session,
+/// with stdin, stdout and stderr on /dev/null and `ready` at [`READY_FD`], SIGPIPE at its
+/// default and no signal blocked (as `std::process::Command` leaves them). Returns its pid: a
+/// child of this process, for the caller to reap.
+fn spawn_in_session(
+    exe: &Path,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, std::ffi::OsString)],
+    ready: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<i32> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |b: &[u8]| CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte"));
+    let path = c(exe.as_os_str().as_bytes())?;
+    let argv: Vec<CString> = args.iter().map(|a| c(a.as_bytes())).collect::<io::Result<_>>()?;
+    let envp: Vec<CString> =
+        env.iter().map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat())).collect::<io::Result<_>>()?;
+    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    argv_p.push(std::ptr::null_mut());
+    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|e| e.as_ptr().cast_mut()).collect();
+    envp_p.push(std::ptr::null_mut());
+    // dup2 onto itself would keep the close-on-exec flag: have it anywhere but READY_FD.
+    let moved = (ready.as_raw_fd() == READY_FD).then(|| ready.try_clone_to_owned()).transpose()?;
+    let ready_fd = moved.as_ref().map_or(ready.as_raw_fd(), |m| m.as_raw_fd());
+    let devnull = c(b"/dev/null")?;
+    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) };
+
+    let mut actions = std::mem::MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
+    let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
+    // SAFETY: each object is initialised before use and destroyed once, below; every pointer
+    // passed (paths, argv, envp, the signal sets) outlives the posix_spawn call.
+    unsafe {
+        check(libc::posix_spawn_file_actions_init(actions.as_mut_ptr()))?;
+        let actions = actions.as_mut_ptr();
+        if let Err(e) = check(libc::posix_spawnattr_init(attr.as_mut_ptr())) {
+            libc::posix_spawn_file_actions_destroy(actions);
+            return Err(e);
+        }
+        let attr = attr.as_mut_ptr();
+        let mut sigdefault = std::mem::zeroed::<libc::sigset_t>();
+        let mut sigmask = std::mem::zeroed::<libc::sigset_t>();
+        let mut pid: libc::pid_t = 0;
+        let result = (|| {
+            // The ready pipe first: it may sit on 0, 1 or 2 when the worker's stdio is closed.
+            check(libc::posix_spawn_file_actions_adddup2(actions, ready_fd, READY_FD))?;
+            check(libc::posix_spawn_file_actions_addopen(actions, 0, devnull.as_ptr(), libc::O_RDONLY, 0))?;
+            for fd in [1, 2] {
+                check(libc::posix_spawn_file_actions_addopen(actions, fd, devnull.as_ptr(), libc::O_WRONLY, 0))?;
+            }
+            libc::sigemptyset(&mut sigmask);
+            libc::sigemptyset(&mut sigdefault);
+            libc::sigaddset(&mut sigdefault, libc::SIGPIPE);
+            check(libc::posix_spawnattr_setsigmask(attr, &sigmask))?;
+            check(libc::posix_spawnattr_setsigdefault(attr, &sigdefault))?;
+            // The libc crate types these constants apart; the flags are a c_short.
+            let flags = libc::c_int::from(libc::POSIX_SPAWN_SETSID)
+                | libc::POSIX_SPAWN_SETSIGMASK
+                | libc::POSIX_SPAWN_SETSIGDEF;
+            let flags = libc::c_short::try_from(flags).map_err(|_| io::Error::other("posix_spawn flags"))?;
+            check(libc::posix_spawnattr_setflags(attr, flags))?;
+            check(libc::posix_spawn(&mut pid, path.as_ptr(), actions, attr, argv_p.as_ptr(), envp_p.as_ptr()))
+        })();
+        libc::posix_spawnattr_destroy(attr);
+        libc::posix_spawn_file_actions_destroy(actions);
+        result.map(|()| pid)
+    }
 }
 
 /// Reads the ready pipe: `Started` once the command runs, `Failed` if the supervisor says so
@@ -188,4 +243,54 @@ pub fn running_under(tasks_dir: &Path) -> Vec<(i32, std::path::PathBuf)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a spawned supervisor starts with, as the old fork + `setsid` + `dup2` gave it: a
+    /// session of its own, /dev/null on stdin, stdout and stderr, the ready pipe at fd 3, only
+    /// the environment given, SIGPIPE at its default (this test process ignores it, as every
+    /// Rust program does) and no signal blocked.
+    #[test]
+    fn a_spawned_process_has_its_own_session_null_stdio_the_ready_pipe_and_only_its_env() {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        // Builtins only until the masks are read: a shell waiting for a child blocks signals.
+        let script = "read -r stat < /proc/$$/stat; echo \"stat $stat\" >&3; \
+                      while read -r k v; do case $k in SigBlk:|SigIgn:) echo \"$k $v\" >&3;; esac; \
+                      done < /proc/$$/status; \
+                      for fd in 0 1 2; do echo \"fd$fd $(readlink /proc/$$/fd/$fd)\" >&3; done; \
+                      env | sed 's/^/env /' >&3";
+        let args = ["sh", "-c", script].map(std::ffi::OsStr::new);
+        let env = [("IRIS_TEST_ONLY", std::ffi::OsString::from("yes"))];
+        let pid = spawn_in_session(Path::new("/bin/sh"), &args, &env, w.as_fd()).unwrap();
+        drop(w);
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
+        let status = nix::sys::wait::waitpid(Pid::from_raw(pid), None).unwrap();
+        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(Pid::from_raw(pid), 0), "{out}");
+
+        let field = |prefix: &str| -> Vec<String> {
+            out.lines().filter_map(|l| l.strip_prefix(prefix)).map(str::to_string).collect()
+        };
+        // /proc/<pid>/stat: pid (comm) state ppid pgrp session …
+        let stat = field("stat ").pop().unwrap();
+        let after_comm: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        assert_eq!(after_comm[3], pid.to_string(), "a session of its own: {stat}");
+        for fd in 0..3 {
+            assert_eq!(field(&format!("fd{fd} ")), ["/dev/null"], "{out}");
+        }
+        let mask = |name: &str| u64::from_str_radix(field(name).pop().unwrap().trim(), 16).unwrap();
+        assert_eq!(mask("SigBlk:"), 0, "no signal blocked: {out}");
+        assert_eq!(mask("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0, "SIGPIPE at its default: {out}");
+        let env = field("env ");
+        assert!(env.contains(&"IRIS_TEST_ONLY=yes".to_string()), "{out}");
+        // The shell adds its own few; nothing of this process's environment comes through.
+        let foreign: Vec<&String> = env
+            .iter()
+            .filter(|e| !["IRIS_TEST_ONLY=", "PWD=", "SHLVL=", "_=", "OLDPWD="].iter().any(|k| e.starts_with(k)))
+            .collect();
+        assert!(foreign.is_empty(), "only the given environment: {foreign:?}");
+    }
 }

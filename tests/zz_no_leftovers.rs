@@ -1,6 +1,6 @@
 //! Runs after the other integration test binaries (cargo runs them in name order): nothing
-//! the suite's workers made may remain — no cgroup, mount, supervisor or task process, and
-//! no temporary state directory.
+//! the suite's workers made may remain — no cgroup, mount, supervisor or task process, no
+//! container's state, and no temporary state directory.
 
 mod common;
 
@@ -22,6 +22,23 @@ fn the_suite_left_no_cgroup_mount_process_or_task_directory() {
     let mut procs = processes_with("iris-worker-test-");
     procs.extend(processes_with("/iwtest-"));
     assert!(procs.is_empty(), "processes left behind: {procs:#?}");
+
+    // Containers' state lives in a tmpfs (runtime::container::state_root), one directory per
+    // task directory: none of the suite's may remain (its state.json names its bundle, the
+    // task directory).
+    let states: Vec<_> = iris_worker::runtime::container::memory_state_base()
+        .and_then(|base| std::fs::read_dir(base).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|task| std::fs::read_dir(task.path()).into_iter().flatten().flatten())
+        .map(|container| container.path())
+        .filter(|container| {
+            let state = std::fs::read_to_string(container.join("state.json")).unwrap_or_default();
+            state.contains("iris-worker-test-") || state.contains("/iwtest-")
+        })
+        .collect();
+    assert!(states.is_empty(), "containers' state left behind: {states:#?}");
 
     let dirs: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()

@@ -53,6 +53,7 @@ fn library_lifecycle(rootfs: &Path, work: &Path, layout: &Layout, parent: &str, 
         leases: vec![],
         own_network: false,
         gvisor: None,
+        filtered_egress: false,
     };
     let t = Instant::now();
     let mut rt = runtime::for_spec(&spec)?;

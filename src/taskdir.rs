@@ -30,6 +30,7 @@
 //!       setup/                        the newest wire's setup step's own task directory
 //!       config.json                   the OCI config of the container
 //!       hosts                         the container's /etc/hosts (localhost, its hostname)
+//!       resolv.conf                   ... its /etc/resolv.conf, with filtered egress
 //!       runtime/                      libcontainer's state, when the host has no tmpfs for it
 //!                                     (runtime::container::state_root)
 //!       rootfs/, overlay/             the image rootfs mount and its upper/work dirs
@@ -105,6 +106,8 @@ pub const SETUP: &str = "setup";
 pub const OCI_CONFIG: &str = "config.json";
 /// The container's `/etc/hosts`, bound read-only.
 pub const HOSTS: &str = "hosts";
+/// The container's `/etc/resolv.conf` when it has a network of its own with a way out.
+pub const RESOLV_CONF: &str = "resolv.conf";
 /// libcontainer's state.
 pub const RUNTIME_STATE: &str = "runtime";
 /// Where a task's image rootfs is mounted.

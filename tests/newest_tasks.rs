@@ -443,15 +443,15 @@ async fn container_profiles_set_capabilities_filter_and_network() {
     assert_eq!((caps.as_str(), nnp.as_str(), seccomp.as_str()), (own_caps.as_str(), "0", "0"), "PRIVILEGED");
     let (caps, nnp, seccomp, interfaces, net) = task_under(&w, P::Sandbox, 5).await;
     assert_eq!((caps.as_str(), nnp.as_str(), seccomp.as_str()), (PTRACE, "1", "2"), "SANDBOX");
-    assert_eq!(interfaces, ["lo"], "SANDBOX sees only lo");
+    assert_eq!(interfaces, ["lo", "tap0"], "SANDBOX: its own lo and its filtered way out (INTERNET)");
     assert_ne!(net, host_net, "SANDBOX has a network namespace of its own");
     // egress_policy NONE: any profile without a network.
     let (caps, _, _, interfaces, net) = task_with_egress(&w, P::Default, job::EgressPolicy::None, 8).await;
     assert_eq!((caps.as_str(), interfaces.as_slice(), net != host_net), (PTRACE, &["lo".to_string()][..], true));
-    // INTERNET (public addresses only) is refused, naming the field.
+    // PRIVILEGED cannot keep INTERNET's promise (it could lift the filter): refused, naming the field.
     let resp = w
         .reconcile(vec![{
-            let mut d = run_as("00000000000000f9", "/test/profile-9/0", "true", P::Default);
+            let mut d = run_as("00000000000000f9", "/test/profile-9/0", "true", P::Privileged);
             if let Some(Intent::Run(AttemptSpec { request: Some(r) })) = d.intent.as_mut() {
                 r.egress_policy = job::EgressPolicy::Internet as i32;
             }
@@ -481,6 +481,122 @@ async fn container_profiles_set_capabilities_filter_and_network() {
         let s: job::TaskStatus = w.client.call(SERVICE, "GetTaskStatus", &req, Duration::from_secs(10)).await.unwrap();
         assert!(s.error.contains("DOCKER_ACCESS") && s.error.contains("Docker socket"), "{s:?}");
     }
+}
+
+#[tokio::test]
+#[ignore = "root: tasks run in containers with network namespaces, slirp4netns and nftables"]
+async fn internet_egress_goes_out_through_slirp_and_refuses_private_addresses() {
+    use job::ContainerProfile as P;
+    // A server on the host's loopback: a CLUSTER task reaches it, an INTERNET task must not.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in server.incoming().flatten() {
+            drop(conn);
+        }
+    });
+    // The host's resolver: a private address that answers TCP on 53 from the host's network, and
+    // that slirp4netns would carry a task to, were it not for the filter.
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap();
+    let resolver = resolv
+        .lines()
+        .find_map(|l| l.strip_prefix("nameserver "))
+        .map(str::trim)
+        .expect("a nameserver in the host's /etc/resolv.conf")
+        .to_string();
+    let w = NewestWorker::start("egress", &[]).await;
+    let probe = format!(
+        "import socket, time\n\
+         def try_(host, port):\n\
+         \x20   s = socket.socket(); s.settimeout(5); t = time.time()\n\
+         \x20   try:\n\
+         \x20       s.connect((host, port)); r = 'connected'\n\
+         \x20   except OSError as e:\n\
+         \x20       r = type(e).__name__\n\
+         \x20   print(host, r, round(time.time() - t, 1), flush=True)\n\
+         for h, p in [('127.0.0.1', {port}), ('10.0.2.2', {port}), ('{resolver}', 53), ('169.254.169.254', 80)]:\n\
+         \x20   try_(h, p)\n\
+         print('resolver', open('/etc/resolv.conf').read().split(), flush=True)\n\
+         time.sleep(600)\n"
+    );
+    let run_with = |uid: &str, task: &str, egress: job::EgressPolicy| {
+        let mut d = run_as(uid, task, "", P::Default);
+        if let Some(Intent::Run(AttemptSpec { request: Some(r) })) = d.intent.as_mut() {
+            r.egress_policy = egress as i32;
+            if let Some(e) = r.entrypoint.as_mut() {
+                e.run_command = Some(CommandEntrypoint { argv: vec!["python3".into(), "-c".into(), probe.clone()] });
+            }
+        }
+        d
+    };
+    let lines_of = async |task: &str, want: usize| -> Vec<String> {
+        poll("the probe's lines", Duration::from_secs(60), async || {
+            let dir = std::fs::read_dir(w.state.path().join("tasks"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().contains(&task.replace('/', "_2f")))?;
+            let lines = iris_worker::logs::read(&dir.join("logs"), &Default::default()).unwrap_or_default();
+            let out: Vec<String> =
+                lines.into_iter().filter(|l| l.source.as_str() == "stdout").map(|l| l.data).collect();
+            (out.len() >= want).then_some(out)
+        })
+        .await
+    };
+    w.reconcile(vec![run_with("00000000000000e1", "/test/egress-cluster/0", job::EgressPolicy::Cluster)]).await;
+    let cluster = lines_of("/test/egress-cluster/0", 5).await;
+    assert!(cluster[0].starts_with("127.0.0.1 connected"), "the host's network reaches the server: {cluster:?}");
+    assert!(
+        cluster[2].starts_with(&format!("{resolver} connected")),
+        "the host's network reaches its resolver: {cluster:?}"
+    );
+
+    w.reconcile(vec![run_with("00000000000000e2", "/test/egress-internet/0", job::EgressPolicy::Internet)]).await;
+    let internet = lines_of("/test/egress-internet/0", 5).await;
+    for line in &internet[..4] {
+        // Refused at once (the filter rejects), not connected and not left to time out.
+        assert!(!line.contains("connected") && !line.contains("timeout"), "{internet:?}");
+    }
+    assert_eq!(internet[4], "resolver ['nameserver', '10.0.2.3']", "{internet:?}");
+    // The filter is in the task's own namespace, set before it ran.
+    let pid = pids_with_cmdline(&["python3", "-c", &probe])
+        .into_iter()
+        .find(|p| ns(&p.to_string(), "net") != ns("self", "net"));
+    let pid = pid.expect("the INTERNET task's python");
+    let rules = Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["nft", "list", "ruleset"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(rules.contains("iris_egress") && rules.contains("10.0.0.0/8") && rules.contains("reject"), "{rules}");
+    let slirp = || pids_with_prefix(&["slirp4netns"]).len();
+    assert_eq!(slirp(), 1, "one slirp4netns for the one INTERNET task");
+
+    // Stopped: its slirp4netns goes with it.
+    w.reconcile(vec![DesiredAttempt {
+        attempt_uid: "00000000000000e2".into(),
+        intent: Some(Intent::Stop(worker::StopReason::Cancelled as i32)),
+    }])
+    .await;
+    poll("slirp4netns gone", Duration::from_secs(60), async || (slirp() == 0).then_some(())).await;
+}
+
+/// Host pids whose command line starts with `argv`.
+fn pids_with_prefix(argv: &[&str]) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+            let args: Vec<String> =
+                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            argv.iter()
+                .enumerate()
+                .all(|(i, want)| args.get(i).is_some_and(|a| a == want || a.ends_with(&format!("/{want}"))))
+        })
+        .collect()
 }
 
 #[tokio::test]

@@ -52,9 +52,9 @@ pub enum EnvError {
     Venv(#[from] super::VenvError),
     #[error("writing {}: {source}", path.display())]
     Write { path: PathBuf, source: std::io::Error },
-    /// `egress_policy` NONE cannot be kept by the process runtime.
-    #[error("egress_policy NONE needs the container runtime (a network namespace of its own)")]
-    NoNetworkNeedsContainers,
+    /// `egress_policy` NONE or INTERNET cannot be kept by the process runtime.
+    #[error("egress_policy {0} needs the container runtime (a network namespace of its own)")]
+    NetworkNeedsContainers(&'static str),
     #[error("image {0:?}: images need the container runtime")]
     ImageNeedsContainers(String),
     #[error("image {reference:?}: {source}")]

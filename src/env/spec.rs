@@ -59,6 +59,9 @@ pub struct TaskSpec {
     /// The newest wire's attempt has no network (`egress_policy` NONE, or SANDBOX's default):
     /// a network namespace of its own with nothing but `lo`.
     pub no_network: bool,
+    /// The newest wire's attempt reaches public addresses only (`egress_policy` INTERNET, and
+    /// SANDBOX's default): a network namespace of its own with a filtered way out.
+    pub internet_only: bool,
 }
 
 /// Secrets by file name. They reach the task only as root-only files (see

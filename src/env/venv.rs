@@ -425,6 +425,7 @@ impl VenvCache {
             }],
             own_network: false,
             gvisor: None,
+            filtered_egress: false,
         })
     }
 }

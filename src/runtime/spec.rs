@@ -99,6 +99,10 @@ pub struct LaunchSpec {
     /// profile); libcontainer otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gvisor: Option<std::path::PathBuf>,
+    /// With `own_network`: a way out to public addresses only (the newest wire's
+    /// `egress_policy` INTERNET; see `runtime::container::egress`).
+    #[serde(default)]
+    pub filtered_egress: bool,
 }
 
 /// The most the task may keep on disk: the files below `paths` (its workdir, its rootfs'

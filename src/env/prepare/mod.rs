@@ -342,6 +342,7 @@ pub(super) fn launch_spec(
         leases: task.leases(),
         own_network: false,
         gvisor: None,
+        filtered_egress: false,
     }
 }
 

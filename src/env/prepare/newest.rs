@@ -174,11 +174,13 @@ pub(super) async fn prepare(
     if spec.tpu {
         for_tpu(&mut launch);
     }
-    if spec.no_network {
+    if spec.no_network || spec.internet_only {
         if launch.runtime == RuntimeKind::Process {
-            return Err(crate::env::EnvError::NoNetworkNeedsContainers);
+            let policy = if spec.no_network { "NONE" } else { "INTERNET" };
+            return Err(crate::env::EnvError::NetworkNeedsContainers(policy));
         }
         launch.own_network = true;
+        launch.filtered_egress = spec.internet_only;
     }
     if !command.setup_commands.is_empty() {
         task.progress("syncing dependencies");
@@ -508,6 +510,7 @@ mod tests {
             leases: vec![],
             own_network: false,
             gvisor: None,
+            filtered_egress: false,
         }
     }
 

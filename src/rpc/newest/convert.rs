@@ -49,29 +49,31 @@ fn container_profile(value: i32) -> Result<ContainerProfile, TaskError> {
     }
 }
 
-/// Whether the attempt gets no network, from its `egress_policy` as Iris resolves it
-/// (UNSPECIFIED is CLUSTER, SANDBOX's is INTERNET; SANDBOX may not have CLUSTER). INTERNET —
-/// public addresses only, the cluster's and the metadata server's refused — needs a filtered
-/// egress network this worker does not make. For SANDBOX (whose every job Iris's controller
-/// sends as INTERNET when it names none) it is served as NONE, which promises less and keeps
-/// the sandbox's point, no way back to the cluster; for any other profile it is refused,
-/// rather than given more or less than asked.
-fn no_network(value: i32, profile: ContainerProfile) -> Result<bool, TaskError> {
+/// The attempt's network, from its `egress_policy` as Iris resolves it (UNSPECIFIED is
+/// CLUSTER, SANDBOX's is INTERNET; SANDBOX may not have CLUSTER): `(none, internet only)`.
+/// INTERNET — public addresses only — is a network namespace of the task's own with a filtered
+/// way out (`runtime::container::egress`), whose rules live in that namespace: a PRIVILEGED
+/// task (CAP_NET_ADMIN) could lift them, and gVisor has a network stack of its own, so those
+/// two are refused INTERNET rather than given more than asked.
+fn network(value: i32, profile: ContainerProfile) -> Result<(bool, bool), TaskError> {
     use job::EgressPolicy as Wire;
     let sandbox = profile == ContainerProfile::Sandbox;
+    let internet = || match profile {
+        ContainerProfile::Privileged => {
+            Err(invalid("egress_policy", "INTERNET cannot be kept for a PRIVILEGED task (it could lift the filter)"))
+        }
+        ContainerProfile::Gvisor => Err(invalid("egress_policy", "INTERNET is not served under GVISOR by this worker")),
+        _ => Ok((false, true)),
+    };
     match Wire::try_from(value) {
-        Ok(Wire::Unspecified) => Ok(sandbox),
+        Ok(Wire::Unspecified) if sandbox => internet(),
+        Ok(Wire::Unspecified) => Ok((false, false)),
         Ok(Wire::Cluster) if sandbox => {
             Err(invalid("egress_policy", "CLUSTER is not allowed with container_profile SANDBOX"))
         }
-        Ok(Wire::Cluster) => Ok(false),
-        Ok(Wire::None) => Ok(true),
-        Ok(Wire::Internet) if sandbox => Ok(true),
-        Ok(Wire::Internet) => Err(invalid(
-            "egress_policy",
-            "INTERNET (public addresses only) is not served by this worker: it has no filtered egress network; \
-             ask for NONE or CLUSTER",
-        )),
+        Ok(Wire::Cluster) => Ok((false, false)),
+        Ok(Wire::None) => Ok((true, false)),
+        Ok(Wire::Internet) => internet(),
         Err(_) => Err(invalid("egress_policy", format!("{value} is not an EgressPolicy"))),
     }
 }
@@ -129,7 +131,7 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
         },
     };
     let container_profile = container_profile(req.container_profile)?;
-    let no_network = no_network(req.egress_policy, container_profile)?;
+    let (no_network, internet_only) = network(req.egress_policy, container_profile)?;
     let res = req.resources.unwrap_or_default();
     for (field, value) in [("resources.memory_bytes", res.memory_bytes), ("resources.disk_bytes", res.disk_bytes)] {
         if value < 0 {
@@ -198,6 +200,10 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
         // refuses this pair too: its sandboxes are CPU-only).
         return Err(invalid("container_profile", "SANDBOX and GVISOR are CPU-only: a TPU task cannot run in one"));
     }
+    if tpu && internet_only {
+        // A TPU task is privileged: it could lift the filter.
+        return Err(invalid("egress_policy", "INTERNET cannot be kept for a TPU task (it runs privileged)"));
+    }
     if let Some(device) = tpu_device {
         // JAX's platform for a TPU task, as Iris sets it; the request's own values win.
         for (k, v) in [("JAX_PLATFORMS", "tpu,cpu"), ("PJRT_DEVICE", "TPU"), ("JAX_FORCE_TPU_INIT", "1")] {
@@ -249,6 +255,7 @@ pub fn task_spec(req: RunTaskRequest, controller: Option<&str>) -> Result<TaskSp
         image: task_image,
         tpu,
         no_network,
+        internet_only,
         ..Default::default()
     };
     spec.limits.cpu_millicores = (res.cpu_millicores > 0).then_some(res.cpu_millicores as u32);
@@ -404,15 +411,16 @@ mod tests {
             let mut req = request();
             req.container_profile = profile as i32;
             req.egress_policy = egress as i32;
-            task_spec(req, Some("http://c")).map(|s| s.no_network)
+            task_spec(req, Some("http://c")).map(|s| (s.no_network, s.internet_only))
         };
-        assert!(!network(P::Default, E::Unspecified).unwrap(), "CLUSTER: the host's network");
-        assert!(!network(P::Default, E::Cluster).unwrap());
-        assert!(network(P::Default, E::None).unwrap());
-        assert!(network(P::Sandbox, E::Unspecified).unwrap(), "SANDBOX's default, served as NONE");
-        assert!(network(P::Sandbox, E::None).unwrap());
-        assert!(network(P::Sandbox, E::Internet).unwrap(), "what Iris's controller sends a SANDBOX job: no network");
-        for (profile, egress) in [(P::Sandbox, E::Cluster), (P::Default, E::Internet)] {
+        assert_eq!(network(P::Default, E::Unspecified).unwrap(), (false, false), "CLUSTER: the host's network");
+        assert_eq!(network(P::Default, E::Cluster).unwrap(), (false, false));
+        assert_eq!(network(P::Default, E::None).unwrap(), (true, false));
+        assert_eq!(network(P::Default, E::Internet).unwrap(), (false, true));
+        assert_eq!(network(P::Sandbox, E::Unspecified).unwrap(), (false, true), "SANDBOX's default: INTERNET");
+        assert_eq!(network(P::Sandbox, E::Internet).unwrap(), (false, true));
+        assert_eq!(network(P::Sandbox, E::None).unwrap(), (true, false));
+        for (profile, egress) in [(P::Sandbox, E::Cluster), (P::Privileged, E::Internet)] {
             match network(profile, egress) {
                 Err(TaskError::Invalid { field, .. }) => assert_eq!(field, "egress_policy"),
                 other => panic!("{profile:?} {egress:?}: {other:?}"),

@@ -5,6 +5,7 @@
 //! `build` and `start` chdir the whole process and fork: never call them from a
 //! multi-threaded process.
 
+pub mod egress;
 pub mod exec;
 pub mod gvisor;
 mod init;
@@ -35,6 +36,8 @@ pub struct ContainerRuntime {
     cgroup: Option<(crate::cgroup::Layout, String)>,
     /// Where the container's init reports how the task's command ended.
     status: Option<init::StatusPipe>,
+    /// The container's filtered way out, when it has one.
+    egress: Option<egress::Egress>,
 }
 
 fn lc_err(op: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> RuntimeError {
@@ -120,6 +123,9 @@ impl Runtime for ContainerRuntime {
         super::phases::mark("net hierarchies hidden");
         let mut config = oci::build(spec)?;
         oci::add_hosts_file(&mut config, task_dir, &spec.hostname)?;
+        if spec.filtered_egress {
+            oci::add_resolv_conf(&mut config, task_dir, egress::RESOLVER)?;
+        }
         let config_path = task_dir.join(crate::taskdir::OCI_CONFIG);
         config.save(&config_path).map_err(|e| RuntimeError::Spec(format!("writing {}: {e}", config_path.display())))?;
         super::phases::mark("config.json written");
@@ -165,6 +171,10 @@ impl Runtime for ContainerRuntime {
             layout.join_unified(path, pid)?;
             super::phases::mark("joined the unified cgroup");
         }
+        if spec.own_network && spec.filtered_egress {
+            // Before the task runs: it never sees its network unfiltered.
+            self.egress = Some(egress::attach(pid)?);
+        }
         Ok(pid)
     }
 
@@ -187,6 +197,8 @@ impl Runtime for ContainerRuntime {
     }
 
     fn remove(&mut self) -> Result<(), RuntimeError> {
+        // Its network is gone with the container: slirp4netns has nothing left to carry.
+        self.egress = None;
         let deleted = match self.container.as_mut() {
             Some(container) => container.delete(true).map_err(lc_err("deleting")),
             None => {

@@ -72,6 +72,26 @@ pub(super) fn add_hosts_file(config: &mut Spec, task_dir: &Path, hostname: &str)
     Ok(())
 }
 
+/// Points the container's `/etc/resolv.conf` at `nameserver` (a file in the task directory,
+/// bound read-only): the resolver of its own network, not the host's, which it cannot reach.
+pub(super) fn add_resolv_conf(config: &mut Spec, task_dir: &Path, nameserver: &str) -> Result<(), RuntimeError> {
+    let path = task_dir.join(crate::taskdir::RESOLV_CONF);
+    std::fs::write(&path, format!("nameserver {nameserver}\n")).map_err(|source| RuntimeError::Io {
+        op: "writing",
+        path: crate::taskdir::RESOLV_CONF.into(),
+        source,
+    })?;
+    let mut mounts = config.mounts().clone().unwrap_or_default();
+    mounts.push(mount(
+        "/etc/resolv.conf",
+        "bind",
+        &path.to_string_lossy(),
+        &["rbind", "ro", "nosuid", "nodev", "noexec"],
+    ));
+    config.set_mounts(Some(mounts));
+    Ok(())
+}
+
 /// Builds the OCI configuration for `spec`.
 pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
     let privileged = spec.profile == Profile::Privileged;

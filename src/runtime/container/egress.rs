@@ -12,7 +12,8 @@
 //! to the host's.
 //!
 //! slirp4netns is a child of the supervisor, dying with it (PR_SET_PDEATHSIG) and killed when
-//! the container is removed.
+//! the container is removed; it runs in a sandbox of its own with its own seccomp filter
+//! (`--enable-sandbox --enable-seccomp`), since it parses the task's packets as root.
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -65,7 +66,10 @@ pub fn attach(pid: Pid) -> Result<Egress, RuntimeError> {
     let ready_fd = ready_w.as_raw_fd();
     let mut command = Command::new("slirp4netns");
     command
-        .args(["--configure", "--mtu=65520", "--disable-host-loopback", "--ready-fd=3"])
+        // Its own sandbox (mount namespace, capabilities dropped) and seccomp filter: it parses
+        // the task's packets as root.
+        .args(["--configure", "--mtu=65520", "--disable-host-loopback", "--enable-sandbox", "--enable-seccomp"])
+        .arg("--ready-fd=3")
         .arg(pid.as_raw().to_string())
         .arg("tap0")
         .stdin(Stdio::null())

@@ -295,6 +295,10 @@ mod reconcile {
         }
 
         async fn start_with(name: &str, extra: &[&str]) -> NewestWorker {
+            NewestWorker::start_with_env(name, extra, &[]).await
+        }
+
+        async fn start_with_env(name: &str, extra: &[&str], envs: &[(&str, &str)]) -> NewestWorker {
             let mut w = NewestWorker {
                 // The leftover check of the suite looks for this prefix.
                 id: format!("iwtest-{name}-{}", std::process::id()),
@@ -302,7 +306,7 @@ mod reconcile {
                 child: None,
                 client: ConnectClient::new("http://127.0.0.1:1"),
                 extra: extra.iter().map(|s| s.to_string()).collect(),
-                envs: Vec::new(),
+                envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             };
             w.spawn().await;
             w
@@ -737,15 +741,7 @@ mod reconcile {
     async fn a_stop_before_the_setup_steps_supervisor_can_be_found_still_ends_it() {
         // The test seam holds each supervisor 3 s before it records its pid: a stop in that
         // window finds no supervisor to signal.
-        let mut w = NewestWorker {
-            id: format!("iwtest-setup-race-{}", std::process::id()),
-            state: tempfile::Builder::new().prefix("iris-worker-test-").tempdir().unwrap(),
-            child: None,
-            client: ConnectClient::new("http://127.0.0.1:1"),
-            extra: vec![],
-            envs: vec![("IRIS_TEST_SUPERVISOR_PID_DELAY_MS".into(), "3000".into())],
-        };
-        w.spawn().await;
+        let w = NewestWorker::start_with_env("setup-race", &[], &[("IRIS_TEST_SUPERVISOR_PID_DELAY_MS", "3000")]).await;
         let mut slow = spec("/t/race/0", 0, "rc0", "true");
         if let Some(e) = slow.entrypoint.as_mut() {
             e.setup_commands = vec!["exec sleep 600".into()];

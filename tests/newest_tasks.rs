@@ -137,6 +137,14 @@ impl NewestWorker {
         self.client.call(SERVICE, "ExecInContainer", &req, Duration::from_secs(120)).await
     }
 
+    /// Polls the task's status until it is RUNNING.
+    async fn until_running(&self, task_id: &str) {
+        poll("the task RUNNING", Duration::from_secs(60), async || {
+            (self.task_state(task_id).await == job::TaskState::Running as i32).then_some(())
+        })
+        .await;
+    }
+
     async fn task_state(&self, task_id: &str) -> i32 {
         let req = worker::GetTaskStatusRequest { task_id: task_id.into() };
         let status: job::TaskStatus =
@@ -226,10 +234,7 @@ async fn exec_runs_inside_the_task_container() {
         .reconcile(vec![run("00000000000000e1", task, &format!("echo written-by-task > marker.txt; exec sleep {nap}"))])
         .await;
     assert_eq!(resp.observed.len(), 1, "{resp:?}");
-    poll("the task RUNNING", Duration::from_secs(60), async || {
-        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
-    })
-    .await;
+    w.until_running(task).await;
     let task_pid =
         poll("the task's sleep", Duration::from_secs(30), async || pids_with_cmdline(&["sleep", nap]).pop()).await;
 
@@ -362,10 +367,7 @@ async fn exec_beside_a_process_runtime_task_joins_its_cgroup_and_workdir() {
     let nap = "987.655";
     w.reconcile(vec![run("00000000000000e2", task, &format!("echo written-by-task > marker.txt; exec sleep {nap}"))])
         .await;
-    poll("the task RUNNING", Duration::from_secs(60), async || {
-        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
-    })
-    .await;
+    w.until_running(task).await;
     let task_pid =
         poll("the task's sleep", Duration::from_secs(30), async || pids_with_cmdline(&["sleep", nap]).pop()).await;
     let r = poll("the marker file", Duration::from_secs(30), async || {
@@ -607,10 +609,7 @@ async fn gvisor_runs_the_task_on_gvisors_kernel_and_exec_reaches_it_there() {
     let task = "/test/gvisor/0";
     let marker = "987.6";
     w.reconcile(vec![run_as("00000000000000a1", task, &format!("uname -r; exec sleep {marker}"), P::Gvisor)]).await;
-    poll("the task RUNNING", Duration::from_secs(60), async || {
-        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
-    })
-    .await;
+    w.until_running(task).await;
     // gVisor's kernel answers the task, not the host's.
     let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
     let dir = std::fs::read_dir(w.state.path().join("tasks")).unwrap().flatten().next().unwrap().path();
@@ -664,10 +663,7 @@ async fn profile_task_answers_every_failure_in_its_error() {
     let w = NewestWorker::start("profile", &[]).await;
     let task = "/test/profile/0";
     w.reconcile(vec![run("00000000000000d1", task, "exec sleep 765.4")]).await;
-    poll("the task RUNNING", Duration::from_secs(60), async || {
-        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
-    })
-    .await;
+    w.until_running(task).await;
     let ask = async |target: &str, profiler: Option<Profiler>| -> ProfileTaskResponse {
         let req = ProfileTaskRequest {
             target: target.into(),
@@ -749,10 +745,7 @@ async fn profile_task_dumps_the_task_threads_with_its_venv_py_spy() {
         intent: Some(Intent::Run(AttemptSpec { request: Some(request) })),
     };
     w.reconcile(vec![desired]).await;
-    poll("the task RUNNING", Duration::from_secs(60), async || {
-        (w.task_state(task).await == job::TaskState::Running as i32).then_some(())
-    })
-    .await;
+    w.until_running(task).await;
     let req = ProfileTaskRequest {
         target: task.into(),
         duration_seconds: 0,

@@ -29,9 +29,8 @@
 //!       build/                        a venv build step's own task directory
 //!       setup/                        the newest wire's setup step's own task directory
 //!       config.json                   the OCI config of the container
-//!       hosts                         the container's /etc/hosts (localhost, its hostname)
-//!       resolv.conf                   ... its /etc/resolv.conf, with filtered egress
-//!       runtime/                      libcontainer's state, when the host has no tmpfs for it
+//!       runtime/                      libcontainer's state and the container's /etc files (hosts,
+//!                                     resolv.conf), when the host has no tmpfs for them
 //!                                     (runtime::container::state_root)
 //!       rootfs/, overlay/             the image rootfs mount and its upper/work dirs
 //!       run/rigging/secrets/   0700   newest wire: the task's secrets (0600 files), its /run
@@ -104,9 +103,11 @@ pub const BUILD: &str = "build";
 pub const SETUP: &str = "setup";
 /// The container's OCI config.
 pub const OCI_CONFIG: &str = "config.json";
-/// The container's `/etc/hosts`, bound read-only.
+/// The container's `/etc/hosts`, bound read-only; kept with the container's state
+/// (`runtime::container::state_root`).
 pub const HOSTS: &str = "hosts";
-/// The container's `/etc/resolv.conf` when it has a network of its own with a way out.
+/// The container's `/etc/resolv.conf` when it has a network of its own with a way out; beside
+/// [`HOSTS`].
 pub const RESOLV_CONF: &str = "resolv.conf";
 /// libcontainer's state.
 pub const RUNTIME_STATE: &str = "runtime";

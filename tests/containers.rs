@@ -357,8 +357,10 @@ async fn a_containers_state_is_kept_in_memory_while_it_runs_and_goes_with_it() {
     let task_dir = w.state_dir().join("tasks/memstate_2ftask-0.0");
     let root = state_root(&task_dir);
     assert_eq!(root.parent(), Some(base), "the state root {root:?} is in {base:?}");
-    let containers: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.path()).collect();
+    let containers: Vec<_> =
+        std::fs::read_dir(&root).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
     assert_eq!(containers.len(), 1, "one container's state in {root:?}: {containers:?}");
+    assert!(root.join("hosts").is_file(), "the container's /etc/hosts beside its state, in memory");
     assert!(containers[0].join("state.json").is_file(), "libcontainer's state.json in {:?}", containers[0]);
     assert!(!task_dir.join("runtime").exists(), "nothing of the container's state on disk");
 

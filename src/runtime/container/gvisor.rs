@@ -55,6 +55,19 @@ fn run_argv(runsc: &Path, spec: &LaunchSpec, task_dir: &Path) -> Vec<String> {
     ]
 }
 
+/// `spec` as the process runtime runs runsc with it: `argv` on the host, as root, in the task
+/// directory and the task's cgroup (with its limits), PATH its only variable.
+fn on_host(spec: &LaunchSpec, task_dir: &Path, argv: Vec<String>) -> LaunchSpec {
+    LaunchSpec {
+        runtime: RuntimeKind::Process,
+        argv,
+        env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
+        cwd_in_task: task_dir.to_string_lossy().into_owned(),
+        user: None,
+        ..spec.clone()
+    }
+}
+
 /// Writes the OCI bundle of `spec` for runsc into `task_dir/gvisor/`.
 fn write_bundle(spec: &LaunchSpec, task_dir: &Path) -> Result<(), RuntimeError> {
     let bundle = task_dir.join(BUNDLE);
@@ -62,7 +75,7 @@ fn write_bundle(spec: &LaunchSpec, task_dir: &Path) -> Result<(), RuntimeError> 
     let io = |op| move |source| RuntimeError::Io { op, path: PathBuf::from(BUNDLE), source };
     std::fs::create_dir_all(bundle.join(STATE)).map_err(io("creating"))?;
     let mut config = super::oci::build(spec)?;
-    super::oci::add_hosts_file(&mut config, task_dir, &spec.hostname)?;
+    super::oci::add_hosts_file(&mut config, &bundle, &spec.hostname)?;
     if let Some(linux) = config.linux_mut() {
         linux.set_seccomp(None);
         linux.set_cgroups_path(None);
@@ -75,14 +88,7 @@ fn write_bundle(spec: &LaunchSpec, task_dir: &Path) -> Result<(), RuntimeError> 
 impl Runtime for GvisorRuntime {
     fn create(&mut self, spec: &LaunchSpec, task_dir: &Path, io: TaskIo) -> Result<Pid, RuntimeError> {
         write_bundle(spec, task_dir)?;
-        let runner = LaunchSpec {
-            runtime: RuntimeKind::Process,
-            argv: run_argv(&self.runsc, spec, task_dir),
-            env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
-            cwd_in_task: task_dir.to_string_lossy().into_owned(),
-            user: None,
-            ..spec.clone()
-        };
+        let runner = on_host(spec, task_dir, run_argv(&self.runsc, spec, task_dir));
         let pid = self.runner.create(&runner, task_dir, io)?;
         self.created = Some((task_dir.join(BUNDLE).join(STATE), spec.id.clone()));
         Ok(pid)
@@ -149,12 +155,5 @@ pub fn enter(
         file.to_string_lossy().into_owned(),
         spec.id.clone(),
     ];
-    let runner = LaunchSpec {
-        runtime: RuntimeKind::Process,
-        cwd_in_task: task_dir.to_string_lossy().into_owned(),
-        user: None,
-        env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
-        ..spec.clone()
-    };
-    crate::runtime::process::enter(&runner, &exec, io)
+    crate::runtime::process::enter(&on_host(spec, task_dir, vec![]), &exec, io)
 }

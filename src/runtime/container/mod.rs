@@ -122,14 +122,21 @@ impl Runtime for ContainerRuntime {
         net_hierarchies::hide_net_hierarchies()?;
         super::phases::mark("net hierarchies hidden");
         let mut config = oci::build(spec)?;
-        oci::add_hosts_file(&mut config, task_dir, &spec.hostname)?;
+        // The container's own /etc files go with its state (in memory where the host has a
+        // tmpfs for it): no inode on the task directory's disk for them.
+        let root = state_root(task_dir);
+        std::fs::create_dir_all(&root).map_err(|source| RuntimeError::Io {
+            op: "creating",
+            path: "the container's state".into(),
+            source,
+        })?;
+        oci::add_hosts_file(&mut config, &root, &spec.hostname)?;
         if spec.filtered_egress {
-            oci::add_resolv_conf(&mut config, task_dir, egress::RESOLVER)?;
+            oci::add_resolv_conf(&mut config, &root, egress::RESOLVER)?;
         }
         let config_path = task_dir.join(crate::taskdir::OCI_CONFIG);
         config.save(&config_path).map_err(|e| RuntimeError::Spec(format!("writing {}: {e}", config_path.display())))?;
         super::phases::mark("config.json written");
-        let root = state_root(task_dir);
         self.state_dir = Some(root.join(&spec.id));
         let mut status = init::StatusPipe::new()
             .map_err(|e| RuntimeError::Container { op: "preparing", message: format!("a pipe: {e}") })?;
@@ -241,15 +248,13 @@ pub fn remove_leftover(task_dir: &Path) {
         for entry in entries.flatten() {
             if let Ok(mut c) = Container::load(entry.path()) {
                 let _ = c.delete(true);
-            } else if memory.as_ref() == Some(&root) {
-                // Half made (the supervisor died before libcontainer wrote its state): in
-                // memory nothing else would ever remove it.
-                let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }
     if let Some(root) = memory {
-        let _ = std::fs::remove_dir(root);
+        // What is left there — a container half made (the supervisor died before libcontainer
+        // wrote its state), the container's /etc files — nothing else would ever remove.
+        let _ = std::fs::remove_dir_all(root);
     }
 }
 
@@ -259,7 +264,7 @@ pub fn remove_leftover(task_dir: &Path) {
 fn remove_memory_state(container_dir: &Path) {
     let Some(root) = container_dir.parent() else { return };
     if memory_state_base().is_some_and(|base| root.parent() == Some(base)) {
-        let _ = std::fs::remove_dir_all(container_dir);
-        let _ = std::fs::remove_dir(root);
+        // The root holds the container's /etc files beside its state: all of it goes.
+        let _ = std::fs::remove_dir_all(root);
     }
 }

@@ -56,38 +56,26 @@ fn spec_err(e: impl std::fmt::Display) -> RuntimeError {
 
 /// Gives the container an `/etc/hosts` of its own, as Docker does: `localhost` and its hostname
 /// resolve whatever its root filesystem has (a minimal one has no `/etc/hosts`, and a program
-/// that binds `localhost` — memray, a distributed trainer's rendezvous — fails). Written into
-/// the task directory and bound read-only.
-pub(super) fn add_hosts_file(config: &mut Spec, task_dir: &Path, hostname: &str) -> Result<(), RuntimeError> {
-    let path = task_dir.join(crate::taskdir::HOSTS);
+/// that binds `localhost` — memray, a distributed trainer's rendezvous — fails).
+pub(super) fn add_hosts_file(config: &mut Spec, dir: &Path, hostname: &str) -> Result<(), RuntimeError> {
     let text = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n");
-    std::fs::write(&path, text).map_err(|source| RuntimeError::Io {
-        op: "writing",
-        path: crate::taskdir::HOSTS.into(),
-        source,
-    })?;
-    let mut mounts = config.mounts().clone().unwrap_or_default();
-    mounts.push(mount("/etc/hosts", "bind", &path.to_string_lossy(), &["rbind", "ro", "nosuid", "nodev", "noexec"]));
-    config.set_mounts(Some(mounts));
-    Ok(())
+    bind_file(config, dir, crate::taskdir::HOSTS, &text, "/etc/hosts")
 }
 
-/// Points the container's `/etc/resolv.conf` at `nameserver` (a file in the task directory,
-/// bound read-only): the resolver of its own network, not the host's, which it cannot reach.
-pub(super) fn add_resolv_conf(config: &mut Spec, task_dir: &Path, nameserver: &str) -> Result<(), RuntimeError> {
-    let path = task_dir.join(crate::taskdir::RESOLV_CONF);
-    std::fs::write(&path, format!("nameserver {nameserver}\n")).map_err(|source| RuntimeError::Io {
-        op: "writing",
-        path: crate::taskdir::RESOLV_CONF.into(),
-        source,
-    })?;
+/// Points the container's `/etc/resolv.conf` at `nameserver`: the resolver of its own network,
+/// not the host's, which it cannot reach.
+pub(super) fn add_resolv_conf(config: &mut Spec, dir: &Path, nameserver: &str) -> Result<(), RuntimeError> {
+    bind_file(config, dir, crate::taskdir::RESOLV_CONF, &format!("nameserver {nameserver}\n"), "/etc/resolv.conf")
+}
+
+/// Writes `text` to `dir/name` (the container's state directory: it lives as long as the
+/// container) and binds it read-only at `target` in the container. Errors name the file, not
+/// its host path.
+fn bind_file(config: &mut Spec, dir: &Path, name: &str, text: &str, target: &str) -> Result<(), RuntimeError> {
+    let path = dir.join(name);
+    std::fs::write(&path, text).map_err(|source| RuntimeError::Io { op: "writing", path: name.into(), source })?;
     let mut mounts = config.mounts().clone().unwrap_or_default();
-    mounts.push(mount(
-        "/etc/resolv.conf",
-        "bind",
-        &path.to_string_lossy(),
-        &["rbind", "ro", "nosuid", "nodev", "noexec"],
-    ));
+    mounts.push(mount(target, "bind", &path.to_string_lossy(), &["rbind", "ro", "nosuid", "nodev", "noexec"]));
     config.set_mounts(Some(mounts));
     Ok(())
 }

@@ -162,14 +162,14 @@ fn main() -> anyhow::Result<()> {
         peers.iter().map(|(n, k)| format!("{n} {:.1} MB", mb(pick(k)))).collect::<Vec<_>>().join(", ")
     };
     let mut rows = vec![
-        Row::value("worker RSS, idle after start", 1, "MB", mb(idle)).goal(false, 15.0),
-        Row::value(format!("worker RSS, idle after {TASKS} tasks"), 1, "MB", mb(after)).goal(false, 15.0),
+        Row::value("worker RSS, idle after start", 1, "MB", mb(idle)).goal(false, 12.0),
+        Row::value(format!("worker RSS, idle after {TASKS} tasks"), 1, "MB", mb(after)).goal(false, 12.0),
         Row::value(format!("supervisor RSS, each of {TASKS} running tasks (p50)"), per.len(), "MB", mb(rss))
             .vs(format!("max {:.1} MB; {}", mb(rss_max), peer_text(|k| k.0)))
             .goal(false, 2.0),
         Row::value(format!("supervisor PSS, each of {TASKS} running tasks (p50)"), per.len(), "MB", mb(pss))
             .vs(format!("max {:.1} MB; {}", mb(pss_max), peer_text(|k| k.1)))
-            .goal(false, 2.0),
+            .goal(false, 1.5),
     ];
     for (n, (r, p)) in &peers {
         rows.push(Row::value(format!("peer, {n}"), 1, "MB", mb(*r)).vs(format!("RSS; PSS {:.1} MB", mb(*p))));

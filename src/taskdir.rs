@@ -21,16 +21,15 @@
 //!       fence.json                    the lease the task is under (with a controller)
 //!       log.pushed                    newest wire: lines Iris's log service acknowledged
 //!       .<name>.tmp                   room set aside for a record (see [`reserve`])
-//!       supervisor.log                the supervisor's own diagnostics
+//!       supervisor.log                the supervisor's own diagnostics, made at its first line
 //!       logs/                         the task's log and its line index; with a cap: cap,
 //!                                     dropped, tail.<first line>.{bin,idx} (format: `logs`)
 //!       workdir/               0755   the task's /workdir
 //!       tmp/                          the process runtime's /tmp
 //!       build/                        a venv build step's own task directory
 //!       setup/                        the newest wire's setup step's own task directory
-//!       config.json                   the OCI config of the container
-//!       runtime/                      libcontainer's state and the container's /etc files (hosts,
-//!                                     resolv.conf), when the host has no tmpfs for them
+//!       runtime/                      the container's OCI config (the bundle), libcontainer's state and
+//!                                     its /etc files (hosts, resolv.conf), when the host has no tmpfs
 //!                                     (runtime::container::state_root)
 //!       rootfs/, overlay/             the image rootfs mount and its upper/work dirs
 //!       run/rigging/secrets/   0700   newest wire: the task's secrets (0600 files), its /run
@@ -101,7 +100,8 @@ pub const TMP: &str = "tmp";
 pub const BUILD: &str = "build";
 /// The newest wire's setup step's own task directory.
 pub const SETUP: &str = "setup";
-/// The container's OCI config.
+/// The container's OCI config, in its bundle: the container's state root
+/// (`runtime::container::state_root`), or gVisor's bundle directory.
 pub const OCI_CONFIG: &str = "config.json";
 /// The container's `/etc/hosts`, bound read-only; kept with the container's state
 /// (`runtime::container::state_root`).
@@ -377,9 +377,7 @@ pub fn write_secrets<'a>(
 /// config and state, build step, rootfs dirs, /tmp, and the workdir's files), keeping its
 /// record, request and log, so that it can be prepared again.
 pub fn clear_preparation(dir: &Path) {
-    for name in [SPEC, OCI_CONFIG] {
-        let _ = fs::remove_file(dir.join(name));
-    }
+    let _ = fs::remove_file(dir.join(SPEC));
     for name in [RUNTIME_STATE, BUILD, SETUP, TMP, ROOTFS, OVERLAY, RUN] {
         let _ = fs::remove_dir_all(dir.join(name));
     }

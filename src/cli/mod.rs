@@ -144,22 +144,52 @@ fn describe_error(e: &anyhow::Error) -> String {
         .join(": ")
 }
 
+/// The supervisor's own log, created at its first line: a supervisor with nothing to say (a
+/// task that ran and ended as it should) leaves no file, which on a disk where each inode
+/// costs ~0.1 ms of CPU (docs/ARCHITECTURE.md, Performance) is worth not making.
+struct LogOnFirstWrite {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl std::io::Write for LogOnFirstWrite {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let file = match &mut self.file {
+            Some(file) => file,
+            None => self.file.insert(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(crate::taskdir::PRIVATE_FILE_MODE)
+                    .open(&self.path)?,
+            ),
+        };
+        file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), std::io::Write::flush)
+    }
+}
+
 fn supervise(task_dir: &std::path::Path, ready_fd: Option<i32>) -> ExitCode {
     // Log to a file in the task directory: the supervisor's stdio is /dev/null, and
     // libcontainer's tracing must never reach the task's own output.
-    let log = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(crate::taskdir::PRIVATE_FILE_MODE)
-        .open(task_dir.join(crate::taskdir::SUPERVISOR_LOG));
     if crate::runtime::phases::install_from_env() {
         // Profiling (scripts/bench lifecycle --phases): the phases file takes the events.
-    } else if let Ok(file) = log {
-        let _ = tracing_subscriber::fmt()
-            .with_writer(std::sync::Mutex::new(file))
-            .with_ansi(false)
-            .with_max_level(tracing::Level::WARN)
+    } else {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        // libcgroups warns, in every container, of each v1 controller the host does not mount
+        // (and of net_cls/net_prio, which the supervisor hides on purpose): expected, so not
+        // worth a line. Its errors still reach the file.
+        let filter = tracing_subscriber::filter::Targets::new()
+            .with_default(tracing::Level::WARN)
+            .with_target("libcgroups::v1::manager", tracing::Level::ERROR);
+        let log = LogOnFirstWrite { path: task_dir.join(crate::taskdir::SUPERVISOR_LOG), file: None };
+        let _ = tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_writer(std::sync::Mutex::new(log)).with_ansi(false))
+            .with(filter)
             .try_init();
     }
     // Before any fork: the container's init blanks this area (its host paths) in its copy.

@@ -35,7 +35,7 @@ use crate::runtime::{LaunchSpec, RuntimeError, TaskIo};
 /// once it has exec'd (or failed to: then it exits 126 or 127 with the reason on its stderr,
 /// as a shell does).
 pub fn enter(spec: &LaunchSpec, task_dir: &Path, argv: &[String], io: TaskIo) -> Result<Pid, RuntimeError> {
-    let config_path = task_dir.join("config.json");
+    let config_path = state_root(task_dir).join(crate::taskdir::OCI_CONFIG);
     let config = Spec::load(&config_path)
         .map_err(|e| RuntimeError::Container { op: "reading the configuration of", message: e.to_string() })?;
     let process = config.process().as_ref();

@@ -134,8 +134,10 @@ impl Runtime for ContainerRuntime {
         if spec.filtered_egress {
             oci::add_resolv_conf(&mut config, &root, egress::RESOLVER)?;
         }
-        let config_path = task_dir.join(crate::taskdir::OCI_CONFIG);
-        config.save(&config_path).map_err(|e| RuntimeError::Spec(format!("writing {}: {e}", config_path.display())))?;
+        // The OCI config too (libcontainer reads it from the bundle directory, then keeps its
+        // own copy in the container's state): the root is the bundle.
+        let config_path = root.join(crate::taskdir::OCI_CONFIG);
+        config.save(&config_path).map_err(|e| RuntimeError::Spec(format!("writing the OCI config: {e}")))?;
         super::phases::mark("config.json written");
         self.state_dir = Some(root.join(&spec.id));
         let mut status = init::StatusPipe::new()
@@ -148,7 +150,7 @@ impl Runtime for ContainerRuntime {
             .with_executor(init::InitExecutor { status_fd: status.write_fd() })
             .validate_id()
             .map_err(lc_err("naming"))?
-            .as_init(task_dir)
+            .as_init(&root)
             .with_systemd(false)
             .with_detach(true)
             .build();

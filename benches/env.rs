@@ -2,7 +2,8 @@
 //! beside a peer measured in the same run (interleaved):
 //!
 //! 1. a cold venv build (the task's build phase, from its build metrics) vs bare `uv venv` +
-//!    `uv pip install -r pyproject.toml` on the same project with a warm uv cache of its own;
+//!    `uv pip install -r pyproject.toml` on the same project with a warm uv cache of its own,
+//!    both compiling the modules to bytecode (the worker's tasks import from a read-only venv);
 //! 2. RunTask → RUNNING of a Python task whose venv is cached vs a command task with no bundle,
 //!    and RunTask → the first line of its function vs `python3 -c` of the same function in the
 //!    same root filesystem outside any container (`chroot`), until its line is read;
@@ -141,6 +142,8 @@ fn bare_uv(uv: &Path, uv_cache: &Path, dir: &Path) -> anyhow::Result<Duration> {
             .env("UV_OFFLINE", "1")
             .env("UV_FIND_LINKS", cache().join("wheels"))
             .env("UV_PYTHON_DOWNLOADS", "never")
+            // As the worker's build does (its tasks import from a read-only venv): the same work.
+            .env("UV_COMPILE_BYTECODE", "1")
             .stdin(Stdio::null())
             .output()?;
         if !out.status.success() {

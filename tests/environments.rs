@@ -120,7 +120,34 @@ async fn a_pickled_callable_runs_returns_its_result_and_the_second_task_reuses_t
     assert!(from_cache(&again), "{again:?}");
     let again_logs = all_logs(&mut c, "py/again").await;
     assert!(build_lines(&again_logs).is_empty(), "no new build: {again_logs:#?}");
+
+    // The venv is read-only in its tasks: what they import from it must be bytecode already
+    // (cloudpickle, at least, loaded the entrypoint), or every task compiles it again.
+    c.run_task(entrypoint_task("py/bytecode", pickle(VENV_MODULES_WITHOUT_BYTECODE)))
+        .await
+        .map(|_| ())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = wait_end(&mut c, "py/bytecode", BUILD).await;
+    let logs = all_logs(&mut c, "py/bytecode").await;
+    assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}\n{logs:#?}");
+    let result = unpickle(&w.state_dir().join("tasks/py_2fbytecode.0/workdir/_result.pkl"));
+    let (checked, missing) = result.trim_matches(|c| c == '(' || c == ')').split_once(", ").unwrap();
+    assert!(checked.parse::<u32>().unwrap() >= 1, "cloudpickle came from the venv: {result}");
+    assert_eq!(missing, "[]", "modules imported from the venv without bytecode: {result}");
 }
+
+/// The venv's modules the task imported (cloudpickle among them, to load the entrypoint), and
+/// those of them whose bytecode file does not exist.
+const VENV_MODULES_WITHOUT_BYTECODE: &str = r#"
+def fn():
+    import os, sys
+    from_venv = [m for m in list(sys.modules.values())
+                 if (getattr(m, "__file__", None) or "").startswith("/app/.venv/")
+                 and m.__file__.endswith(".py")]
+    return (len(from_venv), sorted(m.__name__ for m in from_venv if not os.path.exists(m.__cached__)))
+args = ()
+kwargs = {}
+"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: runs containers"]

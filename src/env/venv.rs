@@ -448,6 +448,7 @@ pub const BUILD_ENV_SET_BY_WORKER: &[(&str, &str)] = &[
     ("UV_PYTHON*", "every build"),
     ("UV_LINK_MODE", "every build"),
     ("UV_NO_PROGRESS", "every build"),
+    ("UV_COMPILE_BYTECODE", "every build"),
     ("IRIS_*", "every build"),
     ("UV_FIND_LINKS", "--uv-find-links"),
     ("UV_OFFLINE", "--uv-offline"),

@@ -4,11 +4,11 @@
 //! Python task there ignores SIGTERM, and every kill waits out its whole grace. Nor does a
 //! program expect to reap orphans it never started. So the container's first process (forked
 //! by libcontainer from the supervisor, already in the container's namespaces, cgroup, rootfs,
-//! user and capabilities, under the seccomp filter [`InitExecutor`] loads) forks once more: the child becomes the task's command
-//! and this process stays as the init. It forwards the signals it receives to the command,
-//! reaps every process that ends in the namespace, and exits when the command does — taking the
-//! rest of the namespace with it, as the kernel kills every process of a pid namespace whose
-//! init exits.
+//! user and capabilities, under the seccomp filter [`InitExecutor`] loads) forks once more:
+//! the child becomes the task's command and this process stays as the init. It forwards the
+//! signals it receives to the command, reaps every process that ends in the namespace, and
+//! exits when the command does — taking the rest of the namespace with it, as the kernel kills
+//! every process of a pid namespace whose init exits.
 //!
 //! No binary is mounted into the container and nothing more is exec'd: the init is memory the
 //! supervisor already has. Unlike tini, which can only exit with 128+N for a command killed by

@@ -387,6 +387,168 @@ async fn exec_beside_a_process_runtime_task_joins_its_cgroup_and_workdir() {
     assert!(task_cgroups.contains(&w.id), "the task's own cgroup: {task_cgroups}");
 }
 
+/// PTRACE_SECCOMP_GET_FILTER (linux/ptrace.h).
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+
+/// The programs of the seccomp filters `pid` runs under, newest first, as the kernel holds them
+/// (PTRACE_SECCOMP_GET_FILTER: root only). The process is seized and stopped for the reading,
+/// then let go. Call without awaiting in between: the ptrace calls must come from one thread.
+fn filters_of(pid: i32) -> Vec<Vec<u8>> {
+    // SAFETY: ptrace and waitpid on a pid, with integer arguments.
+    unsafe {
+        assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0), 0, "seizing {pid}");
+        assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0), 0, "stopping {pid}");
+        let mut status = 0;
+        assert_eq!(libc::waitpid(pid, &mut status, libc::__WALL), pid);
+    }
+    let filters = filters_of_stopped(pid);
+    // SAFETY: lets our stopped tracee go on.
+    unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) };
+    filters
+}
+
+fn filters_of_stopped(pid: i32) -> Vec<Vec<u8>> {
+    let mut filters = Vec::new();
+    for index in 0usize.. {
+        // SAFETY: a NULL buffer asks for the number of instructions.
+        let len = unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, pid, index, 0usize) };
+        if len < 0 {
+            break;
+        }
+        let mut program = vec![0u8; len as usize * 8];
+        // SAFETY: `program` has room for `len` instructions.
+        assert_eq!(unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, pid, index, program.as_mut_ptr()) }, len);
+        filters.push(program);
+    }
+    filters
+}
+
+/// The program libcontainer's own `initialize_seccomp` loads for the worker's profile (what
+/// every task ran under when libcontainer loaded it in the init), read back from a child
+/// that loaded it.
+fn libcontainers_program(allow_tracing: bool) -> Vec<u8> {
+    let profile = iris_worker::runtime::container::seccomp::default_profile(allow_tracing).unwrap();
+    // SAFETY: the child makes syscalls, loads the filter and _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: as above; TRACEME first, since the filter refuses ptrace.
+        unsafe {
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+            libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
+            if libcontainer::seccomp::initialize_seccomp(&profile).is_err() {
+                libc::_exit(3);
+            }
+            libc::raise(libc::SIGSTOP);
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waits for, then ends, our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(libc::WIFSTOPPED(status), "libcontainer's filter loaded (status {status:#x})");
+    let filters = filters_of_stopped(pid);
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, &mut status, 0);
+    }
+    assert_eq!(filters.len(), 1);
+    filters.into_iter().next().unwrap()
+}
+
+/// A bash command writing a static x86-64 ELF to `path` that makes syscall `nr` with the
+/// arguments (0, -1, 0, 0, 0) and exits with the negated result, i.e. the errno (for calls
+/// busybox and coreutils have no applet for: keyctl, clone3).
+fn write_syscall_probe(path: &str, nr: u32) -> String {
+    let mut code = vec![0xb8]; // mov eax, nr
+    code.extend_from_slice(&nr.to_le_bytes());
+    code.extend_from_slice(&[
+        0x31, 0xff, // xor edi, edi
+        0xbe, 0xff, 0xff, 0xff, 0xff, // mov esi, -1
+        0x31, 0xd2, // xor edx, edx
+        0x4d, 0x31, 0xd2, // xor r10, r10
+        0x4d, 0x31, 0xc0, // xor r8, r8
+        0x0f, 0x05, // syscall
+        0xf7, 0xd8, // neg eax
+        0x89, 0xc7, // mov edi, eax
+        0xb8, 60, 0, 0, 0, // mov eax, 60 (exit)
+        0x0f, 0x05, // syscall
+    ]);
+    let base: u64 = 0x400000;
+    let size = (64 + 56 + code.len()) as u64;
+    let mut elf = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&(base + 64 + 56).to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers
+    elf.extend_from_slice(&0u64.to_le_bytes());
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 0, 0, 0] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    elf.extend_from_slice(&0u64.to_le_bytes());
+    for v in [base, base, size, size, 0x1000] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.extend_from_slice(&code);
+    let escaped: String = elf.iter().map(|b| format!("\\x{b:02x}")).collect();
+    format!("printf '{escaped}' > {path} && chmod +x {path}")
+}
+
+#[tokio::test]
+#[ignore = "root: tasks run in containers; their filters are read with PTRACE_SECCOMP_GET_FILTER"]
+async fn the_init_the_task_and_an_exec_run_under_the_filter_libcontainer_loaded() {
+    use job::ContainerProfile as P;
+    let w = NewestWorker::start("filter", &[]).await;
+    // keyctl is denied (EPERM, 1); clone3 answers ENOSYS (38), so that libc falls back to a
+    // clone whose flags the filter can check.
+    let probes = "/tmp/keyctl; k=$?; /tmp/clone3; echo $k $?";
+    for (n, profile, tracing) in [(1, P::Restricted, false), (2, P::Default, true)] {
+        let want = libcontainers_program(tracing);
+        let task = format!("/test/filter-{n}/0");
+        let nap = format!("765.{n}");
+        let script = format!(
+            "{} && {} && ({probes}) > /tmp/by-task; exec sleep {nap}",
+            write_syscall_probe("/tmp/keyctl", 250),
+            write_syscall_probe("/tmp/clone3", 435)
+        );
+        w.reconcile(vec![run_as(&format!("00000000000000b{n}"), &task, &script, profile)]).await;
+        w.until_running(&task).await;
+        let task_pid =
+            poll("the task's sleep", Duration::from_secs(30), async || pids_with_cmdline(&["sleep", &nap]).pop()).await;
+        let init_pid: i32 = status_line(task_pid, "PPid:").split_whitespace().nth(1).unwrap().parse().unwrap();
+        let init_cmdline = std::fs::read(format!("/proc/{init_pid}/cmdline")).unwrap();
+        assert!(init_cmdline.starts_with(b"iris-init"), "the task's parent is its init");
+        let under_the_filter = |who: &str, pid: i32| {
+            assert_eq!(status_line(pid, "Seccomp:"), "Seccomp:\t2", "{profile:?}: the {who}");
+            assert_eq!(status_line(pid, "Seccomp_filters:"), "Seccomp_filters:\t1", "{profile:?}: the {who}");
+            assert!(filters_of(pid) == vec![want.clone()], "{profile:?}: the {who} runs under libcontainer's program");
+        };
+        under_the_filter("init", init_pid);
+        under_the_filter("task", task_pid);
+        let r = w.exec(&task, &["cat", "/tmp/by-task"], 0).await;
+        assert_eq!(r.stdout, "1 38\n", "{profile:?}: keyctl and clone3 in the task: {r:?}");
+        let r = w.exec(&task, &["bash", "-c", probes], 0).await;
+        assert_eq!(r.stdout, "1 38\n", "{profile:?}: keyctl and clone3 in an exec: {r:?}");
+
+        let long = format!("432.{n}");
+        let sleep_argv = ["sleep", long.as_str()];
+        let pending = w.exec(&task, &sleep_argv, 30);
+        let check = async {
+            let pid =
+                poll("the exec'd sleep", Duration::from_secs(30), async || pids_with_cmdline(&["sleep", &long]).pop())
+                    .await;
+            under_the_filter("exec", pid);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        };
+        let (r, ()) = tokio::join!(pending, check);
+        assert_eq!(r.exit_code, 128 + 9, "{r:?}");
+    }
+}
+
 /// (CapEff, NoNewPrivs, Seccomp) of a task started with `profile`, its network interfaces and
 /// network namespace, read from the host's /proc.
 async fn task_under(

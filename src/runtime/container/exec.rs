@@ -6,9 +6,10 @@
 //! memory, CPU and pids limits count the exec too), and takes the task's capabilities, user,
 //! no-new-privileges and cwd from the task's `config.json`; its environment is the task's.
 //! Three things the tenant builder of libcontainer 0.7 does not carry over are done here:
-//! - the seccomp filter: the tenant's spec keeps only namespaces and the cgroup path of the
-//!   task's `linux` section, so [`ExecExecutor`] loads the task's filter itself as the last step
-//!   before exec (after no-new-privileges is set, so no privilege is needed to load it);
+//! - the seccomp filter: the task's configuration has none (its init loads the compiled filter
+//!   itself, see `super::seccomp`), so [`ExecExecutor`] loads the same program, the one of the
+//!   task's profile, as the last step before exec (after no-new-privileges is set, so no
+//!   privilege is needed to load it);
 //! - the hybrid host's unified cgroup, which the v1 manager never joins and where the BPF hooks
 //!   that keep tasks off the worker's port are attached ([`crate::isolation`]): the caller joins
 //!   it for the time of the build, so the tenant inherits it, then leaves again;
@@ -25,7 +26,7 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxSeccomp, PosixRlimitType, Spec};
+use oci_spec::runtime::{PosixRlimitType, Spec};
 
 use super::{lc_err, net_hierarchies, state_root};
 use crate::runtime::{LaunchSpec, RuntimeError, TaskIo};
@@ -40,7 +41,12 @@ pub fn enter(spec: &LaunchSpec, task_dir: &Path, argv: &[String], io: TaskIo) ->
         .map_err(|e| RuntimeError::Container { op: "reading the configuration of", message: e.to_string() })?;
     let process = config.process().as_ref();
     apply_rlimits(process.and_then(|p| p.rlimits().as_ref()).map(Vec::as_slice).unwrap_or(&[]));
-    let seccomp = config.linux().as_ref().and_then(|l| l.seccomp().clone());
+    let seccomp = match config.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+        // A task created by a worker that still had libcontainer load the profile: the
+        // profile its configuration names, compiled the same way.
+        Some(profile) => Some(super::seccomp::compile(profile).map_err(|e| RuntimeError::Spec(e.to_string()))?),
+        None => super::oci::seccomp_program(spec)?,
+    };
     // libcgroups joins every v1 hierarchy it finds mounted: hide net_cls/net_prio, as the
     // supervisor does before it creates the container.
     net_hierarchies::hide_net_hierarchies()?;
@@ -98,7 +104,7 @@ fn apply_rlimits(rlimits: &[oci_spec::runtime::PosixRlimit]) {
 /// user and capabilities: load the task's seccomp filter, then exec the command.
 #[derive(Clone)]
 struct ExecExecutor {
-    seccomp: Option<LinuxSeccomp>,
+    seccomp: Option<super::seccomp::Program>,
 }
 
 impl Executor for ExecExecutor {
@@ -112,11 +118,10 @@ impl Executor for ExecExecutor {
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         }
         crate::runtime::restore_sigpipe();
-        if let Some(seccomp) = &self.seccomp {
+        if let Some(program) = &self.seccomp {
             // An error here is returned: libcontainer sends it to the caller, which reports
             // that the exec could not be set up (nothing ran).
-            libcontainer::seccomp::initialize_seccomp(seccomp)
-                .map_err(|e| ExecutorError::Other(format!("loading the task's seccomp filter: {e}")))?;
+            program.load().map_err(|e| ExecutorError::Other(format!("the task's seccomp filter: {e}")))?;
         }
         let argv = spec.process().as_ref().and_then(|p| p.args().clone()).unwrap_or_default();
         let cargs: Vec<std::ffi::CString> =

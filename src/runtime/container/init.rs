@@ -4,11 +4,11 @@
 //! Python task there ignores SIGTERM, and every kill waits out its whole grace. Nor does a
 //! program expect to reap orphans it never started. So the container's first process (forked
 //! by libcontainer from the supervisor, already in the container's namespaces, cgroup, rootfs,
-//! user, capabilities and seccomp filter) forks once more: the child becomes the task's command
-//! and this process stays as the init. It forwards the signals it receives to the command,
-//! reaps every process that ends in the namespace, and exits when the command does — taking the
-//! rest of the namespace with it, as the kernel kills every process of a pid namespace whose
-//! init exits.
+//! user and capabilities, under the seccomp filter [`InitExecutor`] loads) forks once more:
+//! the child becomes the task's command and this process stays as the init. It forwards the
+//! signals it receives to the command, reaps every process that ends in the namespace, and
+//! exits when the command does — taking the rest of the namespace with it, as the kernel kills
+//! every process of a pid namespace whose init exits.
 //!
 //! No binary is mounted into the container and nothing more is exec'd: the init is memory the
 //! supervisor already has. Unlike tini, which can only exit with 128+N for a command killed by
@@ -17,7 +17,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use libcontainer::workload::{Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
@@ -94,6 +94,8 @@ fn decode(raw: libc::c_int) -> Option<WaitStatus> {
 pub(super) struct InitExecutor {
     /// Where the init writes the command's wait status (inherited from the supervisor).
     pub(super) status_fd: RawFd,
+    /// The task's seccomp filter, compiled before the fork; `None` for a privileged task.
+    pub(super) seccomp: Option<super::seccomp::Program>,
 }
 
 impl Executor for InitExecutor {
@@ -118,6 +120,20 @@ impl Executor for InitExecutor {
 
     fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
         libcontainer::workload::default::get_executor().validate(spec)
+    }
+
+    /// libcontainer's last step before the init reports ready, right after the point where
+    /// it would have loaded a `linux.seccomp` of the spec (after no_new_privs and the
+    /// capabilities): the filter is loaded here, by the init, so the init and everything it
+    /// starts run under it, and a failure fails the container's creation — the task never
+    /// runs unfiltered.
+    fn setup_envs(&self, envs: std::collections::HashMap<String, String>) -> Result<(), ExecutorSetEnvsError> {
+        libcontainer::workload::default::get_executor().setup_envs(envs)?;
+        if let Some(program) = &self.seccomp {
+            program.load().map_err(|e| ExecutorSetEnvsError::Other(e.to_string()))?;
+            crate::runtime::phases::mark("init: seccomp filter loaded");
+        }
+        Ok(())
     }
 }
 

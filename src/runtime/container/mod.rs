@@ -12,7 +12,7 @@ mod init;
 pub use init::record_arg_area;
 mod net_hierarchies;
 mod oci;
-mod seccomp;
+pub mod seccomp;
 
 use std::path::{Path, PathBuf};
 
@@ -139,6 +139,8 @@ impl Runtime for ContainerRuntime {
         let config_path = root.join(crate::taskdir::OCI_CONFIG);
         config.save(&config_path).map_err(|e| RuntimeError::Spec(format!("writing the OCI config: {e}")))?;
         super::phases::mark("config.json written");
+        let seccomp = oci::seccomp_program(spec)?;
+        super::phases::mark("seccomp program ready");
         self.state_dir = Some(root.join(&spec.id));
         let mut status = init::StatusPipe::new()
             .map_err(|e| RuntimeError::Container { op: "preparing", message: format!("a pipe: {e}") })?;
@@ -147,7 +149,7 @@ impl Runtime for ContainerRuntime {
             .map_err(lc_err("preparing"))?
             .with_stdout(io.stdout)
             .with_stderr(io.stderr)
-            .with_executor(init::InitExecutor { status_fd: status.write_fd() })
+            .with_executor(init::InitExecutor { status_fd: status.write_fd(), seccomp })
             .validate_id()
             .map_err(lc_err("naming"))?
             .as_init(&root)

@@ -212,8 +212,8 @@ pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
     } else {
         linux.set_masked_paths(Some(MASKED_PATHS.iter().map(|s| s.to_string()).collect()));
         linux.set_readonly_paths(Some(READONLY_PATHS.iter().map(|s| s.to_string()).collect()));
-        let tracing = caps_allow_tracing(spec.profile);
-        linux.set_seccomp(Some(seccomp::default_profile(tracing).map_err(spec_err)?));
+        // No `seccomp` here: libcontainer would compile it in every init. The init and an exec
+        // load the compiled filter of `seccomp_program` themselves.
     }
 
     let mut out = Spec::default();
@@ -223,6 +223,15 @@ pub(super) fn build(spec: &LaunchSpec) -> Result<Spec, RuntimeError> {
     out.set_mounts(Some(mounts));
     out.set_linux(Some(linux));
     Ok(out)
+}
+
+/// The seccomp filter every process of `spec`'s container runs under (none for a privileged
+/// task), compiled once per host (see [`seccomp::program`]).
+pub(super) fn seccomp_program(spec: &LaunchSpec) -> Result<Option<seccomp::Program>, RuntimeError> {
+    if spec.profile == Profile::Privileged {
+        return Ok(None);
+    }
+    seccomp::program(caps_allow_tracing(spec.profile)).map(Some).map_err(spec_err)
 }
 
 /// Whether a profile's tasks hold CAP_SYS_PTRACE (and so may make the tracing syscalls).

@@ -163,53 +163,6 @@ async fn a_fork_bomb_is_contained_by_the_pids_limit_and_stays_killable() {
     assert!(cgroups_named("bomb_2ftask-0").is_empty(), "the task's cgroup is gone");
 }
 
-/// A static x86-64 ELF that runs `code` (for syscalls busybox has no applet for).
-fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    let base: u64 = 0x400000;
-    let entry = base + 64 + 56;
-    let size = (64 + 56 + code.len()) as u64;
-    let mut e = Vec::new();
-    e.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    e.extend_from_slice(&1u32.to_le_bytes());
-    e.extend_from_slice(&entry.to_le_bytes());
-    e.extend_from_slice(&64u64.to_le_bytes()); // program headers
-    e.extend_from_slice(&0u64.to_le_bytes());
-    e.extend_from_slice(&0u32.to_le_bytes());
-    for v in [64u16, 56, 1, 0, 0, 0] {
-        e.extend_from_slice(&v.to_le_bytes());
-    }
-    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    e.extend_from_slice(&0u64.to_le_bytes());
-    e.extend_from_slice(&base.to_le_bytes());
-    e.extend_from_slice(&base.to_le_bytes());
-    e.extend_from_slice(&size.to_le_bytes());
-    e.extend_from_slice(&size.to_le_bytes());
-    e.extend_from_slice(&0x1000u64.to_le_bytes());
-    e.extend_from_slice(code);
-    e
-}
-
-/// `syscall(nr, 0, -1, 0, 0, 0)`, then exit with the negated result (errno on failure).
-fn syscall_probe(nr: u8) -> Vec<u8> {
-    let code = [
-        0xb8, nr, 0, 0, 0, // mov eax, nr
-        0x31, 0xff, // xor edi, edi
-        0xbe, 0xff, 0xff, 0xff, 0xff, // mov esi, -1
-        0x31, 0xd2, // xor edx, edx
-        0x4d, 0x31, 0xd2, // xor r10, r10
-        0x4d, 0x31, 0xc0, // xor r8, r8
-        0x0f, 0x05, // syscall
-        0xf7, 0xd8, // neg eax
-        0x89, 0xc7, // mov edi, eax
-        0xb8, 60, 0, 0, 0, // mov eax, 60 (exit)
-        0x0f, 0x05, // syscall
-    ];
-    tiny_elf(&code)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "root: runs containers"]
 async fn seccomp_denies_keyctl_and_mount_and_capabilities_are_the_documented_set() {
@@ -221,7 +174,11 @@ async fn seccomp_denies_keyctl_and_mount_and_capabilities_are_the_documented_set
          grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status",
     );
     // keyctl is syscall 250, mount 165 on x86-64; each prints errno as its exit status.
-    req.workdir_files = [("keyctl".to_string(), syscall_probe(250)), ("mount".to_string(), syscall_probe(165))].into();
+    req.workdir_files = [
+        ("keyctl".to_string(), common::elf::syscall_probe(250)),
+        ("mount".to_string(), common::elf::syscall_probe(165)),
+    ]
+    .into();
     c.run_task(req).await.unwrap();
     let s = wait_end(&mut c, "sec/task-0", LONG).await;
     assert_eq!(state_of(&s), TaskState::Succeeded, "{s:?}");

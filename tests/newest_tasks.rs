@@ -7,6 +7,9 @@
 //! - container profiles: each one's capabilities, filter and network, read from the task's own
 //!   /proc entries.
 
+#[path = "common/elf.rs"]
+mod elf;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -456,45 +459,9 @@ fn libcontainers_program(allow_tracing: bool) -> Vec<u8> {
     filters.into_iter().next().unwrap()
 }
 
-/// A bash command writing a static x86-64 ELF to `path` that makes syscall `nr` with the
-/// arguments (0, -1, 0, 0, 0) and exits with the negated result, i.e. the errno (for calls
-/// busybox and coreutils have no applet for: keyctl, clone3).
+/// A bash command writing [`elf::syscall_probe`] of `nr` to `path`.
 fn write_syscall_probe(path: &str, nr: u32) -> String {
-    let mut code = vec![0xb8]; // mov eax, nr
-    code.extend_from_slice(&nr.to_le_bytes());
-    code.extend_from_slice(&[
-        0x31, 0xff, // xor edi, edi
-        0xbe, 0xff, 0xff, 0xff, 0xff, // mov esi, -1
-        0x31, 0xd2, // xor edx, edx
-        0x4d, 0x31, 0xd2, // xor r10, r10
-        0x4d, 0x31, 0xc0, // xor r8, r8
-        0x0f, 0x05, // syscall
-        0xf7, 0xd8, // neg eax
-        0x89, 0xc7, // mov edi, eax
-        0xb8, 60, 0, 0, 0, // mov eax, 60 (exit)
-        0x0f, 0x05, // syscall
-    ]);
-    let base: u64 = 0x400000;
-    let size = (64 + 56 + code.len()) as u64;
-    let mut elf = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&(base + 64 + 56).to_le_bytes()); // entry
-    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers
-    elf.extend_from_slice(&0u64.to_le_bytes());
-    elf.extend_from_slice(&0u32.to_le_bytes());
-    for v in [64u16, 56, 1, 0, 0, 0] {
-        elf.extend_from_slice(&v.to_le_bytes());
-    }
-    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    elf.extend_from_slice(&0u64.to_le_bytes());
-    for v in [base, base, size, size, 0x1000] {
-        elf.extend_from_slice(&v.to_le_bytes());
-    }
-    elf.extend_from_slice(&code);
-    let escaped: String = elf.iter().map(|b| format!("\\x{b:02x}")).collect();
+    let escaped: String = elf::syscall_probe(nr).iter().map(|b| format!("\\x{b:02x}")).collect();
     format!("printf '{escaped}' > {path} && chmod +x {path}")
 }
 

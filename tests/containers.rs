@@ -443,3 +443,29 @@ async fn a_finished_tasks_workdir_is_removed_after_the_retention_and_its_log_is_
     }
     assert_eq!(lines_of(&all_logs(&mut c, "keep/task-0").await, "stdout"), ["done"], "the log is kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "root: runs containers"]
+async fn a_command_the_kernel_cannot_exec_fails_127_and_says_why_as_under_docker() {
+    // An executable file with no `#!` and no ELF header: `execvp` would have handed it to
+    // /bin/sh; runc and Docker refuse it ("exec format error"), and so does the init.
+    let own_rootfs = tempfile::Builder::new().prefix("iris-worker-test-rootfs-").tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", rootfs().display()))
+        .arg(own_rootfs.path())
+        .status();
+    assert!(copied.unwrap().success(), "copying the busybox rootfs");
+    let script = own_rootfs.path().join("bin/no-shebang");
+    std::fs::write(&script, "echo ran by a shell\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let w = Worker::start("noexec", &["--rootfs", own_rootfs.path().to_str().unwrap()]).await;
+    let mut c = w.client().await;
+    c.run_task(task("noexec/task-0", &["/bin/no-shebang"])).await.unwrap();
+    let s = wait_end(&mut c, "noexec/task-0", LONG).await;
+    let logs = all_logs(&mut c, "noexec/task-0").await;
+    assert_eq!((state_of(&s), s.exit_code), (TaskState::Failed, 127), "{s:?}\n{logs:#?}");
+    assert_eq!(lines_of(&logs, "stdout"), Vec::<String>::new(), "no shell ran it");
+    let stderr = lines_of(&logs, "stderr").join("\n");
+    assert!(stderr.contains("cannot run \"/bin/no-shebang\": ENOEXEC"), "the reason, in the task's log: {stderr}");
+}

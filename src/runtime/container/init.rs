@@ -1,14 +1,14 @@
 //! The container's pid 1: the supervisor's own code, as `docker run --init` puts tini there.
 //!
-//! A program that runs as the pid 1 of a pid namespace gets no default signal actions: a
-//! Python task there ignores SIGTERM, and every kill waits out its whole grace. Nor does a
-//! program expect to reap orphans it never started. So the container's first process (forked
-//! by libcontainer from the supervisor, already in the container's namespaces, cgroup, rootfs,
-//! user and capabilities, under the seccomp filter [`InitExecutor`] loads) forks once more:
-//! the child becomes the task's command and this process stays as the init. It forwards the
-//! signals it receives to the command, reaps every process that ends in the namespace, and
-//! exits when the command does — taking the rest of the namespace with it, as the kernel kills
-//! every process of a pid namespace whose init exits.
+//! A program that runs as the pid 1 of a pid namespace gets no default signal actions: a Python
+//! task there ignores SIGTERM, and every kill waits out its whole grace. Nor does a program
+//! expect to reap orphans it never started. So the container's first process (forked by
+//! libcontainer from the supervisor, already in the container's namespaces, cgroup, rootfs,
+//! user and capabilities, under the seccomp filter [`InitExecutor`] loads) starts the task's
+//! command as its child (a `posix_spawn`, see [`spawn_command`]) and stays as the init. It
+//! forwards the signals it receives to the command, reaps every process that ends in the
+//! namespace, and exits when the command does — taking the rest of the namespace with it, as
+//! the kernel kills every process of a pid namespace whose init exits.
 //!
 //! No binary is mounted into the container and nothing more is exec'd: the init is memory the
 //! supervisor already has. Unlike tini, which can only exit with 128+N for a command killed by
@@ -106,15 +106,26 @@ impl Executor for InitExecutor {
         // (it stays pending until the loop waits for it).
         // SAFETY: sigprocmask with a valid set; this process has one thread.
         unsafe { libc::sigprocmask(libc::SIG_BLOCK, &waited, std::ptr::null_mut()) };
-        // SAFETY: this process has one thread (libcontainer's init), so the child may run
-        // anything; it only execs.
-        match unsafe { libc::fork() } {
-            0 => run_command(spec, self.status_fd),
-            -1 => {
-                // Without a child the command runs as pid 1 itself, as it did before the init.
-                run_command(spec, self.status_fd)
+        crate::runtime::phases::mark("command: spawn");
+        match spawn_command(spec, self.status_fd) {
+            Ok(child) => init_loop(child, self.status_fd, &waited),
+            // No process to be had (the pids limit, memory): the command runs as pid 1
+            // itself, as it did before the init.
+            Err(Spawn::NoChild) => run_command(spec, self.status_fd),
+            Err(Spawn::Exec(errno)) => {
+                // The task's stderr is the log: say there why the command never ran, and end
+                // as a shell ends when it cannot run a command.
+                let argv0 = command_args(spec).first().cloned().unwrap_or_default();
+                eprintln!("iris-worker: cannot run {argv0:?}: {}", nix::errno::Errno::from_raw(errno));
+                let raw: libc::c_int = 127 << 8;
+                let bytes = raw.to_le_bytes();
+                // SAFETY: writes 4 bytes from a live buffer to our own descriptor, then ends
+                // the init (and with it the container).
+                unsafe {
+                    libc::write(self.status_fd, bytes.as_ptr().cast(), bytes.len());
+                    libc::_exit(127)
+                }
             }
-            child => init_loop(Pid::from_raw(child), self.status_fd, &waited),
         }
     }
 
@@ -151,7 +162,92 @@ fn wait_set() -> libc::sigset_t {
     set
 }
 
-/// In the child: the task's command, with the signal state a fresh process has. Never returns.
+/// Why the command has no process of its own.
+enum Spawn {
+    /// No child could be made (EAGAIN, ENOMEM): run the command in place.
+    NoChild,
+    /// The child could not exec the command (its errno).
+    Exec(i32),
+}
+
+fn command_args(spec: &oci_spec::runtime::Spec) -> &[String] {
+    spec.process().as_ref().and_then(|p| p.args().as_deref()).unwrap_or(&[])
+}
+
+/// Starts the task's command as a child of the init, by `posix_spawnp` (glibc's: a
+/// `CLONE_VM | CLONE_VFORK` child that execs at once), not `fork`: the init is a copy of the
+/// supervisor, and a fork copied its page tables only for the exec to drop them, ~1.7 ms of a
+/// container's start (docs/ARCHITECTURE.md, Performance). The child starts with the signal
+/// state a fresh process has: no signal blocked (the init blocks those it waits for, and a
+/// blocked mask survives exec: the task would never see SIGTERM), SIGPIPE at its default (the
+/// supervisor's Rust runtime ignores it), and without the status pipe. The command is found on
+/// the `PATH` of the environment libcontainer set up, as `execvp` finds it; a file without
+/// `#!` is not handed to `/bin/sh` (execvp would), as runc and Docker do not either.
+fn spawn_command(spec: &oci_spec::runtime::Spec, status_fd: RawFd) -> Result<Pid, Spawn> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let args = command_args(spec);
+    let argv: Vec<CString> = args.iter().filter_map(|a| CString::new(a.as_bytes()).ok()).collect();
+    let Some(file) = argv.first().filter(|_| argv.len() == args.len()) else {
+        return Err(Spawn::Exec(libc::EINVAL));
+    };
+    let envp: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| CString::new([k.as_bytes(), b"=", v.as_bytes()].concat()).ok())
+        .collect();
+    // posix_spawnp's C signature takes `char *const[]`; it never writes through them.
+    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    argv_p.push(std::ptr::null_mut());
+    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|e| e.as_ptr().cast_mut()).collect();
+    envp_p.push(std::ptr::null_mut());
+
+    let mut actions = std::mem::MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
+    let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
+    // SAFETY: each object is initialised before use and destroyed once, below; every pointer
+    // passed (file, argv, envp, the signal sets) outlives the posix_spawnp call.
+    let rc = unsafe {
+        if libc::posix_spawn_file_actions_init(actions.as_mut_ptr()) != 0 {
+            return Err(Spawn::NoChild);
+        }
+        let actions = actions.as_mut_ptr();
+        if libc::posix_spawnattr_init(attr.as_mut_ptr()) != 0 {
+            libc::posix_spawn_file_actions_destroy(actions);
+            return Err(Spawn::NoChild);
+        }
+        let attr = attr.as_mut_ptr();
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        let mut sigpipe: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigemptyset(&mut sigpipe);
+        libc::sigaddset(&mut sigpipe, libc::SIGPIPE);
+        let flags = libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+        let mut pid: libc::pid_t = 0;
+        let mut rc = libc::posix_spawn_file_actions_addclose(actions, status_fd);
+        if rc == 0 {
+            rc = libc::posix_spawnattr_setsigmask(attr, &empty);
+        }
+        if rc == 0 {
+            rc = libc::posix_spawnattr_setsigdefault(attr, &sigpipe);
+        }
+        if rc == 0 {
+            // The libc crate types the flags apart; they fit a c_short.
+            rc = libc::posix_spawnattr_setflags(attr, flags as libc::c_short);
+        }
+        if rc == 0 {
+            rc = libc::posix_spawnp(&mut pid, file.as_ptr(), actions, attr, argv_p.as_ptr(), envp_p.as_ptr());
+        }
+        libc::posix_spawnattr_destroy(attr);
+        libc::posix_spawn_file_actions_destroy(actions);
+        if rc == 0 { Ok(pid) } else { Err(rc) }
+    };
+    match rc {
+        Ok(pid) => Ok(Pid::from_raw(pid)),
+        Err(libc::EAGAIN | libc::ENOMEM) => Err(Spawn::NoChild),
+        Err(errno) => Err(Spawn::Exec(errno)),
+    }
+}
+
+/// The task's command run in place of the init, with the signal state a fresh process has,
+/// when the init could have no child. Never returns.
 fn run_command(spec: &oci_spec::runtime::Spec, status_fd: RawFd) -> ! {
     // SAFETY: plain syscalls on values we own; this process has one thread.
     unsafe {

@@ -314,6 +314,30 @@ async fn exec_runs_inside_the_task_container() {
     assert_eq!(r.exit_code, 127, "{r:?}");
     assert!(r.stderr.contains("no-such-command"), "{r:?}");
 
+    // A container a worker started before the OCI config moved into the container's bundle
+    // (its supervisor outlived the upgrade) has the config in its task directory.
+    let task_dir = std::fs::read_dir(w.state.path().join("tasks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap();
+    let root = iris_worker::runtime::container::state_root(&task_dir);
+    let (bundled, in_task_dir) = (root.join("config.json"), task_dir.join("config.json"));
+    // libcontainer's record of the container names its bundle: the task directory, then.
+    let state_json = root.join(task_dir.file_name().unwrap()).join("state.json");
+    let state = std::fs::read_to_string(&state_json).unwrap();
+    let old_state =
+        state.replace(&format!("\"bundle\":\"{}\"", root.display()), &format!("\"bundle\":\"{}\"", task_dir.display()));
+    assert_ne!(old_state, state, "the bundle in {state}");
+    std::fs::write(&state_json, &old_state).unwrap();
+    std::fs::copy(&bundled, &in_task_dir).unwrap();
+    std::fs::remove_file(&bundled).unwrap();
+    let r = w.exec(task, &["cat", "marker.txt"], 0).await;
+    assert_eq!((r.stdout.as_str(), r.exit_code), ("written-by-task\n", 0), "an older layout's task: {r:?}");
+    std::fs::copy(&in_task_dir, &bundled).unwrap();
+    std::fs::remove_file(&in_task_dir).unwrap();
+    std::fs::write(&state_json, &state).unwrap();
+
     // Output is capped at 1 MiB per stream, with a marker.
     let r = w.exec(task, &["bash", "-c", "head -c 3000000 /dev/zero | tr '\\0' a"], 0).await;
     assert_eq!(r.exit_code, 0);

@@ -36,7 +36,10 @@ use crate::runtime::{LaunchSpec, RuntimeError, TaskIo};
 /// once it has exec'd (or failed to: then it exits 126 or 127 with the reason on its stderr,
 /// as a shell does).
 pub fn enter(spec: &LaunchSpec, task_dir: &Path, argv: &[String], io: TaskIo) -> Result<Pid, RuntimeError> {
-    let config_path = state_root(task_dir).join(crate::taskdir::OCI_CONFIG);
+    // In the container's bundle; a container started by a worker before the config moved
+    // there (its supervisor outlived the upgrade) has it in its task directory.
+    let bundled = state_root(task_dir).join(crate::taskdir::OCI_CONFIG);
+    let config_path = if bundled.exists() { bundled } else { task_dir.join(crate::taskdir::OCI_CONFIG) };
     let config = Spec::load(&config_path)
         .map_err(|e| RuntimeError::Container { op: "reading the configuration of", message: e.to_string() })?;
     let process = config.process().as_ref();

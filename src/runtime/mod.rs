@@ -10,6 +10,7 @@ pub mod container;
 pub mod phases;
 pub mod process;
 pub mod rootfs;
+pub(crate) mod spawn;
 mod spec;
 
 use std::os::fd::OwnedFd;

@@ -72,62 +72,23 @@ fn spawn_in_session(
     env: &[(&str, std::ffi::OsString)],
     ready: std::os::fd::BorrowedFd<'_>,
 ) -> io::Result<i32> {
-    use std::ffi::CString;
+    use crate::runtime::spawn::{Spawn, c_string, env_entries};
     use std::os::unix::ffi::OsStrExt;
-    let c = |b: &[u8]| CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte"));
-    let path = c(exe.as_os_str().as_bytes())?;
-    let argv: Vec<CString> = args.iter().map(|a| c(a.as_bytes())).collect::<io::Result<_>>()?;
-    let envp: Vec<CString> =
-        env.iter().map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat())).collect::<io::Result<_>>()?;
-    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr().cast_mut()).collect();
-    argv_p.push(std::ptr::null_mut());
-    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|e| e.as_ptr().cast_mut()).collect();
-    envp_p.push(std::ptr::null_mut());
+    let path = c_string(exe.as_os_str().as_bytes())?;
+    let argv: Vec<_> = args.iter().map(|a| c_string(a.as_bytes())).collect::<io::Result<_>>()?;
+    let envp = env_entries(env.iter().map(|(k, v)| (std::ffi::OsStr::new(k), v.as_os_str())))?;
     // dup2 onto itself would keep the close-on-exec flag: have it anywhere but READY_FD.
     let moved = (ready.as_raw_fd() == READY_FD).then(|| ready.try_clone_to_owned()).transpose()?;
     let ready_fd = moved.as_ref().map_or(ready.as_raw_fd(), |m| m.as_raw_fd());
-    let devnull = c(b"/dev/null")?;
-    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) };
-
-    let mut actions = std::mem::MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
-    let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
-    // SAFETY: each object is initialised before use and destroyed once, below; every pointer
-    // passed (paths, argv, envp, the signal sets) outlives the posix_spawn call.
-    unsafe {
-        check(libc::posix_spawn_file_actions_init(actions.as_mut_ptr()))?;
-        let actions = actions.as_mut_ptr();
-        if let Err(e) = check(libc::posix_spawnattr_init(attr.as_mut_ptr())) {
-            libc::posix_spawn_file_actions_destroy(actions);
-            return Err(e);
-        }
-        let attr = attr.as_mut_ptr();
-        let mut sigdefault = std::mem::zeroed::<libc::sigset_t>();
-        let mut sigmask = std::mem::zeroed::<libc::sigset_t>();
-        let mut pid: libc::pid_t = 0;
-        let result = (|| {
-            // The ready pipe first: it may sit on 0, 1 or 2 when the worker's stdio is closed.
-            check(libc::posix_spawn_file_actions_adddup2(actions, ready_fd, READY_FD))?;
-            check(libc::posix_spawn_file_actions_addopen(actions, 0, devnull.as_ptr(), libc::O_RDONLY, 0))?;
-            for fd in [1, 2] {
-                check(libc::posix_spawn_file_actions_addopen(actions, fd, devnull.as_ptr(), libc::O_WRONLY, 0))?;
-            }
-            libc::sigemptyset(&mut sigmask);
-            libc::sigemptyset(&mut sigdefault);
-            libc::sigaddset(&mut sigdefault, libc::SIGPIPE);
-            check(libc::posix_spawnattr_setsigmask(attr, &sigmask))?;
-            check(libc::posix_spawnattr_setsigdefault(attr, &sigdefault))?;
-            // The libc crate types these constants apart; the flags are a c_short.
-            let flags = libc::c_int::from(libc::POSIX_SPAWN_SETSID)
-                | libc::POSIX_SPAWN_SETSIGMASK
-                | libc::POSIX_SPAWN_SETSIGDEF;
-            let flags = libc::c_short::try_from(flags).map_err(|_| io::Error::other("posix_spawn flags"))?;
-            check(libc::posix_spawnattr_setflags(attr, flags))?;
-            check(libc::posix_spawn(&mut pid, path.as_ptr(), actions, attr, argv_p.as_ptr(), envp_p.as_ptr()))
-        })();
-        libc::posix_spawnattr_destroy(attr);
-        libc::posix_spawn_file_actions_destroy(actions);
-        result.map(|()| pid)
+    let devnull = c_string(b"/dev/null")?;
+    let mut spawn = Spawn::new()?;
+    spawn.new_session();
+    // The ready pipe first: it may sit on 0, 1 or 2 when the worker's stdio is closed.
+    spawn.dup2(ready_fd, READY_FD)?.open(0, &devnull, libc::O_RDONLY)?;
+    for fd in [1, 2] {
+        spawn.open(fd, &devnull, libc::O_WRONLY)?;
     }
+    spawn.spawn(&path, &argv, &envp, false)
 }
 
 /// Reads the ready pipe: `Started` once the command runs, `Failed` if the supervisor says so

@@ -174,72 +174,26 @@ fn command_args(spec: &oci_spec::runtime::Spec) -> &[String] {
     spec.process().as_ref().and_then(|p| p.args().as_deref()).unwrap_or(&[])
 }
 
-/// Starts the task's command as a child of the init, by `posix_spawnp` (glibc's: a
-/// `CLONE_VM | CLONE_VFORK` child that execs at once), not `fork`: the init is a copy of the
-/// supervisor, and a fork copied its page tables only for the exec to drop them, ~1.7 ms of a
-/// container's start (docs/ARCHITECTURE.md, Performance). The child starts with the signal
-/// state a fresh process has: no signal blocked (the init blocks those it waits for, and a
-/// blocked mask survives exec: the task would never see SIGTERM), SIGPIPE at its default (the
-/// supervisor's Rust runtime ignores it), and without the status pipe. The command is found on
-/// the `PATH` of the environment libcontainer set up, as `execvp` finds it; a file without
-/// `#!` is not handed to `/bin/sh` (execvp would), as runc and Docker do not either.
+/// Starts the task's command as a child of the init through [`crate::runtime::spawn`], not a
+/// `fork`: the init is a copy of the supervisor, and a fork copied its page tables only for the
+/// exec to drop them, ~1.7 ms of a container's start under load. The child has no signal
+/// blocked (the init blocks those it waits for: the task would never see SIGTERM), SIGPIPE at
+/// its default, and not the status pipe. The command is found on the `PATH` of the
+/// environment libcontainer set up, as `execvp` finds it; a file without `#!` is not handed to
+/// `/bin/sh` (execvp would), as runc and Docker do not either.
 fn spawn_command(spec: &oci_spec::runtime::Spec, status_fd: RawFd) -> Result<Pid, Spawn> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let args = command_args(spec);
-    let argv: Vec<CString> = args.iter().filter_map(|a| CString::new(a.as_bytes()).ok()).collect();
-    let Some(file) = argv.first().filter(|_| argv.len() == args.len()) else {
-        return Err(Spawn::Exec(libc::EINVAL));
-    };
-    let envp: Vec<CString> = std::env::vars_os()
-        .filter_map(|(k, v)| CString::new([k.as_bytes(), b"=", v.as_bytes()].concat()).ok())
-        .collect();
-    // posix_spawnp's C signature takes `char *const[]`; it never writes through them.
-    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr().cast_mut()).collect();
-    argv_p.push(std::ptr::null_mut());
-    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|e| e.as_ptr().cast_mut()).collect();
-    envp_p.push(std::ptr::null_mut());
-
-    let mut actions = std::mem::MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
-    let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
-    // SAFETY: each object is initialised before use and destroyed once, below; every pointer
-    // passed (file, argv, envp, the signal sets) outlives the posix_spawnp call.
-    let rc = unsafe {
-        if libc::posix_spawn_file_actions_init(actions.as_mut_ptr()) != 0 {
-            return Err(Spawn::NoChild);
-        }
-        let actions = actions.as_mut_ptr();
-        if libc::posix_spawnattr_init(attr.as_mut_ptr()) != 0 {
-            libc::posix_spawn_file_actions_destroy(actions);
-            return Err(Spawn::NoChild);
-        }
-        let attr = attr.as_mut_ptr();
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        let mut sigpipe: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigemptyset(&mut sigpipe);
-        libc::sigaddset(&mut sigpipe, libc::SIGPIPE);
-        let flags = libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
-        let mut pid: libc::pid_t = 0;
-        let mut rc = libc::posix_spawn_file_actions_addclose(actions, status_fd);
-        if rc == 0 {
-            rc = libc::posix_spawnattr_setsigmask(attr, &empty);
-        }
-        if rc == 0 {
-            rc = libc::posix_spawnattr_setsigdefault(attr, &sigpipe);
-        }
-        if rc == 0 {
-            // The libc crate types the flags apart; they fit a c_short.
-            rc = libc::posix_spawnattr_setflags(attr, flags as libc::c_short);
-        }
-        if rc == 0 {
-            rc = libc::posix_spawnp(&mut pid, file.as_ptr(), actions, attr, argv_p.as_ptr(), envp_p.as_ptr());
-        }
-        libc::posix_spawnattr_destroy(attr);
-        libc::posix_spawn_file_actions_destroy(actions);
-        if rc == 0 { Ok(pid) } else { Err(rc) }
-    };
-    match rc {
+    use crate::runtime::spawn::{self, c_string};
+    let argv: Vec<_> = command_args(spec)
+        .iter()
+        .map(|a| c_string(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| Spawn::Exec(libc::EINVAL))?;
+    let Some(file) = argv.first() else { return Err(Spawn::Exec(libc::EINVAL)) };
+    let vars: Vec<_> = std::env::vars_os().collect();
+    let envp = spawn::env_entries(vars.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())))
+        .map_err(|_| Spawn::Exec(libc::EINVAL))?;
+    let started = spawn::Spawn::new().and_then(|mut s| s.close(status_fd)?.spawn(file, &argv, &envp, true));
+    match started.map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL)) {
         Ok(pid) => Ok(Pid::from_raw(pid)),
         Err(libc::EAGAIN | libc::ENOMEM) => Err(Spawn::NoChild),
         Err(errno) => Err(Spawn::Exec(errno)),

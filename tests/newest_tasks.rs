@@ -142,9 +142,22 @@ impl NewestWorker {
 
     /// Polls the task's status until it is RUNNING.
     async fn until_running(&self, task_id: &str) {
-        poll("the task RUNNING", Duration::from_secs(60), async || {
-            (self.task_state(task_id).await == job::TaskState::Running as i32).then_some(())
+        self.until_state(task_id, job::TaskState::Running).await;
+    }
+
+    async fn until_state(&self, task_id: &str, state: job::TaskState) {
+        poll(&format!("the task {state:?}"), Duration::from_secs(60), async || {
+            (self.task_state(task_id).await == state as i32).then_some(())
         })
+        .await;
+    }
+
+    /// Asks, as Iris's controller does, that the attempt `attempt_uid` be stopped (cancelled).
+    async fn stop(&self, attempt_uid: &str) {
+        self.reconcile(vec![DesiredAttempt {
+            attempt_uid: attempt_uid.into(),
+            intent: Some(Intent::Stop(worker::StopReason::Cancelled as i32)),
+        }])
         .await;
     }
 
@@ -373,15 +386,8 @@ async fn exec_runs_inside_the_task_container() {
     }
 
     // A task that is no longer running.
-    w.reconcile(vec![DesiredAttempt {
-        attempt_uid: "00000000000000e1".into(),
-        intent: Some(Intent::Stop(worker::StopReason::Cancelled as i32)),
-    }])
-    .await;
-    poll("the task ended", Duration::from_secs(30), async || {
-        (w.task_state(task).await == job::TaskState::Killed as i32).then_some(())
-    })
-    .await;
+    w.stop("00000000000000e1").await;
+    w.until_state(task, job::TaskState::Killed).await;
     let r = w.exec(task, &["true"], 0).await;
     assert_eq!((r.exit_code, r.error.as_str()), (0, "Task /test/exec/0 is not running (state=TASK_STATE_KILLED)"));
 }
@@ -729,11 +735,7 @@ async fn internet_egress_goes_out_through_slirp_and_refuses_private_addresses() 
     assert_eq!(slirp(), 1, "one slirp4netns for the one INTERNET task");
 
     // Stopped: its slirp4netns goes with it.
-    w.reconcile(vec![DesiredAttempt {
-        attempt_uid: "00000000000000e2".into(),
-        intent: Some(Intent::Stop(worker::StopReason::Cancelled as i32)),
-    }])
-    .await;
+    w.stop("00000000000000e2").await;
     poll("slirp4netns gone", Duration::from_secs(60), async || (slirp() == 0).then_some(())).await;
 }
 
@@ -781,15 +783,8 @@ async fn gvisor_runs_the_task_on_gvisors_kernel_and_exec_reaches_it_there() {
     assert_eq!(r.stdout.trim(), format!("{task}:0"), "{r:?}");
 
     // A stop ends it, runsc's own processes with it.
-    w.reconcile(vec![DesiredAttempt {
-        attempt_uid: "00000000000000a1".into(),
-        intent: Some(Intent::Stop(worker::StopReason::Cancelled as i32)),
-    }])
-    .await;
-    poll("the task KILLED", Duration::from_secs(60), async || {
-        (w.task_state(task).await == job::TaskState::Killed as i32).then_some(())
-    })
-    .await;
+    w.stop("00000000000000a1").await;
+    w.until_state(task, job::TaskState::Killed).await;
     let id = dir.file_name().unwrap().to_string_lossy().into_owned();
     let runsc_left = || {
         std::fs::read_dir("/proc")

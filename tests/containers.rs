@@ -85,6 +85,9 @@ async fn exit_codes_and_signals_become_states() {
 
     let ok = wait_end(&mut c, "exits/ok", LONG).await;
     assert_eq!((state_of(&ok), ok.exit_code), (TaskState::Succeeded, 0));
+    // Its supervisor had nothing to say: no log file of its own (one inode fewer a task).
+    let supervisor_log = w.state_dir().join("tasks/exits_2fok.0/supervisor.log");
+    assert!(!supervisor_log.exists(), "{:?}", std::fs::read_to_string(&supervisor_log));
     let three = wait_end(&mut c, "exits/three", LONG).await;
     assert_eq!((state_of(&three), three.exit_code), (TaskState::Failed, 3), "{three:?}");
     assert!(three.error.contains("exit code 3"), "{}", three.error);

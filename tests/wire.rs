@@ -1,7 +1,8 @@
-//! The wire contract (WIRE.md) end to end against a real worker process: the same flow over
-//! gRPC, Connect+proto and Connect+JSON (from a hand-written HTTP/1.1 client), Connect error
-//! bodies and statuses, gRPC reflection, and the worker's side of a Connect controller
-//! (RegisterWorker, ReportTaskState with retry).
+//! The January-2026 Iris wire (`iris.cluster`; docs/ARCHITECTURE.md, "Wire generations") end
+//! to end against a real worker process: the same flow over gRPC, Connect+proto and
+//! Connect+JSON (from a hand-written HTTP/1.1 client), Connect error bodies and statuses, gRPC
+//! reflection, and the worker's side of a Connect controller (RegisterWorker, ReportTaskState
+//! with retry).
 
 mod common;
 

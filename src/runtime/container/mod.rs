@@ -1,7 +1,8 @@
 //! The `container` runtime: youki's libcontainer, called in the single-threaded supervisor.
 //!
-//! Order of calls (see ENVIRONMENT.md): write config.json → `ContainerBuilder … build()`
-//! (namespaces made, the init waits) → `start()` → the supervisor reaps the init → `delete`.
+//! Order of calls (docs/ARCHITECTURE.md, "Processes"): write config.json →
+//! `ContainerBuilder … build()` (namespaces made, the init waits) → `start()` → the supervisor
+//! reaps the init → `delete`.
 //! `build` and `start` chdir the whole process and fork: never call them from a
 //! multi-threaded process.
 

@@ -145,11 +145,22 @@ impl NewestWorker {
         self.until_state(task_id, job::TaskState::Running).await;
     }
 
+    /// Polls the task's status until it is `state`; past a minute, fails with the last status
+    /// seen and the worker's log (a task that never gets there says why).
     async fn until_state(&self, task_id: &str, state: job::TaskState) {
-        poll(&format!("the task {state:?}"), Duration::from_secs(60), async || {
-            (self.task_state(task_id).await == state as i32).then_some(())
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.task_status(task_id).await;
+            if status.state == state as i32 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for the task {state:?}; its last status: {status:?}; the worker's log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Asks, as Iris's controller does, that the attempt `attempt_uid` be stopped (cancelled).
@@ -161,11 +172,9 @@ impl NewestWorker {
         .await;
     }
 
-    async fn task_state(&self, task_id: &str) -> i32 {
+    async fn task_status(&self, task_id: &str) -> job::TaskStatus {
         let req = worker::GetTaskStatusRequest { task_id: task_id.into() };
-        let status: job::TaskStatus =
-            self.client.call(SERVICE, "GetTaskStatus", &req, Duration::from_secs(10)).await.unwrap();
-        status.state
+        self.client.call(SERVICE, "GetTaskStatus", &req, Duration::from_secs(10)).await.unwrap()
     }
 }
 
